@@ -1,0 +1,132 @@
+"""Llama-layout checkpoint -> ``nemotron-nas`` (DeciLM) checkpoint.
+
+A homogeneous Llama is the special case of the heterogeneous model in which every layer has GQA with
+``num_attention_heads // num_key_value_heads`` heads per group and an FFN of ``intermediate_size``
+channels. The weight names are identical (REFERENCE.md section 2), so conversion rewrites the config
+and re-saves the same tensors; logits are unchanged up to float rounding (tested at 1e-5 in float32).
+
+Both config conventions are read: transformers 4 (``rope_theta`` + ``rope_scaling``) and transformers 5
+(``rope_parameters`` with ``rope_theta`` inside).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .modeling import DeciLMConfig, DeciLMForCausalLM, attention_block, block_config, ffn_block
+from .rundir import atomic_dir
+
+# Files that travel with a model folder besides config and weights.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
+    "generation_config.json",
+)
+
+
+class ConversionError(ValueError):
+    pass
+
+
+def decilm_config_from_llama(llama: dict, where: str = "config.json") -> DeciLMConfig:
+    """Build the DeciLM config of a homogeneous Llama from its ``config.json`` dict."""
+    if llama.get("model_type") not in ("llama", None):
+        raise ConversionError(f"{where}: model_type={llama.get('model_type')!r}, expected 'llama'")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if key not in llama:
+            raise ConversionError(f"{where}: missing key {key!r}")
+    heads = llama["num_attention_heads"]
+    kv = llama.get("num_key_value_heads") or heads
+    if heads % kv:
+        raise ConversionError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+    if llama.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"{where}: hidden_act={llama['hidden_act']!r}; only 'silu' is supported")
+    if llama.get("pretraining_tp", 1) != 1:
+        raise ConversionError(f"{where}: pretraining_tp != 1 is not supported")
+    rope_theta = llama.get("rope_theta", 10000.0)
+    rope_scaling = llama.get("rope_scaling")
+    params = llama.get("rope_parameters")
+    if params:  # transformers 5 convention
+        rope_theta = params.get("rope_theta", rope_theta)
+        rope_scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type", "default")) == "default":
+        rope_scaling = None
+    hidden = llama["hidden_size"]
+    blocks = [
+        block_config(attention_block(heads // kv), ffn_block(llama["intermediate_size"], hidden))
+        for _ in range(llama["num_hidden_layers"])
+    ]
+    keep = {
+        k: llama[k]
+        for k in (
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+            "max_position_embeddings", "initializer_range", "rms_norm_eps", "pad_token_id", "bos_token_id",
+            "eos_token_id", "tie_word_embeddings", "attention_bias", "attention_dropout", "mlp_bias",
+        )
+        if k in llama
+    }
+    return DeciLMConfig(rope_theta=rope_theta, rope_scaling=rope_scaling, block_configs=blocks, **keep)
+
+
+def convert_llama_model(model) -> DeciLMForCausalLM:
+    """In-memory conversion of a ``LlamaForCausalLM`` (same dtype and device, weights copied)."""
+    cfg = decilm_config_from_llama(model.config.to_dict())
+    dtype = next(model.parameters()).dtype
+    out = DeciLMForCausalLM(cfg).to(dtype)
+    state = {k: v for k, v in model.state_dict().items() if "rotary_emb" not in k}
+    missing, unexpected = out.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ConversionError(f"weight names do not match: missing={missing[:5]} unexpected={unexpected[:5]}")
+    if cfg.tie_word_embeddings:
+        out.tie_weights()
+    out.generation_config = model.generation_config
+    return out.to(next(model.parameters()).device).eval()
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> dict:
+    """Convert the Llama folder ``src`` into a nemotron-nas folder ``dst`` (written atomically).
+
+    Returns a summary dict (layers, parameters, files copied).
+    """
+    from transformers import AutoModelForCausalLM
+
+    src, dst = Path(src), Path(dst)
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise ConversionError(f"{src}: no config.json (expected a Hugging Face model folder)")
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"{dst} exists; pass --overwrite to replace it")
+    llama_cfg = json.loads(cfg_path.read_text())
+    decilm_config_from_llama(llama_cfg, where=str(cfg_path))  # validate before loading weights
+    dtype = llama_cfg.get("torch_dtype") or llama_cfg.get("dtype") or "float32"
+    model = AutoModelForCausalLM.from_pretrained(src, **{_dtype_kwarg(): getattr(torch, dtype)})
+    out = convert_llama_model(model)
+    with atomic_dir(dst) as tmp:
+        out.save_pretrained(tmp)
+        copied = copy_tokenizer_files(src, tmp)
+    return {
+        "layers": out.config.num_hidden_layers,
+        "parameters": sum(p.numel() for p in out.parameters()),
+        "dtype": dtype,
+        "copied": copied,
+    }
+
+
+def _dtype_kwarg() -> str:
+    import transformers
+
+    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
