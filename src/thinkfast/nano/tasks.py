@@ -1,0 +1,458 @@
+"""The nano world: verifiable multi-step arithmetic with a programmatic teacher.
+
+Llama-Nemotron is distilled from DeepSeek-R1 reasoning traces on math, code and
+science prompts, then taught to switch reasoning on and off.  The nano world is
+the laptop-sized stand-in for that data: problems are integer arithmetic
+(``add``, ``sub``, ``mul``) and short multi-step word problems (``word``), every
+answer is checkable exactly (:func:`verify`), and :func:`teacher_trace` plays the
+role of R1 -- a deterministic "long" chain of thought that a tiny
+character-level Llama can learn to imitate.
+
+Trace design (why it is learnable by a 2-4M parameter char model):
+
+* one line per digit column, least-significant digit first;
+* every line copies the operand digits it uses and the carry/borrow explicitly;
+* the running result (``so far``) is built by PREPENDING the new digit to the
+  previous partial result, so the final ``a + b = r`` line is a copy.
+
+Addition ``47 + 38``::
+
+    7+8+0=15, write 5 carry 1, so far 5
+    4+3+1=8, write 8 carry 0, so far 85
+    47 + 38 = 85
+
+Subtraction borrows (``x-y-c: borrow, (x+10)-y-c=d, ...``) and, when ``a < b``,
+computes ``b - a`` and negates.  Multiplication multiplies ``a`` by each digit
+of ``b`` (right to left), shifts, and sums the partial products pairwise with
+the addition trace (each pairwise sum is introduced by a ``p + q:`` header).
+Word problems emit one ``step i: a op b`` block per operation and end with
+``total = N``.
+
+Pretraining documents are plain text (``Problem: ...``), either worked
+(think mode, cued by :data:`STEP_CUE`) or bare (direct mode); the chat-side
+helpers produce the ``<think>...</think>`` responses used by the toggle SFT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "KINDS",
+    "STEP_CUE",
+    "Problem",
+    "chat_prompt",
+    "chat_response",
+    "eval_suite",
+    "extract_answer",
+    "format_answer",
+    "make_problems",
+    "pretrain_document",
+    "sample_problem",
+    "teacher_trace",
+    "text_prompt",
+    "verify",
+]
+
+KINDS = ("add", "sub", "mul", "word")
+SPLITS = ("train", "eval")
+STEP_CUE = "Let's think step by step."
+MODES = ("think", "direct")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One nano-world problem; frozen and hashable."""
+
+    kind: str
+    digits: int
+    steps: int
+    question: str
+    answer: int
+    ops: tuple[tuple[str, int, int], ...]
+
+
+# --------------------------------------------------------------------------
+# sampling
+# --------------------------------------------------------------------------
+
+def _bounds(digits: int) -> tuple[int, int]:
+    if digits < 1:
+        raise ValueError(f"digits must be >= 1, got {digits}")
+    return (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
+
+
+def _operand(rng: random.Random, digits: int) -> int:
+    lo, hi = _bounds(digits)
+    return rng.randint(lo, hi)
+
+
+# (name, pronoun, item, container, gain verb, loss verb)
+_WORD_TEMPLATES = (
+    ("Ann", "She", "apples", "bags", "buys", "gives away"),
+    ("Ben", "He", "marbles", "boxes", "finds", "loses"),
+    ("Cleo", "She", "stickers", "packs", "gets", "uses"),
+    ("Dev", "He", "cookies", "trays", "bakes", "eats"),
+    ("Eva", "She", "coins", "jars", "earns", "spends"),
+    ("Finn", "He", "books", "crates", "receives", "donates"),
+    ("Gus", "He", "eggs", "cartons", "collects", "sells"),
+    ("Hana", "She", "pencils", "cases", "buys", "lends out"),
+)
+
+
+def _apply(op: str, a: int, b: int) -> int:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    raise ValueError(f"unknown op {op!r}")
+
+
+def _sample_word(rng: random.Random, digits: int, steps: int) -> Problem:
+    """Word problem with exactly ``steps`` operations and a non-negative total.
+
+    A "k containers of m items" action costs two operations: ``("*", m, k)``
+    (multiplicand first so the teacher multiplies by a single digit) followed by
+    ``("+", total, m*k)``.  A problem may also *start* with containers
+    (one ``*`` operation that sets the total).
+    """
+    if steps < 1:
+        raise ValueError(f"word problems need steps >= 1, got {steps}")
+    name, pron, item, box, gain, loss = rng.choice(_WORD_TEMPLATES)
+    lo, hi = _bounds(digits)
+    lo = max(lo, 2)  # 1-digit amounts are 2..9: no "gives away 0 apples", no "1 apples"
+    ops: list[tuple[str, int, int]] = []
+    remaining = steps
+    if rng.random() < 0.25:
+        k, m = rng.randint(2, 9), rng.randint(lo, hi)
+        sentences = [f"{name} has {k} {box} of {m} {item}."]
+        ops.append(("*", m, k))
+        total = m * k
+        remaining -= 1
+    else:
+        total = rng.randint(lo, hi)
+        sentences = [f"{name} has {total} {item}."]
+    while remaining > 0:
+        choices = ["add"]
+        if total >= lo:
+            choices.append("remove")
+        if remaining >= 2:
+            choices.append("groups")
+        action = rng.choice(choices)
+        if action == "add":
+            n = rng.randint(lo, hi)
+            sentences.append(f"{pron} {gain} {n} more {item}.")
+            ops.append(("+", total, n))
+            total += n
+            remaining -= 1
+        elif action == "remove":
+            n = rng.randint(lo, min(hi, total))  # chosen after the current total
+            sentences.append(f"{pron} {loss} {n} {item}.")
+            ops.append(("-", total, n))
+            total -= n
+            remaining -= 1
+        else:
+            k, m = rng.randint(2, 9), rng.randint(lo, hi)
+            sentences.append(f"{pron} {gain} {k} {box} of {m} {item}.")
+            ops.append(("*", m, k))
+            ops.append(("+", total, m * k))
+            total += m * k
+            remaining -= 2
+    sentences.append(f"How many {item} does {name} have now?")
+    return Problem("word", digits, steps, " ".join(sentences), total, tuple(ops))
+
+
+def sample_problem(rng: random.Random, kind: str, digits: int, steps: int = 2) -> Problem:
+    """Sample one problem; ``steps`` is only used by ``kind="word"``.
+
+    >>> p = sample_problem(random.Random(0), "add", 2)
+    >>> (p.kind, p.digits, p.steps, p.answer == p.ops[0][1] + p.ops[0][2])
+    ('add', 2, 1, True)
+    """
+    if kind == "word":
+        return _sample_word(rng, digits, steps)
+    symbol = {"add": "+", "sub": "-", "mul": "*"}.get(kind)
+    if symbol is None:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    a, b = _operand(rng, digits), _operand(rng, digits)
+    return Problem(kind, digits, 1, f"{a} {symbol} {b}", _apply(symbol, a, b), ((symbol, a, b),))
+
+
+def _rng(key: str) -> random.Random:
+    # sha256 of a "split:seed[:cell]" string: train and eval never share a stream.
+    return random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
+
+
+def _check(kinds, split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    for k in kinds:
+        if k not in KINDS:
+            raise ValueError(f"unknown kind {k!r}; expected one of {KINDS}")
+    if not kinds:
+        raise ValueError("kinds must be non-empty")
+
+
+def make_problems(n: int, seed: int, kinds=KINDS, digits=(1, 2), steps=(2,),
+                  split: str = "train") -> list[Problem]:
+    """``n`` deterministic problems.
+
+    Kinds are cycled in order (problem ``i`` has kind ``kinds[i % len(kinds)]``);
+    digits and steps are sampled uniformly.  The RNG is seeded from
+    ``sha256(f"{split}:{seed}")``, so the train and eval streams never share a
+    seed (equal problems can still occur by chance in tiny spaces such as
+    1-digit addition).
+    """
+    kinds, digits, steps = tuple(kinds), tuple(digits), tuple(steps)
+    _check(kinds, split)
+    if not digits or not steps:
+        raise ValueError("digits and steps must be non-empty")
+    rng = _rng(f"{split}:{seed}")
+    out = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        d = rng.choice(digits)
+        s = rng.choice(steps)
+        out.append(sample_problem(rng, kind, d, s))
+    return out
+
+
+def eval_suite(seed: int = 1234, per_cell: int = 50, kinds=KINDS, digits=(1, 2, 3),
+               steps=(2,)) -> dict[tuple[str, int, int], list[Problem]]:
+    """Held-out problems per ``(kind, digits, steps)`` cell (split ``"eval"``).
+
+    ``steps`` in the key is ``problem.steps``: 1 for add/sub/mul, each value of
+    ``steps`` for word.  Problems within a cell are distinct where the space
+    allows it (1-digit cells have only 100 distinct add/sub/mul problems).
+    """
+    kinds = tuple(kinds)
+    _check(kinds, "eval")
+    suite: dict[tuple[str, int, int], list[Problem]] = {}
+    for kind in kinds:
+        for d in digits:
+            for s in (steps if kind == "word" else (1,)):
+                rng = _rng(f"eval:{seed}:{kind}:{d}:{s}")
+                seen: set[Problem] = set()
+                cell: list[Problem] = []
+                for _ in range(per_cell * 20):
+                    if len(cell) == per_cell:
+                        break
+                    p = sample_problem(rng, kind, d, s)
+                    if p not in seen:
+                        seen.add(p)
+                        cell.append(p)
+                while len(cell) < per_cell:  # space exhausted: allow repeats
+                    cell.append(sample_problem(rng, kind, d, s))
+                suite[(kind, d, s)] = cell
+    return suite
+
+
+# --------------------------------------------------------------------------
+# the teacher
+# --------------------------------------------------------------------------
+
+def _digit(n: int, i: int) -> int:
+    return (n // 10**i) % 10
+
+
+def _add_lines(a: int, b: int) -> list[str]:
+    lines, r, c = [], "", 0
+    for i in range(max(len(str(a)), len(str(b)))):
+        x, y = _digit(a, i), _digit(b, i)
+        s = x + y + c
+        r = f"{s % 10}{r}"
+        lines.append(f"{x}+{y}+{c}={s}, write {s % 10} carry {s // 10}, so far {r}")
+        c = s // 10
+    if c:
+        r = f"{c}{r}"
+        lines.append(f"carry {c}, so far {r}")
+    lines.append(f"{a} + {b} = {a + b}")
+    return lines
+
+
+def _sub_lines(a: int, b: int) -> list[str]:
+    lines = []
+    big, small = a, b
+    if a < b:
+        lines.append(f"{a} < {b}, so compute {b} - {a} and negate")
+        big, small = b, a
+    r, c = "", 0
+    for i in range(len(str(big))):
+        x, y = _digit(big, i), _digit(small, i)
+        d = x - y - c
+        if d < 0:
+            d += 10
+            r = f"{d}{r}"
+            lines.append(f"{x}-{y}-{c}: borrow, {x + 10}-{y}-{c}={d}, write {d} borrow 1, so far {r}")
+            c = 1
+        else:
+            r = f"{d}{r}"
+            lines.append(f"{x}-{y}-{c}={d}, write {d} borrow 0, so far {r}")
+            c = 0
+    lines.append(f"{big} - {small} = {big - small}")
+    if a < b:
+        lines.append(f"{a} - {b} = {a - b}")
+    return lines
+
+
+def _mul_digit_lines(a: int, digit: int) -> list[str]:
+    lines, r, c = [f"{a} * {digit}:"], "", 0
+    for i in range(len(str(a))):
+        x = _digit(a, i)
+        p = x * digit + c
+        r = f"{p % 10}{r}"
+        lines.append(f"{x}*{digit}+{c}={p}, write {p % 10} carry {p // 10}, so far {r}")
+        c = p // 10
+    if c:
+        r = f"{c}{r}"
+        lines.append(f"carry {c}, so far {r}")
+    lines.append(f"{a} * {digit} = {a * digit}")
+    return lines
+
+
+def _mul_lines(a: int, b: int) -> list[str]:
+    lines: list[str] = []
+    shifted: list[int] = []
+    for k, ch in enumerate(reversed(str(b))):
+        digit = int(ch)
+        lines += _mul_digit_lines(a, digit)
+        value = a * digit * 10**k
+        if k > 0:
+            lines.append(f"shift {k}: {value}")  # "0", never "00", for a zero partial
+        shifted.append(value)
+    if len(shifted) > 1:
+        total = shifted[0]
+        for value in shifted[1:]:
+            lines.append(f"{total} + {value}:")
+            lines += _add_lines(total, value)
+            total += value
+        lines.append(f"{a} * {b} = {a * b}")
+    return lines
+
+
+def _op_lines(op: str, a: int, b: int) -> list[str]:
+    if op == "+":
+        return _add_lines(a, b)
+    if op == "-":
+        return _sub_lines(a, b)
+    if op == "*":
+        return _mul_lines(a, b)
+    raise ValueError(f"unknown op {op!r}")
+
+
+def teacher_trace(problem: Problem) -> str:
+    """Step-by-step worked solution (no trailing newline).
+
+    >>> print(teacher_trace(sample_problem(random.Random(0), "add", 1)))
+    6+6+0=12, write 2 carry 1, so far 2
+    carry 1, so far 12
+    6 + 6 = 12
+    """
+    if problem.kind == "word":
+        lines: list[str] = []
+        for i, (op, a, b) in enumerate(problem.ops, 1):
+            lines.append(f"step {i}: {a} {op} {b}")
+            lines += _op_lines(op, a, b)
+        lines.append(f"total = {problem.answer}")
+        return "\n".join(lines)
+    if len(problem.ops) != 1:
+        raise ValueError(f"{problem.kind} problem must have exactly one op")
+    return "\n".join(_op_lines(*problem.ops[0]))
+
+
+# --------------------------------------------------------------------------
+# answers and verification
+# --------------------------------------------------------------------------
+
+_ANSWER_RE = re.compile(r"Answer:")
+_INT_AFTER_RE = re.compile(r"\s*(-?\d+)(?!\.\d)")
+_BOXED_RE = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
+
+
+def format_answer(n: int) -> str:
+    """The canonical final-answer line.
+
+    >>> format_answer(-7)
+    'Answer: -7'
+    """
+    return f"Answer: {n}"
+
+
+def extract_answer(text: str) -> int | None:
+    """Integer after the LAST ``Answer:``; ``\\boxed{N}`` only if no ``Answer:``.
+
+    >>> extract_answer("Answer: 3\\nwait\\nAnswer:  -12")
+    -12
+    >>> extract_answer("so it is \\\\boxed{85}")
+    85
+    >>> extract_answer("Answer: \\\\boxed{5}") is None
+    True
+    >>> extract_answer("no idea") is None
+    True
+    """
+    if not isinstance(text, str):
+        return None
+    starts = [m.end() for m in _ANSWER_RE.finditer(text)]
+    if starts:
+        m = _INT_AFTER_RE.match(text, starts[-1])
+        return int(m.group(1)) if m else None
+    boxed = _BOXED_RE.findall(text)
+    return int(boxed[-1]) if boxed else None
+
+
+def verify(problem: Problem, response: str) -> bool:
+    """True when the response's extracted answer equals ``problem.answer``.
+
+    >>> verify(Problem("add", 1, 1, "2 + 3", 5, (("+", 2, 3),)), "Answer: 5")
+    True
+    >>> verify(Problem("add", 1, 1, "2 + 3", 5, (("+", 2, 3),)), "5")
+    False
+    """
+    return extract_answer(response) == problem.answer
+
+
+# --------------------------------------------------------------------------
+# documents and chat
+# --------------------------------------------------------------------------
+
+def text_prompt(problem: Problem, mode: str) -> str:
+    """Plain-text prompt; the model completes it with ``trace\\nAnswer: N`` (think)
+    or `` N`` (direct).
+
+    >>> p = Problem("add", 2, 1, "47 + 38", 85, (("+", 47, 38),))
+    >>> text_prompt(p, "direct")
+    'Problem: 47 + 38\\nAnswer:'
+    """
+    if mode == "think":
+        return f"Problem: {problem.question}\n{STEP_CUE}\n"
+    if mode == "direct":
+        return f"Problem: {problem.question}\nAnswer:"
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+def pretrain_document(problem: Problem, mode: str) -> str:
+    """One pretraining document (the caller joins documents with end-of-text)."""
+    if mode == "think":
+        return text_prompt(problem, "think") + teacher_trace(problem) + "\n" + format_answer(problem.answer)
+    if mode == "direct":
+        return f"Problem: {problem.question}\n{format_answer(problem.answer)}"
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+def chat_prompt(problem: Problem) -> str:
+    """User turn: word problems as is, bare arithmetic as ``What is a op b?``."""
+    if problem.kind == "word":
+        return problem.question
+    return f"What is {problem.question}?"
+
+
+def chat_response(problem: Problem, thinking: bool) -> str:
+    """Assistant turn for toggle SFT: reasoning in ``<think>`` or the bare answer."""
+    if thinking:
+        return f"<think>\n{teacher_trace(problem)}\n</think>\n\n{format_answer(problem.answer)}"
+    return format_answer(problem.answer)
