@@ -1,0 +1,237 @@
+"""Stage ``pretrain``: train the nano-world parent, a small Llama, from scratch.
+
+Paper: Llama-Nemotron starts from an existing Llama-3 parent (arXiv 2505.00949 section 2); the nano world
+has no such model, so this stage makes one. It plays the part of Llama-3's pretraining, not of any
+Llama-Nemotron stage.
+
+What the parent learns: plain-text documents of the nano world (``thinkfast.nano.tasks``), a
+``think_fraction`` of them worked step by step after the cue "Let's think step by step." and the rest
+answered directly. There is no chat format and no toggle: the toggle is taught later by SFT, as in the
+paper (section 4.1). A parent that learned both document kinds can be *prompted* into either mode, which
+is what makes reasoning measurably useful: it solves far more problems when it works step by step.
+
+Departures / choices:
+- Documents are packed into rows of ``seq_len + 1`` tokens, each row starting at a document boundary
+  (so position 0 always opens a problem, as it does at evaluation) and documents separated by
+  ``<|end_of_text|>``; the last document of a row is cut. No cross-document attention masking.
+- Batch ``k`` is a pure function of ``(seed, k)``, so a resumed run sees exactly the batches an
+  uninterrupted run would have seen.
+- AdamW with linear warm-up and cosine decay to ``min_lr_ratio * lr``; float32 weights with bf16
+  autocast by default (``precision``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..nano import tasks
+from ..nano.tokenizer import build_tokenizer
+from ..rundir import StageDir, atomic_dir, atomic_write_json
+
+
+@dataclass
+class PretrainConfig:
+    """Model size, corpus and optimisation of the nano parent (defaults: the configs/nano.yaml parent)."""
+
+    # model: a LlamaForCausalLM
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    intermediate_size: int = 688
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    # corpus
+    kinds: list[str] = field(default_factory=lambda: list(tasks.KINDS))
+    digits: list[int] = field(default_factory=lambda: [1, 2, 3])
+    steps: list[int] = field(default_factory=lambda: [2, 3])
+    think_fraction: float = 0.75
+    # optimisation
+    train_steps: int = 1500
+    batch_size: int = 32
+    seq_len: int = 512
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    device: str = "auto"
+    # bf16 autocast (weights and optimizer stay float32): 1.7x faster on a CPU with AVX512-BF16
+    precision: Literal["bf16", "fp32"] = "bf16"
+
+    def __post_init__(self):
+        unknown = sorted(set(self.kinds) - set(tasks.KINDS))
+        if unknown:
+            raise ValueError(f"kinds: unknown kind(s) {unknown}; choose from {list(tasks.KINDS)}")
+        if not self.kinds or not self.digits or not self.steps:
+            raise ValueError("kinds, digits and steps must not be empty")
+        if not 0.0 <= self.think_fraction <= 1.0:
+            raise ValueError(f"think_fraction={self.think_fraction} must be in [0, 1]")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
+        if self.seq_len + 1 > self.max_position_embeddings:
+            raise ValueError(f"seq_len={self.seq_len} must be < max_position_embeddings")
+        for name in ("train_steps", "batch_size", "seq_len", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def corpus_documents(cfg: PretrainConfig, rng: random.Random, n: int) -> list[str]:
+    """``n`` random plain-text documents of the nano world."""
+    docs = []
+    for _ in range(n):
+        kind = rng.choice(cfg.kinds)
+        problem = tasks.sample_problem(rng, kind, rng.choice(cfg.digits), rng.choice(cfg.steps))
+        mode = "think" if rng.random() < cfg.think_fraction else "direct"
+        docs.append(tasks.pretrain_document(problem, mode))
+    return docs
+
+
+def make_batch(cfg: PretrainConfig, tokenizer, step: int) -> torch.Tensor:
+    """Batch number ``step``: token ids [batch_size, seq_len + 1], rows packed from whole documents."""
+    rng = random.Random(f"pretrain:{cfg.seed}:{step}")
+    eos = tokenizer.eos_token_id
+    width = cfg.seq_len + 1
+    rows = []
+    for _ in range(cfg.batch_size):
+        row: list[int] = []
+        while len(row) < width:
+            docs = corpus_documents(cfg, rng, 8)
+            for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+                row.extend(ids)
+                row.append(eos)
+                if len(row) >= width:
+                    break
+        rows.append(row[:width])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def build_parent(cfg: PretrainConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rms_norm_eps=1e-5,
+    )
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(config)
+
+
+def lr_at(cfg: PretrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.train_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def _optimizer(model, cfg: PretrainConfig):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+
+
+def _save_checkpoint(stage: StageDir, model, opt, step: int, elapsed: float, tokens: int) -> None:
+    with atomic_dir(stage.checkpoint_dir) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "elapsed": elapsed, "tokens": tokens}, tmp / "state.pt")
+
+
+def run(cfg: PretrainConfig, stage: StageDir, model_dir: Path | None = None) -> dict:
+    """Train the parent; write ``model/`` (a LlamaForCausalLM folder with the nano tokenizer).
+
+    ``model_dir`` is unused: the parent is the first model of the pipeline."""
+    from tqdm.auto import tqdm
+
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    tokenizer = build_tokenizer()
+    model = build_parent(cfg, tokenizer).to(device)
+    opt = _optimizer(model, cfg)
+    start, elapsed, tokens = 0, 0.0, 0
+    state_path = stage.checkpoint_dir / "state.pt"
+    if state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, elapsed, tokens = state["step"], state["elapsed"], state["tokens"]
+    n_params = sum(p.numel() for p in model.parameters())
+    log = stage.logger()
+    log.log("start", resume_step=start, parameters=n_params, device=str(device))
+    model.train()
+    t0 = time.perf_counter() - elapsed
+    loss_ema = None
+    bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, desc="pretrain", unit="step")
+    for step in bar:
+        batch = make_batch(cfg, tokenizer, step).to(device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = model(input_ids=batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(
+            out.logits.float().reshape(-1, out.logits.shape[-1]), batch[:, 1:].reshape(-1)
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        tokens += batch[:, :-1].numel()
+        value = loss.item()
+        loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
+        bar.set_postfix(loss=f"{loss_ema:.3f}")
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.train_steps:
+            log.log("train", step=step + 1, loss=value, loss_ema=loss_ema, lr=lr_at(cfg, step),
+                    grad_norm=float(grad_norm), tokens=tokens, seconds=time.perf_counter() - t0)
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.train_steps:
+            _save_checkpoint(stage, model, opt, step + 1, time.perf_counter() - t0, tokens)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    with atomic_dir(stage.model_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # Read by `eval`: this model was trained on plain text, so it is prompted with text cues.
+        atomic_write_json(tmp / "thinkfast.json", {"prompting": "text", "made_by": "pretrain"})
+    metrics = {
+        "parameters": n_params,
+        "final_loss_ema": loss_ema,
+        "train_steps": cfg.train_steps,
+        "tokens": tokens,
+        "train_seconds": round(seconds, 1),
+        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+        "device": str(device),
+    }
+    log.log("done", **metrics)
+    log.close()
+    return metrics
