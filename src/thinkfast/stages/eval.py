@@ -87,7 +87,8 @@ def build_prompt(tokenizer, problem: tasks.Problem, prompting: str, mode: str) -
 def grade(problem: tasks.Problem, text: str, prompting: str, mode: str) -> dict:
     """Grade one response: correct, and (chat) whether the toggle's format was obeyed."""
     if prompting == "text":
-        return {"correct": tasks.verify(problem, text), "format_ok": True}
+        # the prompt's own tail is part of the answer ("...\nAnswer:" + " 85")
+        return {"correct": tasks.verify(problem, tasks.text_prompt(problem, mode) + text), "format_ok": True}
     answer = parse_response(text).answer  # None for malformed think blocks: no guessing
     return {
         "correct": answer is not None and tasks.verify(problem, answer),
