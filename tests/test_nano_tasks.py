@@ -4,11 +4,11 @@ Typical teacher-trace lengths in characters (median over 2000 problems,
 ``make_problems(..., seed=0)``; the think-mode pretraining document adds ~55
 for the prompt and answer line, ~130 for word problems):
 
-    2-digit add   ~55
-    2-digit sub   ~96
-    2-digit mul   ~264
-    2-digit word, 2 steps ~197
-    (the longest 4-digit mul document is < 2048 chars)
+    2-digit add   ~105   (max 106)
+    2-digit sub   ~101   (max 154)
+    2-digit mul   ~431   (max 434)
+    2-digit word, 2 steps ~279 (max 315)
+    (3-digit mul ~975; the longest 4-digit mul document is < 2048 chars)
 """
 
 from __future__ import annotations
@@ -46,77 +46,77 @@ def P(kind: str, a: int, b: int) -> Problem:
 
 EXACT = {
     ("add", 47, 38): """\
-47+38+0: 15 r5
-4+3+1: 8 r85
+7+8+0=15, write 5 carry 1, so far 5
+4+3+1=8, write 8 carry 0, so far 85
 47 + 38 = 85""",
     ("sub", 47, 38): """\
-47-38-0: 9 b1 r9
-4-3-1: 0 b0 r09
+7-8-0: borrow, 17-8-0=9, write 9 borrow 1, so far 9
+4-3-1=0, write 0 borrow 0, so far 09
 47 - 38 = 9""",
     ("sub", 38, 47): """\
 38 < 47, so compute 47 - 38 and negate
-47-38-0: 9 b1 r9
-4-3-1: 0 b0 r09
+7-8-0: borrow, 17-8-0=9, write 9 borrow 1, so far 9
+4-3-1=0, write 0 borrow 0, so far 09
 47 - 38 = 9
 38 - 47 = -9""",
     ("mul", 47, 38): """\
-47 * 38, digit 8:
-47*8+0: 56 r6
-4*8+5: 37 r76
-0*8+3: 3 r376
+47 * 8:
+7*8+0=56, write 6 carry 5, so far 6
+4*8+5=37, write 7 carry 3, so far 76
+carry 3, so far 376
 47 * 8 = 376
-47 * 3, digit 3:
-47*3+0: 21 r1
-4*3+2: 14 r41
-0*3+1: 1 r141
+47 * 3:
+7*3+0=21, write 1 carry 2, so far 1
+4*3+2=14, write 4 carry 1, so far 41
+carry 1, so far 141
 47 * 3 = 141
 shift 1: 1410
 376 + 1410:
-376+1410+0: 6 r6
-37+141+0: 8 r86
-3+14+0: 7 r786
-0+1+0: 1 r1786
+6+0+0=6, write 6 carry 0, so far 6
+7+1+0=8, write 8 carry 0, so far 86
+3+4+0=7, write 7 carry 0, so far 786
+0+1+0=1, write 1 carry 0, so far 1786
 376 + 1410 = 1786
 47 * 38 = 1786""",
     ("mul", 9, 9): """\
-9 * 9, digit 9:
-9*9+0: 81 r1
-0*9+8: 8 r81
+9 * 9:
+9*9+0=81, write 1 carry 8, so far 1
+carry 8, so far 81
 9 * 9 = 81""",
     ("mul", 10, 0): """\
-10 * 0, digit 0:
-10*0+0: 0 r0
-1*0+0: 0 r00
+10 * 0:
+0*0+0=0, write 0 carry 0, so far 0
+1*0+0=0, write 0 carry 0, so far 00
 10 * 0 = 0""",
     ("add", 0, 0): """\
-0+0+0: 0 r0
+0+0+0=0, write 0 carry 0, so far 0
 0 + 0 = 0""",
     ("add", 99, 1): """\
-99+1+0: 10 r0
-9+0+1: 10 r00
-0+0+1: 1 r100
+9+1+0=10, write 0 carry 1, so far 0
+9+0+1=10, write 0 carry 1, so far 00
+carry 1, so far 100
 99 + 1 = 100""",
     ("sub", 100, 1): """\
-100-1-0: 9 b1 r9
-10-0-1: 9 b1 r99
-1-0-1: 0 b0 r099
+0-1-0: borrow, 10-1-0=9, write 9 borrow 1, so far 9
+0-0-1: borrow, 10-0-1=9, write 9 borrow 1, so far 99
+1-0-1=0, write 0 borrow 0, so far 099
 100 - 1 = 99""",
     ("mul", 25, 40): """\
-25 * 40, digit 0:
-25*0+0: 0 r0
-2*0+0: 0 r00
+25 * 0:
+5*0+0=0, write 0 carry 0, so far 0
+2*0+0=0, write 0 carry 0, so far 00
 25 * 0 = 0
-25 * 4, digit 4:
-25*4+0: 20 r0
-2*4+2: 10 r00
-0*4+1: 1 r100
+25 * 4:
+5*4+0=20, write 0 carry 2, so far 0
+2*4+2=10, write 0 carry 1, so far 00
+carry 1, so far 100
 25 * 4 = 100
 shift 1: 1000
 0 + 1000:
-0+1000+0: 0 r0
-0+100+0: 0 r00
-0+10+0: 0 r000
-0+1+0: 1 r1000
+0+0+0=0, write 0 carry 0, so far 0
+0+0+0=0, write 0 carry 0, so far 00
+0+0+0=0, write 0 carry 0, so far 000
+0+1+0=1, write 1 carry 0, so far 1000
 0 + 1000 = 1000
 25 * 40 = 1000""",
 }
@@ -137,21 +137,18 @@ def test_exact_word_trace():
         68, (("*", 12, 3), ("+", 47, 36), ("-", 83, 15)),
     )
     assert teacher_trace(p) == """\
-has 47
-total = 47
-buys 3 bags of 12: 12 * 3
-12 * 3, digit 3:
-12*3+0: 6 r6
-1*3+0: 3 r36
+step 1: 12 * 3
+12 * 3:
+2*3+0=6, write 6 carry 0, so far 6
+1*3+0=3, write 3 carry 0, so far 36
 12 * 3 = 36
-47 + 36:
-47+36+0: 13 r3
-4+3+1: 8 r83
+step 2: 47 + 36
+7+6+0=13, write 3 carry 1, so far 3
+4+3+1=8, write 8 carry 0, so far 83
 47 + 36 = 83
-total = 83
-gives away 15: 83 - 15
-83-15-0: 8 b1 r8
-8-1-1: 6 b0 r68
+step 3: 83 - 15
+3-5-0: borrow, 13-5-0=8, write 8 borrow 1, so far 8
+8-1-1=6, write 6 borrow 0, so far 68
 83 - 15 = 68
 total = 68"""
     check_trace(p, teacher_trace(p))
@@ -159,95 +156,104 @@ total = 68"""
 
 # ------------------------------------------------------- trace arithmetic checker
 
-ADD_COL = re.compile(r"(\d+)\+(\d+)\+(\d): (\d+) r(\d+)")
-SUB_COL = re.compile(r"(\d+)-(\d+)-(\d): (\d) b([01]) r(\d+)")
-MUL_COL = re.compile(r"(\d+)\*(\d)\+(\d): (\d+) r(\d+)")
+ADD_COL = re.compile(r"(\d)\+(\d)\+(\d)=(\d+), write (\d) carry (\d), so far (\d+)")
+MUL_COL = re.compile(r"(\d)\*(\d)\+(\d)=(\d+), write (\d) carry (\d), so far (\d+)")
+SUB_COL = re.compile(r"(\d)-(\d)-(\d)=(\d), write (\d) borrow 0, so far (\d+)")
+SUB_BORROW = re.compile(r"(\d)-(\d)-(\d): borrow, (\d+)-(\d)-(\d)=(\d), write (\d) borrow 1, so far (\d+)")
+CARRY = re.compile(r"carry (\d), so far (\d+)")
 RESULT = re.compile(r"(\d+) ([-+*]) (\d+) = (-?\d+)")
-MUL_HEAD = re.compile(r"(\d+) \* (\d+), digit (\d):")
+MUL_HEAD = re.compile(r"(\d+) \* (\d):")
 ADD_HEAD = re.compile(r"(\d+) \+ (\d+):")
 SHIFT = re.compile(r"shift (\d+): (\d+)")
-CLAUSE = re.compile(r"([a-z][a-z ]*?) (\d+)(?: more| [a-z]+ of (\d+))?(?:: (\d+) ([-+*]) (\d+))?")
+STEP = re.compile(r"step (\d+): (\d+) ([-+*]) (\d+)")
 NEGATE = re.compile(r"(\d+) < (\d+), so compute (\d+) - (\d+) and negate")
 TOTAL = re.compile(r"total = (-?\d+)")
 
 
+def _dig(n: int, i: int) -> int:
+    return (n // 10**i) % 10
+
+
 def check_trace(problem: Problem, trace: str) -> None:
-    """Check every line: arithmetic, carries/borrows, the restated remaining operands (line i of a
-    block restates the block's operands with i digits dropped), "so far" prepending, headers,
-    shifts, word clauses against the question and ops, and the final value."""
+    """Check every line's arithmetic, carries, column digits and copies."""
     assert not trace.endswith("\n") and "\n\n" not in trace
-    block = None  # (op, a, b, digit) of the current column block
-    n, sofar, carry = 0, "", 0
-    last = None
+    cols: list[tuple[int, int]] = []  # (x, y) digits used by the current column block
+    sofar, carry = "", 0
+    last = None  # last "a op b = r" value
     header = None
-    ops_seen = []
-    value = None
+    steps_seen = []
+    value_line = None
     for line in trace.split("\n"):
-        if (m := ADD_COL.fullmatch(line)) or (m := SUB_COL.fullmatch(line)):
-            ra, rb, c = int(m.group(1)), int(m.group(2)), int(m.group(3))
-            op = "+" if "+" in line.split(":")[0] else "-"
-            if block is None:
-                block, n = (op, ra, rb, None), 0
-            assert block[0] == op and (ra, rb) == (block[1] // 10**n, block[2] // 10**n), line
+        if m := ADD_COL.fullmatch(line) or MUL_COL.fullmatch(line):
+            x, y, c, s, w, co = map(int, m.groups()[:6])
+            r = m.group(7)
+            is_mul = "*" in line.split("=")[0]
+            assert (x * y if is_mul else x + y) + c == s, line
+            assert (w, co) == (s % 10, s // 10), line
             assert c == carry, line
-            if op == "+":
-                s, r = int(m.group(4)), m.group(5)
-                assert s == ra % 10 + rb % 10 + c and r == f"{s % 10}{sofar}", line
-                carry = s // 10
-            else:
-                d, bo, r = int(m.group(4)), int(m.group(5)), m.group(6)
-                assert d - 10 * bo == ra % 10 - rb % 10 - c and 0 <= d <= 9, line
-                assert r == f"{d}{sofar}", line
-                carry = bo
-            sofar, n = r, n + 1
-        elif m := MUL_COL.fullmatch(line):
-            ra, digit, c, p, r = int(m.group(1)), int(m.group(2)), int(m.group(3)), int(m.group(4)), m.group(5)
-            if block is None:
-                block, n = ("*", ra, digit, digit), 0
-            assert header is not None and header[2] == digit == block[3], line
-            assert ra == block[1] // 10**n and c == carry, line
-            assert p == (ra % 10) * digit + c and r == f"{p % 10}{sofar}", line
-            sofar, carry, n = r, p // 10, n + 1
+            assert r == f"{w}{sofar}", line
+            cols.append((x, y))
+            sofar, carry = r, co
+        elif m := SUB_COL.fullmatch(line):
+            x, y, c, d, w = map(int, m.groups()[:5])
+            assert x - y - c == d >= 0 and w == d and c == carry, line
+            assert m.group(6) == f"{w}{sofar}", line
+            cols.append((x, y))
+            sofar, carry = m.group(6), 0
+        elif m := SUB_BORROW.fullmatch(line):
+            x, y, c, x10, y2, c2, d, w = map(int, m.groups()[:8])
+            assert x - y - c < 0 and x10 == x + 10 and (y2, c2) == (y, c) and c == carry, line
+            assert x10 - y - c == d == w, line
+            assert m.group(9) == f"{w}{sofar}", line
+            cols.append((x, y))
+            sofar, carry = m.group(9), 1
+        elif m := CARRY.fullmatch(line):
+            c = int(m.group(1))
+            assert c == carry != 0 and m.group(2) == f"{c}{sofar}", line
+            sofar, carry = m.group(2), 0
         elif m := RESULT.fullmatch(line):
             a, op, b, r = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
             assert r == {"+": a + b, "-": a - b, "*": a * b}[op], line
-            if block is not None:
-                assert carry == 0 and int(sofar) == r, line  # the result is a copy of "so far"
-                assert (op, a, b) == block[:3], line
-                assert a // 10**n == 0 and (op == "*" or b // 10**n == 0), line  # every digit used
-                if header is not None and header[0] == "+":
-                    assert header[1:] == (a, b), line
-            block, n, sofar, carry, header = None, 0, "", 0, None
-            last = value = r
+            if cols:
+                assert carry == 0, line
+                assert int(sofar) == r, line  # the result is a copy of "so far"
+                n = len(cols)
+                if op == "*":
+                    assert header == ("*", a, b), line
+                    assert cols == [(_dig(a, i), b) for i in range(n)] and n == len(str(a)), line
+                else:
+                    assert a >= b or op == "+", line
+                    assert n == max(len(str(a)), len(str(b))), line
+                    assert cols == [(_dig(a, i), _dig(b, i)) for i in range(n)], line
+                    if header is not None and header[0] == "+":
+                        assert header == ("+", a, b), line
+            cols, sofar, carry, header = [], "", 0, None
+            last = r
+            value_line = r
         elif m := MUL_HEAD.fullmatch(line):
-            assert block is None, line
-            a, rest, digit = int(m.group(1)), int(m.group(2)), int(m.group(3))
-            assert rest % 10 == digit, line
-            header = ("*", a, digit)
+            assert not cols
+            header = ("*", int(m.group(1)), int(m.group(2)))
         elif m := ADD_HEAD.fullmatch(line):
-            assert block is None, line
+            assert not cols
             header = ("+", int(m.group(1)), int(m.group(2)))
         elif m := SHIFT.fullmatch(line):
             k, v = int(m.group(1)), int(m.group(2))
             assert k >= 1 and v == last * 10**k and m.group(2) == str(v), line
+        elif m := STEP.fullmatch(line):
+            assert not cols
+            steps_seen.append((m.group(3), int(m.group(2)), int(m.group(4))))
+            assert int(m.group(1)) == len(steps_seen), line
         elif m := NEGATE.fullmatch(line):
             a, b = int(m.group(1)), int(m.group(2))
             assert a < b and (int(m.group(3)), int(m.group(4))) == (b, a), line
         elif m := TOTAL.fullmatch(line):
-            value = int(m.group(1))
-        elif problem.kind == "word" and (m := CLAUSE.fullmatch(line)):
-            assert f" {line.split(':')[0]} " in f" {problem.question.replace('.', ' ')} ", line
-            if m.group(5):
-                ops_seen.append((m.group(5), int(m.group(4)), int(m.group(6))))
+            value_line = int(m.group(1))
         else:
             raise AssertionError(f"unparsed line {line!r}")
-        if problem.kind == "word" and (m := ADD_HEAD.fullmatch(line)) and block is None and ops_seen:
-            if ops_seen[-1][0] == "*":
-                ops_seen.append(("+", int(m.group(1)), int(m.group(2))))
     last_line = trace.split("\n")[-1]
-    assert value == problem.answer, (last_line, problem.answer)
+    assert value_line == problem.answer, (last_line, problem.answer)
     if problem.kind == "word":
-        assert ops_seen == list(problem.ops)
+        assert steps_seen == list(problem.ops)
         assert TOTAL.fullmatch(last_line)
     else:
         op, a, b = problem.ops[0]
@@ -480,11 +486,10 @@ def test_tokenizer_chat_template_and_save(tok, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [
-    ("r85", "r58"),                        # digit appended instead of prepended
-    ("4+3+1: 8", "4+3+0: 7"),              # dropped carry
+    ("so far 85", "so far 58"),            # digit appended instead of prepended
+    ("4+3+1=8", "4+3+0=7"),                # dropped carry
     ("47 + 38 = 85", "47 + 38 = 86"),      # wrong result
-    ("47+38+0: 15", "47+39+0: 16"),        # wrong operand restated
-    ("4+3+1", "7+3+1"),                    # remaining operand not the previous one shortened
+    ("7+8+0=15", "7+9+0=16"),              # wrong operand digit copied
 ])
 def test_checker_rejects_corrupted_traces(bad):
     p = P("add", 47, 38)

@@ -8,28 +8,25 @@ answer is checkable exactly (:func:`verify`), and :func:`teacher_trace` plays th
 role of R1 -- a deterministic "long" chain of thought that a tiny
 character-level Llama can learn to imitate.
 
-Trace design (why a 2-4M parameter char model can learn it; see docs/LOG.md for the
-format that came before and how it fared):
+Trace design (why it is learnable by a 2-4M parameter char model):
 
 * one line per digit column, least-significant digit first;
-* each line restates what is left of the operands (``4+3+1`` after ``47+38+0``),
-  so the digits in play are always the last ones on the line: copying the previous
-  line minus its last digit is local, nothing has to be found by counting columns;
-* the carry/borrow is explicit, and the running result (``r...``) is built by
-  PREPENDING the new digit, so the final ``a + b = r`` line is a copy.
+* every line copies the operand digits it uses and the carry/borrow explicitly;
+* the running result (``so far``) is built by PREPENDING the new digit to the
+  previous partial result, so the final ``a + b = r`` line is a copy.
 
 Addition ``47 + 38``::
 
-    47+38+0: 15 r5
-    4+3+1: 8 r85
+    7+8+0=15, write 5 carry 1, so far 5
+    4+3+1=8, write 8 carry 0, so far 85
     47 + 38 = 85
 
-Subtraction gives the digit and the borrow out (``47-38-0: 9 b1 r9``) and, when
-``a < b``, computes ``b - a`` and negates.  Multiplication multiplies ``a`` by each
-digit of ``b`` (right to left; the header ``47 * 38, digit 8:`` restates what is
-left of ``b``), shifts, and sums the partial products pairwise with the addition
-trace.  Word problems restate each sentence's clause (``gives away 15: 83 - 15``),
-trace the operation, and keep ``total = N``.
+Subtraction borrows (``x-y-c: borrow, (x+10)-y-c=d, ...``) and, when ``a < b``,
+computes ``b - a`` and negates.  Multiplication multiplies ``a`` by each digit
+of ``b`` (right to left), shifts, and sums the partial products pairwise with
+the addition trace (each pairwise sum is introduced by a ``p + q:`` header).
+Word problems emit one ``step i: a op b`` block per operation and end with
+``total = N``.
 
 Pretraining documents are plain text (``Problem: ...``), either worked
 (think mode, cued by :data:`STEP_CUE`) or bare (direct mode); the chat-side
@@ -264,23 +261,21 @@ def _digit(n: int, i: int) -> int:
 
 
 def _add_lines(a: int, b: int) -> list[str]:
-    """Column addition. Each line restates what is left of both operands (so the digits in play are
-    always the last ones on the line, never found by counting), the carry in, the column sum and the
-    result so far (the new digit prepended to the previous one)."""
-    lines, r, c, i = [], "", 0, 0
-    while i < max(len(str(a)), len(str(b))) or c:
-        ra, rb = a // 10**i, b // 10**i
-        s = ra % 10 + rb % 10 + c
+    lines, r, c = [], "", 0
+    for i in range(max(len(str(a)), len(str(b)))):
+        x, y = _digit(a, i), _digit(b, i)
+        s = x + y + c
         r = f"{s % 10}{r}"
-        lines.append(f"{ra}+{rb}+{c}: {s} r{r}")
-        c, i = s // 10, i + 1
+        lines.append(f"{x}+{y}+{c}={s}, write {s % 10} carry {s // 10}, so far {r}")
+        c = s // 10
+    if c:
+        r = f"{c}{r}"
+        lines.append(f"carry {c}, so far {r}")
     lines.append(f"{a} + {b} = {a + b}")
     return lines
 
 
 def _sub_lines(a: int, b: int) -> list[str]:
-    """Column subtraction of the smaller from the larger (negated at the end when a < b); each line
-    gives the digit and the borrow out (``b1`` / ``b0``)."""
     lines = []
     big, small = a, b
     if a < b:
@@ -288,13 +283,17 @@ def _sub_lines(a: int, b: int) -> list[str]:
         big, small = b, a
     r, c = "", 0
     for i in range(len(str(big))):
-        ra, rb = big // 10**i, small // 10**i
-        d = ra % 10 - rb % 10 - c
-        borrow = int(d < 0)
-        d += 10 * borrow
-        r = f"{d}{r}"
-        lines.append(f"{ra}-{rb}-{c}: {d} b{borrow} r{r}")
-        c = borrow
+        x, y = _digit(big, i), _digit(small, i)
+        d = x - y - c
+        if d < 0:
+            d += 10
+            r = f"{d}{r}"
+            lines.append(f"{x}-{y}-{c}: borrow, {x + 10}-{y}-{c}={d}, write {d} borrow 1, so far {r}")
+            c = 1
+        else:
+            r = f"{d}{r}"
+            lines.append(f"{x}-{y}-{c}={d}, write {d} borrow 0, so far {r}")
+            c = 0
     lines.append(f"{big} - {small} = {big - small}")
     if a < b:
         lines.append(f"{a} - {b} = {a - b}")
@@ -302,26 +301,25 @@ def _sub_lines(a: int, b: int) -> list[str]:
 
 
 def _mul_digit_lines(a: int, digit: int) -> list[str]:
-    lines, r, c, i = [], "", 0, 0
-    while i < len(str(a)) or c:
-        ra = a // 10**i
-        p = (ra % 10) * digit + c
+    lines, r, c = [f"{a} * {digit}:"], "", 0
+    for i in range(len(str(a))):
+        x = _digit(a, i)
+        p = x * digit + c
         r = f"{p % 10}{r}"
-        lines.append(f"{ra}*{digit}+{c}: {p} r{r}")
-        c, i = p // 10, i + 1
+        lines.append(f"{x}*{digit}+{c}={p}, write {p % 10} carry {p // 10}, so far {r}")
+        c = p // 10
+    if c:
+        r = f"{c}{r}"
+        lines.append(f"carry {c}, so far {r}")
     lines.append(f"{a} * {digit} = {a * digit}")
     return lines
 
 
 def _mul_lines(a: int, b: int) -> list[str]:
-    """Long multiplication: one partial product per digit of b (from the right; the header restates
-    what is left of b, so the digit in play is its last one), shifted, then summed pairwise."""
     lines: list[str] = []
     shifted: list[int] = []
-    for k in range(len(str(b))):
-        rest = b // 10**k
-        digit = rest % 10
-        lines.append(f"{a} * {rest}, digit {digit}:")
+    for k, ch in enumerate(reversed(str(b))):
+        digit = int(ch)
         lines += _mul_digit_lines(a, digit)
         value = a * digit * 10**k
         if k > 0:
@@ -347,51 +345,21 @@ def _op_lines(op: str, a: int, b: int) -> list[str]:
     raise ValueError(f"unknown op {op!r}")
 
 
-def _word_lines(problem: Problem) -> list[str]:
-    """One block per sentence: the sentence's clause restated (``gives away 15``), the operation it
-    means on the running total, that operation's trace, and ``total = N``."""
-    statements = [s.strip() for s in re.findall(r"[^.?]+[.?]", problem.question) if s.strip().endswith(".")]
-    ops = iter(problem.ops)
-    lines: list[str] = []
-    total = 0
-    for j, sentence in enumerate(statements):
-        words = sentence.rstrip(".").split()
-        clause = " ".join(words[1:-1])  # drop the subject and the item: "buys 3 bags of 12"
-        if " of " in clause:
-            _, m, k = next(ops)
-            lines.append(f"{clause}: {m} * {k}")
-            lines += _mul_lines(m, k)
-            if j == 0:
-                total = m * k
-            else:
-                _, t, v = next(ops)
-                lines.append(f"{t} + {v}:")
-                lines += _add_lines(t, v)
-                total = t + v
-        elif j == 0:
-            lines.append(clause)
-            total = int(words[2])
-        else:
-            op, t, n = next(ops)
-            lines.append(f"{clause}: {t} {op} {n}")
-            lines += _op_lines(op, t, n)
-            total = _apply(op, t, n)
-        lines.append(f"total = {total}")
-    if total != problem.answer or next(ops, None) is not None:
-        raise ValueError(f"word problem text and ops disagree: {problem}")
-    return lines
-
-
 def teacher_trace(problem: Problem) -> str:
     """Step-by-step worked solution (no trailing newline).
 
-    >>> print(teacher_trace(Problem("add", 2, 1, "47 + 38", 85, (("+", 47, 38),))))
-    47+38+0: 15 r5
-    4+3+1: 8 r85
-    47 + 38 = 85
+    >>> print(teacher_trace(sample_problem(random.Random(0), "add", 1)))
+    6+6+0=12, write 2 carry 1, so far 2
+    carry 1, so far 12
+    6 + 6 = 12
     """
     if problem.kind == "word":
-        return "\n".join(_word_lines(problem))
+        lines: list[str] = []
+        for i, (op, a, b) in enumerate(problem.ops, 1):
+            lines.append(f"step {i}: {a} {op} {b}")
+            lines += _op_lines(op, a, b)
+        lines.append(f"total = {problem.answer}")
+        return "\n".join(lines)
     if len(problem.ops) != 1:
         raise ValueError(f"{problem.kind} problem must have exactly one op")
     return "\n".join(_op_lines(*problem.ops[0]))
