@@ -137,7 +137,8 @@ def test_exact_word_trace():
         68, (("*", 12, 3), ("+", 47, 36), ("-", 83, 15)),
     )
     assert teacher_trace(p) == """\
-step 1: 12 * 3
+has 47
+step 1: buys 3 bags of 12: 12 * 3
 12 * 3:
 2*3+0=6, write 6 carry 0, so far 6
 1*3+0=3, write 3 carry 0, so far 36
@@ -146,7 +147,7 @@ step 2: 47 + 36
 7+6+0=13, write 3 carry 1, so far 3
 4+3+1=8, write 8 carry 0, so far 83
 47 + 36 = 83
-step 3: 83 - 15
+step 3: gives away 15: 83 - 15
 3-5-0: borrow, 13-5-0=8, write 8 borrow 1, so far 8
 8-1-1=6, write 6 borrow 0, so far 68
 83 - 15 = 68
@@ -165,7 +166,8 @@ RESULT = re.compile(r"(\d+) ([-+*]) (\d+) = (-?\d+)")
 MUL_HEAD = re.compile(r"(\d+) \* (\d):")
 ADD_HEAD = re.compile(r"(\d+) \+ (\d+):")
 SHIFT = re.compile(r"shift (\d+): (\d+)")
-STEP = re.compile(r"step (\d+): (\d+) ([-+*]) (\d+)")
+STEP = re.compile(r"step (\d+): (?:([a-z][a-z ]*? \d+(?: more| [a-z]+ of \d+)?): )?(\d+) ([-+*]) (\d+)")
+OPENING = re.compile(r"has \d+")
 NEGATE = re.compile(r"(\d+) < (\d+), so compute (\d+) - (\d+) and negate")
 TOTAL = re.compile(r"total = (-?\d+)")
 
@@ -241,8 +243,12 @@ def check_trace(problem: Problem, trace: str) -> None:
             assert k >= 1 and v == last * 10**k and m.group(2) == str(v), line
         elif m := STEP.fullmatch(line):
             assert not cols
-            steps_seen.append((m.group(3), int(m.group(2)), int(m.group(4))))
+            steps_seen.append((m.group(4), int(m.group(3)), int(m.group(5))))
             assert int(m.group(1)) == len(steps_seen), line
+            if m.group(2):  # a restated clause is a clause of the question
+                assert f" {m.group(2)} " in problem.question.replace(".", " "), line
+        elif problem.kind == "word" and OPENING.fullmatch(line):
+            assert line == trace.split("\n")[0] and f" {line} " in problem.question, line
         elif m := NEGATE.fullmatch(line):
             a, b = int(m.group(1)), int(m.group(2))
             assert a < b and (int(m.group(3)), int(m.group(4))) == (b, a), line

@@ -48,6 +48,7 @@ __all__ = [
     "chat_response",
     "eval_suite",
     "extract_answer",
+    "fact_drill_document",
     "format_answer",
     "make_problems",
     "pretrain_document",
@@ -345,6 +346,40 @@ def _op_lines(op: str, a: int, b: int) -> list[str]:
     raise ValueError(f"unknown op {op!r}")
 
 
+def _word_lines(problem: Problem) -> list[str]:
+    """One ``step i: a op b`` block per operation. A step that a sentence of the question asks for
+    first restates that sentence's clause (``step 3: gives away 15: 83 - 15``), so the number and the
+    operation are copied from the text next to each other; an opening ``Ann has 47 apples.`` becomes
+    the line ``has 47``."""
+    statements = [s.strip() for s in re.findall(r"[^.?]+[.?]", problem.question) if s.strip().endswith(".")]
+    clauses = [" ".join(s.rstrip(".").split()[1:-1]) for s in statements]  # "buys 3 bags of 12"
+    ops = iter(problem.ops)
+    lines: list[str] = []
+    step = 0
+    for j, clause in enumerate(clauses):
+        if " of " in clause:  # k containers of m: m * k, then (after the opening sentence) + the total
+            _, m, k = next(ops)
+            step += 1
+            lines.append(f"step {step}: {clause}: {m} * {k}")
+            lines += _mul_lines(m, k)
+            if j > 0:
+                _, t, v = next(ops)
+                step += 1
+                lines.append(f"step {step}: {t} + {v}")
+                lines += _add_lines(t, v)
+        elif j == 0:
+            lines.append(clause)
+        else:
+            op, a, b = next(ops)
+            step += 1
+            lines.append(f"step {step}: {clause}: {a} {op} {b}")
+            lines += _op_lines(op, a, b)
+    if next(ops, None) is not None:
+        raise ValueError(f"word problem text and ops disagree: {problem}")
+    lines.append(f"total = {problem.answer}")
+    return lines
+
+
 def teacher_trace(problem: Problem) -> str:
     """Step-by-step worked solution (no trailing newline).
 
@@ -354,12 +389,7 @@ def teacher_trace(problem: Problem) -> str:
     6 + 6 = 12
     """
     if problem.kind == "word":
-        lines: list[str] = []
-        for i, (op, a, b) in enumerate(problem.ops, 1):
-            lines.append(f"step {i}: {a} {op} {b}")
-            lines += _op_lines(op, a, b)
-        lines.append(f"total = {problem.answer}")
-        return "\n".join(lines)
+        return "\n".join(_word_lines(problem))
     if len(problem.ops) != 1:
         raise ValueError(f"{problem.kind} problem must have exactly one op")
     return "\n".join(_op_lines(*problem.ops[0]))
@@ -442,6 +472,34 @@ def pretrain_document(problem: Problem, mode: str) -> str:
     if mode == "direct":
         return f"Problem: {problem.question}\n{format_answer(problem.answer)}"
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+def fact_drill_document(rng: random.Random, n_facts: int = 24) -> str:
+    """A drill of single-column facts in the exact syntax the traces use (``7*3+2=23``,
+    ``13-5-0=8``): the nano world's times tables. Measured in docs/LOG.md: the parent's errors were
+    mostly wrong facts, which the traces alone show too rarely to memorise in a few minutes.
+
+    >>> print(fact_drill_document(random.Random(1), 3))
+    Facts:
+    9*0+6=6
+    16-9-0=7
+    8+1+0=9
+    """
+    lines = []
+    for _ in range(n_facts):
+        kind = rng.choice(("add", "sub", "mul"))
+        x, y = rng.randint(0, 9), rng.randint(0, 9)
+        if kind == "add":
+            c = rng.randint(0, 1)
+            lines.append(f"{x}+{y}+{c}={x + y + c}")
+        elif kind == "sub":
+            c = rng.randint(0, 1)
+            d = x - y - c
+            lines.append(f"{x}-{y}-{c}={d}" if d >= 0 else f"{x + 10}-{y}-{c}={d + 10}")
+        else:
+            c = rng.randint(0, 8)
+            lines.append(f"{x}*{y}+{c}={x * y + c}")
+    return "Facts:\n" + "\n".join(lines)
 
 
 def chat_prompt(problem: Problem) -> str:

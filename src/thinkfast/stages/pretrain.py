@@ -54,6 +54,7 @@ class PretrainConfig:
     digits: list[int] = field(default_factory=lambda: [1, 2, 3])
     steps: list[int] = field(default_factory=lambda: [2, 3])
     think_fraction: float = 0.75
+    fact_fraction: float = 0.15  # share of documents that are fact drills (nano.tasks.fact_drill_document)
     # optimisation
     train_steps: int = 1500
     batch_size: int = 32
@@ -76,8 +77,9 @@ class PretrainConfig:
             raise ValueError(f"kinds: unknown kind(s) {unknown}; choose from {list(tasks.KINDS)}")
         if not self.kinds or not self.digits or not self.steps:
             raise ValueError("kinds, digits and steps must not be empty")
-        if not 0.0 <= self.think_fraction <= 1.0:
-            raise ValueError(f"think_fraction={self.think_fraction} must be in [0, 1]")
+        for name in ("think_fraction", "fact_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
         if self.seq_len + 1 > self.max_position_embeddings:
@@ -97,6 +99,9 @@ def corpus_documents(cfg: PretrainConfig, rng: random.Random, n: int) -> list[st
     """``n`` random plain-text documents of the nano world."""
     docs = []
     for _ in range(n):
+        if rng.random() < cfg.fact_fraction:
+            docs.append(tasks.fact_drill_document(rng))
+            continue
         kind = rng.choice(cfg.kinds)
         problem = tasks.sample_problem(rng, kind, rng.choice(cfg.digits), rng.choice(cfg.steps))
         mode = "think" if rng.random() < cfg.think_fraction else "direct"
