@@ -481,9 +481,9 @@ def fact_drill_document(rng: random.Random, n_facts: int = 24) -> str:
 
     >>> print(fact_drill_document(random.Random(1), 3))
     Facts:
-    9*0+6=6
-    16-9-0=7
-    8+1+0=9
+    9+1+1=11
+    7+7+1=15
+    6*3+1=19
     """
     lines = []
     for _ in range(n_facts):
