@@ -501,3 +501,24 @@ def test_checker_rejects_corrupted_traces(bad):
     p = P("add", 47, 38)
     with pytest.raises(AssertionError):
         check_trace(p, EXACT[("add", 47, 38)].replace(*bad))
+
+
+def test_fact_drills_are_correct_and_use_trace_syntax():
+    from thinkfast.nano.tasks import fact_drill_document
+
+    rng = random.Random(3)
+    seen = set()
+    for _ in range(200):
+        doc = fact_drill_document(rng)
+        head, *lines = doc.split("\n")
+        assert head == "Facts:" and len(lines) == 24
+        for line in lines:
+            m = re.fullmatch(r"(\d+)([-+*])(\d)([-+])(\d)=(\d+)", line)
+            assert m, line
+            x, op, y, op2, c, r = int(m[1]), m[2], int(m[3]), m[4], int(m[5]), int(m[6])
+            value = {"+": x + y, "-": x - y, "*": x * y}[op] + (c if op2 == "+" else -c)
+            assert value == r and r >= 0, line
+            if op == "-":
+                assert x < 10 or x - 10 - y - c < 0, line  # 1x only when the column borrows
+            seen.add(op)
+    assert seen == {"+", "-", "*"}

@@ -166,3 +166,16 @@ def test_cli_runs_and_reports_errors(tmp_path, capsys):
     capsys.readouterr()
     assert main(["run", "--config", str(SMOKE), "pretrain.nope=1"]) == 2
     assert "unknown key 'pretrain.nope'" in capsys.readouterr().err
+
+
+def test_eval_chat_modes_sample_on_and_greedy_off(tmp_path):
+    pipe = smoke(tmp_path, "eval.prompting=chat", "eval.samples=2")
+    run_stage(pipe, "pretrain")
+    metrics, _ = run_stage(pipe, "eval")
+    assert metrics["prompting"] == "chat" and set(metrics["modes"]) == {"on", "off"}
+    assert metrics["modes"]["on"]["cells"]["add/1d"]["n"] == 8  # per_cell x samples
+    assert metrics["modes"]["off"]["cells"]["add/1d"]["n"] == 4  # greedy: one sample
+    for mode in ("on", "off"):
+        assert 0.0 <= metrics["modes"][mode]["format_ok"] <= 1.0
+    samples = [json.loads(x) for x in (tmp_path / "run" / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert {s["mode"] for s in samples} == {"on", "off"}
