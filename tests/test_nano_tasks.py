@@ -46,77 +46,77 @@ def P(kind: str, a: int, b: int) -> Problem:
 
 EXACT = {
     ("add", 47, 38): """\
-7+8+0=15, write 5 carry 1, so far 5
-4+3+1=8, write 8 carry 0, so far 85
+47+38: 7+8+0=15, write 5 carry 1, so far 5
+4+3: 4+3+1=8, write 8 carry 0, so far 85
 47 + 38 = 85""",
     ("sub", 47, 38): """\
-7-8-0: borrow, 17-8-0=9, write 9 borrow 1, so far 9
-4-3-1=0, write 0 borrow 0, so far 09
+47-38: 7-8-0: borrow, 17-8-0=9, write 9 borrow 1, so far 9
+4-3: 4-3-1=0, write 0 borrow 0, so far 09
 47 - 38 = 9""",
     ("sub", 38, 47): """\
 38 < 47, so compute 47 - 38 and negate
-7-8-0: borrow, 17-8-0=9, write 9 borrow 1, so far 9
-4-3-1=0, write 0 borrow 0, so far 09
+47-38: 7-8-0: borrow, 17-8-0=9, write 9 borrow 1, so far 9
+4-3: 4-3-1=0, write 0 borrow 0, so far 09
 47 - 38 = 9
 38 - 47 = -9""",
     ("mul", 47, 38): """\
-47 * 8:
-7*8+0=56, write 6 carry 5, so far 6
-4*8+5=37, write 7 carry 3, so far 76
+47 * 38, digit 8:
+47*8: 7*8+0=56, write 6 carry 5, so far 6
+4*8: 4*8+5=37, write 7 carry 3, so far 76
 carry 3, so far 376
 47 * 8 = 376
-47 * 3:
-7*3+0=21, write 1 carry 2, so far 1
-4*3+2=14, write 4 carry 1, so far 41
+47 * 3, digit 3:
+47*3: 7*3+0=21, write 1 carry 2, so far 1
+4*3: 4*3+2=14, write 4 carry 1, so far 41
 carry 1, so far 141
 47 * 3 = 141
 shift 1: 1410
 376 + 1410:
-6+0+0=6, write 6 carry 0, so far 6
-7+1+0=8, write 8 carry 0, so far 86
-3+4+0=7, write 7 carry 0, so far 786
-0+1+0=1, write 1 carry 0, so far 1786
+376+1410: 6+0+0=6, write 6 carry 0, so far 6
+37+141: 7+1+0=8, write 8 carry 0, so far 86
+3+14: 3+4+0=7, write 7 carry 0, so far 786
+0+1: 0+1+0=1, write 1 carry 0, so far 1786
 376 + 1410 = 1786
 47 * 38 = 1786""",
     ("mul", 9, 9): """\
-9 * 9:
-9*9+0=81, write 1 carry 8, so far 1
+9 * 9, digit 9:
+9*9: 9*9+0=81, write 1 carry 8, so far 1
 carry 8, so far 81
 9 * 9 = 81""",
     ("mul", 10, 0): """\
-10 * 0:
-0*0+0=0, write 0 carry 0, so far 0
-1*0+0=0, write 0 carry 0, so far 00
+10 * 0, digit 0:
+10*0: 0*0+0=0, write 0 carry 0, so far 0
+1*0: 1*0+0=0, write 0 carry 0, so far 00
 10 * 0 = 0""",
     ("add", 0, 0): """\
-0+0+0=0, write 0 carry 0, so far 0
+0+0: 0+0+0=0, write 0 carry 0, so far 0
 0 + 0 = 0""",
     ("add", 99, 1): """\
-9+1+0=10, write 0 carry 1, so far 0
-9+0+1=10, write 0 carry 1, so far 00
+99+1: 9+1+0=10, write 0 carry 1, so far 0
+9+0: 9+0+1=10, write 0 carry 1, so far 00
 carry 1, so far 100
 99 + 1 = 100""",
     ("sub", 100, 1): """\
-0-1-0: borrow, 10-1-0=9, write 9 borrow 1, so far 9
-0-0-1: borrow, 10-0-1=9, write 9 borrow 1, so far 99
-1-0-1=0, write 0 borrow 0, so far 099
+100-1: 0-1-0: borrow, 10-1-0=9, write 9 borrow 1, so far 9
+10-0: 0-0-1: borrow, 10-0-1=9, write 9 borrow 1, so far 99
+1-0: 1-0-1=0, write 0 borrow 0, so far 099
 100 - 1 = 99""",
     ("mul", 25, 40): """\
-25 * 0:
-5*0+0=0, write 0 carry 0, so far 0
-2*0+0=0, write 0 carry 0, so far 00
+25 * 40, digit 0:
+25*0: 5*0+0=0, write 0 carry 0, so far 0
+2*0: 2*0+0=0, write 0 carry 0, so far 00
 25 * 0 = 0
-25 * 4:
-5*4+0=20, write 0 carry 2, so far 0
-2*4+2=10, write 0 carry 1, so far 00
+25 * 4, digit 4:
+25*4: 5*4+0=20, write 0 carry 2, so far 0
+2*4: 2*4+2=10, write 0 carry 1, so far 00
 carry 1, so far 100
 25 * 4 = 100
 shift 1: 1000
 0 + 1000:
-0+0+0=0, write 0 carry 0, so far 0
-0+0+0=0, write 0 carry 0, so far 00
-0+0+0=0, write 0 carry 0, so far 000
-0+1+0=1, write 1 carry 0, so far 1000
+0+1000: 0+0+0=0, write 0 carry 0, so far 0
+0+100: 0+0+0=0, write 0 carry 0, so far 00
+0+10: 0+0+0=0, write 0 carry 0, so far 000
+0+1: 0+1+0=1, write 1 carry 0, so far 1000
 0 + 1000 = 1000
 25 * 40 = 1000""",
 }
@@ -139,17 +139,17 @@ def test_exact_word_trace():
     assert teacher_trace(p) == """\
 has 47
 step 1: buys 3 bags of 12: 12 * 3
-12 * 3:
-2*3+0=6, write 6 carry 0, so far 6
-1*3+0=3, write 3 carry 0, so far 36
+12 * 3, digit 3:
+12*3: 2*3+0=6, write 6 carry 0, so far 6
+1*3: 1*3+0=3, write 3 carry 0, so far 36
 12 * 3 = 36
 step 2: 47 + 36
-7+6+0=13, write 3 carry 1, so far 3
-4+3+1=8, write 8 carry 0, so far 83
+47+36: 7+6+0=13, write 3 carry 1, so far 3
+4+3: 4+3+1=8, write 8 carry 0, so far 83
 47 + 36 = 83
 step 3: gives away 15: 83 - 15
-3-5-0: borrow, 13-5-0=8, write 8 borrow 1, so far 8
-8-1-1=6, write 6 borrow 0, so far 68
+83-15: 3-5-0: borrow, 13-5-0=8, write 8 borrow 1, so far 8
+8-1: 8-1-1=6, write 6 borrow 0, so far 68
 83 - 15 = 68
 total = 68"""
     check_trace(p, teacher_trace(p))
@@ -163,7 +163,8 @@ SUB_COL = re.compile(r"(\d)-(\d)-(\d)=(\d), write (\d) borrow 0, so far (\d+)")
 SUB_BORROW = re.compile(r"(\d)-(\d)-(\d): borrow, (\d+)-(\d)-(\d)=(\d), write (\d) borrow 1, so far (\d+)")
 CARRY = re.compile(r"carry (\d), so far (\d+)")
 RESULT = re.compile(r"(\d+) ([-+*]) (\d+) = (-?\d+)")
-MUL_HEAD = re.compile(r"(\d+) \* (\d):")
+MUL_HEAD = re.compile(r"(\d+) \* (\d+), digit (\d):")
+PREFIX = re.compile(r"(\d+)[-+*](\d+): (?=\d)")  # what is left of the operands, restated
 ADD_HEAD = re.compile(r"(\d+) \+ (\d+):")
 SHIFT = re.compile(r"shift (\d+): (\d+)")
 STEP = re.compile(r"step (\d+): (?:([a-z][a-z ]*? \d+(?: more| [a-z]+ of \d+)?): )?(\d+) ([-+*]) (\d+)")
@@ -185,7 +186,11 @@ def check_trace(problem: Problem, trace: str) -> None:
     header = None
     steps_seen = []
     value_line = None
+    rems: list[tuple[int, int]] = []  # restated remaining operands of the current column block
     for line in trace.split("\n"):
+        if pm := PREFIX.match(line):
+            rems.append((int(pm.group(1)), int(pm.group(2))))
+            line = line[pm.end():]
         if m := ADD_COL.fullmatch(line) or MUL_COL.fullmatch(line):
             x, y, c, s, w, co = map(int, m.groups()[:6])
             r = m.group(7)
@@ -223,18 +228,20 @@ def check_trace(problem: Problem, trace: str) -> None:
                 if op == "*":
                     assert header == ("*", a, b), line
                     assert cols == [(_dig(a, i), b) for i in range(n)] and n == len(str(a)), line
+                    assert rems == [(a // 10**i, b) for i in range(n)], line
                 else:
                     assert a >= b or op == "+", line
                     assert n == max(len(str(a)), len(str(b))), line
                     assert cols == [(_dig(a, i), _dig(b, i)) for i in range(n)], line
+                    assert rems == [(a // 10**i, b // 10**i) for i in range(n)], line
                     if header is not None and header[0] == "+":
                         assert header == ("+", a, b), line
-            cols, sofar, carry, header = [], "", 0, None
+            cols, sofar, carry, header, rems = [], "", 0, None, []
             last = r
             value_line = r
         elif m := MUL_HEAD.fullmatch(line):
-            assert not cols
-            header = ("*", int(m.group(1)), int(m.group(2)))
+            assert not cols and int(m.group(2)) % 10 == int(m.group(3)), line
+            header = ("*", int(m.group(1)), int(m.group(3)))
         elif m := ADD_HEAD.fullmatch(line):
             assert not cols
             header = ("+", int(m.group(1)), int(m.group(2)))
@@ -493,6 +500,7 @@ def test_tokenizer_chat_template_and_save(tok, tmp_path):
 
 @pytest.mark.parametrize("bad", [
     ("so far 85", "so far 58"),            # digit appended instead of prepended
+    ("4+3: 4+3+1", "7+3: 4+3+1"),          # remaining operand restated wrong
     ("4+3+1=8", "4+3+0=7"),                # dropped carry
     ("47 + 38 = 85", "47 + 38 = 86"),      # wrong result
     ("7+8+0=15", "7+9+0=16"),              # wrong operand digit copied

@@ -8,25 +8,31 @@ answer is checkable exactly (:func:`verify`), and :func:`teacher_trace` plays th
 role of R1 -- a deterministic "long" chain of thought that a tiny
 character-level Llama can learn to imitate.
 
-Trace design (why it is learnable by a 2-4M parameter char model):
+Trace design (why a 2-4M parameter char model can learn it; docs/LOG.md has the
+formats tried and how each fared):
 
 * one line per digit column, least-significant digit first;
-* every line copies the operand digits it uses and the carry/borrow explicitly;
-* the running result (``so far``) is built by PREPENDING the new digit to the
-  previous partial result, so the final ``a + b = r`` line is a copy.
+* each line first restates what is left of the operands (``4+3:`` after
+  ``47+38:``), so the digits in play are the last ones just written: copying the
+  previous line minus a digit is local, nothing is found by counting columns;
+* then the column fact, the digit written and the carry/borrow, spelled out
+  (a tiny model uses those extra positions: a compact ``4+3+1: 8 r85`` was worse);
+* the running result (``so far``) is built by PREPENDING the new digit, so the
+  final ``a + b = r`` line is a copy.
 
 Addition ``47 + 38``::
 
-    7+8+0=15, write 5 carry 1, so far 5
-    4+3+1=8, write 8 carry 0, so far 85
+    47+38: 7+8+0=15, write 5 carry 1, so far 5
+    4+3: 4+3+1=8, write 8 carry 0, so far 85
     47 + 38 = 85
 
 Subtraction borrows (``x-y-c: borrow, (x+10)-y-c=d, ...``) and, when ``a < b``,
 computes ``b - a`` and negates.  Multiplication multiplies ``a`` by each digit
-of ``b`` (right to left), shifts, and sums the partial products pairwise with
-the addition trace (each pairwise sum is introduced by a ``p + q:`` header).
-Word problems emit one ``step i: a op b`` block per operation and end with
-``total = N``.
+of ``b`` (right to left, the header ``47 * 38, digit 8:`` restating what is left
+of ``b``), shifts, and sums the partial products pairwise with the addition
+trace.  Word problems emit one ``step i:`` block per operation, restating the
+clause of the question it comes from (``step 3: gives away 15: 83 - 15``), and
+end with ``total = N``.
 
 Pretraining documents are plain text (``Problem: ...``), either worked
 (think mode, cued by :data:`STEP_CUE`) or bare (direct mode); the chat-side
@@ -262,12 +268,16 @@ def _digit(n: int, i: int) -> int:
 
 
 def _add_lines(a: int, b: int) -> list[str]:
+    """Column addition, one line per column: what is left of both operands (so the digits in play
+    are the last ones just written, never found by counting columns), the column sum with the carry,
+    the digit written, the carry out, and the result so far (new digit prepended)."""
     lines, r, c = [], "", 0
     for i in range(max(len(str(a)), len(str(b)))):
-        x, y = _digit(a, i), _digit(b, i)
+        ra, rb = a // 10**i, b // 10**i
+        x, y = ra % 10, rb % 10
         s = x + y + c
         r = f"{s % 10}{r}"
-        lines.append(f"{x}+{y}+{c}={s}, write {s % 10} carry {s // 10}, so far {r}")
+        lines.append(f"{ra}+{rb}: {x}+{y}+{c}={s}, write {s % 10} carry {s // 10}, so far {r}")
         c = s // 10
     if c:
         r = f"{c}{r}"
@@ -284,16 +294,17 @@ def _sub_lines(a: int, b: int) -> list[str]:
         big, small = b, a
     r, c = "", 0
     for i in range(len(str(big))):
-        x, y = _digit(big, i), _digit(small, i)
+        ra, rb = big // 10**i, small // 10**i
+        x, y = ra % 10, rb % 10
         d = x - y - c
         if d < 0:
             d += 10
             r = f"{d}{r}"
-            lines.append(f"{x}-{y}-{c}: borrow, {x + 10}-{y}-{c}={d}, write {d} borrow 1, so far {r}")
+            lines.append(f"{ra}-{rb}: {x}-{y}-{c}: borrow, {x + 10}-{y}-{c}={d}, write {d} borrow 1, so far {r}")
             c = 1
         else:
             r = f"{d}{r}"
-            lines.append(f"{x}-{y}-{c}={d}, write {d} borrow 0, so far {r}")
+            lines.append(f"{ra}-{rb}: {x}-{y}-{c}={d}, write {d} borrow 0, so far {r}")
             c = 0
     lines.append(f"{big} - {small} = {big - small}")
     if a < b:
@@ -302,12 +313,13 @@ def _sub_lines(a: int, b: int) -> list[str]:
 
 
 def _mul_digit_lines(a: int, digit: int) -> list[str]:
-    lines, r, c = [f"{a} * {digit}:"], "", 0
+    lines, r, c = [], "", 0
     for i in range(len(str(a))):
-        x = _digit(a, i)
+        ra = a // 10**i
+        x = ra % 10
         p = x * digit + c
         r = f"{p % 10}{r}"
-        lines.append(f"{x}*{digit}+{c}={p}, write {p % 10} carry {p // 10}, so far {r}")
+        lines.append(f"{ra}*{digit}: {x}*{digit}+{c}={p}, write {p % 10} carry {p // 10}, so far {r}")
         c = p // 10
     if c:
         r = f"{c}{r}"
@@ -317,10 +329,14 @@ def _mul_digit_lines(a: int, digit: int) -> list[str]:
 
 
 def _mul_lines(a: int, b: int) -> list[str]:
+    """Long multiplication: one partial product per digit of b, right to left (the header restates
+    what is left of b, so the digit in play is its last one), shifted, then summed pairwise."""
     lines: list[str] = []
     shifted: list[int] = []
-    for k, ch in enumerate(reversed(str(b))):
-        digit = int(ch)
+    for k in range(len(str(b))):
+        rest = b // 10**k
+        digit = rest % 10
+        lines.append(f"{a} * {rest}, digit {digit}:")
         lines += _mul_digit_lines(a, digit)
         value = a * digit * 10**k
         if k > 0:
@@ -384,7 +400,7 @@ def teacher_trace(problem: Problem) -> str:
     """Step-by-step worked solution (no trailing newline).
 
     >>> print(teacher_trace(sample_problem(random.Random(0), "add", 1)))
-    6+6+0=12, write 2 carry 1, so far 2
+    6+6: 6+6+0=12, write 2 carry 1, so far 2
     carry 1, so far 12
     6 + 6 = 12
     """
