@@ -38,7 +38,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         "COMPLETE.json", "STARTED.json", "log.jsonl", "metrics.json", "samples.jsonl", "table.txt"]
     model_files = {p.name for p in (run / "pretrain" / "model").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "thinkfast.json"} <= model_files
-    assert results["pretrain"]["train_steps"] == 6 and results["pretrain"]["tokens"] == 6 * 4 * 128
+    assert results["pretrain"]["train_steps"] == 6 and results["pretrain"]["tokens"] == 6 * 4 * 256
     ev = results["eval"]
     assert ev["prompting"] == "text" and set(ev["modes"]) == {"think", "direct"}
     assert set(ev["modes"]["think"]["cells"]) == {"add/1d", "mul/1d"}
@@ -179,3 +179,10 @@ def test_eval_chat_modes_sample_on_and_greedy_off(tmp_path):
         assert 0.0 <= metrics["modes"][mode]["format_ok"] <= 1.0
     samples = [json.loads(x) for x in (tmp_path / "run" / "eval" / "samples.jsonl").read_text().splitlines()]
     assert {s["mode"] for s in samples} == {"on", "off"}
+
+
+def test_documents_longer_than_a_row_are_measured():
+    tok = thinkfast.nano.tokenizer.build_tokenizer()
+    short = pretrain.PretrainConfig(seq_len=64, digits=[2], kinds=["mul"], think_fraction=1.0)
+    assert pretrain.too_long_fraction(short, tok) == 1.0  # every worked 2-digit product exceeds 64 tokens
+    assert pretrain.too_long_fraction(pretrain.PretrainConfig(seq_len=1024, digits=[1, 2]), tok) == 0.0

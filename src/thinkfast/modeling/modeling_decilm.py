@@ -36,6 +36,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_decilm import DeciLMConfig
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 class DeciLMRMSNorm(nn.Module):
@@ -142,15 +143,20 @@ class DeciLMAttention(nn.Module):
         q, k = apply_rotary(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.cache_idx)
+        extra = {}
         if self.n_rep > 1:
-            k = k.repeat_interleave(self.n_rep, dim=1)
-            v = v.repeat_interleave(self.n_rep, dim=1)
+            if _SDPA_GQA:  # torch >= 2.5: no copy of the cache per step
+                extra["enable_gqa"] = True
+            else:
+                k = k.repeat_interleave(self.n_rep, dim=1)
+                v = v.repeat_interleave(self.n_rep, dim=1)
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask is None and t > 1,
             scale=self.head_dim**-0.5,
+            **extra,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 

@@ -26,6 +26,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,28 +40,29 @@ from ..rundir import StageDir, atomic_dir, atomic_write_json
 
 @dataclass
 class PretrainConfig:
-    """Model size, corpus and optimisation of the nano parent (defaults: the configs/nano.yaml parent)."""
+    """Model size, corpus and optimisation of the nano parent. The defaults are the configs/nano.yaml
+    parent (1.64M parameters, about 9 minutes on a 2-core CPU); docs/LOG.md records how they were chosen."""
 
     # model: a LlamaForCausalLM
-    hidden_size: int = 256
+    hidden_size: int = 192
     num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    intermediate_size: int = 688
+    num_heads: int = 6
+    num_kv_heads: int = 3
+    intermediate_size: int = 512
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
     # corpus
     kinds: list[str] = field(default_factory=lambda: list(tasks.KINDS))
-    digits: list[int] = field(default_factory=lambda: [1, 2, 3])
-    steps: list[int] = field(default_factory=lambda: [2, 3])
+    digits: list[int] = field(default_factory=lambda: [1, 2, 2])  # repeats weight the draw
+    steps: list[int] = field(default_factory=lambda: [2])
     think_fraction: float = 0.75
-    fact_fraction: float = 0.15  # share of documents that are fact drills (nano.tasks.fact_drill_document)
+    fact_fraction: float = 0.0  # share of documents that are fact drills (nano.tasks.fact_drill_document)
     # optimisation
-    train_steps: int = 1500
-    batch_size: int = 32
-    seq_len: int = 512
-    lr: float = 2e-3
-    warmup_steps: int = 100
+    train_steps: int = 560
+    batch_size: int = 8
+    seq_len: int = 1024  # a worked 2-digit product is ~560 tokens: documents must fit in a row
+    lr: float = 3e-3
+    warmup_steps: int = 30
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -128,6 +130,13 @@ def make_batch(cfg: PretrainConfig, tokenizer, step: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
+def too_long_fraction(cfg: PretrainConfig, tokenizer, n: int = 400) -> float:
+    """Share of corpus documents longer than a row: their ends (the answer) are never trained on."""
+    docs = corpus_documents(cfg, random.Random(f"pretrain-lengths:{cfg.seed}"), n)
+    lengths = [len(ids) + 1 for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]
+    return sum(length > cfg.seq_len + 1 for length in lengths) / n
+
+
 def build_parent(cfg: PretrainConfig, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -192,8 +201,12 @@ def run(cfg: PretrainConfig, stage: StageDir, model_dir: Path | None = None) -> 
         opt.load_state_dict(state["optimizer"])
         start, elapsed, tokens = state["step"], state["elapsed"], state["tokens"]
     n_params = sum(p.numel() for p in model.parameters())
+    cut = too_long_fraction(cfg, tokenizer)
+    if cut > 0.01:
+        warnings.warn(f"pretrain: {cut:.0%} of documents are longer than seq_len={cfg.seq_len} tokens and never "
+                      "end inside a row; raise pretrain.seq_len", stacklevel=2)
     log = stage.logger()
-    log.log("start", resume_step=start, parameters=n_params, device=str(device))
+    log.log("start", resume_step=start, parameters=n_params, device=str(device), docs_longer_than_row=cut)
     model.train()
     t0 = time.perf_counter() - elapsed
     loss_ema = None
@@ -236,6 +249,7 @@ def run(cfg: PretrainConfig, stage: StageDir, model_dir: Path | None = None) -> 
         "train_seconds": round(seconds, 1),
         "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
         "device": str(device),
+        "docs_longer_than_row": cut,
     }
     log.log("done", **metrics)
     log.close()
