@@ -38,7 +38,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         "COMPLETE.json", "STARTED.json", "log.jsonl", "metrics.json", "samples.jsonl", "table.txt"]
     model_files = {p.name for p in (run / "pretrain" / "model").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "thinkfast.json"} <= model_files
-    assert results["pretrain"]["train_steps"] == 6 and results["pretrain"]["tokens"] == 6 * 4 * 256
+    assert results["pretrain"]["train_steps"] == 6 and results["pretrain"]["tokens"] == 6 * 4 * 512
     ev = results["eval"]
     assert ev["prompting"] == "text" and set(ev["modes"]) == {"think", "direct"}
     assert set(ev["modes"]["think"]["cells"]) == {"add/1d", "mul/1d"}

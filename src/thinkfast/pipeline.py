@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import ConfigError, apply_overrides, config_hash, from_dict, load_yaml, to_dict
-from .rundir import StageDir, _read_json
+from .rundir import StageDir, _read_json, previous_model_dir
 from .stages import eval as eval_stage
 from .stages import pretrain
 
@@ -33,7 +33,7 @@ STAGES = {
     "eval": (eval_stage.EvalConfig, eval_stage.run),
 }
 # Fields that change how fast a stage runs but not what it produces; left out of its identity.
-_NOT_IN_HASH = {"device", "log_every", "checkpoint_every", "batch_size_eval", "save_samples"}
+_NOT_IN_HASH = {"device", "log_every", "checkpoint_every", "save_samples"}
 
 
 @dataclass
@@ -91,15 +91,11 @@ def stage_identity(pipe: Pipeline, name: str) -> str:
 
 
 def input_model_dir(pipe: Pipeline, name: str) -> Path | None:
-    """The model/ of the latest earlier stage (in pipeline order) that wrote one."""
-    earlier = pipe.stages[: pipe.stages.index(name)] if name in pipe.stages else []
-    for prev in reversed(earlier):
-        sd = StageDir(pipe.run_dir, prev)
-        if not sd.is_complete():
-            raise FileNotFoundError(f"stage '{prev}' (before '{name}') has not completed in {pipe.run_dir}; run it first")
-        if sd.model_dir.is_dir():
-            return sd.model_dir
-    return None
+    """The model the stage reads: None for the first stage or when its config names one itself
+    (``eval.model``), else the model/ of the latest earlier stage that wrote one."""
+    if getattr(pipe.configs[name], "model", None) or name not in pipe.stages or pipe.stages[0] == name:
+        return None
+    return previous_model_dir(pipe.run_dir, pipe.stages, name)
 
 
 def run_stage(pipe: Pipeline, name: str, force: bool = False, index: str = "") -> tuple[dict, bool]:
@@ -115,7 +111,7 @@ def run_stage(pipe: Pipeline, name: str, force: bool = False, index: str = "") -
         print(f"{index}{name}: complete, skipped ({stage.marker_path})")
         return stage.read_metrics(), False
     print(f"{index}{name}: {'resuming' if mode == 'resume' else 'starting'} in {stage.path}")
-    model_dir = input_model_dir(pipe, name) if name in pipe.stages else None
+    model_dir = input_model_dir(pipe, name)
     t0 = time.perf_counter()
     metrics = entry(cfg, stage, model_dir)
     metrics["stage_seconds"] = round(time.perf_counter() - t0, 1)
