@@ -163,6 +163,7 @@ def test_cli_runs_and_reports_errors(tmp_path, capsys):
     assert main(["convert", str(model), str(tmp_path / "nas")]) == 0
     assert json.loads((tmp_path / "nas" / "config.json").read_text())["model_type"] == "nemotron-nas"
     assert (tmp_path / "nas" / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "nas" / "thinkfast.json").read_text())["prompting"] == "text"
     capsys.readouterr()
     assert main(["run", "--config", str(SMOKE), "pretrain.nope=1"]) == 2
     assert "unknown key 'pretrain.nope'" in capsys.readouterr().err

@@ -20,11 +20,12 @@ import torch
 from .modeling import DeciLMConfig, DeciLMForCausalLM, attention_block, block_config, ffn_block
 from .rundir import atomic_dir
 
-# Files that travel with a model folder besides config and weights.
+# Files that travel with a model folder besides config and weights (thinkfast.json: how the model is
+# prompted, read by `eval`).
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
-    "generation_config.json",
+    "generation_config.json", "thinkfast.json",
 )
 
 
