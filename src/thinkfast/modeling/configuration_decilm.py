@@ -202,20 +202,16 @@ class DeciLMConfig(PretrainedConfig):
         att = dict(block["attention"] or {})
         ffn = dict(block["ffn"] or {})
         where = f"block_configs[{i}]"
-        for key in _INERT_ATTENTION_KEYS:
-            if att.get(key) not in (None, False):
-                raise ValueError(f"{where}.attention.{key}={att[key]!r}: this feature is not supported")
-        for key in _INERT_FFN_KEYS:
-            if ffn.get(key) not in (None, False):
-                raise ValueError(f"{where}.ffn.{key}={ffn[key]!r}: this feature is not supported")
-        known_att = set(_INERT_ATTENTION_KEYS) | {"n_heads_in_group", "no_op", "replace_with_linear"}
-        known_ffn = set(_INERT_FFN_KEYS) | {"ffn_mult", "no_op", "replace_with_linear", "intermediate_size"}
-        for key in set(att) - known_att:
-            if att[key] not in (None, False):
-                raise ValueError(f"{where}.attention has unknown key {key!r}={att[key]!r}")
-        for key in set(ffn) - known_ffn:
-            if ffn[key] not in (None, False):
-                raise ValueError(f"{where}.ffn has unknown key {key!r}={ffn[key]!r}")
+        for part, entry, inert, used in (
+            ("attention", att, _INERT_ATTENTION_KEYS, {"n_heads_in_group", "no_op", "replace_with_linear"}),
+            ("ffn", ffn, _INERT_FFN_KEYS, {"ffn_mult", "no_op", "replace_with_linear", "intermediate_size"}),
+        ):
+            for key, value in entry.items():
+                if key in used or value in (None, False):
+                    continue
+                if key in inert:
+                    raise ValueError(f"{where}.{part}.{key}={value!r}: this feature is not supported")
+                raise ValueError(f"{where}.{part} has unknown key {key!r}={value!r}")
         att["no_op"] = bool(att.get("no_op", False))
         att["replace_with_linear"] = bool(att.get("replace_with_linear", False))
         ffn["no_op"] = bool(ffn.get("no_op", False))
