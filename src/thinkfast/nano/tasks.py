@@ -263,10 +263,6 @@ def eval_suite(seed: int = 1234, per_cell: int = 50, kinds=KINDS, digits=(1, 2, 
 # the teacher
 # --------------------------------------------------------------------------
 
-def _digit(n: int, i: int) -> int:
-    return (n // 10**i) % 10
-
-
 def _add_lines(a: int, b: int) -> list[str]:
     """Column addition, one line per column: what is left of both operands (so the digits in play
     are the last ones just written, never found by counting columns), the column sum with the carry,

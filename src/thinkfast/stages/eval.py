@@ -31,6 +31,7 @@ from ..generation import SamplingParams, generate
 from ..nano import tasks
 from ..rundir import StageDir, atomic_write_text
 from ..toggle import format_ok, messages_for, parse_response, stop_token_ids
+from . import resolve_device
 
 TEXT_MODES = ("think", "direct")
 CHAT_MODES = ("on", "off")
@@ -175,8 +176,6 @@ def format_table(metrics: dict) -> str:
 def run(cfg: EvalConfig, stage: StageDir, model_dir: Path | None = None) -> dict:
     """Evaluate ``cfg.model`` (or ``model_dir``, the previous stage's model); write metrics and samples."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .pretrain import resolve_device
 
     path = Path(cfg.model) if cfg.model else model_dir
     if path is None or not (path / "config.json").is_file():

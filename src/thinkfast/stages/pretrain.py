@@ -36,6 +36,7 @@ import torch
 from ..nano import tasks
 from ..nano.tokenizer import build_tokenizer
 from ..rundir import StageDir, atomic_dir, atomic_write_json
+from . import resolve_device
 
 
 @dataclass
@@ -89,12 +90,6 @@ class PretrainConfig:
         for name in ("train_steps", "batch_size", "seq_len", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def corpus_documents(cfg: PretrainConfig, rng: random.Random, n: int) -> list[str]:
