@@ -20,7 +20,7 @@ def test_text_prompts(tok):
     think = tok.decode(build_prompt(tok, PROBLEM, "text", "think"))
     direct = tok.decode(build_prompt(tok, PROBLEM, "text", "direct"))
     assert think == "Problem: 47 + 38\nLet's think step by step.\n"
-    assert direct == "Problem: 47 + 38\nAnswer:"
+    assert direct == "Problem: 47 + 38\nAnswer: "
 
 
 def test_chat_prompts_carry_the_toggle(tok):
@@ -35,8 +35,8 @@ def test_chat_prompts_carry_the_toggle(tok):
 
 @pytest.mark.parametrize("prompting,mode,text,correct,fmt", [
     ("text", "think", "7+8+0=15, write 5 carry 1, so far 5\n47 + 38 = 85\nAnswer: 85", True, True),
-    ("text", "direct", " 84", False, True),
-    ("text", "direct", " 85", True, True),  # the prompt ends with "Answer:"
+    ("text", "direct", "84", False, True),
+    ("text", "direct", "85", True, True),  # the prompt ends with "Answer: "
     ("text", "think", "47 + 38 = 85", False, True),  # no answer line
     ("chat", "on", "<think>\n47 + 38 = 85\n</think>\n\nAnswer: 85", True, True),
     ("chat", "on", "<think>\n47 + 38 = 85\nAnswer: 85", False, False),  # unclosed: no answer, no guessing

@@ -61,13 +61,13 @@ EXACT = {
 38 - 47 = -9""",
     ("mul", 47, 38): """\
 47 * 38, digit 8:
-47*8: 7*8+0=56, write 6 carry 5, so far 6
-4*8: 4*8+5=37, write 7 carry 3, so far 76
+47*8: 7*8=56, +0=56, write 6 carry 5, so far 6
+4*8: 4*8=32, +5=37, write 7 carry 3, so far 76
 carry 3, so far 376
 47 * 8 = 376
 47 * 3, digit 3:
-47*3: 7*3+0=21, write 1 carry 2, so far 1
-4*3: 4*3+2=14, write 4 carry 1, so far 41
+47*3: 7*3=21, +0=21, write 1 carry 2, so far 1
+4*3: 4*3=12, +2=14, write 4 carry 1, so far 41
 carry 1, so far 141
 47 * 3 = 141
 shift 1: 1410
@@ -80,13 +80,13 @@ shift 1: 1410
 47 * 38 = 1786""",
     ("mul", 9, 9): """\
 9 * 9, digit 9:
-9*9: 9*9+0=81, write 1 carry 8, so far 1
+9*9: 9*9=81, +0=81, write 1 carry 8, so far 1
 carry 8, so far 81
 9 * 9 = 81""",
     ("mul", 10, 0): """\
 10 * 0, digit 0:
-10*0: 0*0+0=0, write 0 carry 0, so far 0
-1*0: 1*0+0=0, write 0 carry 0, so far 00
+10*0: 0*0=0, +0=0, write 0 carry 0, so far 0
+1*0: 1*0=0, +0=0, write 0 carry 0, so far 00
 10 * 0 = 0""",
     ("add", 0, 0): """\
 0+0: 0+0+0=0, write 0 carry 0, so far 0
@@ -103,12 +103,12 @@ carry 1, so far 100
 100 - 1 = 99""",
     ("mul", 25, 40): """\
 25 * 40, digit 0:
-25*0: 5*0+0=0, write 0 carry 0, so far 0
-2*0: 2*0+0=0, write 0 carry 0, so far 00
+25*0: 5*0=0, +0=0, write 0 carry 0, so far 0
+2*0: 2*0=0, +0=0, write 0 carry 0, so far 00
 25 * 0 = 0
 25 * 4, digit 4:
-25*4: 5*4+0=20, write 0 carry 2, so far 0
-2*4: 2*4+2=10, write 0 carry 1, so far 00
+25*4: 5*4=20, +0=20, write 0 carry 2, so far 0
+2*4: 2*4=8, +2=10, write 0 carry 1, so far 00
 carry 1, so far 100
 25 * 4 = 100
 shift 1: 1000
@@ -137,28 +137,29 @@ def test_exact_word_trace():
         68, (("*", 12, 3), ("+", 47, 36), ("-", 83, 15)),
     )
     assert teacher_trace(p) == """\
-has 47
+has 47, total 47
 step 1: buys 3 bags of 12: 12 * 3
 12 * 3, digit 3:
-12*3: 2*3+0=6, write 6 carry 0, so far 6
-1*3: 1*3+0=3, write 3 carry 0, so far 36
+12*3: 2*3=6, +0=6, write 6 carry 0, so far 6
+1*3: 1*3=3, +0=3, write 3 carry 0, so far 36
 12 * 3 = 36
-step 2: 47 + 36
+step 2: total 47, 47 + 36
 47+36: 7+6+0=13, write 3 carry 1, so far 3
 4+3: 4+3+1=8, write 8 carry 0, so far 83
 47 + 36 = 83
+total 83
 step 3: gives away 15: 83 - 15
 83-15: 3-5-0: borrow, 13-5-0=8, write 8 borrow 1, so far 8
 8-1: 8-1-1=6, write 6 borrow 0, so far 68
 83 - 15 = 68
-total = 68"""
+total 68"""
     check_trace(p, teacher_trace(p))
 
 
 # ------------------------------------------------------- trace arithmetic checker
 
 ADD_COL = re.compile(r"(\d)\+(\d)\+(\d)=(\d+), write (\d) carry (\d), so far (\d+)")
-MUL_COL = re.compile(r"(\d)\*(\d)\+(\d)=(\d+), write (\d) carry (\d), so far (\d+)")
+MUL_COL = re.compile(r"(\d)\*(\d)=(\d+), \+(\d)=(\d+), write (\d) carry (\d), so far (\d+)")
 SUB_COL = re.compile(r"(\d)-(\d)-(\d)=(\d), write (\d) borrow 0, so far (\d+)")
 SUB_BORROW = re.compile(r"(\d)-(\d)-(\d): borrow, (\d+)-(\d)-(\d)=(\d), write (\d) borrow 1, so far (\d+)")
 CARRY = re.compile(r"carry (\d), so far (\d+)")
@@ -167,10 +168,10 @@ MUL_HEAD = re.compile(r"(\d+) \* (\d+), digit (\d):")
 PREFIX = re.compile(r"(\d+)[-+*](\d+): (?=\d)")  # what is left of the operands, restated
 ADD_HEAD = re.compile(r"(\d+) \+ (\d+):")
 SHIFT = re.compile(r"shift (\d+): (\d+)")
-STEP = re.compile(r"step (\d+): (?:([a-z][a-z ]*? \d+(?: more| [a-z]+ of \d+)?): )?(\d+) ([-+*]) (\d+)")
-OPENING = re.compile(r"has \d+")
+STEP = re.compile(r"step (\d+): (?:([a-z][a-z ]*? \d+(?: more| [a-z]+ of \d+)?): |total (\d+), )?(\d+) ([-+*]) (\d+)")
+OPENING = re.compile(r"has (\d+), total (\d+)")
 NEGATE = re.compile(r"(\d+) < (\d+), so compute (\d+) - (\d+) and negate")
-TOTAL = re.compile(r"total = (-?\d+)")
+TOTAL = re.compile(r"total (-?\d+)")
 
 
 def _dig(n: int, i: int) -> int:
@@ -186,16 +187,21 @@ def check_trace(problem: Problem, trace: str) -> None:
     header = None
     steps_seen = []
     value_line = None
+    running = None  # the running total of a word problem
     rems: list[tuple[int, int]] = []  # restated remaining operands of the current column block
     for line in trace.split("\n"):
         if pm := PREFIX.match(line):
             rems.append((int(pm.group(1)), int(pm.group(2))))
             line = line[pm.end():]
-        if m := ADD_COL.fullmatch(line) or MUL_COL.fullmatch(line):
+        if m := MUL_COL.fullmatch(line):
+            x, y, prod, c, s, w, co = map(int, m.groups()[:7])
+            r = m.group(8)
+            assert x * y == prod and prod + c == s, line
+        elif m := ADD_COL.fullmatch(line):
             x, y, c, s, w, co = map(int, m.groups()[:6])
             r = m.group(7)
-            is_mul = "*" in line.split("=")[0]
-            assert (x * y if is_mul else x + y) + c == s, line
+            assert x + y + c == s, line
+        if m := MUL_COL.fullmatch(line) or ADD_COL.fullmatch(line):
             assert (w, co) == (s % 10, s // 10), line
             assert c == carry, line
             assert r == f"{w}{sofar}", line
@@ -250,17 +256,22 @@ def check_trace(problem: Problem, trace: str) -> None:
             assert k >= 1 and v == last * 10**k and m.group(2) == str(v), line
         elif m := STEP.fullmatch(line):
             assert not cols
-            steps_seen.append((m.group(4), int(m.group(3)), int(m.group(5))))
+            steps_seen.append((m.group(5), int(m.group(4)), int(m.group(6))))
             assert int(m.group(1)) == len(steps_seen), line
             if m.group(2):  # a restated clause is a clause of the question
                 assert f" {m.group(2)} " in problem.question.replace(".", " "), line
-        elif problem.kind == "word" and OPENING.fullmatch(line):
-            assert line == trace.split("\n")[0] and f" {line} " in problem.question, line
+            if m.group(3):  # a restated running total is the latest one, and the first operand
+                assert int(m.group(3)) == running == int(m.group(4)), line
+        elif problem.kind == "word" and (m := OPENING.fullmatch(line)):
+            assert line == trace.split("\n")[0] and f" has {m.group(1)} " in problem.question, line
+            assert m.group(1) == m.group(2), line
+            running = int(m.group(2))
         elif m := NEGATE.fullmatch(line):
             a, b = int(m.group(1)), int(m.group(2))
             assert a < b and (int(m.group(3)), int(m.group(4))) == (b, a), line
         elif m := TOTAL.fullmatch(line):
-            value_line = int(m.group(1))
+            assert int(m.group(1)) == last, line  # the running total is the last result
+            value_line = running = int(m.group(1))
         else:
             raise AssertionError(f"unparsed line {line!r}")
     last_line = trace.split("\n")[-1]
@@ -414,14 +425,14 @@ def test_prompts_and_documents():
     trace = EXACT[("add", 47, 38)]
     assert STEP_CUE == "Let's think step by step."
     assert text_prompt(p, "think") == "Problem: 47 + 38\nLet's think step by step.\n"
-    assert text_prompt(p, "direct") == "Problem: 47 + 38\nAnswer:"
+    assert text_prompt(p, "direct") == "Problem: 47 + 38\nAnswer: "
     assert pretrain_document(p, "think") == (
         "Problem: 47 + 38\nLet's think step by step.\n" + trace + "\nAnswer: 85")
     assert pretrain_document(p, "direct") == "Problem: 47 + 38\nAnswer: 85"
     for mode in ("think", "direct"):
         doc = pretrain_document(p, mode)
         assert doc.startswith(text_prompt(p, mode)) and verify(p, doc)
-    assert pretrain_document(p, "direct")[len(text_prompt(p, "direct")):] == " 85"
+    assert pretrain_document(p, "direct")[len(text_prompt(p, "direct")):] == "85"
     assert chat_prompt(p) == "What is 47 + 38?"
     w = sample_problem(random.Random(0), "word", 2, 2)
     assert chat_prompt(w) == w.question
@@ -444,7 +455,7 @@ def tok():
 
 
 def test_tokenizer_round_trip(tok):
-    texts = [" a  b\n\n c ", "Answer: -12", "\n", "  "]
+    texts = [" a  b\n\n c ", "Answer: -12", "\n", "  ", "tab\tand ünïcode ✓"]
     for p in make_problems(40, seed=2, digits=(1, 2, 3)):
         texts += [teacher_trace(p), pretrain_document(p, "think"), pretrain_document(p, "direct"),
                   chat_response(p, True)]
@@ -452,8 +463,12 @@ def test_tokenizer_round_trip(tok):
         ids = tok.encode(t, add_special_tokens=False)
         assert tok.decode(ids) == t
         assert tok.decode(ids, skip_special_tokens=True) == t
+    # one token per digit, never merged with a neighbour; words carry their trailing space
     doc = pretrain_document(P("add", 47, 38), "think")
-    assert len(tok.encode(doc, add_special_tokens=False)) == len(doc)  # one char, one token
+    pieces = tok.convert_ids_to_tokens(tok.encode(doc, add_special_tokens=False))
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == [c for c in doc if c.isdigit()]
+    assert "writeĠ" in pieces and "carryĠ" in pieces
+    assert len(pieces) < 0.6 * len(doc)
     assert tok.encode("ab", add_special_tokens=True) == tok.encode("ab", add_special_tokens=False)
 
 
@@ -464,7 +479,7 @@ def test_tokenizer_ids_and_special_tokens(tok):
     assert tok.get_vocab() == other.get_vocab() and len(tok) == len(other) == NANO_TOKENIZER_ID_COUNT
     assert tok.eos_token == "<|end_of_text|>" and tok.bos_token == "<|begin_of_text|>"
     assert tok.pad_token_id == tok.eos_token_id == 0 and tok.bos_token_id == 1
-    assert tok.unk_token == "<|unk|>" and tok.encode("\t", add_special_tokens=False) == [tok.unk_token_id]
+    assert tok.unk_token == "<|unk|>" and tok.unk_token_id not in tok.encode("\t\x00é", add_special_tokens=False)
     assert tok.padding_side == "left"
     for t in ("<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
               "<|eot_id|>", "<think>", "</think>"):
@@ -521,7 +536,11 @@ def test_fact_drills_are_correct_and_use_trace_syntax():
         head, *lines = doc.split("\n")
         assert head == "Facts:" and len(lines) == 24
         for line in lines:
-            m = re.fullmatch(r"(\d+)([-+*])(\d)([-+])(\d)=(\d+)", line)
+            if mm := re.fullmatch(r"(\d)\*(\d)=(\d+), \+(\d)=(\d+)", line):  # the trace's product syntax
+                assert int(mm[1]) * int(mm[2]) == int(mm[3]) and int(mm[3]) + int(mm[4]) == int(mm[5]), line
+                seen.add("*")
+                continue
+            m = re.fullmatch(r"(\d+)([-+])(\d)([-+])(\d)=(\d+)", line)
             assert m, line
             x, op, y, op2, c, r = int(m[1]), m[2], int(m[3]), m[4], int(m[5]), int(m[6])
             value = {"+": x + y, "-": x - y, "*": x * y}[op] + (c if op2 == "+" else -c)
@@ -530,3 +549,24 @@ def test_fact_drills_are_correct_and_use_trace_syntax():
                 assert x < 10 or x - 10 - y - c < 0, line  # 1x only when the column borrows
             seen.add(op)
     assert seen == {"+", "-", "*"}
+
+
+def test_tokenizer_prompts_tokenise_as_inside_documents(tok):
+    """A text prompt's tokens are a prefix of the tokens of the document that continues it, so the
+    parent sees at evaluation exactly the token boundary it was trained on."""
+    for p in make_problems(300, seed=4, digits=(1, 2, 3), steps=(1, 2, 3)):
+        for mode in ("think", "direct"):
+            prompt = tok.encode(text_prompt(p, mode), add_special_tokens=False)
+            doc = tok.encode(pretrain_document(p, mode), add_special_tokens=False)
+            assert doc[: len(prompt)] == prompt, (p, mode)
+
+
+def test_tokenizer_build_is_deterministic_across_processes(tok):
+    import subprocess
+    import sys
+
+    code = "from thinkfast.nano.tokenizer import build_tokenizer as b; import json; print(json.dumps(b().get_vocab(), sort_keys=True))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    import json
+
+    assert json.loads(out) == tok.get_vocab()

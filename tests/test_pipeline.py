@@ -38,7 +38,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         "COMPLETE.json", "STARTED.json", "log.jsonl", "metrics.json", "samples.jsonl", "table.txt"]
     model_files = {p.name for p in (run / "pretrain" / "model").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "thinkfast.json"} <= model_files
-    assert results["pretrain"]["train_steps"] == 6 and results["pretrain"]["tokens"] == 6 * 4 * 512
+    assert results["pretrain"]["train_steps"] == 6 and results["pretrain"]["tokens"] == 6 * 4 * 256
     ev = results["eval"]
     assert ev["prompting"] == "text" and set(ev["modes"]) == {"think", "direct"}
     assert set(ev["modes"]["think"]["cells"]) == {"add/1d", "mul/1d"}
@@ -50,7 +50,17 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert type(model).__name__ == "LlamaForCausalLM"
     assert AutoTokenizer.from_pretrained(run / "pretrain" / "model").chat_template
 
-    # a second run skips both stages and changes nothing
+    # Puzzle: library -> scores -> costs -> search, and the child is a nemotron-nas model with the tokenizer
+    assert {p.name for p in (run / "library" / "library").iterdir()} == {"library.json", "weights.safetensors"}
+    assert (run / "scores" / "scores.json").is_file() and (run / "costs" / "costs.json").is_file()
+    assert {"architecture.txt", "search.json", "pareto.json", "pareto.md", "model"} <= {
+        p.name for p in (run / "search").iterdir()}
+    assert results["search"]["speedup"] >= 1.2 and results["search"]["optimal"]
+    child = AutoModelForCausalLM.from_pretrained(run / "search" / "model")
+    assert type(child).__name__ == "DeciLMForCausalLM"
+    assert json.loads((run / "search" / "model" / "thinkfast.json").read_text())["prompting"] == "text"
+
+    # a second run skips every stage and changes nothing
     marker = (run / "pretrain" / "COMPLETE.json").read_text()
     again = run_all(smoke(tmp_path))
     assert (run / "pretrain" / "COMPLETE.json").read_text() == marker
@@ -66,15 +76,15 @@ def test_changed_config_of_completed_stage_needs_force(tmp_path):
 
 
 def test_redone_upstream_reruns_downstream(tmp_path):
-    run_all(smoke(tmp_path))
+    run_all(smoke(tmp_path, "stages=[pretrain,eval]"))
     first = json.loads((tmp_path / "run" / "eval" / "COMPLETE.json").read_text())
-    run_all(smoke(tmp_path), force=True)
+    run_all(smoke(tmp_path, "stages=[pretrain,eval]"), force=True)
     second = json.loads((tmp_path / "run" / "eval" / "COMPLETE.json").read_text())
     assert first["config_hash"] != second["config_hash"]  # the upstream marker is part of its identity
     # forcing pretrain alone leaves eval stale: running eval without --force is refused
-    run_stage(smoke(tmp_path), "pretrain", force=True)
+    run_stage(smoke(tmp_path, "stages=[pretrain,eval]"), "pretrain", force=True)
     with pytest.raises(StageConfigMismatch):
-        run_stage(smoke(tmp_path), "eval")
+        run_stage(smoke(tmp_path, "stages=[pretrain,eval]"), "eval")
 
 
 class Interrupt(Exception):
@@ -118,7 +128,7 @@ def test_pretrain_changes_every_parameter_and_batches_are_deterministic():
     a, b = pretrain.make_batch(cfg, tok, 5), pretrain.make_batch(cfg, tok, 5)
     assert torch.equal(a, b) and not torch.equal(a, pretrain.make_batch(cfg, tok, 6))
     assert a.shape == (2, 65)
-    assert tok.decode(a[0, :9].tolist()) == "Problem: "  # every row opens a document
+    assert tok.decode(a[0].tolist()).startswith("Problem: ")  # every row opens a document
     model = pretrain.build_parent(cfg, tok)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = pretrain._optimizer(model, cfg)
@@ -167,6 +177,8 @@ def test_cli_runs_and_reports_errors(tmp_path, capsys):
     capsys.readouterr()
     assert main(["run", "--config", str(SMOKE), "pretrain.nope=1"]) == 2
     assert "unknown key 'pretrain.nope'" in capsys.readouterr().err
+    assert main(["search", "--config", str(SMOKE), f"run_dir={tmp_path / 'none'}"]) == 2  # nothing to search yet
+    assert "stage 'costs' (before 'search') has not completed" in capsys.readouterr().err
 
 
 def test_eval_chat_modes_sample_on_and_greedy_off(tmp_path):

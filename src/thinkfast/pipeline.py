@@ -24,13 +24,17 @@ from pathlib import Path
 
 from .config import ConfigError, apply_overrides, config_hash, from_dict, load_yaml, to_dict
 from .rundir import StageDir, _read_json, previous_model_dir
+from .stages import costs, library, pretrain, scores, search
 from .stages import eval as eval_stage
-from .stages import pretrain
 
 # name -> (config dataclass, entry function). A plain table: adding a stage is one line here.
 STAGES = {
     "pretrain": (pretrain.PretrainConfig, pretrain.run),
     "eval": (eval_stage.EvalConfig, eval_stage.run),
+    "library": (library.LibraryConfig, library.run),
+    "scores": (scores.ScoresConfig, scores.run),
+    "costs": (costs.CostsConfig, costs.run),
+    "search": (search.SearchConfig, search.run),
 }
 # Fields that change how fast a stage runs but not what it produces; left out of its identity.
 _NOT_IN_HASH = {"device", "log_every", "checkpoint_every", "save_samples"}

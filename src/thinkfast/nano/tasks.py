@@ -32,7 +32,7 @@ of ``b`` (right to left, the header ``47 * 38, digit 8:`` restating what is left
 of ``b``), shifts, and sums the partial products pairwise with the addition
 trace.  Word problems emit one ``step i:`` block per operation, restating the
 clause of the question it comes from (``step 3: gives away 15: 83 - 15``), and
-end with ``total = N``.
+end with the running ``total N``.
 
 Pretraining documents are plain text (``Problem: ...``), either worked
 (think mode, cued by :data:`STEP_CUE`) or bare (direct mode); the chat-side
@@ -315,7 +315,7 @@ def _mul_digit_lines(a: int, digit: int) -> list[str]:
         x = ra % 10
         p = x * digit + c
         r = f"{p % 10}{r}"
-        lines.append(f"{ra}*{digit}: {x}*{digit}+{c}={p}, write {p % 10} carry {p // 10}, so far {r}")
+        lines.append(f"{ra}*{digit}: {x}*{digit}={x * digit}, +{c}={p}, write {p % 10} carry {p // 10}, so far {r}")
         c = p // 10
     if c:
         r = f"{c}{r}"
@@ -359,10 +359,14 @@ def _op_lines(op: str, a: int, b: int) -> list[str]:
 
 
 def _word_lines(problem: Problem) -> list[str]:
-    """One ``step i: a op b`` block per operation. A step that a sentence of the question asks for
-    first restates that sentence's clause (``step 3: gives away 15: 83 - 15``), so the number and the
-    operation are copied from the text next to each other; an opening ``Ann has 47 apples.`` becomes
-    the line ``has 47``."""
+    """One ``step i: a op b`` block per operation, each ending with the running ``total N``.
+
+    A step that a sentence of the question asks for first restates that sentence's clause
+    (``step 3: gives away 15: 83 - 15``), so the number and the operation are copied from the text next
+    to each other; an opening ``Ann has 47 apples.`` becomes ``has 47, total 47``. The addition that
+    follows a "k containers of m" product restates the running total (``step 2: total 47, 47 + 36``):
+    ``total`` is followed by a number nowhere else, so that copy reaches back over the product's lines
+    by matching one token."""
     statements = [s.strip() for s in re.findall(r"[^.?]+[.?]", problem.question) if s.strip().endswith(".")]
     clauses = [" ".join(s.rstrip(".").split()[1:-1]) for s in statements]  # "buys 3 bags of 12"
     ops = iter(problem.ops)
@@ -374,21 +378,24 @@ def _word_lines(problem: Problem) -> list[str]:
             step += 1
             lines.append(f"step {step}: {clause}: {m} * {k}")
             lines += _mul_lines(m, k)
+            value = m * k
             if j > 0:
                 _, t, v = next(ops)
                 step += 1
-                lines.append(f"step {step}: {t} + {v}")
+                lines.append(f"step {step}: total {t}, {t} + {v}")
                 lines += _add_lines(t, v)
+                value = t + v
+            lines.append(f"total {value}")
         elif j == 0:
-            lines.append(clause)
+            lines.append(f"{clause}, total {clause.split()[-1]}")
         else:
             op, a, b = next(ops)
             step += 1
             lines.append(f"step {step}: {clause}: {a} {op} {b}")
             lines += _op_lines(op, a, b)
+            lines.append(f"total {_apply(op, a, b)}")
     if next(ops, None) is not None:
         raise ValueError(f"word problem text and ops disagree: {problem}")
-    lines.append(f"total = {problem.answer}")
     return lines
 
 
@@ -464,16 +471,16 @@ def verify(problem: Problem, response: str) -> bool:
 
 def text_prompt(problem: Problem, mode: str) -> str:
     """Plain-text prompt; the model completes it with ``trace\\nAnswer: N`` (think)
-    or `` N`` (direct).
+    or ``N`` (direct).
 
     >>> p = Problem("add", 2, 1, "47 + 38", 85, (("+", 47, 38),))
     >>> text_prompt(p, "direct")
-    'Problem: 47 + 38\\nAnswer:'
+    'Problem: 47 + 38\\nAnswer: '
     """
     if mode == "think":
         return f"Problem: {problem.question}\n{STEP_CUE}\n"
     if mode == "direct":
-        return f"Problem: {problem.question}\nAnswer:"
+        return f"Problem: {problem.question}\nAnswer: "
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
@@ -487,7 +494,7 @@ def pretrain_document(problem: Problem, mode: str) -> str:
 
 
 def fact_drill_document(rng: random.Random, n_facts: int = 24) -> str:
-    """A drill of single-column facts in the exact syntax the traces use (``7*3+2=23``,
+    """A drill of single-column facts in the exact syntax the traces use (``7*3=21, +2=23``,
     ``13-5-0=8``): the nano world's times tables. Measured in docs/LOG.md: the parent's errors were
     mostly wrong facts, which the traces alone show too rarely to memorise in a few minutes.
 
@@ -495,7 +502,7 @@ def fact_drill_document(rng: random.Random, n_facts: int = 24) -> str:
     Facts:
     9+1+1=11
     7+7+1=15
-    6*3+1=19
+    6*3=18, +1=19
     """
     lines = []
     for _ in range(n_facts):
@@ -510,7 +517,7 @@ def fact_drill_document(rng: random.Random, n_facts: int = 24) -> str:
             lines.append(f"{x}-{y}-{c}={d}" if d >= 0 else f"{x + 10}-{y}-{c}={d + 10}")
         else:
             c = rng.randint(0, 8)
-            lines.append(f"{x}*{y}+{c}={x * y + c}")
+            lines.append(f"{x}*{y}={x * y}, +{c}={x * y + c}")
     return "Facts:\n" + "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ Two ways to prompt a model, chosen by ``prompting`` (``auto`` reads ``thinkfast.
 folder, written by the stage that made it, and falls back to ``chat`` when the tokenizer has a chat
 template):
 - ``text`` (a pretrained parent, which has never seen a chat format): mode ``think`` ends the prompt
-  with "Let's think step by step." and mode ``direct`` with "Answer:"; both greedy.
+  with "Let's think step by step." and mode ``direct`` with "Answer: "; both greedy.
 - ``chat`` (a model taught the toggle): modes ``on`` / ``off`` through the chat template's
   ``enable_thinking``. Besides accuracy it reports how well the toggle is obeyed: the share of "on"
   responses with exactly one well-formed think block and of "off" responses with no think tags.
@@ -88,7 +88,7 @@ def build_prompt(tokenizer, problem: tasks.Problem, prompting: str, mode: str) -
 def grade(problem: tasks.Problem, text: str, prompting: str, mode: str) -> dict:
     """Grade one response: correct, and (chat) whether the toggle's format was obeyed."""
     if prompting == "text":
-        # the prompt's own tail is part of the answer ("...\nAnswer:" + " 85")
+        # the prompt's own tail is part of the answer ("...\nAnswer: " + "85")
         return {"correct": tasks.verify(problem, tasks.text_prompt(problem, mode) + text), "format_ok": True}
     answer = parse_response(text).answer  # None for malformed think blocks: no guessing
     return {

@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 
 from ..nano import tasks
+from ..nano.corpus import documents, packed_rows
 from ..nano.tokenizer import build_tokenizer
 from ..rundir import StageDir, atomic_dir, atomic_write_json
 from . import resolve_device
@@ -92,42 +93,20 @@ class PretrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
 
-def corpus_documents(cfg: PretrainConfig, rng: random.Random, n: int) -> list[str]:
-    """``n`` random plain-text documents of the nano world."""
-    docs = []
-    for _ in range(n):
-        if rng.random() < cfg.fact_fraction:
-            docs.append(tasks.fact_drill_document(rng))
-            continue
-        kind = rng.choice(cfg.kinds)
-        problem = tasks.sample_problem(rng, kind, rng.choice(cfg.digits), rng.choice(cfg.steps))
-        mode = "think" if rng.random() < cfg.think_fraction else "direct"
-        docs.append(tasks.pretrain_document(problem, mode))
-    return docs
+def _doc_kwargs(cfg: PretrainConfig) -> dict:
+    return {"kinds": cfg.kinds, "digits": cfg.digits, "steps": cfg.steps, "think_fraction": cfg.think_fraction,
+            "fact_fraction": cfg.fact_fraction}
 
 
 def make_batch(cfg: PretrainConfig, tokenizer, step: int) -> torch.Tensor:
     """Batch number ``step``: token ids [batch_size, seq_len + 1], rows packed from whole documents."""
     rng = random.Random(f"pretrain:{cfg.seed}:{step}")
-    eos = tokenizer.eos_token_id
-    width = cfg.seq_len + 1
-    rows = []
-    for _ in range(cfg.batch_size):
-        row: list[int] = []
-        while len(row) < width:
-            docs = corpus_documents(cfg, rng, 8)
-            for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-                row.extend(ids)
-                row.append(eos)
-                if len(row) >= width:
-                    break
-        rows.append(row[:width])
-    return torch.tensor(rows, dtype=torch.long)
+    return packed_rows(tokenizer, rng, cfg.batch_size, cfg.seq_len + 1, **_doc_kwargs(cfg))
 
 
 def too_long_fraction(cfg: PretrainConfig, tokenizer, n: int = 400) -> float:
     """Share of corpus documents longer than a row: their ends (the answer) are never trained on."""
-    docs = corpus_documents(cfg, random.Random(f"pretrain-lengths:{cfg.seed}"), n)
+    docs = documents(random.Random(f"pretrain-lengths:{cfg.seed}"), n, **_doc_kwargs(cfg))
     lengths = [len(ids) + 1 for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]
     return sum(length > cfg.seq_len + 1 for length in lengths) / n
 

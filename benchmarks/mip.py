@@ -1,0 +1,112 @@
+"""MIP solve time at Puzzle scale: thinkfast's HiGHS search vs NVIDIA puzzletron's ``run_mip`` (issue 3).
+
+Instances: ``benchmarks/mip_instances.py`` (80 and 126 layers x 54 variants, memory + runtime + KV-cache
+limits at 50-55% of the parent). For each instance, side by side in one process:
+
+- ``thinkfast``: :func:`thinkfast.puzzle.mip.solve_mip` (dominated variants pruned, HiGHS, zero gap);
+- ``scipy_plain``: SciPy's ``milp`` on the unpruned problem with default options (the out-of-the-box
+  baseline quoted in the issue);
+- ``puzzletron``: nvidia-modelopt 0.47.0's ``run_mip`` (PuLP/CBC, 60 s limit), when installed
+  (``pip install nvidia-modelopt==0.47.0 --no-deps`` plus the packages listed in
+  ``benchmarks/puzzletron_mip.py``; never a thinkfast dependency).
+
+Objectives must agree (to 1e-6 relative) wherever both solvers prove optimality; the script reports
+any disagreement. Writes ``benchmarks/results/mip.json``.
+
+    python benchmarks/mip.py [--seeds 10] [--layers 80 126]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mip_instances import instance  # noqa: E402
+
+from thinkfast.puzzle.mip import solve_mip  # noqa: E402
+
+
+def scipy_plain(scores, costs, limits):
+    L, V = scores.shape
+    n = L * V
+    eq = np.zeros((L, n))
+    for i in range(L):
+        eq[i, i * V:(i + 1) * V] = 1
+    A = np.stack([costs[k].reshape(-1) for k in limits])
+    t = time.perf_counter()
+    res = milp(scores.reshape(-1), integrality=np.ones(n), bounds=Bounds(0, 1),
+               constraints=[LinearConstraint(eq, 1, 1), LinearConstraint(A, -np.inf, np.array(list(limits.values())))])
+    return {"seconds": time.perf_counter() - t, "objective": float(res.fun) if res.x is not None else None,
+            "optimal": res.status == 0, "gap": float(getattr(res, "mip_gap", 0) or 0)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--layers", type=int, nargs="+", default=[80, 126])
+    ap.add_argument("--peer-time-limit", type=float, default=60.0)
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/mip.json")
+    args = ap.parse_args(argv)
+    peer = None
+    if not args.no_peer:
+        try:
+            import puzzletron_mip
+
+            peer = puzzletron_mip if puzzletron_mip.available() else None
+        except ImportError:
+            peer = None
+    print(f"puzzletron run_mip: {'available' if peer else 'not installed (skipped)'}")
+    rows = []
+    for L in args.layers:
+        for seed in range(args.seeds):
+            scores, costs, limits = instance(L, seed)
+            t = time.perf_counter()
+            sol = solve_mip(scores, costs, limits)[0]
+            ours = {"seconds": time.perf_counter() - t, "objective": sol.objective, "optimal": sol.optimal,
+                    "variables": sol.variables, "binding": [k for k in limits if sol.totals[k] >= limits[k] * (1 - 1e-3)]}
+            row = {"layers": L, "seed": seed, "thinkfast": ours, "scipy_plain": scipy_plain(scores, costs, limits)}
+            if peer is not None:
+                p = peer.solve_with_puzzletron(scores, costs, limits, time_limit_s=args.peer_time_limit)
+                row["puzzletron"] = p
+                if p.get("objective") is not None and not p.get("hit_time_limit"):
+                    row["agree"] = abs(p["objective"] - sol.objective) <= 1e-6 * max(1.0, abs(sol.objective))
+            rows.append(row)
+            print(json.dumps({"layers": L, "seed": seed, **{k: {kk: vv for kk, vv in v.items() if kk != "choice"}
+                                                            for k, v in row.items() if isinstance(v, dict)}}))
+    summary = {}
+    for L in args.layers:
+        sub = [r for r in rows if r["layers"] == L]
+        s = {"thinkfast_median_s": statistics.median(r["thinkfast"]["seconds"] for r in sub),
+             "thinkfast_max_s": max(r["thinkfast"]["seconds"] for r in sub),
+             "thinkfast_all_optimal": all(r["thinkfast"]["optimal"] for r in sub),
+             "scipy_plain_median_s": statistics.median(r["scipy_plain"]["seconds"] for r in sub)}
+        if peer is not None:
+            s["puzzletron_median_s"] = statistics.median(r["puzzletron"]["seconds"] for r in sub)
+            s["puzzletron_time_limit_hits"] = sum(bool(r["puzzletron"].get("hit_time_limit")) for r in sub)
+            s["speedup_vs_puzzletron"] = s["puzzletron_median_s"] / s["thinkfast_median_s"]
+            s["objectives_agree"] = sum(bool(r.get("agree")) for r in sub)
+            s["objectives_compared"] = sum("agree" in r for r in sub)
+            # the peer's time-limited answers, compared with the proven optimum
+            s["puzzletron_worse_when_limited"] = sum(
+                1 for r in sub if r["puzzletron"].get("hit_time_limit") and r["puzzletron"].get("objective") is not None
+                and r["puzzletron"]["objective"] > r["thinkfast"]["objective"] + 1e-9)
+        summary[str(L)] = s
+    out = {"instances": "benchmarks/mip_instances.py (54 variants/layer, 3 limits at 50-55% of parent)",
+           "peer": "nvidia-modelopt 0.47.0 run_mip" if peer else None, "summary": summary, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

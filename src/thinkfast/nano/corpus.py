@@ -1,0 +1,47 @@
+"""Plain-text nano-world documents packed into fixed-length token rows (pretraining, BLD, scoring).
+
+Rows start at a document boundary (position 0 always opens a problem, as at evaluation); documents
+are separated by end-of-text and the last one of a row is cut.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from . import tasks
+
+__all__ = ["documents", "packed_rows"]
+
+
+def documents(rng: random.Random, n: int, kinds: Sequence[str] = tasks.KINDS, digits: Sequence[int] = (1, 2, 2),
+              steps: Sequence[int] = (2,), think_fraction: float = 0.75, fact_fraction: float = 0.0) -> list[str]:
+    """``n`` random documents: worked (think) or bare (direct) problems, or fact drills."""
+    docs = []
+    for _ in range(n):
+        if rng.random() < fact_fraction:
+            docs.append(tasks.fact_drill_document(rng))
+            continue
+        kind = rng.choice(list(kinds))
+        problem = tasks.sample_problem(rng, kind, rng.choice(list(digits)), rng.choice(list(steps)))
+        mode = "think" if rng.random() < think_fraction else "direct"
+        docs.append(tasks.pretrain_document(problem, mode))
+    return docs
+
+
+def packed_rows(tokenizer, rng: random.Random, rows: int, width: int, **doc_kwargs) -> torch.Tensor:
+    """Token ids ``[rows, width]`` packed from whole documents (``doc_kwargs`` go to :func:`documents`)."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for _ in range(rows):
+        row: list[int] = []
+        while len(row) < width:
+            for ids in tokenizer(documents(rng, 8, **doc_kwargs), add_special_tokens=False)["input_ids"]:
+                row.extend(ids)
+                row.append(eos)
+                if len(row) >= width:
+                    break
+        out.append(row[:width])
+    return torch.tensor(out, dtype=torch.long)

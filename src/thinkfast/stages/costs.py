@@ -1,0 +1,200 @@
+"""Stage ``costs``: measured runtime and memory of every block variant on this device.
+
+Paper: Puzzle (arXiv 2411.19146) section 4.4; REFERENCE.md section 1: costs are measured per block on
+the target hardware at the deployment batch sizes and sequence lengths (prefill and decode), plus
+memory = parameters + KV cache. Every sub-block variant of the library is built at the parent's
+shapes and timed alone (median of ``repeats`` after ``warmup`` calls):
+
+- ``prefill_s[b]``: a forward over ``[b, prefill_len]`` tokens;
+- ``decode_s[b]``: one new token per sequence with ``decode_context`` cached tokens;
+- ``params`` and ``param_bytes`` (at ``dtype``), ``kv_bytes_per_token`` (2 x KV heads x head_dim x bytes);
+- ``fixed``: what every architecture pays (embedding, final norm, LM head), so speedups are of the
+  whole model.
+
+A variant's cost does not depend on its layer (all layers of a Llama share shapes), so each distinct
+variant is measured once. Output ``RUN_DIR/costs/costs.json``::
+
+    {"format": "thinkfast-puzzle-costs/1", "device": "cpu: AMD EPYC (2 threads)", "dtype": "float32",
+     "batch_sizes": [1, 8], "prefill_len": 256, "decode_context": 256,
+     "attention": {"gqa_kv2": {"params": .., "param_bytes": .., "kv_bytes_per_token": ..,
+                               "prefill_s": {"1": .., "8": ..}, "decode_s": {"1": .., "8": ..}}, ...},
+     "ffn": {"ffn_344": {...}, ...}, "fixed": {"params": .., "param_bytes": .., "prefill_s": {..}, "decode_s": {..}}}
+
+``file`` reads such a file instead of measuring (costs from the deployment machine, or by hand);
+the search records which device its costs came from.
+
+Departures: blocks are timed one at a time, not inside a full model (so overlap between blocks is not
+seen); on a GPU the kernel launches of a tiny block dominate, as they would in deployment without
+CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from ..puzzle.blocks import Variant, variant_module
+from ..puzzle.parent import load_decilm, read_library
+from ..rundir import StageDir, atomic_write_json
+from . import resolve_device
+from .scores import library_dir
+
+COSTS_FORMAT = "thinkfast-puzzle-costs/1"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class CostsConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 16])
+    prefill_len: int = 256
+    decode_context: int = 256
+    dtype: str = "float32"  # the deployment dtype; param_bytes and kv bytes follow it
+    warmup: int = 3
+    repeats: int = 15
+    file: str | None = None  # read costs from this file instead of measuring
+    library: str | None = None
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: choose from {sorted(_DTYPES)}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1 or self.prefill_len < 1 or self.decode_context < 0:
+            raise ValueError("batch_sizes must be >= 1, prefill_len >= 1, decode_context >= 0")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError("repeats must be >= 1 and warmup >= 0")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{device.type}: {name} ({torch.get_num_threads()} threads)"
+
+
+def _time(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def measure_variant(config, variant: Variant, cfg: CostsConfig, device: torch.device, rotary) -> dict:
+    """Runtime and memory of one sub-block variant (see the module docstring)."""
+    dtype = _DTYPES[cfg.dtype]
+    module = variant_module(config, variant).to(device=device, dtype=dtype).eval()
+    h = config.hidden_size
+    params = sum(p.numel() for p in module.parameters())
+    spec = module.attention_spec
+    kv_heads = spec.num_kv_heads(config.num_attention_heads) if variant.part == "attention" else 0
+    out = {"params": params, "param_bytes": params * dtype.itemsize,
+           "kv_bytes_per_token": 2 * kv_heads * config.head_dim * dtype.itemsize, "prefill_s": {}, "decode_s": {}}
+    for b in cfg.batch_sizes:
+        x = torch.randn(b, cfg.prefill_len, h, device=device, dtype=dtype)
+        pos = torch.arange(cfg.prefill_len, device=device)[None].expand(b, -1)
+        cos, sin = (t.to(dtype) for t in rotary(x, pos))
+        out["prefill_s"][str(b)] = _time(lambda: module(x, cos, sin, None, None), device, cfg.warmup, cfg.repeats)
+        x1 = torch.randn(b, 1, h, device=device, dtype=dtype)
+        pos1 = torch.full((b, 1), cfg.decode_context, device=device)
+        cos1, sin1 = (t.to(dtype) for t in rotary(x1, pos1))
+        kv = None
+        if kv_heads and cfg.decode_context:
+            kv = torch.randn(b, kv_heads, cfg.decode_context, config.head_dim, device=device, dtype=dtype)
+
+        def decode():
+            cache = None
+            if kv is not None:
+                cache = DynamicCache()
+                cache.update(kv, kv, 0)
+            return module(x1, cos1, sin1, None, cache)
+
+        out["decode_s"][str(b)] = _time(decode, device, cfg.warmup, cfg.repeats)
+    return out
+
+
+@torch.no_grad()
+def measure_fixed(parent, cfg: CostsConfig, device: torch.device) -> dict:
+    """Embedding + final norm + LM head, paid by every architecture."""
+    dtype = _DTYPES[cfg.dtype]
+    embed = parent.model.embed_tokens.to(dtype)
+    norm, head = parent.model.norm.to(dtype), parent.lm_head.to(dtype)
+    params = embed.weight.numel() + norm.weight.numel()
+    if head.weight.data_ptr() != embed.weight.data_ptr():
+        params += head.weight.numel()
+    out = {"params": params, "param_bytes": params * dtype.itemsize, "prefill_s": {}, "decode_s": {}}
+    for b in cfg.batch_sizes:
+        for key, t in (("prefill_s", cfg.prefill_len), ("decode_s", 1)):
+            ids = torch.randint(0, parent.config.vocab_size, (b, t), device=device)
+            out[key][str(b)] = _time(lambda: head(norm(embed(ids))), device, cfg.warmup, cfg.repeats)
+    parent.float()
+    return out
+
+
+def run(cfg: CostsConfig, stage: StageDir, model_dir: Path | None = None) -> dict:
+    out_path = stage.path / "costs.json"
+    if cfg.file:
+        data = read_costs(Path(cfg.file))
+        atomic_write_json(out_path, {**data, "source": str(cfg.file)})
+        return {"device": data["device"], "source": str(cfg.file)}
+    if model_dir is None:
+        raise ValueError("costs: no parent model (put pretrain or another model-making stage first)")
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    lib = read_library(library_dir(stage, cfg.library))
+    parent = load_decilm(model_dir, device)
+    variants: dict[str, dict[str, Variant]] = {"attention": {}, "ffn": {}}
+    for v in lib["variants"]:
+        pairs = [(v["part"], v["name"], v["spec"])] if v["part"] != "block" else [
+            ("attention", v["attention"], v["attention_spec"]), ("ffn", v["ffn"], v["ffn_spec"])]
+        for part, name, spec in pairs:
+            variants[part].setdefault(name, Variant(part, name, spec))
+    total = sum(len(v) for v in variants.values())
+    print(f"costs: timing {total} variants at batch sizes {cfg.batch_sizes} on {device_name(device)}")
+    rotary = parent.model.rotary_emb
+    data = {"format": COSTS_FORMAT, "device": device_name(device), "dtype": cfg.dtype,
+            "batch_sizes": list(cfg.batch_sizes), "prefill_len": cfg.prefill_len,
+            "decode_context": cfg.decode_context}
+    for part, named in variants.items():
+        data[part] = {name: measure_variant(parent.config, v, cfg, device, rotary) for name, v in named.items()}
+    data["fixed"] = measure_fixed(parent, cfg, device)
+    atomic_write_json(out_path, data)
+    metrics = {"device": data["device"], "variants": total}
+    log = stage.logger()
+    log.log("done", **metrics)
+    log.close()
+    return metrics
+
+
+def read_costs(path: Path) -> dict:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"costs file {path} does not exist")
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != COSTS_FORMAT:
+        raise ValueError(f"{path}: format {data.get('format')!r}, expected {COSTS_FORMAT!r}")
+    for key in ("attention", "ffn", "fixed", "batch_sizes"):
+        if key not in data:
+            raise ValueError(f"{path}: missing key {key!r}")
+    return data

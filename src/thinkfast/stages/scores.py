@@ -1,0 +1,126 @@
+"""Stage ``scores``: replace-1-block quality of every library block.
+
+Paper: Puzzle (arXiv 2411.19146) section 4.3; REFERENCE.md section 1. A block's score is measured on
+held-out data with that one layer swapped into the otherwise unchanged parent:
+KL(parent || model) per token (the paper's choice: it beat LM loss and downstream accuracy) and the
+LM loss, both written; the search minimises the sum of the chosen blocks' scores (``search.metric``).
+
+Output ``RUN_DIR/scores/scores.json``::
+
+    {"format": "thinkfast-puzzle-scores/1", "metric_names": ["kl", "lm_loss"], "parent_lm_loss": 0.41,
+     "tokens": 8192,
+     "blocks": [{"layer": 0, "attention": "gqa_kv2", "ffn": "ffn_344", "kl": 0.0, "lm_loss": 0.41}, ...]}
+
+A user can write this file for their own measurements (any extra metric name works with
+``search.metric``).
+
+Departure: the parent's activations up to the swapped layer are computed once per layer and reused for
+all its blocks (exact; the layers before it are unchanged).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..nano.corpus import packed_rows
+from ..puzzle.parent import block_module, kl_and_lm_loss, layer_io, library_blocks, load_decilm, logits_from, read_library
+from ..rundir import StageDir, atomic_write_json
+from . import resolve_device
+
+SCORES_FORMAT = "thinkfast-puzzle-scores/1"
+
+
+@dataclass
+class ScoresConfig:
+    """Held-out rows for replace-1-block scoring (a document stream of their own, not BLD's)."""
+
+    rows: int = 16
+    seq_len: int = 512
+    batch_size: int = 8
+    kinds: list[str] = field(default_factory=lambda: ["add", "sub", "mul", "word"])
+    digits: list[int] = field(default_factory=lambda: [1, 2, 2])
+    seed: int = 0
+    library: str | None = None  # a library folder; default RUN_DIR/library/library
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.rows < 1 or self.batch_size < 1 or self.seq_len < 2:
+            raise ValueError("rows, batch_size must be >= 1 and seq_len >= 2")
+
+
+def library_dir(stage: StageDir, explicit: str | None) -> Path:
+    return Path(explicit) if explicit else stage.run_dir / "library" / "library"
+
+
+@torch.no_grad()
+def replace_one_block_scores(parent, lib: dict, tensors: dict, ids: torch.Tensor, batch: int) -> list[dict]:
+    """KL(parent || parent with one layer replaced) and LM loss for every library block: [{...}]."""
+    from tqdm.auto import tqdm
+
+    per_layer = {i: library_blocks(lib, tensors, i) for i in lib["layers"]}
+    sums: dict[tuple, list[float]] = {}
+    n_batches = 0
+    total = sum(len(b) for b in per_layer.values())
+    for s in range(0, ids.shape[0], batch):
+        chunk = ids[s:s + batch]
+        inputs, labels = chunk[:, :-1], chunk[:, 1:]
+        io = layer_io(parent, inputs)
+        parent_logits = parent.lm_head(parent.model.norm(io.y[-1])).float()
+        bar = tqdm(total=total, desc=f"scores batch {n_batches + 1}", unit="block", leave=False)
+        for i, blocks in per_layer.items():
+            for b in blocks:
+                layer = block_module(parent.config, b).to(ids.device)
+                h = layer(io.x[i], io.cos, io.sin, None, None)
+                kl, lm = kl_and_lm_loss(parent_logits, logits_from(parent, h, i + 1, io.cos, io.sin), labels)
+                acc = sums.setdefault((i, b.attention, b.ffn), [0.0, 0.0])
+                acc[0] += kl
+                acc[1] += lm
+                bar.update()
+        bar.close()
+        n_batches += 1
+    return [{"layer": i, "attention": a, "ffn": f, "kl": v[0] / n_batches, "lm_loss": v[1] / n_batches}
+            for (i, a, f), v in sums.items()]
+
+
+def run(cfg: ScoresConfig, stage: StageDir, model_dir: Path | None = None) -> dict:
+    from transformers import AutoTokenizer
+
+    if model_dir is None:
+        raise ValueError("scores: no parent model (put pretrain or another model-making stage first)")
+    device = resolve_device(cfg.device)
+    lib_path = library_dir(stage, cfg.library)
+    lib = read_library(lib_path)
+    tensors = load_file(str(lib_path / "weights.safetensors"), device=str(device))
+    parent = load_decilm(model_dir, device)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    # a document stream BLD never draws from
+    ids = packed_rows(tokenizer, random.Random(f"scores-heldout:{cfg.seed}"), cfg.rows, cfg.seq_len + 1,
+                      kinds=cfg.kinds, digits=cfg.digits).to(device)
+    print(f"scores: replace-1-block KL and LM loss on {ids.numel()} held-out tokens")
+    blocks = replace_one_block_scores(parent, lib, tensors, ids, cfg.batch_size)
+    with torch.no_grad():
+        logits = parent(input_ids=ids[:, :-1]).logits
+        _, parent_lm = kl_and_lm_loss(logits, logits, ids[:, 1:])
+    out = {"format": SCORES_FORMAT, "metric_names": ["kl", "lm_loss"], "parent_lm_loss": parent_lm,
+           "tokens": int(ids[:, 1:].numel()), "blocks": blocks}
+    atomic_write_json(stage.path / "scores.json", out)
+    worst = max(blocks, key=lambda b: b["kl"])
+    metrics = {"blocks": len(blocks), "parent_lm_loss": parent_lm,
+               "max_kl": worst["kl"], "max_kl_block": f"{worst['layer']}:{worst['attention']}+{worst['ffn']}"}
+    log = stage.logger()
+    log.log("done", **metrics)
+    log.close()
+    return metrics
+
+
+def read_scores(path: Path) -> dict:
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != SCORES_FORMAT:
+        raise ValueError(f"{path}: format {data.get('format')!r}, expected {SCORES_FORMAT!r}")
+    return data

@@ -1,0 +1,202 @@
+"""Stage ``search``: Puzzle's MIP over the block library, and assembly of the chosen child.
+
+Paper: Puzzle (arXiv 2411.19146) sections 4.4-4.5; Llama-Nemotron (arXiv 2505.00949) section 2.1;
+REFERENCE.md section 1. Reads the ``library``, ``scores`` and ``costs`` stages' files (so
+``thinkfast search key=value`` re-runs only the search on cached measurements), turns the targets
+below into linear limits, solves with :func:`thinkfast.puzzle.mip.solve_mip` (HiGHS, proven optimal),
+re-checks every solution, and assembles the best one into ``model/`` (nemotron-nas).
+
+Targets (any combination; each becomes one ``sum cost <= limit`` row):
+- ``speedup``: whole-model ``runtime`` (``decode`` or ``prefill``) at ``batch_size`` at least this many
+  times faster than the parent (``sum block runtime <= (parent total) / speedup - fixed``);
+- ``min_throughput``: tokens/s at ``batch_size`` (decode: ``batch / step time``; prefill:
+  ``batch * prefill_len / time``);
+- ``max_latency_s``: that runtime itself;
+- ``max_params``; ``max_memory_bytes``: parameter bytes plus the KV cache of ``batch_size`` sequences
+  of ``memory_context`` tokens; ``kv_fraction``: KV-cache bytes per token at most this share of the
+  parent's.
+``sweep`` solves for each speedup in the list and writes ``pareto.json``, ``pareto.md`` and
+``pareto.png`` (when matplotlib is installed).
+
+Departures: the paper re-solves for several batch sizes and keeps the best; here the batch size is a
+target key and a sweep is a list of speedups.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from safetensors.torch import load_file
+
+from ..puzzle.assemble import assemble, build_problem, describe
+from ..puzzle.mip import InfeasibleError, solve_mip
+from ..puzzle.parent import load_decilm, read_library
+from ..rundir import StageDir, atomic_dir, atomic_write_json, atomic_write_text
+from .costs import read_costs
+from .scores import library_dir, read_scores
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                    "thinkfast.json")
+
+
+@dataclass
+class SearchConfig:
+    metric: str = "kl"  # a metric of scores.json: "kl" (the paper's) or "lm_loss"
+    runtime: Literal["decode", "prefill"] = "decode"
+    batch_size: int = 16  # one of costs.batch_sizes
+    speedup: float | None = 2.0
+    min_throughput: float | None = None
+    max_latency_s: float | None = None
+    max_params: float | None = None
+    max_memory_bytes: float | None = None
+    memory_context: int = 2048
+    kv_fraction: float | None = None
+    n_solutions: int = 1
+    alpha: float = 0.8  # diversity: later solutions share at most alpha * layers blocks with earlier ones
+    sweep: list[float] = field(default_factory=list)  # speedups for the Pareto table
+    time_limit_s: float | None = None
+    library: str | None = None
+    scores: str | None = None  # default RUN_DIR/scores/scores.json
+    costs: str | None = None  # default RUN_DIR/costs/costs.json
+    device: str = "auto"
+
+    def __post_init__(self):
+        for name in ("speedup", "min_throughput", "max_latency_s", "max_params", "max_memory_bytes", "kv_fraction"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{name}={v} must be > 0")
+        if any(s <= 0 for s in self.sweep):
+            raise ValueError(f"sweep: speedups must be > 0, got {self.sweep}")
+        if self.n_solutions < 1 or not 0 <= self.alpha <= 1:
+            raise ValueError("n_solutions must be >= 1 and alpha in [0, 1]")
+
+
+def limits_for(cfg: SearchConfig, problem, costs: dict, speedup: float | None) -> dict[str, float]:
+    """Targets -> ``{cost matrix name: limit on its summed block values}`` (fixed costs subtracted)."""
+    if str(cfg.batch_size) not in {str(b) for b in costs["batch_sizes"]}:
+        raise ValueError(f"search.batch_size={cfg.batch_size} was not measured; costs has {costs['batch_sizes']}")
+    key = f"{cfg.runtime}_s@{cfg.batch_size}"
+    parent = problem.totals(problem.parent_choice)
+    fixed = problem.fixed
+    limits: dict[str, float] = {}
+
+    def add(name: str, total_limit: float) -> None:
+        value = total_limit - fixed.get(name, 0.0)
+        limits[name] = min(limits.get(name, np.inf), value)
+
+    if speedup is not None:
+        add(key, parent[key] / speedup)
+    if cfg.min_throughput is not None:
+        tokens = cfg.batch_size * (costs["prefill_len"] if cfg.runtime == "prefill" else 1)
+        add(key, tokens / cfg.min_throughput)
+    if cfg.max_latency_s is not None:
+        add(key, cfg.max_latency_s)
+    if cfg.max_params is not None:
+        add("params", cfg.max_params)
+    if cfg.kv_fraction is not None:
+        add("kv_bytes_per_token", parent["kv_bytes_per_token"] * cfg.kv_fraction)
+    if cfg.max_memory_bytes is not None:
+        problem.costs["memory_bytes"] = problem.costs["param_bytes"] + (
+            cfg.batch_size * cfg.memory_context * problem.costs["kv_bytes_per_token"])
+        problem.fixed["memory_bytes"] = fixed.get("param_bytes", 0.0)
+        add("memory_bytes", cfg.max_memory_bytes)
+    return limits
+
+
+def _summary(problem, sol, cfg: SearchConfig) -> dict:
+    key = f"{cfg.runtime}_s@{cfg.batch_size}"
+    parent, child = problem.totals(problem.parent_choice), problem.totals(sol.choice)
+    return {
+        "choice": [list(problem.names[i][k]) for i, k in enumerate(sol.choice)],
+        "objective": sol.objective, "optimal": sol.optimal, "solve_seconds": round(sol.seconds, 4),
+        "speedup": parent[key] / child[key], "params": child["params"],
+        "params_fraction": child["params"] / parent["params"],
+        "kv_fraction": child["kv_bytes_per_token"] / max(parent["kv_bytes_per_token"], 1e-30),
+    }
+
+
+def _pareto(stage: StageDir, cfg: SearchConfig, problem, costs) -> list[dict]:
+    rows = []
+    for s in cfg.sweep:
+        try:
+            sol = solve_mip(problem.scores, problem.costs, limits_for(cfg, problem, costs, s),
+                            time_limit=cfg.time_limit_s)[0]
+            rows.append({"target_speedup": s, **_summary(problem, sol, cfg)})
+        except InfeasibleError as e:
+            rows.append({"target_speedup": s, "infeasible": str(e)})
+    atomic_write_json(stage.path / "pareto.json", rows)
+    lines = [f"| target speedup | {cfg.metric} (sum) | achieved speedup | params | KV/token |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "infeasible" in r:
+            lines.append(f"| {r['target_speedup']} | infeasible | | | |")
+        else:
+            lines.append(f"| {r['target_speedup']} | {r['objective']:.4f} | {r['speedup']:.2f}x | "
+                         f"{r['params_fraction']:.0%} | {r['kv_fraction']:.0%} |")
+    atomic_write_text(stage.path / "pareto.md", "\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return rows
+    ok = [r for r in rows if "infeasible" not in r]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["speedup"] for r in ok], [r["objective"] for r in ok], "o-")
+    ax.set_xlabel(f"{cfg.runtime} speedup at batch {cfg.batch_size}")
+    ax.set_ylabel(f"summed replace-1-block {cfg.metric}")
+    ax.set_title("Puzzle MIP: quality vs speed")
+    fig.tight_layout()
+    tmp = stage.path / "pareto.png.tmp"
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    tmp.replace(stage.path / "pareto.png")
+    return rows
+
+
+def run(cfg: SearchConfig, stage: StageDir, model_dir: Path | None = None) -> dict:
+    if model_dir is None:
+        raise ValueError("search: no parent model (put pretrain or another model-making stage first)")
+    lib_path = library_dir(stage, cfg.library)
+    lib = read_library(lib_path)
+    scores = read_scores(Path(cfg.scores) if cfg.scores else stage.run_dir / "scores" / "scores.json")
+    costs = read_costs(Path(cfg.costs) if cfg.costs else stage.run_dir / "costs" / "costs.json")
+    problem = build_problem(lib, scores, costs, cfg.metric)
+    limits = limits_for(cfg, problem, costs, cfg.speedup)
+    print(f"search: step 1/3 MIP over {problem.scores.shape[0]} layers x {problem.scores.shape[1]} blocks, "
+          f"limits {limits}")
+    solutions = solve_mip(problem.scores, problem.costs, limits, n_solutions=cfg.n_solutions, alpha=cfg.alpha,
+                          time_limit=cfg.time_limit_s)
+    summaries = [_summary(problem, s, cfg) for s in solutions]
+    best = solutions[0]
+    print("search: step 2/3 assemble the best solution")
+    from ..modeling import DeciLMForCausalLM  # noqa: F401
+
+    parent = load_decilm(model_dir, "cpu")
+    tensors = load_file(str(lib_path / "weights.safetensors"))
+    child = assemble(parent, lib, tensors, [problem.names[i][k] for i, k in enumerate(best.choice)])
+    arch = describe(child.config)
+    print("\n".join(arch))
+    with atomic_dir(stage.model_dir) as tmp:
+        child.save_pretrained(tmp)
+        for name in _TOKENIZER_FILES:
+            if (Path(model_dir) / name).is_file():
+                shutil.copy2(Path(model_dir) / name, tmp / name)
+    atomic_write_text(stage.path / "architecture.txt", "\n".join(arch) + "\n")
+    atomic_write_json(stage.path / "search.json", {"limits": limits, "costs_device": costs["device"],
+                                                   "metric": cfg.metric, "solutions": summaries})
+    pareto = []
+    if cfg.sweep:
+        print(f"search: step 3/3 Pareto sweep over speedups {cfg.sweep}")
+        pareto = _pareto(stage, cfg, problem, costs)
+    metrics = {**{k: v for k, v in summaries[0].items() if k != "choice"}, "solutions": len(solutions),
+               "costs_device": costs["device"], "pareto_points": len(pareto)}
+    log = stage.logger()
+    log.log("done", **metrics, architecture=arch)
+    log.close()
+    return metrics

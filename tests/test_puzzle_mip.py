@@ -1,0 +1,112 @@
+"""The Puzzle MIP: equals brute force, honours diversity, reports infeasibility, verifies solutions."""
+
+import numpy as np
+import pytest
+
+from thinkfast.puzzle.mip import InfeasibleError, brute_force, dominated_mask, solve_mip
+
+
+def _random(rng, layers, variants, n_costs):
+    scores = rng.random((layers, variants))
+    scores[:, 0] = 0.0  # the parent block: best score, highest cost
+    costs = {}
+    for c in range(n_costs):
+        m = rng.random((layers, variants)) * 0.8
+        m[:, 0] = 1.0
+        costs[f"c{c}"] = m
+    limits = {k: float(v.sum(axis=1).mean() * layers / variants * rng.uniform(0.8, 1.2)) for k, v in costs.items()}
+    return scores, costs, limits
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_mip_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    layers, variants = int(rng.integers(2, 6)), int(rng.integers(2, 6))
+    scores, costs, limits = _random(rng, layers, variants, int(rng.integers(1, 4)))
+    # ties in score make pruning's tie rule matter
+    if seed % 3 == 0:
+        scores = np.round(scores, 1)
+    exact = brute_force(scores, costs, limits)
+    for prune in (True, False):
+        if exact is None:
+            with pytest.raises(InfeasibleError):
+                solve_mip(scores, costs, limits, prune=prune)
+            continue
+        sol = solve_mip(scores, costs, limits, prune=prune)[0]
+        assert sol.optimal
+        assert sol.objective == pytest.approx(exact[1], abs=1e-9)
+        for name, total in sol.totals.items():
+            assert total <= limits[name] + 1e-7
+        rows = np.arange(layers)
+        assert sol.objective == pytest.approx(scores[rows, list(sol.choice)].sum())
+
+
+def test_dominated_variants_never_needed():
+    rng = np.random.default_rng(7)
+    scores, costs, limits = _random(rng, 4, 5, 2)
+    dom = dominated_mask(scores, list(costs.values()))
+    assert dom.any() and not dom.all(axis=1).any()  # something pruned, never a whole layer
+    # every dominated variant has a dominator that is no worse anywhere
+    stack = np.stack([scores, *costs.values()], -1)
+    for i, j in zip(*np.nonzero(dom)):
+        assert any((stack[i, k] <= stack[i, j]).all() for k in range(5) if k != j)
+
+
+def test_diversity_constraint_honoured():
+    rng = np.random.default_rng(3)
+    scores, costs, limits = _random(rng, 10, 4, 2)
+    sols = solve_mip(scores, costs, limits, n_solutions=4, alpha=0.6)
+    assert len(sols) >= 2
+    for a in range(len(sols)):
+        for b in range(a):
+            assert sum(x == y for x, y in zip(sols[a].choice, sols[b].choice)) <= 6
+    objectives = [s.objective for s in sols]
+    assert objectives == sorted(objectives)  # each later one optimises over a smaller feasible set
+
+
+def test_alpha_one_allows_repeats_and_alpha_zero_exhausts():
+    s = np.array([[0.0, 1.0], [0.0, 1.0]])
+    c = {"m": np.array([[1.0, 0.0], [1.0, 0.0]])}
+    # alpha 0: each later solution must differ in every layer; only 2 such exist
+    sols = solve_mip(s, c, {"m": 2.0}, n_solutions=5, alpha=0.0)
+    assert [x.choice for x in sols] == [(0, 0), (1, 1)]
+
+
+def test_infeasible_names_constraint_and_best_value():
+    s = np.zeros((3, 2))
+    c = {"memory": np.array([[3.0, 1.0]] * 3), "runtime": np.array([[1.0, 2.0]] * 3)}
+    with pytest.raises(InfeasibleError, match=r"memory <= 2 is out of reach: the smallest possible is 3") as e:
+        solve_mip(s, c, {"memory": 2.0, "runtime": 10.0})
+    assert e.value.best == {"memory": 3.0}
+    # each limit alone is reachable; together they are not
+    with pytest.raises(InfeasibleError) as e:
+        solve_mip(s, c, {"memory": 5.0, "runtime": 4.0})
+    assert "cannot hold with the other limits" in str(e.value)
+    # memory <= 5 forces >= 2 cheap-memory (slow) blocks: runtime >= 1 + 2 + 2 = 5
+    assert e.value.best["runtime"] == pytest.approx(5.0)
+    assert e.value.best["memory"] == pytest.approx(7.0)
+
+
+def test_unconstrained_picks_best_score_and_allowed_mask():
+    rng = np.random.default_rng(0)
+    s = rng.random((5, 4))
+    sol = solve_mip(s, {}, {})[0]
+    assert list(sol.choice) == s.argmin(axis=1).tolist()
+    allowed = np.ones_like(s, dtype=bool)
+    allowed[:, s.argmin(axis=1)[0]] = False
+    sol = solve_mip(s, {}, {}, allowed=allowed)[0]
+    assert all(allowed[i, j] for i, j in enumerate(sol.choice))
+    s2 = s.copy()
+    s2[1, :] = np.inf
+    with pytest.raises(ValueError, match=r"layer\(s\) \[1\]"):
+        solve_mip(s2, {}, {})
+
+
+def test_bad_inputs_are_named():
+    s = np.zeros((2, 3))
+    with pytest.raises(ValueError, match="unknown cost"):
+        solve_mip(s, {}, {"memory": 1.0})
+    with pytest.raises(ValueError, match="shape"):
+        solve_mip(s, {"memory": np.zeros((2, 2))}, {"memory": 1.0})
+    with pytest.raises(ValueError, match="n_solutions"):
+        solve_mip(s, {}, {}, n_solutions=0)

@@ -1,0 +1,245 @@
+"""Puzzle stages on a tiny parent: BLD lowers every block's loss, resumes, splits and merges; scores,
+costs, search and assembly; the assembled child loads in both loading modes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import thinkfast  # noqa: F401
+from thinkfast.nano.tokenizer import build_tokenizer
+from thinkfast.puzzle.assemble import assemble, build_problem, describe
+from thinkfast.puzzle.parent import load_decilm, read_library
+from thinkfast.rundir import StageDir
+from thinkfast.stages import costs, library, scores, search
+
+
+@pytest.fixture(scope="module")
+def parent_dir(tmp_path_factory):
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    path = tmp_path_factory.mktemp("parent") / "model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "thinkfast.json").write_text(json.dumps({"prompting": "text"}))
+    return path
+
+
+def lib_cfg(**kw):
+    base = dict(ffn_fractions=[0.5, 0.25], ffn_multiple=8, calibration_rows=4, bld_steps=8, batch_size=2,
+                seq_len=48, lr=3e-3, device="cpu", checkpoint_every=4)
+    return library.LibraryConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, parent_dir):
+    """library -> scores -> costs in one run directory (shared by the tests below)."""
+    root = tmp_path_factory.mktemp("run")
+    m = library.run(lib_cfg(), StageDir(root, "library"), parent_dir)
+    s = scores.run(scores.ScoresConfig(rows=2, seq_len=48, batch_size=2, device="cpu"), StageDir(root, "scores"),
+                   parent_dir)
+    c = costs.run(costs.CostsConfig(batch_sizes=[1, 2], prefill_len=16, decode_context=16, warmup=1, repeats=2,
+                                    device="cpu"), StageDir(root, "costs"), parent_dir)
+    return root, m, s, c
+
+
+def test_library_format_and_bld_lowers_every_trained_loss(run_dir):
+    root, metrics, _, _ = run_dir
+    lib = read_library(root / "library" / "library")
+    assert lib["mode"] == "decoupled" and lib["layers"] == [0, 1]
+    for layer in (0, 1):
+        assert [v["name"] for v in lib["variants"] if v["layer"] == layer] == [
+            "gqa_kv2", "gqa_kv1", "linear", "no_op", "ffn_48", "ffn_24", "ffn_16", "linear", "no_op"]
+    trained = [v for v in lib["variants"] if v["trained"]]
+    assert len(trained) == 2 * 5  # per layer: gqa_kv1, linear attention; ffn_24, ffn_16, linear FFN
+    for v in lib["variants"]:
+        if v["trained"]:
+            assert v["final_loss"] < v["init_loss"], v
+        elif v["name"] in ("gqa_kv2", "ffn_48"):
+            assert v["init_loss"] == pytest.approx(0.0, abs=1e-10)  # the parent's own block
+    tensors = load_file(str(root / "library" / "library" / "weights.safetensors"))
+    assert "layers.0.attention.gqa_kv1.self_attn.k_proj.weight" in tensors
+    assert tensors["layers.0.attention.gqa_kv1.self_attn.k_proj.weight"].shape == (8, 32)
+    assert metrics["improved"] == len(trained)
+
+
+def test_library_resume_reaches_same_weights(parent_dir, run_dir, tmp_path, monkeypatch):
+    root = run_dir[0]
+    stage = StageDir(tmp_path, "library")
+    real_rows = library._rows
+
+    def crash_at_step_5(cfg, tokenizer, key, rows):
+        if key.endswith(":5"):
+            raise KeyboardInterrupt("simulated crash")
+        return real_rows(cfg, tokenizer, key, rows)
+
+    monkeypatch.setattr(library, "_rows", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        library.run(lib_cfg(), stage, parent_dir)
+    assert (stage.checkpoint_dir / "state.pt").is_file()
+    monkeypatch.setattr(library, "_rows", real_rows)
+    library.run(lib_cfg(), stage, parent_dir)
+    a = load_file(str(root / "library" / "library" / "weights.safetensors"))
+    b = load_file(str(stage.path / "library" / "weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_library_split_by_layers_then_merged_equals_whole(parent_dir, run_dir, tmp_path):
+    root = run_dir[0]
+    parts = []
+    for start, end in ((0, 1), (1, 2)):
+        st = StageDir(tmp_path / f"part{start}", "library")
+        library.run(lib_cfg(layer_start=start, layer_end=end), st, parent_dir)
+        parts.append(str(st.path / "library"))
+    merged = StageDir(tmp_path / "merged", "library")
+    m = library.run(lib_cfg(merge_from=parts), merged, None)
+    assert m["layers"] == [0, 1]
+    a = load_file(str(root / "library" / "library" / "weights.safetensors"))
+    b = load_file(str(merged.path / "library" / "weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="repeats layer"):
+        library.run(lib_cfg(merge_from=[parts[0], parts[0]]), StageDir(tmp_path / "bad", "library"), None)
+
+
+def test_coupled_mode_trains_every_pair(parent_dir, tmp_path):
+    st = StageDir(tmp_path, "library")
+    library.run(lib_cfg(mode="coupled", layer_start=1, layer_end=2, ffn_fractions=[0.5], attention_linear=False,
+                        bld_steps=8, lr=1e-3), st, parent_dir)
+    lib = read_library(st.path / "library")
+    blocks = [v for v in lib["variants"] if v["part"] == "block"]
+    assert len(blocks) == 3 * 4  # attention: kv2, kv1, no_op x ffn: 48, 24, linear, no_op
+    for v in blocks:
+        if v["trained"]:
+            assert v["final_loss"] < v["init_loss"]
+    # nothing to train: the parent pair, no_op+no_op, and a frozen parent half with a no-op
+    assert sum(not v["trained"] for v in blocks) == 4
+
+
+def test_scores_parent_block_is_free_and_removal_costs(run_dir):
+    root = run_dir[0]
+    data = scores.read_scores(root / "scores" / "scores.json")
+    by = {(b["layer"], b["attention"], b["ffn"]): b for b in data["blocks"]}
+    assert len(by) == 2 * 4 * 5
+    for layer in (0, 1):
+        assert by[(layer, "gqa_kv2", "ffn_48")]["kl"] == pytest.approx(0.0, abs=1e-6)
+        assert by[(layer, "gqa_kv2", "ffn_48")]["lm_loss"] == pytest.approx(data["parent_lm_loss"], rel=1e-4)
+        assert by[(layer, "no_op", "no_op")]["kl"] > 1e-4
+    assert all(b["kl"] >= -1e-6 for b in data["blocks"])
+
+
+def test_costs_file_shape_and_reuse(run_dir, parent_dir, tmp_path):
+    root = run_dir[0]
+    data = costs.read_costs(root / "costs" / "costs.json")
+    assert data["device"].startswith("cpu") and data["batch_sizes"] == [1, 2]
+    att, ffn = data["attention"], data["ffn"]
+    assert att["gqa_kv1"]["kv_bytes_per_token"] * 2 == att["gqa_kv2"]["kv_bytes_per_token"] == 2 * 2 * 8 * 4
+    assert att["no_op"]["params"] == ffn["no_op"]["params"] == 0 and att["linear"]["kv_bytes_per_token"] == 0
+    assert ffn["ffn_24"]["params"] == 3 * 32 * 24 + 32
+    assert all(v > 0 for part in (att, ffn) for e in part.values() for v in e["decode_s"].values())
+    # bring your own costs: the file is copied and its device recorded
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps({**data, "device": "cuda: H100 (measured elsewhere)"}))
+    m = costs.run(costs.CostsConfig(file=str(own)), StageDir(tmp_path, "costs"), None)
+    assert m["device"] == "cuda: H100 (measured elsewhere)"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "thinkfast-puzzle-costs/1"}))
+    with pytest.raises(ValueError, match="missing key"):
+        costs.read_costs(bad)
+
+
+def _problem(root):
+    return build_problem(read_library(root / "library" / "library"),
+                         scores.read_scores(root / "scores" / "scores.json"),
+                         costs.read_costs(root / "costs" / "costs.json"))
+
+
+def test_assembling_the_parent_choice_reproduces_the_parent(run_dir, parent_dir):
+    root = run_dir[0]
+    problem = _problem(root)
+    parent = load_decilm(parent_dir)
+    lib = read_library(root / "library" / "library")
+    tensors = load_file(str(root / "library" / "library" / "weights.safetensors"))
+    child = assemble(parent, lib, tensors, [problem.names[i][k] for i, k in enumerate(problem.parent_choice)])
+    x = torch.randint(0, parent.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(child(x).logits, parent(x).logits, rtol=0, atol=1e-6)
+    assert describe(child.config) == ["block 0: attention gqa kv_heads=2 | ffn 48",
+                                      "block 1: attention gqa kv_heads=2 | ffn 48"]
+
+
+def test_search_solves_assembles_and_loads_both_ways(run_dir, parent_dir, tmp_path):
+    root = run_dir[0]
+    cfg = search.SearchConfig(speedup=1.3, batch_size=2, sweep=[1.1, 1.3], n_solutions=2, alpha=0.5)
+    stage = StageDir(root, "search")
+    m = search.run(cfg, stage, parent_dir)
+    assert m["speedup"] >= 1.3 - 1e-9 and m["optimal"]
+    out = json.loads((stage.path / "search.json").read_text())
+    assert len(out["solutions"]) == 2
+    first, second = out["solutions"][0]["choice"], out["solutions"][1]["choice"]
+    assert sum(a == b for a, b in zip(first, second)) <= 1  # alpha 0.5 x 2 layers
+    assert (stage.path / "pareto.md").is_file() and len(json.loads((stage.path / "pareto.json").read_text())) == 2
+    lines = (stage.path / "architecture.txt").read_text().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("block 0: attention ")
+    # the child: loads with thinkfast imported, matches the library assembly, and keeps the tokenizer
+    child = AutoModelForCausalLM.from_pretrained(stage.model_dir).eval()
+    assert type(child).__name__ == "DeciLMForCausalLM" and (stage.model_dir / "tokenizer.json").is_file()
+    parent = load_decilm(parent_dir)
+    lib = read_library(root / "library" / "library")
+    tensors = load_file(str(root / "library" / "library" / "weights.safetensors"))
+    ref = assemble(parent, lib, tensors, [tuple(c) for c in first])
+    x = torch.randint(0, parent.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        expected = ref(x).logits
+        torch.testing.assert_close(child(x).logits, expected, rtol=0, atol=1e-6)
+    torch.save({"x": x, "logits": expected}, tmp_path / "io.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(stage.model_dir)!r}, trust_remote_code=True).eval()
+assert not any(k == 'thinkfast' or k.startswith('thinkfast.') for k in sys.modules)
+io = torch.load({str(tmp_path / 'io.pt')!r})
+with torch.no_grad():
+    assert torch.allclose(m(io['x']).logits, io['logits'], atol=1e-6)
+print('ok')
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_search_infeasible_target_names_best_value(run_dir, parent_dir, tmp_path):
+    root = run_dir[0]
+    stage = StageDir(tmp_path, "search")
+    cfg = search.SearchConfig(speedup=1000.0, batch_size=2, library=str(root / "library" / "library"),
+                              scores=str(root / "scores" / "scores.json"), costs=str(root / "costs" / "costs.json"))
+    with pytest.raises(ValueError, match=r"decode_s@2 <= .* out of reach: the smallest possible is"):
+        search.run(cfg, stage, parent_dir)
+    with pytest.raises(ValueError, match="batch_size=64 was not measured"):
+        search.run(search.SearchConfig(batch_size=64, library=cfg.library, scores=cfg.scores, costs=cfg.costs),
+                   stage, parent_dir)
+
+
+def test_problem_matrices_follow_costs(run_dir):
+    problem = _problem(run_dir[0])
+    c = costs.read_costs(run_dir[0] / "costs" / "costs.json")
+    k = problem.names[0].index(("gqa_kv1", "ffn_24"))
+    assert problem.costs["params"][0, k] == c["attention"]["gqa_kv1"]["params"] + c["ffn"]["ffn_24"]["params"]
+    assert problem.costs["decode_s@2"][0, k] == pytest.approx(
+        c["attention"]["gqa_kv1"]["decode_s"]["2"] + c["ffn"]["ffn_24"]["decode_s"]["2"])
+    assert np.isfinite(problem.scores).all()
