@@ -1,14 +1,7 @@
-"""Nano world: tasks, teacher traces, answers, documents and the char tokenizer.
+"""Nano world: tasks, teacher traces, answers, documents and the nano tokenizer.
 
-Typical teacher-trace lengths in characters (median over 2000 problems,
-``make_problems(..., seed=0)``; the think-mode pretraining document adds ~55
-for the prompt and answer line, ~130 for word problems):
-
-    2-digit add   ~105   (max 106)
-    2-digit sub   ~101   (max 154)
-    2-digit mul   ~431   (max 434)
-    2-digit word, 2 steps ~279 (max 315)
-    (3-digit mul ~975; the longest 4-digit mul document is < 2048 chars)
+A worked 2-digit document is 80-370 tokens of the nano tokenizer (one token per digit; the longest, a
+2-digit product, ~370), so rows of 512 tokens hold every document of the default training mix.
 """
 
 from __future__ import annotations

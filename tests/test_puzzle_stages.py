@@ -243,3 +243,19 @@ def test_problem_matrices_follow_costs(run_dir):
     assert problem.costs["decode_s@2"][0, k] == pytest.approx(
         c["attention"]["gqa_kv1"]["decode_s"]["2"] + c["ffn"]["ffn_24"]["decode_s"]["2"])
     assert np.isfinite(problem.scores).all()
+
+
+def test_targets_become_limits(run_dir):
+    root = run_dir[0]
+    problem = _problem(root)
+    c = costs.read_costs(root / "costs" / "costs.json")
+    parent = problem.totals(problem.parent_choice)
+    cfg = search.SearchConfig(speedup=None, batch_size=2, max_params=1e5, kv_fraction=0.5, max_kv_cache_bytes=4096.0,
+                              memory_context=16, min_throughput=10.0, runtime="prefill")
+    lim = search.limits_for(cfg, problem, c, None)
+    assert lim["params"] == pytest.approx(1e5 - problem.fixed["params"])
+    # the tighter of kv_fraction and max_kv_cache_bytes wins
+    assert lim["kv_bytes_per_token"] == pytest.approx(min(parent["kv_bytes_per_token"] * 0.5, 4096.0 / (2 * 16)))
+    assert lim["prefill_s@2"] == pytest.approx(2 * 16 / 10.0 - problem.fixed["prefill_s@2"])
+    lim = search.limits_for(search.SearchConfig(speedup=2.0, batch_size=1), problem, c, 2.0)
+    assert lim["decode_s@1"] == pytest.approx(parent["decode_s@1"] / 2 - problem.fixed["decode_s@1"])

@@ -5,10 +5,10 @@ science prompts, then taught to switch reasoning on and off.  The nano world is
 the laptop-sized stand-in for that data: problems are integer arithmetic
 (``add``, ``sub``, ``mul``) and short multi-step word problems (``word``), every
 answer is checkable exactly (:func:`verify`), and :func:`teacher_trace` plays the
-role of R1 -- a deterministic "long" chain of thought that a tiny
-character-level Llama can learn to imitate.
+role of R1 -- a deterministic "long" chain of thought that a tiny Llama, reading
+every digit as a token of its own, can learn to imitate.
 
-Trace design (why a 2-4M parameter char model can learn it; docs/LOG.md has the
+Trace design (why a sub-million-parameter model can learn it; docs/LOG.md has the
 formats tried and how each fared):
 
 * one line per digit column, least-significant digit first;
@@ -29,10 +29,11 @@ Addition ``47 + 38``::
 Subtraction borrows (``x-y-c: borrow, (x+10)-y-c=d, ...``) and, when ``a < b``,
 computes ``b - a`` and negates.  Multiplication multiplies ``a`` by each digit
 of ``b`` (right to left, the header ``47 * 38, digit 8:`` restating what is left
-of ``b``), shifts, and sums the partial products pairwise with the addition
-trace.  Word problems emit one ``step i:`` block per operation, restating the
-clause of the question it comes from (``step 3: gives away 15: 83 - 15``), and
-end with the running ``total N``.
+of ``b``; each column writes the product, then adds the carry:
+``4*8=32, +5=37``), shifts, and sums the partial products pairwise with the
+addition trace.  Word problems emit one ``step i:`` block per operation,
+restating the clause of the question it comes from
+(``step 3: gives away 15: 83 - 15``), each ending with the running ``total N``.
 
 Pretraining documents are plain text (``Problem: ...``), either worked
 (think mode, cued by :data:`STEP_CUE`) or bare (direct mode); the chat-side

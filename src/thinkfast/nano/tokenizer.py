@@ -1,7 +1,7 @@
 """Nano-world tokenizer: a small byte-level BPE with one token per digit, built locally (no downloads).
 
 Digits are always single tokens (``0``..``9``, never merged with each other or with a space), so a
-2-4M parameter Llama sees every digit of a worked solution on its own, as a character model would.
+sub-million-parameter Llama sees every digit of a worked solution on its own, as a character model would.
 Everything else is byte-level BPE (GPT-2 pre-tokenisation) trained in about half a second on a fixed
 sample of nano-world documents, so the connective words of the traces (`` write``, `` carry``,
 `` so far``, ``Problem``) are one token each. A worked 2-digit product is about 370 tokens instead of

@@ -29,8 +29,11 @@ Departures / additions:
   any solution that uses variable ``j`` from below by ``z_LP + r_j``; with a feasible incumbent from
   rounding the LP (a basic LP solution has at most one fractional layer per limit), every ``j`` with
   ``z_LP + r_j > z_inc`` is dropped. Exact, and it leaves HiGHS a few hundred variables at Puzzle scale.
-- Every solution is re-checked against every constraint, one-variant-per-layer and the diversity rows
-  on the original matrices ("trust but verify", as puzzletron does), and a violation is an error.
+- Cost rows are scaled by their limits (HiGHS's feasibility tolerance is absolute; runtimes in seconds
+  are 1e-4). Every solution is re-checked against every constraint, one-variant-per-layer and the
+  diversity rows on the original matrices ("trust but verify", as puzzletron does); a violation within
+  the solver's tolerance is removed by re-solving with that limit lowered by twice the excess, and any
+  other violation is an error.
 - An infeasible problem raises :class:`InfeasibleError` naming each constraint that cannot be met
   together with the others and the best value it can reach (puzzletron returns an empty list).
 """
@@ -47,7 +50,7 @@ from scipy.sparse import csr_matrix
 
 __all__ = ["InfeasibleError", "Solution", "brute_force", "dominated_mask", "solve_mip"]
 
-_TOL = 1e-9  # relative tolerance of the re-check (HiGHS' feasibility tolerance is 1e-7 absolute)
+_TOL = 1e-9  # tolerance of the re-check, as a share of each limit (HiGHS' own is 1e-6 absolute)
 
 
 class InfeasibleError(ValueError):
@@ -141,8 +144,9 @@ def _reduced_cost_keep(scores, mats, limits, keep) -> np.ndarray:
     c = scores[li, vj]
     a_eq = csr_matrix((np.ones(n), (li, np.arange(n))), shape=(L, n))
     names = list(mats)
-    a_ub = np.stack([mats[k][li, vj] for k in names]) if names else None
-    b_ub = np.array([limits[k] for k in names]) if names else None
+    scale = np.array([_scale(limits[k], mats[k]) for k in names])
+    a_ub = np.stack([mats[k][li, vj] for k in names]) / scale[:, None] if names else None
+    b_ub = np.array([limits[k] for k in names]) / scale if names else None
     lp = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=np.ones(L), bounds=(0, 1), method="highs")
     if lp.status != 0:
         return keep
@@ -185,15 +189,24 @@ def _reduced_cost_keep(scores, mats, limits, keep) -> np.ndarray:
     return out
 
 
+def _violations(choice, mats, limits) -> dict[str, float]:
+    """Constraint violations of ``choice`` as shares of each limit's scale (beyond a 1e-9 tolerance)."""
+    rows = np.arange(len(choice))
+    out = {}
+    for name, m in mats.items():
+        excess = (float(m[rows, choice].sum()) - limits[name]) / _scale(limits[name], m)
+        if excess > _TOL:
+            out[name] = excess
+    return out
+
+
 def _verify(choice, scores, mats, limits, earlier, alpha) -> tuple[float, dict[str, float]]:
     L = scores.shape[0]
     rows = np.arange(L)
     objective = float(scores[rows, choice].sum())
     totals = {name: float(m[rows, choice].sum()) for name, m in mats.items()}
-    for name, total in totals.items():
-        limit = limits[name]
-        if total > limit + _TOL * max(1.0, abs(limit)) + 1e-7:
-            raise AssertionError(f"MIP solution violates {name}: {total} > {limit}")
+    for name in _violations(choice, mats, limits):
+        raise AssertionError(f"MIP solution violates {name}: {totals[name]} > {limits[name]}")
     for y in earlier:
         overlap = int((np.asarray(y) == np.asarray(choice)).sum())
         if overlap > alpha * L + 1e-9:
@@ -201,8 +214,18 @@ def _verify(choice, scores, mats, limits, earlier, alpha) -> tuple[float, dict[s
     return objective, totals
 
 
-def _solve_once(scores, mats, limits, keep, earlier, alpha, time_limit):
-    """HiGHS over the variants in ``keep``; returns (choice or None, result)."""
+def _scale(limit: float, row: np.ndarray) -> float:
+    """Divisor that brings a cost row to order one (HiGHS's feasibility tolerance is absolute, and
+    costs in seconds or bytes are far from one)."""
+    if limit != 0:
+        return abs(limit)
+    top = float(np.abs(row[np.isfinite(row)]).max(initial=0.0))
+    return top if top > 0 else 1.0
+
+
+def _solve_once(scores, mats, limits, keep, earlier, alpha, time_limit, tighten=None):
+    """HiGHS over the variants in ``keep``; returns (choice or None, result). ``tighten[name]`` lowers
+    that limit by this share of its scale (used to push a solution off a tolerance-sized violation)."""
     L, V = scores.shape
     li, vj = np.nonzero(keep)  # variables in layer-major order
     n = li.size
@@ -211,8 +234,10 @@ def _solve_once(scores, mats, limits, keep, earlier, alpha, time_limit):
     constraints = [LinearConstraint(one_per_layer, 1.0, 1.0)]
     if mats:
         names = list(mats)
-        dense = np.stack([mats[name][li, vj] for name in names])
-        constraints.append(LinearConstraint(dense, -np.inf, np.array([limits[k] for k in names])))
+        scale = np.array([_scale(limits[k], mats[k]) for k in names])
+        dense = np.stack([mats[name][li, vj] for name in names]) / scale[:, None]
+        rhs = np.array([limits[k] for k in names]) / scale - np.array([(tighten or {}).get(k, 0.0) for k in names])
+        constraints.append(LinearConstraint(dense, -np.inf, rhs))
     for y in earlier:
         y = np.asarray(y)
         rows.append((vj == y[li]).astype(np.float64))
@@ -295,6 +320,14 @@ def solve_mip(scores, costs: Mapping[str, np.ndarray], limits: Mapping[str, floa
             keep = mask & ~dominated_mask(scores, list(mats.values()), mask)
             keep = _reduced_cost_keep(scores, mats, limits, keep)
         choice, res = _solve_once(scores, mats, limits, keep, earlier, alpha, time_limit)
+        tighten: dict[str, float] = {}
+        for _ in range(5):  # HiGHS accepts violations within its tolerance; we do not
+            bad = _violations(choice, mats, limits) if choice is not None else {}
+            if not bad:
+                break
+            for name, excess in bad.items():
+                tighten[name] = tighten.get(name, 0.0) + 2 * excess + 1e-9
+            choice, res = _solve_once(scores, mats, limits, keep, earlier, alpha, time_limit, tighten)
         if choice is None:
             if k == 0:
                 if res.status == 2:

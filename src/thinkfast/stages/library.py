@@ -57,10 +57,10 @@ from . import resolve_device
 
 @dataclass
 class LibraryConfig:
-    """Search space and BLD. Defaults fit the nano parent (4 query / 2 KV heads, FFN 344)."""
+    """Search space and BLD. Defaults fit the nano parent (8 query / 4 KV heads, FFN 344)."""
 
     # search space (REFERENCE.md section 1)
-    kv_heads: list[int] = field(default_factory=lambda: [1])  # GQA variants with fewer KV heads
+    kv_heads: list[int] = field(default_factory=lambda: [2, 1])  # GQA variants with fewer KV heads
     attention_linear: bool = True
     attention_no_op: bool = True
     ffn_fractions: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25, 0.1])
@@ -119,7 +119,7 @@ class _Block:
 
     def __init__(self, layer: int, part: str, name: str, modules: list, entry: dict, trainable: bool):
         self.layer, self.part, self.name = layer, part, name
-        self.modules = modules  # attention: [variant, frozen parent ffn]; ffn: [variant]; block: [att, ffn]
+        self.modules = modules  # attention / ffn: [variant]; block: [attention variant, ffn variant]
         self.entry = entry
         self.trainable = trainable
 
@@ -128,7 +128,7 @@ class _Block:
         return f"{self.part}.{self.name}"
 
     def params(self):
-        return [p for m in self.modules if m is not None for p in m.parameters() if p.requires_grad]
+        return [p for m in self.modules for p in m.parameters() if p.requires_grad]
 
     def predict(self, io, parent_layer) -> torch.Tensor:
         """The layer output with this block in place, from the parent's input (or mid) activation."""
@@ -144,7 +144,7 @@ class _Block:
 
     def state(self) -> dict[str, torch.Tensor]:
         out = {}
-        for m in self.modules[: 2 if self.part == "block" else 1]:
+        for m in self.modules:
             out.update({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()})
         return out
 

@@ -43,13 +43,13 @@ from . import resolve_device
 @dataclass
 class PretrainConfig:
     """Model size, corpus and optimisation of the nano parent. The defaults are the configs/nano.yaml
-    parent (0.74M parameters, about 9 minutes on a 2-core CPU); docs/LOG.md records how they were chosen."""
+    parent (0.79M parameters, about 9 minutes on a 2-core CPU); docs/LOG.md records how they were chosen."""
 
     # model: a LlamaForCausalLM
     hidden_size: int = 128
     num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    num_heads: int = 8
+    num_kv_heads: int = 4
     intermediate_size: int = 344
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
@@ -60,9 +60,9 @@ class PretrainConfig:
     think_fraction: float = 0.75
     fact_fraction: float = 0.0  # share of documents that are fact drills (nano.tasks.fact_drill_document)
     # optimisation
-    train_steps: int = 660
-    batch_size: int = 12
-    seq_len: int = 1024  # a worked 2-digit product is ~560 tokens: documents must fit in a row
+    train_steps: int = 700
+    batch_size: int = 24
+    seq_len: int = 512  # a worked 2-digit product is ~370 tokens: documents must fit in a row
     lr: float = 4e-3
     warmup_steps: int = 40
     min_lr_ratio: float = 0.1

@@ -64,6 +64,7 @@ def replace_one_block_scores(parent, lib: dict, tensors: dict, ids: torch.Tensor
     from tqdm.auto import tqdm
 
     per_layer = {i: library_blocks(lib, tensors, i) for i in lib["layers"]}
+    modules: dict[tuple, torch.nn.Module] = {}  # built once, reused for every batch
     sums: dict[tuple, list[float]] = {}
     n_batches = 0
     total = sum(len(b) for b in per_layer.values())
@@ -75,10 +76,12 @@ def replace_one_block_scores(parent, lib: dict, tensors: dict, ids: torch.Tensor
         bar = tqdm(total=total, desc=f"scores batch {n_batches + 1}", unit="block", leave=False)
         for i, blocks in per_layer.items():
             for b in blocks:
-                layer = block_module(parent.config, b).to(ids.device)
-                h = layer(io.x[i], io.cos, io.sin, None, None)
+                key = (i, b.attention, b.ffn)
+                if key not in modules:
+                    modules[key] = block_module(parent.config, b).to(ids.device)
+                h = modules[key](io.x[i], io.cos, io.sin, None, None)
                 kl, lm = kl_and_lm_loss(parent_logits, logits_from(parent, h, i + 1, io.cos, io.sin), labels)
-                acc = sums.setdefault((i, b.attention, b.ffn), [0.0, 0.0])
+                acc = sums.setdefault(key, [0.0, 0.0])
                 acc[0] += kl
                 acc[1] += lm
                 bar.update()

@@ -13,8 +13,8 @@ Targets (any combination; each becomes one ``sum cost <= limit`` row):
   ``batch * prefill_len / time``);
 - ``max_latency_s``: that runtime itself;
 - ``max_params``; ``max_memory_bytes``: parameter bytes plus the KV cache of ``batch_size`` sequences
-  of ``memory_context`` tokens; ``kv_fraction``: KV-cache bytes per token at most this share of the
-  parent's.
+  of ``memory_context`` tokens; ``max_kv_cache_bytes``: that KV cache alone; ``kv_fraction``: KV-cache
+  bytes per token at most this share of the parent's.
 ``sweep`` solves for each speedup in the list and writes ``pareto.json``, ``pareto.md`` and
 ``pareto.png`` (when matplotlib is installed).
 
@@ -55,6 +55,7 @@ class SearchConfig:
     max_params: float | None = None
     max_memory_bytes: float | None = None
     memory_context: int = 2048
+    max_kv_cache_bytes: float | None = None  # KV cache of batch_size x memory_context tokens
     kv_fraction: float | None = None
     n_solutions: int = 1
     alpha: float = 0.8  # diversity: later solutions share at most alpha * layers blocks with earlier ones
@@ -66,7 +67,8 @@ class SearchConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        for name in ("speedup", "min_throughput", "max_latency_s", "max_params", "max_memory_bytes", "kv_fraction"):
+        for name in ("speedup", "min_throughput", "max_latency_s", "max_params", "max_memory_bytes",
+                     "max_kv_cache_bytes", "kv_fraction"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"{name}={v} must be > 0")
@@ -98,6 +100,8 @@ def limits_for(cfg: SearchConfig, problem, costs: dict, speedup: float | None) -
         add(key, cfg.max_latency_s)
     if cfg.max_params is not None:
         add("params", cfg.max_params)
+    if cfg.max_kv_cache_bytes is not None:
+        add("kv_bytes_per_token", cfg.max_kv_cache_bytes / (cfg.batch_size * cfg.memory_context))
     if cfg.kv_fraction is not None:
         add("kv_bytes_per_token", parent["kv_bytes_per_token"] * cfg.kv_fraction)
     if cfg.max_memory_bytes is not None:
