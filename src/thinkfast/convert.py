@@ -73,18 +73,23 @@ def decilm_config_from_llama(llama: dict, where: str = "config.json") -> DeciLMC
     return DeciLMConfig(rope_theta=rope_theta, rope_scaling=rope_scaling, block_configs=blocks, **keep)
 
 
+def load_full_state(model: DeciLMForCausalLM, state: dict) -> None:
+    """Load every weight of ``model`` from ``state`` (a tied ``lm_head`` may be absent); name mismatches
+    raise :class:`ConversionError`."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ConversionError(f"weight names do not match: missing={missing[:5]} unexpected={unexpected[:5]}")
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+
+
 def convert_llama_model(model) -> DeciLMForCausalLM:
     """In-memory conversion of a ``LlamaForCausalLM`` (same dtype and device, weights copied)."""
     cfg = decilm_config_from_llama(model.config.to_dict())
     dtype = next(model.parameters()).dtype
     out = DeciLMForCausalLM(cfg).to(dtype)
-    state = {k: v for k, v in model.state_dict().items() if "rotary_emb" not in k}
-    missing, unexpected = out.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ConversionError(f"weight names do not match: missing={missing[:5]} unexpected={unexpected[:5]}")
-    if cfg.tie_word_embeddings:
-        out.tie_weights()
+    load_full_state(out, {k: v for k, v in model.state_dict().items() if "rotary_emb" not in k})
     out.generation_config = model.generation_config
     return out.to(next(model.parameters()).device).eval()
 

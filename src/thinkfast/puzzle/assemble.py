@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..convert import load_full_state
 from ..modeling import DeciLMConfig, DeciLMForCausalLM
 from ..modeling.configuration_decilm import block_config
 from .parent import library_blocks
@@ -102,12 +103,7 @@ def assemble(parent: DeciLMForCausalLM, lib: dict, tensors: dict[str, torch.Tens
     for k, v in parent.state_dict().items():
         if not k.startswith("model.layers."):
             state[k] = v
-    missing, unexpected = child.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and child_config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"assembly: missing {missing[:5]} unexpected {unexpected[:5]}")
-    if child_config.tie_word_embeddings:
-        child.tie_weights()
+    load_full_state(child, state)
     child.generation_config = parent.generation_config
     return child.eval()
 

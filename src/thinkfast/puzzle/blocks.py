@@ -21,8 +21,9 @@ Initialisation (no training), as in the paper:
 - linear FFN: ``W_down @ W_up`` (the gate is dropped);
 - no-op: no parameters; the residual passes through.
 
-Departure: variants always keep the parent's RMSNorm weights (the paper does not say; they are trained
-by BLD along with the rest of the block).
+Departures: variants always keep the parent's RMSNorm weights (the paper does not say; they are trained
+by BLD along with the rest of the block). Projection biases (Llama has none) are carried into pruned and
+pooled variants but not into the linear ones, whose single matrix has no bias in the released format.
 """
 
 from __future__ import annotations

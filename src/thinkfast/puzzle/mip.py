@@ -40,6 +40,7 @@ Departures / additions:
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -168,8 +169,6 @@ def _reduced_cost_keep(scores, mats, limits, keep) -> np.ndarray:
     if len(frac) > 6 or any(len(s) > 4 for s in support.values()):
         return keep
     best = None
-    import itertools
-
     rows = np.arange(L)
     for combo in itertools.product(*(support[i] for i in frac)):
         trial = choice.copy()
@@ -348,8 +347,6 @@ def solve_mip(scores, costs: Mapping[str, np.ndarray], limits: Mapping[str, floa
 
 def brute_force(scores, costs: Mapping[str, np.ndarray], limits: Mapping[str, float]) -> tuple[tuple[int, ...], float] | None:
     """Exhaustive optimum for tiny instances (tests): ``(choice, objective)`` or None if infeasible."""
-    import itertools
-
     scores = np.asarray(scores, dtype=np.float64)
     L, V = scores.shape
     best = None
