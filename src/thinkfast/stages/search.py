@@ -179,8 +179,6 @@ def run(cfg: SearchConfig, stage: StageDir, model_dir: Path | None = None) -> di
     summaries = [_summary(problem, s, cfg) for s in solutions]
     best = solutions[0]
     print("search: step 2/3 assemble the best solution")
-    from ..modeling import DeciLMForCausalLM  # noqa: F401
-
     parent = load_decilm(model_dir, "cpu")
     tensors = load_file(str(lib_path / "weights.safetensors"))
     child = assemble(parent, lib, tensors, [problem.names[i][k] for i, k in enumerate(best.choice)])
