@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import thinkfast  # noqa: F401  (registers the Auto classes)
 from thinkfast.convert import convert_checkpoint, convert_llama_model, decilm_config_from_llama, ConversionError
@@ -334,3 +334,17 @@ def test_training_step_changes_every_parameter():
     opt.step()
     unchanged = [n for n, p in model.named_parameters() if torch.equal(before[n], p)]
     assert unchanged == []
+
+
+def test_cache_argument_accepts_both_transformers_names():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``; the model takes either."""
+    model = hetero_model()
+    x = torch.randint(2, V, (1, 9))
+    with torch.no_grad():
+        full = model(x).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            c = DynamicCache()
+            model(x[:, :8], use_cache=True, **{name: c})
+            assert c.get_seq_length() == 8
+            step = model(x[:, 8:], use_cache=True, **{name: c}).logits[:, -1]
+            assert (step - full).abs().max().item() <= 1e-5

@@ -3,7 +3,8 @@
 ``generate(model, prompts, params)`` takes token-id prompts of any lengths, left-pads them, prefills
 once with a KV cache and decodes token by token: greedy (temperature 0) or temperature / top-p / top-k
 sampling, per-sequence stop tokens and a token budget. It works with any causal LM whose forward takes
-``input_ids, attention_mask, position_ids, past_key_values`` (the nemotron-nas model and
+``input_ids, attention_mask, position_ids`` and a KV cache (``cache``, or ``past_key_values`` before
+transformers 5.24) (the nemotron-nas model and
 ``LlamaForCausalLM``). Position ids count real tokens only, so a left-padded prompt is computed exactly
 as it would be alone.
 
@@ -13,6 +14,7 @@ budget need control of each step, and our sampler behaves identically across tra
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +84,8 @@ def _generate_batch(model, prompts: list[list[int]], params: SamplingParams, gen
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
+    # transformers >= 5.24 names the argument ``cache``; older releases ``past_key_values``
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     stop = torch.tensor(list(params.stop_token_ids) or [-1], device=device)
     n = len(prompts)
     out_tokens = torch.zeros((n, params.max_new_tokens), dtype=torch.long, device=device)
@@ -91,7 +95,7 @@ def _generate_batch(model, prompts: list[list[int]], params: SamplingParams, gen
     step_ids, step_pos = ids, positions
     for t in range(params.max_new_tokens):
         logits = model(
-            input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
+            input_ids=step_ids, attention_mask=mask, position_ids=step_pos, **{cache_arg: cache},
             use_cache=True, logits_to_keep=1,
         ).logits[:, -1, :].float()
         logp = logits.log_softmax(-1)

@@ -37,6 +37,9 @@ from .configuration_decilm import DeciLMConfig
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+# transformers >= 5.24 renamed ``past_key_values`` to ``cache`` (arguments and output fields; the old
+# name still works with a deprecation warning). Both names are accepted; outputs use the current one.
+_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
 class DeciLMRMSNorm(nn.Module):
@@ -306,6 +309,7 @@ class DeciLMModel(DeciLMPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """input_ids [B, T] -> last_hidden_state [B, T, H].
@@ -323,6 +327,8 @@ class DeciLMModel(DeciLMPreTrainedModel):
             use_cache = False
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if past_key_values is None:
+            past_key_values = cache
         if past_key_values is not None and not isinstance(past_key_values, Cache):
             raise TypeError("past_key_values must be a transformers Cache (e.g. DynamicCache), not a tuple")
         if use_cache and past_key_values is None:
@@ -333,22 +339,22 @@ class DeciLMModel(DeciLMPreTrainedModel):
             position_ids = torch.arange(past_len, past_len + t, device=inputs_embeds.device)[None].expand(b, -1)
         cos, sin = self.rotary_emb(inputs_embeds, position_ids)
         mask = build_attention_mask(attention_mask, t, past_len, inputs_embeds.device)
-        cache = past_key_values if use_cache else None
+        layer_cache = past_key_values if use_cache else None
 
         x = inputs_embeds
         all_hidden = [x] if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, layer_cache, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, mask, layer_cache)
             if output_hidden_states:
                 all_hidden.append(x)
         x = self.norm(x)
         return BaseModelOutputWithPast(
             last_hidden_state=x,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            **{_CACHE_FIELD: past_key_values if use_cache else None},
         )
 
 
@@ -389,6 +395,7 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """input_ids [B, T] -> logits [B, T', V] (T' = T, or the last ``logits_to_keep`` positions).
@@ -400,7 +407,7 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=past_key_values if past_key_values is not None else cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -417,5 +424,5 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
             shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
             loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)}
         )
