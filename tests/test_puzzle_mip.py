@@ -1,9 +1,16 @@
 """The Puzzle MIP: equals brute force, honours diversity, reports infeasibility, verifies solutions."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from thinkfast.puzzle import mip
 from thinkfast.puzzle.mip import InfeasibleError, brute_force, dominated_mask, solve_mip
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from mip_instances import instance  # noqa: E402
 
 
 def _random(rng, layers, variants, n_costs):
@@ -30,12 +37,13 @@ def test_mip_equals_brute_force(seed):
     if seed % 3 == 0:
         scores = np.round(scores, 1)
     exact = brute_force(scores, costs, limits)
-    for prune in (True, False):
+    for prune, method in ((True, "auto"), (False, "auto"), (True, "highs"), (False, "highs")):
         if exact is None:
             with pytest.raises(InfeasibleError):
-                solve_mip(scores, costs, limits, prune=prune)
+                solve_mip(scores, costs, limits, prune=prune, method=method)
             continue
-        sol = solve_mip(scores, costs, limits, prune=prune)[0]
+        sol = solve_mip(scores, costs, limits, prune=prune, method=method)[0]
+        assert sol.stats["method"] == ("enumeration" if method == "auto" else "highs")
         assert sol.optimal
         assert sol.objective == pytest.approx(exact[1], abs=1e-9)
         for name, total in sol.totals.items():
@@ -123,3 +131,49 @@ def test_limit_met_exactly_at_tiny_scale():
     limit = 4e-4 * (1 - 1e-8)  # (0, 1) and (1, 0) cost 4e-4: just over
     sol = solve_mip(s, c, {"t": limit})[0]
     assert sol.choice == (1, 1) and sol.totals["t"] <= limit
+
+
+@pytest.mark.parametrize("layers,tightness,seed,ties", [(32, 0.52, 0, False), (48, 0.3, 1, False),
+                                                       (48, 0.7, 2, True), (80, 0.52, 3, False)])
+def test_enumeration_equals_highs_at_puzzle_scale(layers, tightness, seed, ties):
+    """54 variants per layer, three binding limits (benchmarks/mip_instances.py); with ``ties`` scores
+    are rounded to 0.1, so many architectures share the optimum (the hard case for enumeration)."""
+    scores, costs, limits = instance(layers, seed, tightness=tightness)
+    if ties:
+        scores = np.round(scores, 1)
+    ours = solve_mip(scores, costs, limits)[0]
+    ref = solve_mip(scores, costs, limits, method="highs")[0]
+    assert ours.stats["method"] == "enumeration" and ours.optimal and ref.optimal
+    assert ours.objective == pytest.approx(ref.objective, rel=1e-9, abs=1e-12)
+    assert ours.stats["lp_bound"] <= ours.objective + 1e-12
+    for name, total in ours.totals.items():
+        assert total <= limits[name] * (1 + 1e-9)
+
+
+def test_enumeration_hands_over_to_highs_when_too_large(monkeypatch):
+    scores, costs, limits = instance(32, 5)
+    ref = solve_mip(scores, costs, limits, method="highs")[0]
+    real = mip._solve_enumeration
+    monkeypatch.setattr(mip, "_solve_enumeration", lambda *a, **k: real(*a, **{**k, "budget": 10}))
+    sol = solve_mip(scores, costs, limits)[0]
+    assert sol.stats["method"] == "highs" and "partial states" in sol.stats["fallback"]
+    assert sol.optimal and sol.objective == pytest.approx(ref.objective, rel=1e-9)
+    # the hand-over keeps only the variants the Lagrangian bound allows: fewer than dominance alone
+    assert sol.variables < ref.variables
+
+
+def test_diverse_solutions_agree_between_methods():
+    rng = np.random.default_rng(11)
+    scores, costs, limits = _random(rng, 12, 6, 2)
+    ours = solve_mip(scores, costs, limits, n_solutions=4, alpha=0.5)
+    ref = solve_mip(scores, costs, limits, n_solutions=4, alpha=0.5, method="highs")
+    assert [s.stats["method"] for s in ours] == ["enumeration"] * len(ours)
+    assert [s.objective for s in ours] == pytest.approx([s.objective for s in ref], rel=1e-9)
+    for a in range(len(ours)):
+        for b in range(a):
+            assert sum(x == y for x, y in zip(ours[a].choice, ours[b].choice)) <= 6
+
+
+def test_unknown_method_is_an_error():
+    with pytest.raises(ValueError, match="method"):
+        solve_mip(np.zeros((2, 2)), {}, {}, method="cbc")

@@ -3,7 +3,7 @@
 Paper: Puzzle (arXiv 2411.19146) sections 4.4-4.5; Llama-Nemotron (arXiv 2505.00949) section 2.1;
 REFERENCE.md section 1. Reads the ``library``, ``scores`` and ``costs`` stages' files (so
 ``thinkfast search key=value`` re-runs only the search on cached measurements), turns the targets
-below into linear limits, solves with :func:`thinkfast.puzzle.mip.solve_mip` (HiGHS, proven optimal),
+below into linear limits, solves with :func:`thinkfast.puzzle.mip.solve_mip` (exact enumeration, HiGHS fallback; proven optimal),
 re-checks every solution, and assembles the best one into ``model/`` (nemotron-nas).
 
 Targets (any combination; each becomes one ``sum cost <= limit`` row):
