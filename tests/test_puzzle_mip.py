@@ -107,6 +107,9 @@ def test_unconstrained_picks_best_score_and_allowed_mask():
     allowed[:, s.argmin(axis=1)[0]] = False
     sol = solve_mip(s, {}, {}, allowed=allowed)[0]
     assert all(allowed[i, j] for i, j in enumerate(sol.choice))
+    # every variant tied in every layer, no limits: any choice is optimal
+    tied = solve_mip(np.zeros((6, 3)), {}, {})[0]
+    assert tied.optimal and tied.objective == 0.0
     s2 = s.copy()
     s2[1, :] = np.inf
     with pytest.raises(ValueError, match=r"layer\(s\) \[1\]"):
