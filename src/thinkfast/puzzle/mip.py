@@ -208,8 +208,9 @@ def _enumerate(scores, A, b, lag: _Lagrange, gap: float, *, beam: int | None = N
     exceeds ``gap``: for any ``mu >= 0`` the gap of a completion is at least
     ``R + sum_rest min_j (r + (mu - lam) . a) - (mu - lam) . (b - U)``, taken over ``mu`` in a few
     multiples of ``lam`` and ``lam`` tilted towards or away from each constraint. Of states with
-    equal usage (layers often share costs) only the cheapest is kept: they have the same completions. At a full assignment the ``mu = 0`` bound is the exact gap, so the
-    survivors are exactly the solutions within ``gap``. ``beam`` keeps only the best partial
+    equal usage (layers often share costs) only the cheapest is kept: they have the same
+    completions. At a full assignment the ``mu = 0`` bound is the exact gap, so the survivors are
+    exactly the solutions within ``gap``. ``beam`` keeps only the best partial
     states (a heuristic used for the incumbent); ``cap`` bounds ``states x candidates`` per layer
     and ``budget`` all states; beyond either it raises :class:`_TooLarge`."""
     L = scores.shape[0]
@@ -241,7 +242,8 @@ def _enumerate(scores, A, b, lag: _Lagrange, gap: float, *, beam: int | None = N
         S[p] = S[p + 1] + (lag.r[i, o][None, :] + nus @ A[:, i, o]).min(axis=1)
     if ((U0 + umin[0]) > b + _FEAS).any():
         return np.inf, None, 0
-    R, U, Cs = np.zeros(1), U0[None, :].copy(), np.array([C0])
+    R0 = float(lag.r[rows, choice[rows]].sum())  # 0 in practice: a lone candidate is its layer's minimum
+    R, U, Cs = np.array([R0]), U0[None, :].copy(), np.array([C0])
     back = []
     states = 1
     for p, i in enumerate(free):
