@@ -544,6 +544,32 @@ def test_fact_drills_are_correct_and_use_trace_syntax():
     assert seen == {"+", "-", "*"}
 
 
+def test_copy_drills_repeat_their_text_and_mix_in_at_their_share(tok):
+    from thinkfast.nano.corpus import documents
+    from thinkfast.nano.tasks import copy_drill_document
+
+    rng = random.Random(5)
+    for _ in range(50):
+        head, copy = copy_drill_document(rng).split("\n")
+        assert head.startswith("Text: ") and copy == "Copy: " + head[len("Text: "):]
+        assert re.search(r"\d", head)
+        # the copy tokenises like the original, so the drill is a token-level repeat
+        ids_a = tok.encode(" " + head[len("Text: "):], add_special_tokens=False)
+        ids_b = tok.encode(" " + copy[len("Copy: "):], add_special_tokens=False)
+        assert ids_a == ids_b
+    docs = documents(random.Random(0), 2000, copy_fraction=0.1)
+    share = sum(d.startswith("Text: ") for d in docs) / len(docs)
+    assert 0.08 < share < 0.12
+    # a zero share leaves the document stream exactly as before
+    assert documents(random.Random(1), 50) == documents(random.Random(1), 50, copy_fraction=0.0)
+    from thinkfast.stages.pretrain import PretrainConfig
+
+    with pytest.raises(ValueError, match="copy_fraction"):
+        PretrainConfig(copy_fraction=1.5)
+    with pytest.raises(ValueError, match="fact_fraction \\+ copy_fraction"):
+        PretrainConfig(copy_fraction=0.6, fact_fraction=0.6)
+
+
 def test_tokenizer_prompts_tokenise_as_inside_documents(tok):
     """A text prompt's tokens are a prefix of the tokens of the document that continues it, so the
     parent sees at evaluation exactly the token boundary it was trained on."""

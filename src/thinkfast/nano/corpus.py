@@ -17,12 +17,17 @@ __all__ = ["documents", "packed_rows"]
 
 
 def documents(rng: random.Random, n: int, kinds: Sequence[str] = tasks.KINDS, digits: Sequence[int] = (1, 2, 2),
-              steps: Sequence[int] = (2,), think_fraction: float = 0.75, fact_fraction: float = 0.0) -> list[str]:
-    """``n`` random documents: worked (think) or bare (direct) problems, or fact drills."""
+              steps: Sequence[int] = (2,), think_fraction: float = 0.75, fact_fraction: float = 0.0,
+              copy_fraction: float = 0.0) -> list[str]:
+    """``n`` random documents: worked (think) or bare (direct) problems, fact drills or copy drills."""
     docs = []
     for _ in range(n):
-        if rng.random() < fact_fraction:
+        u = rng.random()
+        if u < fact_fraction:
             docs.append(tasks.fact_drill_document(rng))
+            continue
+        if u < fact_fraction + copy_fraction:
+            docs.append(tasks.copy_drill_document(rng))
             continue
         kind = rng.choice(list(kinds))
         problem = tasks.sample_problem(rng, kind, rng.choice(list(digits)), rng.choice(list(steps)))

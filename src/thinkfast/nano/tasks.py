@@ -522,6 +522,21 @@ def fact_drill_document(rng: random.Random, n_facts: int = 24) -> str:
     return "Facts:\n" + "\n".join(lines)
 
 
+def copy_drill_document(rng: random.Random, n_questions: int = 2) -> str:
+    """Word-problem questions written out and then copied verbatim: practice for the copy
+    ("induction") circuits that the traces need to restate a clause's number. Repeated text is the
+    classic trigger for those circuits; without it, some seeds of the parent never learn to copy the
+    second digit of a number out of a word problem within the 10-minute budget (docs/LOG.md).
+
+    >>> print(copy_drill_document(random.Random(0), 1))
+    Text: Ann has 75 apples. She gives away 61 apples. She gives away 13 apples. How many apples does Ann have now?
+    Copy: Ann has 75 apples. She gives away 61 apples. She gives away 13 apples. How many apples does Ann have now?
+    """
+    text = " ".join(sample_problem(rng, "word", rng.randint(1, 3), rng.randint(1, 3)).question
+                    for _ in range(n_questions))
+    return f"Text: {text}\nCopy: {text}"
+
+
 def chat_prompt(problem: Problem) -> str:
     """User turn: word problems as is, bare arithmetic as ``What is a op b?``."""
     if problem.kind == "word":

@@ -59,6 +59,7 @@ class PretrainConfig:
     steps: list[int] = field(default_factory=lambda: [2])
     think_fraction: float = 0.75
     fact_fraction: float = 0.0  # share of documents that are fact drills (nano.tasks.fact_drill_document)
+    copy_fraction: float = 0.0  # share of documents that are copy drills (nano.tasks.copy_drill_document)
     # optimisation
     train_steps: int = 700
     batch_size: int = 24
@@ -81,9 +82,11 @@ class PretrainConfig:
             raise ValueError(f"kinds: unknown kind(s) {unknown}; choose from {list(tasks.KINDS)}")
         if not self.kinds or not self.digits or not self.steps:
             raise ValueError("kinds, digits and steps must not be empty")
-        for name in ("think_fraction", "fact_fraction"):
+        for name in ("think_fraction", "fact_fraction", "copy_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        if self.fact_fraction + self.copy_fraction > 1.0:
+            raise ValueError("fact_fraction + copy_fraction must be <= 1")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
         if self.seq_len + 1 > self.max_position_embeddings:
@@ -95,7 +98,7 @@ class PretrainConfig:
 
 def _doc_kwargs(cfg: PretrainConfig) -> dict:
     return {"kinds": cfg.kinds, "digits": cfg.digits, "steps": cfg.steps, "think_fraction": cfg.think_fraction,
-            "fact_fraction": cfg.fact_fraction}
+            "fact_fraction": cfg.fact_fraction, "copy_fraction": cfg.copy_fraction}
 
 
 def make_batch(cfg: PretrainConfig, tokenizer, step: int) -> torch.Tensor:
