@@ -186,7 +186,7 @@ def test_search_solves_assembles_and_loads_both_ways(run_dir, parent_dir, tmp_pa
     cfg = search.SearchConfig(speedup=1.3, batch_size=2, sweep=[1.1, 1.3], n_solutions=2, alpha=0.5)
     stage = StageDir(root, "search")
     m = search.run(cfg, stage, parent_dir)
-    assert m["speedup"] >= 1.3 - 1e-9 and m["optimal"]
+    assert m["speedup"] >= 1.3 - 1e-9 and m["optimal"] and m["solver"] == "enumeration"
     out = json.loads((stage.path / "search.json").read_text())
     assert len(out["solutions"]) == 2
     first, second = out["solutions"][0]["choice"], out["solutions"][1]["choice"]

@@ -118,6 +118,7 @@ def _summary(problem, sol, cfg: SearchConfig) -> dict:
     return {
         "choice": [list(problem.names[i][k]) for i, k in enumerate(sol.choice)],
         "objective": sol.objective, "optimal": sol.optimal, "solve_seconds": round(sol.seconds, 4),
+        "solver": sol.stats.get("method"),
         "speedup": parent[key] / child[key], "params": child["params"],
         "params_fraction": child["params"] / parent["params"],
         "kv_fraction": child["kv_bytes_per_token"] / max(parent["kv_bytes_per_token"], 1e-30),
