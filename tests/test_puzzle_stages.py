@@ -49,7 +49,7 @@ def run_dir(tmp_path_factory, parent_dir):
     s = scores.run(scores.ScoresConfig(rows=2, seq_len=48, batch_size=2, device="cpu"), StageDir(root, "scores"),
                    parent_dir)
     c = costs.run(costs.CostsConfig(batch_sizes=[1, 2], prefill_len=16, decode_context=16, warmup=1, repeats=2,
-                                    device="cpu"), StageDir(root, "costs"), parent_dir)
+                                    rounds=2, device="cpu"), StageDir(root, "costs"), parent_dir)
     return root, m, s, c
 
 
@@ -159,6 +159,29 @@ def test_costs_file_shape_and_reuse(run_dir, parent_dir, tmp_path):
     bad.write_text(json.dumps({"format": "thinkfast-puzzle-costs/1"}))
     with pytest.raises(ValueError, match="missing key"):
         costs.read_costs(bad)
+
+
+def test_costs_take_the_median_over_interleaved_passes(run_dir, parent_dir, tmp_path, monkeypatch):
+    """A disturbance during one pass (here: every time of pass 0 is 100x) does not reach costs.json."""
+    root = run_dir[0]
+    (tmp_path / "library").symlink_to(root / "library")
+    real, calls = costs.measure_variant, []
+
+    def fake(config, variant, cfg, device, rotary):
+        first_pass = (variant.part, variant.name) not in calls
+        calls.append((variant.part, variant.name))
+        out = real(config, variant, cfg, device, rotary)
+        for key in ("prefill_s", "decode_s"):
+            out[key] = {b: (100.0 if first_pass else 1.0) * (1 + (variant.part == "ffn")) for b in out[key]}
+        return out
+
+    monkeypatch.setattr(costs, "measure_variant", fake)
+    costs.run(costs.CostsConfig(batch_sizes=[1], prefill_len=8, decode_context=8, warmup=0, repeats=1, rounds=3,
+                                device="cpu"), StageDir(tmp_path, "costs"), parent_dir)
+    data = costs.read_costs(tmp_path / "costs" / "costs.json")
+    assert len(calls) == 3 * (len(data["attention"]) + len(data["ffn"]))
+    assert {v["decode_s"]["1"] for v in data["attention"].values()} == {1.0}
+    assert {v["prefill_s"]["1"] for v in data["ffn"].values()} == {2.0}
 
 
 def _problem(root):

@@ -3,7 +3,10 @@
 Paper: Puzzle (arXiv 2411.19146) section 4.4; REFERENCE.md section 1: costs are measured per block on
 the target hardware at the deployment batch sizes and sequence lengths (prefill and decode), plus
 memory = parameters + KV cache. Every sub-block variant of the library is built at the parent's
-shapes and timed alone (median of ``repeats`` after ``warmup`` calls):
+shapes and timed alone: median of ``repeats`` calls after ``warmup`` calls, in ``rounds`` passes over all
+variants in turn, and the median over the passes (a disturbance of the machine lasting a few
+milliseconds then moves one pass, not one variant's cost: a single pass once timed the parent's
+attention 2.8x too slow on an idle 2-core CPU, and the search built a "2x" child that ran 1.1x):
 
 - ``prefill_s[b]``: a forward over ``[b, prefill_len]`` tokens;
 - ``decode_s[b]``: one new token per sequence with ``decode_context`` cached tokens;
@@ -59,6 +62,7 @@ class CostsConfig:
     dtype: str = "float32"  # the deployment dtype; param_bytes and kv bytes follow it
     warmup: int = 3
     repeats: int = 15
+    rounds: int = 5  # passes over all variants; each time is the median over the passes
     file: str | None = None  # read costs from this file instead of measuring
     library: str | None = None
     device: str = "auto"
@@ -68,8 +72,8 @@ class CostsConfig:
             raise ValueError(f"dtype={self.dtype!r}: choose from {sorted(_DTYPES)}")
         if not self.batch_sizes or min(self.batch_sizes) < 1 or self.prefill_len < 1 or self.decode_context < 0:
             raise ValueError("batch_sizes must be >= 1, prefill_len >= 1, decode_context >= 0")
-        if self.repeats < 1 or self.warmup < 0:
-            raise ValueError("repeats must be >= 1 and warmup >= 0")
+        if self.repeats < 1 or self.warmup < 0 or self.rounds < 1:
+            raise ValueError("repeats and rounds must be >= 1 and warmup >= 0")
 
 
 def device_name(device: torch.device) -> str:
@@ -98,6 +102,21 @@ def _time(fn, device: torch.device, warmup: int, repeats: int) -> float:
         sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def median_of_passes(passes: list[dict]) -> dict:
+    """One cost entry from several passes: times are the median over the passes, the rest (sizes) is
+    the first pass's.
+
+    >>> median_of_passes([{"params": 3, "decode_s": {"1": 1.0}}, {"params": 3, "decode_s": {"1": 9.0}},
+    ...                   {"params": 3, "decode_s": {"1": 2.0}}])
+    {'params': 3, 'decode_s': {'1': 2.0}}
+    """
+    out = dict(passes[0])
+    for key in ("prefill_s", "decode_s"):
+        if key in out:
+            out[key] = {b: statistics.median(p[key][b] for p in passes) for b in out[key]}
+    return out
 
 
 @torch.no_grad()
@@ -172,14 +191,23 @@ def run(cfg: CostsConfig, stage: StageDir, model_dir: Path | None = None) -> dic
         for part, name, spec in pairs:
             variants[part].setdefault(name, Variant(part, name, spec))
     total = sum(len(v) for v in variants.values())
-    print(f"costs: timing {total} variants at batch sizes {cfg.batch_sizes} on {device_name(device)}")
+    print(f"costs: timing {total} variants at batch sizes {cfg.batch_sizes} on {device_name(device)}, "
+          f"{cfg.rounds} passes")
     rotary = parent.model.rotary_emb
     data = {"format": COSTS_FORMAT, "device": device_name(device), "dtype": cfg.dtype,
             "batch_sizes": list(cfg.batch_sizes), "prefill_len": cfg.prefill_len,
             "decode_context": cfg.decode_context}
+    from tqdm.auto import tqdm
+
+    passes: list[dict] = []
+    for _ in tqdm(range(cfg.rounds), desc="costs", unit="pass"):
+        one = {part: {name: measure_variant(parent.config, v, cfg, device, rotary) for name, v in named.items()}
+               for part, named in variants.items()}
+        one["fixed"] = measure_fixed(parent, cfg, device)
+        passes.append(one)
     for part, named in variants.items():
-        data[part] = {name: measure_variant(parent.config, v, cfg, device, rotary) for name, v in named.items()}
-    data["fixed"] = measure_fixed(parent, cfg, device)
+        data[part] = {name: median_of_passes([p[part][name] for p in passes]) for name in named}
+    data["fixed"] = median_of_passes([p["fixed"] for p in passes])
     atomic_write_json(out_path, data)
     metrics = {"device": data["device"], "variants": total}
     log = stage.logger()
