@@ -266,6 +266,22 @@ def test_problem_matrices_follow_costs(run_dir):
     assert problem.costs["decode_s@2"][0, k] == pytest.approx(
         c["attention"]["gqa_kv1"]["decode_s"]["2"] + c["ffn"]["ffn_24"]["decode_s"]["2"])
     assert np.isfinite(problem.scores).all()
+    # the whole parent was timed too: the parent's predicted runtime is its measured one whenever the
+    # blocks explain less, and the unexplained rest is charged to every architecture
+    parent = problem.totals(problem.parent_choice)
+    for b in ("1", "2"):
+        for kind in ("prefill_s", "decode_s"):
+            key = f"{kind}@{b}"
+            measured = c["parent_model"][kind][b]
+            assert problem.overhead[key] >= 0
+            assert parent[key] == pytest.approx(max(measured, parent[key] - problem.overhead[key]))
+            if problem.overhead[key] > 0:
+                assert parent[key] == pytest.approx(measured)
+    # a costs file without the whole-model timing (brought from elsewhere) has no overhead
+    bare = {k: v for k, v in c.items() if k != "parent_model"}
+    lib = read_library(run_dir[0] / "library" / "library")
+    sc = scores.read_scores(run_dir[0] / "scores" / "scores.json")
+    assert build_problem(lib, sc, bare).overhead == {}
 
 
 def test_targets_become_limits(run_dir):

@@ -5,7 +5,7 @@ Paper: Puzzle (arXiv 2411.19146) section 4.4-4.5; REFERENCE.md section 1 (MIP an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ class Problem:
     costs: dict[str, np.ndarray]  # params, param_bytes, kv_bytes_per_token, prefill_s@b, decode_s@b
     fixed: dict[str, float]  # the same keys: what every architecture pays on top
     parent_choice: tuple[int, ...]
+    overhead: dict[str, float] = field(default_factory=dict)  # runtime the blocks miss (part of fixed)
 
     def totals(self, choice) -> dict[str, float]:
         rows = np.arange(len(choice))
@@ -80,7 +81,16 @@ def build_problem(lib: dict, scores: dict, costs: dict, metric: str = "kl") -> P
                     raise ValueError(f"the costs file has no entry for {e} (layer {i} block {a}+{f})") from None
     fixed = {key: value(costs["fixed"], key) for key in cost_keys if key != "kv_bytes_per_token"}
     parent_choice = tuple(0 for _ in range(n_layers))  # the library lists the parent's own sub-blocks first
-    return Problem(names, score, mats, fixed, parent_choice)
+    # the whole parent's measured time minus what its blocks and the fixed part explain: paid by all
+    overhead = {}
+    if "parent_model" in costs:
+        rows = np.arange(n_layers)
+        for key in cost_keys:
+            if "@" in key:
+                explained = float(mats[key][rows, list(parent_choice)].sum()) + fixed[key]
+                overhead[key] = max(0.0, value(costs["parent_model"], key) - explained)
+                fixed[key] += overhead[key]
+    return Problem(names, score, mats, fixed, parent_choice, overhead)
 
 
 def assemble(parent: DeciLMForCausalLM, lib: dict, tensors: dict[str, torch.Tensor],

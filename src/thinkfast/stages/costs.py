@@ -12,7 +12,11 @@ attention 2.8x too slow on an idle 2-core CPU, and the search built a "2x" child
 - ``decode_s[b]``: one new token per sequence with ``decode_context`` cached tokens;
 - ``params`` and ``param_bytes`` (at ``dtype``), ``kv_bytes_per_token`` (2 x KV heads x head_dim x bytes);
 - ``fixed``: what every architecture pays (embedding, final norm, LM head), so speedups are of the
-  whole model.
+  whole model;
+- ``parent_model``: the whole parent timed the same way (``prefill_s``, ``decode_s``). What its
+  blocks plus ``fixed`` do not explain (the layer loop, rotary tables, cache bookkeeping: 10-15% of a
+  nano decode step on a CPU) is charged to every architecture by
+  :func:`thinkfast.puzzle.assemble.build_problem`, so predicted speedups are not inflated by it.
 
 A variant's cost does not depend on its layer (all layers of a Llama share shapes), so each distinct
 variant is measured once. Output ``RUN_DIR/costs/costs.json``::
@@ -171,6 +175,35 @@ def measure_fixed(parent, cfg: CostsConfig, device: torch.device) -> dict:
     return out
 
 
+@torch.no_grad()
+def measure_whole(parent, cfg: CostsConfig, device: torch.device) -> dict:
+    """The whole parent: a prefill of ``prefill_len`` tokens and one decode step over
+    ``decode_context`` cached tokens, per batch size (times as in :func:`measure_variant`)."""
+    dtype = _DTYPES[cfg.dtype]
+    model = parent.to(dtype)
+    conf = model.config
+    kv_heads = [layer.attention_spec.num_kv_heads(conf.num_attention_heads) for layer in model.model.layers
+                if layer.attention_spec.kind == "gqa"]
+    out = {"prefill_s": {}, "decode_s": {}}
+    for b in cfg.batch_sizes:
+        ids = torch.randint(0, conf.vocab_size, (b, cfg.prefill_len), device=device)
+        out["prefill_s"][str(b)] = _time(lambda: model(input_ids=ids, use_cache=False), device, cfg.warmup,
+                                         cfg.repeats)
+        x1 = torch.randint(0, conf.vocab_size, (b, 1), device=device)
+        pos1 = torch.full((b, 1), cfg.decode_context, device=device)
+        kvs = [torch.randn(b, h, cfg.decode_context, conf.head_dim, device=device, dtype=dtype) for h in kv_heads]
+
+        def decode():
+            cache = DynamicCache()
+            for slot, kv in enumerate(kvs):
+                cache.update(kv, kv, slot)
+            return model(input_ids=x1, position_ids=pos1, past_key_values=cache, use_cache=True)
+
+        out["decode_s"][str(b)] = _time(decode, device, cfg.warmup, cfg.repeats)
+    parent.float()
+    return out
+
+
 def run(cfg: CostsConfig, stage: StageDir, model_dir: Path | None = None) -> dict:
     out_path = stage.path / "costs.json"
     if cfg.file:
@@ -204,10 +237,12 @@ def run(cfg: CostsConfig, stage: StageDir, model_dir: Path | None = None) -> dic
         one = {part: {name: measure_variant(parent.config, v, cfg, device, rotary) for name, v in named.items()}
                for part, named in variants.items()}
         one["fixed"] = measure_fixed(parent, cfg, device)
+        one["parent_model"] = measure_whole(parent, cfg, device)
         passes.append(one)
     for part, named in variants.items():
         data[part] = {name: median_of_passes([p[part][name] for p in passes]) for name in named}
     data["fixed"] = median_of_passes([p["fixed"] for p in passes])
+    data["parent_model"] = median_of_passes([p["parent_model"] for p in passes])
     atomic_write_json(out_path, data)
     metrics = {"device": data["device"], "variants": total}
     log = stage.logger()

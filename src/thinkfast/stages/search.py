@@ -198,7 +198,10 @@ def run(cfg: SearchConfig, stage: StageDir, model_dir: Path | None = None) -> di
         print(f"search: step 3/3 Pareto sweep over speedups {cfg.sweep}")
         pareto = _pareto(stage, cfg, problem, costs)
     metrics = {**{k: v for k, v in summaries[0].items() if k != "choice"}, "solutions": len(solutions),
-               "costs_device": costs["device"], "pareto_points": len(pareto)}
+               "costs_device": costs["device"], "pareto_points": len(pareto),
+               # share of the parent's measured runtime that no block explains (charged to every child)
+               "runtime_overhead_share": {k: v / problem.totals(problem.parent_choice)[k]
+                                          for k, v in problem.overhead.items()}}
     log = stage.logger()
     log.log("done", **metrics, architecture=arch)
     log.close()
