@@ -468,22 +468,18 @@ def solve_mip(scores, costs: Mapping[str, np.ndarray], limits: Mapping[str, floa
         b = np.array(rhs, dtype=np.float64)
         keep = mask & ~dominated_mask(scores, list(A), mask) if prune else mask
         choice, res, stats = None, None, {}
-        if method == "auto":
+        enumerated = method == "auto"
+        if enumerated:
             try:
                 choice, stats = _solve_enumeration(scores, A, b, keep)
-                stats["method"] = "enumeration"
                 if choice is None and stats["lp_status"] != 2:
                     raise _TooLarge("the LP relaxation failed")
+                stats["method"] = "enumeration"
             except _TooLarge as e:
-                stats = {"method": "highs", "fallback": str(e)}
+                enumerated, stats = False, {"fallback": str(e)}
                 if e.keep is not None:
                     keep = e.keep
-                method_k = "highs"
-            else:
-                method_k = "enumeration"
-        else:
-            method_k = "highs"
-        if method_k == "highs":
+        if not enumerated:
             choice, res = _solve_once(scores, mats, limits, keep, earlier, alpha, time_limit)
             tighten: dict[str, float] = {}
             for _ in range(5):  # HiGHS accepts violations within its tolerance; we do not
@@ -498,14 +494,14 @@ def solve_mip(scores, costs: Mapping[str, np.ndarray], limits: Mapping[str, floa
                           "nodes": int(getattr(res, "mip_node_count", 0) or 0)})
         if choice is None:
             if k == 0:
-                if method_k == "enumeration" or res.status == 2:
+                if enumerated or res.status == 2:
                     raise _infeasibility(scores, mats, limits, mask, time_limit)
                 raise RuntimeError(f"HiGHS found no solution: {res.message}")
             break  # no further diverse solution
         objective, totals = _verify(choice, scores, mats, limits, earlier, alpha)
         solutions.append(Solution(
             choice=tuple(int(c) for c in choice), objective=objective, totals=totals,
-            optimal=method_k == "enumeration" or res.status == 0, seconds=time.perf_counter() - t0,
+            optimal=enumerated or res.status == 0, seconds=time.perf_counter() - t0,
             variables=int(keep.sum()), stats=stats,
         ))
         earlier.append(np.asarray(choice))
