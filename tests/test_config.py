@@ -17,6 +17,7 @@ from thinkfast.config import (
     config_hash,
     from_dict,
     load_yaml,
+    override_locations,
     to_dict,
 )
 
@@ -399,3 +400,195 @@ def test_config_hash_stable_and_order_independent():
     assert config_hash(cfg) != config_hash(Pipeline(pretrain=Pretrain(model="n")))
     # pinned value: the canonical form must not drift between versions
     assert config_hash({"a": 1}) == "015abd7f5cc57a2d"
+
+
+# ------------------------------------------- errors in overrides name the override
+
+
+def build_o(tmp_path, text, overrides=()):
+    """Like build(), but passes override_locations() as the pipeline loader does."""
+    p = write(tmp_path, text)
+    data, lines = load_yaml(p)
+    data = apply_overrides(data, list(overrides))
+    return p, from_dict(Pipeline, data, where=str(p), lines=lines, overridden=override_locations(list(overrides)))
+
+
+def no_line(msg: str) -> bool:
+    return " line " not in msg
+
+
+def test_override_locations():
+    assert override_locations([]) == {}
+    assert override_locations(["a.b=1", " c . d =x=y", "e="]) == {"a.b": "a.b=1", "c.d": "c . d =x=y", "e": "e="}
+    assert override_locations(["a=1", "b=2", "a=3"]) == {"b": "b=2", "a": "a=3"}  # the last one applied wins
+    with pytest.raises(ConfigError, match=r"^command line: malformed override 'a\.b' \(expected dotted\.key=value\)$"):
+        override_locations(["a.b"])
+    with pytest.raises(ConfigError, match=r"^args: override 3 is not a string"):
+        override_locations([3], source="args")
+
+
+def test_override_value_with_duplicate_key():
+    with pytest.raises(ConfigError) as e:
+        apply_overrides({}, ["a={x: 1, x: 2}"])
+    assert str(e.value) == "command line: cannot parse value of override 'a={x: 1, x: 2}': duplicate key 'x'"
+
+
+def test_override_syntax_error_message_is_plain():
+    with pytest.raises(ConfigError) as e:
+        apply_overrides({}, ["pretrain.sizes=[1,2"])
+    msg = str(e.value)
+    assert msg.startswith("command line: cannot parse value of override 'pretrain.sizes=[1,2': YAML syntax error: ")
+    assert no_line(msg)
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("pretrain.optim.lr=fast", "'pretrain.optim.lr' must be float, got str ('fast')"),
+        ("pretrain.steps=1.5", "'pretrain.steps' must be int, got float (1.5)"),
+        ("pretrain.steps=-1.5", "'pretrain.steps' must be int, got float (-1.5)"),
+        ("pretrain.steps=null", "'pretrain.steps' must be int, got null (None)"),
+        ("pretrain.model=3", "'pretrain.model' must be str, got int (3)"),
+        ("pretrain.dtype=fp16", "'pretrain.dtype' must be one of 'bf16', 'fp32' (got 'fp16')"),
+        ("pretrain.sizes=[4, two]", "'pretrain.sizes[1]' must be int, got str ('two')"),
+        ("pretrain.optim={lr: x}", "'pretrain.optim.lr' must be float, got str ('x')"),  # replaced YAML lines 5-7
+        ("pretrain.optim.betas=[0.9, x]", "'pretrain.optim.betas[1]' must be float, got str ('x')"),
+        ("pretrain.weights={a: x}", "'pretrain.weights.a' must be float, got str ('x')"),
+        ("pretrain.shape=[1, 2, 3]", "'pretrain.shape' must have 2 items (tuple[int, int]), got 3"),
+        ("pretrain.optim=3", "section 'pretrain.optim' must be a mapping, got int (3)"),
+        ("pretrain=[1]", "section 'pretrain' must be a mapping, got list ([1])"),
+    ],
+)
+def test_wrong_type_from_override_names_override(tmp_path, override, expected):
+    with pytest.raises(ConfigError) as e:
+        build_o(tmp_path, NANO, [override])
+    assert str(e.value) == f"override {override}: {expected}"
+
+
+def test_unknown_key_from_override_names_override(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        build_o(tmp_path, NANO, ["pretrain.stepz=3"])
+    msg = str(e.value)
+    assert msg.startswith("override pretrain.stepz=3: unknown key 'pretrain.stepz' (known keys: ")
+    assert msg.endswith("did you mean 'pretrain.steps'?")
+    with pytest.raises(ConfigError, match=r"^override pretrain.optim={lrr: 1}: unknown key 'pretrain\.optim\.lrr'"):
+        build_o(tmp_path, NANO, ["pretrain.optim={lrr: 1}"])
+
+
+def test_missing_key_in_section_given_by_override(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        build_o(tmp_path, NANO, ["pretrain={steps: 3}"])
+    assert str(e.value) == "override pretrain={steps: 3}: missing required key(s) 'pretrain.model'"
+
+
+def test_yaml_mistakes_still_name_lines_when_overrides_are_given(tmp_path):
+    text = "pretrain:\n  model: m\n  compile: 1\n"
+    with pytest.raises(ConfigError) as e:
+        build_o(tmp_path, text, ["pretrain.optim.lr=0.1", "stages=[a]"])
+    assert str(e.value) == f"{tmp_path / 'nano.yaml'} line 3: 'pretrain.compile' must be bool, got int (1)"
+
+
+def test_post_init_error_from_one_override(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        build_o(tmp_path, NANO, ["pretrain.steps=0"])
+    msg = str(e.value)
+    assert msg == (f"override pretrain.steps=0 (the rest of section 'pretrain' from {tmp_path / 'nano.yaml'}): "
+                   f"invalid section 'pretrain': steps must be > 0, got 0")
+    assert no_line(msg) and isinstance(e.value.__cause__, ValueError)
+
+
+def test_post_init_error_names_every_override_of_the_section_only(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        build_o(tmp_path, NANO, ["pretrain.steps=-3", "stages=[x]", "pretrain.optim.lr=0.5", "pretrain.model=n"])
+    msg = str(e.value)
+    assert msg.startswith("override pretrain.steps=-3, override pretrain.optim.lr=0.5, override pretrain.model=n "
+                          f"(the rest of section 'pretrain' from {tmp_path / 'nano.yaml'}): invalid section 'pretrain'")
+    assert "stages=[x]" not in msg and no_line(msg)
+
+
+def test_post_init_error_of_section_made_by_overrides_alone(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        build_o(tmp_path, "stages: []\n", ["pretrain.model=m", "pretrain.steps=0"])
+    assert str(e.value) == ("override pretrain.model=m, override pretrain.steps=0: "
+                            "invalid section 'pretrain': steps must be > 0, got 0")
+    with pytest.raises(ConfigError) as e:
+        build_o(tmp_path, NANO, ["pretrain={model: m, steps: 0}"])
+    assert str(e.value) == ("override pretrain={model: m, steps: 0}: "
+                            "invalid section 'pretrain': steps must be > 0, got 0")
+
+
+@dataclass
+class Heads:
+    hidden: int = 64
+    heads: int = 4
+    warmup: int | None = 0
+
+    def __post_init__(self):
+        self.head_dim = self.hidden // self.heads  # ZeroDivisionError for heads=0
+        if self.warmup > 0:  # TypeError for warmup=None
+            pass
+
+
+@dataclass
+class Model:
+    attn: Heads = field(default_factory=Heads)
+    name: str = "m"
+
+
+def test_post_init_other_exceptions_become_config_errors(tmp_path):
+    p = write(tmp_path, "attn:\n  hidden: 64\n  heads: 0\n")
+    data, lines = load_yaml(p)
+    with pytest.raises(ConfigError) as e:
+        from_dict(Model, data, where=str(p), lines=lines)
+    assert str(e.value) == (f"{p} line 1: invalid section 'attn': ZeroDivisionError: integer division or modulo by "
+                            f"zero (while checking its values; zero or negative: heads=0)")
+    assert isinstance(e.value.__cause__, ZeroDivisionError)
+
+    with pytest.raises(ConfigError) as e:
+        from_dict(Heads, {"warmup": None}, where="cfg.yaml")
+    assert str(e.value).startswith("cfg.yaml: invalid top level: TypeError: '>' not supported")
+    assert str(e.value).endswith("(while checking its values)")
+    assert isinstance(e.value.__cause__, TypeError)
+
+
+def test_post_init_other_exceptions_name_the_override(tmp_path):
+    p = write(tmp_path, "attn:\n  hidden: 64\n")
+    data, lines = load_yaml(p)
+    for overrides, expected in [
+        (["attn.heads=0"], f"override attn.heads=0 (the rest of section 'attn' from {p}): invalid section 'attn': "
+                           f"ZeroDivisionError: integer division or modulo by zero "
+                           f"(while checking its values; zero or negative: heads=0)"),
+        (["attn.heads=0", "attn.hidden=-8"], f"override attn.heads=0, override attn.hidden=-8: invalid section "
+                                             f"'attn': ZeroDivisionError: integer division or modulo by zero "
+                                             f"(while checking its values; zero or negative: hidden=-8, heads=0)"),
+    ]:
+        d = apply_overrides(data, overrides)
+        with pytest.raises(ConfigError) as e:
+            from_dict(Model, d, where=str(p), lines=lines, overridden=override_locations(overrides))
+        assert str(e.value) == expected
+
+
+def test_post_init_top_level_from_override():
+    @dataclass
+    class Top:
+        n: int = 1
+        other: int = 0
+
+        def __post_init__(self):
+            if self.n < 0:
+                raise ValueError("n must be >= 0")
+
+    overrides = ["n=-1"]
+    with pytest.raises(ConfigError) as e:
+        from_dict(Top, apply_overrides({}, overrides), where="cfg.yaml", overridden=override_locations(overrides))
+    assert str(e.value) == "override n=-1: invalid top level: n must be >= 0"
+    with pytest.raises(ConfigError) as e:
+        from_dict(Top, apply_overrides({"other": 2}, overrides), where="cfg.yaml", lines={"other": 1},
+                  overridden=override_locations(overrides))
+    assert str(e.value) == "override n=-1 (the rest of the top level from cfg.yaml): invalid top level: n must be >= 0"
+
+
+def test_overridden_without_matching_keys_changes_nothing(tmp_path):
+    _, a = build(tmp_path, NANO, ["pretrain.steps=5"])
+    _, b = build_o(tmp_path, NANO, ["pretrain.steps=5"])
+    assert a == b and b.pretrain.steps == 5

@@ -1,25 +1,61 @@
-"""The smallest pipeline end to end, stage skip/resume, config errors and the CLI."""
+"""The smallest pipeline end to end, and the run-directory contract: exact stage dependencies (reuse what
+is current, redo what changed, refuse what is stale), `run --from`, outside files, the upgrade rule,
+nothing lost on --force or failure, and a readable message for every probed mistake."""
 
+import errno
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import thinkfast
 from thinkfast.cli import main
 from thinkfast.config import ConfigError
-from thinkfast.pipeline import default_config_path, load_pipeline, run_all, run_stage
-from thinkfast.rundir import StageConfigMismatch, StageDir
+from thinkfast.pipeline import default_config_path, dependents, load_pipeline, run_all, run_stage, status, upstream
+from thinkfast.rundir import RunDir, RunDirError, StageConfigMismatch, StageDir
 from thinkfast.stages import pretrain
 
 SMOKE = default_config_path("smoke")
 REPO = Path(__file__).resolve().parents[1]
+STAGES = ["pretrain", "library", "scores", "costs", "search", "eval"]
 
 
-def smoke(tmp_path, *overrides):
-    return load_pipeline(SMOKE, [f"run_dir={tmp_path / 'run'}", *overrides])
+def smoke(run, *overrides):
+    return load_pipeline(SMOKE, [f"run_dir={run}", *overrides])
+
+
+def marker(run, name) -> dict:
+    return json.loads((Path(run) / name / "COMPLETE.json").read_text())
+
+
+def ids(run) -> dict:
+    return {s: marker(run, s)["output_id"] for s in STAGES}
+
+
+def state(run, name, *overrides) -> str:
+    pipe = smoke(run, *overrides)
+    with RunDir(pipe.run_dir) as rd:
+        return status(pipe, rd, name)[0]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The smoke pipeline, run once; tests work on copies of it."""
+    run = tmp_path_factory.mktemp("smoke") / "run"
+    results = run_all(smoke(run))
+    return run, results
+
+
+@pytest.fixture
+def run(base, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(base[0], dst, symlinks=True)
+    (dst / ".lock").unlink(missing_ok=True)
+    return dst
 
 
 def test_repo_configs_are_the_embedded_ones():
@@ -28,24 +64,16 @@ def test_repo_configs_are_the_embedded_ones():
         load_pipeline(default_config_path(name))  # every section validates
 
 
-def test_smoke_pipeline_end_to_end(tmp_path):
-    pipe = smoke(tmp_path)
-    results = run_all(pipe)
-    run = tmp_path / "run"
+def test_smoke_pipeline_end_to_end(base):
+    run, results = base
     assert sorted(p.name for p in (run / "pretrain").iterdir()) == [
-        "COMPLETE.json", "STARTED.json", "log.jsonl", "metrics.json", "model"]
-    assert sorted(p.name for p in (run / "eval").iterdir()) == [
-        "COMPLETE.json", "STARTED.json", "log.jsonl", "metrics.json", "samples.jsonl", "table.txt"]
+        "COMPLETE.json", "log.jsonl", "metrics.json", "model"]
+    assert not list(run.glob("*.partial")) and (run / "thinkfast-run.json").is_file()
     model_files = {p.name for p in (run / "pretrain" / "model").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "thinkfast.json"} <= model_files
     assert results["pretrain"]["train_steps"] == 6 and results["pretrain"]["tokens"] == 6 * 4 * 256
-    ev = results["eval"]
-    assert ev["prompting"] == "text" and set(ev["modes"]) == {"think", "direct"}
-    assert set(ev["modes"]["think"]["cells"]) == {"add/1d", "mul/1d"}
-    assert ev["modes"]["think"]["cells"]["add/1d"]["n"] == 4
     events = [json.loads(line)["event"] for line in (run / "pretrain" / "log.jsonl").read_text().splitlines()]
     assert events[0] == "start" and events[-1] == "done" and "train" in events
-    # the parent is a plain Llama with the nano tokenizer
     model = AutoModelForCausalLM.from_pretrained(run / "pretrain" / "model")
     assert type(model).__name__ == "LlamaForCausalLM"
     assert AutoTokenizer.from_pretrained(run / "pretrain" / "model").chat_template
@@ -60,65 +88,351 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert type(child).__name__ == "DeciLMForCausalLM"
     assert json.loads((run / "search" / "model" / "thinkfast.json").read_text())["prompting"] == "text"
 
-    # a second run skips every stage and changes nothing
-    marker = (run / "pretrain" / "COMPLETE.json").read_text()
-    again = run_all(smoke(tmp_path))
-    assert (run / "pretrain" / "COMPLETE.json").read_text() == marker
-    assert again["pretrain"] == results["pretrain"]
+    # eval is a leaf that evaluated every model of the run: one folder each, one table with a row per model
+    ev = results["eval"]["models"]
+    assert set(ev) == {"pretrain", "search"}
+    for name in ev:
+        assert ev[name]["prompting"] == "text" and set(ev[name]["modes"]) == {"think", "direct"}
+        assert ev[name]["modes"]["think"]["cells"]["add/1d"]["n"] == 4
+        assert {"metrics.json", "samples.jsonl", "table.txt", "record.json"} <= {
+            p.name for p in (run / "eval" / name).iterdir()}
+    table = (run / "eval" / "table.txt").read_text().splitlines()
+    assert sum(line.startswith("pretrain") for line in table) == 2 and sum(
+        line.startswith("search") for line in table) == 2
+    # the marker records what the stage read, by role
+    m = marker(run, "search")
+    assert m["format"] == 2 and set(m["inputs"]) == {"parent", "library", "scores", "costs"}
+    assert m["inputs"]["library"] == {"stage": "library", "id": marker(run, "library")["output_id"]}
+    assert set(marker(run, "eval")["inputs"]["models"]) == {"pretrain", "search"}
 
 
-def test_changed_config_of_completed_stage_needs_force(tmp_path):
-    run_stage(smoke(tmp_path), "pretrain")
-    with pytest.raises(StageConfigMismatch, match="--force"):
-        run_stage(smoke(tmp_path, "pretrain.lr=0.01"), "pretrain")
-    metrics, ran = run_stage(smoke(tmp_path, "pretrain.lr=0.01"), "pretrain", force=True)
-    assert ran and metrics["train_steps"] == 6
+def test_a_second_run_reuses_everything(run):
+    before = {s: (run / s / "COMPLETE.json").read_text() for s in STAGES}
+    again = run_all(smoke(run))
+    assert {s: (run / s / "COMPLETE.json").read_text() for s in STAGES} == before
+    assert again["pretrain"]["train_steps"] == 6
 
 
-def test_redone_upstream_reruns_downstream(tmp_path):
-    run_all(smoke(tmp_path, "stages=[pretrain,eval]"))
-    first = json.loads((tmp_path / "run" / "eval" / "COMPLETE.json").read_text())
-    run_all(smoke(tmp_path, "stages=[pretrain,eval]"), force=True)
-    second = json.loads((tmp_path / "run" / "eval" / "COMPLETE.json").read_text())
-    assert first["config_hash"] != second["config_hash"]  # the upstream marker is part of its identity
-    # forcing pretrain alone leaves eval stale: running eval without --force is refused
-    run_stage(smoke(tmp_path, "stages=[pretrain,eval]"), "pretrain", force=True)
-    with pytest.raises(StageConfigMismatch):
-        run_stage(smoke(tmp_path, "stages=[pretrain,eval]"), "eval")
+def test_dependencies_are_declared_by_role():
+    pipe = smoke("unused")
+    assert upstream(pipe, "pretrain") == []
+    assert upstream(pipe, "library") == ["pretrain"]
+    assert upstream(pipe, "search") == ["pretrain", "library", "scores", "costs"]
+    assert upstream(pipe, "eval") == ["pretrain", "search"]
+    assert dependents(pipe, "library") == ["scores", "costs", "search", "eval"]
+    assert dependents(pipe, "eval") == [] and dependents(pipe, "costs") == ["search", "eval"]
+    # an outside file replaces the stage that would have made it
+    assert upstream(smoke("unused", "search.costs=/x/costs.json"), "search") == ["pretrain", "library", "scores"]
 
 
-class Interrupt(Exception):
-    pass
+def test_redone_parent_never_mixes_with_old_layers(run):
+    """Issue reproduction 1: pretrain redone with another seed, library redone, then search alone."""
+    run_stage(smoke(run, "pretrain.seed=7"), "pretrain", force=True)
+    assert state(run, "library") == "stale"  # its parent was redone
+    # library reads only the parent; running it redoes it (the parent changed) without asking for --force
+    _, ran = run_stage(smoke(run, "pretrain.seed=7"), "library")
+    assert ran
+    # search reads scores and costs, still made from the old parent: refused, naming what to run
+    with pytest.raises(StageConfigMismatch, match=r"stage 'scores'.*out of date.*input 'parent'.*redone"):
+        run_stage(smoke(run, "pretrain.seed=7"), "search", force=True)
+    run_all(smoke(run, "pretrain.seed=7"))
+    parent = load_file(run / "pretrain" / "model" / "model.safetensors")
+    child = load_file(run / "search" / "model" / "model.safetensors")
+    assert torch.equal(parent["model.embed_tokens.weight"], child["model.embed_tokens.weight"])
+    m = marker(run, "search")
+    assert m["inputs"]["parent"]["id"] == marker(run, "pretrain")["output_id"]
+    assert m["inputs"]["library"]["id"] == marker(run, "library")["output_id"]
 
 
-def test_interrupted_pretrain_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    # uninterrupted reference
-    ref_pipe = load_pipeline(SMOKE, [f"run_dir={tmp_path / 'ref'}"])
-    run_stage(ref_pipe, "pretrain")
-    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "ref" / "pretrain" / "model").state_dict()
+def test_redone_library_makes_search_stale(run):
+    """Issue reproduction 2: library forced with another bld_steps; the old search is not reported complete."""
+    run_stage(smoke(run, "library.bld_steps=8"), "library", force=True)
+    assert state(run, "search", "library.bld_steps=8") == "stale"
+    with pytest.raises(StageConfigMismatch, match="stage 'scores'.*out of date"):
+        run_stage(smoke(run, "library.bld_steps=8"), "search")
+    # without the override the config says bld_steps=4: the library itself is out of date, and says why
+    with pytest.raises(StageConfigMismatch, match=r"library.bld_steps changed: 8 -> 4"):
+        run_stage(smoke(run), "scores")
 
+
+def test_redoing_eval_leaves_every_other_stage_current(run):
+    before = ids(run)
+    run_stage(smoke(run), "eval", force=True)
+    after = ids(run)
+    assert {s: after[s] == before[s] for s in STAGES} == {s: s != "eval" for s in STAGES}
+    for s in STAGES:
+        assert state(run, s) == "complete"
+
+
+def test_run_from_redoes_a_stage_and_exactly_its_dependents(run, capsys):
+    before = ids(run)
+    run_all(smoke(run), from_stage="costs")
+    after = ids(run)
+    assert [s for s in STAGES if after[s] != before[s]] == ["costs", "search", "eval"]
+    # eval re-used its evaluation of the unchanged parent and evaluated only the new child
+    out = capsys.readouterr().out
+    assert "pretrain: reusing the evaluation" in out and "search: reusing" not in out
+    with pytest.raises(ConfigError, match="--from nope"):
+        run_all(smoke(run), from_stage="nope")
+
+
+def test_a_changed_stage_is_redone_and_so_is_what_reads_it(run):
+    before = ids(run)
+    run_all(smoke(run, "search.speedup=1.1"))
+    after = ids(run)
+    assert [s for s in STAGES if after[s] != before[s]] == ["search", "eval"]
+
+
+def test_outside_costs_file_is_identified_by_content(run, tmp_path):
+    own = tmp_path / "own-costs.json"
+    shutil.copy(run / "costs" / "costs.json", own)
+    run_stage(smoke(run, f"costs.file={own}"), "costs")
+    assert marker(run, "costs")["inputs"]["file"]["path"] == str(own.resolve())
+    assert state(run, "costs", f"costs.file={own}") == "complete"
+    data = json.loads(own.read_text())
+    data["device"] = "cuda: measured elsewhere"
+    own.write_text(json.dumps(data))
+    pipe = smoke(run, f"costs.file={own}")
+    with RunDir(pipe.run_dir) as rd:
+        st, reasons = status(pipe, rd, "costs")
+    assert st == "stale" and any("changed since this stage ran" in r for r in reasons)
+    metrics, ran = run_stage(pipe, "costs")
+    assert ran and metrics["device"] == "cuda: measured elsewhere"
+
+
+def test_eval_model_outside_the_run_is_identified_by_content(run, tmp_path):
+    model = tmp_path / "m"
+    shutil.copytree(run / "pretrain" / "model", model)
+    out = tmp_path / "ev"
+    args = ["eval", "--config", str(SMOKE), "--model", str(model), "--out", str(out), "eval.per_cell=2"]
+    assert main(args) == 0
+    first = marker(out, "eval")["output_id"]
+    assert main(args) == 0 and marker(out, "eval")["output_id"] == first  # unchanged model: reused
+    # the model is re-made (here: another parent's weights): the old result is not reused
+    shutil.copy(run / "search" / "model" / "config.json", model / "config.json")
+    shutil.copy(run / "search" / "model" / "model.safetensors", model / "model.safetensors")
+    assert main(args) == 0 and marker(out, "eval")["output_id"] != first
+
+
+def test_upgrade_rule_keeps_finished_work(run):
+    """A config key the marker lacks (a field added later) counts as unchanged while it holds its default."""
+    path = run / "pretrain" / "COMPLETE.json"
+    m = json.loads(path.read_text())
+    assert m["config"]["fact_fraction"] == 0.0  # the default
+    del m["config"]["fact_fraction"]
+    m["config"]["a_field_removed_since"] = 3  # unknown to the code now: ignored
+    path.write_text(json.dumps(m))
+    assert state(run, "pretrain") == "complete"
+    _, ran = run_stage(smoke(run), "pretrain")
+    assert not ran
+    # the same missing key holding a non-default value now is a change, and says so
+    pipe = smoke(run, "pretrain.fact_fraction=0.1")
+    with RunDir(pipe.run_dir) as rd:
+        st, reasons = status(pipe, rd, "pretrain")
+    assert st == "stale" and reasons == [
+        "pretrain.fact_fraction changed: 0.0 (its default; the stage predates it) -> 0.1"]
+
+
+def _tree(path: Path) -> dict:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_force_then_fail_keeps_the_old_output_whole(run, monkeypatch):
+    before = _tree(run / "search")
+    # a bad value: refused when the config loads, nothing touched
+    with pytest.raises(ConfigError, match="device='tpu'"):
+        run_stage(smoke(run, "pretrain.device=tpu"), "pretrain", force=True)
+    # a value that fails inside the stage: the old output stays whole, nothing mixed in
+    with pytest.raises(ConfigError, match="batch_size=7"):
+        run_stage(smoke(run, "search.batch_size=7"), "search", force=True)
+    assert _tree(run / "search") == before and (run / "pretrain" / "model" / "model.safetensors").is_file()
+
+    from thinkfast.stages import search
+
+    def boom(*a, **k):
+        raise RuntimeError("disk trouble while writing the Pareto table")
+
+    monkeypatch.setattr(search, "_pareto", boom)  # after model/ and architecture.txt of the new run
+    with pytest.raises(RuntimeError):
+        run_stage(smoke(run, "search.speedup=1.1"), "search", force=True)
+    assert _tree(run / "search") == before
+    assert state(run, "search") == "complete"  # the old output still matches the YAML
+    monkeypatch.undo()
+    # completing without a sweep replaces the whole folder: no pareto.* of the old run survives
+    run_stage(smoke(run, "search.sweep=[]"), "search")
+    assert not list((run / "search").glob("pareto*")) and not (run / "search.partial").exists()
+
+
+def test_interrupted_pretrain_resumes_to_the_same_weights(base, tmp_path, monkeypatch):
+    ref = load_file(base[0] / "pretrain" / "model" / "model.safetensors")
     real_make_batch = pretrain.make_batch
 
     def failing(cfg, tok, step):
         if step == 4:  # after the checkpoint at step 3
-            raise Interrupt
+            raise KeyboardInterrupt
         return real_make_batch(cfg, tok, step)
 
-    pipe = smoke(tmp_path)
+    run = tmp_path / "run"
     monkeypatch.setattr(pretrain, "make_batch", failing)
-    with pytest.raises(Interrupt):
-        run_stage(pipe, "pretrain")
-    stage = StageDir(tmp_path / "run", "pretrain")
-    assert not stage.is_complete() and (stage.checkpoint_dir / "state.pt").is_file()
-    assert torch.load(stage.checkpoint_dir / "state.pt", weights_only=False)["step"] == 3
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(smoke(run), "pretrain")
+    work = StageDir(run, "pretrain.partial")
+    assert not (run / "pretrain").exists() and (work.checkpoint_dir / "state.json").is_file()
+    assert not list(work.checkpoint_dir.glob("*.pt"))  # no pickle
+    assert state(run, "pretrain") == "partial"
     monkeypatch.setattr(pretrain, "make_batch", real_make_batch)
-    metrics, ran = run_stage(smoke(tmp_path), "pretrain")
-    assert ran and stage.is_complete() and not stage.checkpoint_dir.exists()
-    got = AutoModelForCausalLM.from_pretrained(stage.model_dir).state_dict()
+    metrics, ran = run_stage(smoke(run), "pretrain")
+    assert ran and not work.path.exists() and not (run / "pretrain" / "checkpoint").exists()
+    got = load_file(run / "pretrain" / "model" / "model.safetensors")
     for k in ref:
         assert torch.allclose(ref[k], got[k], atol=1e-6), k
-    starts = [json.loads(x) for x in stage.log_path.read_text().splitlines() if '"start"' in x]
+    starts = [json.loads(x) for x in (run / "pretrain" / "log.jsonl").read_text().splitlines() if '"start"' in x]
     assert [s["resume_step"] for s in starts] == [0, 3]
+
+
+def test_a_planted_pickle_is_refused_and_never_run(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real = pretrain.make_batch
+
+    def stop(cfg, tok, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real(cfg, tok, step)
+
+    monkeypatch.setattr(pretrain, "make_batch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(smoke(run), "pretrain")
+    monkeypatch.undo()
+    ckpt = run / "pretrain.partial" / "checkpoint"
+    shutil.rmtree(ckpt)
+    ckpt.mkdir()
+    flag = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (flag,))
+
+    import pickle
+
+    (ckpt / "state.pt").write_bytes(pickle.dumps({"model": Payload()}))
+    with pytest.raises(ConfigError, match=r"state.pt is a pickle.*--force"):
+        run_stage(smoke(run), "pretrain")
+    assert not flag.exists()
+
+
+def test_stage_order_and_values_fail_when_the_config_loads(tmp_path):
+    with pytest.raises(ConfigError, match=r"'library' reads a model \(parent\) but no stage before it makes one"):
+        smoke(tmp_path, "stages=[library,pretrain]")
+    with pytest.raises(ConfigError, match="run_dir is empty"):
+        load_pipeline(SMOKE, ["run_dir="])
+    with pytest.raises(ConfigError, match="override pretrain.num_heads=0"):
+        smoke(tmp_path, "pretrain.num_heads=0")
+    with pytest.raises(ConfigError, match="hidden_size=-8 must be >= 1"):
+        smoke(tmp_path, "pretrain.hidden_size=-8")
+    with pytest.raises(ConfigError, match="device='tpu'"):
+        smoke(tmp_path, "eval.device=tpu")
+    if not torch.cuda.is_available():
+        pipe = smoke(tmp_path / "r", "costs.device=cuda")
+        with pytest.raises(ConfigError, match="costs.device='cuda', but this machine has no CUDA"):
+            run_all(pipe)
+        assert not (tmp_path / "r").exists()  # refused before any stage started
+
+
+def test_run_directory_must_be_unambiguous_and_is_never_someone_elses(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "eval" / "model").mkdir(parents=True)
+    (mine / "eval" / "model" / "weights.bin").write_bytes(b"user data")
+    with pytest.raises(RunDirError, match="not a thinkfast run directory"):
+        run_stage(smoke(mine), "pretrain")
+    assert (mine / "eval" / "model" / "weights.bin").read_bytes() == b"user data"
+    assert sorted(p.name for p in mine.iterdir()) == ["eval"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(RunDirError, match="is a file"):
+        run_stage(smoke(afile), "pretrain")
+
+
+def test_a_locked_run_directory_is_refused(run, capsys):
+    holder = RunDir(run, command="thinkfast run (other terminal)")
+    holder.prepare()
+    holder.lock()
+    try:
+        assert main(["run", "--config", str(SMOKE), f"run_dir={run}"]) == 2
+        err = capsys.readouterr().err
+        assert "is in use by pid" in err and "other terminal" in err
+    finally:
+        holder.unlock()
+    assert main(["run", "--config", str(SMOKE), f"run_dir={run}"]) == 0
+
+
+def test_cli_runs_and_reports_errors(run, tmp_path, capsys):
+    model = run / "pretrain" / "model"
+    assert main(["convert", str(model), str(tmp_path / "nas")]) == 0
+    assert json.loads((tmp_path / "nas" / "config.json").read_text())["model_type"] == "nemotron-nas"
+    assert json.loads((tmp_path / "nas" / "thinkfast.json").read_text())["prompting"] == "text"
+    capsys.readouterr()
+
+    def err(args) -> tuple[int, str]:
+        code = main(args)
+        return code, capsys.readouterr().err
+
+    code, msg = err(["run", "--config", str(SMOKE), "pretrain.nope=1"])
+    assert code == 2 and "unknown key 'pretrain.nope'" in msg
+    code, msg = err(["search", "--config", str(SMOKE), f"run_dir={tmp_path / 'none'}"])
+    assert code == 2 and "stage 'pretrain', which has not completed" in msg and "thinkfast pretrain" in msg
+    code, msg = err(["pretrain", "--config", str(SMOKE), "pretrain.num_heads=0", f"run_dir={run}"])
+    assert code == 2 and "override pretrain.num_heads=0" in msg and "Traceback" not in msg
+
+
+def test_cli_messages_for_damaged_run_directories(run, capsys):
+    def err(*args) -> tuple[int, str]:
+        code = main([*args, "--config", str(SMOKE), f"run_dir={run}"])
+        return code, capsys.readouterr().err.strip()
+
+    capsys.readouterr()
+    (run / "costs" / "COMPLETE.json").write_text("[]")
+    code, msg = err("search")
+    assert code == 2 and "costs/COMPLETE.json: not a thinkfast stage marker" in msg and "\n" not in msg
+    shutil.rmtree(run / "costs")
+    # a truncated model file names itself
+    weights = run / "pretrain" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, msg = err("library", "--force")
+    assert code == 2 and "model.safetensors" in msg and "\n" not in msg
+    # a bad config.json names itself
+    (run / "pretrain" / "model" / "config.json").write_text("{not json")
+    code, msg = err("library", "--force")
+    assert code == 2 and "config.json" in msg and "\n" not in msg
+
+
+def test_cli_interrupt_and_full_disk(tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "run", interrupted)
+    assert main(["pretrain", "--config", str(SMOKE), f"run_dir={tmp_path / 'r'}"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "r" / "pretrain.partial" / "x"))
+
+    monkeypatch.setattr(pretrain, "run", full)
+    assert main(["pretrain", "--config", str(SMOKE), f"run_dir={tmp_path / 'r'}"]) == 1
+    msg = capsys.readouterr().err
+    assert "no space left" in msg and "pretrain.partial" in msg and "Traceback" not in msg
+    with pytest.raises(OSError):
+        main(["pretrain", "--debug", "--config", str(SMOKE), f"run_dir={tmp_path / 'r'}"])
+
+
+def test_eval_chat_modes_sample_on_and_greedy_off(run):
+    pipe = smoke(run, "stages=[pretrain,eval]", "eval.prompting=chat", "eval.samples=2")
+    metrics, _ = run_stage(pipe, "eval")
+    m = metrics["models"]["pretrain"]
+    assert m["prompting"] == "chat" and set(m["modes"]) == {"on", "off"}
+    assert m["modes"]["on"]["cells"]["add/1d"]["n"] == 8  # per_cell x samples
+    assert m["modes"]["off"]["cells"]["add/1d"]["n"] == 4  # greedy: one sample
+    samples = [json.loads(x) for x in (run / "eval" / "pretrain" / "samples.jsonl").read_text().splitlines()]
+    assert {s["mode"] for s in samples} == {"on", "off"}
 
 
 def test_pretrain_changes_every_parameter_and_batches_are_deterministic():
@@ -162,36 +476,6 @@ def test_bad_configs_name_file_line_and_key(tmp_path):
         load_pipeline(bad)
     with pytest.raises(ConfigError, match="unknown key 'eval.per_cel'"):
         load_pipeline(SMOKE, ["eval.per_cel=3"])
-
-
-def test_cli_runs_and_reports_errors(tmp_path, capsys):
-    assert main(["pretrain", "--config", str(SMOKE), f"run_dir={tmp_path / 'r'}", "pretrain.train_steps=2"]) == 0
-    assert json.loads((tmp_path / "r" / "pretrain" / "metrics.json").read_text())["train_steps"] == 2
-    model = tmp_path / "r" / "pretrain" / "model"
-    assert main(["eval", "--config", str(SMOKE), "--model", str(model), "--out", str(tmp_path / "e")]) == 0
-    assert (tmp_path / "e" / "eval" / "metrics.json").is_file()
-    assert main(["convert", str(model), str(tmp_path / "nas")]) == 0
-    assert json.loads((tmp_path / "nas" / "config.json").read_text())["model_type"] == "nemotron-nas"
-    assert (tmp_path / "nas" / "tokenizer.json").is_file()
-    assert json.loads((tmp_path / "nas" / "thinkfast.json").read_text())["prompting"] == "text"
-    capsys.readouterr()
-    assert main(["run", "--config", str(SMOKE), "pretrain.nope=1"]) == 2
-    assert "unknown key 'pretrain.nope'" in capsys.readouterr().err
-    assert main(["search", "--config", str(SMOKE), f"run_dir={tmp_path / 'none'}"]) == 2  # nothing to search yet
-    assert "stage 'costs' (before 'search') has not completed" in capsys.readouterr().err
-
-
-def test_eval_chat_modes_sample_on_and_greedy_off(tmp_path):
-    pipe = smoke(tmp_path, "eval.prompting=chat", "eval.samples=2")
-    run_stage(pipe, "pretrain")
-    metrics, _ = run_stage(pipe, "eval")
-    assert metrics["prompting"] == "chat" and set(metrics["modes"]) == {"on", "off"}
-    assert metrics["modes"]["on"]["cells"]["add/1d"]["n"] == 8  # per_cell x samples
-    assert metrics["modes"]["off"]["cells"]["add/1d"]["n"] == 4  # greedy: one sample
-    for mode in ("on", "off"):
-        assert 0.0 <= metrics["modes"][mode]["format_ok"] <= 1.0
-    samples = [json.loads(x) for x in (tmp_path / "run" / "eval" / "samples.jsonl").read_text().splitlines()]
-    assert {s["mode"] for s in samples} == {"on", "off"}
 
 
 def test_documents_longer_than_a_row_are_measured():

@@ -2,6 +2,7 @@
 costs, search and assembly; the assembled child loads in both loading modes."""
 
 import json
+from pathlib import Path
 import os
 import subprocess
 import sys
@@ -15,9 +16,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import thinkfast  # noqa: F401
 from thinkfast.nano.tokenizer import build_tokenizer
 from thinkfast.puzzle.assemble import assemble, build_problem, describe
-from thinkfast.puzzle.parent import load_decilm, read_library
+from thinkfast.artifacts import read_costs, read_library, read_scores
+from thinkfast.puzzle.parent import load_decilm
+from thinkfast.puzzle.targets import limits_for
 from thinkfast.rundir import StageDir
-from thinkfast.stages import costs, library, scores, search
+from thinkfast.stages import Inputs, costs, library, scores, search
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +48,11 @@ def lib_cfg(**kw):
 def run_dir(tmp_path_factory, parent_dir):
     """library -> scores -> costs in one run directory (shared by the tests below)."""
     root = tmp_path_factory.mktemp("run")
-    m = library.run(lib_cfg(), StageDir(root, "library"), parent_dir)
-    s = scores.run(scores.ScoresConfig(rows=2, seq_len=48, batch_size=2, device="cpu"), StageDir(root, "scores"),
-                   parent_dir)
+    m = library.run(lib_cfg(), StageDir(root, "library"), Inputs({"parent": parent_dir}))
+    both = Inputs({"parent": parent_dir, "library": root / "library" / "library"})
+    s = scores.run(scores.ScoresConfig(rows=2, seq_len=48, batch_size=2, device="cpu"), StageDir(root, "scores"), both)
     c = costs.run(costs.CostsConfig(batch_sizes=[1, 2], prefill_len=16, decode_context=16, warmup=1, repeats=2,
-                                    rounds=2, device="cpu"), StageDir(root, "costs"), parent_dir)
+                                    rounds=2, device="cpu"), StageDir(root, "costs"), both)
     return root, m, s, c
 
 
@@ -85,10 +88,10 @@ def test_library_resume_reaches_same_weights(parent_dir, run_dir, tmp_path, monk
 
     monkeypatch.setattr(library, "_rows", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
-        library.run(lib_cfg(), stage, parent_dir)
-    assert (stage.checkpoint_dir / "state.pt").is_file()
+        library.run(lib_cfg(), stage, Inputs({"parent": parent_dir}))
+    assert (stage.checkpoint_dir / "state.json").is_file()
     monkeypatch.setattr(library, "_rows", real_rows)
-    library.run(lib_cfg(), stage, parent_dir)
+    library.run(lib_cfg(), stage, Inputs({"parent": parent_dir}))
     a = load_file(str(root / "library" / "library" / "weights.safetensors"))
     b = load_file(str(stage.path / "library" / "weights.safetensors"))
     assert a.keys() == b.keys()
@@ -101,10 +104,10 @@ def test_library_split_by_layers_then_merged_equals_whole(parent_dir, run_dir, t
     parts = []
     for start, end in ((0, 1), (1, 2)):
         st = StageDir(tmp_path / f"part{start}", "library")
-        library.run(lib_cfg(layer_start=start, layer_end=end), st, parent_dir)
+        library.run(lib_cfg(layer_start=start, layer_end=end), st, Inputs({"parent": parent_dir}))
         parts.append(str(st.path / "library"))
     merged = StageDir(tmp_path / "merged", "library")
-    m = library.run(lib_cfg(merge_from=parts), merged, None)
+    m = library.run(lib_cfg(merge_from=parts), merged, Inputs({"sources": {p: Path(p) for p in parts}}))
     assert m["layers"] == [0, 1]
     a = load_file(str(root / "library" / "library" / "weights.safetensors"))
     b = load_file(str(merged.path / "library" / "weights.safetensors"))
@@ -112,13 +115,14 @@ def test_library_split_by_layers_then_merged_equals_whole(parent_dir, run_dir, t
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="repeats layer"):
-        library.run(lib_cfg(merge_from=[parts[0], parts[0]]), StageDir(tmp_path / "bad", "library"), None)
+        library.run(lib_cfg(merge_from=[parts[0], parts[0]]), StageDir(tmp_path / "bad", "library"),
+                    Inputs({"sources": {"0": Path(parts[0]), "1": Path(parts[0])}}))
 
 
 def test_coupled_mode_trains_every_pair(parent_dir, tmp_path):
     st = StageDir(tmp_path, "library")
     library.run(lib_cfg(mode="coupled", layer_start=1, layer_end=2, ffn_fractions=[0.5], attention_linear=False,
-                        bld_steps=8, lr=1e-3), st, parent_dir)
+                        bld_steps=8, lr=1e-3), st, Inputs({"parent": parent_dir}))
     lib = read_library(st.path / "library")
     blocks = [v for v in lib["variants"] if v["part"] == "block"]
     assert len(blocks) == 3 * 4  # attention: kv2, kv1, no_op x ffn: 48, 24, linear, no_op
@@ -131,7 +135,7 @@ def test_coupled_mode_trains_every_pair(parent_dir, tmp_path):
 
 def test_scores_parent_block_is_free_and_removal_costs(run_dir):
     root = run_dir[0]
-    data = scores.read_scores(root / "scores" / "scores.json")
+    data = read_scores(root / "scores" / "scores.json")
     by = {(b["layer"], b["attention"], b["ffn"]): b for b in data["blocks"]}
     assert len(by) == 2 * 4 * 5
     for layer in (0, 1):
@@ -143,7 +147,7 @@ def test_scores_parent_block_is_free_and_removal_costs(run_dir):
 
 def test_costs_file_shape_and_reuse(run_dir, parent_dir, tmp_path):
     root = run_dir[0]
-    data = costs.read_costs(root / "costs" / "costs.json")
+    data = read_costs(root / "costs" / "costs.json")
     assert data["device"].startswith("cpu") and data["batch_sizes"] == [1, 2]
     att, ffn = data["attention"], data["ffn"]
     assert att["gqa_kv1"]["kv_bytes_per_token"] * 2 == att["gqa_kv2"]["kv_bytes_per_token"] == 2 * 2 * 8 * 4
@@ -153,18 +157,17 @@ def test_costs_file_shape_and_reuse(run_dir, parent_dir, tmp_path):
     # bring your own costs: the file is copied and its device recorded
     own = tmp_path / "own.json"
     own.write_text(json.dumps({**data, "device": "cuda: H100 (measured elsewhere)"}))
-    m = costs.run(costs.CostsConfig(file=str(own)), StageDir(tmp_path, "costs"), None)
+    m = costs.run(costs.CostsConfig(file=str(own)), StageDir(tmp_path, "costs"), Inputs({"file": own}))
     assert m["device"] == "cuda: H100 (measured elsewhere)"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "thinkfast-puzzle-costs/1"}))
-    with pytest.raises(ValueError, match="missing key"):
-        costs.read_costs(bad)
+    with pytest.raises(ValueError, match="device: missing"):
+        read_costs(bad)
 
 
 def test_costs_take_the_median_over_interleaved_passes(run_dir, parent_dir, tmp_path, monkeypatch):
     """A disturbance during one pass (here: every time of pass 0 is 100x) does not reach costs.json."""
     root = run_dir[0]
-    (tmp_path / "library").symlink_to(root / "library")
     real, calls = costs.measure_variant, []
 
     def fake(config, variant, cfg, device, rotary):
@@ -177,17 +180,23 @@ def test_costs_take_the_median_over_interleaved_passes(run_dir, parent_dir, tmp_
 
     monkeypatch.setattr(costs, "measure_variant", fake)
     costs.run(costs.CostsConfig(batch_sizes=[1], prefill_len=8, decode_context=8, warmup=0, repeats=1, rounds=3,
-                                device="cpu"), StageDir(tmp_path, "costs"), parent_dir)
-    data = costs.read_costs(tmp_path / "costs" / "costs.json")
+                                device="cpu"), StageDir(tmp_path, "costs"),
+              Inputs({"parent": parent_dir, "library": root / "library" / "library"}))
+    data = read_costs(tmp_path / "costs" / "costs.json")
     assert len(calls) == 3 * (len(data["attention"]) + len(data["ffn"]))
     assert {v["decode_s"]["1"] for v in data["attention"].values()} == {1.0}
     assert {v["prefill_s"]["1"] for v in data["ffn"].values()} == {2.0}
 
 
+def _search_inputs(root, parent_dir):
+    return Inputs({"parent": parent_dir, "library": root / "library" / "library",
+                   "scores": root / "scores" / "scores.json", "costs": root / "costs" / "costs.json"})
+
+
 def _problem(root):
     return build_problem(read_library(root / "library" / "library"),
-                         scores.read_scores(root / "scores" / "scores.json"),
-                         costs.read_costs(root / "costs" / "costs.json"))
+                         read_scores(root / "scores" / "scores.json"),
+                         read_costs(root / "costs" / "costs.json"))
 
 
 def test_assembling_the_parent_choice_reproduces_the_parent(run_dir, parent_dir):
@@ -208,7 +217,7 @@ def test_search_solves_assembles_and_loads_both_ways(run_dir, parent_dir, tmp_pa
     root = run_dir[0]
     cfg = search.SearchConfig(speedup=1.3, batch_size=2, sweep=[1.1, 1.3], n_solutions=2, alpha=0.5)
     stage = StageDir(root, "search")
-    m = search.run(cfg, stage, parent_dir)
+    m = search.run(cfg, stage, _search_inputs(root, parent_dir))
     assert m["speedup"] >= 1.3 - 1e-9 and m["optimal"] and m["solver"] == "enumeration"
     out = json.loads((stage.path / "search.json").read_text())
     assert len(out["solutions"]) == 2
@@ -249,18 +258,16 @@ print('ok')
 def test_search_infeasible_target_names_best_value(run_dir, parent_dir, tmp_path):
     root = run_dir[0]
     stage = StageDir(tmp_path, "search")
-    cfg = search.SearchConfig(speedup=1000.0, batch_size=2, library=str(root / "library" / "library"),
-                              scores=str(root / "scores" / "scores.json"), costs=str(root / "costs" / "costs.json"))
-    with pytest.raises(ValueError, match=r"decode_s@2 <= .* out of reach: the smallest possible is"):
-        search.run(cfg, stage, parent_dir)
-    with pytest.raises(ValueError, match="batch_size=64 was not measured"):
-        search.run(search.SearchConfig(batch_size=64, library=cfg.library, scores=cfg.scores, costs=cfg.costs),
-                   stage, parent_dir)
+    cfg = search.SearchConfig(speedup=1000.0, batch_size=2)
+    with pytest.raises(ValueError, match=r"search.speedup=1000.* cannot be reached: the fastest child .* \d\.\d\dx"):
+        search.run(cfg, stage, _search_inputs(root, parent_dir))
+    with pytest.raises(ValueError, match="batch_size=64"):
+        search.run(search.SearchConfig(batch_size=64), stage, _search_inputs(root, parent_dir))
 
 
 def test_problem_matrices_follow_costs(run_dir):
     problem = _problem(run_dir[0])
-    c = costs.read_costs(run_dir[0] / "costs" / "costs.json")
+    c = read_costs(run_dir[0] / "costs" / "costs.json")
     k = problem.names[0].index(("gqa_kv1", "ffn_24"))
     assert problem.costs["params"][0, k] == c["attention"]["gqa_kv1"]["params"] + c["ffn"]["ffn_24"]["params"]
     assert problem.costs["decode_s@2"][0, k] == pytest.approx(
@@ -280,21 +287,21 @@ def test_problem_matrices_follow_costs(run_dir):
     # a costs file without the whole-model timing (brought from elsewhere) has no overhead
     bare = {k: v for k, v in c.items() if k != "parent_model"}
     lib = read_library(run_dir[0] / "library" / "library")
-    sc = scores.read_scores(run_dir[0] / "scores" / "scores.json")
+    sc = read_scores(run_dir[0] / "scores" / "scores.json")
     assert build_problem(lib, sc, bare).overhead == {}
 
 
 def test_targets_become_limits(run_dir):
     root = run_dir[0]
     problem = _problem(root)
-    c = costs.read_costs(root / "costs" / "costs.json")
+    c = read_costs(root / "costs" / "costs.json")
     parent = problem.totals(problem.parent_choice)
     cfg = search.SearchConfig(speedup=None, batch_size=2, max_params=1e5, kv_fraction=0.5, max_kv_cache_bytes=4096.0,
                               memory_context=16, min_throughput=10.0, runtime="prefill")
-    lim = search.limits_for(cfg, problem, c, None)
+    lim = limits_for(cfg, problem, c, None)
     assert lim["params"] == pytest.approx(1e5 - problem.fixed["params"])
     # the tighter of kv_fraction and max_kv_cache_bytes wins
     assert lim["kv_bytes_per_token"] == pytest.approx(min(parent["kv_bytes_per_token"] * 0.5, 4096.0 / (2 * 16)))
     assert lim["prefill_s@2"] == pytest.approx(2 * 16 / 10.0 - problem.fixed["prefill_s@2"])
-    lim = search.limits_for(search.SearchConfig(speedup=2.0, batch_size=1), problem, c, 2.0)
+    lim = limits_for(search.SearchConfig(speedup=2.0, batch_size=1), problem, c, 2.0)
     assert lim["decode_s@1"] == pytest.approx(parent["decode_s@1"] / 2 - problem.fixed["decode_s@1"])

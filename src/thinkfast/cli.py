@@ -1,27 +1,32 @@
 """The ``thinkfast`` command.
 
-    thinkfast run      [--config FILE] [--force] [key=value ...]   every stage of the pipeline, in order
+    thinkfast run      [--config FILE] [--force | --from STAGE] [key=value ...]   every stage, in order
     thinkfast STAGE    [--config FILE] [--force] [key=value ...]   one stage (pretrain, eval, ...)
     thinkfast eval     --model DIR [--out DIR] [key=value ...]     evaluate any model folder
     thinkfast convert  SRC DST [--overwrite]                        Llama folder -> nemotron-nas folder
 
 Without ``--config`` the embedded nano-world pipeline is used. Overrides are dotted keys into the YAML
-(``pretrain.lr=1e-3``, ``run_dir=runs/x``). Errors in configs name the file, line and key.
+(``pretrain.lr=1e-3``, ``run_dir=runs/x``). Every mistake is one line naming the file, key or value at
+fault (exit 2; an environmental failure such as a full disk exits 1, Ctrl-C 130); ``--debug`` (or
+``THINKFAST_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 
 from .config import ConfigError
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, what: str = "the stage") -> None:
     p.add_argument("--config", "-c", help="pipeline YAML (default: the embedded nano-world config)")
-    p.add_argument("--force", action="store_true", help="redo completed stages")
+    p.add_argument("--force", action="store_true", help=f"redo {what} even if complete and current")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (also THINKFAST_DEBUG=1)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override a config key, e.g. pretrain.lr=1e-3")
 
 
@@ -30,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="thinkfast", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_config_args(sub.add_parser("run", help="run every stage of the pipeline in order"))
+    p = sub.add_parser("run", help="run every stage of the pipeline in order")
+    _add_config_args(p, "every stage")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", choices=list(STAGES),
+                   help="redo STAGE and every stage that depends on it (and nothing else)")
     for name in STAGES:
         p = sub.add_parser(name, help=f"run the {name} stage")
         _add_config_args(p)
@@ -41,16 +49,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (also THINKFAST_DEBUG=1)")
     return parser
 
 
+def _error(message: str, code: int) -> int:
+    print(f"thinkfast: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; every failure becomes one line on stderr and an exit code (2: a mistake in what was
+    asked, 1: the environment or a bug, 130: interrupted)."""
     args = build_parser().parse_args(argv)
+    if args.debug or os.environ.get("THINKFAST_DEBUG", "") not in ("", "0"):
+        return _dispatch(args)
     try:
         return _dispatch(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"thinkfast: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("\nthinkfast: interrupted. Completed stages are kept; run the same command again (without "
+              "--force) and the interrupted stage resumes from its last checkpoint.", file=sys.stderr)
+        return 130
+    except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
+        return _error(str(e) if not isinstance(e, KeyError) else f"missing key {e}", 2)
+    except PermissionError as e:
+        return _error(f"permission denied: {e.filename or e}: make it writable or choose another run_dir", 1)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return _error(f"no space left on the device writing {e.filename or 'the run directory'}: free some "
+                          "space and run the same command again (completed stages are kept; nothing partial "
+                          "is used)", 1)
+        return _error(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", 1)
+    except MemoryError:
+        return _error("out of memory: lower the batch size of the stage that was running", 1)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return _error(f"{first} (rerun with --debug for the traceback)", 1)
+    except Exception as e:  # noqa: BLE001 - a bug: still one line, with the way to the traceback
+        return _error(f"internal error {type(e).__name__}: {e}. This is a bug in thinkfast: rerun with --debug "
+                      "and report the traceback", 1)
 
 
 def _dispatch(args) -> int:
@@ -69,7 +106,7 @@ def _dispatch(args) -> int:
         overrides += [f"eval.model={Path(args.model).resolve()}", f"run_dir={out}", "stages=[eval]"]
     pipe = load_pipeline(args.config, overrides)
     if args.command == "run":
-        results = run_all(pipe, force=args.force)
+        results = run_all(pipe, force=args.force, from_stage=args.from_stage)
         print(json.dumps({k: _headline(v) for k, v in results.items()}, indent=2))
         return 0
     metrics, _ = run_stage(pipe, args.command, force=args.force)
@@ -77,11 +114,13 @@ def _dispatch(args) -> int:
     return 0
 
 
-def _headline(metrics: dict) -> dict:
-    """Scalars only (an eval's per-cell table is in its metrics.json and table.txt)."""
-    out = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+def _headline(metrics: dict, prefix: str = "") -> dict:
+    """Scalars only (an eval's per-cell tables are in its metrics.json and table.txt files)."""
+    out = {prefix + k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
     for mode, m in metrics.get("modes", {}).items():
-        out.update({f"{mode}.{k}": v for k, v in m.items() if k != "cells"})
+        out.update({f"{prefix}{mode}.{k}": v for k, v in m.items() if k != "cells"})
+    for name, m in metrics.get("models", {}).items():
+        out.update(_headline(m, f"{prefix}{name}."))
     return out
 
 

@@ -5,14 +5,17 @@ This module turns ``YAML + key=value overrides`` into those dataclasses and
 makes every mistake point at its source::
 
     data, lines = load_yaml("configs/nano.yaml")
-    data = apply_overrides(data, ["pretrain.lr=1e-3"])
+    overrides = ["pretrain.lr=1e-3"]
+    data = apply_overrides(data, overrides)
     cfg = from_dict(PretrainConfig, data.get("pretrain"), where="configs/nano.yaml",
-                    lines=lines, prefix="pretrain")
+                    lines=lines, prefix="pretrain", overridden=override_locations(overrides))
 
 Errors are :class:`ConfigError` with messages such as
-``configs/nano.yaml line 12: unknown key 'pretrain.lrr' (known keys: ...); did you mean 'pretrain.lr'?``.
-Dataclasses validate their own values in ``__post_init__``; any ``ValueError``
-raised there is re-raised as a ``ConfigError`` that names the file and section.
+``configs/nano.yaml line 12: unknown key 'pretrain.lrr' (known keys: ...); did you mean 'pretrain.lr'?``,
+or, for a value given on the command line, ``override pretrain.lr=fast: 'pretrain.lr' must be float, ...``.
+Dataclasses validate their own values in ``__post_init__``; any exception raised
+there (a ``ValueError``, or a ``ZeroDivisionError`` from a zero) is re-raised as a
+``ConfigError`` that names the file or override and the section.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "load_yaml", "apply_overrides", "from_dict", "to_dict", "config_hash"]
+__all__ = ["ConfigError", "load_yaml", "apply_overrides", "override_locations", "from_dict", "to_dict",
+           "config_hash"]
 
 
 class ConfigError(ValueError):
@@ -128,10 +132,45 @@ def _parse_value(text: str, override: str, source: str) -> Any:
     if text.strip() == "":
         return ""
     try:
-        value, _ = _parse_yaml(text, source)
+        value, node = _parse_yaml(text, "\0")
+        if node is not None:
+            _record_lines(node, "", {}, "\0")  # a mapping value with a key twice is a mistake too
     except ConfigError as e:
-        raise ConfigError(f"{source}: cannot parse value of override {override!r}: {e}") from None
+        # "\0 line 1: YAML syntax error: ..." -> "YAML syntax error: ..." (a line of the value means little)
+        problem = str(e).partition(": ")[2] if str(e).startswith("\0") else str(e)
+        problem = re.sub(r" \(first at line \d+\)$", "", problem)
+        raise ConfigError(f"{source}: cannot parse value of override {override!r}: {problem}") from None
     return value
+
+
+def _split_override(override: str, source: str) -> tuple[list[str], str]:
+    """``"a.b=1"`` -> (``["a", "b"]``, ``"1"``); ConfigError naming ``override`` when malformed."""
+    if not isinstance(override, str):
+        raise ConfigError(f"{source}: override {override!r} is not a string (expected dotted.key=value)")
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not key or any(not p.strip() for p in parts):
+        raise ConfigError(f"{source}: malformed override {override!r} (expected dotted.key=value)")
+    return [p.strip() for p in parts], raw
+
+
+def override_locations(overrides: list[str], source: str = "command line") -> dict[str, str]:
+    """Map each overridden dotted key to its override, for :func:`from_dict`'s ``overridden``.
+
+    >>> override_locations(["pretrain.lr=1e-3", " eval.n = 2", "pretrain.lr=0.1"])
+    {'eval.n': 'eval.n = 2', 'pretrain.lr': 'pretrain.lr=0.1'}
+
+    A key given twice maps to the later override (the one :func:`apply_overrides` applied last).
+    Malformed overrides raise ConfigError as in :func:`apply_overrides`.
+    """
+    out: dict[str, str] = {}
+    for override in overrides:
+        parts, _ = _split_override(override, source)
+        key = ".".join(parts)
+        out.pop(key, None)  # keep insertion order = order applied
+        out[key] = override.strip()
+    return out
 
 
 def apply_overrides(cfg: dict, overrides: list[str], source: str = "command line") -> dict:
@@ -145,14 +184,7 @@ def apply_overrides(cfg: dict, overrides: list[str], source: str = "command line
     """
     out = copy.deepcopy(cfg)
     for override in overrides:
-        key, sep, raw = override.partition("=")
-        key = key.strip()
-        parts = key.split(".")
-        if not sep or not key or any(not p.strip() for p in parts):
-            raise ConfigError(
-                f"{source}: malformed override {override!r} (expected dotted.key=value)"
-            )
-        parts = [p.strip() for p in parts]
+        parts, raw = _split_override(override, source)
         value = _parse_value(raw, override, source)
         node = out
         for i, part in enumerate(parts[:-1]):
@@ -200,15 +232,50 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-class _Ctx:
-    """Where a value came from: file name + line map, used to format messages."""
+def _parent_key(key: str) -> str:
+    """``a.b[2]`` -> ``a.b``, ``a.b`` -> ``a``, ``a.d (key 'x')`` -> ``a.d``, ``a`` -> ``""``."""
+    if " (key " in key:
+        return key[: key.index(" (key ")]
+    if key.endswith("]") and "[" in key:
+        return key[: key.rindex("[")]
+    return key.rpartition(".")[0]
 
-    def __init__(self, where: str, lines: dict[str, int] | None):
+
+class _Ctx:
+    """Where a value came from: file name + line map + overrides, used to format messages."""
+
+    def __init__(self, where: str, lines: dict[str, int] | None, overridden: dict[str, str] | None = None):
         self.where = where
         self.lines = lines or {}
+        self.overridden = overridden or {}
+
+    def override_of(self, key: str) -> str | None:
+        """The override that set ``key`` or a section / list holding it, if any."""
+        probe = key
+        while probe:
+            if probe in self.overridden:
+                return self.overridden[probe]
+            probe = _parent_key(probe)
+        return None
+
+    def overrides_under(self, prefix: str, fields: list[str]) -> list[str]:
+        """Overrides that set ``prefix`` or anything inside it (for ``prefix=""``: inside ``fields``)."""
+        found = []
+        for key, text in self.overridden.items():
+            if prefix:
+                inside = key == prefix or key.startswith(prefix + ".") or key.startswith(prefix + "[")
+            else:
+                inside = key.partition(".")[0].partition("[")[0] in fields
+            if inside and text not in found:
+                found.append(text)
+        return found
 
     def loc(self, key: str) -> str:
-        """``file line N`` for ``key`` (or the nearest list it sits in), else ``file``."""
+        """``override a.b=1`` when ``key`` (or a section holding it) came from an override, else
+        ``file line N`` for ``key`` (or the nearest list it sits in), else ``file``."""
+        override = self.override_of(key)
+        if override is not None:
+            return f"override {override}"
         probe = key
         while probe:
             if probe in self.lines:
@@ -264,7 +331,7 @@ def _coerce(value: Any, tp: Any, key: str, ctx: _Ctx) -> Any:
             f"{', '.join(repr(a) for a in args)} (got {value!r})"
         )
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        return from_dict(tp, value, where=ctx.where, lines=ctx.lines, prefix=key)
+        return from_dict(tp, value, where=ctx.where, lines=ctx.lines, prefix=key, overridden=ctx.overridden)
     if tp is bool:
         if not isinstance(value, bool):
             raise ctx.type_error(key, tp, value)
@@ -324,18 +391,22 @@ def from_dict(
     where: str,
     lines: dict[str, int] | None = None,
     prefix: str = "",
+    overridden: dict[str, str] | None = None,
 ):
     """Build dataclass ``cls`` from mapping ``data``, checking keys and types.
 
     ``where`` names the source (usually the YAML file) and ``lines`` is the map from
     :func:`load_yaml`; ``prefix`` is the dotted path of ``data`` inside that file
-    (``"pretrain"``), so messages name the full key. ``None`` counts as an empty
-    section. Nested dataclass fields are built recursively. Raises ConfigError for
-    unknown keys, wrong types, missing required keys and ``__post_init__`` ValueErrors.
+    (``"pretrain"``), so messages name the full key. ``overridden`` is the map from
+    :func:`override_locations`: a mistake in a value that an override set (or in a
+    section an override replaced) names that override instead of a line of the file.
+    ``None`` counts as an empty section. Nested dataclass fields are built recursively.
+    Raises ConfigError for unknown keys, wrong types, missing required keys and any
+    exception ``__post_init__`` raises.
     """
     if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
         raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
-    ctx = _Ctx(where, lines)
+    ctx = _Ctx(where, lines, overridden)
     section = f"section '{prefix}'" if prefix else "top level"
     if data is None:
         data = {}
@@ -379,7 +450,28 @@ def from_dict(
     except ConfigError:
         raise
     except ValueError as e:
-        raise ConfigError(f"{ctx.loc(prefix)}: invalid {section}: {e}") from e
+        raise ConfigError(f"{_section_loc(ctx, prefix, data, known)}: invalid {section}: {e}") from e
+    except Exception as e:  # a check that tripped over a value, e.g. ZeroDivisionError from a 0
+        msg = f"{_section_loc(ctx, prefix, data, known)}: invalid {section}: {type(e).__name__}: {e}"
+        small = [f"{k}={v!r}" for k, v in kwargs.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0]
+        msg += f" (while checking its values; zero or negative: {', '.join(small)})" if small else \
+            " (while checking its values)"
+        raise ConfigError(msg) from e
+
+
+def _section_loc(ctx: _Ctx, prefix: str, data: dict, fields: list[str]) -> str:
+    """Where a whole section came from, for errors of its ``__post_init__``: the file (and line),
+    or the override(s) that set values in it, plus the file when other values in it come from there."""
+    overrides = ctx.overrides_under(prefix, fields)
+    if not overrides:
+        return ctx.loc(prefix)
+    text = ", ".join(f"override {o}" for o in overrides)
+    dotted = (lambda name: f"{prefix}.{name}") if prefix else str
+    if ctx.override_of(prefix) is None and any(ctx.override_of(dotted(k)) is None for k in data):
+        where = f"section '{prefix}'" if prefix else "the top level"
+        text += f" (the rest of {where} from {ctx.where})"
+    return text
 
 
 # ------------------------------------------------------------ to_dict / hashing

@@ -3,49 +3,63 @@
 A config file looks like::
 
     run_dir: runs/nano          # relative paths are relative to the current directory
-    stages: [pretrain, eval]    # the order `thinkfast run` follows
+    stages: [pretrain, library, scores, costs, search, eval]   # the order `thinkfast run` follows
     pretrain: {...}             # one section per stage, fields of that stage's config dataclass
-    eval: {...}
 
-Each stage module has a config dataclass and ``run(cfg, stage: StageDir, model_dir) -> metrics``, where
-``model_dir`` is the ``model/`` folder of the latest earlier stage that made one (None for the first).
-The runner owns the run-directory protocol: skip a completed stage, resume an interrupted one, write
-metrics and the completion marker last. A stage's identity is the hash of its config *and* of the
-completion marker of the stage it reads from, so a redone upstream stage invalidates what follows.
+Dependencies are exact. Each stage declares what it reads, by role (``thinkfast.stages``): a kind of
+output made by an earlier stage (the latest earlier one that makes it; eval reads every model), or a
+path from its config. A stage's identity is its config (without fields that only change speed) plus
+the identity of every input: for a stage's output, the ``output_id`` its completion marker records
+(new each time the stage completes); for a path outside the run directory, a hash of its content.
+So:
+
+- a completed stage whose identity still matches is reused; one whose config or inputs changed is
+  redone (its old output stays whole until the new one completes: ``thinkfast.rundir.StageRun``);
+- a single-stage command (``thinkfast search``) runs only that stage and refuses when something it reads
+  is missing or out of date for this config, naming the stage to run first;
+- ``thinkfast run --from STAGE`` redoes STAGE and every stage that depends on it, and nothing else.
+
+The run directory is locked while a command writes it (``thinkfast.rundir.RunDir``).
 """
 
 from __future__ import annotations
 
-import shutil
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .config import ConfigError, apply_overrides, config_hash, from_dict, load_yaml, to_dict
-from .rundir import StageDir, _read_json, previous_model_dir
-from .stages import costs, library, pretrain, scores, search
+from .config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from .rundir import RunDir, RunDirError, StageConfigMismatch, StageDir, StageRun
+from .stages import OUTPUTS, Input, Inputs, costs, library, pretrain, resolve_device, scores, search
 from .stages import eval as eval_stage
 
-# name -> (config dataclass, entry function). A plain table: adding a stage is one line here.
+# name -> stage module (config class, MAKES, reads, run). A plain table: adding a stage is one line here.
 STAGES = {
-    "pretrain": (pretrain.PretrainConfig, pretrain.run),
-    "eval": (eval_stage.EvalConfig, eval_stage.run),
-    "library": (library.LibraryConfig, library.run),
-    "scores": (scores.ScoresConfig, scores.run),
-    "costs": (costs.CostsConfig, costs.run),
-    "search": (search.SearchConfig, search.run),
+    "pretrain": pretrain,
+    "library": library,
+    "scores": scores,
+    "costs": costs,
+    "search": search,
+    "eval": eval_stage,
 }
-# Fields that change how fast a stage runs but not what it produces; left out of its identity.
+# Fields that change how fast a stage runs or how much it logs, not what it produces: not in its identity.
 _NOT_IN_HASH = {"device", "log_every", "checkpoint_every", "save_samples"}
+
+
+def _config_class(name: str):
+    return STAGES[name].Config
 
 
 @dataclass
 class PipelineConfig:
     run_dir: str = "runs/nano"
-    stages: list[str] = field(default_factory=lambda: ["pretrain", "eval"])
+    stages: list[str] = field(default_factory=lambda: ["pretrain", "library", "scores", "costs", "search", "eval"])
 
     def __post_init__(self):
+        if not str(self.run_dir).strip():
+            raise ValueError("run_dir is empty; name a folder for the run (e.g. run_dir=runs/nano)")
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
@@ -70,65 +84,223 @@ def default_config_path(name: str = "nano") -> Path:
 
 
 def load_pipeline(path: str | Path | None, overrides: list[str] = ()) -> Pipeline:
-    """Read a pipeline YAML (default: the embedded nano world), apply overrides, validate every section."""
+    """Read a pipeline YAML (default: the embedded nano world), apply overrides, validate every section
+    and the stage order (every listed stage's inputs are made by a stage before it)."""
+    from .config import override_locations
+
     path = Path(path) if path is not None else default_config_path()
     data, lines = load_yaml(path)
     data = apply_overrides(data, list(overrides))
     where = str(path)
+    overridden = override_locations(list(overrides))
     top = {k: v for k, v in data.items() if k not in STAGES}
-    pipe = from_dict(PipelineConfig, top, where=where, lines=lines)
-    configs = {name: from_dict(cls, data.get(name), where=where, lines=lines, prefix=name)
-               for name, (cls, _) in STAGES.items()}
-    return Pipeline(where, Path(pipe.run_dir), list(pipe.stages), configs)
+    pipe = from_dict(PipelineConfig, top, where=where, lines=lines, overridden=overridden)
+    configs = {name: from_dict(_config_class(name), data.get(name), where=where, lines=lines, prefix=name,
+                               overridden=overridden)
+               for name in STAGES}
+    pipeline = Pipeline(where, Path(pipe.run_dir), list(pipe.stages), configs)
+    for name in pipeline.stages:
+        for role, inp in reads(pipeline, name).items():
+            if _explicit(pipeline, name, inp) is None and not _producers(pipeline, name, inp):
+                makers = [s for s in STAGES if STAGES[s].MAKES == inp.kind]
+                hint = f" or set {name}.{inp.field}" if inp.field else ""
+                raise ConfigError(
+                    f"{where}: stages: '{name}' reads a {inp.kind} ({role}) but no stage before it makes one; "
+                    f"list {' or '.join(makers)} before {name}{hint}")
+    return pipeline
 
 
-def stage_identity(pipe: Pipeline, name: str) -> str:
-    cfg = {k: v for k, v in to_dict(pipe.configs[name]).items() if k not in _NOT_IN_HASH}
-    upstream = None
-    earlier = pipe.stages[: pipe.stages.index(name)] if name in pipe.stages else []
-    if earlier:
-        marker = StageDir(pipe.run_dir, earlier[-1]).marker_path
-        if marker.is_file():
-            m = _read_json(marker)
-            upstream = [m.get("config_hash"), m.get("finished_at")]
-    return config_hash({"stage": name, "config": cfg, "upstream": upstream})
+# ------------------------------------------------------------------ dependencies
+
+def reads(pipe: Pipeline, name: str) -> dict[str, Input]:
+    return STAGES[name].reads(pipe.configs[name])
 
 
-def input_model_dir(pipe: Pipeline, name: str) -> Path | None:
-    """The model the stage reads: None for the first stage or when its config names one itself
-    (``eval.model``), else the model/ of the latest earlier stage that wrote one."""
-    if getattr(pipe.configs[name], "model", None) or name not in pipe.stages or pipe.stages[0] == name:
-        return None
-    return previous_model_dir(pipe.run_dir, pipe.stages, name)
+def _explicit(pipe: Pipeline, name: str, inp: Input):
+    return getattr(pipe.configs[name], inp.field) if inp.field else None
 
 
-def run_stage(pipe: Pipeline, name: str, force: bool = False, index: str = "") -> tuple[dict, bool]:
-    """Run one stage through the run-directory protocol. Returns (metrics, ran)."""
-    if name not in STAGES:
-        raise ConfigError(f"unknown stage {name!r}; known: {list(STAGES)}")
+def _earlier(pipe: Pipeline, name: str) -> list[str]:
+    """The stages a stage may read from: those listed before it (all listed stages, for a stage that is
+    not in the list and is run on its own)."""
+    return pipe.stages[: pipe.stages.index(name)] if name in pipe.stages else list(pipe.stages)
+
+
+def _producers(pipe: Pipeline, name: str, inp: Input) -> list[str]:
+    makers = [s for s in _earlier(pipe, name) if STAGES[s].MAKES == inp.kind]
+    return makers if inp.many else makers[-1:]
+
+
+def upstream(pipe: Pipeline, name: str) -> list[str]:
+    """The stages whose output this stage reads (directly)."""
+    out = []
+    for inp in reads(pipe, name).values():
+        if _explicit(pipe, name, inp) is None:
+            out += [p for p in _producers(pipe, name, inp) if p not in out]
+    return out
+
+
+def dependents(pipe: Pipeline, name: str) -> list[str]:
+    """The listed stages that read ``name``'s output, directly or through others, in pipeline order."""
+    hit = {name}
+    for s in pipe.stages:
+        if s != name and set(upstream(pipe, s)) & hit:
+            hit.add(s)
+    return [s for s in pipe.stages if s in hit and s != name]
+
+
+def _resolve(pipe: Pipeline, rd: RunDir, name: str) -> tuple[Inputs, list[str]]:
+    """(inputs: role -> path(s) with their identities, producers that have not completed)."""
+    paths, ids, missing = {}, {}, []
+    for role, inp in reads(pipe, name).items():
+        value = _explicit(pipe, name, inp)
+        if value is not None:
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
+            refs = {}
+            for i, v in enumerate(items):
+                p = Path(v).resolve()
+                if not p.exists():
+                    raise ConfigError(f"{pipe.source}: {name}.{inp.field}: {v} does not exist")
+                key = f"{i}:{p.name}" if isinstance(value, (list, tuple)) else p.name
+                refs[key] = (p, {"path": str(p), "id": rd.fingerprint(p)})
+        else:
+            refs = {}
+            for producer in _producers(pipe, name, inp):
+                sd = StageDir(pipe.run_dir, producer)
+                marker = sd.marker()
+                if marker is None:
+                    missing.append(producer)
+                    continue
+                refs[producer] = (sd.path / OUTPUTS[inp.kind], {"stage": producer, "id": marker.get("output_id")})
+        if inp.many:
+            paths[role] = {k: p for k, (p, _) in refs.items()}
+            ids[role] = {k: r for k, (_, r) in refs.items()}
+        elif refs:
+            (p, r), = refs.values()
+            paths[role], ids[role] = p, r
+    return Inputs(paths, ids), missing
+
+
+def _defaults(cls) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def stage_run(pipe: Pipeline, rd: RunDir, name: str) -> tuple[StageRun, Inputs, list[str]]:
+    """The stage's run-directory protocol object, its resolved inputs and any producer not yet complete."""
+    inputs, missing = _resolve(pipe, rd, name)
     cfg = pipe.configs[name]
-    _, entry = STAGES[name]
-    stage = StageDir(pipe.run_dir, name)
-    ident = stage_identity(pipe, name)
-    mode = stage.begin(ident, force=force)
-    if mode == "skip":
-        print(f"{index}{name}: complete, skipped ({stage.marker_path})")
-        return stage.read_metrics(), False
-    print(f"{index}{name}: {'resuming' if mode == 'resume' else 'starting'} in {stage.path}")
-    model_dir = input_model_dir(pipe, name)
+    path_fields = {inp.field for inp in reads(pipe, name).values() if inp.field}
+    config = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_HASH and k not in path_fields}
+    run = StageRun(pipe.run_dir, name, {"config": config, "inputs": inputs.ids}, _defaults(type(cfg)))
+    return run, inputs, missing
+
+
+def status(pipe: Pipeline, rd: RunDir, name: str) -> tuple[str, list[str]]:
+    """``complete`` / ``stale`` / ``partial`` / ``partial-stale`` / ``missing``, with reasons; a stage
+    whose inputs are not all complete and current is ``stale`` (or ``missing``) too."""
+    run, _, missing = stage_run(pipe, rd, name)
+    state, reasons = run.state()
+    if missing and state == "complete":
+        return "stale", [f"stage {m} has not completed" for m in missing]
+    return state, reasons
+
+
+def _check_upstream(pipe: Pipeline, rd: RunDir, name: str, seen: set | None = None) -> None:
+    """Refuse to run ``name`` alone unless everything it reads is complete and current."""
+    seen = set() if seen is None else seen
+    for p in upstream(pipe, name):
+        if p in seen:
+            continue
+        seen.add(p)
+        _check_upstream(pipe, rd, p, seen)
+        state, reasons = status(pipe, rd, p)
+        if state == "complete":
+            continue
+        if state in ("missing", "partial", "partial-stale"):
+            what = "has not completed" if state == "missing" else "was interrupted"
+            raise StageConfigMismatch(
+                f"{name} reads the output of stage '{p}', which {what} in {pipe.run_dir}: "
+                f"run `thinkfast {p}` first (or `thinkfast run` for every stage)")
+        raise StageConfigMismatch(
+            f"{name} reads the output of stage '{p}', which is out of date for this config ("
+            + "; ".join(reasons) + f"): run `thinkfast {p}` first, or `thinkfast run` to bring every stage "
+            f"up to date (or give the same overrides that stage was run with)")
+
+
+# ------------------------------------------------------------------ running
+
+def _run_one(pipe: Pipeline, rd: RunDir, name: str, force: bool, index: str) -> tuple[dict, bool]:
+    run, inputs, missing = stage_run(pipe, rd, name)
+    if missing:
+        raise StageConfigMismatch(f"{name}: stage(s) {missing} it reads have not completed; run them first")
+    state, reasons = run.state()
+    if state == "complete" and not force:
+        print(f"{index}{name}: complete, reused ({run.final.marker_path})")
+        return run.final.read_metrics(), False
+    if state == "stale" and not force:
+        print(f"{index}{name}: redoing, because " + "; ".join(reasons))
+    elif state == "partial-stale" and not force:
+        print(f"{index}{name}: discarding interrupted work of another config (" + "; ".join(reasons) + ")")
+    mode = run.begin(force=force)
+    print(f"{index}{name}: {'resuming' if mode == 'resume' else 'starting'} in {run.work.path}")
+    inputs.previous = run.final if run.final.marker_path.is_file() else None
     t0 = time.perf_counter()
-    metrics = entry(cfg, stage, model_dir)
+    metrics = STAGES[name].run(pipe.configs[name], run.work, inputs)
     metrics["stage_seconds"] = round(time.perf_counter() - t0, 1)
-    stage.finish(metrics, ident)
-    shutil.rmtree(stage.checkpoint_dir, ignore_errors=True)  # the finished model supersedes it
-    print(f"{index}{name}: done in {metrics['stage_seconds']} s")
+    run.commit(metrics)
+    print(f"{index}{name}: done in {metrics['stage_seconds']} s -> {run.final.path}")
     return metrics, True
 
 
-def run_all(pipe: Pipeline, force: bool = False) -> dict:
-    """Run every stage in order. Once a stage has (re)run, the stages after it run again too."""
-    results, ran_any = {}, False
-    for i, name in enumerate(pipe.stages):
-        results[name], ran = run_stage(pipe, name, force=force or ran_any, index=f"step {i + 1}/{len(pipe.stages)} ")
-        ran_any = ran_any or ran
+def _check_devices(pipe: Pipeline, names: list[str]) -> None:
+    """Every device named exists on this machine, checked before any stage starts."""
+    for name in names:
+        device = getattr(pipe.configs[name], "device", None)
+        if device is None:
+            continue
+        try:
+            resolve_device(device)
+        except ValueError as e:
+            raise ConfigError(f"{pipe.source}: {name}.{e}") from None
+
+
+def run_stage(pipe: Pipeline, name: str, force: bool = False, index: str = "") -> tuple[dict, bool]:
+    """Run one stage on its own: everything it reads must be complete and current. Returns (metrics, ran)."""
+    if name not in STAGES:
+        raise ConfigError(f"unknown stage {name!r}; known: {list(STAGES)}")
+    for role, inp in reads(pipe, name).items():
+        if _explicit(pipe, name, inp) is None and not _producers(pipe, name, inp):
+            raise ConfigError(f"{pipe.source}: {name} reads a {inp.kind} ({role}) but no stage in 'stages' "
+                              f"makes one" + (f"; set {name}.{inp.field}" if inp.field else ""))
+    _check_devices(pipe, [name])
+    with RunDir(pipe.run_dir, command=f"thinkfast {name}") as rd:
+        _check_upstream(pipe, rd, name)
+        return _run_one(pipe, rd, name, force, index)
+
+
+def run_all(pipe: Pipeline, force: bool = False, from_stage: str | None = None) -> dict:
+    """Run every stage in order: reuse what is complete and current, redo what changed (and so what
+    depends on it). ``force`` redoes every stage; ``from_stage`` redoes that stage and its dependents."""
+    redo: set[str] = set()
+    if force:
+        redo = set(pipe.stages)
+    if from_stage is not None:
+        if from_stage not in pipe.stages:
+            raise ConfigError(f"--from {from_stage}: not a stage of this pipeline ({', '.join(pipe.stages)})")
+        redo |= {from_stage, *dependents(pipe, from_stage)}
+    _check_devices(pipe, pipe.stages)
+    results = {}
+    with RunDir(pipe.run_dir, command="thinkfast run") as rd:
+        for i, name in enumerate(pipe.stages):
+            results[name], _ = _run_one(pipe, rd, name, name in redo, f"step {i + 1}/{len(pipe.stages)} ")
     return results
+
+
+__all__ = ["STAGES", "Pipeline", "PipelineConfig", "RunDirError", "default_config_path", "dependents",
+           "load_pipeline", "run_all", "run_stage", "status", "upstream"]

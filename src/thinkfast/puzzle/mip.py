@@ -106,6 +106,9 @@ def _as_arrays(scores, costs: Mapping[str, np.ndarray], limits: Mapping[str, flo
         m = np.asarray(costs[name], dtype=np.float64)
         if m.shape != scores.shape:
             raise ValueError(f"cost {name!r} has shape {m.shape}, scores have {scores.shape}")
+        if np.isnan(limits[name]) or limits[name] == -np.inf:  # a target computed from NaN, or unreachable
+            raise InfeasibleError(f"no architecture meets the targets: {name} <= {limits[name]} cannot be met",
+                                  {name: float(np.where(np.isfinite(m), m, np.inf).min(axis=1).sum())})
         if not np.isfinite(limits[name]):
             raise ValueError(f"limit {name!r} must be finite, got {limits[name]}")
         mats[name] = m
@@ -439,7 +442,8 @@ def solve_mip(scores, costs: Mapping[str, np.ndarray], limits: Mapping[str, floa
         method: ``"auto"`` (Lagrangian reduced-cost enumeration, handing over to HiGHS when its
             state count would not fit in memory) or ``"highs"`` (HiGHS's branch and cut only).
 
-    Raises :class:`InfeasibleError` when not even one architecture meets the limits.
+    Raises :class:`InfeasibleError` when not even one architecture meets the limits, and for a
+    NaN or ``-inf`` limit.
 
     >>> s = np.array([[0.0, 1.0], [0.0, 3.0]]); c = np.array([[2.0, 1.0], [2.0, 1.0]])
     >>> solve_mip(s, {"runtime": c}, {"runtime": 3.0})[0].choice

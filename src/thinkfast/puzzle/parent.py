@@ -6,29 +6,24 @@ Shapes: ``ids`` [B, T]; activations [B, T, H]; logits [B, T, V].
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..artifacts import LIBRARY_FORMAT, load_model, read_library
 from ..convert import convert_llama_model
 from ..modeling import DeciLMForCausalLM
 
-__all__ = ["LayerIO", "LibraryBlock", "block_module", "kl_and_lm_loss", "layer_io", "library_blocks", "load_decilm",
-           "logits_from", "read_library"]
-
-LIBRARY_FORMAT = "thinkfast-puzzle-library/1"
+__all__ = ["LIBRARY_FORMAT", "LayerIO", "LibraryBlock", "block_module", "kl_and_lm_loss", "layer_io", "library_blocks",
+           "load_decilm", "logits_from", "read_library"]  # LIBRARY_FORMAT, read_library: from thinkfast.artifacts
 
 
 def load_decilm(model_dir: str | Path, device: torch.device | str = "cpu") -> DeciLMForCausalLM:
-    """A folder written by ``save_pretrained`` (Llama or nemotron-nas) as a float32 DeciLM in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    import thinkfast  # noqa: F401  (registers nemotron-nas with the Auto classes)
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    """A folder written by ``save_pretrained`` (Llama or nemotron-nas) as a float32 DeciLM in eval mode
+    (loaded by :func:`thinkfast.artifacts.load_model`: a damaged folder is an ArtifactError naming the file)."""
+    model = load_model(model_dir)
     if not isinstance(model, DeciLMForCausalLM):
         if model.config.model_type != "llama":
             raise ValueError(f"{model_dir}: a {model.config.model_type!r} model; Puzzle needs a Llama-layout or "
@@ -86,18 +81,6 @@ def kl_and_lm_loss(parent_logits: torch.Tensor, logits: torch.Tensor, labels: to
     kl = (logp.exp() * (logp - logq)).sum(-1).mean()
     lm = F.cross_entropy(logq.reshape(-1, logq.shape[-1]), labels.reshape(-1))
     return float(kl), float(lm)
-
-
-def read_library(path: str | Path) -> dict:
-    """``library.json`` of a library folder, checked for format."""
-    path = Path(path)
-    index = path / "library.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"{path}: no library.json (run the library stage first)")
-    lib = json.loads(index.read_text())
-    if lib.get("format") != LIBRARY_FORMAT:
-        raise ValueError(f"{index}: format {lib.get('format')!r}, expected {LIBRARY_FORMAT!r}")
-    return lib
 
 
 @dataclass

@@ -37,7 +37,6 @@ CUDA graphs.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -48,13 +47,21 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from ..artifacts import COSTS_FORMAT, check_costs, read_costs, read_library
 from ..puzzle.blocks import Variant, variant_module
-from ..puzzle.parent import load_decilm, read_library
+from ..puzzle.parent import load_decilm
 from ..rundir import StageDir, atomic_write_json
-from . import resolve_device
-from .scores import library_dir
+from . import Input, Inputs, check_device, model_path, resolve_device
 
-COSTS_FORMAT = "thinkfast-puzzle-costs/1"
+MAKES = "costs"
+
+
+def reads(cfg) -> dict:
+    if cfg.file:
+        return {"file": Input("costs", field="file")}
+    return {"parent": Input("model"), "library": Input("library", field="library")}
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -72,12 +79,16 @@ class CostsConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        check_device(self.device)
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: choose from {sorted(_DTYPES)}")
         if not self.batch_sizes or min(self.batch_sizes) < 1 or self.prefill_len < 1 or self.decode_context < 0:
             raise ValueError("batch_sizes must be >= 1, prefill_len >= 1, decode_context >= 0")
         if self.repeats < 1 or self.warmup < 0 or self.rounds < 1:
             raise ValueError("repeats and rounds must be >= 1 and warmup >= 0")
+
+
+Config = CostsConfig
 
 
 def device_name(device: torch.device) -> str:
@@ -204,18 +215,17 @@ def measure_whole(parent, cfg: CostsConfig, device: torch.device) -> dict:
     return out
 
 
-def run(cfg: CostsConfig, stage: StageDir, model_dir: Path | None = None) -> dict:
+def run(cfg: CostsConfig, stage: StageDir, inputs: Inputs) -> dict:
     out_path = stage.path / "costs.json"
     if cfg.file:
-        data = read_costs(Path(cfg.file))
+        data = read_costs(inputs["file"])
         atomic_write_json(out_path, {**data, "source": str(cfg.file)})
         return {"device": data["device"], "source": str(cfg.file)}
-    if model_dir is None:
-        raise ValueError("costs: no parent model (put pretrain or another model-making stage first)")
+    model_dir = model_path(inputs)
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-    lib = read_library(library_dir(stage, cfg.library))
+    lib = read_library(inputs["library"])
     parent = load_decilm(model_dir, device)
     variants: dict[str, dict[str, Variant]] = {"attention": {}, "ffn": {}}
     for v in lib["variants"]:
@@ -243,6 +253,7 @@ def run(cfg: CostsConfig, stage: StageDir, model_dir: Path | None = None) -> dic
         data[part] = {name: median_of_passes([p[part][name] for p in passes]) for name in named}
     data["fixed"] = median_of_passes([p["fixed"] for p in passes])
     data["parent_model"] = median_of_passes([p["parent_model"] for p in passes])
+    check_costs(data, "costs (as measured)")
     atomic_write_json(out_path, data)
     metrics = {"device": data["device"], "variants": total}
     log = stage.logger()
@@ -250,14 +261,3 @@ def run(cfg: CostsConfig, stage: StageDir, model_dir: Path | None = None) -> dic
     log.close()
     return metrics
 
-
-def read_costs(path: Path) -> dict:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"costs file {path} does not exist")
-    data = json.loads(Path(path).read_text())
-    if data.get("format") != COSTS_FORMAT:
-        raise ValueError(f"{path}: format {data.get('format')!r}, expected {COSTS_FORMAT!r}")
-    for key in ("attention", "ffn", "fixed", "batch_sizes"):
-        if key not in data:
-            raise ValueError(f"{path}: missing key {key!r}")
-    return data

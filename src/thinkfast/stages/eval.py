@@ -20,6 +20,7 @@ answers are graded by ``thinkfast.nano.tasks.verify`` (exact integer) rather tha
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,20 @@ from typing import Literal
 
 import torch
 
+from ..artifacts import load_model, read_model_sidecar
+from ..config import to_dict
 from ..generation import SamplingParams, generate
 from ..nano import tasks
-from ..rundir import StageDir, atomic_write_text
+from ..rundir import JsonlLogger, StageDir, atomic_dir, atomic_write_json, atomic_write_text
 from ..toggle import format_ok, messages_for, parse_response, stop_token_ids
-from . import resolve_device
+from . import Input, Inputs, check_device, resolve_device
+
+MAKES = None  # a leaf: results, no model
+
+
+def reads(cfg) -> dict:
+    # every model made before it in the pipeline (or the folder named by eval.model), one row each
+    return {"models": Input("model", field="model", many=True)}
 
 TEXT_MODES = ("think", "direct")
 CHAT_MODES = ("on", "off")
@@ -41,7 +51,7 @@ CHAT_MODES = ("on", "off")
 class EvalConfig:
     """What to evaluate and how (defaults follow REFERENCE.md section 7 where it applies)."""
 
-    model: str | None = None  # a model folder; default: the model of the previous stage in the run
+    model: str | None = None  # a model folder; default: every model made earlier in the run
     prompting: Literal["auto", "text", "chat"] = "auto"
     kinds: list[str] = field(default_factory=lambda: list(tasks.KINDS))
     digits: list[int] = field(default_factory=lambda: [1, 2, 3])
@@ -58,20 +68,26 @@ class EvalConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        check_device(self.device)
         unknown = sorted(set(self.kinds) - set(tasks.KINDS))
         if unknown:
             raise ValueError(f"kinds: unknown kind(s) {unknown}; choose from {list(tasks.KINDS)}")
         for name in ("per_cell", "max_new_tokens", "batch_size", "samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.save_samples < 0 or not self.on_temperature >= 0 or not 0 < self.on_top_p <= 1:
+            raise ValueError("save_samples and on_temperature must be >= 0, on_top_p in (0, 1]")
+
+
+Config = EvalConfig
 
 
 def resolve_prompting(model_dir: Path, tokenizer, requested: str) -> str:
     if requested != "auto":
         return requested
-    meta = model_dir / "thinkfast.json"
-    if meta.is_file():
-        return json.loads(meta.read_text()).get("prompting", "chat")
+    meta = read_model_sidecar(model_dir)
+    if meta:
+        return meta["prompting"]
     return "chat" if getattr(tokenizer, "chat_template", None) else "text"
 
 
@@ -173,25 +189,81 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: EvalConfig, stage: StageDir, model_dir: Path | None = None) -> dict:
-    """Evaluate ``cfg.model`` (or ``model_dir``, the previous stage's model); write metrics and samples."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
+    """Evaluate the model folder ``path``; write metrics.json, table.txt and samples.jsonl into ``out``."""
+    from transformers import AutoTokenizer
 
-    path = Path(cfg.model) if cfg.model else model_dir
-    if path is None or not (path / "config.json").is_file():
-        raise FileNotFoundError(f"eval: no model folder at {path} (set eval.model or run an earlier stage)")
     device = resolve_device(cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    model = load_model(path).to(device).eval()
     prompting = resolve_prompting(path, tokenizer, cfg.prompting)
     suite = tasks.eval_suite(seed=cfg.seed, per_cell=cfg.per_cell, kinds=tuple(cfg.kinds),
                              digits=tuple(cfg.digits), steps=tuple(cfg.steps))
-    with stage.logger() as log:
-        log.log("start", model=str(path), prompting=prompting, cells=len(suite))
-        with torch.no_grad():
-            metrics, kept = evaluate(model, tokenizer, suite, prompting, cfg, log)
-    metrics["model"] = str(path)
-    atomic_write_text(stage.path / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-    atomic_write_text(stage.path / "table.txt", format_table(metrics) + "\n")
-    print(format_table(metrics))
+    with atomic_dir(out) as tmp:
+        with JsonlLogger(tmp / "log.jsonl") as log:
+            log.log("start", model=str(path), prompting=prompting, cells=len(suite))
+            with torch.no_grad():
+                metrics, kept = evaluate(model, tokenizer, suite, prompting, cfg, log)
+        metrics["model"] = str(path)
+        atomic_write_text(tmp / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(tmp / "table.txt", format_table(metrics) + "\n")
+        atomic_write_json(tmp / "metrics.json", metrics)
     return metrics
+
+
+def models_table(results: dict[str, dict]) -> str:
+    """One row per model: accuracy overall and at the headline difficulty, mean tokens, per mode."""
+    head = f"{'model':<16}{'prompting':<11}{'mode':<8}{'accuracy':>10}{'headline':>10}{'tokens':>9}"
+    lines = [head, "-" * len(head)]
+    for name, m in results.items():
+        for mode, r in m["modes"].items():
+            headline = next((v for k, v in r.items() if k.startswith("accuracy_")), None)
+            lines.append(f"{name:<16}{m['prompting']:<11}{mode:<8}{r['accuracy']:>10.3f}"
+                         f"{'' if headline is None else f'{headline:.3f}':>10}{r['mean_tokens']:>9.1f}")
+    return "\n".join(lines)
+
+
+def _reusable(folder: Path, record: dict) -> dict | None:
+    """The metrics in ``folder`` when it holds a finished evaluation with exactly this record."""
+    try:
+        if json.loads((folder / "record.json").read_text()) == record:
+            return json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def run(cfg: EvalConfig, stage: StageDir, inputs: Inputs) -> dict:
+    """Evaluate every model in ``inputs["models"]`` into ``NAME/`` and write one table, a row per model.
+    A model whose evaluation (same config, same model identity) is already in this stage's interrupted
+    work or its previous output is not evaluated again."""
+    models = inputs.get("models") or {}
+    if not models:
+        raise ValueError("eval: no model to evaluate (set eval.model or put a model-making stage before eval)")
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("device", "save_samples", "model")}
+    previous = getattr(inputs, "previous", None)
+    results = {}
+    for name, path in models.items():
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"eval: no model folder at {path} (no config.json)")
+        ref = inputs.ids.get("models", {}).get(name) if hasattr(inputs, "ids") else None
+        record = {"settings": json.loads(json.dumps(settings)), "model": ref}
+        out = stage.path / name
+        done = _reusable(out, record) if ref else None
+        if done is None and ref and previous is not None and _reusable(previous.path / name, record) is not None:
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(previous.path / name, out)
+            done = _reusable(out, record)
+            print(f"eval: {name}: reusing the evaluation of this very model from {previous.path / name}")
+        if done is None:
+            print(f"eval: {name}: {path}")
+            shutil.rmtree(out, ignore_errors=True)
+            done = evaluate_folder(cfg, path, out)
+            atomic_write_json(out / "record.json", record)
+        print(f"{name}:\n{format_table(done)}")
+        results[name] = done
+    table = models_table(results)
+    atomic_write_text(stage.path / "table.txt", table + "\n")
+    print(table)
+    return {"models": results}

@@ -46,13 +46,23 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..nano.corpus import packed_rows
 from ..puzzle.blocks import Variant, attention_variants, channel_contribution, ffn_variants, init_variant
-from ..puzzle.parent import LIBRARY_FORMAT, layer_io, load_decilm, read_library
+from ..artifacts import LIBRARY_FORMAT, load_tensors, read_library
+from ..puzzle.parent import layer_io, load_decilm
 from ..rundir import StageDir, atomic_dir
-from . import resolve_device
+from ..train.checkpoint import load_state, save_state
+from . import Input, Inputs, check_device, model_path, positive, resolve_device
+
+MAKES = "library"
+
+
+def reads(cfg) -> dict:
+    if cfg.merge_from:
+        return {"sources": Input("library", field="merge_from", many=True)}
+    return {"parent": Input("model")}
 
 
 @dataclass
@@ -86,12 +96,22 @@ class LibraryConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        check_device(self.device)
+        positive(self, "checkpoint_every", "log_every")
+        if any(k < 1 for k in self.kv_heads) or any(not 0 < f < 1 for f in self.ffn_fractions):
+            raise ValueError(f"kv_heads must be >= 1 and ffn_fractions in (0, 1); got {self.kv_heads}, "
+                             f"{self.ffn_fractions}")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
         if self.bld_steps < 0 or self.batch_size < 1 or self.seq_len < 2 or self.calibration_rows < 1:
             raise ValueError("bld_steps must be >= 0, batch_size / calibration_rows >= 1, seq_len >= 2")
         if self.ffn_multiple < 1:
             raise ValueError(f"ffn_multiple={self.ffn_multiple} must be >= 1")
         if self.layer_start < 0 or (self.layer_end is not None and self.layer_end <= self.layer_start):
             raise ValueError(f"layer range [{self.layer_start}, {self.layer_end}) is empty")
+
+
+Config = LibraryConfig
 
 
 def _rows(cfg: LibraryConfig, tokenizer, key: str, rows: int) -> torch.Tensor:
@@ -240,7 +260,7 @@ def merge_libraries(sources: list[Path], dst: Path) -> dict:
         layers += lib["layers"]
     tensors = {}
     for src in sources:
-        tensors.update(load_file(str(src / "weights.safetensors")))
+        tensors.update(load_tensors(src / "weights.safetensors"))
     with atomic_dir(dst) as tmp:
         save_file(tensors, str(tmp / "weights.safetensors"))
         (tmp / "library.json").write_text(json.dumps({
@@ -250,17 +270,16 @@ def merge_libraries(sources: list[Path], dst: Path) -> dict:
     return {"layers": sorted(layers), "variants": sum(len(lib["variants"]) for lib in libs)}
 
 
-def run(cfg: LibraryConfig, stage: StageDir, model_dir: Path | None = None) -> dict:
-    """Build and train the block library of the parent in ``model_dir``; write ``library/``."""
+def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
+    """Build and train the block library of the parent model; write ``library/``."""
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     out = stage.path / "library"
     if cfg.merge_from:
-        merged = merge_libraries([Path(p) for p in cfg.merge_from], out)
+        merged = merge_libraries(list(inputs["sources"].values()), out)
         return {"merged_from": list(cfg.merge_from), **merged}
-    if model_dir is None:
-        raise ValueError("library: no parent model (put a stage that makes one, e.g. pretrain, before it)")
+    model_dir = model_path(inputs)
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -287,9 +306,8 @@ def run(cfg: LibraryConfig, stage: StageDir, model_dir: Path | None = None) -> d
     init = _losses(blocks, parent, held_out)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0) if params else None
     start, t0 = 0, time.perf_counter()
-    state_path = stage.checkpoint_dir / "state.pt"
-    if state_path.is_file() and opt is not None:
-        state = torch.load(state_path, map_location=device, weights_only=False)
+    if stage.checkpoint_dir.is_dir() and opt is not None:
+        state = load_state(stage.checkpoint_dir, device)
         for b in trainable:
             for m, sd in zip(b.modules, state["blocks"][f"{b.layer}.{b.key}"]):
                 m.load_state_dict(sd)
@@ -312,9 +330,9 @@ def run(cfg: LibraryConfig, stage: StageDir, model_dir: Path | None = None) -> d
             log.log("bld", step=step + 1, mean_nmse=total.item() / len(losses),
                     seconds=time.perf_counter() - t0)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.bld_steps:
-            with atomic_dir(stage.checkpoint_dir) as tmp:
-                torch.save({"blocks": {f"{b.layer}.{b.key}": [m.state_dict() for m in b.modules] for b in trainable},
-                            "optimizer": opt.state_dict(), "step": step + 1}, tmp / "state.pt")
+            save_state(stage.checkpoint_dir, {
+                "blocks": {f"{b.layer}.{b.key}": [m.state_dict() for m in b.modules] for b in trainable},
+                "optimizer": opt.state_dict(), "step": step + 1})
     bar.close()
     print("library: step 3/3 held-out losses and save")
     final = _losses(blocks, parent, held_out)

@@ -28,16 +28,23 @@ import random
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 
+from ..artifacts import write_model_sidecar
 from ..nano import tasks
 from ..nano.corpus import documents, packed_rows
 from ..nano.tokenizer import build_tokenizer
-from ..rundir import StageDir, atomic_dir, atomic_write_json
-from . import resolve_device
+from ..rundir import StageDir, atomic_dir
+from ..train.checkpoint import load_state, save_state
+from . import Inputs, check_device, positive, resolve_device
+
+MAKES = "model"
+
+
+def reads(cfg) -> dict:
+    return {}  # the first model of the pipeline
 
 
 @dataclass
@@ -77,6 +84,12 @@ class PretrainConfig:
     precision: Literal["bf16", "fp32"] = "bf16"
 
     def __post_init__(self):
+        check_device(self.device)
+        positive(self, "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                 "max_position_embeddings", "train_steps", "batch_size", "seq_len", "checkpoint_every", "log_every")
+        positive(self, "warmup_steps", minimum=0)
+        if not self.lr > 0 or self.grad_clip <= 0 or self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("lr and grad_clip must be > 0, weight_decay >= 0, min_lr_ratio in [0, 1]")
         unknown = sorted(set(self.kinds) - set(tasks.KINDS))
         if unknown:
             raise ValueError(f"kinds: unknown kind(s) {unknown}; choose from {list(tasks.KINDS)}")
@@ -88,12 +101,13 @@ class PretrainConfig:
         if self.fact_fraction + self.copy_fraction > 1.0:
             raise ValueError("fact_fraction + copy_fraction must be <= 1")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
+            raise ValueError(f"hidden_size={self.hidden_size} must divide by num_heads={self.num_heads} and "
+                             f"num_heads by num_kv_heads={self.num_kv_heads}")
         if self.seq_len + 1 > self.max_position_embeddings:
             raise ValueError(f"seq_len={self.seq_len} must be < max_position_embeddings")
-        for name in ("train_steps", "batch_size", "seq_len", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+
+Config = PretrainConfig
 
 
 def _doc_kwargs(cfg: PretrainConfig) -> dict:
@@ -153,15 +167,12 @@ def _optimizer(model, cfg: PretrainConfig):
 
 
 def _save_checkpoint(stage: StageDir, model, opt, step: int, elapsed: float, tokens: int) -> None:
-    with atomic_dir(stage.checkpoint_dir) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "elapsed": elapsed, "tokens": tokens}, tmp / "state.pt")
+    save_state(stage.checkpoint_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                      "elapsed": elapsed, "tokens": tokens})
 
 
-def run(cfg: PretrainConfig, stage: StageDir, model_dir: Path | None = None) -> dict:
-    """Train the parent; write ``model/`` (a LlamaForCausalLM folder with the nano tokenizer).
-
-    ``model_dir`` is unused: the parent is the first model of the pipeline."""
+def run(cfg: PretrainConfig, stage: StageDir, inputs: Inputs | None = None) -> dict:
+    """Train the parent; write ``model/`` (a LlamaForCausalLM folder with the nano tokenizer)."""
     from tqdm.auto import tqdm
 
     device = resolve_device(cfg.device)
@@ -171,9 +182,8 @@ def run(cfg: PretrainConfig, stage: StageDir, model_dir: Path | None = None) -> 
     model = build_parent(cfg, tokenizer).to(device)
     opt = _optimizer(model, cfg)
     start, elapsed, tokens = 0, 0.0, 0
-    state_path = stage.checkpoint_dir / "state.pt"
-    if state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+    if stage.checkpoint_dir.is_dir():
+        state = load_state(stage.checkpoint_dir, device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, elapsed, tokens = state["step"], state["elapsed"], state["tokens"]
@@ -217,7 +227,7 @@ def run(cfg: PretrainConfig, stage: StageDir, model_dir: Path | None = None) -> 
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         # Read by `eval`: this model was trained on plain text, so it is prompted with text cues.
-        atomic_write_json(tmp / "thinkfast.json", {"prompting": "text", "made_by": "pretrain"})
+        write_model_sidecar(tmp, prompting="text", made_by="pretrain")
     metrics = {
         "parameters": n_params,
         "final_loss_ema": loss_ema,

@@ -20,20 +20,22 @@ all its blocks (exact; the layers before it are unchanged).
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from ..artifacts import SCORES_FORMAT, check_scores, load_tensors, read_library
 from ..nano.corpus import packed_rows
-from ..puzzle.parent import block_module, kl_and_lm_loss, layer_io, library_blocks, load_decilm, logits_from, read_library
+from ..puzzle.parent import block_module, kl_and_lm_loss, layer_io, library_blocks, load_decilm, logits_from
 from ..rundir import StageDir, atomic_write_json
-from . import resolve_device
+from . import Input, Inputs, check_device, model_path, resolve_device
 
-SCORES_FORMAT = "thinkfast-puzzle-scores/1"
+MAKES = "scores"
+
+
+def reads(cfg) -> dict:
+    return {"parent": Input("model"), "library": Input("library", field="library")}
 
 
 @dataclass
@@ -50,12 +52,12 @@ class ScoresConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        check_device(self.device)
         if self.rows < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("rows, batch_size must be >= 1 and seq_len >= 2")
 
 
-def library_dir(stage: StageDir, explicit: str | None) -> Path:
-    return Path(explicit) if explicit else stage.run_dir / "library" / "library"
+Config = ScoresConfig
 
 
 @torch.no_grad()
@@ -91,15 +93,14 @@ def replace_one_block_scores(parent, lib: dict, tensors: dict, ids: torch.Tensor
             for (i, a, f), v in sums.items()]
 
 
-def run(cfg: ScoresConfig, stage: StageDir, model_dir: Path | None = None) -> dict:
+def run(cfg: ScoresConfig, stage: StageDir, inputs: Inputs) -> dict:
     from transformers import AutoTokenizer
 
-    if model_dir is None:
-        raise ValueError("scores: no parent model (put pretrain or another model-making stage first)")
+    model_dir = model_path(inputs)
     device = resolve_device(cfg.device)
-    lib_path = library_dir(stage, cfg.library)
+    lib_path = inputs["library"]
     lib = read_library(lib_path)
-    tensors = load_file(str(lib_path / "weights.safetensors"), device=str(device))
+    tensors = load_tensors(lib_path / "weights.safetensors", device=str(device))
     parent = load_decilm(model_dir, device)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     # a document stream BLD never draws from
@@ -112,6 +113,7 @@ def run(cfg: ScoresConfig, stage: StageDir, model_dir: Path | None = None) -> di
         _, parent_lm = kl_and_lm_loss(logits, logits, ids[:, 1:])
     out = {"format": SCORES_FORMAT, "metric_names": ["kl", "lm_loss"], "parent_lm_loss": parent_lm,
            "tokens": int(ids[:, 1:].numel()), "blocks": blocks}
+    check_scores(out, "scores (as measured)", lib)  # a NaN from a diverged block stops here, named
     atomic_write_json(stage.path / "scores.json", out)
     worst = max(blocks, key=lambda b: b["kl"])
     metrics = {"blocks": len(blocks), "parent_lm_loss": parent_lm,
@@ -121,9 +123,3 @@ def run(cfg: ScoresConfig, stage: StageDir, model_dir: Path | None = None) -> di
     log.close()
     return metrics
 
-
-def read_scores(path: Path) -> dict:
-    data = json.loads(Path(path).read_text())
-    if data.get("format") != SCORES_FORMAT:
-        raise ValueError(f"{path}: format {data.get('format')!r}, expected {SCORES_FORMAT!r}")
-    return data

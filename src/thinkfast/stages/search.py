@@ -24,24 +24,23 @@ target key and a sweep is a list of speedups.
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-import numpy as np
-from safetensors.torch import load_file
-
+from ..artifacts import copy_tokenizer_files, load_tensors, read_costs, read_library, read_model_sidecar, read_scores, write_model_sidecar
 from ..puzzle.assemble import assemble, build_problem, describe
 from ..puzzle.mip import InfeasibleError, solve_mip
-from ..puzzle.parent import load_decilm, read_library
+from ..puzzle.parent import load_decilm
+from ..puzzle.targets import check_finite, explain_infeasible, limits_for, summary
 from ..rundir import StageDir, atomic_dir, atomic_write_json, atomic_write_text
-from .costs import read_costs
-from .scores import library_dir, read_scores
+from . import Input, Inputs, check_device, model_path
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                    "thinkfast.json")
+MAKES = "model"
+
+
+def reads(cfg) -> dict:
+    return {"parent": Input("model"), "library": Input("library", field="library"),
+            "scores": Input("scores", field="scores"), "costs": Input("costs", field="costs")}
 
 
 @dataclass
@@ -67,6 +66,11 @@ class SearchConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        check_device(self.device)
+        if self.batch_size < 1 or self.memory_context < 1:
+            raise ValueError(f"batch_size={self.batch_size} and memory_context={self.memory_context} must be >= 1")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ValueError(f"time_limit_s={self.time_limit_s} must be > 0")
         for name in ("speedup", "min_throughput", "max_latency_s", "max_params", "max_memory_bytes",
                      "max_kv_cache_bytes", "kv_fraction"):
             v = getattr(self, name)
@@ -78,51 +82,7 @@ class SearchConfig:
             raise ValueError("n_solutions must be >= 1 and alpha in [0, 1]")
 
 
-def limits_for(cfg: SearchConfig, problem, costs: dict, speedup: float | None) -> dict[str, float]:
-    """Targets -> ``{cost matrix name: limit on its summed block values}`` (fixed costs subtracted)."""
-    if str(cfg.batch_size) not in {str(b) for b in costs["batch_sizes"]}:
-        raise ValueError(f"search.batch_size={cfg.batch_size} was not measured; costs has {costs['batch_sizes']}")
-    key = f"{cfg.runtime}_s@{cfg.batch_size}"
-    parent = problem.totals(problem.parent_choice)
-    fixed = problem.fixed
-    limits: dict[str, float] = {}
-
-    def add(name: str, total_limit: float) -> None:
-        value = total_limit - fixed.get(name, 0.0)
-        limits[name] = min(limits.get(name, np.inf), value)
-
-    if speedup is not None:
-        add(key, parent[key] / speedup)
-    if cfg.min_throughput is not None:
-        tokens = cfg.batch_size * (costs["prefill_len"] if cfg.runtime == "prefill" else 1)
-        add(key, tokens / cfg.min_throughput)
-    if cfg.max_latency_s is not None:
-        add(key, cfg.max_latency_s)
-    if cfg.max_params is not None:
-        add("params", cfg.max_params)
-    if cfg.max_kv_cache_bytes is not None:
-        add("kv_bytes_per_token", cfg.max_kv_cache_bytes / (cfg.batch_size * cfg.memory_context))
-    if cfg.kv_fraction is not None:
-        add("kv_bytes_per_token", parent["kv_bytes_per_token"] * cfg.kv_fraction)
-    if cfg.max_memory_bytes is not None:
-        problem.costs["memory_bytes"] = problem.costs["param_bytes"] + (
-            cfg.batch_size * cfg.memory_context * problem.costs["kv_bytes_per_token"])
-        problem.fixed["memory_bytes"] = fixed.get("param_bytes", 0.0)
-        add("memory_bytes", cfg.max_memory_bytes)
-    return limits
-
-
-def _summary(problem, sol, cfg: SearchConfig) -> dict:
-    key = f"{cfg.runtime}_s@{cfg.batch_size}"
-    parent, child = problem.totals(problem.parent_choice), problem.totals(sol.choice)
-    return {
-        "choice": [list(problem.names[i][k]) for i, k in enumerate(sol.choice)],
-        "objective": sol.objective, "optimal": sol.optimal, "solve_seconds": round(sol.seconds, 4),
-        "solver": sol.stats.get("method"),
-        "speedup": parent[key] / child[key], "params": child["params"],
-        "params_fraction": child["params"] / parent["params"],
-        "kv_fraction": child["kv_bytes_per_token"] / max(parent["kv_bytes_per_token"], 1e-30),
-    }
+Config = SearchConfig
 
 
 def _pareto(stage: StageDir, cfg: SearchConfig, problem, costs) -> list[dict]:
@@ -131,9 +91,9 @@ def _pareto(stage: StageDir, cfg: SearchConfig, problem, costs) -> list[dict]:
         try:
             sol = solve_mip(problem.scores, problem.costs, limits_for(cfg, problem, costs, s),
                             time_limit=cfg.time_limit_s)[0]
-            rows.append({"target_speedup": s, **_summary(problem, sol, cfg)})
-        except InfeasibleError as e:
-            rows.append({"target_speedup": s, "infeasible": str(e)})
+            rows.append({"target_speedup": s, **summary(problem, sol, cfg)})
+        except InfeasibleError:
+            rows.append({"target_speedup": s, "infeasible": explain_infeasible(cfg, problem, costs, s)})
     atomic_write_json(stage.path / "pareto.json", rows)
     lines = [f"| target speedup | {cfg.metric} (sum) | achieved speedup | params | KV/token |", "|---|---|---|---|---|"]
     for r in rows:
@@ -164,32 +124,35 @@ def _pareto(stage: StageDir, cfg: SearchConfig, problem, costs) -> list[dict]:
     return rows
 
 
-def run(cfg: SearchConfig, stage: StageDir, model_dir: Path | None = None) -> dict:
-    if model_dir is None:
-        raise ValueError("search: no parent model (put pretrain or another model-making stage first)")
-    lib_path = library_dir(stage, cfg.library)
+def run(cfg: SearchConfig, stage: StageDir, inputs: Inputs) -> dict:
+    model_dir = model_path(inputs)
+    lib_path = inputs["library"]
     lib = read_library(lib_path)
-    scores = read_scores(Path(cfg.scores) if cfg.scores else stage.run_dir / "scores" / "scores.json")
-    costs = read_costs(Path(cfg.costs) if cfg.costs else stage.run_dir / "costs" / "costs.json")
+    scores = read_scores(inputs["scores"], lib)
+    costs = read_costs(inputs["costs"], lib)
     problem = build_problem(lib, scores, costs, cfg.metric)
+    check_finite(problem)
     limits = limits_for(cfg, problem, costs, cfg.speedup)
-    print(f"search: step 1/3 MIP over {problem.scores.shape[0]} layers x {problem.scores.shape[1]} blocks, "
-          f"limits {limits}")
-    solutions = solve_mip(problem.scores, problem.costs, limits, n_solutions=cfg.n_solutions, alpha=cfg.alpha,
-                          time_limit=cfg.time_limit_s)
-    summaries = [_summary(problem, s, cfg) for s in solutions]
+    print(f"search: step 1/3 MIP over {problem.scores.shape[0]} layers x {problem.scores.shape[1]} blocks")
+    try:
+        solutions = solve_mip(problem.scores, problem.costs, limits, n_solutions=cfg.n_solutions, alpha=cfg.alpha,
+                              time_limit=cfg.time_limit_s)
+    except InfeasibleError:
+        raise ValueError(f"search: {explain_infeasible(cfg, problem, costs, cfg.speedup)}") from None
+    summaries = [summary(problem, s, cfg) for s in solutions]
     best = solutions[0]
     print("search: step 2/3 assemble the best solution")
     parent = load_decilm(model_dir, "cpu")
-    tensors = load_file(str(lib_path / "weights.safetensors"))
+    tensors = load_tensors(lib_path / "weights.safetensors")
     child = assemble(parent, lib, tensors, [problem.names[i][k] for i, k in enumerate(best.choice)])
     arch = describe(child.config)
     print("\n".join(arch))
+    sidecar = read_model_sidecar(model_dir)
     with atomic_dir(stage.model_dir) as tmp:
         child.save_pretrained(tmp)
-        for name in _TOKENIZER_FILES:
-            if (Path(model_dir) / name).is_file():
-                shutil.copy2(Path(model_dir) / name, tmp / name)
+        copy_tokenizer_files(model_dir, tmp)
+        if sidecar:  # the child is prompted as its parent was
+            write_model_sidecar(tmp, prompting=sidecar["prompting"], made_by="search")
     atomic_write_text(stage.path / "architecture.txt", "\n".join(arch) + "\n")
     atomic_write_json(stage.path / "search.json", {"limits": limits, "costs_device": costs["device"],
                                                    "metric": cfg.metric, "solutions": summaries})

@@ -1,0 +1,418 @@
+"""The files that cross between pipeline stages: their schemas, readers and checks (one owner).
+
+Every reader checks what it reads and raises :class:`ArtifactError` (a :class:`~thinkfast.config.ConfigError`)
+naming the file, the field path and the value at fault, and what to do, e.g.::
+
+    runs/x/costs/costs.json: attention.gqa_kv2.decode_s["16"] = -0.0008: a time must be a finite
+    number >= 0 (re-run the costs stage, or fix the file)
+
+A missing file raises :class:`MissingArtifact` (also a ``FileNotFoundError``). Extra keys are allowed
+everywhere (a user may annotate the files); the keys below are required unless marked optional.
+
+Library folder (stage ``library``): ``library.json`` and ``weights.safetensors`` (keys
+``layers.{layer}.{weights}.{param}``)::
+
+    {"format": "thinkfast-puzzle-library/1", "mode": "decoupled" | "coupled",
+     "layers": [0, 1, ...],                       # distinct ints >= 0 (< parent_config.num_hidden_layers)
+     "parent_config": {...},                      # the parent's nemotron-nas config
+     "variants": [{"layer": 0, "part": "attention" | "ffn", "name": "gqa_kv1", "spec": {...},
+                   "weights": "attention.gqa_kv1", ...}, ...]}
+
+  coupled mode: ``part: "block"`` with ``attention``, ``ffn`` (names), ``attention_spec``, ``ffn_spec``
+  instead of ``spec``. Every layer has variants (decoupled: an attention and an FFN one); no
+  (layer, part, name) twice. The parent's own sub-blocks come first in each layer.
+
+``scores.json`` (stage ``scores``)::
+
+    {"format": "thinkfast-puzzle-scores/1", "metric_names": ["kl", "lm_loss"],   # non-empty, str
+     "blocks": [{"layer": 0, "attention": "gqa_kv2", "ffn": "ffn_344", "kl": 0.0, "lm_loss": 0.41}, ...]}
+
+  every metric of ``metric_names`` in every block, a finite number >= 0 (values in [-1e-6, 0), float
+  rounding of a KL, read as 0); no (layer, attention, ffn) twice. Against a library: a score for
+  exactly the blocks it offers (:func:`library_pairs`).
+
+``costs.json`` (stage ``costs``)::
+
+    {"format": "thinkfast-puzzle-costs/1", "device": "cpu: ...", "dtype": "float32",
+     "batch_sizes": [1, 16],                      # distinct ints >= 1
+     "prefill_len": 256, "decode_context": 256,   # ints >= 1 and >= 0
+     "attention": {NAME: ENTRY, ...}, "ffn": {NAME: ENTRY, ...}, "fixed": ENTRY,
+     "parent_model": {"prefill_s": TIMES, "decode_s": TIMES}}          # optional
+    ENTRY = {"params": n, "param_bytes": n, "kv_bytes_per_token": n,   # finite >= 0; kv: attention only
+             "prefill_s": TIMES, "decode_s": TIMES}                     # (optional elsewhere)
+    TIMES = {"1": seconds, "16": seconds}        # a key str(b) for every batch size b
+
+  Times: a variant's are finite and >= 0 (a no-op, or a block costed by hand, may be free); those of
+  ``fixed`` and ``parent_model`` finite and > 0 (every model takes time; speedups divide by them).
+  Against a library: an entry for every attention and FFN variant name it uses.
+
+``thinkfast.json`` in a model folder (the sidecar: how to prompt the model, which stage made it)::
+
+    {"prompting": "text" | "chat", "made_by": "pretrain", ...}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .config import ConfigError
+
+__all__ = ["ArtifactError", "COSTS_FORMAT", "LIBRARY_FORMAT", "MissingArtifact", "SCORES_FORMAT", "SIDECAR",
+           "TOKENIZER_FILES", "check_costs", "check_scores", "copy_tokenizer_files", "library_pairs", "load_model",
+           "load_tensors", "read_costs", "read_json", "read_library", "read_model_sidecar", "read_scores",
+           "write_model_sidecar"]
+
+LIBRARY_FORMAT = "thinkfast-puzzle-library/1"
+SCORES_FORMAT = "thinkfast-puzzle-scores/1"
+COSTS_FORMAT = "thinkfast-puzzle-costs/1"
+SIDECAR = "thinkfast.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+PROMPTINGS = ("text", "chat")
+
+
+class ArtifactError(ConfigError):
+    """A stage's file is missing, unreadable or breaks its schema; the message names file and field."""
+
+
+class MissingArtifact(ArtifactError, FileNotFoundError):
+    """The file or folder does not exist."""
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Check:
+    """Field checks of one file; each failure names ``where``, the field path and the value."""
+
+    _NO = object()
+
+    def __init__(self, where: Any, hint: str):
+        self.where, self.hint = str(where), hint
+
+    def fail(self, field: str, problem: str, value: Any = _NO) -> NoReturn:
+        shown = "" if value is self._NO else f" = {_show(value)}"
+        raise ArtifactError(f"{self.where}: {field}{shown}: {problem} ({self.hint})")
+
+    def get(self, obj: dict, key: str, kind: type, at: str = "") -> Any:
+        """``obj[key]``, required to be a ``kind`` (int excludes bool)."""
+        field = f"{at}.{key}" if at else key
+        if key not in obj:
+            self.fail(field, f"missing (expected {_KINDS[kind]})")
+        return self.kind(obj[key], kind, field)
+
+    def kind(self, value: Any, kind: type, field: str) -> Any:
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.fail(field, f"expected {_KINDS[kind]}", value)
+        return value
+
+    def integer(self, obj: dict, key: str, low: int, at: str = "") -> int:
+        value = self.get(obj, key, int, at)
+        if value < low:
+            self.fail(f"{at}.{key}" if at else key, f"must be >= {low}", value)
+        return value
+
+    def number(self, value: Any, field: str, what: str = "a number", positive: bool = False) -> float:
+        """A finite int or float, >= 0 (> 0 with ``positive``)."""
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < 0 or (positive and value == 0):
+            self.fail(field, f"{what} must be a finite number {'>' if positive else '>='} 0", value)
+        return float(value)
+
+    def top(self, data: Any, fmt: str | None = None) -> dict:
+        if not isinstance(data, dict):
+            self.fail("(top level)", "expected a JSON object", data)
+        if fmt is not None and data.get("format") != fmt:
+            self.fail("format", f"expected {fmt!r}", data.get("format"))
+        return data
+
+
+_KINDS = {int: "an int", str: "a string", dict: "an object", list: "a list"}
+
+
+def read_json(path: str | Path, hint: str = "") -> Any:
+    """Parsed JSON of ``path`` (``NaN``/``Infinity`` read as Python does; the checks reject them)."""
+    path = Path(path)
+    tail = f" ({hint})" if hint else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MissingArtifact(f"{path}: no such file{tail}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: cannot read it as text: {e}{tail}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: line {e.lineno} column {e.colno}: invalid JSON ({e.msg}); fix the file "
+                            "or re-run the stage that wrote it") from None
+
+
+# ------------------------------------------------------------------ library
+
+
+def read_library(path: str | Path) -> dict:
+    """``library.json`` of the library folder ``path``, checked (module docstring); its weights file
+    must be there with a readable header."""
+    path = Path(path)
+    where = path / "library.json"
+    lib = read_json(where, "run the library stage first")
+    c = _Check(where, "re-run the library stage with --force, or fix the file")
+    c.top(lib, LIBRARY_FORMAT)
+    mode = c.get(lib, "mode", str)
+    if mode not in ("decoupled", "coupled"):
+        c.fail("mode", "expected 'decoupled' or 'coupled'", mode)
+    layers = c.get(lib, "layers", list)
+    for k, i in enumerate(layers):
+        if c.kind(i, int, f"layers[{k}]") < 0 or i in layers[:k]:
+            c.fail(f"layers[{k}]", "layers must be distinct ints >= 0", i)
+    n = c.get(lib, "parent_config", dict).get("num_hidden_layers")
+    if isinstance(n, int) and any(i >= n for i in layers):
+        c.fail("layers", f"the parent (parent_config.num_hidden_layers) has {n} layers", layers)
+    parts = ("attention", "ffn") if mode == "decoupled" else ("block",)
+    seen: dict[tuple, int] = {}
+    have: dict[int, set] = {}
+    for k, v in enumerate(c.get(lib, "variants", list)):
+        at = f"variants[{k}]"
+        c.kind(v, dict, at)
+        layer = c.get(v, "layer", int, at)
+        if layer not in layers:
+            c.fail(f"{at}.layer", f"not one of the library's layers {layers}", layer)
+        part = c.get(v, "part", str, at)
+        if part not in parts:
+            c.fail(f"{at}.part", f"a {mode} library's parts are {list(parts)}", part)
+        name = c.get(v, "name", str, at)
+        c.get(v, "weights", str, at)
+        if part == "block":
+            for key, kind in (("attention", str), ("ffn", str), ("attention_spec", dict), ("ffn_spec", dict)):
+                c.get(v, key, kind, at)
+        else:
+            c.get(v, "spec", dict, at)
+        if (layer, part, name) in seen:
+            c.fail(f"{at}.name", f"layer {layer} already has {part} {name!r} (variants[{seen[layer, part, name]}])",
+                   name)
+        seen[layer, part, name] = k
+        have.setdefault(layer, set()).add(part)
+    for i in layers:
+        lacking = [p for p in parts if p not in have.get(i, ())]
+        if lacking:
+            c.fail("variants", f"layer {i} has no {' or '.join(lacking)} variant")
+    weights = path / "weights.safetensors"
+    if not weights.is_file():
+        raise MissingArtifact(f"{weights}: no such file (re-run the library stage with --force)")
+    _check_safetensors(weights, "library")
+    return lib
+
+
+def library_pairs(lib: dict) -> dict[int, list[tuple[str, str]]]:
+    """``{layer: [(attention, ffn), ...]}``: the whole-layer blocks a (checked) library offers, parent's
+    own first. Decoupled: every attention variant with every FFN variant; coupled: the listed pairs."""
+    out: dict[int, list[tuple[str, str]]] = {}
+    for i in lib["layers"]:
+        entries = [v for v in lib["variants"] if v["layer"] == i]
+        if lib["mode"] == "coupled":
+            out[i] = [(v["attention"], v["ffn"]) for v in entries]
+        else:
+            out[i] = [(a["name"], f["name"]) for a in entries if a["part"] == "attention"
+                      for f in entries if f["part"] == "ffn"]
+    return out
+
+
+# ------------------------------------------------------------------ scores
+
+
+def read_scores(path: str | Path, library: dict | None = None) -> dict:
+    """``scores.json``, checked (module docstring); with ``library``, against the blocks it offers."""
+    return check_scores(read_json(path, "run the scores stage first"), str(path), library)
+
+
+def check_scores(data: Any, where: str, library: dict | None = None) -> dict:
+    """Check scores data in memory as :func:`read_scores` does (``where`` names it in messages)."""
+    c = _Check(where, "re-run the scores stage, or fix the file")
+    c.top(data, SCORES_FORMAT)
+    metrics = c.get(data, "metric_names", list)
+    if not metrics:
+        c.fail("metric_names", "list at least one metric", metrics)
+    for k, m in enumerate(metrics):
+        c.kind(m, str, f"metric_names[{k}]")
+    seen: dict[tuple, int] = {}
+    for k, b in enumerate(c.get(data, "blocks", list)):
+        at = f"blocks[{k}]"
+        c.kind(b, dict, at)
+        key = (c.integer(b, "layer", 0, at), c.get(b, "attention", str, at), c.get(b, "ffn", str, at))
+        for m in metrics:
+            if m not in b:
+                c.fail(f"{at}.{m}", "missing (every block needs every metric of metric_names)")
+            if isinstance(b[m], float) and -1e-6 <= b[m] < 0:
+                b[m] = 0.0  # float rounding of a KL that is 0
+            c.number(b[m], f"{at}.{m}", "a score")
+        if key in seen:
+            c.fail(at, f"layer {key[0]} block {key[1]}+{key[2]} is already scored in blocks[{seen[key]}]")
+        seen[key] = k
+    if library is not None:
+        offered = library_pairs(library)
+        for (i, a, f), k in seen.items():
+            if i not in offered:
+                c.fail(f"blocks[{k}].layer", f"the library has no layer {i} (its layers: {library['layers']}); "
+                       "were these scores measured on another library?", i)
+            if (a, f) not in offered[i]:
+                c.fail(f"blocks[{k}]", f"the library offers no block {a}+{f} in layer {i}; were these scores "
+                       "measured on another library?")
+        missing = [f"layer {i} {a}+{f}" for i, pairs in offered.items() for a, f in pairs if (i, a, f) not in seen]
+        if missing:
+            c.fail("blocks", f"no score for {len(missing)} block(s) of the library: {', '.join(missing[:5])}"
+                   + (", ..." if len(missing) > 5 else ""))
+    return data
+
+
+# ------------------------------------------------------------------ costs
+
+
+def check_costs(data: Any, where: str, library: dict | None = None) -> dict:
+    """Check costs data in memory as :func:`read_costs` does (``where`` names it in messages)."""
+    c = _Check(where, "re-run the costs stage, or fix the file")
+    c.top(data, COSTS_FORMAT)
+    c.get(data, "device", str)
+    c.get(data, "dtype", str)
+    batches = c.get(data, "batch_sizes", list)
+    if not batches:
+        c.fail("batch_sizes", "list at least one batch size", batches)
+    for k, b in enumerate(batches):
+        if c.kind(b, int, f"batch_sizes[{k}]") < 1 or b in batches[:k]:
+            c.fail(f"batch_sizes[{k}]", "batch sizes must be distinct ints >= 1", b)
+    c.integer(data, "prefill_len", 1)
+    c.integer(data, "decode_context", 0)
+
+    def times(entry: dict, at: str, positive: bool) -> None:
+        for kind in ("prefill_s", "decode_s"):
+            t = c.get(entry, kind, dict, at)
+            for b in batches:
+                if str(b) not in t:
+                    c.fail(f"{at}.{kind}", f'no time for batch size {b} (key "{b}")')
+                c.number(t[str(b)], f'{at}.{kind}["{b}"]', "a time", positive)
+
+    def entry(e: Any, at: str, kv: bool, positive: bool) -> None:
+        c.kind(e, dict, at)
+        for key in ("params", "param_bytes") + (("kv_bytes_per_token",) if kv else ()):
+            if key not in e:
+                c.fail(f"{at}.{key}", "missing (expected a number)")
+        for key in ("params", "param_bytes", "kv_bytes_per_token"):
+            if key in e:
+                c.number(e[key], f"{at}.{key}", key)
+        times(e, at, positive)
+
+    for part in ("attention", "ffn"):
+        for name, e in c.get(data, part, dict).items():
+            entry(e, f"{part}.{name}", part == "attention", False)
+    entry(c.get(data, "fixed", dict), "fixed", False, True)
+    if "parent_model" in data:
+        times(c.get(data, "parent_model", dict), "parent_model", True)
+    for part in ("attention", "ffn") if library is not None else ():
+        used = {v["name"] if v["part"] == part else v[part] for v in library["variants"]
+                if v["part"] in (part, "block")}
+        missing = sorted(used - set(data[part]))
+        if missing:
+            _Check(where, "re-run the costs stage for this library").fail(
+                part, f"no entry for {part} variant(s) {missing} of the library")
+    return data
+
+
+def read_costs(path: str | Path, library: dict | None = None) -> dict:
+    """``costs.json``, checked (module docstring); with ``library``, an entry for each variant it uses."""
+    return check_costs(read_json(path, "run the costs stage first, or set costs.file"), str(path), library)
+
+
+# ------------------------------------------------------------------ model folders
+
+
+def write_model_sidecar(model_dir: str | Path, prompting: str, made_by: str, **extra: Any) -> None:
+    """Write ``thinkfast.json`` into ``model_dir`` (atomically): how to prompt the model, who made it."""
+    from .rundir import atomic_write_json
+
+    if prompting not in PROMPTINGS:
+        raise ValueError(f"prompting={prompting!r}: expected one of {PROMPTINGS}")
+    atomic_write_json(Path(model_dir) / SIDECAR, {"prompting": prompting, "made_by": made_by, **extra})
+
+
+def read_model_sidecar(model_dir: str | Path) -> dict:
+    """``thinkfast.json`` of ``model_dir``, checked; ``{}`` when the folder has none."""
+    path = Path(model_dir) / SIDECAR
+    if not path.is_file():
+        return {}
+    c = _Check(path, "fix the file, or delete it to let eval guess from the tokenizer")
+    data = c.top(read_json(path))
+    if "prompting" in data and data["prompting"] not in PROMPTINGS:
+        c.fail("prompting", f"expected one of {list(PROMPTINGS)}", data["prompting"])
+    return data
+
+
+def copy_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
+    """Copy those of :data:`TOKENIZER_FILES` that ``src_dir`` has into ``dst_dir``; their names."""
+    copied = [n for n in TOKENIZER_FILES if (Path(src_dir) / n).is_file()]
+    for name in copied:
+        shutil.copy2(Path(src_dir) / name, Path(dst_dir) / name)
+    return copied
+
+
+def _damaged(stage: str | None) -> str:
+    who = f"the {stage} stage" if stage else "the stage"
+    again = who if stage else "that stage"
+    return f"{who} that wrote it was interrupted or the file is damaged; re-run {again} with --force"
+
+
+def _check_safetensors(path: Path, stage: str | None = None) -> None:
+    """Open the header of a safetensors file (cheap: no tensor is read); ArtifactError if it is bad."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({e}): {_damaged(stage)}") from None
+
+
+def load_tensors(path: str | Path, device: str = "cpu") -> dict:
+    """``safetensors.torch.load_file`` with errors that name the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingArtifact(f"{path}: no such file")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({e}): {_damaged(None)}") from None
+
+
+def load_model(path: str | Path, device: Any = "cpu", **kwargs: Any):
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` (nemotron-nas registered), moved to
+    ``device``; a missing folder, a bad ``config.json`` or a damaged weights file is an ArtifactError
+    naming the file."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    import thinkfast  # noqa: F401  (registers nemotron-nas with the Auto classes)
+
+    path = Path(path)
+    if not path.is_dir():
+        raise MissingArtifact(f"{path}: no such model folder")
+    c = _Check(path / "config.json", "fix the file, or re-run the stage that made this model with --force")
+    config = c.top(read_json(path / "config.json", "not a model folder: save_pretrained writes config.json"))
+    c.get(config, "model_type", str)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (SafetensorError, OSError) as e:
+        try:
+            made_by = read_model_sidecar(path).get("made_by")
+        except ArtifactError:
+            made_by = None
+        stage = made_by if isinstance(made_by, str) else None
+        for f in sorted(path.glob("*.safetensors")):
+            _check_safetensors(f, stage)
+        raise ArtifactError(f"{path}: cannot load the model ({e}): {_damaged(stage)}") from e
+    return model.to(device)

@@ -1,0 +1,1 @@
+"""Shared training parts: resumable checkpoints (:mod:`thinkfast.train.checkpoint`)."""
