@@ -233,6 +233,41 @@ def test_upgrade_rule_keeps_finished_work(run):
         "pretrain.fact_fraction changed: 0.0 (its default; the stage predates it) -> 0.1"]
 
 
+def _make_legacy(run, order=("pretrain", "eval", "library", "scores", "costs", "search")):
+    """Rewrite the markers as the thinkfast before recorded inputs wrote them (hash of config + the
+    marker of the stage listed just before), in that version's stage order."""
+    from thinkfast.config import config_hash, to_dict
+    from thinkfast.pipeline import _NOT_IN_HASH
+
+    pipe, upstream_ = smoke(run), None
+    for i, name in enumerate(order):
+        cfg = {k: v for k, v in to_dict(pipe.configs[name]).items() if k not in _NOT_IN_HASH}
+        h = config_hash({"stage": name, "config": cfg, "upstream": upstream_})
+        m = {"stage": name, "config_hash": h, "finished_at": f"2026-11-0{i + 1}T00:00:00", "metrics": {}}
+        (run / name / "COMPLETE.json").write_text(json.dumps(m))
+        upstream_ = [h, m["finished_at"]]
+
+
+def test_a_run_finished_by_an_older_thinkfast_is_kept(run):
+    _make_legacy(run)
+    weights = (run / "search" / "model" / "model.safetensors").read_bytes()
+    run_all(smoke(run))
+    for name in ("pretrain", "library", "scores", "costs", "search"):
+        m = marker(run, name)
+        assert m["format"] == 2 and m["output_id"].startswith("legacy-") and m["legacy_config_hash"], name
+    assert (run / "search" / "model" / "model.safetensors").read_bytes() == weights
+    assert not marker(run, "eval")["output_id"].startswith("legacy-")  # eval now evaluates every model
+    assert set(marker(run, "eval")["inputs"]["models"]) == {"pretrain", "search"}
+
+
+def test_an_older_stage_whose_config_changed_is_redone_with_what_follows(run):
+    _make_legacy(run)
+    run_all(smoke(run, "scores.rows=3"))
+    kept = {s: marker(run, s)["output_id"].startswith("legacy-") for s in STAGES}
+    assert kept == {"pretrain": True, "library": True, "scores": False, "costs": True, "search": False,
+                    "eval": False}
+
+
 def _tree(path: Path) -> dict:
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
-from .rundir import RunDir, RunDirError, StageConfigMismatch, StageDir, StageRun
+from .config import ConfigError, apply_overrides, config_hash, from_dict, load_yaml, to_dict
+from .rundir import MARKER_FORMAT, RunDir, RunDirError, StageConfigMismatch, StageDir, StageRun, atomic_write_json
 from .stages import OUTPUTS, Input, Inputs, costs, library, pretrain, resolve_device, scores, search
 from .stages import eval as eval_stage
 
@@ -233,6 +233,44 @@ def _check_upstream(pipe: Pipeline, rd: RunDir, name: str, seen: set | None = No
             f"up to date (or give the same overrides that stage was run with)")
 
 
+def adopt_legacy(pipe: Pipeline, rd: RunDir) -> list[str]:
+    """Keep work finished by a thinkfast that predates recorded inputs (a marker with only a config hash).
+
+    That version identified a stage by ``config_hash({"stage", "config", "upstream"})``, ``upstream``
+    being the config hash and finish time of the stage listed just before it. A legacy marker whose hash
+    is reproduced by today's config (with any completed stage, or none, as that upstream) is rewritten
+    in today's form, its inputs being the current outputs of its producers, instead of being redone.
+    Eval is not adopted: it now evaluates every model of the run. Returns the adopted stages."""
+    markers = {}
+    for child in pipe.run_dir.iterdir() if pipe.run_dir.is_dir() else ():
+        m = child / "COMPLETE.json"
+        if child.is_dir() and not child.name.endswith(".partial") and m.is_file():
+            try:
+                markers[child.name] = StageDir(pipe.run_dir, child.name).marker()
+            except RunDirError:
+                continue
+    upstreams = [None] + [[m.get("legacy_config_hash", m.get("config_hash")), m.get("finished_at")]
+                          for m in markers.values()]
+    adopted = []
+    for name in pipe.stages:
+        m = markers.get(name)
+        if name == "eval" or m is None or "format" in m or not m.get("config_hash"):
+            continue
+        cfg = {k: v for k, v in to_dict(pipe.configs[name]).items() if k not in _NOT_IN_HASH}
+        if not any(config_hash({"stage": name, "config": cfg, "upstream": u}) == m["config_hash"] for u in upstreams):
+            continue
+        run, _, missing = stage_run(pipe, rd, name)
+        refs = [r for v in run.record["inputs"].values() for r in ([v] if "id" in v else v.values())]
+        if missing or not all(r.get("id") for r in refs):  # a producer that was not kept: redo this too
+            continue
+        marker = {**m, "format": MARKER_FORMAT, **run.record, "config_hash": config_hash(run.record),
+                  "legacy_config_hash": m["config_hash"], "output_id": f"legacy-{m.get('finished_at')}"}
+        atomic_write_json(run.final.marker_path, marker)
+        adopted.append(name)
+        print(f"{name}: completed by an older thinkfast with this same config: kept ({run.final.marker_path})")
+    return adopted
+
+
 # ------------------------------------------------------------------ running
 
 def _run_one(pipe: Pipeline, rd: RunDir, name: str, force: bool, index: str) -> tuple[dict, bool]:
@@ -280,6 +318,7 @@ def run_stage(pipe: Pipeline, name: str, force: bool = False, index: str = "") -
                               f"makes one" + (f"; set {name}.{inp.field}" if inp.field else ""))
     _check_devices(pipe, [name])
     with RunDir(pipe.run_dir, command=f"thinkfast {name}") as rd:
+        adopt_legacy(pipe, rd)
         _check_upstream(pipe, rd, name)
         return _run_one(pipe, rd, name, force, index)
 
@@ -297,6 +336,7 @@ def run_all(pipe: Pipeline, force: bool = False, from_stage: str | None = None) 
     _check_devices(pipe, pipe.stages)
     results = {}
     with RunDir(pipe.run_dir, command="thinkfast run") as rd:
+        adopt_legacy(pipe, rd)
         for i, name in enumerate(pipe.stages):
             results[name], _ = _run_one(pipe, rd, name, name in redo, f"step {i + 1}/{len(pipe.stages)} ")
     return results
