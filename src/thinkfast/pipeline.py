@@ -102,10 +102,11 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = ()) -> Pipelin
     for name in pipeline.stages:
         for role, inp in reads(pipeline, name).items():
             if _explicit(pipeline, name, inp) is None and not _producers(pipeline, name, inp):
-                makers = [s for s in STAGES if STAGES[s].MAKES == inp.kind]
+                makers = [s for s in STAGES if STAGES[s].MAKES == inp.kind and s != name]
                 hint = f" or set {name}.{inp.field}" if inp.field else ""
+                at = f"override {overridden['stages']}" if "stages" in overridden else f"{where}: stages"
                 raise ConfigError(
-                    f"{where}: stages: '{name}' reads a {inp.kind} ({role}) but no stage before it makes one; "
+                    f"{at}: '{name}' reads a {inp.kind} ({role}) but no stage before it makes one; "
                     f"list {' or '.join(makers)} before {name}{hint}")
     return pipeline
 

@@ -138,7 +138,7 @@ def run(cfg: SearchConfig, stage: StageDir, inputs: Inputs) -> dict:
         solutions = solve_mip(problem.scores, problem.costs, limits, n_solutions=cfg.n_solutions, alpha=cfg.alpha,
                               time_limit=cfg.time_limit_s)
     except InfeasibleError:
-        raise ValueError(f"search: {explain_infeasible(cfg, problem, costs, cfg.speedup)}") from None
+        raise ValueError(explain_infeasible(cfg, problem, costs, cfg.speedup)) from None
     summaries = [summary(problem, s, cfg) for s in solutions]
     best = solutions[0]
     print("search: step 2/3 assemble the best solution")
