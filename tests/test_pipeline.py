@@ -243,7 +243,8 @@ def _make_legacy(run, order=("pretrain", "eval", "library", "scores", "costs", "
     for i, name in enumerate(order):
         cfg = {k: v for k, v in to_dict(pipe.configs[name]).items() if k not in _NOT_IN_HASH}
         h = config_hash({"stage": name, "config": cfg, "upstream": upstream_})
-        m = {"stage": name, "config_hash": h, "finished_at": f"2026-11-0{i + 1}T00:00:00", "metrics": {}}
+        m = {"stage": name, "config_hash": h, "finished_at": f"2026-11-0{i + 1}T00:00:00",
+             "metrics": marker(run, name)["metrics"]}
         (run / name / "COMPLETE.json").write_text(json.dumps(m))
         upstream_ = [h, m["finished_at"]]
 
@@ -368,7 +369,7 @@ def test_stage_order_and_values_fail_when_the_config_loads(tmp_path):
         smoke(tmp_path, "eval.device=tpu")
     if not torch.cuda.is_available():
         pipe = smoke(tmp_path / "r", "costs.device=cuda")
-        with pytest.raises(ConfigError, match="costs.device='cuda', but this machine has no CUDA"):
+        with pytest.raises(ConfigError, match="override costs.device=cuda: device='cuda', but this machine has no CUDA"):
             run_all(pipe)
         assert not (tmp_path / "r").exists()  # refused before any stage started
 
@@ -427,7 +428,7 @@ def test_cli_messages_for_damaged_run_directories(run, capsys):
     capsys.readouterr()
     (run / "costs" / "COMPLETE.json").write_text("[]")
     code, msg = err("search")
-    assert code == 2 and "costs/COMPLETE.json: not a thinkfast stage marker" in msg and "\n" not in msg
+    assert code == 2 and "costs/COMPLETE.json: not a thinkfast marker of stage 'costs'" in msg and "\n" not in msg
     shutil.rmtree(run / "costs")
     # a truncated model file names itself
     weights = run / "pretrain" / "model" / "model.safetensors"
@@ -518,3 +519,42 @@ def test_documents_longer_than_a_row_are_measured():
     short = pretrain.PretrainConfig(seq_len=64, digits=[2], kinds=["mul"], think_fraction=1.0)
     assert pretrain.too_long_fraction(short, tok) == 1.0  # every worked 2-digit product exceeds 64 tokens
     assert pretrain.too_long_fraction(pretrain.PretrainConfig(seq_len=1024, digits=[1, 2]), tok) == 0.0
+
+
+def test_costs_measured_on_another_device_are_not_reused(run, monkeypatch):
+    from thinkfast.stages import costs
+
+    assert state(run, "costs") == "complete"
+    monkeypatch.setattr(costs, "device_name", lambda device: "cuda: some GPU")
+    pipe = smoke(run)
+    with RunDir(pipe.run_dir) as rd:
+        st, reasons = status(pipe, rd, "costs")
+    assert st == "stale" and "measured on 'cpu" in reasons[0] and "'cuda: some GPU'" in reasons[0]
+
+
+def test_forced_eval_evaluates_again(run, capsys):
+    capsys.readouterr()
+    run_all(smoke(run), from_stage="eval")
+    out = capsys.readouterr().out
+    assert "reusing" not in out and "eval: pretrain: " in out and "eval: search: " in out
+
+
+def test_a_damaged_marker_is_replaced_by_force(run, capsys):
+    (run / "library" / "COMPLETE.json").write_text(json.dumps({"stage": "library", "format": 2, "config": "x"}))
+    with pytest.raises(RunDirError, match=r"library/COMPLETE.json: not a thinkfast marker.*--force"):
+        run_stage(smoke(run), "scores")
+    _, ran = run_stage(smoke(run), "library", force=True)
+    assert ran and marker(run, "library")["format"] == 2
+
+
+def test_paths_in_the_config_are_checked_before_any_stage_runs(tmp_path):
+    with pytest.raises(ConfigError, match=r"override eval.model=/no/such/model: /no/such/model does not exist"):
+        run_all(smoke(tmp_path / "r", "eval.model=/no/such/model"))
+    with pytest.raises(ConfigError, match="is a folder; name the costs file itself"):
+        run_all(smoke(tmp_path / "r", f"costs.file={tmp_path}"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_overrides_and_options_mix_on_the_command_line(run, capsys):
+    assert main(["search", "search.max_params=30000", "--force", "--config", str(SMOKE), f"run_dir={run}"]) == 0
+    assert marker(run, "search")["config"]["max_params"] == 30000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import os
 import shutil
 import signal
@@ -777,6 +778,34 @@ def test_lock_held_by_other_process_then_stale_after_kill(tmp_path):
 
 
 # --------------------------------------------------------------- fingerprint
+
+
+@pytest.fixture(autouse=True)
+def _cache_fresh_files(monkeypatch):
+    """The tests below write files and hash them at once; let the cache take them anyway."""
+    monkeypatch.setattr(RunDir, "settle_ns", 0)
+
+
+def test_a_file_changed_just_now_is_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(RunDir, "settle_ns", 2_000_000_000)
+    rd = RunDir(tmp_path / "run")
+    rd.prepare()
+    (tmp_path / "a.txt").write_text("racy")
+    rd.fingerprint(tmp_path / "a.txt")
+    assert json.loads((tmp_path / "run" / ".fingerprints.json").read_text()) == {}
+
+
+def test_fingerprint_sees_an_edit_whose_mtime_was_restored(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.prepare()
+    f = tmp_path / "costs.json"
+    f.write_text('{"t": 1.5}')
+    before = rd.fingerprint(f)
+    st = f.stat()
+    time.sleep(0.01)
+    f.write_text('{"t": 9.5}')  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # as touch -r / cp -p / rsync -t would
+    assert rd.fingerprint(f) != before
 
 
 def test_fingerprint_file(tmp_path):

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -44,13 +46,29 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         if name == "eval":
             p.add_argument("--model", help="evaluate this model folder instead of the pipeline's")
-            p.add_argument("--out", help="with --model: where to write results (default runs/eval/<name>)")
+            p.add_argument("--out", help="with --model: where to write results (default runs/eval/PARENT-NAME-HASH of the model path)")
     p = sub.add_parser("convert", help="convert a Llama-layout checkpoint folder to nemotron-nas")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks (also THINKFAST_DEBUG=1)")
     return parser
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def _overrides_last(argv: list[str]) -> list[str]:
+    """Let ``key=value`` overrides sit anywhere among the options (``thinkfast search a=1 --force b=2``):
+    argparse takes positionals in one run, so they are moved after the options."""
+    if not argv or argv[0] == "convert":
+        return argv
+    head, rest, overrides = argv[:1], [], []
+    for i, a in enumerate(argv[1:]):
+        prev = argv[i] if i else ""
+        takes_value = prev in ("--config", "-c", "--from", "--model", "--out")
+        (overrides if _OVERRIDE.match(a) and not takes_value else rest).append(a)
+    return head + rest + overrides
 
 
 def _error(message: str, code: int) -> int:
@@ -61,7 +79,7 @@ def _error(message: str, code: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run a command; every failure becomes one line on stderr and an exit code (2: a mistake in what was
     asked, 1: the environment or a bug, 130: interrupted)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_overrides_last(sys.argv[1:] if argv is None else list(argv)))
     if args.debug or os.environ.get("THINKFAST_DEBUG", "") not in ("", "0"):
         return _dispatch(args)
     try:
@@ -102,7 +120,10 @@ def _dispatch(args) -> int:
 
     overrides = list(args.overrides)
     if args.command == "eval" and args.model:
-        out = args.out or str(Path("runs") / "eval" / Path(args.model).resolve().name)
+        model = Path(args.model).resolve()
+        # one results folder per model folder (two folders both named model/ must not share one)
+        tag = hashlib.sha256(str(model).encode()).hexdigest()[:8]
+        out = args.out or str(Path("runs") / "eval" / f"{model.parent.name}-{model.name}-{tag}")
         overrides += [f"eval.model={Path(args.model).resolve()}", f"run_dir={out}", "stages=[eval]"]
     pipe = load_pipeline(args.config, overrides)
     if args.command == "run":

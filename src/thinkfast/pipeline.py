@@ -73,6 +73,11 @@ class Pipeline:
     run_dir: Path
     stages: list[str]
     configs: dict  # stage name -> config dataclass instance
+    overridden: dict = field(default_factory=dict)  # dotted key -> the command-line override that set it
+
+    def where(self, key: str) -> str:
+        """Where a key's value came from, for messages: the override, or the config file."""
+        return f"override {self.overridden[key]}" if key in self.overridden else f"{self.source}: {key}"
 
 
 def default_config_path(name: str = "nano") -> Path:
@@ -98,7 +103,7 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = ()) -> Pipelin
     configs = {name: from_dict(_config_class(name), data.get(name), where=where, lines=lines, prefix=name,
                                overridden=overridden)
                for name in STAGES}
-    pipeline = Pipeline(where, Path(pipe.run_dir), list(pipe.stages), configs)
+    pipeline = Pipeline(where, Path(pipe.run_dir), list(pipe.stages), configs, overridden)
     for name in pipeline.stages:
         for role, inp in reads(pipeline, name).items():
             if _explicit(pipeline, name, inp) is None and not _producers(pipeline, name, inp):
@@ -209,7 +214,16 @@ def status(pipe: Pipeline, rd: RunDir, name: str) -> tuple[str, list[str]]:
     state, reasons = run.state()
     if missing and state == "complete":
         return "stale", [f"stage {m} has not completed" for m in missing]
+    if state == "complete":
+        return _recheck(pipe, name, run)
     return state, reasons
+
+
+def _recheck(pipe: Pipeline, name: str, run: StageRun) -> tuple[str, list[str]]:
+    """A stage may say why a matching output cannot be reused here (costs: measured on another device)."""
+    check = getattr(STAGES[name], "reuse_problems", None)
+    reasons = check(pipe.configs[name], run.final.marker()) if check else []
+    return ("stale", reasons) if reasons else ("complete", [])
 
 
 def _check_upstream(pipe: Pipeline, rd: RunDir, name: str, seen: set | None = None) -> None:
@@ -278,7 +292,14 @@ def _run_one(pipe: Pipeline, rd: RunDir, name: str, force: bool, index: str) -> 
     run, inputs, missing = stage_run(pipe, rd, name)
     if missing:
         raise StageConfigMismatch(f"{name}: stage(s) {missing} it reads have not completed; run them first")
-    state, reasons = run.state()
+    try:
+        state, reasons = run.state()
+        if state == "complete":
+            state, reasons = _recheck(pipe, name, run)
+    except RunDirError:
+        if not force:  # a damaged marker of this stage: --force replaces it
+            raise
+        state, reasons = "damaged", []
     if state == "complete" and not force:
         print(f"{index}{name}: complete, reused ({run.final.marker_path})")
         return run.final.read_metrics(), False
@@ -288,7 +309,8 @@ def _run_one(pipe: Pipeline, rd: RunDir, name: str, force: bool, index: str) -> 
         print(f"{index}{name}: discarding interrupted work of another config (" + "; ".join(reasons) + ")")
     mode = run.begin(force=force)
     print(f"{index}{name}: {'resuming' if mode == 'resume' else 'starting'} in {run.work.path}")
-    inputs.previous = run.final if run.final.marker_path.is_file() else None
+    # parts of the previous output a stage may reuse (never when forced: then everything is redone)
+    inputs.previous = run.final if state in ("complete", "stale") and not force else None
     t0 = time.perf_counter()
     metrics = STAGES[name].run(pipe.configs[name], run.work, inputs)
     metrics["stage_seconds"] = round(time.perf_counter() - t0, 1)
@@ -297,16 +319,33 @@ def _run_one(pipe: Pipeline, rd: RunDir, name: str, force: bool, index: str) -> 
     return metrics, True
 
 
-def _check_devices(pipe: Pipeline, names: list[str]) -> None:
-    """Every device named exists on this machine, checked before any stage starts."""
+_SHAPES = {"model": ("folder", "config.json"), "library": ("folder", "library.json"), "scores": ("file", None),
+           "costs": ("file", None)}
+
+
+def _preflight(pipe: Pipeline, names: list[str]) -> None:
+    """What can be checked before any stage starts: every device exists on this machine, and every path
+    named in the config exists and has the right shape."""
     for name in names:
         device = getattr(pipe.configs[name], "device", None)
-        if device is None:
-            continue
-        try:
-            resolve_device(device)
-        except ValueError as e:
-            raise ConfigError(f"{pipe.source}: {name}.{e}") from None
+        if device is not None:
+            try:
+                resolve_device(device)
+            except ValueError as e:
+                raise ConfigError(f"{pipe.where(f'{name}.device')}: {e}") from None
+        for inp in reads(pipe, name).values():
+            value = _explicit(pipe, name, inp)
+            if value is None:
+                continue
+            shape, needs = _SHAPES[inp.kind]
+            for v in (value if isinstance(value, (list, tuple)) else [value]):
+                p, at = Path(v), pipe.where(f"{name}.{inp.field}")
+                if not p.exists():
+                    raise ConfigError(f"{at}: {v} does not exist")
+                if shape == "file" and not p.is_file():
+                    raise ConfigError(f"{at}: {v} is a folder; name the {inp.kind} file itself")
+                if shape == "folder" and not (p / needs).is_file():
+                    raise ConfigError(f"{at}: {v} is not a {inp.kind} folder (it has no {needs})")
 
 
 def run_stage(pipe: Pipeline, name: str, force: bool = False, index: str = "") -> tuple[dict, bool]:
@@ -317,7 +356,7 @@ def run_stage(pipe: Pipeline, name: str, force: bool = False, index: str = "") -
         if _explicit(pipe, name, inp) is None and not _producers(pipe, name, inp):
             raise ConfigError(f"{pipe.source}: {name} reads a {inp.kind} ({role}) but no stage in 'stages' "
                               f"makes one" + (f"; set {name}.{inp.field}" if inp.field else ""))
-    _check_devices(pipe, [name])
+    _preflight(pipe, [name])
     with RunDir(pipe.run_dir, command=f"thinkfast {name}") as rd:
         adopt_legacy(pipe, rd)
         _check_upstream(pipe, rd, name)
@@ -333,8 +372,10 @@ def run_all(pipe: Pipeline, force: bool = False, from_stage: str | None = None) 
     if from_stage is not None:
         if from_stage not in pipe.stages:
             raise ConfigError(f"--from {from_stage}: not a stage of this pipeline ({', '.join(pipe.stages)})")
-        redo |= {from_stage, *dependents(pipe, from_stage)}
-    _check_devices(pipe, pipe.stages)
+        # its dependents follow by themselves: a redone stage gets a new output_id, so every stage that
+        # reads it is stale (and may still reuse what did not change, as eval does per model)
+        redo.add(from_stage)
+    _preflight(pipe, pipe.stages)
     results = {}
     with RunDir(pipe.run_dir, command="thinkfast run") as rd:
         adopt_legacy(pipe, rd)

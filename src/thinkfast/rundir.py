@@ -34,6 +34,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -254,7 +255,7 @@ class StageDir:
 
     def marker(self) -> dict | None:
         """The completion marker (checked), or None when the stage has not completed."""
-        return read_marker(self.marker_path) if self.marker_path.is_file() else None
+        return read_marker(self.marker_path, self.name.removesuffix(".partial")) if self.marker_path.is_file() else None
 
     def read_metrics(self) -> dict:
         """The stage's metrics.json (FileNotFoundError if it has none)."""
@@ -273,17 +274,21 @@ class StageDir:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
-def read_marker(path: Path) -> dict:
+def read_marker(path: Path, stage: str | None = None) -> dict:
     """A COMPLETE.json / STARTED.json, checked: an object naming its stage. Anything else is an error
     that says which file and what to do (thinkfast never guesses about a damaged marker)."""
     try:
         data = _read_json(path)
     except ValueError as e:
         data = e
-    if not isinstance(data, dict) or not isinstance(data.get("stage"), str):
+    folder = stage or path.parent.name.removesuffix(".partial")
+    ok = (isinstance(data, dict) and isinstance(data.get("stage"), str) and data["stage"] == (stage or data["stage"])
+          and all(isinstance(data.get(k, {}), dict) for k in ("config", "inputs", "metrics"))
+          and isinstance(data.get("output_id", ""), str))
+    if not ok:
         raise RunDirError(
-            f"{path}: not a thinkfast stage marker (expected a JSON object with 'stage'); it was damaged or "
-            f"written by something else: move the folder {path.parent} away, or rerun the stage with --force")
+            f"{path}: not a thinkfast marker of stage '{folder}' (damaged, or written by something else): "
+            f"rerun the stage with --force to redo it, or move the folder {path.parent} away")
     return data
 
 
@@ -493,6 +498,8 @@ class RunDir:
             ...
     """
 
+    settle_ns = 2_000_000_000  # a file changed this recently is hashed but not cached (it may still change)
+
     def __init__(self, path: str | Path, command: str = "thinkfast"):
         if str(path).strip() == "":
             raise RunDirError("run_dir is empty; name a folder for the run (e.g. run_dir=runs/nano)")
@@ -523,8 +530,8 @@ class RunDir:
             if not (p / RUN_MARKER).is_file():
                 atomic_write_json(p / RUN_MARKER, {"format": 1, "created_at": _now(),
                                                    "note": "a thinkfast run directory; see its README"})
-        except PermissionError as e:
-            raise RunDirError(f"run_dir {p}: cannot write there ({e.strerror}); choose a writable folder") from None
+        except OSError as e:  # read-only, permission, a file where a folder should be, ...
+            raise RunDirError(f"run_dir {p}: cannot write there ({e.strerror or e}); choose a writable folder") from None
 
     def lock(self) -> None:
         """Hold ``RUN_DIR/.lock`` (an advisory flock the kernel drops when the holder dies, so a lock left
@@ -532,7 +539,11 @@ class RunDir:
         import fcntl
 
         path = self.path / ".lock"
-        f = open(path, "a+", encoding="utf-8")
+        try:
+            f = open(path, "a+", encoding="utf-8")
+        except OSError as e:
+            raise RunDirError(f"run_dir {self.path}: cannot write there ({e.strerror or e}); "
+                              f"choose a writable folder") from None
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -580,13 +591,15 @@ class RunDir:
         for f in files:
             st = f.stat()
             key = str(f)
-            stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+            # ctime cannot be set back by a tool (touch -r, cp -p, rsync -t can restore mtime)
+            stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
             hit = cache.get(key)
             if isinstance(hit, dict) and hit.get("stamp") == stamp:
                 digest = hit["sha256"]
             else:
                 digest = _sha256_file(f)
-                cache[key] = {"stamp": stamp, "sha256": digest}
+                if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > self.settle_ns:
+                    cache[key] = {"stamp": stamp, "sha256": digest}  # not while it may still be changing
             rel = "" if f == path else f.relative_to(path).as_posix()
             h.update(f"{rel}\0{digest}\n".encode())
         try:

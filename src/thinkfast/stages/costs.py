@@ -91,7 +91,19 @@ class CostsConfig:
 Config = CostsConfig
 
 
+def reuse_problems(cfg, marker: dict) -> list[str]:
+    """Costs are only valid on the device they were measured on: a completed costs stage whose config
+    matches is still redone when this run would measure on another device (``device`` itself is not
+    part of a stage's identity, since for other stages it changes only speed)."""
+    if cfg.file:
+        return []
+    before = (marker.get("metrics") or {}).get("device")
+    now = device_name(resolve_device(cfg.device))
+    return [f"costs were measured on {before!r}; this machine measures on {now!r}"] if before != now else []
+
+
 def device_name(device: torch.device) -> str:
+    """The device costs are measured on, as recorded in costs.json (a CPU measurement uses every core)."""
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     name = platform.processor() or platform.machine()
@@ -102,7 +114,7 @@ def device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{device.type}: {name} ({torch.get_num_threads()} threads)"
+    return f"{device.type}: {name} ({max(1, os.cpu_count() or 1)} threads)"
 
 
 def _time(fn, device: torch.device, warmup: int, repeats: int) -> float:

@@ -27,7 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..artifacts import copy_tokenizer_files, load_tensors, read_costs, read_library, read_model_sidecar, read_scores, write_model_sidecar
+from ..artifacts import (ArtifactError, copy_tokenizer_files, load_tensors, read_costs, read_json, read_library,
+                         read_model_sidecar, read_scores, write_model_sidecar)
 from ..puzzle.assemble import assemble, build_problem, describe
 from ..puzzle.mip import InfeasibleError, solve_mip
 from ..puzzle.parent import load_decilm
@@ -129,10 +130,18 @@ def run(cfg: SearchConfig, stage: StageDir, inputs: Inputs) -> dict:
     lib_path = inputs["library"]
     lib = read_library(lib_path)
     scores = read_scores(inputs["scores"], lib)
-    costs = read_costs(inputs["costs"], lib)
-    problem = build_problem(lib, scores, costs, cfg.metric)
-    check_finite(problem)
-    limits = limits_for(cfg, problem, costs, cfg.speedup)
+    raw = read_json(inputs["costs"])
+    copied = raw.get("source") if isinstance(raw, dict) else None
+    try:
+        costs = read_costs(inputs["costs"], lib)
+    except ArtifactError as e:  # name the user's file, not the costs stage's copy of it
+        raise ArtifactError(f"{e} (the costs stage copied that file from {copied})" if copied else str(e)) from None
+    try:
+        problem = build_problem(lib, scores, costs, cfg.metric)
+        check_finite(problem)
+        limits = limits_for(cfg, problem, costs, cfg.speedup)
+    except ValueError as e:
+        raise type(e)(f"{e} (scores: {inputs['scores']}; costs: {copied or inputs['costs']})") from None
     print(f"search: step 1/3 MIP over {problem.scores.shape[0]} layers x {problem.scores.shape[1]} blocks")
     try:
         solutions = solve_mip(problem.scores, problem.costs, limits, n_solutions=cfg.n_solutions, alpha=cfg.alpha,
