@@ -41,13 +41,14 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, DynamicCache
 
 from thinkfast.artifacts import read_costs, read_library, read_scores
+from thinkfast.evaluation import evaluate
 from thinkfast.nano import tasks
 from thinkfast.nano.corpus import packed_rows
 from thinkfast.puzzle.assemble import assemble, build_problem, describe
 from thinkfast.puzzle.mip import solve_mip
 from thinkfast.puzzle.parent import kl_and_lm_loss, load_decilm
 from thinkfast.puzzle.targets import limits_for
-from thinkfast.stages.eval import EvalConfig, evaluate  # the eval stage's public harness (config + function)
+from thinkfast.stages.eval import EvalConfig  # the eval settings, as a user writes them
 from thinkfast.stages.search import SearchConfig  # the search targets, as a user writes them
 
 

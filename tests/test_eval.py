@@ -6,7 +6,8 @@ import pytest
 
 from thinkfast.nano import tasks
 from thinkfast.nano.tokenizer import build_tokenizer
-from thinkfast.stages.eval import EvalConfig, build_prompt, format_table, grade, resolve_prompting
+from thinkfast.evaluation import build_prompt, format_table, grade, resolve_prompting
+from thinkfast.stages.eval import EvalConfig
 
 PROBLEM = tasks.Problem(kind="add", digits=2, steps=1, question="47 + 38", answer=85, ops=(("+", 47, 38),))
 

@@ -13,6 +13,9 @@ template):
   ``enable_thinking``. Besides accuracy it reports how well the toggle is obeyed: the share of "on"
   responses with exactly one well-formed think block and of "off" responses with no think tags.
 
+The harness itself (prompts, grading, the batched evaluation, tables) is :mod:`thinkfast.evaluation`;
+this module is the stage around it: which models, where results go, what is reused.
+
 Departures: the nano suite replaces the paper's benchmarks (those come with the evaluation issue);
 answers are graded by ``thinkfast.nano.tasks.verify`` (exact integer) rather than math-verify.
 """
@@ -21,19 +24,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from ..artifacts import load_model, read_model_sidecar
+from ..artifacts import load_model
 from ..config import to_dict
-from ..generation import SamplingParams, generate
+from ..evaluation import evaluate, format_table, models_table, resolve_prompting
 from ..nano import tasks
 from ..rundir import JsonlLogger, StageDir, atomic_dir, atomic_write_json, atomic_write_text
-from ..toggle import format_ok, messages_for, parse_response, stop_token_ids
 from . import Input, Inputs, check_device, resolve_device
 
 MAKES = None  # a leaf: results, no model
@@ -42,10 +43,6 @@ MAKES = None  # a leaf: results, no model
 def reads(cfg) -> dict:
     # every model made before it in the pipeline (or the folder named by eval.model), one row each
     return {"models": Input("model", field="model", many=True)}
-
-TEXT_MODES = ("think", "direct")
-CHAT_MODES = ("on", "off")
-
 
 @dataclass
 class EvalConfig:
@@ -82,113 +79,6 @@ class EvalConfig:
 Config = EvalConfig
 
 
-def resolve_prompting(model_dir: Path, tokenizer, requested: str) -> str:
-    if requested != "auto":
-        return requested
-    meta = read_model_sidecar(model_dir)
-    if meta:
-        return meta["prompting"]
-    return "chat" if getattr(tokenizer, "chat_template", None) else "text"
-
-
-def build_prompt(tokenizer, problem: tasks.Problem, prompting: str, mode: str) -> list[int]:
-    if prompting == "text":
-        return tokenizer(tasks.text_prompt(problem, mode), add_special_tokens=False)["input_ids"]
-    messages = messages_for(tasks.chat_prompt(problem), thinking=None)
-    ids = tokenizer.apply_chat_template(
-        messages, enable_thinking=(mode == "on"), add_generation_prompt=True, tokenize=True
-    )
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-
-
-def grade(problem: tasks.Problem, text: str, prompting: str, mode: str) -> dict:
-    """Grade one response: correct, and (chat) whether the toggle's format was obeyed."""
-    if prompting == "text":
-        # the prompt's own tail is part of the answer ("...\nAnswer: " + "85")
-        return {"correct": tasks.verify(problem, tasks.text_prompt(problem, mode) + text), "format_ok": True}
-    answer = parse_response(text).answer  # None for malformed think blocks: no guessing
-    return {
-        "correct": answer is not None and tasks.verify(problem, answer),
-        "format_ok": format_ok(text, thinking=(mode == "on")),
-    }
-
-
-def evaluate(model, tokenizer, suite: dict, prompting: str, cfg: EvalConfig, log=None) -> tuple[dict, list]:
-    """Evaluate every mode on every cell. Returns (metrics, kept sample records)."""
-    modes = TEXT_MODES if prompting == "text" else CHAT_MODES
-    stops = tuple(stop_token_ids(tokenizer))
-    metrics: dict = {"prompting": prompting, "modes": {}}
-    kept = []
-    for mode in modes:
-        sampled = prompting == "chat" and mode == "on"
-        n = cfg.samples if sampled else 1
-        params = SamplingParams(
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.on_temperature if sampled else 0.0,
-            top_p=cfg.on_top_p if sampled else 1.0,
-            stop_token_ids=stops,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-        )
-        items = [(cell, p) for cell, problems in suite.items() for p in problems for _ in range(n)]
-        prompts = [build_prompt(tokenizer, p, prompting, mode) for _, p in items]
-        completions = generate(model, prompts, params, progress=True)
-        cells: dict = {}
-        for (cell, problem), comp in zip(items, completions):
-            text = tokenizer.decode(comp.token_ids, skip_special_tokens=True)
-            g = grade(problem, text, prompting, mode)
-            key = f"{cell[0]}/{cell[1]}d" + (f"/{cell[2]}s" if cell[0] == "word" else "")
-            c = cells.setdefault(key, {"correct": [], "tokens": [], "format_ok": [], "truncated": []})
-            c["correct"].append(g["correct"])
-            c["format_ok"].append(g["format_ok"])
-            c["tokens"].append(len(comp.token_ids))
-            c["truncated"].append(comp.finish_reason == "length")
-            if len(c["correct"]) <= cfg.save_samples:
-                kept.append({"mode": mode, "cell": key, "question": problem.question, "answer": problem.answer,
-                             "response": text, **g})
-        summary = {
-            key: {
-                "accuracy": statistics.fmean(c["correct"]),
-                "mean_tokens": statistics.fmean(c["tokens"]),
-                "format_ok": statistics.fmean(c["format_ok"]),
-                "truncated": statistics.fmean(c["truncated"]),
-                "n": len(c["correct"]),
-            }
-            for key, c in cells.items()
-        }
-        everything = [x for c in cells.values() for x in c["correct"]]
-        headline = [x for key, c in cells.items() if f"/{cfg.headline_digits}d" in key for x in c["correct"]]
-        metrics["modes"][mode] = {
-            "accuracy": statistics.fmean(everything),
-            f"accuracy_{cfg.headline_digits}d": statistics.fmean(headline) if headline else None,
-            "mean_tokens": statistics.fmean(t for c in cells.values() for t in c["tokens"]),
-            "format_ok": statistics.fmean(x for c in cells.values() for x in c["format_ok"]),
-            "cells": summary,
-        }
-        if log is not None:
-            log.log("mode", mode=mode, **{k: v for k, v in metrics["modes"][mode].items() if k != "cells"})
-    return metrics, kept
-
-
-def format_table(metrics: dict) -> str:
-    """A plain-text table: one row per cell, one column pair (accuracy, tokens) per mode."""
-    modes = list(metrics["modes"])
-    cells = list(next(iter(metrics["modes"].values()))["cells"])
-    head = f"{'cell':<12}" + "".join(f"{m + ' acc':>11}{m + ' tok':>11}" for m in modes)
-    lines = [head, "-" * len(head)]
-    for key in cells:
-        row = f"{key:<12}"
-        for m in modes:
-            c = metrics["modes"][m]["cells"][key]
-            row += f"{c['accuracy']:>11.3f}{c['mean_tokens']:>11.1f}"
-        lines.append(row)
-    row = f"{'all':<12}"
-    for m in modes:
-        row += f"{metrics['modes'][m]['accuracy']:>11.3f}{metrics['modes'][m]['mean_tokens']:>11.1f}"
-    lines.append(row)
-    return "\n".join(lines)
-
-
 def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
     """Evaluate the model folder ``path``; write metrics.json, table.txt and samples.jsonl into ``out``."""
     from transformers import AutoTokenizer
@@ -209,18 +99,6 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
         atomic_write_text(tmp / "table.txt", format_table(metrics) + "\n")
         atomic_write_json(tmp / "metrics.json", metrics)
     return metrics
-
-
-def models_table(results: dict[str, dict]) -> str:
-    """One row per model: accuracy overall and at the headline difficulty, mean tokens, per mode."""
-    head = f"{'model':<16}{'prompting':<11}{'mode':<8}{'accuracy':>10}{'headline':>10}{'tokens':>9}"
-    lines = [head, "-" * len(head)]
-    for name, m in results.items():
-        for mode, r in m["modes"].items():
-            headline = next((v for k, v in r.items() if k.startswith("accuracy_")), None)
-            lines.append(f"{name:<16}{m['prompting']:<11}{mode:<8}{r['accuracy']:>10.3f}"
-                         f"{'' if headline is None else f'{headline:.3f}':>10}{r['mean_tokens']:>9.1f}")
-    return "\n".join(lines)
 
 
 def _reusable(folder: Path, record: dict) -> dict | None:

@@ -1,0 +1,142 @@
+"""Evaluation harness: prompt a model in either mode, generate in batches, grade, summarise.
+
+Shared by the ``eval`` stage and the benchmarks (REFERENCE.md section 7: reasoning "on" sampled at
+temperature 0.6 / top-p 0.95 with pass@1 averaged over n samples, "off" greedy; an unclosed think block
+is no answer). ``text`` prompting (a pretrained parent): modes ``think`` ("Let's think step by step.")
+and ``direct`` ("Answer: "), both greedy. ``chat`` prompting (a model taught the toggle): modes ``on`` /
+``off`` through the chat template's ``enable_thinking``, with toggle obedience (``format_ok``).
+
+``cfg`` below is anything with :class:`thinkfast.stages.eval.EvalConfig`'s fields.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from .artifacts import read_model_sidecar
+from .generation import SamplingParams, generate
+from .nano import tasks
+from .toggle import format_ok, messages_for, parse_response, stop_token_ids
+
+TEXT_MODES = ("think", "direct")
+CHAT_MODES = ("on", "off")
+
+
+def resolve_prompting(model_dir: Path, tokenizer, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    meta = read_model_sidecar(model_dir)
+    if meta:
+        return meta["prompting"]
+    return "chat" if getattr(tokenizer, "chat_template", None) else "text"
+
+
+def build_prompt(tokenizer, problem: tasks.Problem, prompting: str, mode: str) -> list[int]:
+    if prompting == "text":
+        return tokenizer(tasks.text_prompt(problem, mode), add_special_tokens=False)["input_ids"]
+    messages = messages_for(tasks.chat_prompt(problem), thinking=None)
+    ids = tokenizer.apply_chat_template(
+        messages, enable_thinking=(mode == "on"), add_generation_prompt=True, tokenize=True
+    )
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def grade(problem: tasks.Problem, text: str, prompting: str, mode: str) -> dict:
+    """Grade one response: correct, and (chat) whether the toggle's format was obeyed."""
+    if prompting == "text":
+        # the prompt's own tail is part of the answer ("...\nAnswer: " + "85")
+        return {"correct": tasks.verify(problem, tasks.text_prompt(problem, mode) + text), "format_ok": True}
+    answer = parse_response(text).answer  # None for malformed think blocks: no guessing
+    return {
+        "correct": answer is not None and tasks.verify(problem, answer),
+        "format_ok": format_ok(text, thinking=(mode == "on")),
+    }
+
+
+def evaluate(model, tokenizer, suite: dict, prompting: str, cfg, log=None) -> tuple[dict, list]:
+    """Evaluate every mode on every cell. Returns (metrics, kept sample records)."""
+    modes = TEXT_MODES if prompting == "text" else CHAT_MODES
+    stops = tuple(stop_token_ids(tokenizer))
+    metrics: dict = {"prompting": prompting, "modes": {}}
+    kept = []
+    for mode in modes:
+        sampled = prompting == "chat" and mode == "on"
+        n = cfg.samples if sampled else 1
+        params = SamplingParams(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.on_temperature if sampled else 0.0,
+            top_p=cfg.on_top_p if sampled else 1.0,
+            stop_token_ids=stops,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+        )
+        items = [(cell, p) for cell, problems in suite.items() for p in problems for _ in range(n)]
+        prompts = [build_prompt(tokenizer, p, prompting, mode) for _, p in items]
+        completions = generate(model, prompts, params, progress=True)
+        cells: dict = {}
+        for (cell, problem), comp in zip(items, completions):
+            text = tokenizer.decode(comp.token_ids, skip_special_tokens=True)
+            g = grade(problem, text, prompting, mode)
+            key = f"{cell[0]}/{cell[1]}d" + (f"/{cell[2]}s" if cell[0] == "word" else "")
+            c = cells.setdefault(key, {"correct": [], "tokens": [], "format_ok": [], "truncated": []})
+            c["correct"].append(g["correct"])
+            c["format_ok"].append(g["format_ok"])
+            c["tokens"].append(len(comp.token_ids))
+            c["truncated"].append(comp.finish_reason == "length")
+            if len(c["correct"]) <= cfg.save_samples:
+                kept.append({"mode": mode, "cell": key, "question": problem.question, "answer": problem.answer,
+                             "response": text, **g})
+        summary = {
+            key: {
+                "accuracy": statistics.fmean(c["correct"]),
+                "mean_tokens": statistics.fmean(c["tokens"]),
+                "format_ok": statistics.fmean(c["format_ok"]),
+                "truncated": statistics.fmean(c["truncated"]),
+                "n": len(c["correct"]),
+            }
+            for key, c in cells.items()
+        }
+        everything = [x for c in cells.values() for x in c["correct"]]
+        headline = [x for key, c in cells.items() if f"/{cfg.headline_digits}d" in key for x in c["correct"]]
+        metrics["modes"][mode] = {
+            "accuracy": statistics.fmean(everything),
+            f"accuracy_{cfg.headline_digits}d": statistics.fmean(headline) if headline else None,
+            "mean_tokens": statistics.fmean(t for c in cells.values() for t in c["tokens"]),
+            "format_ok": statistics.fmean(x for c in cells.values() for x in c["format_ok"]),
+            "cells": summary,
+        }
+        if log is not None:
+            log.log("mode", mode=mode, **{k: v for k, v in metrics["modes"][mode].items() if k != "cells"})
+    return metrics, kept
+
+
+def format_table(metrics: dict) -> str:
+    """A plain-text table: one row per cell, one column pair (accuracy, tokens) per mode."""
+    modes = list(metrics["modes"])
+    cells = list(next(iter(metrics["modes"].values()))["cells"])
+    head = f"{'cell':<12}" + "".join(f"{m + ' acc':>11}{m + ' tok':>11}" for m in modes)
+    lines = [head, "-" * len(head)]
+    for key in cells:
+        row = f"{key:<12}"
+        for m in modes:
+            c = metrics["modes"][m]["cells"][key]
+            row += f"{c['accuracy']:>11.3f}{c['mean_tokens']:>11.1f}"
+        lines.append(row)
+    row = f"{'all':<12}"
+    for m in modes:
+        row += f"{metrics['modes'][m]['accuracy']:>11.3f}{metrics['modes'][m]['mean_tokens']:>11.1f}"
+    lines.append(row)
+    return "\n".join(lines)
+
+
+def models_table(results: dict[str, dict]) -> str:
+    """One row per model: accuracy overall and at the headline difficulty, mean tokens, per mode."""
+    head = f"{'model':<16}{'prompting':<11}{'mode':<8}{'accuracy':>10}{'headline':>10}{'tokens':>9}"
+    lines = [head, "-" * len(head)]
+    for name, m in results.items():
+        for mode, r in m["modes"].items():
+            headline = next((v for k, v in r.items() if k.startswith("accuracy_")), None)
+            lines.append(f"{name:<16}{m['prompting']:<11}{mode:<8}{r['accuracy']:>10.3f}"
+                         f"{'' if headline is None else f'{headline:.3f}':>10}{r['mean_tokens']:>9.1f}")
+    return "\n".join(lines)
