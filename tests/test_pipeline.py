@@ -558,3 +558,32 @@ def test_paths_in_the_config_are_checked_before_any_stage_runs(tmp_path):
 def test_overrides_and_options_mix_on_the_command_line(run, capsys):
     assert main(["search", "search.max_params=30000", "--force", "--config", str(SMOKE), f"run_dir={run}"]) == 0
     assert marker(run, "search")["config"]["max_params"] == 30000
+
+
+@pytest.mark.parametrize("stage, outcome", [
+    ("library", "redone"),  # reads only the parent, which is current: redone without asking
+    ("scores", "refused: library"),  # reads the library, made from the old parent
+    ("costs", "refused: library"),
+    ("search", "refused: library"),
+    ("eval", "refused: library"),  # the child is not current; the root cause is named
+])
+def test_every_single_stage_command_sees_a_redone_parent(run, stage, outcome):
+    run_stage(smoke(run, "pretrain.seed=7"), "pretrain", force=True)
+    assert state(run, stage, "pretrain.seed=7") == "stale"
+    if outcome == "redone":
+        assert run_stage(smoke(run, "pretrain.seed=7"), stage)[1]
+        assert marker(run, stage)["inputs"]["parent"]["id"] == marker(run, "pretrain")["output_id"]
+    else:
+        with pytest.raises(StageConfigMismatch, match=f"stage '{outcome.split(': ')[1]}', which is out of date"):
+            run_stage(smoke(run, "pretrain.seed=7"), stage)
+
+
+def test_a_bad_user_costs_file_is_one_line_naming_file_and_field(run, tmp_path, capsys):
+    data = json.loads((run / "costs" / "costs.json").read_text())
+    del data["ffn"][next(iter(data["ffn"]))]["params"]
+    own = tmp_path / "mine.json"
+    own.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["costs", "--config", str(SMOKE), f"run_dir={run}", f"costs.file={own}"]) == 2
+    msg = capsys.readouterr().err.strip()
+    assert str(own) in msg and ".params" in msg and "\n" not in msg
