@@ -70,7 +70,9 @@ LIBRARY_FORMAT = "thinkfast-puzzle-library/1"
 SCORES_FORMAT = "thinkfast-puzzle-scores/1"
 COSTS_FORMAT = "thinkfast-puzzle-costs/1"
 SIDECAR = "thinkfast.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# what a model folder carries besides weights and config (a child made from it carries the same)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
 PROMPTINGS = ("text", "chat")
 
 

@@ -17,16 +17,12 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import SIDECAR, copy_tokenizer_files
 from .modeling import DeciLMConfig, DeciLMForCausalLM, attention_block, block_config, ffn_block
 from .rundir import atomic_dir
 
 # Files that travel with a model folder besides config and weights (thinkfast.json: how the model is
 # prompted, read by `eval`).
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
-    "generation_config.json", "thinkfast.json",
-)
 
 
 class ConversionError(ValueError):
@@ -94,15 +90,6 @@ def convert_llama_model(model) -> DeciLMForCausalLM:
     return out.to(next(model.parameters()).device).eval()
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
-
-
 def convert_checkpoint(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> dict:
     """Convert the Llama folder ``src`` into a nemotron-nas folder ``dst`` (written atomically).
 
@@ -124,6 +111,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, overwrite: bool = Fa
     with atomic_dir(dst) as tmp:
         out.save_pretrained(tmp)
         copied = copy_tokenizer_files(src, tmp)
+        if (src / SIDECAR).is_file():  # how the model is prompted does not change with its format
+            shutil.copy2(src / SIDECAR, tmp / SIDECAR)
+            copied.append(SIDECAR)
     return {
         "layers": out.config.num_hidden_layers,
         "parameters": sum(p.numel() for p in out.parameters()),
