@@ -106,8 +106,24 @@ def ffn_block(intermediate_size: int | None, hidden_size: int, *, no_op: bool = 
     return entry
 
 
+class BlockEntry(dict):
+    """A ``block_configs`` entry (or its ``attention`` / ``ffn`` part): a dict that also reads as an
+    object, ``block.attention.no_op``, as NVIDIA's own config class (BlockConfig dataclasses) does and as
+    vLLM, SGLang and TensorRT-LLM read it. It is a plain dict to JSON, so ``config.json`` is unchanged; a
+    key that is absent is an ``AttributeError`` (so ``getattr(block.ffn, "moe", None)`` works)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"block config has no {name!r}") from None
+
+    def to_dict(self) -> dict:
+        return {k: v.to_dict() if isinstance(v, BlockEntry) else v for k, v in self.items()}
+
+
 def block_config(attention: dict, ffn: dict) -> dict:
-    return {"attention": dict(attention), "ffn": dict(ffn)}
+    return BlockEntry(attention=BlockEntry(attention), ffn=BlockEntry(ffn))
 
 
 class DeciLMConfig(PretrainedConfig):
@@ -195,8 +211,12 @@ class DeciLMConfig(PretrainedConfig):
 
     def _normalise_block(self, i: int, block) -> dict:
         """Validate one ``block_configs`` entry and return it in canonical released form (a new dict)."""
-        if hasattr(block, "to_dict"):  # a released BlockConfig dataclass object
+        if hasattr(block, "to_dict"):  # a BlockEntry, or a released BlockConfig dataclass object
             block = block.to_dict()
+        elif hasattr(block, "__dataclass_fields__"):
+            import dataclasses
+
+            block = dataclasses.asdict(block)
         if not isinstance(block, dict) or "attention" not in block or "ffn" not in block:
             raise ValueError(f"block_configs[{i}] must be a dict with 'attention' and 'ffn' entries, got {block!r}")
         att = dict(block["attention"] or {})
@@ -242,7 +262,7 @@ class DeciLMConfig(PretrainedConfig):
                 mult = ffn.get("ffn_mult")
                 if not isinstance(mult, (int, float)) or isinstance(mult, bool) or mult <= 0:
                     raise ValueError(f"{where}.ffn.ffn_mult={mult!r} must be a positive number")
-        return {"attention": att, "ffn": ffn}
+        return block_config(att, ffn)
 
     def block_specs(self) -> list[tuple[AttentionSpec, FFNSpec]]:
         """The parsed per-layer architecture: ``[(AttentionSpec, FFNSpec)] * num_hidden_layers``."""
@@ -277,12 +297,32 @@ class DeciLMConfig(PretrainedConfig):
     def rope_scaling(self, value: dict | None) -> None:
         self.__dict__["_rope_scaling"] = dict(value) if value is not None else None
 
+    @property
+    def rope_parameters(self) -> dict:
+        """transformers 5's view of RoPE (``rope_type``, ``rope_theta`` and the scaling keys), derived from
+        the released format's ``rope_theta`` and ``rope_scaling`` so the two can never disagree: engines
+        running on transformers 5 (vLLM) read this attribute, and without it build default RoPE for a
+        Llama-3-scaled parent. Not written to config.json (the released files have no such key)."""
+        scaling = dict(self.rope_scaling or {})
+        if "type" in scaling and "rope_type" not in scaling:
+            scaling["rope_type"] = scaling.pop("type")
+        return {"rope_type": "default", **scaling, "rope_theta": self.rope_theta}
+
+    @rope_parameters.setter
+    def rope_parameters(self, value: dict | None) -> None:
+        if not value:
+            return
+        self.rope_theta = value.get("rope_theta", getattr(self, "rope_theta", 10000.0))
+        scaling = {k: v for k, v in value.items() if k != "rope_theta"}
+        self.rope_scaling = None if scaling.get("rope_type", scaling.get("type", "default")) == "default" else scaling
+
     def to_dict(self) -> dict:
         out = super().to_dict()
         out.pop("_rope_scaling", None)
         out.pop("rope_parameters", None)
         out["rope_scaling"] = self.rope_scaling
         out["rope_theta"] = self.rope_theta
+        out["block_configs"] = [b.to_dict() for b in self.block_configs]
         return out
 
     def to_diff_dict(self) -> dict:
