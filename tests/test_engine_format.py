@@ -62,6 +62,16 @@ def test_blocks_read_by_attribute_and_survive_copy_and_pickle():
     assert "rope_parameters" not in out
 
 
+def test_null_keys_nvidia_does_not_have_read_as_absent():
+    blocks = [{"attention": {"n_heads_in_group": 2, "no_op": False, "window_length": None},
+               "ffn": {"ffn_mult": 2.0, "no_op": False, "hidden_act": None}}]
+    cfg = DeciLMConfig(vocab_size=61, hidden_size=H, num_hidden_layers=1, num_attention_heads=4, block_configs=blocks)
+    b = cfg.block_configs[0]
+    assert not hasattr(b.ffn, "hidden_act")  # vLLM would otherwise build an MLP with activation None
+    assert hasattr(b.attention, "window_length") and b.attention.window_length is None  # a field NVIDIA has
+    assert cfg.to_dict()["block_configs"][0]["ffn"]["hidden_act"] is None  # still written back
+
+
 def test_rope_parameters_agree_with_the_released_keys():
     cfg = config(rope_theta=500000.0, rope_scaling=LLAMA3)
     assert cfg.rope_parameters == {**LLAMA3, "rope_theta": 500000.0}

@@ -106,6 +106,11 @@ def ffn_block(intermediate_size: int | None, hidden_size: int, *, no_op: bool = 
     return entry
 
 
+# The fields of NVIDIA's AttentionConfig / FFNConfig dataclasses (the Llama-Nemotron remote code).
+_BLOCKCONFIG_FIELDS = {"no_op", "replace_with_linear", "sparsify", "n_heads_in_group", "window_length",
+                       "num_sink_tokens", "use_prefill_window_in_sink_attention", "unshifted_sink", "ffn_mult"}
+
+
 class BlockEntry(dict):
     """A ``block_configs`` entry (or its ``attention`` / ``ffn`` part): a dict that also reads as an
     object, ``block.attention.no_op``, as NVIDIA's own config class (BlockConfig dataclasses) does and as
@@ -113,10 +118,12 @@ class BlockEntry(dict):
     key that is absent is an ``AttributeError`` (so ``getattr(block.ffn, "moe", None)`` works)."""
 
     def __getattr__(self, name: str):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(f"block config has no {name!r}") from None
+        value = self.get(name)
+        if name not in self or (value is None and name not in _BLOCKCONFIG_FIELDS):
+            # a null key NVIDIA's dataclasses do not have (e.g. ffn.hidden_act) reads as absent, as there:
+            # vLLM takes `hasattr(ffn, "hidden_act")` to mean the block sets its own activation
+            raise AttributeError(f"block config has no {name!r}")
+        return value
 
     def to_dict(self) -> dict:
         return {k: v.to_dict() if isinstance(v, BlockEntry) else v for k, v in self.items()}

@@ -1,0 +1,92 @@
+"""vLLM serves what thinkfast writes: nemotron-nas checkpoints loaded in real ``vllm.LLM`` (the CPU build, in
+``.venv-vllm``, made by ``scripts/setup_vllm.sh``) give our greedy tokens and our prompt log-probs.
+
+Models: mixed KV-head counts (4 / 2 / 1), no-op attention and no-op FFN, three FFN widths, tied and untied
+embeddings, Llama-3 RoPE scaling with a prompt of 400 tokens, far past ``original_max_position_embeddings``
+(64), so scaling shapes every position's frequencies. Widths are multiples of 256 (what vLLM reads
+through ``ffn_mult``); linear blocks are not tested here: vLLM has none.
+
+Tolerance: float32 on both sides; prompt log-probs agree within 1e-4 (measured: 3e-6).
+"""
+
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import thinkfast  # noqa: F401
+from thinkfast.modeling import DeciLMConfig, DeciLMForCausalLM, attention_block, block_config, ffn_block
+from thinkfast.nano.tokenizer import build_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = Path(os.environ.get("THINKFAST_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+H = 256
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+RUNNER = r"""
+import json, sys
+if __name__ == "__main__":  # vLLM starts worker processes
+    from vllm import LLM, SamplingParams
+    out = {}
+    for name, case in json.load(open(sys.argv[1])).items():
+        llm = LLM(model=case["path"], trust_remote_code=True, dtype="float32", max_model_len=1024,
+                  enforce_eager=True, gpu_memory_utilization=0.3)
+        res = llm.generate([{"prompt_token_ids": case["prompt"]}],
+                           SamplingParams(max_tokens=16, temperature=0, prompt_logprobs=0, ignore_eos=True))[0]
+        lp = [None if d is None else d[t].logprob for d, t in zip(res.prompt_logprobs, case["prompt"])]
+        out[name] = {"greedy": list(res.outputs[0].token_ids), "prompt_lp": lp[1:]}
+        del llm
+    json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+def build(tmp: Path, name: str, tied: bool, seed: int) -> dict:
+    tok = build_tokenizer()
+    blocks = [block_config(attention_block(1), ffn_block(512, H)),
+              block_config(attention_block(no_op=True), ffn_block(768, H)),
+              block_config(attention_block(2), ffn_block(None, H, no_op=True)),
+              block_config(attention_block(4), ffn_block(256, H))]
+    cfg = DeciLMConfig(vocab_size=len(tok), hidden_size=H, num_hidden_layers=len(blocks), num_attention_heads=4,
+                       block_configs=blocks, max_position_embeddings=2048, rope_theta=500000.0, rope_scaling=LLAMA3,
+                       tie_word_embeddings=tied, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = DeciLMForCausalLM(cfg).eval()
+    with torch.no_grad():  # weights large enough that a wrong RoPE or block would change the tokens
+        for p in model.parameters():
+            p.normal_(0, 0.05) if p.dim() > 1 else p.add_(0.1 * torch.randn_like(p))
+    path = tmp / name
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    rng = random.Random(seed)
+    text = "Problem: " + " ".join(str(rng.randint(0, 99)) for _ in range(200))
+    prompt = tok(text, add_special_tokens=False)["input_ids"][:400]
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        lp = torch.log_softmax(model(ids).logits[0].float(), -1)
+        greedy = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()
+    return {"path": str(path), "prompt": prompt, "greedy": greedy,
+            "prompt_lp": [float(lp[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]}
+
+
+@pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason="no .venv-vllm: run scripts/setup_vllm.sh (scripts/test.sh does)")
+def test_vllm_serves_our_checkpoints(tmp_path):
+    cases = {"tied": build(tmp_path, "tied", True, 0), "untied": build(tmp_path, "untied", False, 1)}
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "runner.py").write_text(RUNNER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    res = subprocess.run([str(VLLM_PYTHON), "runner.py", "cases.json", "out.json"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    for name, case in cases.items():
+        assert got[name]["greedy"] == case["greedy"], name
+        diff = max(abs(a - b) for a, b in zip(got[name]["prompt_lp"], case["prompt_lp"]))
+        assert diff < 1e-4, (name, diff)
