@@ -230,7 +230,7 @@ def test_upgrade_rule_keeps_finished_work(run):
     with RunDir(pipe.run_dir) as rd:
         st, reasons = status(pipe, rd, "pretrain")
     assert st == "stale" and reasons == [
-        "pretrain.fact_fraction changed: 0.0 (its default; the stage predates it) -> 0.1"]
+        "pretrain.fact_fraction changed: 0.0 (as before the field existed) -> 0.1"]
 
 
 def _make_legacy(run, order=("pretrain", "eval", "library", "scores", "costs", "search")):
@@ -587,3 +587,17 @@ def test_a_bad_user_costs_file_is_one_line_naming_file_and_field(run, tmp_path, 
     assert main(["costs", "--config", str(SMOKE), f"run_dir={run}", f"costs.file={own}"]) == 2
     msg = capsys.readouterr().err.strip()
     assert str(own) in msg and ".params" in msg and "\n" not in msg
+
+
+def test_a_new_field_whose_default_changes_behaviour_keeps_old_work(run):
+    """library.engine defaults to vllm, but a library made before the field existed was unrestricted
+    (as with hf): such a marker stays complete while the config says hf, and is redone for vllm."""
+    path = run / "library" / "COMPLETE.json"
+    m = json.loads(path.read_text())
+    assert m["config"].pop("engine") == "hf"
+    path.write_text(json.dumps(m))
+    assert state(run, "library") == "complete"
+    pipe = smoke(run, "library.engine=vllm")
+    with RunDir(pipe.run_dir) as rd:
+        st, reasons = status(pipe, rd, "library")
+    assert st == "stale" and reasons == ["library.engine changed: 'hf' (as before the field existed) -> 'vllm'"]

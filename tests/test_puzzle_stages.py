@@ -17,6 +17,7 @@ import thinkfast  # noqa: F401
 from thinkfast.nano.tokenizer import build_tokenizer
 from thinkfast.puzzle.assemble import assemble, build_problem, describe
 from thinkfast.artifacts import read_costs, read_library, read_scores
+from thinkfast.config import ConfigError
 from thinkfast.puzzle.parent import load_decilm
 from thinkfast.puzzle.targets import limits_for
 from thinkfast.rundir import StageDir
@@ -39,7 +40,7 @@ def parent_dir(tmp_path_factory):
 
 
 def lib_cfg(**kw):
-    base = dict(ffn_fractions=[0.5, 0.25], ffn_multiple=8, calibration_rows=4, bld_steps=8, batch_size=2,
+    base = dict(engine="hf", ffn_fractions=[0.5, 0.25], ffn_multiple=8, calibration_rows=4, bld_steps=8, batch_size=2,
                 seq_len=48, lr=3e-3, device="cpu", checkpoint_every=4)
     return library.LibraryConfig(**{**base, **kw})
 
@@ -259,7 +260,7 @@ def test_search_infeasible_target_names_best_value(run_dir, parent_dir, tmp_path
     root = run_dir[0]
     stage = StageDir(tmp_path, "search")
     cfg = search.SearchConfig(speedup=1000.0, batch_size=2)
-    with pytest.raises(ValueError, match=r"search.speedup=1000.* cannot be reached: the fastest child .* \d\.\d\dx"):
+    with pytest.raises(ValueError, match=r"search.speedup=1000.* cannot be reached: the fastest child .* \d+\.\d\dx"):
         search.run(cfg, stage, _search_inputs(root, parent_dir))
     with pytest.raises(ValueError, match="batch_size=64"):
         search.run(search.SearchConfig(batch_size=64), stage, _search_inputs(root, parent_dir))
@@ -305,3 +306,23 @@ def test_targets_become_limits(run_dir):
     assert lim["prefill_s@2"] == pytest.approx(2 * 16 / 10.0 - problem.fixed["prefill_s@2"])
     lim = limits_for(search.SearchConfig(speedup=2.0, batch_size=1), problem, c, 2.0)
     assert lim["decode_s@1"] == pytest.approx(parent["decode_s@1"] / 2 - problem.fixed["decode_s@1"])
+
+
+def test_library_for_vllm_offers_only_what_vllm_loads(tmp_path, parent_dir):
+    # the toy parent (FFN width 48) is not a model vLLM can load: said before any training
+    with pytest.raises(ConfigError, match=r"the parent .* cannot be served by vllm: block 0: FFN width 48 is not a multiple of 256"):
+        library.run(lib_cfg(engine="vllm"), StageDir(tmp_path / "a", "library"), Inputs({"parent": parent_dir}))
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    big = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    big.save_pretrained(tmp_path / "p")
+    tok.save_pretrained(tmp_path / "p")
+    st = StageDir(tmp_path / "b", "library")
+    library.run(lib_cfg(engine="vllm", ffn_fractions=[0.75, 0.5, 0.25], kv_heads=[1], bld_steps=1),
+                st, Inputs({"parent": tmp_path / "p"}))
+    lib = read_library(st.path / "library")
+    assert lib["engine"] == "vllm"
+    assert [v["name"] for v in lib["variants"]] == ["gqa_kv2", "gqa_kv1", "no_op", "ffn_512", "ffn_256", "no_op"]

@@ -430,7 +430,7 @@ def test_upgrade_rule_missing_key_at_default(tmp_path):
     assert make_run(tmp_path).state() == ("complete", [])
     state, reasons = make_run(tmp_path, record(warmup=5)).state()
     assert state == "stale"
-    assert reasons == ["sft.warmup changed: 0 (its default; the stage predates it) -> 5"]
+    assert reasons == ["sft.warmup changed: 0 (as before the field existed) -> 5"]
 
 
 def test_upgrade_rule_removed_key_ignored(tmp_path):
@@ -445,7 +445,7 @@ def test_describe_changes_direct():
     assert describe_changes(stored, {"lr": 0.1}, {}, {}, "x") == []
     assert describe_changes({}, {}, {}, {}, "x") == []
     assert describe_changes(stored, {"lr": 0.1, "new": 4}, {}, {"new": 3}, "x") == [
-        "x.new changed: 3 (its default; the stage predates it) -> 4"]
+        "x.new changed: 3 (as before the field existed) -> 4"]
     assert describe_changes({"config": None, "inputs": None}, {"a": 1}, {"r": {"path": "p", "id": "1"}}, {},
                             "x") == ["x.a is new: 1", "input 'r' is new"]
 

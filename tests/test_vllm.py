@@ -2,7 +2,7 @@
 ``.venv-vllm``, made by ``scripts/setup_vllm.sh``) give our greedy tokens and our prompt log-probs.
 
 Models: mixed KV-head counts (4 / 2 / 1), no-op attention and no-op FFN, three FFN widths, tied and untied
-embeddings, Llama-3 RoPE scaling with a prompt of 400 tokens, far past ``original_max_position_embeddings``
+embeddings, a real Puzzle child (library for vLLM, scores, costs, search on a random Llama parent), Llama-3 RoPE scaling with a prompt of 400 tokens, far past ``original_max_position_embeddings``
 (64), so scaling shapes every position's frequencies. Widths are multiples of 256 (what vLLM reads
 through ``ffn_mult``); linear blocks are not tested here: vLLM has none.
 
@@ -17,10 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import thinkfast  # noqa: F401
 from thinkfast.modeling import DeciLMConfig, DeciLMForCausalLM, attention_block, block_config, ffn_block
 from thinkfast.nano.tokenizer import build_tokenizer
+from thinkfast.rundir import StageDir
+from thinkfast.stages import Inputs, costs, library, scores, search
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("THINKFAST_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
@@ -63,6 +66,13 @@ def build(tmp: Path, name: str, tied: bool, seed: int) -> dict:
     path = tmp / name
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    return reference(path, seed)
+
+
+def reference(path: Path, seed: int) -> dict:
+    """Our greedy tokens and prompt log-probs for a 400-token prompt, from the saved folder."""
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).float().eval()
     rng = random.Random(seed)
     text = "Problem: " + " ".join(str(rng.randint(0, 99)) for _ in range(200))
     prompt = tok(text, add_special_tokens=False)["input_ids"][:400]
@@ -75,9 +85,37 @@ def build(tmp: Path, name: str, tied: bool, seed: int) -> dict:
             "prompt_lp": [float(lp[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]}
 
 
+def puzzle_child(tmp: Path) -> Path:
+    """A real Puzzle child: a random Llama parent (hidden 256, FFN 768, 4 KV heads) through library (for
+    vLLM), scores, costs and search with a size target."""
+    tok = build_tokenizer()
+    torch.manual_seed(2)
+    parent = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=H, intermediate_size=768, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=2048, rope_theta=500000.0, rope_scaling=LLAMA3,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    parent.save_pretrained(tmp / "parent")
+    tok.save_pretrained(tmp / "parent")
+    run = tmp / "run"
+    p = Inputs({"parent": tmp / "parent"})
+    library.run(library.LibraryConfig(engine="vllm", kv_heads=[2, 1], ffn_fractions=[0.67, 0.34], calibration_rows=2,
+                                      bld_steps=2, batch_size=2, seq_len=64, device="cpu"), StageDir(run, "library"), p)
+    both = Inputs({"parent": tmp / "parent", "library": run / "library" / "library"})
+    scores.run(scores.ScoresConfig(rows=2, seq_len=64, batch_size=2, device="cpu"), StageDir(run, "scores"), both)
+    costs.run(costs.CostsConfig(batch_sizes=[1], prefill_len=8, decode_context=8, warmup=0, repeats=1, rounds=1,
+                                device="cpu"), StageDir(run, "costs"), both)
+    parent_params = sum(x.numel() for x in parent.parameters())
+    m = search.run(search.SearchConfig(speedup=None, max_params=0.7 * parent_params, batch_size=1, device="cpu"),
+               StageDir(run, "search"), Inputs({**both, "scores": run / "scores" / "scores.json",
+                                                "costs": run / "costs" / "costs.json"}))
+    assert m["params"] <= 0.7 * parent_params  # the child is smaller than its parent
+    return run / "search" / "model"
+
+
 @pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason="no .venv-vllm: run scripts/setup_vllm.sh (scripts/test.sh does)")
 def test_vllm_serves_our_checkpoints(tmp_path):
-    cases = {"tied": build(tmp_path, "tied", True, 0), "untied": build(tmp_path, "untied", False, 1)}
+    cases = {"tied": build(tmp_path, "tied", True, 0), "untied": build(tmp_path, "untied", False, 1),
+             "puzzle child": reference(puzzle_child(tmp_path), 2)}
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     (tmp_path / "runner.py").write_text(RUNNER)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

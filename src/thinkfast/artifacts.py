@@ -13,6 +13,7 @@ Library folder (stage ``library``): ``library.json`` and ``weights.safetensors``
 ``layers.{layer}.{weights}.{param}``)::
 
     {"format": "thinkfast-puzzle-library/1", "mode": "decoupled" | "coupled",
+     "engine": "vllm" | "sglang" | "trtllm" | "hf",  # optional (hf): the serving engine it was made for
      "layers": [0, 1, ...],                       # distinct ints >= 0 (< parent_config.num_hidden_layers)
      "parent_config": {...},                      # the parent's nemotron-nas config
      "variants": [{"layer": 0, "part": "attention" | "ffn", "name": "gqa_kv1", "spec": {...},
@@ -165,6 +166,8 @@ def read_library(path: str | Path) -> dict:
     lib = read_json(where, "run the library stage first")
     c = _Check(where, "re-run the library stage with --force, or fix the file")
     c.top(lib, LIBRARY_FORMAT)
+    if lib.get("engine", "hf") not in ("vllm", "sglang", "trtllm", "hf"):  # optional; thinkfast.engines
+        c.fail("engine", "expected vllm, sglang, trtllm or hf", lib.get("engine"))
     mode = c.get(lib, "mode", str)
     if mode not in ("decoupled", "coupled"):
         c.fail("mode", "expected 'decoupled' or 'coupled'", mode)

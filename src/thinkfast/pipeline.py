@@ -188,9 +188,14 @@ def _resolve(pipe: Pipeline, rd: RunDir, name: str) -> tuple[Inputs, list[str]]:
 
 
 def _defaults(cls) -> dict:
+    """The value of each field that reproduces what a stage did before the field existed: its default,
+    or ``metadata["before"]`` when the default changes behaviour (``library.engine`` defaults to vllm,
+    but libraries made before it existed were unrestricted, as with ``hf``)."""
     out = {}
     for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
+        if "before" in f.metadata:
+            out[f.name] = f.metadata["before"]
+        elif f.default is not dataclasses.MISSING:
             out[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             out[f.name] = f.default_factory()

@@ -307,7 +307,7 @@ def describe_changes(stored: dict, config: dict, inputs: dict, defaults: dict, p
     >>> describe_changes({"config": {"lr": 0.1}, "inputs": {}}, {"lr": 0.1, "new": 3}, {}, {"new": 3}, "x")
     []
     >>> describe_changes({"config": {"lr": 0.1}, "inputs": {}}, {"lr": 0.2, "new": 4}, {}, {"new": 3}, "x")
-    ['x.lr changed: 0.1 -> 0.2', 'x.new changed: 3 (its default; the stage predates it) -> 4']
+    ['x.lr changed: 0.1 -> 0.2', 'x.new changed: 3 (as before the field existed) -> 4']
     """
     out = []
     old_cfg, new_cfg = _normal(stored.get("config") or {}), _normal(config)
@@ -317,7 +317,7 @@ def describe_changes(stored: dict, config: dict, inputs: dict, defaults: dict, p
             default = _normal(defaults.get(key, _MISSING)) if key in defaults else _MISSING
             if default is not _MISSING and new_cfg[key] == default:
                 continue
-            out.append(f"{prefix}.{key} changed: {default!r} (its default; the stage predates it) -> "
+            out.append(f"{prefix}.{key} changed: {default!r} (as before the field existed) -> "
                        f"{new_cfg[key]!r}" if default is not _MISSING else
                        f"{prefix}.{key} is new: {new_cfg[key]!r}")
         elif old != new_cfg[key]:

@@ -54,6 +54,7 @@ from ..artifacts import LIBRARY_FORMAT, load_tensors, read_library
 from ..puzzle.parent import layer_io, load_decilm
 from ..rundir import StageDir, atomic_dir
 from ..train.checkpoint import load_state, save_state
+from ..engines import check_engine, check_engine_name, supports_linear, width_multiple
 from . import Input, Inputs, check_device, model_path, positive, resolve_device
 
 MAKES = "library"
@@ -78,6 +79,9 @@ class LibraryConfig:
     ffn_linear: bool = True
     ffn_no_op: bool = True
     mode: Literal["decoupled", "coupled"] = "decoupled"
+    # the engine that will serve the child: only variants it loads (thinkfast.engines); the parent must
+    # be one it loads too. "hf" (transformers) loads everything, including the nano world's toy widths.
+    engine: str = field(default="vllm", metadata={"before": "hf"})
     # data: nano-world documents (kinds / digits as in pretrain)
     kinds: list[str] = field(default_factory=lambda: ["add", "sub", "mul", "word"])
     digits: list[int] = field(default_factory=lambda: [1, 2, 2])
@@ -97,6 +101,7 @@ class LibraryConfig:
 
     def __post_init__(self):
         check_device(self.device)
+        check_engine_name(self.engine)
         positive(self, "checkpoint_every", "log_every")
         if any(k < 1 for k in self.kv_heads) or any(not 0 < f < 1 for f in self.ffn_fractions):
             raise ValueError(f"kv_heads must be >= 1 and ffn_fractions in (0, 1); got {self.kv_heads}, "
@@ -194,8 +199,11 @@ def build_blocks(cfg: LibraryConfig, parent, layers: list[int], contributions: d
     blocks = []
     for i in layers:
         layer = parent.model.layers[i]
-        att = attention_variants(config, i, cfg.kv_heads, cfg.attention_linear, cfg.attention_no_op)
-        ffn = ffn_variants(config, i, cfg.ffn_fractions, cfg.ffn_multiple, cfg.ffn_linear, cfg.ffn_no_op)
+        linear = supports_linear(cfg.engine)
+        kv_heads = [] if cfg.engine == "sglang" else cfg.kv_heads  # sglang needs one KV-head count throughout
+        att = attention_variants(config, i, kv_heads, cfg.attention_linear and linear, cfg.attention_no_op)
+        ffn = ffn_variants(config, i, cfg.ffn_fractions, math.lcm(cfg.ffn_multiple, width_multiple(cfg.engine)),
+                           cfg.ffn_linear and linear, cfg.ffn_no_op)
 
         def make(v: Variant, first: bool):
             m = init_variant(config, layer, v, contributions.get(i))
@@ -240,7 +248,7 @@ def _save_library(path: Path, cfg: LibraryConfig, parent, blocks: list[_Block], 
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / "weights.safetensors"))
         (tmp / "library.json").write_text(json.dumps({
-            "format": LIBRARY_FORMAT, "mode": cfg.mode, "layers": layers,
+            "format": LIBRARY_FORMAT, "mode": cfg.mode, "engine": cfg.engine, "layers": layers,
             "parent_config": parent.config.to_dict(), "variants": variants}, indent=1, default=str))
 
 
@@ -250,6 +258,9 @@ def merge_libraries(sources: list[Path], dst: Path) -> dict:
     modes = {lib["mode"] for lib in libs}
     if len(modes) != 1:
         raise ValueError(f"merge_from: libraries mix modes {sorted(modes)}")
+    engines = {lib.get("engine", "hf") for lib in libs}
+    if len(engines) != 1:
+        raise ValueError(f"merge_from: libraries were made for different engines {sorted(engines)}")
     layers: list[int] = []
     for src, lib in zip(sources, libs):
         overlap = set(layers) & set(lib["layers"])
@@ -264,7 +275,7 @@ def merge_libraries(sources: list[Path], dst: Path) -> dict:
     with atomic_dir(dst) as tmp:
         save_file(tensors, str(tmp / "weights.safetensors"))
         (tmp / "library.json").write_text(json.dumps({
-            "format": LIBRARY_FORMAT, "mode": libs[0]["mode"], "layers": sorted(layers),
+            "format": LIBRARY_FORMAT, "mode": libs[0]["mode"], "engine": engines.pop(), "layers": sorted(layers),
             "parent_config": libs[0]["parent_config"],
             "variants": [v for lib in libs for v in lib["variants"]]}, indent=1))
     return {"layers": sorted(layers), "variants": sum(len(lib["variants"]) for lib in libs)}
@@ -284,6 +295,7 @@ def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     parent = load_decilm(model_dir, device)
+    check_engine(parent.config, cfg.engine, f"the parent {model_dir}")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     n_layers = parent.config.num_hidden_layers
     end = n_layers if cfg.layer_end is None else cfg.layer_end
