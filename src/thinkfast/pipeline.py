@@ -32,11 +32,12 @@ from pathlib import Path
 
 from .config import ConfigError, apply_overrides, config_hash, from_dict, load_yaml, to_dict
 from .rundir import MARKER_FORMAT, RunDir, RunDirError, StageConfigMismatch, StageDir, StageRun, atomic_write_json
-from .stages import OUTPUTS, Input, Inputs, costs, library, pretrain, resolve_device, scores, search
+from .stages import OUTPUTS, Input, Inputs, costs, library, parent, pretrain, resolve_device, scores, search
 from .stages import eval as eval_stage
 
 # name -> stage module (config class, MAKES, reads, run). A plain table: adding a stage is one line here.
 STAGES = {
+    "parent": parent,
     "pretrain": pretrain,
     "library": library,
     "scores": scores,
@@ -108,11 +109,10 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = ()) -> Pipelin
         for role, inp in reads(pipeline, name).items():
             if _explicit(pipeline, name, inp) is None and not _producers(pipeline, name, inp):
                 makers = [s for s in STAGES if STAGES[s].MAKES == inp.kind and s != name]
-                hint = f" or set {name}.{inp.field}" if inp.field else ""
+                fix = f"list {' or '.join(makers)} before {name}"
+                fix = f"set {name}.{inp.field}, or {fix}" if inp.field else fix
                 at = f"override {overridden['stages']}" if "stages" in overridden else f"{where}: stages"
-                raise ConfigError(
-                    f"{at}: '{name}' reads a {inp.kind} ({role}) but no stage before it makes one; "
-                    f"list {' or '.join(makers)} before {name}{hint}")
+                raise ConfigError(f"{at}: '{name}' reads a {inp.kind} ({role}) but no stage before it makes one; {fix}")
     return pipeline
 
 

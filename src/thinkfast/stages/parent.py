@@ -1,0 +1,78 @@
+"""Stage ``parent``: bring your own parent model, by path.
+
+Paper: Llama-Nemotron starts from an existing Llama-3 parent (arXiv 2505.00949 section 2); this stage
+takes one: a Hugging Face Llama-layout folder or a nemotron-nas one. It replaces ``pretrain`` (which
+makes the nano world's parent) at the head of a pipeline::
+
+    stages: [parent, library, scores, costs, search, eval]
+    parent: {path: /models/Llama-3.2-1B-Instruct}
+
+``RUN_DIR/parent/model`` links to that folder (``copy: true`` copies it instead), so a multi-gigabyte
+parent is not duplicated. The folder's content hash is part of the stage's identity: re-train or
+replace the parent and every stage after it is redone. The Llama layout is converted when a stage
+loads it (``thinkfast.puzzle.parent.load_decilm``), not on disk.
+
+Departure: the data the later stages read is still the nano world's (a data section for real text is
+part of the stage-1 issue).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Literal
+
+from ..artifacts import SIDECAR, read_model_sidecar, write_model_sidecar
+from ..rundir import StageDir, atomic_dir
+from . import Input, Inputs
+
+MAKES = "model"
+_TYPES = ("llama", "nemotron-nas")
+_TOKENIZERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def reads(cfg) -> dict:
+    return {"source": Input("model", field="path")}
+
+
+@dataclass
+class ParentConfig:
+    path: str | None = None  # the parent's folder (config.json, weights, tokenizer)
+    copy: bool = False  # copy the folder into the run directory instead of linking to it
+    # how eval prompts it: text cues or the chat template; auto keeps the folder's thinkfast.json, else
+    # chat when the tokenizer has a chat template
+    prompting: Literal["auto", "text", "chat"] = "auto"
+
+
+Config = ParentConfig
+
+
+def run(cfg: ParentConfig, stage: StageDir, inputs: Inputs) -> dict:
+    src = inputs["source"]
+    config = json.loads((src / "config.json").read_text())
+    if config.get("model_type") not in _TYPES:
+        raise ValueError(f"parent.path: {src} holds a {config.get('model_type')!r} model; thinkfast takes "
+                         f"{' or '.join(_TYPES)} parents")
+    if not any((src / name).is_file() for name in _TOKENIZERS):
+        raise ValueError(f"parent.path: {src} has no tokenizer ({', '.join(_TOKENIZERS)}); every later stage "
+                         "reads it, and every child carries it")
+    sidecar = read_model_sidecar(src)
+    if cfg.copy or (cfg.prompting != "auto" and sidecar.get("prompting") != cfg.prompting):
+        with atomic_dir(stage.model_dir) as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            if cfg.prompting != "auto":
+                (tmp / SIDECAR).unlink(missing_ok=True)
+                write_model_sidecar(tmp, prompting=cfg.prompting, made_by="parent")
+        linked = False
+    else:
+        stage.path.mkdir(parents=True, exist_ok=True)
+        if stage.model_dir.is_symlink():  # from an interrupted attempt
+            stage.model_dir.unlink()
+        os.symlink(src, stage.model_dir, target_is_directory=True)
+        linked = True
+    layers = config.get("num_hidden_layers")
+    with stage.logger() as log:
+        log.log("done", source=str(src), model_type=config["model_type"], layers=layers, linked=linked)
+    return {"source": str(src), "model_type": config["model_type"], "layers": layers, "linked": linked}
