@@ -15,7 +15,7 @@ limits at 50-55% of the parent). For each instance, side by side in one process:
 Objectives must agree (to 1e-6 relative) wherever both solvers prove optimality; the script reports
 any disagreement. Writes ``benchmarks/results/mip.json``.
 
-    python benchmarks/mip.py [--seeds 10] [--layers 80 126] [--tightness 0.52]
+    python benchmarks/mip.py [--seeds 10] [--layers 80 126] [--tightness 0.52] [--family spread|real]
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def main(argv=None) -> int:
                     help="limits as a share of the parent's (memory; runtime +0.01, KV cache +0.03)")
     ap.add_argument("--peer-time-limit", type=float, default=60.0)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--family", choices=["spread", "real"], default="spread",
+                    help="instance family (benchmarks/mip_instances.py); real: shaped like a real parent's measurements")
     ap.add_argument("--out", default="benchmarks/results/mip.json")
     args = ap.parse_args(argv)
     peer = None
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     rows = []
     for L in args.layers:
         for seed in range(args.seeds):
-            scores, costs, limits = instance(L, seed, tightness=args.tightness)
+            scores, costs, limits = instance(L, seed, tightness=args.tightness, family=args.family)
             t = time.perf_counter()
             sol = solve_mip(scores, costs, limits)[0]
             ours = {"seconds": time.perf_counter() - t, "objective": sol.objective, "optimal": sol.optimal,
@@ -113,7 +115,8 @@ def main(argv=None) -> int:
                 1 for r in sub if r["puzzletron"].get("hit_time_limit") and r["puzzletron"].get("objective") is not None
                 and r["puzzletron"]["objective"] > r["thinkfast"]["objective"] + 1e-9)
         summary[str(L)] = s
-    out = {"instances": f"benchmarks/mip_instances.py (54 variants/layer, 3 limits at tightness {args.tightness}"
+    out = {"family": args.family,
+           "instances": f"benchmarks/mip_instances.py (54 variants/layer, 3 limits at tightness {args.tightness}"
                         f" (+0, +0.01, +0.03) of the parent)",
            "peer": "nvidia-modelopt 0.47.0 run_mip" if peer else None, "summary": summary, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

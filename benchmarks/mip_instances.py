@@ -37,9 +37,15 @@ def _ffn_params(kind, frac):
     return H * H * BYTES if kind == "linear" else 0
 
 
-def instance(layers: int, seed: int, tightness: float = 0.52):
-    """``(scores, costs, limits)`` for ``layers`` layers; limits at ``tightness`` of the parent."""
+def instance(layers: int, seed: int, tightness: float = 0.52, family: str = "spread"):
+    """``(scores, costs, limits)`` for ``layers`` layers; limits at ``tightness`` of the parent.
+
+    ``family="spread"``: per-layer sensitivities lognormal with sigma 1, costs identical in every layer.
+    ``family="real"``: shaped like a real parent's measurements: sensitivities less spread (sigma 0.6),
+    measured runtimes with a few percent of noise per layer and variant, limits memory 55% / runtime
+    55% / KV cache 50% of the parent (``tightness`` is ignored)."""
     rng = np.random.default_rng(seed)
+    sigma = 0.6 if family == "real" else 1.0
     a_cost = np.array([_attention_cost(k, kv) for k, kv in ATTENTION], dtype=np.float64)  # [6, 2]
     f_params = np.array([_ffn_params(k, f) for k, f in FFN_OPTIONS], dtype=np.float64)  # [9]
     params = (a_cost[:, 0][:, None] + f_params[None, :]).reshape(-1)  # [54]
@@ -56,8 +62,8 @@ def instance(layers: int, seed: int, tightness: float = 0.52):
     # removed fraction of each sub-block -> damage, per-layer sensitivity
     a_loss = np.array([0.0, 0.05, 0.15, 0.4, 0.7, 1.0])
     f_loss = np.array([0.0, 0.04, 0.1, 0.3, 0.6, 0.7, 0.85, 0.9, 1.0])
-    a_sens = rng.lognormal(-1.0, 1.0, layers)[:, None]
-    f_sens = rng.lognormal(-0.5, 1.0, layers)[:, None]
+    a_sens = rng.lognormal(-1.0, sigma, layers)[:, None]
+    f_sens = rng.lognormal(-0.5, sigma, layers)[:, None]
     base = (a_sens * a_loss[None, :])[:, :, None] + (f_sens * f_loss[None, :])[:, None, :]  # [L, 6, 9]
     inter = 0.3 * np.sqrt(a_sens * f_sens)[:, :, None] * a_loss[None, :, None] * f_loss[None, None, :]
     noise = rng.lognormal(0.0, 0.15, base.shape)
@@ -70,5 +76,9 @@ def instance(layers: int, seed: int, tightness: float = 0.52):
     }
     # vary the tightness per constraint so that all three bind somewhere in the 50-55% band
     t = {"memory": tightness, "runtime": tightness + 0.01, "kv_cache": tightness + 0.03}
+    if family == "real":
+        costs["runtime"] = costs["runtime"] * rng.lognormal(0.0, 0.03, costs["runtime"].shape)
+        costs["runtime"][:, 0] = runtime[0]  # the parent's own blocks: the limits' reference
+        t = {"memory": 0.55, "runtime": 0.55, "kv_cache": 0.50}
     limits = {k: float(v[:, 0].sum() * t[k]) for k, v in costs.items()}
     return scores, costs, limits
