@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from .kvcache import StaticKVCache
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -83,7 +85,9 @@ def _generate_batch(model, prompts: list[list[int]], params: SamplingParams, gen
         mask[i, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
+    # nemotron-nas models get a preallocated cache (no copy of the whole cache per step); others transformers'
+    cache = (StaticKVCache(width + params.max_new_tokens) if getattr(model.config, "model_type", "") == "nemotron-nas"
+             else DynamicCache())
     # transformers >= 5.24 names the argument ``cache``; older releases ``past_key_values``
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     stop = torch.tensor(list(params.stop_token_ids) or [-1], device=device)

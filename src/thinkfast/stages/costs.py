@@ -9,7 +9,8 @@ milliseconds then moves one pass, not one variant's cost: a single pass once tim
 attention 2.8x too slow on an idle 2-core CPU, and the search built a "2x" child that ran 1.1x):
 
 - ``prefill_s[b]``: a forward over ``[b, prefill_len]`` tokens;
-- ``decode_s[b]``: one new token per sequence with ``decode_context`` cached tokens;
+- ``decode_s[b]``: one new token per sequence with ``decode_context`` cached tokens, in a preallocated
+  cache (``thinkfast.kvcache``, as a serving engine keeps it: no copy of the cache per step);
 - ``params`` and ``param_bytes`` (at ``dtype``), ``kv_bytes_per_token`` (2 x KV heads x head_dim x bytes);
 - ``fixed``: what every architecture pays (embedding, final norm, LM head), so speedups are of the
   whole model;
@@ -45,9 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from ..artifacts import COSTS_FORMAT, check_costs, read_costs, read_library
+from ..kvcache import StaticKVCache
 from ..puzzle.blocks import Variant, variant_module
 from ..puzzle.parent import load_decilm
 from ..rundir import StageDir, atomic_write_json
@@ -165,15 +166,15 @@ def measure_variant(config, variant: Variant, cfg: CostsConfig, device: torch.de
         x1 = torch.randn(b, 1, h, device=device, dtype=dtype)
         pos1 = torch.full((b, 1), cfg.decode_context, device=device)
         cos1, sin1 = (t.to(dtype) for t in rotary(x1, pos1))
-        kv = None
-        if kv_heads and cfg.decode_context:
+        cache = None
+        if kv_heads and cfg.decode_context:  # filled once; each timed step appends one token and is cropped
             kv = torch.randn(b, kv_heads, cfg.decode_context, config.head_dim, device=device, dtype=dtype)
+            cache = StaticKVCache(cfg.decode_context + 1)
+            cache.update(kv, kv, 0)
 
         def decode():
-            cache = None
-            if kv is not None:
-                cache = DynamicCache()
-                cache.update(kv, kv, 0)
+            if cache is not None:
+                cache.crop(cfg.decode_context)
             return module(x1, cos1, sin1, None, cache)
 
         out["decode_s"][str(b)] = _time(decode, device, cfg.warmup, cfg.repeats)
@@ -214,12 +215,13 @@ def measure_whole(parent, cfg: CostsConfig, device: torch.device) -> dict:
                                          cfg.repeats)
         x1 = torch.randint(0, conf.vocab_size, (b, 1), device=device)
         pos1 = torch.full((b, 1), cfg.decode_context, device=device)
-        kvs = [torch.randn(b, h, cfg.decode_context, conf.head_dim, device=device, dtype=dtype) for h in kv_heads]
+        cache = StaticKVCache(cfg.decode_context + 1)
+        for slot, h in enumerate(kv_heads):
+            kv = torch.randn(b, h, cfg.decode_context, conf.head_dim, device=device, dtype=dtype)
+            cache.update(kv, kv, slot)
 
         def decode():
-            cache = DynamicCache()
-            for slot, kv in enumerate(kvs):
-                cache.update(kv, kv, slot)
+            cache.crop(cfg.decode_context)
             return model(input_ids=x1, position_ids=pos1, past_key_values=cache, use_cache=True)
 
         out["decode_s"][str(b)] = _time(decode, device, cfg.warmup, cfg.repeats)
