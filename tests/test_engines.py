@@ -46,3 +46,23 @@ def test_sglang_needs_one_kv_head_count_and_trtllm_untied_embeddings():
     assert "tied embeddings" in problems(config(SERVABLE, tied=True), "trtllm")[0]
     with pytest.raises(ValueError, match="engine='tgi'"):
         problems(config(SERVABLE), "tgi")
+
+
+def test_a_tied_child_is_untied_for_trtllm(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from thinkfast.engines import untie_for
+    from thinkfast.modeling import DeciLMForCausalLM
+
+    torch.manual_seed(0)
+    model = DeciLMForCausalLM(config(SERVABLE, tied=True)).eval()
+    x = torch.randint(0, 64, (1, 5))
+    before = model(x).logits
+    assert not untie_for(model, "vllm") and untie_for(model, "trtllm")
+    assert problems(model.config, "trtllm") == []
+    assert problems(config(SERVABLE, tied=True), "trtllm", untied_on_export=True) == []
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
+    torch.testing.assert_close(DeciLMForCausalLM.from_pretrained(tmp_path)(x).logits, before, rtol=0, atol=0)

@@ -11,7 +11,7 @@ in ``tests/test_vllm.py``):
   same KV-head count (its model config refuses "variable GQA").
 - ``trtllm`` (``tensorrt_llm/_torch/models/modeling_nemotron_nas.py``, ``models/nemotron_nas/convert.py``):
   linear attention and FFN too; widths through ``ffn_mult`` (multiples of 256); its checkpoint
-  converter reads ``lm_head.weight`` even when the embeddings are tied.
+  converter reads ``lm_head.weight`` even when the embeddings are tied (:func:`untie_for` writes one).
 - ``hf``: transformers with the remote code in the folder (or thinkfast): everything thinkfast writes.
 """
 
@@ -42,8 +42,21 @@ def width_multiple(engine: str) -> int:
     return _WIDTH_MULTIPLE[engine]
 
 
-def problems(config, engine: str) -> list[str]:
-    """Why ``engine`` cannot load a model of this nemotron-nas ``config`` ([] when it can)."""
+def untie_for(model, engine: str) -> bool:
+    """Give ``model`` its own ``lm_head.weight`` (a copy of the embeddings) when ``engine`` needs one in
+    the checkpoint (TensorRT-LLM's converter reads it even for tied models). Returns whether it did."""
+    if engine != "trtllm" or not model.config.tie_word_embeddings:
+        return False
+    import torch
+
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    return True
+
+
+def problems(config, engine: str, *, untied_on_export: bool = False) -> list[str]:
+    """Why ``engine`` cannot load a model of this nemotron-nas ``config`` ([] when it can).
+    ``untied_on_export``: tied embeddings are fine, since :func:`untie_for` will write an ``lm_head``."""
     check_engine_name(engine)
     out = []
     kv = set()
@@ -59,15 +72,15 @@ def problems(config, engine: str) -> list[str]:
             kv.add(att.num_kv_heads(config.num_attention_heads))
     if engine == "sglang" and len(kv) > 1:
         out.append(f"KV heads differ between layers ({sorted(kv)}); sglang needs one count for every GQA layer")
-    if engine == "trtllm" and config.tie_word_embeddings:
+    if engine == "trtllm" and config.tie_word_embeddings and not untied_on_export:
         out.append("tied embeddings: TensorRT-LLM's checkpoint converter reads lm_head.weight, which a tied "
                    "checkpoint does not have")
     return out
 
 
-def check_engine(config, engine: str, what: str) -> None:
+def check_engine(config, engine: str, what: str, *, untied_on_export: bool = False) -> None:
     """Raise :class:`EngineError` listing every problem of ``config`` for ``engine``."""
-    found = problems(config, engine)
+    found = problems(config, engine, untied_on_export=untied_on_export)
     if found:
         raise EngineError(f"{what} cannot be served by {engine}: " + "; ".join(found)
                           + " (choose another engine with library.engine, e.g. hf, or change the search space)")

@@ -295,7 +295,7 @@ def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     parent = load_decilm(model_dir, device)
-    check_engine(parent.config, cfg.engine, f"the parent {model_dir}")
+    check_engine(parent.config, cfg.engine, f"the parent {model_dir}", untied_on_export=True)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     n_layers = parent.config.num_hidden_layers
     end = n_layers if cfg.layer_end is None else cfg.layer_end

@@ -29,7 +29,7 @@ from typing import Literal
 
 from ..artifacts import (ArtifactError, copy_tokenizer_files, load_tensors, read_costs, read_json, read_library,
                          read_model_sidecar, read_scores, write_model_sidecar)
-from ..engines import check_engine
+from ..engines import check_engine, untie_for
 from ..puzzle.assemble import assemble, build_problem, describe
 from ..puzzle.mip import InfeasibleError, solve_mip
 from ..puzzle.parent import load_decilm
@@ -157,7 +157,9 @@ def run(cfg: SearchConfig, stage: StageDir, inputs: Inputs) -> dict:
     child = assemble(parent, lib, tensors, [problem.names[i][k] for i, k in enumerate(best.choice)])
     arch = describe(child.config)
     print("\n".join(arch))
-    check_engine(child.config, lib.get("engine", "hf"), "the search's child")  # before anything is written
+    engine = lib.get("engine", "hf")
+    untie_for(child, engine)  # TensorRT-LLM's converter needs lm_head.weight in the checkpoint
+    check_engine(child.config, engine, "the search's child")  # before anything is written
     sidecar = read_model_sidecar(model_dir)
     with atomic_dir(stage.model_dir) as tmp:
         child.save_pretrained(tmp)
