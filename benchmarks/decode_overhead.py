@@ -83,12 +83,12 @@ def main(argv=None) -> int:
         m(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
 
     def whole_static():
-        static.crop(ctx)
+        static.truncate_to(ctx)
         m(input_ids=ids, position_ids=pos, past_key_values=static, use_cache=True)
 
     def layer_fn(layer):
         def run():
-            static.crop(ctx)
+            static.truncate_to(ctx)
             layer(x, cos, sin, None, static)
         return run
 
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         m.lm_head(inner.norm(inner.embed_tokens(ids)))
 
     def layers_in_sequence():
-        static.crop(ctx)
+        static.truncate_to(ctx)
         h = x
         for layer in inner.layers:
             h = layer(h, cos, sin, None, static)

@@ -66,3 +66,14 @@ def test_a_tied_child_is_untied_for_trtllm(tmp_path):
     weights = load_file(tmp_path / "model.safetensors")
     assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
     torch.testing.assert_close(DeciLMForCausalLM.from_pretrained(tmp_path)(x).logits, before, rtol=0, atol=0)
+
+
+def test_an_ffn_before_the_first_attention_is_refused_for_vllm_and_sglang():
+    # real vLLM 0.32 fails to load [no-op attention + FFN, GQA + FFN] ("too many values to unpack") and
+    # loads [no-op attention + no-op FFN, GQA + FFN]
+    bad = [block_config(attention_block(no_op=True), ffn_block(512, H)), block_config(attention_block(2), ffn_block(512, H))]
+    fine = [block_config(attention_block(no_op=True), ffn_block(None, H, no_op=True))] + bad[1:] + bad[:1]
+    for engine in ("vllm", "sglang"):
+        assert problems(config(bad), engine)[0].startswith("block 0: an FFN with no attention before it")
+        assert problems(config(fine), engine) == []
+    assert problems(config(bad), "trtllm") == [] and problems(config(bad), "hf") == []

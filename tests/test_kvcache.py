@@ -45,7 +45,7 @@ def test_crop_reuses_the_buffers_and_overflow_is_an_error():
     m(ids, past_key_values=cache, use_cache=True)
     buffers = [k.data_ptr() for k in cache.keys]
     a = m(ids[:, :1], past_key_values=cache, use_cache=True).logits
-    cache.crop(10)
+    cache.truncate_to(10)
     b = m(ids[:, :1], past_key_values=cache, use_cache=True).logits
     assert torch.equal(a, b) and [k.data_ptr() for k in cache.keys] == buffers
     with pytest.raises(ValueError, match="do not fit in max_len=11"):

@@ -325,4 +325,10 @@ def test_library_for_vllm_offers_only_what_vllm_loads(tmp_path, parent_dir):
                 st, Inputs({"parent": tmp_path / "p"}))
     lib = read_library(st.path / "library")
     assert lib["engine"] == "vllm"
-    assert [v["name"] for v in lib["variants"]] == ["gqa_kv2", "gqa_kv1", "no_op", "ffn_512", "ffn_256", "no_op"]
+    # layer 0 keeps an attention (vLLM fails on an FFN before the first attention); no linear variants
+    assert [v["name"] for v in lib["variants"]] == ["gqa_kv2", "gqa_kv1", "ffn_512", "ffn_256", "no_op"]
+    hf = StageDir(tmp_path / "h", "library")
+    library.run(lib_cfg(bld_steps=0), hf, Inputs({"parent": tmp_path / "p"}))
+    with pytest.raises(ValueError, match="made for hf, but library.engine=vllm"):
+        library.run(lib_cfg(engine="vllm", merge_from=["x"]), StageDir(tmp_path / "c", "library"),
+                    Inputs({"sources": {"0": hf.path / "library"}}))

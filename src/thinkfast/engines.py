@@ -4,7 +4,8 @@ The rules come from the engines' loaders (read in their source; vLLM's are also 
 in ``tests/test_vllm.py``):
 
 - ``vllm`` (``vllm/model_executor/models/nemotron_nas.py``): per layer, GQA with any KV-head count or a
-  no-op attention; SwiGLU or a no-op FFN. No linear attention or FFN (it builds GQA for every attention
+  no-op attention; SwiGLU or a no-op FFN; but an FFN in a layer before the first attention fails (its
+  residual is only set by an attention; tested in real vLLM). No linear attention or FFN (it builds GQA for every attention
   that is not a no-op). FFN widths come only from ``ffn_mult`` through the released rule
   (``ceil_to_multiple(int(2 * ffn_mult * hidden / 3), 256)``), so a width must be a multiple of 256.
 - ``sglang`` (``python/sglang/srt/models/nemotron_nas.py``): as vLLM, and every GQA layer must have the
@@ -60,7 +61,12 @@ def problems(config, engine: str, *, untied_on_export: bool = False) -> list[str
     check_engine_name(engine)
     out = []
     kv = set()
+    seen_attention = False
     for i, (att, ffn) in enumerate(config.block_specs()):
+        if engine in ("vllm", "sglang") and att.kind == "no_op" and ffn.kind != "no_op" and not seen_attention:
+            out.append(f"block {i}: an FFN with no attention before it in any layer ({engine} carries the residual "
+                       "from the first attention on and fails without one)")
+        seen_attention = seen_attention or att.kind != "no_op"
         if att.kind == "linear" and not _LINEAR[engine]:
             out.append(f"block {i}: linear attention ({engine} has none; it would build GQA and fail)")
         if ffn.kind == "linear" and not _LINEAR[engine]:

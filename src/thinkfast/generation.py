@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from .kvcache import StaticKVCache
+from .modeling import DeciLMForCausalLM
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,9 @@ def _generate_batch(model, prompts: list[list[int]], params: SamplingParams, gen
         mask[i, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    # nemotron-nas models get a preallocated cache (no copy of the whole cache per step); others transformers'
-    cache = (StaticKVCache(width + params.max_new_tokens) if getattr(model.config, "model_type", "") == "nemotron-nas"
-             else DynamicCache())
+    # thinkfast's own nemotron-nas model gets the preallocated cache (no copy of the whole cache per step);
+    # any other model (Llama, or an older nemotron-nas remote code) transformers' DynamicCache
+    cache = StaticKVCache(width + params.max_new_tokens) if isinstance(model, DeciLMForCausalLM) else DynamicCache()
     # transformers >= 5.24 names the argument ``cache``; older releases ``past_key_values``
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     stop = torch.tensor(list(params.stop_token_ids) or [-1], device=device)

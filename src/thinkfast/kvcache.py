@@ -1,43 +1,57 @@
-"""A preallocated KV cache for nemotron-nas models: one buffer per attention layer, allocated once.
+"""A preallocated KV cache for nemotron-nas models: one buffer per attention layer, written in place.
 
 ``transformers``' ``DynamicCache`` grows every layer's keys and values with ``torch.cat`` at each step,
 copying the whole cache each time: on the nano parent's decode step at batch 16 with 256 cached tokens
-that copying was most of the step (10.7 ms with it, 3.4 ms with this cache, same logits). Here each
-layer's buffer ``[B, kv_heads, max_len, head_dim]`` is allocated on its first update (KV-head counts
-differ per layer) and new tokens are written in place; attention reads a view of the filled part.
+that copying was most of the step (benchmarks/decode_overhead.py). Here each layer's buffer
+``[B, kv_heads, room, head_dim]`` is allocated on its first update (KV-head counts differ per layer),
+new tokens are written in place, and attention reads a view of the filled part. The room starts at
+what the first update needs (plus ``chunk``) and doubles when full, up to ``max_len``: a batch that
+stops early never holds memory for ``max_new_tokens`` it did not generate.
 
-Only the two methods the nemotron-nas model calls are implemented (``update`` and
-``get_seq_length``); it subclasses ``transformers.Cache`` so models checking for one accept it.
-Sequences leaving a batch early, and paged memory, are the rollout engine's business (a later issue).
+Only what the nemotron-nas model calls is implemented (``update``, ``get_seq_length``); the model
+accepts any object with those two methods. Sequences leaving a batch early and paged memory are the
+rollout engine's business (a later issue).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache
 
 
-class StaticKVCache(Cache):
-    """Room for ``max_len`` tokens per sequence in every attention layer (cache slot)."""
+class StaticKVCache:
+    """Room for up to ``max_len`` tokens per sequence in every attention layer (cache slot)."""
 
-    def __init__(self, max_len: int):  # noqa: D107 - Cache's own state is not used
-        self.max_len = int(max_len)
+    def __init__(self, max_len: int, chunk: int = 256):
+        self.max_len, self.chunk = int(max_len), int(chunk)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.lengths: list[int] = []
+
+    def _room(self, layer_idx: int, need: int) -> None:
+        """Make slot ``layer_idx`` hold at least ``need`` tokens (allocating or doubling its buffers)."""
+        if need > self.max_len:
+            raise ValueError(f"StaticKVCache: {need} tokens do not fit in max_len={self.max_len}")
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        if need <= k.shape[2]:
+            return
+        room = min(self.max_len, max(need + self.chunk, 2 * k.shape[2]))
+        n = self.lengths[layer_idx]
+        for buffers, old in ((self.keys, k), (self.values, v)):
+            new = old.new_empty(old.shape[0], old.shape[1], room, old.shape[3])
+            new[:, :, :n] = old[:, :, :n]
+            buffers[layer_idx] = new
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs=None):
         """Append ``[B, kv_heads, T, head_dim]`` keys and values to slot ``layer_idx``; return all of them."""
         if layer_idx == len(self.keys):
             b, h, _, d = key_states.shape
-            self.keys.append(key_states.new_empty(b, h, self.max_len, d))
-            self.values.append(value_states.new_empty(b, h, self.max_len, d))
+            self.keys.append(key_states.new_empty(b, h, 0, d))
+            self.values.append(value_states.new_empty(b, h, 0, d))
             self.lengths.append(0)
         elif layer_idx > len(self.keys):
             raise IndexError(f"cache slot {layer_idx} used before slot {len(self.keys)}")
         n, t = self.lengths[layer_idx], key_states.shape[2]
-        if n + t > self.max_len:
-            raise ValueError(f"StaticKVCache: {n + t} tokens do not fit in max_len={self.max_len}")
+        self._room(layer_idx, n + t)
         self.keys[layer_idx][:, :, n:n + t] = key_states
         self.values[layer_idx][:, :, n:n + t] = value_states
         self.lengths[layer_idx] = n + t
@@ -46,8 +60,8 @@ class StaticKVCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx] if layer_idx < len(self.lengths) else 0
 
-    def crop(self, length: int) -> None:
-        """Forget everything after the first ``length`` tokens (reuse the buffers)."""
+    def truncate_to(self, length: int) -> None:
+        """Keep the first ``length`` tokens of every slot (the buffers are reused)."""
         self.lengths = [min(n, length) for n in self.lengths]
 
     def __len__(self) -> int:

@@ -329,8 +329,9 @@ class DeciLMModel(DeciLMPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if past_key_values is None:
             past_key_values = cache
-        if past_key_values is not None and not isinstance(past_key_values, Cache):
-            raise TypeError("past_key_values must be a transformers Cache (e.g. DynamicCache), not a tuple")
+        if past_key_values is not None and not (hasattr(past_key_values, "update")
+                                                and hasattr(past_key_values, "get_seq_length")):
+            raise TypeError("past_key_values must be a cache object (e.g. transformers' DynamicCache), not a tuple")
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0

@@ -174,7 +174,7 @@ def measure_variant(config, variant: Variant, cfg: CostsConfig, device: torch.de
 
         def decode():
             if cache is not None:
-                cache.crop(cfg.decode_context)
+                cache.truncate_to(cfg.decode_context)
             return module(x1, cos1, sin1, None, cache)
 
         out["decode_s"][str(b)] = _time(decode, device, cfg.warmup, cfg.repeats)
@@ -221,7 +221,7 @@ def measure_whole(parent, cfg: CostsConfig, device: torch.device) -> dict:
             cache.update(kv, kv, slot)
 
         def decode():
-            cache.crop(cfg.decode_context)
+            cache.truncate_to(cfg.decode_context)
             return model(input_ids=x1, position_ids=pos1, past_key_values=cache, use_cache=True)
 
         out["decode_s"][str(b)] = _time(decode, device, cfg.warmup, cfg.repeats)

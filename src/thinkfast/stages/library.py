@@ -201,7 +201,9 @@ def build_blocks(cfg: LibraryConfig, parent, layers: list[int], contributions: d
         layer = parent.model.layers[i]
         linear = supports_linear(cfg.engine)
         kv_heads = [] if cfg.engine == "sglang" else cfg.kv_heads  # sglang needs one KV-head count throughout
-        att = attention_variants(config, i, kv_heads, cfg.attention_linear and linear, cfg.attention_no_op)
+        # vLLM / SGLang fail on an FFN before the first attention: layer 0 keeps an attention for them
+        no_op = cfg.attention_no_op and not (i == 0 and cfg.engine in ("vllm", "sglang"))
+        att = attention_variants(config, i, kv_heads, cfg.attention_linear and linear, no_op)
         ffn = ffn_variants(config, i, cfg.ffn_fractions, math.lcm(cfg.ffn_multiple, width_multiple(cfg.engine)),
                            cfg.ffn_linear and linear, cfg.ffn_no_op)
 
@@ -252,7 +254,7 @@ def _save_library(path: Path, cfg: LibraryConfig, parent, blocks: list[_Block], 
             "parent_config": parent.config.to_dict(), "variants": variants}, indent=1, default=str))
 
 
-def merge_libraries(sources: list[Path], dst: Path) -> dict:
+def merge_libraries(sources: list[Path], dst: Path, engine: str | None = None) -> dict:
     """Join libraries trained on disjoint layer slices of the same parent into one."""
     libs = [read_library(s) for s in sources]
     modes = {lib["mode"] for lib in libs}
@@ -261,6 +263,9 @@ def merge_libraries(sources: list[Path], dst: Path) -> dict:
     engines = {lib.get("engine", "hf") for lib in libs}
     if len(engines) != 1:
         raise ValueError(f"merge_from: libraries were made for different engines {sorted(engines)}")
+    if engine is not None and engines != {engine}:
+        raise ValueError(f"merge_from: the libraries were made for {engines.pop()}, but library.engine={engine}; "
+                         "make the slices with the same engine")
     layers: list[int] = []
     for src, lib in zip(sources, libs):
         overlap = set(layers) & set(lib["layers"])
@@ -288,7 +293,7 @@ def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
 
     out = stage.path / "library"
     if cfg.merge_from:
-        merged = merge_libraries(list(inputs["sources"].values()), out)
+        merged = merge_libraries(list(inputs["sources"].values()), out, cfg.engine)
         return {"merged_from": list(cfg.merge_from), **merged}
     model_dir = model_path(inputs)
     device = resolve_device(cfg.device)
