@@ -128,3 +128,28 @@ def test_vllm_serves_our_checkpoints(tmp_path):
         assert got[name]["greedy"] == case["greedy"], name
         diff = max(abs(a - b) for a, b in zip(got[name]["prompt_lp"], case["prompt_lp"]))
         assert diff < 1e-4, (name, diff)
+
+
+@pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason="no .venv-vllm: run scripts/setup_vllm.sh (scripts/test.sh does)")
+def test_vllm_fails_on_an_ffn_before_the_first_attention_as_our_rules_say(tmp_path):
+    """The one block layout thinkfast.engines refuses for vLLM that vLLM's block kinds would suggest it
+    loads: if vLLM starts loading it, the rule (and the library's layer-0 restriction) can go."""
+    from thinkfast.engines import problems
+
+    tok = build_tokenizer()
+    blocks = [block_config(attention_block(no_op=True), ffn_block(512, H)), block_config(attention_block(2), ffn_block(512, H))]
+    cfg = DeciLMConfig(vocab_size=len(tok), hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
+                       block_configs=blocks, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert problems(cfg, "vllm")
+    torch.manual_seed(0)
+    DeciLMForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    case = {"bad": {"path": str(tmp_path / "m"), "prompt": [1, 2, 3]}}
+    (tmp_path / "cases.json").write_text(json.dumps(case))
+    (tmp_path / "runner.py").write_text(RUNNER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    res = subprocess.run([str(VLLM_PYTHON), "runner.py", "cases.json", "out.json"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "too many values to unpack" in res.stdout + res.stderr

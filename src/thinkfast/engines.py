@@ -5,7 +5,7 @@ in ``tests/test_vllm.py``):
 
 - ``vllm`` (``vllm/model_executor/models/nemotron_nas.py``): per layer, GQA with any KV-head count or a
   no-op attention; SwiGLU or a no-op FFN; but an FFN in a layer before the first attention fails (its
-  residual is only set by an attention; tested in real vLLM). No linear attention or FFN (it builds GQA for every attention
+  residual is only set by an attention; tests/test_vllm.py checks it still fails). No linear attention or FFN (it builds GQA for every attention
   that is not a no-op). FFN widths come only from ``ffn_mult`` through the released rule
   (``ceil_to_multiple(int(2 * ffn_mult * hidden / 3), 256)``), so a width must be a multiple of 256.
 - ``sglang`` (``python/sglang/srt/models/nemotron_nas.py``): as vLLM, and every GQA layer must have the
