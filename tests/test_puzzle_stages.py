@@ -148,6 +148,9 @@ def test_scores_parent_block_is_free_and_removal_costs(run_dir):
 
 def test_costs_file_shape_and_reuse(run_dir, parent_dir, tmp_path):
     root = run_dir[0]
+    shares = {k: v for k, v in run_dir[3].items() if "explained" in k}  # the costs stage says what it explains
+    assert set(shares) == {"prefill_explained@1", "prefill_explained@2", "decode_explained@1", "decode_explained@2"}
+    assert all(v > 0 for v in shares.values())
     data = read_costs(root / "costs" / "costs.json")
     assert data["device"].startswith("cpu") and data["batch_sizes"] == [1, 2]
     att, ffn = data["attention"], data["ffn"]
