@@ -19,6 +19,8 @@ from thinkfast.pipeline import default_config_path, dependents, load_pipeline, r
 from thinkfast.rundir import RunDir, RunDirError, StageConfigMismatch, StageDir
 from thinkfast.stages import pretrain
 
+from helpers import snapshot
+
 SMOKE = default_config_path("smoke")
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["pretrain", "library", "scores", "costs", "search", "eval"]
@@ -269,19 +271,15 @@ def test_an_older_stage_whose_config_changed_is_redone_with_what_follows(run):
                     "eval": False}
 
 
-def _tree(path: Path) -> dict:
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
 def test_force_then_fail_keeps_the_old_output_whole(run, monkeypatch):
-    before = _tree(run / "search")
+    before = snapshot(run / "search")
     # a bad value: refused when the config loads, nothing touched
     with pytest.raises(ConfigError, match="device='tpu'"):
         run_stage(smoke(run, "pretrain.device=tpu"), "pretrain", force=True)
     # a value that fails inside the stage: the old output stays whole, nothing mixed in
     with pytest.raises(ConfigError, match="batch_size=7"):
         run_stage(smoke(run, "search.batch_size=7"), "search", force=True)
-    assert _tree(run / "search") == before and (run / "pretrain" / "model" / "model.safetensors").is_file()
+    assert snapshot(run / "search") == before and (run / "pretrain" / "model" / "model.safetensors").is_file()
 
     from thinkfast.stages import search
 
@@ -291,7 +289,7 @@ def test_force_then_fail_keeps_the_old_output_whole(run, monkeypatch):
     monkeypatch.setattr(search, "_pareto", boom)  # after model/ and architecture.txt of the new run
     with pytest.raises(RuntimeError):
         run_stage(smoke(run, "search.max_params=30000"), "search", force=True)
-    assert _tree(run / "search") == before
+    assert snapshot(run / "search") == before
     assert state(run, "search") == "complete"  # the old output still matches the YAML
     monkeypatch.undo()
     # completing without a sweep replaces the whole folder: no pareto.* of the old run survives

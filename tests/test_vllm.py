@@ -112,16 +112,25 @@ def puzzle_child(tmp: Path) -> Path:
     return run / "search" / "model"
 
 
-@pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason="no .venv-vllm: run scripts/setup_vllm.sh (scripts/test.sh does)")
+def run_vllm(tmp: Path, cases: dict) -> subprocess.CompletedProcess:
+    """Run RUNNER on ``cases`` in .venv-vllm (its results land in tmp/out.json)."""
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    (tmp / "runner.py").write_text(RUNNER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([str(VLLM_PYTHON), "runner.py", "cases.json", "out.json"], cwd=tmp, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+needs_vllm = pytest.mark.skipif(not VLLM_PYTHON.is_file(),
+                                reason="no .venv-vllm: run scripts/setup_vllm.sh (scripts/test.sh does)")
+
+
+@needs_vllm
 def test_vllm_serves_our_checkpoints(tmp_path):
     cases = {"tied": build(tmp_path, "tied", True, 0), "untied": build(tmp_path, "untied", False, 1),
              "puzzle child": reference(puzzle_child(tmp_path), 2)}
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    (tmp_path / "runner.py").write_text(RUNNER)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
-    res = subprocess.run([str(VLLM_PYTHON), "runner.py", "cases.json", "out.json"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=900)
+    res = run_vllm(tmp_path, cases)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     got = json.loads((tmp_path / "out.json").read_text())
     for name, case in cases.items():
@@ -130,14 +139,15 @@ def test_vllm_serves_our_checkpoints(tmp_path):
         assert diff < 1e-4, (name, diff)
 
 
-@pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason="no .venv-vllm: run scripts/setup_vllm.sh (scripts/test.sh does)")
+@needs_vllm
 def test_vllm_fails_on_an_ffn_before_the_first_attention_as_our_rules_say(tmp_path):
     """The one block layout thinkfast.engines refuses for vLLM that vLLM's block kinds would suggest it
     loads: if vLLM starts loading it, the rule (and the library's layer-0 restriction) can go."""
     from thinkfast.engines import problems
 
     tok = build_tokenizer()
-    blocks = [block_config(attention_block(no_op=True), ffn_block(512, H)), block_config(attention_block(2), ffn_block(512, H))]
+    blocks = [block_config(attention_block(no_op=True), ffn_block(512, H)),
+              block_config(attention_block(2), ffn_block(512, H))]
     cfg = DeciLMConfig(vocab_size=len(tok), hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
                        block_configs=blocks, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -146,10 +156,5 @@ def test_vllm_fails_on_an_ffn_before_the_first_attention_as_our_rules_say(tmp_pa
     DeciLMForCausalLM(cfg).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     case = {"bad": {"path": str(tmp_path / "m"), "prompt": [1, 2, 3]}}
-    (tmp_path / "cases.json").write_text(json.dumps(case))
-    (tmp_path / "runner.py").write_text(RUNNER)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
-    res = subprocess.run([str(VLLM_PYTHON), "runner.py", "cases.json", "out.json"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = run_vllm(tmp_path, case)
     assert res.returncode != 0 and "too many values to unpack" in res.stdout + res.stderr

@@ -164,9 +164,7 @@ def _resolve(pipe: Pipeline, rd: RunDir, name: str) -> tuple[Inputs, list[str]]:
             items = list(value) if isinstance(value, (list, tuple)) else [value]
             refs = {}
             for i, v in enumerate(items):
-                p = Path(v).resolve()
-                if not p.exists():
-                    raise ConfigError(f"{pipe.source}: {name}.{inp.field}: {v} does not exist")
+                p = Path(v).resolve()  # existence checked by _preflight before any stage ran
                 key = f"{i}:{p.name}" if isinstance(value, (list, tuple)) else p.name
                 refs[key] = (p, {"path": str(p), "id": rd.fingerprint(p)})
         else:

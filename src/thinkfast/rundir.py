@@ -250,9 +250,6 @@ class StageDir:
     def started_path(self) -> Path:
         return self.path / "STARTED.json"
 
-    def is_complete(self) -> bool:
-        return self.marker_path.is_file()
-
     def marker(self) -> dict | None:
         """The completion marker (checked), or None when the stage has not completed."""
         return read_marker(self.marker_path, self.name.removesuffix(".partial")) if self.marker_path.is_file() else None
@@ -467,10 +464,6 @@ class StageRun:
             return
         raise RunDirError(f"{path} exists and was not written by thinkfast (no COMPLETE.json or STARTED.json); "
                           f"thinkfast never deletes what it did not write: move it away or choose another run_dir")
-
-
-def fresh_output_id() -> str:
-    return secrets.token_hex(8)
 
 
 # ------------------------------------------------------------------ the run directory and its lock

@@ -53,7 +53,7 @@ from ..puzzle.blocks import Variant, attention_variants, channel_contribution, f
 from ..artifacts import LIBRARY_FORMAT, load_tensors, read_library
 from ..puzzle.parent import layer_io, load_decilm
 from ..rundir import StageDir, atomic_dir
-from ..train.checkpoint import load_state, save_state
+from ..train.checkpoint import has_state, load_state, save_state
 from ..engines import check_engine, check_engine_name, supports_linear, width_multiple
 from . import Input, Inputs, check_device, model_path, positive, resolve_device
 
@@ -323,7 +323,7 @@ def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
     init = _losses(blocks, parent, held_out)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0) if params else None
     start, t0 = 0, time.perf_counter()
-    if stage.checkpoint_dir.is_dir() and opt is not None:
+    if has_state(stage.checkpoint_dir) and opt is not None:
         state = load_state(stage.checkpoint_dir, device)
         for b in trainable:
             for m, sd in zip(b.modules, state["blocks"][f"{b.layer}.{b.key}"]):

@@ -37,7 +37,7 @@ from ..nano import tasks
 from ..nano.corpus import documents, packed_rows
 from ..nano.tokenizer import build_tokenizer
 from ..rundir import StageDir, atomic_dir
-from ..train.checkpoint import load_state, save_state
+from ..train.checkpoint import has_state, load_state, save_state
 from . import Inputs, check_device, positive, resolve_device
 
 MAKES = "model"
@@ -182,7 +182,7 @@ def run(cfg: PretrainConfig, stage: StageDir, inputs: Inputs | None = None) -> d
     model = build_parent(cfg, tokenizer).to(device)
     opt = _optimizer(model, cfg)
     start, elapsed, tokens = 0, 0.0, 0
-    if stage.checkpoint_dir.is_dir():
+    if has_state(stage.checkpoint_dir):
         state = load_state(stage.checkpoint_dir, device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

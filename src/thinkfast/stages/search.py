@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..artifacts import (ArtifactError, copy_tokenizer_files, load_tensors, read_costs, read_json, read_library,
+from ..artifacts import (ArtifactError, check_costs, copy_tokenizer_files, load_tensors, read_json, read_library,
                          read_model_sidecar, read_scores, write_model_sidecar)
 from ..engines import check_engine, untie_for
 from ..puzzle.assemble import assemble, build_problem, describe
@@ -131,10 +131,10 @@ def run(cfg: SearchConfig, stage: StageDir, inputs: Inputs) -> dict:
     lib_path = inputs["library"]
     lib = read_library(lib_path)
     scores = read_scores(inputs["scores"], lib)
-    raw = read_json(inputs["costs"])
+    raw = read_json(inputs["costs"], "run the costs stage first, or set search.costs")
     copied = raw.get("source") if isinstance(raw, dict) else None
     try:
-        costs = read_costs(inputs["costs"], lib)
+        costs = check_costs(raw, str(inputs["costs"]), lib)
     except ArtifactError as e:  # name the user's file, not the costs stage's copy of it
         raise ArtifactError(f"{e} (the costs stage copied that file from {copied})" if copied else str(e)) from None
     try:
