@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import thinkfast
 from thinkfast.cli import main
 from thinkfast.config import ConfigError
+from thinkfast.data import DataConfig
 from thinkfast.pipeline import default_config_path, dependents, load_pipeline, run_all, run_stage, status, upstream
 from thinkfast.rundir import RunDir, RunDirError, StageConfigMismatch, StageDir
 from thinkfast.stages import pretrain
@@ -220,19 +221,36 @@ def test_upgrade_rule_keeps_finished_work(run):
     """A config key the marker lacks (a field added later) counts as unchanged while it holds its default."""
     path = run / "pretrain" / "COMPLETE.json"
     m = json.loads(path.read_text())
-    assert m["config"]["fact_fraction"] == 0.0  # the default
-    del m["config"]["fact_fraction"]
+    assert m["config"]["data.fact_fraction"] == 0.0  # the default
+    del m["config"]["data.fact_fraction"]
     m["config"]["a_field_removed_since"] = 3  # unknown to the code now: ignored
     path.write_text(json.dumps(m))
     assert state(run, "pretrain") == "complete"
     _, ran = run_stage(smoke(run), "pretrain")
     assert not ran
     # the same missing key holding a non-default value now is a change, and says so
-    pipe = smoke(run, "pretrain.fact_fraction=0.1")
+    pipe = smoke(run, "data.fact_fraction=0.1")
     with RunDir(pipe.run_dir) as rd:
         st, reasons = status(pipe, rd, "pretrain")
     assert st == "stale" and reasons == [
-        "pretrain.fact_fraction changed: 0.0 (as before the field existed) -> 0.1"]
+        "data.fact_fraction changed: 0.0 (as before the field existed) -> 0.1"]
+
+
+def test_a_parent_made_before_the_data_section_is_kept(run):
+    """The nano mix moved from pretrain's section to data: a marker holding it under its old name still
+    describes the parent, and a change of the mix is named by its new key."""
+    path = run / "pretrain" / "COMPLETE.json"
+    m = json.loads(path.read_text())
+    m["config"] = {k.removeprefix("data."): v for k, v in m["config"].items()}  # as pretrain wrote it
+    path.write_text(json.dumps(m))
+    assert state(run, "pretrain") == "complete"
+    pipe = smoke(run, "data.digits=[1,2]")
+    with RunDir(pipe.run_dir) as rd:
+        assert status(pipe, rd, "pretrain") == ("stale", ["data.digits changed: [1] -> [1, 2]"])
+    with pytest.raises(ConfigError, match="line .*'pretrain.kinds' moved to 'data.kinds'"):
+        bad = run.parent / "old.yaml"
+        bad.write_text("pretrain:\n  kinds: [add]\n")
+        load_pipeline(bad)
 
 
 def _make_legacy(run, order=("pretrain", "eval", "library", "scores", "costs", "search")):
@@ -244,6 +262,8 @@ def _make_legacy(run, order=("pretrain", "eval", "library", "scores", "costs", "
     pipe, upstream_ = smoke(run), None
     for i, name in enumerate(order):
         cfg = {k: v for k, v in to_dict(pipe.configs[name]).items() if k not in _NOT_IN_HASH}
+        if name == "pretrain":  # the nano mix was pretrain's own then
+            cfg.update(pipe.data.mix())
         h = config_hash({"stage": name, "config": cfg, "upstream": upstream_})
         m = {"stage": name, "config_hash": h, "finished_at": f"2026-11-0{i + 1}T00:00:00",
              "metrics": marker(run, name)["metrics"]}
@@ -301,10 +321,10 @@ def test_interrupted_pretrain_resumes_to_the_same_weights(base, tmp_path, monkey
     ref = load_file(base[0] / "pretrain" / "model" / "model.safetensors")
     real_make_batch = pretrain.make_batch
 
-    def failing(cfg, tok, step):
+    def failing(cfg, data, tok, step):
         if step == 4:  # after the checkpoint at step 3
             raise KeyboardInterrupt
-        return real_make_batch(cfg, tok, step)
+        return real_make_batch(cfg, data, tok, step)
 
     run = tmp_path / "run"
     monkeypatch.setattr(pretrain, "make_batch", failing)
@@ -328,10 +348,10 @@ def test_a_planted_pickle_is_refused_and_never_run(tmp_path, monkeypatch):
     run = tmp_path / "run"
     real = pretrain.make_batch
 
-    def stop(cfg, tok, step):
+    def stop(cfg, data, tok, step):
         if step == 4:
             raise KeyboardInterrupt
-        return real(cfg, tok, step)
+        return real(cfg, data, tok, step)
 
     monkeypatch.setattr(pretrain, "make_batch", stop)
     with pytest.raises(KeyboardInterrupt):
@@ -471,10 +491,11 @@ def test_eval_chat_modes_sample_on_and_greedy_off(run):
 
 def test_pretrain_changes_every_parameter_and_batches_are_deterministic():
     cfg = pretrain.PretrainConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=48,
-                                  batch_size=2, seq_len=64, digits=[1])
+                                  batch_size=2, seq_len=64)
+    data = DataConfig(digits=[1])
     tok = thinkfast.nano.tokenizer.build_tokenizer()
-    a, b = pretrain.make_batch(cfg, tok, 5), pretrain.make_batch(cfg, tok, 5)
-    assert torch.equal(a, b) and not torch.equal(a, pretrain.make_batch(cfg, tok, 6))
+    a, b = pretrain.make_batch(cfg, data, tok, 5), pretrain.make_batch(cfg, data, tok, 5)
+    assert torch.equal(a, b) and not torch.equal(a, pretrain.make_batch(cfg, data, tok, 6))
     assert a.shape == (2, 65)
     assert tok.decode(a[0].tolist()).startswith("Problem: ")  # every row opens a document
     model = pretrain.build_parent(cfg, tok)
@@ -505,8 +526,8 @@ def test_bad_configs_name_file_line_and_key(tmp_path):
     bad.write_text("pretrain:\n  lr: fast\n")
     with pytest.raises(ConfigError, match=r"line 2: 'pretrain.lr' must be float"):
         load_pipeline(bad)
-    bad.write_text("pretrain:\n  kinds: [add, div]\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml.*'pretrain'.*unknown kind\(s\) \['div'\]"):
+    bad.write_text("data:\n  kinds: [add, div]\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*'data'.*unknown kind\(s\) \['div'\]"):
         load_pipeline(bad)
     with pytest.raises(ConfigError, match="unknown key 'eval.per_cel'"):
         load_pipeline(SMOKE, ["eval.per_cel=3"])
@@ -514,9 +535,10 @@ def test_bad_configs_name_file_line_and_key(tmp_path):
 
 def test_documents_longer_than_a_row_are_measured():
     tok = thinkfast.nano.tokenizer.build_tokenizer()
-    short = pretrain.PretrainConfig(seq_len=64, digits=[2], kinds=["mul"], think_fraction=1.0)
-    assert pretrain.too_long_fraction(short, tok) == 1.0  # every worked 2-digit product exceeds 64 tokens
-    assert pretrain.too_long_fraction(pretrain.PretrainConfig(seq_len=1024, digits=[1, 2]), tok) == 0.0
+    short, mul = pretrain.PretrainConfig(seq_len=64), DataConfig(digits=[2], kinds=["mul"], think_fraction=1.0)
+    assert pretrain.too_long_fraction(short, mul, tok) == 1.0  # every worked 2-digit product exceeds 64 tokens
+    long = pretrain.PretrainConfig(seq_len=1024)
+    assert pretrain.too_long_fraction(long, DataConfig(digits=[1, 2]), tok) == 0.0
 
 
 def test_costs_measured_on_another_device_are_not_reused(run, monkeypatch):

@@ -40,7 +40,7 @@ def parent_dir(tmp_path_factory):
 
 
 def lib_cfg(**kw):
-    base = dict(engine="hf", ffn_fractions=[0.5, 0.25], ffn_multiple=8, calibration_rows=4, bld_steps=8, batch_size=2,
+    base = dict(engine="hf", ffn_fractions=[0.5, 0.25], ffn_multiple=8, calibration_rows=4, bld_steps=12, batch_size=2,
                 seq_len=48, lr=3e-3, device="cpu", checkpoint_every=4)
     return library.LibraryConfig(**{**base, **kw})
 
@@ -80,18 +80,18 @@ def test_library_format_and_bld_lowers_every_trained_loss(run_dir):
 def test_library_resume_reaches_same_weights(parent_dir, run_dir, tmp_path, monkeypatch):
     root = run_dir[0]
     stage = StageDir(tmp_path, "library")
-    real_rows = library._rows
+    real_rows = library.Corpus.rows
 
-    def crash_at_step_5(cfg, tokenizer, key, rows):
+    def crash_at_step_5(self, split, key, n, width):
         if key.endswith(":5"):
             raise KeyboardInterrupt("simulated crash")
-        return real_rows(cfg, tokenizer, key, rows)
+        return real_rows(self, split, key, n, width)
 
-    monkeypatch.setattr(library, "_rows", crash_at_step_5)
+    monkeypatch.setattr(library.Corpus, "rows", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         library.run(lib_cfg(), stage, Inputs({"parent": parent_dir}))
     assert (stage.checkpoint_dir / "state.json").is_file()
-    monkeypatch.setattr(library, "_rows", real_rows)
+    monkeypatch.setattr(library.Corpus, "rows", real_rows)
     library.run(lib_cfg(), stage, Inputs({"parent": parent_dir}))
     a = load_file(str(root / "library" / "library" / "weights.safetensors"))
     b = load_file(str(stage.path / "library" / "weights.safetensors"))

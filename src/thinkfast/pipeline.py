@@ -4,6 +4,7 @@ A config file looks like::
 
     run_dir: runs/nano          # relative paths are relative to the current directory
     stages: [pretrain, library, scores, costs, search, eval]   # the order `thinkfast run` follows
+    data: {...}                 # the text stages read (thinkfast.data): the nano world, or your files
     pretrain: {...}             # one section per stage, fields of that stage's config dataclass
 
 Dependencies are exact. Each stage declares what it reads, by role (``thinkfast.stages``): a kind of
@@ -31,6 +32,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import ConfigError, apply_overrides, config_hash, from_dict, load_yaml, to_dict
+from .data import NANO_MIX, DataConfig, DataError, expand_files
 from .rundir import MARKER_FORMAT, RunDir, RunDirError, StageConfigMismatch, StageDir, StageRun, atomic_write_json
 from .stages import OUTPUTS, Input, Inputs, costs, library, parent, pretrain, resolve_device, scores, search
 from .stages import eval as eval_stage
@@ -75,6 +77,7 @@ class Pipeline:
     stages: list[str]
     configs: dict  # stage name -> config dataclass instance
     overridden: dict = field(default_factory=dict)  # dotted key -> the command-line override that set it
+    data: DataConfig = field(default_factory=DataConfig)  # the data section, shared by the stages that read text
 
     def where(self, key: str) -> str:
         """Where a key's value came from, for messages: the override, or the config file."""
@@ -99,12 +102,18 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = ()) -> Pipelin
     data = apply_overrides(data, list(overrides))
     where = str(path)
     overridden = override_locations(list(overrides))
-    top = {k: v for k, v in data.items() if k not in STAGES}
+    top = {k: v for k, v in data.items() if k not in STAGES and k != "data"}
     pipe = from_dict(PipelineConfig, top, where=where, lines=lines, overridden=overridden)
+    _moved_keys(data, where, lines, overridden)
     configs = {name: from_dict(_config_class(name), data.get(name), where=where, lines=lines, prefix=name,
                                overridden=overridden)
                for name in STAGES}
-    pipeline = Pipeline(where, Path(pipe.run_dir), list(pipe.stages), configs, overridden)
+    data_cfg = from_dict(DataConfig, data.get("data"), where=where, lines=lines, prefix="data", overridden=overridden)
+    pipeline = Pipeline(where, Path(pipe.run_dir), list(pipe.stages), configs, overridden, data_cfg)
+    if data_cfg.files and "pretrain" in pipeline.stages:
+        raise ConfigError(f"{pipeline.where('data.files')}: pretrain trains the nano parent on the nano world, but "
+                          "data.files names your own text: give your own parent with the parent stage instead "
+                          "(stages: [parent, library, ...])")
     for name in pipeline.stages:
         for role, inp in reads(pipeline, name).items():
             if _explicit(pipeline, name, inp) is None and not _producers(pipeline, name, inp):
@@ -114,6 +123,19 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = ()) -> Pipelin
                 at = f"override {overridden['stages']}" if "stages" in overridden else f"{where}: stages"
                 raise ConfigError(f"{at}: '{name}' reads a {inp.kind} ({role}) but no stage before it makes one; {fix}")
     return pipeline
+
+
+def _moved_keys(data: dict, where: str, lines: dict, overridden: dict) -> None:
+    """Keys that moved to the data section (one nano mix for every stage): say so, not just 'unknown'."""
+    for stage in ("pretrain", "library", "scores"):
+        section = data.get(stage)
+        for key in NANO_MIX:
+            if isinstance(section, dict) and key in section:
+                dotted = f"{stage}.{key}"
+                at = (f"override {overridden[dotted]}" if dotted in overridden else
+                      f"{where} line {lines[dotted]}" if dotted in lines else where)
+                raise ConfigError(f"{at}: '{dotted}' moved to 'data.{key}': every stage reads one data section "
+                                  "(thinkfast.data)")
 
 
 # ------------------------------------------------------------------ dependencies
@@ -185,19 +207,26 @@ def _resolve(pipe: Pipeline, rd: RunDir, name: str) -> tuple[Inputs, list[str]]:
     return Inputs(paths, ids), missing
 
 
-def _defaults(cls) -> dict:
+def _defaults(cls, prefix: str = "") -> dict:
     """The value of each field that reproduces what a stage did before the field existed: its default,
     or ``metadata["before"]`` when the default changes behaviour (``library.engine`` defaults to vllm,
     but libraries made before it existed were unrestricted, as with ``hf``)."""
     out = {}
     for f in dataclasses.fields(cls):
         if "before" in f.metadata:
-            out[f.name] = f.metadata["before"]
+            out[prefix + f.name] = f.metadata["before"]
         elif f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
+            out[prefix + f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
+            out[prefix + f.name] = f.default_factory()
     return out
+
+
+def _data_files(pipe: Pipeline) -> list[Path]:
+    try:
+        return expand_files(pipe.data.files)
+    except DataError as e:
+        raise ConfigError(f"{pipe.where('data.files')}: {str(e).removeprefix('data.files: ')}") from None
 
 
 def stage_run(pipe: Pipeline, rd: RunDir, name: str) -> tuple[StageRun, Inputs, list[str]]:
@@ -206,7 +235,16 @@ def stage_run(pipe: Pipeline, rd: RunDir, name: str) -> tuple[StageRun, Inputs, 
     cfg = pipe.configs[name]
     path_fields = {inp.field for inp in reads(pipe, name).values() if inp.field}
     config = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_HASH and k not in path_fields}
-    run = StageRun(pipe.run_dir, name, {"config": config, "inputs": inputs.ids}, _defaults(type(cfg)))
+    defaults = _defaults(type(cfg))
+    use = getattr(STAGES[name], "DATA", None)  # "nano" (the mix: pretrain) or "corpus" (the split text)
+    if use:
+        config.update(pipe.data.identity(use))
+        defaults.update(_defaults(DataConfig, "data."))
+        files = _data_files(pipe) if use == "corpus" else []
+        if files:  # identified by content, as every path from outside the run directory
+            inputs.ids["data"] = {f"{i}:{p.name}": {"path": str(p), "id": rd.fingerprint(p)} for i, p in enumerate(files)}
+        inputs.data = dataclasses.replace(pipe.data, files=[str(p) for p in files])
+    run = StageRun(pipe.run_dir, name, {"config": config, "inputs": inputs.ids}, defaults)
     return run, inputs, missing
 
 
@@ -275,6 +313,8 @@ def adopt_legacy(pipe: Pipeline, rd: RunDir) -> list[str]:
         if name == "eval" or m is None or "format" in m or not m.get("config_hash"):
             continue
         cfg = {k: v for k, v in to_dict(pipe.configs[name]).items() if k not in _NOT_IN_HASH}
+        if getattr(STAGES[name], "DATA", None) == "nano":  # the mix was pretrain's own then
+            cfg.update(pipe.data.mix())
         if not any(config_hash({"stage": name, "config": cfg, "upstream": u}) == m["config_hash"] for u in upstreams):
             continue
         run, _, missing = stage_run(pipe, rd, name)
@@ -329,6 +369,8 @@ _SHAPES = {"model": ("folder", "config.json"), "library": ("folder", "library.js
 def _preflight(pipe: Pipeline, names: list[str]) -> None:
     """What can be checked before any stage starts: every device exists on this machine, and every path
     named in the config exists and has the right shape."""
+    if any(getattr(STAGES[n], "DATA", None) == "corpus" for n in names):
+        _data_files(pipe)
     for name in names:
         device = getattr(pipe.configs[name], "device", None)
         if device is not None:

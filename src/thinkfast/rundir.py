@@ -305,20 +305,24 @@ def describe_changes(stored: dict, config: dict, inputs: dict, defaults: dict, p
     []
     >>> describe_changes({"config": {"lr": 0.1}, "inputs": {}}, {"lr": 0.2, "new": 4}, {}, {"new": 3}, "x")
     ['x.lr changed: 0.1 -> 0.2', 'x.new changed: 3 (as before the field existed) -> 4']
+    >>> describe_changes({"config": {"kinds": ["add"]}, "inputs": {}}, {"data.kinds": ["mul"]}, {}, {}, "x")
+    ["data.kinds changed: ['add'] -> ['mul']"]
     """
     out = []
     old_cfg, new_cfg = _normal(stored.get("config") or {}), _normal(config)
     for key in sorted(new_cfg):
-        old = old_cfg.get(key, _MISSING)
+        # a dotted key belongs to another section (data.kinds); a marker from before it moved there may
+        # hold it under its bare name (pretrain.kinds)
+        name = key if "." in key else f"{prefix}.{key}"
+        old = old_cfg.get(key, old_cfg.get(key.rpartition(".")[2], _MISSING) if "." in key else _MISSING)
         if old is _MISSING:
             default = _normal(defaults.get(key, _MISSING)) if key in defaults else _MISSING
             if default is not _MISSING and new_cfg[key] == default:
                 continue
-            out.append(f"{prefix}.{key} changed: {default!r} (as before the field existed) -> "
-                       f"{new_cfg[key]!r}" if default is not _MISSING else
-                       f"{prefix}.{key} is new: {new_cfg[key]!r}")
+            out.append(f"{name} changed: {default!r} (as before the field existed) -> "
+                       f"{new_cfg[key]!r}" if default is not _MISSING else f"{name} is new: {new_cfg[key]!r}")
         elif old != new_cfg[key]:
-            out.append(f"{prefix}.{key} changed: {old!r} -> {new_cfg[key]!r}")
+            out.append(f"{name} changed: {old!r} -> {new_cfg[key]!r}")
     old_in, new_in = _normal(stored.get("inputs") or {}), _normal(inputs)
     for role in sorted(set(old_in) | set(new_in)):
         a, b = old_in.get(role), new_in.get(role)

@@ -36,14 +36,20 @@ def documents(rng: random.Random, n: int, kinds: Sequence[str] = tasks.KINDS, di
     return docs
 
 
-def packed_rows(tokenizer, rng: random.Random, rows: int, width: int, **doc_kwargs) -> torch.Tensor:
-    """Token ids ``[rows, width]`` packed from whole documents (``doc_kwargs`` go to :func:`documents`)."""
+def packed_rows(tokenizer, rng: random.Random, rows: int, width: int, keep=None, **doc_kwargs) -> torch.Tensor:
+    """Token ids ``[rows, width]`` packed from whole documents (``doc_kwargs`` go to :func:`documents`);
+    ``keep(document) -> bool``, when given, skips the documents it refuses (a split of the world)."""
     eos = tokenizer.eos_token_id
     out = []
     for _ in range(rows):
         row: list[int] = []
         while len(row) < width:
-            for ids in tokenizer(documents(rng, 8, **doc_kwargs), add_special_tokens=False)["input_ids"]:
+            docs = documents(rng, 8, **doc_kwargs)
+            if keep is not None:
+                docs = [d for d in docs if keep(d)]
+                if not docs:
+                    continue
+            for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
                 row.extend(ids)
                 row.append(eos)
                 if len(row) >= width:

@@ -1,6 +1,7 @@
 """Pipeline stages: one module per stage. Each has a config dataclass and
 
     MAKES = "model"                      # what its output is: model, library, scores, costs (or None)
+    DATA = "corpus"                      # optional: reads the data section ("nano": pretrain's mix only)
     def reads(cfg) -> {role: Input}      # what it reads, by role
     def run(cfg, stage: StageDir, inputs: Inputs) -> metrics
 
@@ -36,12 +37,18 @@ class Input:
 class Inputs(dict):
     """role -> path (``{name: path}`` for a ``many`` role). ``ids`` holds each role's identity as the
     run directory records it, ``previous`` the stage's earlier completed output (or None), which a stage
-    may reuse parts of when their own records match (eval does, per model)."""
+    may reuse parts of when their own records match (eval does, per model), ``data`` the pipeline's data
+    section (:class:`thinkfast.data.DataConfig`, files resolved) for a stage that declares ``DATA``."""
 
-    def __init__(self, paths: dict | None = None, ids: dict | None = None, previous=None):
+    def __init__(self, paths: dict | None = None, ids: dict | None = None, previous=None, data=None):
         super().__init__(paths or {})
         self.ids = ids or {}
         self.previous = previous
+        if data is None:
+            from ..data import DataConfig
+
+            data = DataConfig()
+        self.data = data
 
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

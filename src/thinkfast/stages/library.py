@@ -30,7 +30,7 @@ In coupled mode the entries have ``part: "block"``, ``attention`` and ``ffn`` na
 
 Departures: the target is the layer's *update* (the residual stream itself would dominate a
 normalised MSE); the paper's BLD ran on 0.5-1B tokens of a pretraining mix, the nano world uses a few
-hundred thousand tokens of its own corpus. ``layer_start``/``layer_end`` train a slice of the layers
+hundred thousand tokens of its own corpus (the data section's train part; ``thinkfast.data``). ``layer_start``/``layer_end`` train a slice of the layers
 (one process or machine per slice) and ``merge_from`` joins slices into one library.
 """
 
@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ from typing import Literal
 import torch
 from safetensors.torch import save_file
 
-from ..nano.corpus import packed_rows
+from ..data import Corpus
 from ..puzzle.blocks import Variant, attention_variants, channel_contribution, ffn_variants, init_variant
 from ..artifacts import LIBRARY_FORMAT, load_tensors, read_library
 from ..puzzle.parent import layer_io, load_decilm
@@ -58,6 +57,7 @@ from ..engines import check_engine, check_engine_name, supports_linear, width_mu
 from . import Input, Inputs, check_device, model_path, positive, resolve_device
 
 MAKES = "library"
+DATA = "corpus"  # calibration and BLD read the data section's train part, held-out losses its held-out part
 
 
 def reads(cfg) -> dict:
@@ -82,9 +82,7 @@ class LibraryConfig:
     # the engine that will serve the child: only variants it loads (thinkfast.engines); the parent must
     # be one it loads too. "hf" (transformers) loads everything, including the nano world's toy widths.
     engine: str = field(default="vllm", metadata={"before": "hf"})
-    # data: nano-world documents (kinds / digits as in pretrain)
-    kinds: list[str] = field(default_factory=lambda: ["add", "sub", "mul", "word"])
-    digits: list[int] = field(default_factory=lambda: [1, 2, 2])
+    # data: the pipeline's data section (thinkfast.data)
     calibration_rows: int = 32  # rows for channel contributions
     # BLD
     bld_steps: int = 150
@@ -117,10 +115,6 @@ class LibraryConfig:
 
 
 Config = LibraryConfig
-
-
-def _rows(cfg: LibraryConfig, tokenizer, key: str, rows: int) -> torch.Tensor:
-    return packed_rows(tokenizer, random.Random(key), rows, cfg.seq_len, kinds=cfg.kinds, digits=cfg.digits)
 
 
 @torch.no_grad()
@@ -302,6 +296,7 @@ def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
     parent = load_decilm(model_dir, device)
     check_engine(parent.config, cfg.engine, f"the parent {model_dir}", untied_on_export=True)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    corpus = Corpus(inputs.data, tokenizer)
     n_layers = parent.config.num_hidden_layers
     end = n_layers if cfg.layer_end is None else cfg.layer_end
     if end > n_layers:
@@ -309,7 +304,7 @@ def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
     layers = list(range(cfg.layer_start, end))
     log = stage.logger()
     print(f"library: step 1/3 calibration ({cfg.calibration_rows} rows) for channel contributions")
-    calib = _rows(cfg, tokenizer, f"library-calibration:{cfg.seed}", cfg.calibration_rows).to(device)
+    calib = corpus.rows("train", f"library-calibration:{cfg.seed}", cfg.calibration_rows, cfg.seq_len).to(device)
     mean_abs = _mean_abs_ffn_activation(parent, calib, cfg.batch_size)
     contributions = {i: channel_contribution(a, parent.model.layers[i].mlp.down_proj.weight)
                      for i, a in mean_abs.items()}
@@ -318,8 +313,7 @@ def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
     params = [p for b in trainable for p in b.params()]
     print(f"library: step 2/3 BLD ({cfg.mode}) of {len(trainable)} blocks over layers {layers[0]}..{layers[-1]}, "
           f"{cfg.bld_steps} steps")
-    held_out = packed_rows(tokenizer, random.Random(f"library-heldout:{cfg.seed}"), cfg.batch_size, cfg.seq_len,
-                           kinds=cfg.kinds, digits=cfg.digits).to(device)
+    held_out = corpus.rows("held_out", f"library-heldout:{cfg.seed}", cfg.batch_size, cfg.seq_len).to(device)
     init = _losses(blocks, parent, held_out)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0) if params else None
     start, t0 = 0, time.perf_counter()
@@ -333,7 +327,7 @@ def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
         log.log("resume", step=start)
     bar = tqdm(range(start, cfg.bld_steps if opt else 0), initial=start, total=cfg.bld_steps, desc="bld", unit="step")
     for step in bar:
-        ids = _rows(cfg, tokenizer, f"library-bld:{cfg.seed}:{step}", cfg.batch_size).to(device)
+        ids = corpus.rows("train", f"library-bld:{cfg.seed}:{step}", cfg.batch_size, cfg.seq_len).to(device)
         io = layer_io(parent, ids)  # one parent pass feeds every block
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, step)

@@ -4,8 +4,9 @@ Paper: Llama-Nemotron starts from an existing Llama-3 parent (arXiv 2505.00949 s
 has no such model, so this stage makes one. It plays the part of Llama-3's pretraining, not of any
 Llama-Nemotron stage.
 
-What the parent learns: plain-text documents of the nano world (``thinkfast.nano.tasks``), a
-``think_fraction`` of them worked step by step after the cue "Let's think step by step." and the rest
+What the parent learns: plain-text documents of the nano world (``thinkfast.nano.tasks``) in the mix of
+the pipeline's ``data`` section (``thinkfast.data``; the whole world: its held-out part is for the later
+stages' measurements), a ``think_fraction`` of them worked step by step after the cue "Let's think step by step." and the rest
 answered directly. There is no chat format and no toggle: the toggle is taught later by SFT, as in the
 paper (section 4.1). A parent that learned both document kinds can be *prompted* into either mode, which
 is what makes reasoning measurably useful: it solves far more problems when it works step by step.
@@ -27,13 +28,13 @@ import os
 import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from ..artifacts import write_model_sidecar
-from ..nano import tasks
+from ..data import DataConfig
 from ..nano.corpus import documents, packed_rows
 from ..nano.tokenizer import build_tokenizer
 from ..rundir import StageDir, atomic_dir
@@ -41,6 +42,7 @@ from ..train.checkpoint import has_state, load_state, save_state
 from . import Inputs, check_device, positive, resolve_device
 
 MAKES = "model"
+DATA = "nano"  # the nano mix of the data section
 
 
 def reads(cfg) -> dict:
@@ -49,8 +51,8 @@ def reads(cfg) -> dict:
 
 @dataclass
 class PretrainConfig:
-    """Model size, corpus and optimisation of the nano parent. The defaults are the configs/nano.yaml
-    parent (0.79M parameters, about 9 minutes on a 2-core CPU); docs/LOG.md records how they were chosen."""
+    """Model size and optimisation of the nano parent (its corpus is the data section's nano mix). The
+    defaults are close to the configs/nano.yaml parent; docs/LOG.md records how they were chosen."""
 
     # model: a LlamaForCausalLM
     hidden_size: int = 128
@@ -60,13 +62,6 @@ class PretrainConfig:
     intermediate_size: int = 344
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
-    # corpus
-    kinds: list[str] = field(default_factory=lambda: list(tasks.KINDS))
-    digits: list[int] = field(default_factory=lambda: [1, 2, 2])  # repeats weight the draw
-    steps: list[int] = field(default_factory=lambda: [2])
-    think_fraction: float = 0.75
-    fact_fraction: float = 0.0  # share of documents that are fact drills (nano.tasks.fact_drill_document)
-    copy_fraction: float = 0.0  # share of documents that are copy drills (nano.tasks.copy_drill_document)
     # optimisation
     train_steps: int = 700
     batch_size: int = 24
@@ -90,16 +85,6 @@ class PretrainConfig:
         positive(self, "warmup_steps", minimum=0)
         if not self.lr > 0 or self.grad_clip <= 0 or self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("lr and grad_clip must be > 0, weight_decay >= 0, min_lr_ratio in [0, 1]")
-        unknown = sorted(set(self.kinds) - set(tasks.KINDS))
-        if unknown:
-            raise ValueError(f"kinds: unknown kind(s) {unknown}; choose from {list(tasks.KINDS)}")
-        if not self.kinds or not self.digits or not self.steps:
-            raise ValueError("kinds, digits and steps must not be empty")
-        for name in ("think_fraction", "fact_fraction", "copy_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
-        if self.fact_fraction + self.copy_fraction > 1.0:
-            raise ValueError("fact_fraction + copy_fraction must be <= 1")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must divide by num_heads={self.num_heads} and "
                              f"num_heads by num_kv_heads={self.num_kv_heads}")
@@ -110,20 +95,15 @@ class PretrainConfig:
 Config = PretrainConfig
 
 
-def _doc_kwargs(cfg: PretrainConfig) -> dict:
-    return {"kinds": cfg.kinds, "digits": cfg.digits, "steps": cfg.steps, "think_fraction": cfg.think_fraction,
-            "fact_fraction": cfg.fact_fraction, "copy_fraction": cfg.copy_fraction}
-
-
-def make_batch(cfg: PretrainConfig, tokenizer, step: int) -> torch.Tensor:
+def make_batch(cfg: PretrainConfig, data: DataConfig, tokenizer, step: int) -> torch.Tensor:
     """Batch number ``step``: token ids [batch_size, seq_len + 1], rows packed from whole documents."""
     rng = random.Random(f"pretrain:{cfg.seed}:{step}")
-    return packed_rows(tokenizer, rng, cfg.batch_size, cfg.seq_len + 1, **_doc_kwargs(cfg))
+    return packed_rows(tokenizer, rng, cfg.batch_size, cfg.seq_len + 1, **data.mix())
 
 
-def too_long_fraction(cfg: PretrainConfig, tokenizer, n: int = 400) -> float:
+def too_long_fraction(cfg: PretrainConfig, data: DataConfig, tokenizer, n: int = 400) -> float:
     """Share of corpus documents longer than a row: their ends (the answer) are never trained on."""
-    docs = documents(random.Random(f"pretrain-lengths:{cfg.seed}"), n, **_doc_kwargs(cfg))
+    docs = documents(random.Random(f"pretrain-lengths:{cfg.seed}"), n, **data.mix())
     lengths = [len(ids) + 1 for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]
     return sum(length > cfg.seq_len + 1 for length in lengths) / n
 
@@ -175,6 +155,9 @@ def run(cfg: PretrainConfig, stage: StageDir, inputs: Inputs | None = None) -> d
     """Train the parent; write ``model/`` (a LlamaForCausalLM folder with the nano tokenizer)."""
     from tqdm.auto import tqdm
 
+    data = inputs.data if inputs is not None else DataConfig()
+    if not data.nano:
+        raise ValueError("pretrain trains the nano parent on the nano world; data.files is set")
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -188,7 +171,7 @@ def run(cfg: PretrainConfig, stage: StageDir, inputs: Inputs | None = None) -> d
         opt.load_state_dict(state["optimizer"])
         start, elapsed, tokens = state["step"], state["elapsed"], state["tokens"]
     n_params = sum(p.numel() for p in model.parameters())
-    cut = too_long_fraction(cfg, tokenizer)
+    cut = too_long_fraction(cfg, data, tokenizer)
     if cut > 0.01:
         warnings.warn(f"pretrain: {cut:.0%} of documents are longer than seq_len={cfg.seq_len} tokens and never "
                       "end inside a row; raise pretrain.seq_len", stacklevel=2)
@@ -199,7 +182,7 @@ def run(cfg: PretrainConfig, stage: StageDir, inputs: Inputs | None = None) -> d
     loss_ema = None
     bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, desc="pretrain", unit="step")
     for step in bar:
-        batch = make_batch(cfg, tokenizer, step).to(device)
+        batch = make_batch(cfg, data, tokenizer, step).to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):

@@ -20,18 +20,18 @@ all its blocks (exact; the layers before it are unchanged).
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..artifacts import SCORES_FORMAT, check_scores, load_tensors, read_library
-from ..nano.corpus import packed_rows
+from ..data import Corpus
 from ..puzzle.parent import block_module, kl_and_lm_loss, layer_io, library_blocks, load_decilm, logits_from
 from ..rundir import StageDir, atomic_write_json
 from . import Input, Inputs, check_device, model_path, resolve_device
 
 MAKES = "scores"
+DATA = "corpus"  # the data section's held-out part
 
 
 def reads(cfg) -> dict:
@@ -40,13 +40,11 @@ def reads(cfg) -> dict:
 
 @dataclass
 class ScoresConfig:
-    """Held-out rows for replace-1-block scoring (a document stream of their own, not BLD's)."""
+    """Held-out rows for replace-1-block scoring (the data section's held-out part, which BLD never reads)."""
 
     rows: int = 16
     seq_len: int = 512
     batch_size: int = 8
-    kinds: list[str] = field(default_factory=lambda: ["add", "sub", "mul", "word"])
-    digits: list[int] = field(default_factory=lambda: [1, 2, 2])
     seed: int = 0
     library: str | None = None  # a library folder; default RUN_DIR/library/library
     device: str = "auto"
@@ -103,9 +101,8 @@ def run(cfg: ScoresConfig, stage: StageDir, inputs: Inputs) -> dict:
     tensors = load_tensors(lib_path / "weights.safetensors", device=str(device))
     parent = load_decilm(model_dir, device)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    # a document stream BLD never draws from
-    ids = packed_rows(tokenizer, random.Random(f"scores-heldout:{cfg.seed}"), cfg.rows, cfg.seq_len + 1,
-                      kinds=cfg.kinds, digits=cfg.digits).to(device)
+    ids = Corpus(inputs.data, tokenizer).rows("held_out", f"scores-heldout:{cfg.seed}", cfg.rows,
+                                              cfg.seq_len + 1).to(device)
     print(f"scores: replace-1-block KL and LM loss on {ids.numel()} held-out tokens")
     blocks = replace_one_block_scores(parent, lib, tensors, ids, cfg.batch_size)
     with torch.no_grad():

@@ -1,0 +1,354 @@
+"""The text every stage reads: the ``data`` section of a pipeline config.
+
+One section, shared by every stage that reads text (``library``: calibration, BLD and its held-out loss;
+``scores``; later distillation), so they all read the same corpus and the same held-out part::
+
+    data:                       # the nano world (the default): the mix pretrain trains on, too
+      kinds: [add, sub, mul, word, word]
+      digits: [1, 2, 2]
+
+    data:                       # your own files, loaded with Hugging Face ``datasets``
+      files: [corpus/*.jsonl, extra.txt]
+      text_field: text          # JSON lines / parquet: a column of strings, or
+      messages_field: messages  # a column of chat messages, rendered with the parent's chat template
+      held_out: 0.05
+
+Formats by extension: plain text (``.txt``, ``.md``; one document per ``text_unit``: line, paragraph or
+the whole file), JSON lines (``.jsonl``, ``.json``, either gzipped) and parquet (``.parquet``).
+
+The held-out part is kept disjoint by content: a document is held out when a hash of its text falls in the
+first ``held_out`` of the hash range, so the same document (repeated, or in two files) is always on the
+same side, for the nano world's generated documents too. Stages draw rows from a split with
+:meth:`Corpus.rows`, a pure function of a key (a resumed stage sees the rows an uninterrupted one saw).
+
+Every bad row is an error naming its file and line (``DataError``): a missing or non-string text, messages
+that are not a list of ``{"role", "content"}`` strings, a line that is not JSON, bytes that are not UTF-8.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+__all__ = ["DataConfig", "DataError", "Corpus", "held_out", "expand_files", "NANO_MIX"]
+
+# the nano world's mix: the fields pretrain reads (they were pretrain's own before the data section)
+NANO_MIX = ("kinds", "digits", "steps", "think_fraction", "fact_fraction", "copy_fraction")
+_TEXT = (".txt", ".text", ".md")
+_JSON = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+_PARQUET = (".parquet",)
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file and, for a bad row, its line."""
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from. No ``files``: the nano world. Defaults reproduce the nano parent's corpus."""
+
+    files: list[str] = field(default_factory=list)  # paths or glob patterns; relative to the current folder
+    text_field: str = "text"
+    messages_field: str | None = None  # set: render this column with the parent's chat template instead
+    text_unit: Literal["line", "paragraph", "document"] = "paragraph"  # plain-text files: one document per ...
+    # share of documents kept out of calibration and training, for measurements (before this section existed
+    # there was no split: held-out rows were drawn from a stream of their own)
+    held_out: float = field(default=0.1, metadata={"before": None})
+    # the nano world (no files): documents of nano.tasks, worked step by step in think_fraction of them
+    kinds: list[str] = field(default_factory=lambda: ["add", "sub", "mul", "word"])
+    digits: list[int] = field(default_factory=lambda: [1, 2, 2])  # repeats weight the draw
+    steps: list[int] = field(default_factory=lambda: [2])
+    think_fraction: float = 0.75
+    fact_fraction: float = 0.0  # share of documents that are fact drills (nano.tasks.fact_drill_document)
+    copy_fraction: float = 0.0  # share of documents that are copy drills (nano.tasks.copy_drill_document)
+
+    def __post_init__(self):
+        from .nano import tasks
+
+        if isinstance(self.files, str):
+            self.files = [self.files]
+        if not 0.0 < self.held_out < 1.0:
+            raise ValueError(f"held_out={self.held_out} must be in (0, 1): the share of documents kept out")
+        if not self.text_field:
+            raise ValueError("text_field is empty")
+        unknown = sorted(set(self.kinds) - set(tasks.KINDS))
+        if unknown:
+            raise ValueError(f"kinds: unknown kind(s) {unknown}; choose from {list(tasks.KINDS)}")
+        if not self.kinds or not self.digits or not self.steps:
+            raise ValueError("kinds, digits and steps must not be empty")
+        if any(d < 1 for d in self.digits) or any(s < 1 for s in self.steps):
+            raise ValueError(f"digits {self.digits} and steps {self.steps} must be >= 1")
+        for name in ("think_fraction", "fact_fraction", "copy_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        if self.fact_fraction + self.copy_fraction > 1.0:
+            raise ValueError("fact_fraction + copy_fraction must be <= 1")
+        for f in self.files:
+            if _format(f) is None:
+                raise ValueError(f"files: {f}: unknown format; name plain text ({', '.join(_TEXT)}), JSON lines "
+                                 f"({', '.join(_JSON)}) or parquet (.parquet) files")
+
+    @property
+    def nano(self) -> bool:
+        return not self.files
+
+    def mix(self) -> dict:
+        """Keyword arguments of :func:`thinkfast.nano.corpus.documents`."""
+        return {k: getattr(self, k) for k in NANO_MIX}
+
+    def identity(self, use: str) -> dict:
+        """What a stage's identity records of this section: ``use`` is ``"nano"`` (the mix only: pretrain)
+        or ``"corpus"`` (the split corpus; the files themselves are identified by content elsewhere)."""
+        if use == "nano":
+            keys = NANO_MIX
+        elif self.nano:
+            keys = NANO_MIX + ("held_out",)
+        else:
+            keys = ("text_field", "messages_field", "text_unit", "held_out")
+        return {f"data.{k}": getattr(self, k) for k in keys}
+
+
+def _format(path: str) -> str | None:
+    name = str(path).lower()
+    for fmt, exts in (("text", _TEXT), ("json", _JSON), ("parquet", _PARQUET)):
+        if name.endswith(exts):
+            return fmt
+    return None
+
+
+def expand_files(patterns: Sequence[str]) -> list[Path]:
+    """Paths and glob patterns -> the files, in order (each pattern's matches sorted); a pattern that
+    matches nothing, or a path that is not a file, is a DataError naming it."""
+    out: list[Path] = []
+    for p in patterns:
+        matches = sorted(glob.glob(p, recursive=True)) if glob.has_magic(p) else [p]
+        if not matches:
+            raise DataError(f"data.files: {p} matches no file")
+        for m in matches:
+            path = Path(m)
+            if not path.is_file():
+                raise DataError(f"data.files: {m} " + ("is a folder; name files or a glob pattern such as "
+                                                      f"{m}/*.jsonl" if path.is_dir() else "does not exist"))
+            if _format(m) is None:
+                raise DataError(f"data.files: {m}: unknown format (by its extension)")
+            if path.resolve() not in out:
+                out.append(path.resolve())
+    return out
+
+
+def held_out(text: str, share: float) -> bool:
+    """Whether a document is in the held-out part: by a hash of its text, so the split is by content."""
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+    return h < share * 2**64
+
+
+# ----------------------------------------------------------------------- files
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _json_lines(path: Path) -> list[int]:
+    """Line numbers of the non-blank lines of a JSON-lines file (row k of the dataset is line [k])."""
+    with _open_text(path) as f:
+        return [n for n, line in enumerate(f, 1) if line.strip()]
+
+
+def _scan_json(path: Path, check: Callable[[dict], str | None]) -> None:
+    """Find the first bad line of a JSON-lines file that ``datasets`` could not load; raise naming it."""
+    try:
+        with _open_text(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path} line {n}: not JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} line {n}: a row must be a JSON object, got {type(row).__name__}")
+                problem = check(row)
+                if problem:
+                    raise DataError(f"{path} line {n}: {problem}")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
+
+
+def _scan_text(path: Path) -> None:
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} line {n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _check_messages(value) -> str | None:
+    if not isinstance(value, list) or not value:
+        return f"messages must be a non-empty list of {{'role', 'content'}}, got {_short(value)}"
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"each message must have string 'role' and 'content', got {_short(m)}"
+    return None
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class Corpus:
+    """The documents of a ``data`` section, split into ``train`` and ``held_out``, packed into token rows.
+
+    ``tokenizer`` is the parent's; chat messages are rendered with its chat template. Files are read and
+    every row checked when the corpus is made (a bad row fails here, before any training)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self._cache: dict[tuple[int, int], list[int]] = {}
+        self._cached_tokens = 0
+        if cfg.nano:
+            self.files, self._sets, self._index = [], [], {}
+            return
+        if cfg.messages_field and getattr(tokenizer, "chat_template", None) is None:
+            raise DataError(f"data.messages_field={cfg.messages_field!r}, but the parent's tokenizer has no chat "
+                            "template to render messages with; give text (data.text_field) or a tokenizer with one")
+        self.files = expand_files(cfg.files)
+        self._sets = [self._load(p) for p in self.files]
+        index: dict[str, list[tuple[int, int]]] = {"train": [], "held_out": []}
+        for fi, (ds, field_name) in enumerate(self._sets):
+            self._split(fi, ds, field_name, index)
+        self._index = index
+        for split, rows in index.items():
+            if not rows:
+                raise DataError(f"data.files: no document falls in the {split} part ({len(index['train'])} train, "
+                                f"{len(index['held_out'])} held out); give more documents or change data.held_out")
+
+    # loading ----------------------------------------------------------------------------------------
+
+    def _field(self) -> str:
+        return self.cfg.messages_field or self.cfg.text_field
+
+    def _check_value(self, value) -> str | None:
+        name = self._field()
+        if self.cfg.messages_field:
+            return _check_messages(value)
+        if value is None:
+            return f"field {name!r} is missing or null"
+        if not isinstance(value, str):
+            return f"field {name!r} must be a string, got {_short(value)}"
+        return None
+
+    def _load(self, path: Path):
+        import datasets
+
+        fmt = _format(str(path))
+        name = self._field()
+        datasets.disable_progress_bars()
+        try:
+            if fmt == "text":
+                ds = datasets.load_dataset("text", data_files=[str(path)], split="train",
+                                           sample_by=self.cfg.text_unit, keep_linebreaks=self.cfg.text_unit != "line")
+                return ds, "text"
+            ds = datasets.load_dataset(fmt, data_files=[str(path)], split="train")
+        except Exception as e:  # datasets / pyarrow name no line: find it ourselves, else name the file
+            if fmt == "json":
+                _scan_json(path, lambda row: self._check_value(row.get(name)))
+            if fmt == "text":
+                _scan_text(path)
+            raise DataError(f"{path}: cannot be read as {fmt}: {type(e).__name__}: {str(e)[:300]}") from e
+        finally:
+            datasets.enable_progress_bars()
+        if name not in ds.column_names:
+            which = "messages_field" if self.cfg.messages_field else "text_field"
+            raise DataError(f"{path}: no column {name!r} (columns: {', '.join(ds.column_names)}); set data.{which}")
+        return ds, name
+
+    def _where(self, fi: int, row: int) -> str:
+        path = self.files[fi]
+        fmt = _format(str(path))
+        if fmt == "json" and not _starts_with_bracket(path):
+            return f"{path} line {_json_lines(path)[row]}"
+        if fmt == "text" and self.cfg.text_unit == "line":
+            return f"{path} line {row + 1}"
+        return f"{path} row {row + 1}" if fmt != "text" else f"{path} ({self.cfg.text_unit} {row + 1})"
+
+    def _split(self, fi: int, ds, name: str, index: dict) -> None:
+        for start in range(0, len(ds), 1000):
+            for k, value in enumerate(ds[start:start + 1000][name]):
+                problem = self._check_value(value)
+                if problem:
+                    raise DataError(f"{self._where(fi, start + k)}: {problem}")
+                text = self._render(value) if self.cfg.messages_field else value
+                if not text.strip():
+                    continue  # a blank line or an empty text is no document
+                index["held_out" if held_out(text, self.cfg.held_out) else "train"].append((fi, start + k))
+
+    def _render(self, value) -> str:
+        if self.cfg.messages_field:
+            return self.tokenizer.apply_chat_template(value, tokenize=False)
+        return value
+
+    # rows -------------------------------------------------------------------------------------------
+
+    def documents(self, split: str) -> int:
+        """How many documents a split holds (0 for the nano world, whose documents are generated)."""
+        return len(self._index.get(split, ()))
+
+    def _tokens(self, fi: int, row: int) -> list[int]:
+        key = (fi, row)
+        ids = self._cache.get(key)
+        if ids is None:
+            ds, name = self._sets[fi]
+            value = ds[row][name]
+            if self.cfg.messages_field:
+                ids = self.tokenizer(self._render(value), add_special_tokens=False)["input_ids"]
+            else:
+                ids = self.tokenizer(value)["input_ids"]
+                if self.tokenizer.eos_token_id is not None:
+                    ids = ids + [self.tokenizer.eos_token_id]
+            if self._cached_tokens > 50_000_000:
+                self._cache.clear()
+                self._cached_tokens = 0
+            self._cache[key] = ids
+            self._cached_tokens += len(ids)
+        return ids
+
+    def rows(self, split: str, key: str, n: int, width: int) -> torch.Tensor:
+        """Token ids ``[n, width]`` from ``split`` (``train`` or ``held_out``), a pure function of ``key``.
+
+        Nano world: rows of whole generated documents, each row opening a document (as pretraining packs
+        them). Files: documents drawn at random from the split and packed end to end, a document longer
+        than a row entered at a random point."""
+        if split not in ("train", "held_out"):
+            raise ValueError(f"split {split!r}: choose train or held_out")
+        rng = random.Random(key)
+        if self.cfg.nano:
+            from .nano.corpus import packed_rows
+
+            want = split == "held_out"
+            return packed_rows(self.tokenizer, rng, n, width,
+                               keep=lambda doc: held_out(doc, self.cfg.held_out) == want, **self.cfg.mix())
+        docs = self._index[split]
+        stream: list[int] = []
+        while len(stream) < n * width:
+            ids = self._tokens(*docs[rng.randrange(len(docs))])
+            start = rng.randrange(len(ids) - width + 1) if len(ids) > width else 0
+            stream.extend(ids[start:start + n * width - len(stream)])
+        return torch.tensor(stream, dtype=torch.long).view(n, width)
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    with _open_text(path) as f:
+        head = f.read(256).lstrip()
+    return head.startswith("[")
