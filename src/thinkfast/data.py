@@ -93,7 +93,7 @@ class DataConfig:
         if self.fact_fraction + self.copy_fraction > 1.0:
             raise ValueError("fact_fraction + copy_fraction must be <= 1")
         for f in self.files:
-            if _format(f) is None:
+            if _format(f) is None and not glob.has_magic(f) and not Path(f).is_dir():
                 raise ValueError(f"files: {f}: unknown format; name plain text ({', '.join(_TEXT)}), JSON lines "
                                  f"({', '.join(_JSON)}) or parquet (.parquet) files")
 

@@ -242,7 +242,9 @@ def stage_run(pipe: Pipeline, rd: RunDir, name: str) -> tuple[StageRun, Inputs, 
         defaults.update(_defaults(DataConfig, "data."))
         files = _data_files(pipe) if use == "corpus" else []
         if files:  # identified by content, as every path from outside the run directory
-            inputs.ids["data"] = {f"{i}:{p.name}": {"path": str(p), "id": rd.fingerprint(p)} for i, p in enumerate(files)}
+            unique = len({p.name for p in files}) == len(files)
+            inputs.ids["data"] = {p.name if unique else f"{i}:{p.name}": {"path": str(p), "id": rd.fingerprint(p)}
+                                  for i, p in enumerate(files)}
         inputs.data = dataclasses.replace(pipe.data, files=[str(p) for p in files])
     run = StageRun(pipe.run_dir, name, {"config": config, "inputs": inputs.ids}, defaults)
     return run, inputs, missing

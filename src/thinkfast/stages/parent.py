@@ -12,8 +12,8 @@ parent is not duplicated. The folder's content hash is part of the stage's ident
 replace the parent and every stage after it is redone. The Llama layout is converted when a stage
 loads it (``thinkfast.puzzle.parent.load_decilm``), not on disk.
 
-Departure: the data the later stages read is still the nano world's (a data section for real text is
-part of the stage-1 issue).
+The text the later stages read comes from the pipeline's ``data`` section (``thinkfast.data``): with a
+parent of your own, give your own files there (``configs/llama-3.1-8b.yaml``).
 """
 
 from __future__ import annotations
