@@ -43,9 +43,13 @@ def instance(layers: int, seed: int, tightness: float = 0.52, family: str = "spr
     ``family="spread"``: per-layer sensitivities lognormal with sigma 1, costs identical in every layer.
     ``family="real"``: shaped like a real parent's measurements: sensitivities less spread (sigma 0.6),
     measured runtimes with a few percent of noise per layer and variant, limits memory 55% / runtime
-    55% / KV cache 50% of the parent (``tightness`` is ignored)."""
+    55% / KV cache 50% of the parent (``tightness`` is ignored). ``family="flat"``: as ``real``, with layers
+    nearly alike (sigma 0.3), little score noise (3%) and 5% runtime noise: many near-tied architectures,
+    the hard case for a bound."""
+    if family not in ("spread", "real", "flat"):
+        raise ValueError(f"family {family!r}: choose spread, real or flat")
     rng = np.random.default_rng(seed)
-    sigma = 0.6 if family == "real" else 1.0
+    sigma = {"real": 0.6, "flat": 0.3}.get(family, 1.0)
     a_cost = np.array([_attention_cost(k, kv) for k, kv in ATTENTION], dtype=np.float64)  # [6, 2]
     f_params = np.array([_ffn_params(k, f) for k, f in FFN_OPTIONS], dtype=np.float64)  # [9]
     params = (a_cost[:, 0][:, None] + f_params[None, :]).reshape(-1)  # [54]
@@ -66,7 +70,7 @@ def instance(layers: int, seed: int, tightness: float = 0.52, family: str = "spr
     f_sens = rng.lognormal(-0.5, sigma, layers)[:, None]
     base = (a_sens * a_loss[None, :])[:, :, None] + (f_sens * f_loss[None, :])[:, None, :]  # [L, 6, 9]
     inter = 0.3 * np.sqrt(a_sens * f_sens)[:, :, None] * a_loss[None, :, None] * f_loss[None, None, :]
-    noise = rng.lognormal(0.0, 0.15, base.shape)
+    noise = rng.lognormal(0.0, 0.03 if family == "flat" else 0.15, base.shape)
     scores = ((base + inter) * noise).reshape(layers, -1)
     scores[:, 0] = 0.0
     costs = {
@@ -76,8 +80,9 @@ def instance(layers: int, seed: int, tightness: float = 0.52, family: str = "spr
     }
     # vary the tightness per constraint so that all three bind somewhere in the 50-55% band
     t = {"memory": tightness, "runtime": tightness + 0.01, "kv_cache": tightness + 0.03}
-    if family == "real":
-        costs["runtime"] = costs["runtime"] * rng.lognormal(0.0, 0.03, costs["runtime"].shape)
+    if family in ("real", "flat"):
+        costs["runtime"] = costs["runtime"] * rng.lognormal(0.0, 0.05 if family == "flat" else 0.03,
+                                                            costs["runtime"].shape)
         costs["runtime"][:, 0] = runtime[0]  # the parent's own blocks: the limits' reference
         t = {"memory": 0.55, "runtime": 0.55, "kv_cache": 0.50}
     limits = {k: float(v[:, 0].sum() * t[k]) for k, v in costs.items()}

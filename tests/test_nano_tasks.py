@@ -562,12 +562,12 @@ def test_copy_drills_repeat_their_text_and_mix_in_at_their_share(tok):
     assert 0.08 < share < 0.12
     # a zero share leaves the document stream exactly as before
     assert documents(random.Random(1), 50) == documents(random.Random(1), 50, copy_fraction=0.0)
-    from thinkfast.stages.pretrain import PretrainConfig
+    from thinkfast.data import DataConfig
 
     with pytest.raises(ValueError, match="copy_fraction"):
-        PretrainConfig(copy_fraction=1.5)
+        DataConfig(copy_fraction=1.5)
     with pytest.raises(ValueError, match="fact_fraction \\+ copy_fraction"):
-        PretrainConfig(copy_fraction=0.6, fact_fraction=0.6)
+        DataConfig(copy_fraction=0.6, fact_fraction=0.6)
 
 
 def test_tokenizer_prompts_tokenise_as_inside_documents(tok):

@@ -144,7 +144,7 @@ def test_enumeration_equals_highs_at_puzzle_scale(layers, tightness, seed, ties)
     scores, costs, limits = instance(layers, seed, tightness=tightness)
     if ties:
         scores = np.round(scores, 1)
-    ours = solve_mip(scores, costs, limits)[0]
+    ours = solve_mip(scores, costs, limits, method="enumeration")[0]  # no race: the enumeration answers
     ref = solve_mip(scores, costs, limits, method="highs")[0]
     assert ours.stats["method"] == "enumeration" and ours.optimal and ref.optimal
     assert ours.objective == pytest.approx(ref.objective, rel=1e-9, abs=1e-12)
@@ -168,13 +168,42 @@ def test_enumeration_hands_over_to_highs_when_too_large(monkeypatch):
 def test_diverse_solutions_agree_between_methods():
     rng = np.random.default_rng(11)
     scores, costs, limits = _random(rng, 12, 6, 2)
-    ours = solve_mip(scores, costs, limits, n_solutions=4, alpha=0.5)
+    ours = solve_mip(scores, costs, limits, n_solutions=4, alpha=0.5, method="enumeration")
     ref = solve_mip(scores, costs, limits, n_solutions=4, alpha=0.5, method="highs")
     assert [s.stats["method"] for s in ours] == ["enumeration"] * len(ours)
     assert [s.objective for s in ours] == pytest.approx([s.objective for s in ref], rel=1e-9)
     for a in range(len(ours)):
         for b in range(a):
             assert sum(x == y for x, y in zip(ours[a].choice, ours[b].choice)) <= 6
+
+
+def test_highs_racing_a_slow_enumeration_answers_first(monkeypatch):
+    """The default races HiGHS against an enumeration that has not finished within ``race_delay``: on an
+    instance where the enumeration stalls, HiGHS's proven optimum is taken as soon as it exists."""
+    import time
+
+    scores, costs, limits = instance(48, 7, family="real")
+    ref = solve_mip(scores, costs, limits, method="highs")[0]
+    fast = solve_mip(scores, costs, limits, race_delay=60.0)[0]  # solved long before the race would start
+    assert fast.stats["method"] == "enumeration" and fast.objective == pytest.approx(ref.objective, rel=1e-9)
+    real = mip._enumerate
+
+    def stalled(*a, poll=None, beam=None, **k):
+        if beam is not None:  # the incumbent, as usual (HiGHS starts after it, over fewer variants)
+            return real(*a, poll=None, beam=beam, **k)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 60:  # an exact pass that would take a minute
+            poll()
+            time.sleep(0.005)
+        raise AssertionError("HiGHS never answered")
+
+    monkeypatch.setattr(mip, "_enumerate", stalled)
+    t0 = time.perf_counter()
+    sol = solve_mip(scores, costs, limits, race_delay=0.0)[0]
+    assert time.perf_counter() - t0 < 30
+    assert sol.stats["method"] == "highs" and sol.stats["race"] == "HiGHS finished first" and sol.optimal
+    assert sol.objective == pytest.approx(ref.objective, rel=1e-9)
+    assert sol.variables < ref.variables  # HiGHS raced over the variants the incumbent's gap leaves
 
 
 def test_unknown_method_is_an_error():

@@ -14,10 +14,11 @@ and throughput / speedup at a batch size (``batch * seq / sum runtime >= T`` is
 ``sum runtime <= batch * seq / T``). :func:`thinkfast.puzzle.search` does those conversions; this
 module only knows named cost matrices and limits.
 
-Solver: our own exact *Lagrangian reduced-cost enumeration*, proven optimal (zero gap), with
-SciPy's HiGHS (``scipy.optimize.milp``, zero relative gap) as the fallback and as ``method="highs"``.
-At Puzzle scale (126 layers x 54 variants, three binding limits) it takes tens of milliseconds where
-HiGHS takes about a second and puzzletron's PuLP/CBC more (``benchmarks/mip.py``). How it works:
+Solver: our own exact *Lagrangian reduced-cost enumeration*, proven optimal (zero gap), raced by
+SciPy's HiGHS (``scipy.optimize.milp``, zero relative gap), which is also the fallback and
+``method="highs"``. At Puzzle scale (126 layers x 54 variants, three binding limits) it takes about a
+tenth of a second where HiGHS takes one to three and puzzletron's PuLP/CBC more (``benchmarks/mip.py``).
+How it works:
 
 1. Dominated variants are removed (below).
 2. The LP relaxation (HiGHS's LP solver, milliseconds) gives multipliers ``lam >= 0`` for the limit
@@ -35,6 +36,12 @@ HiGHS takes about a second and puzzletron's PuLP/CBC more (``benchmarks/mip.py``
    If the state count would pass a budget (several million states: many exact ties, or a weak
    bound), HiGHS solves the problem restricted to the variants with ``r`` within the incumbent's
    gap (reduced-cost fixing, exact).
+5. The race (default): an enumeration not finished after ``race_delay`` (0.1 s) gets HiGHS beside it,
+   in a thread, over that same restricted set (:class:`_Race`); whichever proves an optimum first
+   answers. On instances with many near-tied architectures (the ``flat`` family of
+   ``benchmarks/mip_instances.py``) the exact passes can take seconds while HiGHS over the restricted
+   set (a few hundred variables) takes a fraction of one. Ties between optima may resolve differently
+   depending on who answers; the objective is the same.
 
 Our design, not the papers' (both use an off-the-shelf MIP solver); it is exact, so it departs in
 speed only. The tests check it against brute force on small instances and against HiGHS at Puzzle
@@ -198,7 +205,7 @@ def _lagrange(scores, A, b, keep):
 
 
 def _enumerate(scores, A, b, lag: _Lagrange, gap: float, *, beam: int | None = None, cap: int = 4_000_000,
-               budget: int | None = None):
+               budget: int | None = None, poll=None):
     """Every solution whose objective is within ``gap`` of ``lag.zlag``, by breadth-first expansion
     of partial assignments, and the best of them: ``(objective, choice, states)``, or ``(inf, None,
     states)`` when there is none.
@@ -215,7 +222,8 @@ def _enumerate(scores, A, b, lag: _Lagrange, gap: float, *, beam: int | None = N
     completions. At a full assignment the ``mu = 0`` bound is the exact gap, so the survivors are
     exactly the solutions within ``gap``. ``beam`` keeps only the best partial
     states (a heuristic used for the incumbent); ``cap`` bounds ``states x candidates`` per layer
-    and ``budget`` all states; beyond either it raises :class:`_TooLarge`."""
+    and ``budget`` all states; beyond either it raises :class:`_TooLarge`. ``poll()`` is called once per
+    layer (the race with HiGHS)."""
     L = scores.shape[0]
     n_c = len(b)
     # multipliers mu: multiples of lam, and lam with one constraint's multiplier halved or raised by half
@@ -250,6 +258,8 @@ def _enumerate(scores, A, b, lag: _Lagrange, gap: float, *, beam: int | None = N
     back = []
     states = 1
     for p, i in enumerate(free):
+        if poll is not None:
+            poll()
         o = opts[i]
         k = o.size
         if R.size * k > cap:
@@ -287,11 +297,13 @@ def _enumerate(scores, A, b, lag: _Lagrange, gap: float, *, beam: int | None = N
 
 
 def _solve_enumeration(scores, A, b, keep, *, beam: int = 200, gap0: float = 2e-3, deepen: float = 0.1,
-                       budget: int = 3_000_000):
+                       budget: int = 3_000_000, race: "_Race | None" = None):
     """Proven-optimal solve by Lagrangian reduced-cost enumeration (module docstring). Returns
     ``(choice, stats)``; ``choice`` is None with ``stats["lp_status"] == 2`` when even the LP
     relaxation is infeasible. Raises :class:`_TooLarge` when the exact pass would not fit in memory
-    (the caller then falls back to HiGHS over the variants the bound leaves)."""
+    (the caller then falls back to HiGHS over the variants the bound leaves). With a ``race``, HiGHS
+    may start beside it over the variants that can still be optimal (:class:`_Race`)."""
+    poll = race.poll if race is not None else None
     lag = _lagrange(scores, A, b, keep)
     if not isinstance(lag, _Lagrange):
         return None, {"lp_status": int(lag)}
@@ -300,7 +312,7 @@ def _solve_enumeration(scores, A, b, keep, *, beam: int = 200, gap0: float = 2e-
     # incumbent: beam search within a small gap, widened until it finds one
     z_inc, choice, states = np.inf, None, 0
     for gap in (gap0 * scale, 16 * gap0 * scale, 256 * gap0 * scale, np.inf):
-        z_inc, choice, n = _enumerate(sc, A, b, lag, gap, beam=beam)
+        z_inc, choice, n = _enumerate(sc, A, b, lag, gap, beam=beam, poll=poll)
         states += n
         if choice is not None:
             break
@@ -308,12 +320,14 @@ def _solve_enumeration(scores, A, b, keep, *, beam: int = 200, gap0: float = 2e-
         raise _TooLarge("the beam search found no feasible solution")
     stats = {"lp_bound": lag.zlag, "incumbent_gap": z_inc - lag.zlag}
     top = z_inc - lag.zlag + 1e-9 * max(1.0, abs(z_inc))
+    if race is not None:  # an optimum uses only variants within the incumbent's gap (reduced-cost fixing)
+        race.keep = keep & np.isfinite(lag.r) & (lag.r <= top)
     # exact passes with a growing gap: the first that finds a solution has found the optimum (a
     # better one would lie within the same gap); the incumbent's gap is the last resort
     gap = min(top, deepen * gap0 * scale)
     while z_inc - lag.zlag > 1e-12 * scale:  # otherwise the incumbent meets the bound: optimal
         try:
-            z, best, n = _enumerate(sc, A, b, lag, gap, budget=budget - states)
+            z, best, n = _enumerate(sc, A, b, lag, gap, budget=budget - states, poll=poll)
         except _TooLarge as e:
             raise _TooLarge(str(e), keep=keep & np.isfinite(lag.r) & (lag.r <= top)) from None
         states += n
@@ -326,6 +340,77 @@ def _solve_enumeration(scores, A, b, keep, *, beam: int = 200, gap0: float = 2e-
     stats["final_gap"] = float(gap)
     stats["states"] = states
     return choice, stats
+
+
+class _HighsWon(Exception):
+    """HiGHS, racing beside the enumeration, proved an optimum first."""
+
+
+class _Race:
+    """HiGHS in a background thread beside the enumeration, so that the solve is never much slower than
+    HiGHS alone (HiGHS releases the GIL while it solves, so the two run in parallel on two cores).
+
+    The thread starts once the enumeration has run ``delay`` seconds (most instances are solved by then
+    and never start it), over the variants within the incumbent's Lagrangian gap, which an optimum
+    cannot leave (``keep``, set once the enumeration has an incumbent; far fewer variables than the
+    whole problem, so HiGHS proves the optimum much sooner than it would alone), or over every variant
+    (``full``) if no incumbent exists after ``5 * delay`` (at least 0.25 s). The first to prove an optimum wins; a HiGHS
+    run the enumeration beats is left to finish in the background (SciPy cannot cancel it) and its
+    answer is dropped."""
+
+    def __init__(self, delay: float, solve, full):
+        self.t0, self.delay, self.solve, self.full = time.perf_counter(), delay, solve, full
+        self.keep = None
+        self.started = None  # the variants HiGHS was given
+        self.thread = None
+        self.result = None  # (choice, res, stats) once HiGHS proved an optimum (or infeasibility)
+
+    def _run(self, keep):
+        try:
+            choice, res, stats = self.solve(keep)
+        except Exception:  # noqa: BLE001 - the enumeration still answers
+            return
+        if res.status in (0, 2):
+            self.result = (choice, res, stats)
+
+    def poll(self) -> None:
+        if self.thread is None:
+            elapsed = time.perf_counter() - self.t0
+            keep = self.keep if self.keep is not None else self.full if elapsed >= max(5 * self.delay, 0.25) else None
+            if keep is not None and elapsed >= self.delay:
+                import threading
+
+                self.started = keep.copy()
+                self.thread = threading.Thread(target=self._run, args=(self.started,), daemon=True,
+                                               name="thinkfast-highs-race")
+                self.thread.start()
+        elif self.result is not None:
+            raise _HighsWon()
+
+    def wait(self):
+        """HiGHS's answer once it finishes, when it runs (the enumeration gave up): or None."""
+        if self.thread is None:
+            return None
+        self.thread.join()
+        return self.result
+
+
+def _solve_highs(scores, mats, limits, keep, earlier, alpha, time_limit):
+    """HiGHS over ``keep``, re-solved with a limit lowered where its answer breaks a limit within HiGHS's
+    tolerance (we accept no violation): ``(choice or None, result, stats)``."""
+    choice, res = _solve_once(scores, mats, limits, keep, earlier, alpha, time_limit)
+    tighten: dict[str, float] = {}
+    for _ in range(5):
+        bad = _violations(choice, mats, limits) if choice is not None else {}
+        if not bad:
+            break
+        for name, excess in bad.items():
+            tighten[name] = tighten.get(name, 0.0) + 2 * excess + 1e-9
+        choice, res = _solve_once(scores, mats, limits, keep, earlier, alpha, time_limit, tighten)
+    stats = {"method": "highs", "status": int(res.status), "message": res.message,
+             "mip_gap": float(getattr(res, "mip_gap", 0.0) or 0.0),
+             "nodes": int(getattr(res, "mip_node_count", 0) or 0)}
+    return choice, res, stats
 
 
 def _violations(choice, mats, limits) -> dict[str, float]:
@@ -424,7 +509,7 @@ def _infeasibility(scores, mats, limits, mask, time_limit) -> InfeasibleError:
 
 def solve_mip(scores, costs: Mapping[str, np.ndarray], limits: Mapping[str, float], *, n_solutions: int = 1,
               alpha: float = 0.8, allowed=None, prune: bool = True, time_limit: float | None = None,
-              method: str = "auto") -> list[Solution]:
+              method: str = "auto", race_delay: float = 0.1) -> list[Solution]:
     """Solve the Puzzle MIP; up to ``n_solutions`` diverse solutions, best first.
 
     Args:
@@ -439,8 +524,10 @@ def solve_mip(scores, costs: Mapping[str, np.ndarray], limits: Mapping[str, floa
         prune: drop dominated variants before the first solve (exact; see the module docstring).
         time_limit: seconds per HiGHS call; a solution found by then is returned with
             ``optimal=False``. The enumeration has no time limit (it is exact or hands over).
-        method: ``"auto"`` (Lagrangian reduced-cost enumeration, handing over to HiGHS when its
-            state count would not fit in memory) or ``"highs"`` (HiGHS's branch and cut only).
+        method: ``"auto"`` (Lagrangian reduced-cost enumeration, raced by HiGHS when it has not finished
+            within ``race_delay`` seconds, and handing over to HiGHS when its state count would not fit
+            in memory), ``"enumeration"`` (the same without the race) or ``"highs"`` (HiGHS's branch
+            and cut only).
 
     Raises :class:`InfeasibleError` when not even one architecture meets the limits, and for a
     NaN or ``-inf`` limit.
@@ -453,8 +540,8 @@ def solve_mip(scores, costs: Mapping[str, np.ndarray], limits: Mapping[str, floa
         raise ValueError(f"n_solutions must be >= 1, got {n_solutions}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if method not in ("auto", "highs"):
-        raise ValueError(f"method must be 'auto' or 'highs', got {method!r}")
+    if method not in ("auto", "enumeration", "highs"):
+        raise ValueError(f"method must be 'auto', 'enumeration' or 'highs', got {method!r}")
     scores, mats, mask = _as_arrays(scores, costs, limits, allowed)
     L = scores.shape[0]
     names = list(mats)
@@ -472,30 +559,33 @@ def solve_mip(scores, costs: Mapping[str, np.ndarray], limits: Mapping[str, floa
         b = np.array(rhs, dtype=np.float64)
         keep = mask & ~dominated_mask(scores, list(A), mask) if prune else mask
         choice, res, stats = None, None, {}
-        enumerated = method == "auto"
+        enumerated = method != "highs"
+        race = None
         if enumerated:
+            if method == "auto":
+                race = _Race(race_delay, lambda kp, e=list(earlier): _solve_highs(scores, mats, limits, kp, e, alpha,
+                                                                                   time_limit), keep)
             try:
-                choice, stats = _solve_enumeration(scores, A, b, keep)
+                choice, stats = _solve_enumeration(scores, A, b, keep, race=race)
                 if choice is None and stats["lp_status"] != 2:
                     raise _TooLarge("the LP relaxation failed")
                 stats["method"] = "enumeration"
+            except _HighsWon:
+                enumerated, keep = False, race.started
+                choice, res, stats = race.result
+                stats["race"] = "HiGHS finished first"
             except _TooLarge as e:
                 enumerated, stats = False, {"fallback": str(e)}
                 if e.keep is not None:
                     keep = e.keep
-        if not enumerated:
-            choice, res = _solve_once(scores, mats, limits, keep, earlier, alpha, time_limit)
-            tighten: dict[str, float] = {}
-            for _ in range(5):  # HiGHS accepts violations within its tolerance; we do not
-                bad = _violations(choice, mats, limits) if choice is not None else {}
-                if not bad:
-                    break
-                for name, excess in bad.items():
-                    tighten[name] = tighten.get(name, 0.0) + 2 * excess + 1e-9
-                choice, res = _solve_once(scores, mats, limits, keep, earlier, alpha, time_limit, tighten)
-            stats.update({"method": "highs", "status": int(res.status), "message": res.message,
-                          "mip_gap": float(getattr(res, "mip_gap", 0.0) or 0.0),
-                          "nodes": int(getattr(res, "mip_node_count", 0) or 0)})
+                won = race.wait() if race is not None else None  # HiGHS is already on it
+                if won is not None:
+                    choice, res, more = won
+                    stats.update(more)
+                    keep = race.started
+        if not enumerated and res is None:
+            choice, res, more = _solve_highs(scores, mats, limits, keep, earlier, alpha, time_limit)
+            stats.update(more)
         if choice is None:
             if k == 0:
                 if enumerated or res.status == 2:
