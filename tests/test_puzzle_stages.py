@@ -192,6 +192,43 @@ def test_costs_take_the_median_over_interleaved_passes(run_dir, parent_dir, tmp_
     assert {v["prefill_s"]["1"] for v in data["ffn"].values()} == {2.0}
 
 
+def test_costs_from_whole_models_explain_the_parent_and_recover_an_additive_runtime(run_dir, parent_dir, tmp_path,
+                                                                                     monkeypatch):
+    """measure=models: one probe model per variant; on a runtime that is exactly additive the per-variant
+    costs are recovered exactly, and on the real one the parent is explained in full."""
+    from thinkfast.puzzle.probes import NO_OP
+
+    root = run_dir[0]
+    both = Inputs({"parent": parent_dir, "library": root / "library" / "library"})
+    cfg = costs.CostsConfig(batch_sizes=[1, 2], prefill_len=16, decode_context=16, warmup=1, repeats=2, rounds=2,
+                            measure="models", device="cpu")
+    m = costs.run(cfg, StageDir(tmp_path / "real", "costs"), both)
+    assert m["decode_explained@2"] > 0  # 1.0 unless noise made the blocks overshoot the parent (fixed stays > 0)
+    data = read_costs(tmp_path / "real" / "costs" / "costs.json")
+    assert data["measure"] == "models" and data["attention"]["no_op"]["decode_s"]["1"] == 0.0
+    assert {p["variant"] for p in data["probes"].values()} >= {NO_OP, "gqa_kv1", "ffn_24"}
+    # an exactly additive runtime: every attention gqa_kvK costs K, linear 0.5, FFN of width W costs W / 100
+    unit = {"gqa_kv2": 2.0, "gqa_kv1": 1.0, "linear": 0.5, "no_op": 0.0, NO_OP: 0.0}
+
+    def fake_whole(model, cfg, device):
+        t = 0.25  # embedding, head, loop
+        for layer in model.model.layers:
+            a, f = layer.attention_spec, layer.ffn_spec
+            t += 0.0 if a.kind == "no_op" else 0.5 if a.kind == "linear" else float(a.num_kv_heads(4))
+            t += 0.0 if f.kind == "no_op" else 0.3 if f.kind == "linear" else f.intermediate_size / 100
+        return {k: {str(b): t * b for b in cfg.batch_sizes} for k in ("prefill_s", "decode_s")}
+
+    monkeypatch.setattr(costs, "measure_whole", fake_whole)
+    m = costs.run(cfg, StageDir(tmp_path / "fake", "costs"), both)
+    assert m["decode_explained@2"] == pytest.approx(1.0) and m["prefill_explained@1"] == pytest.approx(1.0)
+    data = read_costs(tmp_path / "fake" / "costs" / "costs.json")
+    for name, e in data["attention"].items():
+        assert e["decode_s"]["2"] == pytest.approx(2 * unit[name]), name
+    assert data["ffn"]["ffn_24"]["prefill_s"]["1"] == pytest.approx(0.24)
+    assert data["ffn"]["linear"]["decode_s"]["1"] == pytest.approx(0.3)
+    assert data["fixed"]["decode_s"]["1"] == pytest.approx(0.25)
+
+
 def _search_inputs(root, parent_dir):
     return Inputs({"parent": parent_dir, "library": root / "library" / "library",
                    "scores": root / "scores" / "scores.json", "costs": root / "costs" / "costs.json"})

@@ -158,3 +158,43 @@ def test_vllm_fails_on_an_ffn_before_the_first_attention_as_our_rules_say(tmp_pa
     case = {"bad": {"path": str(tmp_path / "m"), "prompt": [1, 2, 3]}}
     res = run_vllm(tmp_path, case)
     assert res.returncode != 0 and "too many values to unpack" in res.stdout + res.stderr
+
+
+@needs_vllm
+def test_costs_measured_in_vllm_drive_the_search(tmp_path, monkeypatch):
+    """costs.runtime=vllm: every probe model (the parent, and the parent with one variant in every layer
+    it may take) is timed in real vLLM, the per-variant costs follow from the differences, and the search
+    runs on them."""
+    from thinkfast.artifacts import read_costs
+    from thinkfast.engines import check_engine
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    tok = build_tokenizer()
+    torch.manual_seed(3)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=H, intermediate_size=768, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "parent")
+    tok.save_pretrained(tmp_path / "parent")
+    run = tmp_path / "run"
+    library.run(library.LibraryConfig(engine="vllm", kv_heads=[1], ffn_fractions=[0.3], calibration_rows=2,
+                                      bld_steps=1, batch_size=2, seq_len=32, device="cpu"), StageDir(run, "library"),
+                Inputs({"parent": tmp_path / "parent"}))
+    both = Inputs({"parent": tmp_path / "parent", "library": run / "library" / "library"})
+    scores.run(scores.ScoresConfig(rows=2, seq_len=32, batch_size=2, device="cpu"), StageDir(run, "scores"), both)
+    m = costs.run(costs.CostsConfig(batch_sizes=[1, 4], prefill_len=32, decode_context=32, warmup=1, repeats=3,
+                                    rounds=1, measure="models", runtime="vllm", vllm_python=str(VLLM_PYTHON),
+                                    device="cpu"), StageDir(run, "costs"), both)
+    data = read_costs(run / "costs" / "costs.json")
+    assert data["runtime"] == "vllm" and m["decode_explained@4"] > 0
+    built = {p["model"] for p in data["probes"].values()}
+    assert built == {"parent", "attention.__no_op__", "attention.gqa_kv1", "ffn.__no_op__", "ffn.ffn_256"}
+    assert all(data["probes"][k]["decode_s"]["4"] > 0 for k in built)
+    assert data["probes"]["attention.gqa_kv1"]["layers"] == 2  # vLLM: layer 0 keeps its attention
+    # the library's no-op is the anchor itself; differences of a model this small are mostly vLLM's own
+    # per-step work, so no ordering of the other variants is asserted here
+    assert data["attention"]["no_op"]["decode_s"]["1"] == 0.0 and data["ffn"]["no_op"]["prefill_s"]["4"] == 0.0
+    search.run(search.SearchConfig(speedup=None, kv_fraction=0.5, batch_size=4, device="cpu"), StageDir(run, "search"),
+               Inputs({**both, "scores": run / "scores" / "scores.json", "costs": run / "costs" / "costs.json"}))
+    check_engine(DeciLMConfig.from_pretrained(run / "search" / "model"), "vllm", "the child")

@@ -31,26 +31,40 @@ variant is measured once. Output ``RUN_DIR/costs/costs.json``::
 ``file`` reads such a file instead of measuring (costs from the deployment machine, or by hand);
 the search records which device its costs came from.
 
-Departures: blocks are timed one at a time, not inside a full model (so overlap between blocks is not
-seen); on a GPU the kernel launches of a tiny block dominate, as they would in deployment without
-CUDA graphs.
+``measure: models`` times whole models instead (``thinkfast.puzzle.probes``): per variant, the parent with
+that variant in every layer, against the parent with that part removed; the difference per layer is
+the variant's cost, blocks are seen in sequence (warm or cold caches as in serving) and the parent is
+explained in full. ``runtime: vllm`` times those models in vLLM (``thinkfast/puzzle/vllm_timer.py``, run
+with ``vllm_python`` or this Python when it has vLLM): the costs of the engine that will serve the child.
+
+Departures: with ``measure: blocks`` (the default) blocks are timed one at a time, not inside a full
+model (so overlap between blocks is not seen; ``parent_model`` charges the difference to every
+child); on a GPU the kernel launches of a tiny block dominate, as they would in deployment without
+CUDA graphs. ``measure: models`` assumes a model's time is the sum of its blocks' plus a constant.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from ..artifacts import COSTS_FORMAT, check_costs, library_pairs, read_costs, read_library
 from ..kvcache import StaticKVCache
+from ..modeling import DeciLMForCausalLM
 from ..puzzle.blocks import Variant, variant_module
 from ..puzzle.parent import load_decilm
+from ..puzzle.probes import costs_from_probes, probe_configs
 from ..rundir import StageDir, atomic_write_json
 from . import Input, Inputs, check_device, model_path, resolve_device
 
@@ -75,6 +89,10 @@ class CostsConfig:
     warmup: int = 3
     repeats: int = 15
     rounds: int = 5  # passes over all variants; each time is the median over the passes
+    # blocks: each variant timed alone; models: whole models with the variant in every layer (in sequence)
+    measure: Literal["blocks", "models"] = "blocks"
+    runtime: Literal["thinkfast", "vllm"] = "thinkfast"  # vllm: times whole models in vLLM (measure: models)
+    vllm_python: str | None = None  # a Python with vLLM installed; default: this one
     file: str | None = None  # read costs from this file instead of measuring
     library: str | None = None
     device: str = "auto"
@@ -87,6 +105,8 @@ class CostsConfig:
             raise ValueError("batch_sizes must be >= 1, prefill_len >= 1, decode_context >= 0")
         if self.repeats < 1 or self.warmup < 0 or self.rounds < 1:
             raise ValueError("repeats and rounds must be >= 1 and warmup >= 0")
+        if self.runtime == "vllm" and self.measure != "models":
+            raise ValueError("runtime=vllm times whole models: set measure: models")
 
 
 Config = CostsConfig
@@ -229,6 +249,93 @@ def measure_whole(parent, cfg: CostsConfig, device: torch.device) -> dict:
     return out
 
 
+def _sizes(config, variant: Variant, dtype: torch.dtype) -> dict:
+    module = variant_module(config, variant)
+    params = sum(p.numel() for p in module.parameters())
+    kv_heads = module.attention_spec.num_kv_heads(config.num_attention_heads) if variant.part == "attention" else 0
+    return {"params": params, "param_bytes": params * dtype.itemsize,
+            "kv_bytes_per_token": 2 * kv_heads * config.head_dim * dtype.itemsize}
+
+
+def _vllm_python(cfg: CostsConfig) -> str:
+    if cfg.vllm_python:
+        if not Path(cfg.vllm_python).is_file():
+            raise ValueError(f"costs.vllm_python={cfg.vllm_python}: no such file")
+        return cfg.vllm_python
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError("costs.runtime=vllm, but this Python has no vLLM: install it, or name a Python that has "
+                         "it with costs.vllm_python (scripts/setup_vllm.sh makes .venv-vllm/bin/python)")
+    return sys.executable
+
+
+def _vllm_times(configs: dict, cfg: CostsConfig, device: torch.device, work: Path) -> dict:
+    """Every probe timed in vLLM, in a process of the vLLM Python (median of ``rounds`` runs)."""
+    folders = {}
+    for key, config in configs.items():
+        folder = work / "probes" / key
+        config.architectures = ["DeciLMForCausalLM"]
+        config.save_pretrained(folder)
+        folders[key] = str(folder)
+    spec = {"models": folders, "batch_sizes": list(cfg.batch_sizes), "prefill_len": cfg.prefill_len,
+            "decode_context": max(1, cfg.decode_context), "warmup": cfg.warmup, "repeats": cfg.repeats,
+            "dtype": cfg.dtype, "eager": device.type == "cpu"}
+    (work / "probes" / "spec.json").write_text(json.dumps(spec, indent=1))
+    python, script = _vllm_python(cfg), Path(__file__).resolve().parents[1] / "puzzle" / "vllm_timer.py"
+    runs = []
+    for r in range(cfg.rounds):
+        out = work / "probes" / f"times-{r}.json"
+        proc = subprocess.run([python, str(script), str(work / "probes" / "spec.json"), str(out)],
+                              capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            raise RuntimeError(f"costs: vLLM ({python}) failed to time the probe models in {work / 'probes'}:\n{tail}")
+        runs.append(json.loads(out.read_text()))
+    return {key: median_of_passes([r[key] for r in runs]) for key in configs}
+
+
+@torch.no_grad()
+def _thinkfast_times(configs: dict, parent, cfg: CostsConfig, device: torch.device) -> dict:
+    """Every probe timed as a whole model in thinkfast's runtime (random weights; ``rounds`` passes)."""
+    from tqdm.auto import tqdm
+
+    passes = []
+    for _ in tqdm(range(cfg.rounds), desc="costs (models)", unit="pass"):
+        one = {}
+        for key, config in configs.items():
+            if key == "parent":
+                one[key] = measure_whole(parent, cfg, device)
+                continue
+            with torch.device(device):
+                model = DeciLMForCausalLM(config).to(_DTYPES[cfg.dtype]).eval()
+            one[key] = measure_whole(model, cfg, device)
+            del model
+        passes.append(one)
+    return {key: median_of_passes([p[key] for p in passes]) for key in configs}
+
+
+def measure_models(parent, lib: dict, variants: dict, cfg: CostsConfig, device: torch.device, work: Path) -> dict:
+    """Costs of every variant from whole probe models (``thinkfast.puzzle.probes``), in thinkfast or vLLM."""
+    specs = {part: {name: v.spec for name, v in named.items()} for part, named in variants.items()}
+    configs, what = probe_configs(parent.config, specs, engine=lib.get("engine", "hf"))
+    print(f"costs: timing {len(configs)} whole models ({cfg.runtime}): the parent and, per variant, the parent with "
+          "it in every layer")
+    if cfg.runtime == "vllm":
+        times = _vllm_times(configs, cfg, device, work)
+    else:
+        times = _thinkfast_times(configs, parent, cfg, device)
+    pairs = library_pairs(lib)
+    derived = costs_from_probes(times, what, [pairs[i][0] for i in sorted(pairs)])
+    dtype = _DTYPES[cfg.dtype]
+    out = {part: {name: {**_sizes(parent.config, v, dtype), **derived[part][name]} for name, v in named.items()}
+           for part, named in variants.items()}
+    fixed = measure_fixed(parent, cfg, device)  # its sizes; its times are the probes'
+    out["fixed"] = {"params": fixed["params"], "param_bytes": fixed["param_bytes"], **derived["fixed"]}
+    out["parent_model"] = times["parent"]
+    out["probes"] = {key: {"part": p, "variant": n, "layers": k, "model": probe, **times[probe]}
+                     for key, (p, n, k, probe) in what.items()}
+    return out
+
+
 def explained_share(data: dict, lib: dict, n_layers: int) -> dict[str, float]:
     """Share of the whole parent's measured time that its own blocks (each timed alone) plus the fixed
     embedding / head cost explain, per runtime and batch size (``decode_explained@16``: 0.69 means 31%
@@ -270,7 +377,12 @@ def run(cfg: CostsConfig, stage: StageDir, inputs: Inputs) -> dict:
     rotary = parent.model.rotary_emb
     data = {"format": COSTS_FORMAT, "device": device_name(device), "dtype": cfg.dtype,
             "batch_sizes": list(cfg.batch_sizes), "prefill_len": cfg.prefill_len,
-            "decode_context": cfg.decode_context}
+            "decode_context": cfg.decode_context, "measure": cfg.measure, "runtime": cfg.runtime}
+    if cfg.measure == "models":
+        if sorted(library_pairs(lib)) != list(range(parent.config.num_hidden_layers)):
+            raise ValueError("costs.measure=models needs a library of every layer (merge the slices first)")
+        data.update(measure_models(parent, lib, variants, cfg, device, stage.path))
+        return _finish(data, lib, parent, out_path, stage, total)
     from tqdm.auto import tqdm
 
     passes: list[dict] = []
@@ -284,12 +396,17 @@ def run(cfg: CostsConfig, stage: StageDir, inputs: Inputs) -> dict:
         data[part] = {name: median_of_passes([p[part][name] for p in passes]) for name in named}
     data["fixed"] = median_of_passes([p["fixed"] for p in passes])
     data["parent_model"] = median_of_passes([p["parent_model"] for p in passes])
+    return _finish(data, lib, parent, out_path, stage, total)
+
+
+def _finish(data: dict, lib: dict, parent, out_path: Path, stage: StageDir, total: int) -> dict:
     check_costs(data, "costs (as measured)")
     atomic_write_json(out_path, data)
     metrics = {"device": data["device"], "variants": total,
                **explained_share(data, lib, parent.config.num_hidden_layers)}
     shares = ", ".join(f"{k} {v:.0%}" for k, v in metrics.items() if "explained" in k)
-    print(f"costs: the parent's own blocks timed alone plus the fixed cost explain: {shares} of its measured "
+    how = "timed alone" if data["measure"] == "blocks" else "from whole models"
+    print(f"costs: the parent's own blocks ({how}) plus the fixed cost explain: {shares} of its measured "
           "step (the rest is charged to every child)")
     log = stage.logger()
     log.log("done", **metrics)
