@@ -256,10 +256,11 @@ def test_assembling_the_parent_choice_reproduces_the_parent(run_dir, parent_dir)
 
 def test_search_solves_assembles_and_loads_both_ways(run_dir, parent_dir, tmp_path):
     root = run_dir[0]
-    cfg = search.SearchConfig(speedup=1.3, batch_size=2, sweep=[1.1, 1.3], n_solutions=2, alpha=0.5)
+    cfg = search.SearchConfig(speedup=1.3, batch_size=2, sweep=[1.1, 1.3], n_solutions=2, alpha=0.5, verify=False)
     stage = StageDir(root, "search")
     m = search.run(cfg, stage, _search_inputs(root, parent_dir))
-    assert m["speedup"] >= 1.3 - 1e-9 and m["optimal"] and m["solver"] == "enumeration"
+    assert m["speedup"] >= 1.3 - 1e-9 and m["optimal"] and m["solver"] in ("enumeration", "highs")
+    assert m["measured_speedup"] is None and m["not_measured_because"] == "verify is off"
     out = json.loads((stage.path / "search.json").read_text())
     assert len(out["solutions"]) == 2
     first, second = out["solutions"][0]["choice"], out["solutions"][1]["choice"]
@@ -294,6 +295,47 @@ print('ok')
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
                          timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_search_times_its_child_and_calibrates_the_target(run_dir, parent_dir, tmp_path, monkeypatch):
+    """verify + calibrate: the child is timed against its parent; a runtime unlike the costs' prediction (here a
+    fake one in which the embedding and head weigh more) makes the search re-solve with a corrected target
+    until the measured speedup meets the target."""
+    root = run_dir[0]
+    seen = []
+
+    def true_time(model):
+        t = 8.0  # what no block explains
+        for layer in model.model.layers:
+            a, f = layer.attention_spec, layer.ffn_spec
+            t += {"gqa": 1.0, "linear": 0.4}.get(a.kind, 0.0) + (f.intermediate_size / 48 if f.kind == "swiglu" else
+                                                                {"linear": 0.3}.get(f.kind, 0.0))
+        return t
+
+    def fake(parent, child, cfg, costs_, device, rounds=3):
+        seen.append(child)
+        return true_time(parent) / true_time(child)
+
+    monkeypatch.setattr(search, "measured_speedup", fake)
+    m = search.run(search.SearchConfig(speedup=1.3, batch_size=2, calibrate=4), StageDir(tmp_path, "search"),
+                   _search_inputs(root, parent_dir))
+    tries = m["calibration"]
+    assert tries[0]["predicted_target"] == 1.3 and not tries[0]["meets"] and len(tries) >= 2, tries
+    assert m["measured_speedup"] >= 1.3 * 0.97, tries
+    met = [t for t in tries if t["meets"]]
+    assert m["objective"] == min(t["objective"] for t in met)  # the best child that meets the target
+    assert json.loads((tmp_path / "search" / "search.json").read_text())["calibration"] == tries
+    # the real timing runs too (the costs were measured on this machine)
+    monkeypatch.undo()
+    m = search.run(search.SearchConfig(speedup=1.2, batch_size=2, calibrate=0), StageDir(tmp_path / "real", "search"),
+                   _search_inputs(root, parent_dir))
+    assert m["measured_speedup"] > 0 and len(m["calibration"]) == 1 and m["not_measured_because"] is None
+    # costs from elsewhere: nothing to time against
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**read_costs(root / "costs" / "costs.json"), "device": "cuda: H100"}))
+    m = search.run(search.SearchConfig(speedup=1.2, batch_size=2), StageDir(tmp_path / "other", "search"),
+                   Inputs({**_search_inputs(root, parent_dir), "costs": other}))
+    assert m["measured_speedup"] is None and "cuda: H100" in m["not_measured_because"]
 
 
 def test_search_infeasible_target_names_best_value(run_dir, parent_dir, tmp_path):

@@ -29,8 +29,10 @@ NO_OP = "__no_op__"  # the anchor probe of a part (a measurement only; not a lib
 
 
 def _replaced(n_layers: int, part: str, engine: str) -> list[int]:
-    first = 1 if part == "attention" and engine in ("vllm", "sglang") and n_layers > 1 else 0
-    return list(range(first, n_layers))
+    """Layer 0 keeps its own block in every probe (when there are others): a model without any attention
+    (or FFN) skips work every real child still does (cache and mask set-up), which would be counted as
+    each layer's saving; and vLLM / SGLang cannot run an FFN before the first attention."""
+    return list(range(1 if n_layers > 1 else 0, n_layers))
 
 
 def probe_configs(parent: DeciLMConfig, variants: dict[str, dict[str, dict]], engine: str = "hf"

@@ -48,11 +48,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -65,6 +63,7 @@ from ..modeling import DeciLMForCausalLM
 from ..puzzle.blocks import Variant, variant_module
 from ..puzzle.parent import load_decilm
 from ..puzzle.probes import costs_from_probes, probe_configs
+from ..puzzle.timing import device_name, median_time, whole_model_times
 from ..rundir import StageDir, atomic_write_json
 from . import Input, Inputs, check_device, model_path, resolve_device
 
@@ -123,35 +122,6 @@ def reuse_problems(cfg, marker: dict) -> list[str]:
     return [f"costs were measured on {before!r}; this machine measures on {now!r}"] if before != now else []
 
 
-def device_name(device: torch.device) -> str:
-    """The device costs are measured on, as recorded in costs.json (a CPU measurement uses every core)."""
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{device.type}: {name} ({max(1, os.cpu_count() or 1)} threads)"
-
-
-def _time(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def median_of_passes(passes: list[dict]) -> dict:
     """One cost entry from several passes: times are the median over the passes, the rest (sizes) is
     the first pass's.
@@ -182,7 +152,7 @@ def measure_variant(config, variant: Variant, cfg: CostsConfig, device: torch.de
         x = torch.randn(b, cfg.prefill_len, h, device=device, dtype=dtype)
         pos = torch.arange(cfg.prefill_len, device=device)[None].expand(b, -1)
         cos, sin = (t.to(dtype) for t in rotary(x, pos))
-        out["prefill_s"][str(b)] = _time(lambda: module(x, cos, sin, None, None), device, cfg.warmup, cfg.repeats)
+        out["prefill_s"][str(b)] = median_time(lambda: module(x, cos, sin, None, None), device, cfg.warmup, cfg.repeats)
         x1 = torch.randn(b, 1, h, device=device, dtype=dtype)
         pos1 = torch.full((b, 1), cfg.decode_context, device=device)
         cos1, sin1 = (t.to(dtype) for t in rotary(x1, pos1))
@@ -197,7 +167,7 @@ def measure_variant(config, variant: Variant, cfg: CostsConfig, device: torch.de
                 cache.truncate_to(cfg.decode_context)
             return module(x1, cos1, sin1, None, cache)
 
-        out["decode_s"][str(b)] = _time(decode, device, cfg.warmup, cfg.repeats)
+        out["decode_s"][str(b)] = median_time(decode, device, cfg.warmup, cfg.repeats)
     return out
 
 
@@ -214,39 +184,16 @@ def measure_fixed(parent, cfg: CostsConfig, device: torch.device) -> dict:
     for b in cfg.batch_sizes:
         for key, t in (("prefill_s", cfg.prefill_len), ("decode_s", 1)):
             ids = torch.randint(0, parent.config.vocab_size, (b, t), device=device)
-            out[key][str(b)] = _time(lambda: head(norm(embed(ids))), device, cfg.warmup, cfg.repeats)
+            out[key][str(b)] = median_time(lambda: head(norm(embed(ids))), device, cfg.warmup, cfg.repeats)
     parent.float()
     return out
 
 
-@torch.no_grad()
 def measure_whole(parent, cfg: CostsConfig, device: torch.device) -> dict:
-    """The whole parent: a prefill of ``prefill_len`` tokens and one decode step over
-    ``decode_context`` cached tokens, per batch size (times as in :func:`measure_variant`)."""
-    dtype = _DTYPES[cfg.dtype]
-    model = parent.to(dtype)
-    conf = model.config
-    kv_heads = [layer.attention_spec.num_kv_heads(conf.num_attention_heads) for layer in model.model.layers
-                if layer.attention_spec.kind == "gqa"]
-    out = {"prefill_s": {}, "decode_s": {}}
-    for b in cfg.batch_sizes:
-        ids = torch.randint(0, conf.vocab_size, (b, cfg.prefill_len), device=device)
-        out["prefill_s"][str(b)] = _time(lambda: model(input_ids=ids, use_cache=False), device, cfg.warmup,
-                                         cfg.repeats)
-        x1 = torch.randint(0, conf.vocab_size, (b, 1), device=device)
-        pos1 = torch.full((b, 1), cfg.decode_context, device=device)
-        cache = StaticKVCache(cfg.decode_context + 1)
-        for slot, h in enumerate(kv_heads):
-            kv = torch.randn(b, h, cfg.decode_context, conf.head_dim, device=device, dtype=dtype)
-            cache.update(kv, kv, slot)
-
-        def decode():
-            cache.truncate_to(cfg.decode_context)
-            return model(input_ids=x1, position_ids=pos1, past_key_values=cache, use_cache=True)
-
-        out["decode_s"][str(b)] = _time(decode, device, cfg.warmup, cfg.repeats)
-    parent.float()
-    return out
+    """The whole model (parent or probe): a prefill of ``prefill_len`` tokens and one decode step over
+    ``decode_context`` cached tokens, per batch size (``thinkfast.puzzle.timing``)."""
+    return whole_model_times(parent, cfg.batch_sizes, cfg.prefill_len, cfg.decode_context, _DTYPES[cfg.dtype], device,
+                             cfg.warmup, cfg.repeats)
 
 
 def _sizes(config, variant: Variant, dtype: torch.dtype) -> dict:

@@ -3,7 +3,7 @@
 Paper: Puzzle (arXiv 2411.19146) sections 4.4-4.5; Llama-Nemotron (arXiv 2505.00949) section 2.1;
 REFERENCE.md section 1. Reads the ``library``, ``scores`` and ``costs`` stages' files (so
 ``thinkfast search key=value`` re-runs only the search on cached measurements), turns the targets
-below into linear limits, solves with :func:`thinkfast.puzzle.mip.solve_mip` (exact enumeration, HiGHS fallback; proven optimal),
+below into linear limits, solves with :func:`thinkfast.puzzle.mip.solve_mip` (exact enumeration raced by HiGHS; proven optimal),
 re-checks every solution, and assembles the best one into ``model/`` (nemotron-nas).
 
 Targets (any combination; each becomes one ``sum cost <= limit`` row):
@@ -18,8 +18,16 @@ Targets (any combination; each becomes one ``sum cost <= limit`` row):
 ``sweep`` solves for each speedup in the list and writes ``pareto.json``, ``pareto.md`` and
 ``pareto.png`` (when matplotlib is installed).
 
+Verification (``verify``, on by default for a ``speedup`` target): when the costs were measured on this
+machine with thinkfast's runtime, the chosen child and its parent are timed here, interleaved, and
+``measured_speedup`` is reported beside the predicted one. Costs summed from blocks are only a model of
+a whole model's time (blocks timed alone miss what they share; blocks from whole probe models miss how
+they interact), so with ``calibrate: N`` a missed or far exceeded target is re-solved up to N times with
+the predicted target corrected by the measured miss (geometric bisection once it is bracketed), and the
+best child whose measured speedup meets the target is kept (``calibration`` in the metrics lists each try).
+
 Departures: the paper re-solves for several batch sizes and keeps the best; here the batch size is a
-target key and a sweep is a list of speedups.
+target key and a sweep is a list of speedups. Calibration is ours.
 """
 
 from __future__ import annotations
@@ -34,8 +42,9 @@ from ..puzzle.assemble import assemble, build_problem, describe
 from ..puzzle.mip import InfeasibleError, solve_mip
 from ..puzzle.parent import load_decilm
 from ..puzzle.targets import check_finite, explain_infeasible, limits_for, summary
+from ..puzzle.timing import device_name, whole_model_times
 from ..rundir import StageDir, atomic_dir, atomic_write_json, atomic_write_text
-from . import Input, Inputs, check_device, model_path
+from . import Input, Inputs, check_device, model_path, resolve_device
 
 MAKES = "model"
 
@@ -62,6 +71,9 @@ class SearchConfig:
     alpha: float = 0.8  # diversity: later solutions share at most alpha * layers blocks with earlier ones
     sweep: list[float] = field(default_factory=list)  # speedups for the Pareto table
     time_limit_s: float | None = None
+    # time the child against its parent here (a speedup target, costs measured on this machine)
+    verify: bool = field(default=True, metadata={"before": False})
+    calibrate: int = field(default=3, metadata={"before": 0})  # re-solves when the measured speedup misses
     library: str | None = None
     scores: str | None = None  # default RUN_DIR/scores/scores.json
     costs: str | None = None  # default RUN_DIR/costs/costs.json
@@ -82,6 +94,8 @@ class SearchConfig:
             raise ValueError(f"sweep: speedups must be > 0, got {self.sweep}")
         if self.n_solutions < 1 or not 0 <= self.alpha <= 1:
             raise ValueError("n_solutions must be >= 1 and alpha in [0, 1]")
+        if self.calibrate < 0:
+            raise ValueError(f"calibrate={self.calibrate} must be >= 0")
 
 
 Config = SearchConfig
@@ -126,6 +140,93 @@ def _pareto(stage: StageDir, cfg: SearchConfig, problem, costs) -> list[dict]:
     return rows
 
 
+_TOLERANCE = 0.03  # a measured speedup within 3% under the target meets it (timing noise)
+
+
+def verifiable(cfg: SearchConfig, costs: dict, device) -> str | None:
+    """Why the child cannot be timed against its parent here, or None when it can."""
+    if not cfg.verify or cfg.speedup is None:
+        return "verify is off" if not cfg.verify else "no speedup target"
+    if costs.get("source"):
+        return f"costs come from {costs['source']}"
+    if costs.get("runtime", "thinkfast") != "thinkfast":
+        return f"costs were measured in {costs['runtime']}"
+    here = device_name(device)
+    return None if here == costs["device"] else f"costs were measured on {costs['device']!r}, this is {here!r}"
+
+
+def measured_speedup(parent, child, cfg: SearchConfig, costs: dict, device, rounds: int = 3) -> float:
+    """The parent's time over the child's for the target's runtime and batch size, as the costs stage
+    times whole models; median of ``rounds`` interleaved measurements of each."""
+    import statistics
+
+    import torch
+
+    kind = f"{cfg.runtime}_s"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[costs["dtype"]]
+    t = {"parent": [], "child": []}
+    for _ in range(rounds):
+        for name, model in (("parent", parent), ("child", child)):
+            model.to(device)
+            times = whole_model_times(model, [cfg.batch_size], costs["prefill_len"], costs["decode_context"], dtype,
+                                      device, warmup=3, repeats=10, kinds=[kind])
+            t[name].append(times[kind][str(cfg.batch_size)])
+    parent.to("cpu")
+    child.to("cpu")
+    return statistics.median(t["parent"]) / statistics.median(t["child"])
+
+
+def _calibrated(cfg: SearchConfig, problem, costs: dict, parent, build, first, device) -> tuple:
+    """Re-solve with a corrected predicted target until the measured speedup meets ``cfg.speedup``
+    without exceeding it by more than 10%, ``cfg.calibrate`` times at most. Returns ``(solutions, child,
+    measured, tries)`` of the best child that meets the target (lowest objective), else of the fastest.
+
+    The predicted target is corrected by the measured miss (``predicted * target / measured``) until a
+    child that meets and one that misses bracket it (a predicted target of 1 gives the parent, which
+    misses any target above 1), then bisected geometrically."""
+    import dataclasses
+    import math
+
+    target = cfg.speedup
+    tries: list[dict] = []
+    lo, hi = 1.0, None  # the largest predicted target whose child misses, the smallest whose child meets
+    predicted, solutions, measured = target, first, None
+    for attempt in range(cfg.calibrate + 1):
+        if attempt:
+            predicted = math.sqrt(lo * hi) if hi is not None else predicted * target / measured
+            try:
+                solutions = solve_mip(problem.scores, problem.costs,
+                                      limits_for(dataclasses.replace(cfg, speedup=predicted), problem, costs, predicted),
+                                      n_solutions=cfg.n_solutions, alpha=cfg.alpha, time_limit=cfg.time_limit_s)
+            except InfeasibleError:
+                tries.append({"predicted_target": predicted, "infeasible": True})
+                break
+        same = [t for t in tries if t.get("choice") == solutions[0].choice]
+        if same:  # a child measured before: its time is known
+            child, measured = same[0]["child"], same[0]["measured_speedup"]
+        else:
+            child = build(solutions[0])
+            measured = measured_speedup(parent, child, cfg, costs, device)
+        meets = measured >= target * (1 - _TOLERANCE)
+        tries.append({"predicted_target": predicted, "choice": solutions[0].choice, "objective": solutions[0].objective,
+                      "measured_speedup": measured, "meets": meets, "solutions": solutions, "child": child})
+        print(f"search: predicted target {predicted:.3f}x -> measured {measured:.2f}x "
+              f"({'meets' if meets else 'misses'} {target}x)")
+        if meets:
+            hi = predicted if hi is None else min(hi, predicted)
+            if measured <= target * 1.1:
+                break
+        else:
+            lo = max(lo, predicted)
+        if hi is not None and hi / lo < 1.01:
+            break
+    done = [t for t in tries if "child" in t]
+    ok = [t for t in done if t["meets"]]
+    best = min(ok, key=lambda t: t["objective"]) if ok else max(done, key=lambda t: t["measured_speedup"])
+    report = [{k: v for k, v in t.items() if k not in ("solutions", "child", "choice")} for t in tries]
+    return best["solutions"], best["child"], best["measured_speedup"], report
+
+
 def run(cfg: SearchConfig, stage: StageDir, inputs: Inputs) -> dict:
     model_dir = model_path(inputs)
     lib_path = inputs["library"]
@@ -149,12 +250,21 @@ def run(cfg: SearchConfig, stage: StageDir, inputs: Inputs) -> dict:
                               time_limit=cfg.time_limit_s)
     except InfeasibleError:
         raise ValueError(explain_infeasible(cfg, problem, costs, cfg.speedup)) from None
-    summaries = [summary(problem, s, cfg) for s in solutions]
-    best = solutions[0]
     print("search: step 2/3 assemble the best solution")
     parent = load_decilm(model_dir, "cpu")
     tensors = load_tensors(lib_path / "weights.safetensors")
-    child = assemble(parent, lib, tensors, [problem.names[i][k] for i, k in enumerate(best.choice)])
+
+    def build(sol):
+        return assemble(parent, lib, tensors, [problem.names[i][k] for i, k in enumerate(sol.choice)])
+
+    device = resolve_device(cfg.device)
+    why_not = verifiable(cfg, costs, device)
+    measured, calibration = None, []
+    if why_not is None:
+        solutions, child, measured, calibration = _calibrated(cfg, problem, costs, parent, build, solutions, device)
+    else:
+        child = build(solutions[0])
+    summaries = [summary(problem, s, cfg) for s in solutions]
     arch = describe(child.config)
     print("\n".join(arch))
     engine = lib.get("engine", "hf")
@@ -168,12 +278,14 @@ def run(cfg: SearchConfig, stage: StageDir, inputs: Inputs) -> dict:
             write_model_sidecar(tmp, prompting=sidecar["prompting"], made_by="search")
     atomic_write_text(stage.path / "architecture.txt", "\n".join(arch) + "\n")
     atomic_write_json(stage.path / "search.json", {"limits": limits, "costs_device": costs["device"],
-                                                   "metric": cfg.metric, "solutions": summaries})
+                                                   "metric": cfg.metric, "solutions": summaries,
+                                                   "measured_speedup": measured, "calibration": calibration})
     pareto = []
     if cfg.sweep:
         print(f"search: step 3/3 Pareto sweep over speedups {cfg.sweep}")
         pareto = _pareto(stage, cfg, problem, costs)
     metrics = {**{k: v for k, v in summaries[0].items() if k != "choice"}, "solutions": len(solutions),
+               "measured_speedup": measured, "not_measured_because": why_not, "calibration": calibration,
                "costs_device": costs["device"], "pareto_points": len(pareto),
                # share of the parent's measured runtime that no block explains (charged to every child)
                "runtime_overhead_share": {k: v / problem.totals(problem.parent_choice)[k]

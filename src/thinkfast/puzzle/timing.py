@@ -1,0 +1,84 @@
+"""Timing a model the way the costs stage does: median of ``repeats`` calls after ``warmup`` calls.
+
+Shared by the ``costs`` stage (blocks, whole probe models) and the ``search`` stage (the child it chose,
+measured against its parent). Decode steps run in a preallocated KV cache (``thinkfast.kvcache``), as a
+serving engine keeps one: one new token per sequence over ``decode_context`` cached tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..kvcache import StaticKVCache
+
+__all__ = ["device_name", "median_time", "whole_model_times"]
+
+
+def device_name(device: torch.device) -> str:
+    """The device costs are measured on, as recorded in costs.json (a CPU measurement uses every core)."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{device.type}: {name} ({max(1, os.cpu_count() or 1)} threads)"
+
+
+def median_time(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def whole_model_times(model, batch_sizes: Sequence[int], prefill_len: int, decode_context: int, dtype: torch.dtype,
+                      device: torch.device, warmup: int, repeats: int,
+                      kinds: Sequence[str] = ("prefill_s", "decode_s")) -> dict:
+    """``{kind: {str(batch): seconds}}`` of a DeciLM model: a prefill of ``prefill_len`` tokens
+    (``prefill_s``) and one decode step over ``decode_context`` cached tokens (``decode_s``). The model
+    is run in ``dtype`` and put back in float32 afterwards."""
+    model = model.to(dtype)
+    conf = model.config
+    kv_heads = [layer.attention_spec.num_kv_heads(conf.num_attention_heads) for layer in model.model.layers
+                if layer.attention_spec.kind == "gqa"]
+    out = {k: {} for k in kinds}
+    for b in batch_sizes:
+        if "prefill_s" in kinds:
+            ids = torch.randint(0, conf.vocab_size, (b, prefill_len), device=device)
+            out["prefill_s"][str(b)] = median_time(lambda: model(input_ids=ids, use_cache=False), device, warmup,
+                                                   repeats)
+        if "decode_s" in kinds:
+            x1 = torch.randint(0, conf.vocab_size, (b, 1), device=device)
+            pos1 = torch.full((b, 1), decode_context, device=device)
+            cache = StaticKVCache(decode_context + 1)
+            for slot, h in enumerate(kv_heads):
+                kv = torch.randn(b, h, decode_context, conf.head_dim, device=device, dtype=dtype)
+                cache.update(kv, kv, slot)
+
+            def decode():
+                cache.truncate_to(decode_context)
+                return model(input_ids=x1, position_ids=pos1, past_key_values=cache, use_cache=True)
+
+            out["decode_s"][str(b)] = median_time(decode, device, warmup, repeats)
+    model.float()
+    return out
