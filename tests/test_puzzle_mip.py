@@ -43,7 +43,9 @@ def test_mip_equals_brute_force(seed):
                 solve_mip(scores, costs, limits, prune=prune, method=method)
             continue
         sol = solve_mip(scores, costs, limits, prune=prune, method=method)[0]
-        assert sol.stats["method"] == ("enumeration" if method == "auto" else "highs")
+        # auto: the enumeration, or the HiGHS run racing it when that proves the optimum first
+        assert sol.stats["method"] == "highs" if method == "highs" else (
+            sol.stats["method"] == "enumeration" or sol.stats["race"] == "HiGHS finished first")
         assert sol.optimal
         assert sol.objective == pytest.approx(exact[1], abs=1e-9)
         for name, total in sol.totals.items():
@@ -184,7 +186,7 @@ def test_highs_racing_a_slow_enumeration_answers_first(monkeypatch):
 
     scores, costs, limits = instance(48, 7, family="real")
     ref = solve_mip(scores, costs, limits, method="highs")[0]
-    fast = solve_mip(scores, costs, limits, race_delay=60.0)[0]  # solved long before the race would start
+    fast = solve_mip(scores, costs, limits, race_delay=60.0, race_quick=0.0)[0]  # solved before any race
     assert fast.stats["method"] == "enumeration" and fast.objective == pytest.approx(ref.objective, rel=1e-9)
     real = mip._enumerate
 
@@ -199,11 +201,15 @@ def test_highs_racing_a_slow_enumeration_answers_first(monkeypatch):
 
     monkeypatch.setattr(mip, "_enumerate", stalled)
     t0 = time.perf_counter()
-    sol = solve_mip(scores, costs, limits, race_delay=0.0)[0]
+    sol = solve_mip(scores, costs, limits, race_delay=0.0, race_quick=0.0)[0]
     assert time.perf_counter() - t0 < 30
     assert sol.stats["method"] == "highs" and sol.stats["race"] == "HiGHS finished first" and sol.optimal
     assert sol.objective == pytest.approx(ref.objective, rel=1e-9)
     assert sol.variables < ref.variables  # HiGHS raced over the variants the incumbent's gap leaves
+    # the quick run over the whole problem, from the start: it answers when it proves the optimum in time
+    sol = solve_mip(scores, costs, limits, race_delay=60.0, race_quick=60.0)[0]
+    assert sol.stats["race"] == "HiGHS finished first" and sol.variables == ref.variables
+    assert sol.objective == pytest.approx(ref.objective, rel=1e-9)
 
 
 def test_unknown_method_is_an_error():

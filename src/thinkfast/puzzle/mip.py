@@ -36,9 +36,9 @@ How it works:
    If the state count would pass a budget (several million states: many exact ties, or a weak
    bound), HiGHS solves the problem restricted to the variants with ``r`` within the incumbent's
    gap (reduced-cost fixing, exact).
-5. The race (default): an enumeration not finished after ``race_delay`` (0.1 s) gets HiGHS beside it,
-   in a thread, over that same restricted set (:class:`_Race`); whichever proves an optimum first
-   answers. On instances with many near-tied architectures (the ``flat`` family of
+5. The race (default, :class:`_Race`): HiGHS runs beside the enumeration in a thread, first over the
+   whole problem for at most 0.25 s, then (an enumeration not finished after ``race_delay``, 0.1 s)
+   over that same restricted set; whichever proves an optimum first answers. On instances with many near-tied architectures (the ``flat`` family of
    ``benchmarks/mip_instances.py``) the exact passes can take seconds while HiGHS over the restricted
    set (a few hundred variables) takes a fraction of one. Ties between optima may resolve differently
    depending on who answers; the objective is the same.
@@ -347,51 +347,58 @@ class _HighsWon(Exception):
 
 
 class _Race:
-    """HiGHS in a background thread beside the enumeration, so that the solve is never much slower than
-    HiGHS alone (HiGHS releases the GIL while it solves, so the two run in parallel on two cores).
+    """HiGHS in background threads beside the enumeration, so that the solve is never much slower than
+    HiGHS alone (HiGHS releases the GIL while it solves, so they run in parallel on two cores).
 
-    The thread starts once the enumeration has run ``delay`` seconds (most instances are solved by then
-    and never start it), over the variants within the incumbent's Lagrangian gap, which an optimum
-    cannot leave (``keep``, set once the enumeration has an incumbent; far fewer variables than the
-    whole problem, so HiGHS proves the optimum much sooner than it would alone), or over every variant
-    (``full``) if no incumbent exists after ``5 * delay`` (at least 0.25 s). The first to prove an optimum wins; a HiGHS
-    run the enumeration beats is left to finish in the background (SciPy cannot cancel it) and its
-    answer is dropped."""
+    Two runs, one after the other: at once, HiGHS over the whole problem with a short time limit
+    (``quick`` seconds: instances HiGHS proves that fast, many exact ties for example, are answered by
+    it); then, once that has ended, the enumeration has run ``delay`` seconds and has an incumbent,
+    HiGHS over the variants within the incumbent's Lagrangian gap, which an optimum cannot leave
+    (``keep``; far fewer variables, so HiGHS proves the optimum much sooner than over all of them), or
+    over every variant (``full``) if no incumbent exists after ``5 * delay`` (at least 0.25 s). The first
+    to prove an optimum wins; a HiGHS run the enumeration beats is left to finish in the background
+    (SciPy cannot cancel it; the quick run ends by its time limit) and its answer is dropped."""
 
-    def __init__(self, delay: float, solve, full):
+    def __init__(self, delay: float, solve, full, quick: float, time_limit: float | None):
         self.t0, self.delay, self.solve, self.full = time.perf_counter(), delay, solve, full
+        self.time_limit = time_limit
         self.keep = None
-        self.started = None  # the variants HiGHS was given
-        self.thread = None
-        self.result = None  # (choice, res, stats) once HiGHS proved an optimum (or infeasibility)
+        self.threads: list = []
+        self.second = False
+        self.result = None  # (choice, res, stats, variants given) once HiGHS proved an optimum (or infeasibility)
+        if quick > 0:
+            self._start(full, quick if time_limit is None else min(quick, time_limit))
 
-    def _run(self, keep):
+    def _start(self, keep, limit) -> None:
+        import threading
+
+        thread = threading.Thread(target=self._run, args=(keep.copy(), limit), daemon=True, name="thinkfast-highs-race")
+        self.threads.append(thread)
+        thread.start()
+
+    def _run(self, keep, limit):
         try:
-            choice, res, stats = self.solve(keep)
+            choice, res, stats = self.solve(keep, limit)
         except Exception:  # noqa: BLE001 - the enumeration still answers
             return
-        if res.status in (0, 2):
-            self.result = (choice, res, stats)
+        if res.status in (0, 2) and self.result is None:
+            self.result = (choice, res, stats, keep)
 
     def poll(self) -> None:
-        if self.thread is None:
-            elapsed = time.perf_counter() - self.t0
-            keep = self.keep if self.keep is not None else self.full if elapsed >= max(5 * self.delay, 0.25) else None
-            if keep is not None and elapsed >= self.delay:
-                import threading
-
-                self.started = keep.copy()
-                self.thread = threading.Thread(target=self._run, args=(self.started,), daemon=True,
-                                               name="thinkfast-highs-race")
-                self.thread.start()
-        elif self.result is not None:
+        if self.result is not None:
             raise _HighsWon()
+        if self.second or any(t.is_alive() for t in self.threads):
+            return
+        elapsed = time.perf_counter() - self.t0
+        keep = self.keep if self.keep is not None else self.full if elapsed >= max(5 * self.delay, 0.25) else None
+        if keep is not None and elapsed >= self.delay:
+            self.second = True
+            self._start(keep, self.time_limit)
 
     def wait(self):
-        """HiGHS's answer once it finishes, when it runs (the enumeration gave up): or None."""
-        if self.thread is None:
-            return None
-        self.thread.join()
+        """HiGHS's answer once its runs end (the enumeration gave up), or None when none proved one."""
+        for thread in self.threads:
+            thread.join()
         return self.result
 
 
@@ -509,7 +516,7 @@ def _infeasibility(scores, mats, limits, mask, time_limit) -> InfeasibleError:
 
 def solve_mip(scores, costs: Mapping[str, np.ndarray], limits: Mapping[str, float], *, n_solutions: int = 1,
               alpha: float = 0.8, allowed=None, prune: bool = True, time_limit: float | None = None,
-              method: str = "auto", race_delay: float = 0.1) -> list[Solution]:
+              method: str = "auto", race_delay: float = 0.1, race_quick: float = 0.25) -> list[Solution]:
     """Solve the Puzzle MIP; up to ``n_solutions`` diverse solutions, best first.
 
     Args:
@@ -524,10 +531,11 @@ def solve_mip(scores, costs: Mapping[str, np.ndarray], limits: Mapping[str, floa
         prune: drop dominated variants before the first solve (exact; see the module docstring).
         time_limit: seconds per HiGHS call; a solution found by then is returned with
             ``optimal=False``. The enumeration has no time limit (it is exact or hands over).
-        method: ``"auto"`` (Lagrangian reduced-cost enumeration, raced by HiGHS when it has not finished
-            within ``race_delay`` seconds, and handing over to HiGHS when its state count would not fit
-            in memory), ``"enumeration"`` (the same without the race) or ``"highs"`` (HiGHS's branch
-            and cut only).
+        method: ``"auto"`` (Lagrangian reduced-cost enumeration raced by HiGHS: over the whole problem
+            for its first ``race_quick`` seconds, then over the variants the incumbent's gap leaves once
+            the enumeration has run ``race_delay`` seconds; handing over to HiGHS when its state count
+            would not fit in memory), ``"enumeration"`` (the same without the race) or ``"highs"``
+            (HiGHS's branch and cut only).
 
     Raises :class:`InfeasibleError` when not even one architecture meets the limits, and for a
     NaN or ``-inf`` limit.
@@ -563,26 +571,28 @@ def solve_mip(scores, costs: Mapping[str, np.ndarray], limits: Mapping[str, floa
         race = None
         if enumerated:
             if method == "auto":
-                race = _Race(race_delay, lambda kp, e=list(earlier): _solve_highs(scores, mats, limits, kp, e, alpha,
-                                                                                   time_limit), keep)
+                race = _Race(race_delay, lambda kp, tl, e=list(earlier): _solve_highs(scores, mats, limits, kp, e,
+                                                                                       alpha, tl),
+                             keep, race_quick, time_limit)
             try:
                 choice, stats = _solve_enumeration(scores, A, b, keep, race=race)
                 if choice is None and stats["lp_status"] != 2:
                     raise _TooLarge("the LP relaxation failed")
                 stats["method"] = "enumeration"
             except _HighsWon:
-                enumerated, keep = False, race.started
-                choice, res, stats = race.result
+                enumerated = False
+                choice, res, stats, keep = race.result
                 stats["race"] = "HiGHS finished first"
             except _TooLarge as e:
                 enumerated, stats = False, {"fallback": str(e)}
                 if e.keep is not None:
                     keep = e.keep
-                won = race.wait() if race is not None else None  # HiGHS is already on it
+                # HiGHS is already on the restricted set: wait for it (the quick run over all variables
+                # would only be slower than solving the restricted set now)
+                won = race.wait() if race is not None and race.second else None
                 if won is not None:
-                    choice, res, more = won
+                    choice, res, more, keep = won
                     stats.update(more)
-                    keep = race.started
         if not enumerated and res is None:
             choice, res, more = _solve_highs(scores, mats, limits, keep, earlier, alpha, time_limit)
             stats.update(more)
