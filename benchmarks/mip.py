@@ -29,7 +29,6 @@ import argparse
 import json
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 sys.path.insert(0, str(Path(__file__).parent))
 from mip_instances import instance  # noqa: E402
 
-from thinkfast.puzzle.mip import solve_mip  # noqa: E402
+from thinkfast.puzzle.mip import finish_races, solve_mip  # noqa: E402
 
 
 def scipy_plain(scores, costs, limits):
@@ -87,9 +86,7 @@ def main(argv=None) -> int:
                     "method": sol.stats["method"], "states": sol.stats.get("states"), "variables": sol.variables,
                     "binding": [k for k in limits if sol.totals[k] >= limits[k] * (1 - 1e-3)]}
             t = time.perf_counter()
-            for th in threading.enumerate():  # a race HiGHS lost: let it end before timing anything else
-                if th.name == "thinkfast-highs-race":
-                    th.join()
+            finish_races()  # a race HiGHS lost: let it end before timing anything else
             ours["background_s"] = time.perf_counter() - t
             t = time.perf_counter()
             en = solve_mip(scores, costs, limits, method="enumeration")[0]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from mip_instances import instance  # noqa: E402
 
-from thinkfast.puzzle.mip import solve_mip  # noqa: E402
+from thinkfast.puzzle.mip import finish_races, solve_mip  # noqa: E402
 
 
 def main() -> int:
@@ -43,9 +42,7 @@ def main() -> int:
         t = time.perf_counter()
         ours = solve_mip(scores, costs, limits)[0]
         seconds = time.perf_counter() - t
-        for th in threading.enumerate():  # a race HiGHS lost: let it end before timing HiGHS
-            if th.name == "thinkfast-highs-race":
-                th.join()
+        finish_races()  # a race HiGHS lost: let it end before timing HiGHS
         t = time.perf_counter()
         ref = solve_mip(scores, costs, limits, method="highs")[0]
         ref_seconds = time.perf_counter() - t

@@ -73,7 +73,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_matrix
 
-__all__ = ["InfeasibleError", "Solution", "brute_force", "dominated_mask", "solve_mip"]
+__all__ = ["InfeasibleError", "Solution", "brute_force", "dominated_mask", "finish_races", "solve_mip"]
 
 _TOL = 1e-9  # tolerance of the re-check, as a share of each limit (HiGHS' own is 1e-6 absolute)
 _FEAS = 1e-12  # feasibility tolerance of the enumeration on the scaled rows (each limit is 1)
@@ -400,6 +400,15 @@ class _Race:
         for thread in self.threads:
             thread.join()
         return self.result
+
+
+def finish_races() -> None:
+    """Wait for HiGHS runs that lost a race and still run in the background (before timing anything)."""
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name == "thinkfast-highs-race":
+            thread.join()
 
 
 def _solve_highs(scores, mats, limits, keep, earlier, alpha, time_limit):

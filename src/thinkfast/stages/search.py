@@ -39,7 +39,7 @@ from ..artifacts import (ArtifactError, check_costs, copy_tokenizer_files, load_
                          read_model_sidecar, read_scores, write_model_sidecar)
 from ..engines import check_engine, untie_for
 from ..puzzle.assemble import assemble, build_problem, describe
-from ..puzzle.mip import InfeasibleError, solve_mip
+from ..puzzle.mip import InfeasibleError, finish_races, solve_mip
 from ..puzzle.parent import load_decilm
 from ..puzzle.targets import check_finite, explain_infeasible, limits_for, summary
 from ..puzzle.timing import device_name, whole_model_times
@@ -162,6 +162,7 @@ def measured_speedup(parent, child, cfg: SearchConfig, costs: dict, device, roun
 
     import torch
 
+    finish_races()  # a HiGHS run still busy on a core would slow the timings
     kind = f"{cfg.runtime}_s"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[costs["dtype"]]
     t = {"parent": [], "child": []}
