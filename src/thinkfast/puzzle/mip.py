@@ -37,11 +37,12 @@ How it works:
    bound), HiGHS solves the problem restricted to the variants with ``r`` within the incumbent's
    gap (reduced-cost fixing, exact).
 5. The race (default, :class:`_Race`): HiGHS runs beside the enumeration in a thread, first over the
-   whole problem for at most 0.25 s, then (an enumeration not finished after ``race_delay``, 0.1 s)
-   over that same restricted set; whichever proves an optimum first answers. On instances with many near-tied architectures (the ``flat`` family of
-   ``benchmarks/mip_instances.py``) the exact passes can take seconds while HiGHS over the restricted
-   set (a few hundred variables) takes a fraction of one. Ties between optima may resolve differently
-   depending on who answers; the objective is the same.
+   whole problem for at most ``race_quick`` (0.1 s), then, if the enumeration has run ``race_delay``
+   (0.1 s), over that same restricted set; whichever proves an optimum first answers. On instances
+   with many near-tied architectures (the ``flat`` family of ``benchmarks/mip_instances.py``) the
+   exact passes can take seconds while HiGHS over the restricted set (a few hundred variables) takes
+   a fraction of one. Ties between optima may resolve differently depending on who answers; the
+   objective is the same.
 
 Our design, not the papers' (both use an off-the-shelf MIP solver); it is exact, so it departs in
 speed only. The tests check it against brute force on small instances and against HiGHS at Puzzle
@@ -352,7 +353,7 @@ class _Race:
 
     Two runs, one after the other: at once, HiGHS over the whole problem with a short time limit
     (``quick`` seconds: instances HiGHS proves that fast, many exact ties for example, are answered by
-    it); then, once that has ended, the enumeration has run ``delay`` seconds and has an incumbent,
+    it, here within about 20 ms of HiGHS alone); then, once that has ended, the enumeration has run ``delay`` seconds and has an incumbent,
     HiGHS over the variants within the incumbent's Lagrangian gap, which an optimum cannot leave
     (``keep``; far fewer variables, so HiGHS proves the optimum much sooner than over all of them), or
     over every variant (``full``) if no incumbent exists after ``5 * delay`` (at least 0.25 s). The first
@@ -525,7 +526,7 @@ def _infeasibility(scores, mats, limits, mask, time_limit) -> InfeasibleError:
 
 def solve_mip(scores, costs: Mapping[str, np.ndarray], limits: Mapping[str, float], *, n_solutions: int = 1,
               alpha: float = 0.8, allowed=None, prune: bool = True, time_limit: float | None = None,
-              method: str = "auto", race_delay: float = 0.1, race_quick: float = 0.25) -> list[Solution]:
+              method: str = "auto", race_delay: float = 0.1, race_quick: float = 0.1) -> list[Solution]:
     """Solve the Puzzle MIP; up to ``n_solutions`` diverse solutions, best first.
 
     Args:
