@@ -18,7 +18,7 @@ import torch
 
 from ..kvcache import StaticKVCache
 
-__all__ = ["device_name", "median_time", "whole_model_times"]
+__all__ = ["device_name", "median_time", "paired_speedup", "whole_model_times"]
 
 
 def device_name(device: torch.device) -> str:
@@ -48,6 +48,61 @@ def median_time(fn, device: torch.device, warmup: int, repeats: int) -> float:
         sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def _step(model, kind: str, batch: int, prefill_len: int, decode_context: int, dtype: torch.dtype,
+          device: torch.device):
+    """A function running one timed call of ``model``: a prefill, or a decode step in a preallocated cache."""
+    conf = model.config
+    if kind == "prefill_s":
+        ids = torch.randint(0, conf.vocab_size, (batch, prefill_len), device=device)
+        return lambda: model(input_ids=ids, use_cache=False)
+    kv_heads = [layer.attention_spec.num_kv_heads(conf.num_attention_heads) for layer in model.model.layers
+                if layer.attention_spec.kind == "gqa"]
+    x1 = torch.randint(0, conf.vocab_size, (batch, 1), device=device)
+    pos1 = torch.full((batch, 1), decode_context, device=device)
+    cache = StaticKVCache(decode_context + 1)
+    for slot, h in enumerate(kv_heads):
+        kv = torch.randn(batch, h, decode_context, conf.head_dim, device=device, dtype=dtype)
+        cache.update(kv, kv, slot)
+
+    def decode():
+        cache.truncate_to(decode_context)
+        return model(input_ids=x1, position_ids=pos1, past_key_values=cache, use_cache=True)
+
+    return decode
+
+
+@torch.no_grad()
+def paired_speedup(base, other, kind: str, batch: int, prefill_len: int, decode_context: int, dtype: torch.dtype,
+                   device: torch.device, warmup: int = 3, pairs: int = 40, budget_s: float = 20.0) -> float:
+    """How many times faster ``other`` runs than ``base``: the median over ``pairs`` back-to-back pairs of
+    calls of (base's time / other's time). Pairing cancels the slow and fast phases of a busy or noisy
+    machine: here it gave 1.60-1.74 for a pair whose separately timed medians gave 1.49-2.35. Stops
+    after ``budget_s`` once 8 pairs are done. Both models run in ``dtype`` on ``device`` and are put
+    back in float32."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    base, other = base.to(device=device, dtype=dtype), other.to(device=device, dtype=dtype)
+    fa = _step(base, kind, batch, prefill_len, decode_context, dtype, device)
+    fb = _step(other, kind, batch, prefill_len, decode_context, dtype, device)
+    for _ in range(warmup):
+        fa()
+        fb()
+    ratios, start = [], time.perf_counter()
+    for _ in range(pairs):
+        sync()
+        t0 = time.perf_counter()
+        fa()
+        sync()
+        t1 = time.perf_counter()
+        fb()
+        sync()
+        ratios.append((t1 - t0) / max(time.perf_counter() - t1, 1e-12))
+        if len(ratios) >= 8 and time.perf_counter() - start > budget_s:
+            break
+    base.float()
+    other.float()
+    return statistics.median(ratios)
 
 
 @torch.no_grad()

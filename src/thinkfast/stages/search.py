@@ -19,7 +19,7 @@ Targets (any combination; each becomes one ``sum cost <= limit`` row):
 ``pareto.png`` (when matplotlib is installed).
 
 Verification (``verify``, on by default for a ``speedup`` target): when the costs were measured on this
-machine with thinkfast's runtime, the chosen child and its parent are timed here, interleaved, and
+machine with thinkfast's runtime, the chosen child and its parent are timed here, in back-to-back pairs, and
 ``measured_speedup`` is reported beside the predicted one. Costs summed from blocks are only a model of
 a whole model's time (blocks timed alone miss what they share; blocks from whole probe models miss how
 they interact), so with ``calibrate: N`` a missed or far exceeded target is re-solved up to N times with
@@ -42,7 +42,7 @@ from ..puzzle.assemble import assemble, build_problem, describe
 from ..puzzle.mip import InfeasibleError, finish_races, solve_mip
 from ..puzzle.parent import load_decilm
 from ..puzzle.targets import check_finite, explain_infeasible, limits_for, summary
-from ..puzzle.timing import device_name, whole_model_times
+from ..puzzle.timing import device_name, paired_speedup
 from ..rundir import StageDir, atomic_dir, atomic_write_json, atomic_write_text
 from . import Input, Inputs, check_device, model_path, resolve_device
 
@@ -155,26 +155,19 @@ def verifiable(cfg: SearchConfig, costs: dict, device) -> str | None:
     return None if here == costs["device"] else f"costs were measured on {costs['device']!r}, this is {here!r}"
 
 
-def measured_speedup(parent, child, cfg: SearchConfig, costs: dict, device, rounds: int = 3) -> float:
-    """The parent's time over the child's for the target's runtime and batch size, as the costs stage
-    times whole models; median of ``rounds`` interleaved measurements of each."""
-    import statistics
-
+def measured_speedup(parent, child, cfg: SearchConfig, costs: dict, device) -> float:
+    """How many times faster the child runs than its parent for the target's runtime and batch size, at the
+    costs' lengths and dtype: the median ratio over back-to-back pairs of calls
+    (:func:`thinkfast.puzzle.timing.paired_speedup`). Both models go back to the CPU afterwards."""
     import torch
 
     finish_races()  # a HiGHS run still busy on a core would slow the timings
-    kind = f"{cfg.runtime}_s"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[costs["dtype"]]
-    t = {"parent": [], "child": []}
-    for _ in range(rounds):
-        for name, model in (("parent", parent), ("child", child)):
-            model.to(device)
-            times = whole_model_times(model, [cfg.batch_size], costs["prefill_len"], costs["decode_context"], dtype,
-                                      device, warmup=3, repeats=10, kinds=[kind])
-            t[name].append(times[kind][str(cfg.batch_size)])
+    out = paired_speedup(parent, child, f"{cfg.runtime}_s", cfg.batch_size, costs["prefill_len"],
+                         costs["decode_context"], dtype, device)
     parent.to("cpu")
     child.to("cpu")
-    return statistics.median(t["parent"]) / statistics.median(t["child"])
+    return out
 
 
 def _calibrated(cfg: SearchConfig, problem, costs: dict, parent, build, first, device) -> tuple:
