@@ -32,7 +32,8 @@ variant is measured once. Output ``RUN_DIR/costs/costs.json``::
 the search records which device its costs came from.
 
 ``measure: models`` times whole models instead (``thinkfast.puzzle.probes``): per variant, the parent with
-that variant in every layer, against the parent with that part removed; the difference per layer is
+that variant in every layer but the first, against the parent with that part removed from the same layers;
+the difference per layer is
 the variant's cost, blocks are seen in sequence (warm or cold caches as in serving) and the parent is
 explained in full. ``runtime: vllm`` times those models in vLLM (``thinkfast/puzzle/vllm_timer.py``, run
 with ``vllm_python`` or this Python when it has vLLM): the costs of the engine that will serve the child.

@@ -30,7 +30,8 @@ In coupled mode the entries have ``part: "block"``, ``attention`` and ``ffn`` na
 
 Departures: the target is the layer's *update* (the residual stream itself would dominate a
 normalised MSE); the paper's BLD ran on 0.5-1B tokens of a pretraining mix, the nano world uses a few
-hundred thousand tokens of its own corpus (the data section's train part; ``thinkfast.data``). ``layer_start``/``layer_end`` train a slice of the layers
+hundred thousand tokens of its own corpus (the data section's train part; ``thinkfast.data``).
+``layer_start``/``layer_end`` train a slice of the layers
 (one process or machine per slice) and ``merge_from`` joins slices into one library.
 """
 
@@ -296,7 +297,7 @@ def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
     parent = load_decilm(model_dir, device)
     check_engine(parent.config, cfg.engine, f"the parent {model_dir}", untied_on_export=True)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    corpus = Corpus(inputs.data, tokenizer)
+    corpus = Corpus(inputs.data, tokenizer)  # every data row is checked here, before any training
     n_layers = parent.config.num_hidden_layers
     end = n_layers if cfg.layer_end is None else cfg.layer_end
     if end > n_layers:
