@@ -107,33 +107,15 @@ def paired_speedup(base, other, kind: str, batch: int, prefill_len: int, decode_
 
 @torch.no_grad()
 def whole_model_times(model, batch_sizes: Sequence[int], prefill_len: int, decode_context: int, dtype: torch.dtype,
-                      device: torch.device, warmup: int, repeats: int,
-                      kinds: Sequence[str] = ("prefill_s", "decode_s")) -> dict:
+                      device: torch.device, warmup: int, repeats: int) -> dict:
     """``{kind: {str(batch): seconds}}`` of a DeciLM model: a prefill of ``prefill_len`` tokens
     (``prefill_s``) and one decode step over ``decode_context`` cached tokens (``decode_s``). The model
     is run in ``dtype`` and put back in float32 afterwards."""
     model = model.to(dtype)
-    conf = model.config
-    kv_heads = [layer.attention_spec.num_kv_heads(conf.num_attention_heads) for layer in model.model.layers
-                if layer.attention_spec.kind == "gqa"]
-    out = {k: {} for k in kinds}
+    out = {"prefill_s": {}, "decode_s": {}}
     for b in batch_sizes:
-        if "prefill_s" in kinds:
-            ids = torch.randint(0, conf.vocab_size, (b, prefill_len), device=device)
-            out["prefill_s"][str(b)] = median_time(lambda: model(input_ids=ids, use_cache=False), device, warmup,
-                                                   repeats)
-        if "decode_s" in kinds:
-            x1 = torch.randint(0, conf.vocab_size, (b, 1), device=device)
-            pos1 = torch.full((b, 1), decode_context, device=device)
-            cache = StaticKVCache(decode_context + 1)
-            for slot, h in enumerate(kv_heads):
-                kv = torch.randn(b, h, decode_context, conf.head_dim, device=device, dtype=dtype)
-                cache.update(kv, kv, slot)
-
-            def decode():
-                cache.truncate_to(decode_context)
-                return model(input_ids=x1, position_ids=pos1, past_key_values=cache, use_cache=True)
-
-            out["decode_s"][str(b)] = median_time(decode, device, warmup, repeats)
+        for kind in out:
+            out[kind][str(b)] = median_time(_step(model, kind, b, prefill_len, decode_context, dtype, device), device,
+                                            warmup, repeats)
     model.float()
     return out

@@ -172,16 +172,22 @@ def measure_variant(config, variant: Variant, cfg: CostsConfig, device: torch.de
     return out
 
 
+def _fixed_sizes(parent, dtype: torch.dtype) -> dict:
+    """Parameters of the embedding, final norm and LM head (the head once when tied)."""
+    embed, head = parent.model.embed_tokens, parent.lm_head
+    params = embed.weight.numel() + parent.model.norm.weight.numel()
+    if head.weight.data_ptr() != embed.weight.data_ptr():
+        params += head.weight.numel()
+    return {"params": params, "param_bytes": params * dtype.itemsize}
+
+
 @torch.no_grad()
 def measure_fixed(parent, cfg: CostsConfig, device: torch.device) -> dict:
     """Embedding + final norm + LM head, paid by every architecture."""
     dtype = _DTYPES[cfg.dtype]
+    out = {**_fixed_sizes(parent, dtype), "prefill_s": {}, "decode_s": {}}
     embed = parent.model.embed_tokens.to(dtype)
     norm, head = parent.model.norm.to(dtype), parent.lm_head.to(dtype)
-    params = embed.weight.numel() + norm.weight.numel()
-    if head.weight.data_ptr() != embed.weight.data_ptr():
-        params += head.weight.numel()
-    out = {"params": params, "param_bytes": params * dtype.itemsize, "prefill_s": {}, "decode_s": {}}
     for b in cfg.batch_sizes:
         for key, t in (("prefill_s", cfg.prefill_len), ("decode_s", 1)):
             ids = torch.randint(0, parent.config.vocab_size, (b, t), device=device)
@@ -276,8 +282,7 @@ def measure_models(parent, lib: dict, variants: dict, cfg: CostsConfig, device: 
     dtype = _DTYPES[cfg.dtype]
     out = {part: {name: {**_sizes(parent.config, v, dtype), **derived[part][name]} for name, v in named.items()}
            for part, named in variants.items()}
-    fixed = measure_fixed(parent, cfg, device)  # its sizes; its times are the probes'
-    out["fixed"] = {"params": fixed["params"], "param_bytes": fixed["param_bytes"], **derived["fixed"]}
+    out["fixed"] = {**_fixed_sizes(parent, dtype), **derived["fixed"]}  # its times come from the probes
     out["parent_model"] = times["parent"]
     out["probes"] = {key: {"part": p, "variant": n, "layers": k, "model": probe, **times[probe]}
                      for key, (p, n, k, probe) in what.items()}
