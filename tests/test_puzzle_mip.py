@@ -54,6 +54,32 @@ def test_mip_equals_brute_force(seed):
         assert sol.objective == pytest.approx(scores[rows, list(sol.choice)].sum())
 
 
+def test_quantum_of_scores():
+    assert mip._quantum(np.array([0.1, 0.3, 1.2, 0.0]), 10) == pytest.approx(0.1)
+    assert mip._quantum(np.array([2.0, 4.0, -6.0, np.inf]), 10) == 2.0
+    assert mip._quantum(np.array([0.25, 0.5]), 10) == pytest.approx(0.25)
+    assert mip._quantum(np.random.default_rng(0).random(50), 10) is None
+    assert mip._quantum(np.zeros(4), 10) is None
+    assert mip._quantum(np.array([1e15]), 126) is None  # too large to sum exactly
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_enumeration_on_a_score_grid_equals_brute_force(seed):
+    """Scores on a grid (many tied architectures): the bound rounds up to the grid and the exact passes
+    walk its levels; every answer must still be the brute-force optimum."""
+    rng = np.random.default_rng(1000 + seed)
+    layers, variants = int(rng.integers(3, 6)), int(rng.integers(3, 6))
+    scores, costs, limits = _random(rng, layers, variants, int(rng.integers(1, 4)))
+    scores = rng.integers(0, 4, size=scores.shape) * 0.5
+    scores[:, 0] = 0.0
+    exact = brute_force(scores, costs, limits)
+    if exact is None:
+        return
+    sol = solve_mip(scores, costs, limits, method="enumeration")[0]
+    assert sol.optimal and sol.objective == pytest.approx(exact[1], abs=1e-9)
+    assert sol.stats["method"] == "enumeration" and "quantum" in sol.stats
+
+
 def test_dominated_variants_never_needed():
     rng = np.random.default_rng(7)
     scores, costs, limits = _random(rng, 4, 5, 2)

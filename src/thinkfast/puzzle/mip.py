@@ -33,6 +33,10 @@ How it works:
    is optimal once ``gap`` is at least the optimum's own gap.
 4. ``gap``: a beam-limited pass gives an incumbent (an upper bound); exact passes then run with a
    growing gap starting well below it, and the first that finds anything has found the optimum.
+   When every score is a multiple of one quantum ``q`` (scores rounded to a grid; many tied
+   architectures), so is every objective: the bound rounds up to the grid, the incumbent is optimal
+   as soon as it sits on the first level above the LP bound, and the exact passes walk the levels
+   (HiGHS's "objective integrality" does the same).
    If the state count would pass a budget (several million states: many exact ties, or a weak
    bound), HiGHS solves the problem restricted to the variants with ``r`` within the incumbent's
    gap (reduced-cost fixing, exact).
@@ -145,12 +149,16 @@ def dominated_mask(scores: np.ndarray, costs: Sequence[np.ndarray], mask: np.nda
     >>> dominated_mask(s, [c]).tolist()
     [[False, False, True, False]]
     """
-    stack = np.stack([scores, *costs], axis=-1)  # [L, V, 1 + C]
-    L, V, _ = stack.shape
+    L, V = scores.shape
     mask = np.ones((L, V), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-    a = np.where(mask[..., None], stack, np.inf)
-    le = (a[:, :, None, :] <= a[:, None, :, :]).all(-1)  # le[i, k, j]: k no worse than j everywhere
-    lt = (a[:, :, None, :] < a[:, None, :, :]).any(-1)
+    le = np.ones((L, V, V), dtype=bool)  # le[i, k, j]: k no worse than j everywhere
+    lt = np.zeros((L, V, V), dtype=bool)  # lt[i, k, j]: k strictly better than j somewhere
+    for f in (scores, *costs):
+        f = np.where(mask, f, np.inf)
+        if (f == f[:1]).all():  # the same in every layer (costs of a parent whose layers share a shape)
+            f = f[:1]
+        le &= f[:, :, None] <= f[:, None, :]
+        lt |= f[:, :, None] < f[:, None, :]
     eq = le & le.transpose(0, 2, 1)
     earlier = np.arange(V)[:, None] < np.arange(V)[None, :]
     dom = ((le & lt) | (eq & earlier)) & mask[:, :, None]  # dom[i, k, j]: allowed k dominates j
@@ -203,6 +211,25 @@ def _lagrange(scores, A, b, keep):
     red = np.where(keep, scores + np.einsum("c,clv->lv", lam, A), np.inf)
     m = red.min(axis=1)
     return _Lagrange(lam=lam, r=red - m[:, None], zlag=float(m.sum() - lam @ b))
+
+
+def _quantum(values: np.ndarray, layers: int) -> float | None:
+    """The largest ``q`` (a whole number over a power of ten, down to 1e-6) with every value a whole
+    multiple of it, or None (values off any such grid, all zero, or too large to sum exactly). Then
+    every objective is a multiple of ``q`` too, and a bound rounds up to the grid (HiGHS detects the
+    same "objective integrality")."""
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return None
+    for k in range(7):
+        m = v * 10.0**k
+        ints = np.round(m)
+        if np.abs(ints).max() * layers >= 2.0**52:
+            return None
+        if (np.abs(m - ints) <= 1e-9 * np.maximum(1.0, np.abs(m))).all():
+            g = int(np.gcd.reduce(np.abs(ints).astype(np.int64)))
+            return g / 10.0**k if g else None
+    return None
 
 
 def _enumerate(scores, A, b, lag: _Lagrange, gap: float, *, beam: int | None = None, cap: int = 4_000_000,
@@ -320,13 +347,24 @@ def _solve_enumeration(scores, A, b, keep, *, beam: int = 200, gap0: float = 2e-
     if choice is None:  # no feasible solution found heuristically: let the exact pass decide
         raise _TooLarge("the beam search found no feasible solution")
     stats = {"lp_bound": lag.zlag, "incumbent_gap": z_inc - lag.zlag}
-    top = z_inc - lag.zlag + 1e-9 * max(1.0, abs(z_inc))
+    tol = 1e-9 * max(1.0, abs(z_inc))
+    top = z_inc - lag.zlag + tol
     if race is not None:  # an optimum uses only variants within the incumbent's gap (reduced-cost fixing)
         race.keep = keep & np.isfinite(lag.r) & (lag.r <= top)
+    # objective on a grid (every score a multiple of q): every objective is too, so the bound rounds up
+    q = _quantum(sc[keep], scores.shape[0])
+
+    def least_gap(covered: float) -> float:  # the least gap left once every gap <= covered held nothing
+        return -np.inf if q is None else np.ceil((lag.zlag + covered - tol) / q) * q - lag.zlag
+
+    floor = least_gap(0.0)
+    if q is not None:
+        stats["quantum"] = q
     # exact passes with a growing gap: the first that finds a solution has found the optimum (a
-    # better one would lie within the same gap); the incumbent's gap is the last resort
-    gap = min(top, deepen * gap0 * scale)
-    while z_inc - lag.zlag > 1e-12 * scale:  # otherwise the incumbent meets the bound: optimal
+    # better one would lie within the same gap); the incumbent's gap is the last resort. On a grid the
+    # incumbent is optimal once every level below its own holds nothing.
+    gap = min(top, max(deepen * gap0 * scale, floor + tol))
+    while z_inc - lag.zlag > max(1e-12 * scale, floor + tol):  # else the incumbent meets the bound: optimal
         try:
             z, best, n = _enumerate(sc, A, b, lag, gap, budget=budget - states, poll=poll)
         except _TooLarge as e:
@@ -336,7 +374,8 @@ def _solve_enumeration(scores, A, b, keep, *, beam: int = 200, gap0: float = 2e-
             z_inc, choice = z, best
         if best is not None or gap >= top:
             break
-        gap = min(top, 1.4 * gap)
+        floor = least_gap(gap)
+        gap = min(top, max(1.4 * gap, floor + tol))
     stats["candidates"] = int((lag.r <= gap).sum())
     stats["final_gap"] = float(gap)
     stats["states"] = states

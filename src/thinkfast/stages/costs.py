@@ -66,6 +66,7 @@ from ..puzzle.parent import load_decilm
 from ..puzzle.probes import costs_from_probes, probe_configs
 from ..puzzle.timing import device_name, median_time, whole_model_times
 from ..rundir import StageDir, atomic_write_json
+from ..train.loop import setup_device
 from . import Input, Inputs, check_device, model_path, resolve_device
 
 MAKES = "costs"
@@ -313,9 +314,7 @@ def run(cfg: CostsConfig, stage: StageDir, inputs: Inputs) -> dict:
         atomic_write_json(out_path, {**data, "source": str(cfg.file)})
         return {"device": data["device"], "source": str(cfg.file)}
     model_dir = model_path(inputs)
-    device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    device = setup_device(cfg.device)
     lib = read_library(inputs["library"])
     parent = load_decilm(model_dir, device)
     variants: dict[str, dict[str, Variant]] = {"attention": {}, "ffn": {}}

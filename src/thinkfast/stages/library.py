@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -53,9 +51,9 @@ from ..puzzle.blocks import Variant, attention_variants, channel_contribution, f
 from ..artifacts import LIBRARY_FORMAT, load_tensors, read_library
 from ..puzzle.parent import layer_io, load_decilm
 from ..rundir import StageDir, atomic_dir
-from ..train.checkpoint import has_state, load_state, save_state
+from ..train.loop import TrainLoop, adamw, optimizer_step, setup_device, warmup_cosine
 from ..engines import check_engine, check_engine_name, supports_linear, width_multiple
-from . import Input, Inputs, check_device, model_path, positive, resolve_device
+from . import Input, Inputs, check_device, model_path, positive
 
 MAKES = "library"
 DATA = "corpus"  # calibration and BLD read the data section's train part, held-out losses its held-out part
@@ -175,7 +173,7 @@ def _lr(cfg: LibraryConfig, step: int) -> float:
     warm = max(1, cfg.bld_steps // 10)
     if step < warm:
         return cfg.lr * (step + 1) / warm
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.bld_steps - warm)))
+    return warmup_cosine(step, lr=cfg.lr, total=cfg.bld_steps, warmup=warm)
 
 
 def _nmse(pred: torch.Tensor, io, i: int) -> torch.Tensor:
@@ -283,7 +281,6 @@ def merge_libraries(sources: list[Path], dst: Path, engine: str | None = None) -
 
 def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
     """Build and train the block library of the parent model; write ``library/``."""
-    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     out = stage.path / "library"
@@ -291,9 +288,7 @@ def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
         merged = merge_libraries(list(inputs["sources"].values()), out, cfg.engine)
         return {"merged_from": list(cfg.merge_from), **merged}
     model_dir = model_path(inputs)
-    device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    device = setup_device(cfg.device)
     parent = load_decilm(model_dir, device)
     check_engine(parent.config, cfg.engine, f"the parent {model_dir}", untied_on_export=True)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -316,42 +311,32 @@ def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
           f"{cfg.bld_steps} steps")
     held_out = corpus.rows("held_out", f"library-heldout:{cfg.seed}", cfg.batch_size, cfg.seq_len).to(device)
     init = _losses(blocks, parent, held_out)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0) if params else None
-    start, t0 = 0, time.perf_counter()
-    if has_state(stage.checkpoint_dir) and opt is not None:
-        state = load_state(stage.checkpoint_dir, device)
+    opt = adamw(params, lr=cfg.lr) if params else None
+
+    def load(state):
         for b in trainable:
             for m, sd in zip(b.modules, state["blocks"][f"{b.layer}.{b.key}"]):
                 m.load_state_dict(sd)
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-        log.log("resume", step=start)
-    bar = tqdm(range(start, cfg.bld_steps if opt else 0), initial=start, total=cfg.bld_steps, desc="bld", unit="step")
-    for step in bar:
+
+    loop = TrainLoop(stage, "bld", cfg.bld_steps, opt, schedule=lambda step: _lr(cfg, step), log=log,
+                     log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, device=device, load=load,
+                     save=lambda: {"blocks": {f"{b.layer}.{b.key}": [m.state_dict() for m in b.modules]
+                                              for b in trainable}})
+    for step in loop:
         ids = corpus.rows("train", f"library-bld:{cfg.seed}:{step}", cfg.batch_size, cfg.seq_len).to(device)
         io = layer_io(parent, ids)  # one parent pass feeds every block
-        for g in opt.param_groups:
-            g["lr"] = _lr(cfg, step)
         losses = [_nmse(b.predict(io, parent.model.layers[b.layer]), io, b.layer) for b in trainable]
         total = torch.stack(losses).sum()
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        bar.set_postfix(mean_nmse=f"{total.item() / len(losses):.4f}")
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.bld_steps:
-            log.log("bld", step=step + 1, mean_nmse=total.item() / len(losses),
-                    seconds=time.perf_counter() - t0)
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.bld_steps:
-            save_state(stage.checkpoint_dir, {
-                "blocks": {f"{b.layer}.{b.key}": [m.state_dict() for m in b.modules] for b in trainable},
-                "optimizer": opt.state_dict(), "step": step + 1})
-    bar.close()
+        optimizer_step(opt, total)
+        mean = total.item() / len(losses)
+        loop.end_step(step, loss=mean, postfix="mean_nmse", mean_nmse=mean)
+    loop.close()
     print("library: step 3/3 held-out losses and save")
     final = _losses(blocks, parent, held_out)
     _save_library(out, cfg, parent, blocks, layers, init, final)
     improved = sum(final[k] < init[k] - 1e-9 for k in init if init[k] > 0)
     metrics = {"layers": layers, "blocks": len(blocks), "trained_blocks": len(trainable),
-               "bld_seconds": round(time.perf_counter() - t0, 1), "improved": improved,
+               "bld_seconds": round(loop.seconds, 1), "improved": improved,
                "mean_init_nmse": sum(init.values()) / len(init), "mean_final_nmse": sum(final.values()) / len(final)}
     log.log("done", **metrics, init=init, final=final)
     log.close()

@@ -18,15 +18,12 @@ Departures / choices:
 - Batch ``k`` is a pure function of ``(seed, k)``, so a resumed run sees exactly the batches an
   uninterrupted run would have seen.
 - AdamW with linear warm-up and cosine decay to ``min_lr_ratio * lr``; float32 weights with bf16
-  autocast by default (``precision``).
+  autocast by default (``precision``); the loop, schedule and checkpoints are :mod:`thinkfast.train.loop`.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import random
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -38,8 +35,8 @@ from ..data import DataConfig
 from ..nano.corpus import documents, packed_rows
 from ..nano.tokenizer import build_tokenizer
 from ..rundir import StageDir, atomic_dir
-from ..train.checkpoint import has_state, load_state, save_state
-from . import Inputs, check_device, positive, resolve_device
+from ..train.loop import TrainLoop, adamw, autocast, optimizer_step, setup_device, warmup_cosine
+from . import Inputs, check_device, positive
 
 MAKES = "model"
 DATA = "nano"  # the nano mix of the data section
@@ -130,81 +127,44 @@ def build_parent(cfg: PretrainConfig, tokenizer):
 
 
 def lr_at(cfg: PretrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.train_steps - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+    return warmup_cosine(step, lr=cfg.lr, total=cfg.train_steps, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
 
 
 def _optimizer(model, cfg: PretrainConfig):
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-    )
-
-
-def _save_checkpoint(stage: StageDir, model, opt, step: int, elapsed: float, tokens: int) -> None:
-    save_state(stage.checkpoint_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                      "elapsed": elapsed, "tokens": tokens})
+    return adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def run(cfg: PretrainConfig, stage: StageDir, inputs: Inputs | None = None) -> dict:
     """Train the parent; write ``model/`` (a LlamaForCausalLM folder with the nano tokenizer)."""
-    from tqdm.auto import tqdm
-
     data = inputs.data if inputs is not None else DataConfig()
     if not data.nano:
         raise ValueError("pretrain trains the nano parent on the nano world; data.files is set")
-    device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    device = setup_device(cfg.device)
     tokenizer = build_tokenizer()
     model = build_parent(cfg, tokenizer).to(device)
     opt = _optimizer(model, cfg)
-    start, elapsed, tokens = 0, 0.0, 0
-    if has_state(stage.checkpoint_dir):
-        state = load_state(stage.checkpoint_dir, device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, elapsed, tokens = state["step"], state["elapsed"], state["tokens"]
     n_params = sum(p.numel() for p in model.parameters())
     cut = too_long_fraction(cfg, data, tokenizer)
     if cut > 0.01:
         warnings.warn(f"pretrain: {cut:.0%} of documents are longer than seq_len={cfg.seq_len} tokens and never "
                       "end inside a row; raise pretrain.seq_len", stacklevel=2)
     log = stage.logger()
-    log.log("start", resume_step=start, parameters=n_params, device=str(device), docs_longer_than_row=cut)
+    loop = TrainLoop(stage, "train", cfg.train_steps, opt, schedule=lambda step: lr_at(cfg, step), log=log,
+                     log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, device=device,
+                     save=lambda: {"model": model.state_dict()}, load=lambda st: model.load_state_dict(st["model"]))
+    log.log("start", resume_step=loop.start, parameters=n_params, device=str(device), docs_longer_than_row=cut)
     model.train()
-    t0 = time.perf_counter() - elapsed
-    loss_ema = None
-    bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, desc="pretrain", unit="step")
-    for step in bar:
+    for step in loop:
         batch = make_batch(cfg, data, tokenizer, step).to(device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        with autocast(device, cfg.precision):
             out = model(input_ids=batch[:, :-1])
         loss = torch.nn.functional.cross_entropy(
             out.logits.float().reshape(-1, out.logits.shape[-1]), batch[:, 1:].reshape(-1)
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        tokens += batch[:, :-1].numel()
-        value = loss.item()
-        loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
-        bar.set_postfix(loss=f"{loss_ema:.3f}")
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.train_steps:
-            log.log("train", step=step + 1, loss=value, loss_ema=loss_ema, lr=lr_at(cfg, step),
-                    grad_norm=float(grad_norm), tokens=tokens, seconds=time.perf_counter() - t0)
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.train_steps:
-            _save_checkpoint(stage, model, opt, step + 1, time.perf_counter() - t0, tokens)
-    bar.close()
-    seconds = time.perf_counter() - t0
+        grad_norm = optimizer_step(opt, loss, clip=cfg.grad_clip)
+        loop.end_step(step, loss=loss.item(), grad_norm=grad_norm, tokens=batch[:, :-1].numel())
+    loop.close()
+    seconds, tokens = loop.seconds, loop.counters.get("tokens", 0)
     model.eval()
     with atomic_dir(stage.model_dir) as tmp:
         model.save_pretrained(tmp)
@@ -213,7 +173,7 @@ def run(cfg: PretrainConfig, stage: StageDir, inputs: Inputs | None = None) -> d
         write_model_sidecar(tmp, prompting="text", made_by="pretrain")
     metrics = {
         "parameters": n_params,
-        "final_loss_ema": loss_ema,
+        "final_loss_ema": loop.loss_ema,
         "train_steps": cfg.train_steps,
         "tokens": tokens,
         "train_seconds": round(seconds, 1),
