@@ -334,13 +334,15 @@ def read_costs(path: str | Path, library: dict | None = None) -> dict:
 # ------------------------------------------------------------------ model folders
 
 
-def write_model_sidecar(model_dir: str | Path, prompting: str, made_by: str, **extra: Any) -> None:
-    """Write ``thinkfast.json`` into ``model_dir`` (atomically): how to prompt the model, who made it."""
+def write_model_sidecar(model_dir: str | Path, prompting: str | None, made_by: str, **extra: Any) -> None:
+    """Write ``thinkfast.json`` into ``model_dir`` (atomically): how to prompt the model (None: unknown, eval
+    guesses from the tokenizer), who made it, and ``extra`` (``engine``: the engine it was made for)."""
     from .rundir import atomic_write_json
 
-    if prompting not in PROMPTINGS:
+    if prompting is not None and prompting not in PROMPTINGS:
         raise ValueError(f"prompting={prompting!r}: expected one of {PROMPTINGS}")
-    atomic_write_json(Path(model_dir) / SIDECAR, {"prompting": prompting, "made_by": made_by, **extra})
+    head = {"prompting": prompting} if prompting is not None else {}
+    atomic_write_json(Path(model_dir) / SIDECAR, {**head, "made_by": made_by, **extra})
 
 
 def read_model_sidecar(model_dir: str | Path) -> dict:

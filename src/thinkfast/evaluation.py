@@ -27,7 +27,7 @@ def resolve_prompting(model_dir: Path, tokenizer, requested: str) -> str:
     if requested != "auto":
         return requested
     meta = read_model_sidecar(model_dir)
-    if meta:
+    if meta.get("prompting"):
         return meta["prompting"]
     return "chat" if getattr(tokenizer, "chat_template", None) else "text"
 

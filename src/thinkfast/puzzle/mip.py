@@ -31,8 +31,9 @@ How it works:
    multiplier vectors around ``lam``) exceeds ``gap``; partial architectures with identical usage
    are merged. What survives to the last layer is every architecture within ``gap``; the cheapest
    is optimal once ``gap`` is at least the optimum's own gap.
-4. ``gap``: a beam-limited pass gives an incumbent (an upper bound); exact passes then run with a
-   growing gap starting well below it, and the first that finds anything has found the optimum.
+4. ``gap``: a beam-limited pass (the 50 best partial states per layer) gives an incumbent (an upper
+   bound); exact passes then run with a growing gap starting well below it, and the first that finds
+   anything has found the optimum.
    When every score is a multiple of one quantum ``q`` (scores rounded to a grid; many tied
    architectures), so is every objective: the bound rounds up to the grid, the incumbent is optimal
    as soon as it sits on the first level above the LP bound, and the exact passes walk the levels
@@ -324,7 +325,7 @@ def _enumerate(scores, A, b, lag: _Lagrange, gap: float, *, beam: int | None = N
     return best, out, states
 
 
-def _solve_enumeration(scores, A, b, keep, *, beam: int = 200, gap0: float = 2e-3, deepen: float = 0.1,
+def _solve_enumeration(scores, A, b, keep, *, beam: int = 50, gap0: float = 2e-3, deepen: float = 0.1,
                        budget: int = 3_000_000, race: "_Race | None" = None):
     """Proven-optimal solve by Lagrangian reduced-cost enumeration (module docstring). Returns
     ``(choice, stats)``; ``choice`` is None with ``stats["lp_status"] == 2`` when even the LP

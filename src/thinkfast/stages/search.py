@@ -268,8 +268,8 @@ def run(cfg: SearchConfig, stage: StageDir, inputs: Inputs) -> dict:
     with atomic_dir(stage.model_dir) as tmp:
         child.save_pretrained(tmp)
         copy_tokenizer_files(model_dir, tmp)
-        if sidecar:  # the child is prompted as its parent was
-            write_model_sidecar(tmp, prompting=sidecar["prompting"], made_by="search")
+        # the child is prompted as its parent was; later stages (fuse) keep it loadable by this engine
+        write_model_sidecar(tmp, prompting=sidecar.get("prompting"), made_by="search", engine=engine)
     atomic_write_text(stage.path / "architecture.txt", "\n".join(arch) + "\n")
     atomic_write_json(stage.path / "search.json", {"limits": limits, "costs_device": costs["device"],
                                                    "metric": cfg.metric, "solutions": summaries,
