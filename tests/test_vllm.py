@@ -2,7 +2,7 @@
 ``.venv-vllm``, made by ``scripts/setup_vllm.sh``) give our greedy tokens and our prompt log-probs.
 
 Models: mixed KV-head counts (4 / 2 / 1), no-op attention and no-op FFN, three FFN widths, tied and untied
-embeddings, a real Puzzle child (library for vLLM, scores, costs, search on a random Llama parent), Llama-3 RoPE scaling with a prompt of 400 tokens, far past ``original_max_position_embeddings``
+embeddings, an FFN-Fusion result (two FFNs fused into one of width 768), a real Puzzle child (library for vLLM, scores, costs, search on a random Llama parent), Llama-3 RoPE scaling with a prompt of 400 tokens, far past ``original_max_position_embeddings``
 (64), so scaling shapes every position's frequencies. Widths are multiples of 256 (what vLLM reads
 through ``ffn_mult``); linear blocks are not tested here: vLLM has none.
 
@@ -112,6 +112,31 @@ def puzzle_child(tmp: Path) -> Path:
     return run / "search" / "model"
 
 
+def fused(tmp: Path, seed: int = 3) -> dict:
+    """An FFN-Fusion result: two attention-free layers (widths 256 and 512, norms away from one) fused into
+    one SwiGLU of width 768 (``thinkfast.fusion.fuse``), between two attention layers."""
+    from thinkfast.fusion import fuse
+
+    tok = build_tokenizer()
+    none = attention_block(no_op=True)
+    blocks = [block_config(attention_block(2), ffn_block(512, H)), block_config(none, ffn_block(256, H)),
+              block_config(none, ffn_block(512, H)), block_config(attention_block(1), ffn_block(256, H))]
+    cfg = DeciLMConfig(vocab_size=len(tok), hidden_size=H, num_hidden_layers=len(blocks), num_attention_heads=4,
+                       block_configs=blocks, max_position_embeddings=2048, rope_theta=500000.0, rope_scaling=LLAMA3,
+                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = DeciLMForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05) if p.dim() > 1 else p.add_(0.3 * torch.rand_like(p))
+    child = fuse(model, [[1, 2]])
+    assert child.config.num_hidden_layers == 3 and child.model.layers[1].ffn_spec.intermediate_size == 768
+    child.save_pretrained(tmp / "fused")
+    tok.save_pretrained(tmp / "fused")
+    return reference(tmp / "fused", seed)
+
+
 def run_vllm(tmp: Path, cases: dict) -> subprocess.CompletedProcess:
     """Run RUNNER on ``cases`` in .venv-vllm (its results land in tmp/out.json)."""
     (tmp / "cases.json").write_text(json.dumps(cases))
@@ -129,7 +154,7 @@ needs_vllm = pytest.mark.skipif(not VLLM_PYTHON.is_file(),
 @needs_vllm
 def test_vllm_serves_our_checkpoints(tmp_path):
     cases = {"tied": build(tmp_path, "tied", True, 0), "untied": build(tmp_path, "untied", False, 1),
-             "puzzle child": reference(puzzle_child(tmp_path), 2)}
+             "puzzle child": reference(puzzle_child(tmp_path), 2), "fused": fused(tmp_path)}
     res = run_vllm(tmp_path, cases)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     got = json.loads((tmp_path / "out.json").read_text())
