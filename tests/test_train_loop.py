@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from thinkfast.rundir import StageDir
-from thinkfast.train.loop import (TrainLoop, adamw, autocast, get_rng_state, optimizer_step, set_rng_state,
-                                  warmup_cosine)
+from thinkfast.train.loop import (TrainLoop, adamw, autocast, get_rng_state, native_bf16, optimizer_step,
+                                  resolve_precision, set_rng_state, warmup_cosine)
 
 
 def test_warmup_cosine():
@@ -29,6 +29,14 @@ def test_adamw_decays_matrices_only():
     assert adamw(model.parameters(), lr=0.1).param_groups[0]["weight_decay"] == 0.0
     with pytest.raises(ValueError, match="precision"):
         autocast(torch.device("cpu"), "fp16")
+
+
+def test_auto_precision_is_bf16_only_where_native():
+    cpu = torch.device("cpu")
+    assert resolve_precision(cpu, "auto") == ("bf16" if native_bf16(cpu) else "fp32")
+    assert resolve_precision(cpu, "fp32") == "fp32" and resolve_precision(cpu, "bf16") == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision(cpu, "half")
 
 
 def test_rng_state_round_trip():
