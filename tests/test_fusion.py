@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from thinkfast.fusion import dependency_matrix, find_groups, fusable, fuse, parallel_form
+from thinkfast.fusion import dependency_matrix, find_groups, fusable, fuse, fused_layer_map, parallel_form
 from thinkfast.modeling import DeciLMConfig, DeciLMForCausalLM
 from thinkfast.modeling.configuration_decilm import attention_block, block_config, ffn_block
 
@@ -95,6 +95,7 @@ def test_fused_model_equals_manual_parallel_run_and_keeps_the_rest():
     assert [a.kind for a, _ in fused.config.block_specs()] == ["gqa", "no_op", "no_op", "gqa", "no_op", "gqa"]
     assert torch.equal(fused.model.layers[5].mlp.up_proj.weight, m.model.layers[9].mlp.up_proj.weight)
     assert torch.equal(fused.lm_head.weight, m.lm_head.weight)
+    assert fused_layer_map(m.config, groups) == [0, 3, 4, 5, 8, 9]
     # no groups, no identity dropping: the same model
     same = fuse(m, [], drop_identity=False)
     assert torch.equal(same(ids).logits, m(ids).logits)
@@ -200,4 +201,5 @@ def test_fuse_stage_in_the_pipeline(tmp_path):
     assert (run / "fuse" / "dependency.png").stat().st_size > 1000
     sidecar = json.loads((run / "fuse" / "model" / "thinkfast.json").read_text())
     assert sidecar["made_by"] == "fuse" and sidecar["engine"] == "hf"
+    assert sidecar["layer_map"] == [0, 3, 4, 5, 7, 8, 9]  # group 1..3 ends at 3; identity layer 6 dropped
     assert (run / "fuse" / "model" / "tokenizer.json").is_file()

@@ -111,6 +111,18 @@ def evaluate(model, tokenizer, suite: dict, prompting: str, cfg, log=None) -> tu
     return metrics, kept
 
 
+def quick_accuracy(model, tokenizer, problems: list, prompting: str, mode: str, *, max_new_tokens: int = 600,
+                   batch_size: int = 64) -> float:
+    """Share of ``problems`` answered right in ``mode``, greedy: the periodic check of training stages."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
+                            stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=batch_size, seed=0)
+    prompts = [build_prompt(tokenizer, p, prompting, mode) for p in problems]
+    completions = generate(model, prompts, params, progress=False)
+    right = [grade(p, tokenizer.decode(c.token_ids, skip_special_tokens=True), prompting, mode)["correct"]
+             for p, c in zip(problems, completions)]
+    return statistics.fmean(right) if right else 0.0
+
+
 def format_table(metrics: dict) -> str:
     """A plain-text table: one row per cell, one column pair (accuracy, tokens) per mode."""
     modes = list(metrics["modes"])

@@ -32,7 +32,7 @@ from .convert import load_full_state
 from .modeling import DeciLMConfig, DeciLMForCausalLM
 from .modeling.configuration_decilm import attention_block, block_config, ffn_block
 
-__all__ = ["FusionPlan", "dependency_matrix", "fusable", "find_groups", "fuse", "parallel_form"]
+__all__ = ["FusionPlan", "dependency_matrix", "fusable", "find_groups", "fuse", "fused_layer_map", "parallel_form"]
 
 
 def fusable(config: DeciLMConfig) -> list[bool]:
@@ -147,6 +147,21 @@ def find_groups(config: DeciLMConfig, dependency: torch.Tensor | None = None, *,
         if len(cur) >= 2:
             out.append(cur)
     return FusionPlan(out, runs, left_out)
+
+
+def fused_layer_map(config: DeciLMConfig, groups: list[list[int]], *, drop_identity: bool = True) -> list[int]:
+    """For each layer of :func:`fuse`'s result, the layer of the input whose output it reproduces (a group's
+    last member): what distillation compares hidden states against."""
+    specs = config.block_specs()
+    last = {g[0]: g[-1] for g in groups}
+    inside = {j for g in groups for j in g}
+    out = []
+    for i, (a, f) in enumerate(specs):
+        if i in last:
+            out.append(last[i])
+        elif i not in inside and not (drop_identity and a.kind == "no_op" and f.kind == "no_op"):
+            out.append(i)
+    return out
 
 
 def parallel_form(model: DeciLMForCausalLM, group: list[int], x: torch.Tensor) -> torch.Tensor:

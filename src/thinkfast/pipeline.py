@@ -34,7 +34,8 @@ from pathlib import Path
 from .config import ConfigError, apply_overrides, config_hash, from_dict, load_yaml, to_dict
 from .data import NANO_MIX, DataConfig, DataError, expand_files
 from .rundir import MARKER_FORMAT, RunDir, RunDirError, StageConfigMismatch, StageDir, StageRun, atomic_write_json
-from .stages import OUTPUTS, Input, Inputs, costs, fuse, library, parent, pretrain, resolve_device, scores, search
+from .stages import (OUTPUTS, Input, Inputs, costs, distill, fuse, library, parent, pretrain, resolve_device, scores,
+                     search)
 from .stages import eval as eval_stage
 
 # name -> stage module (config class, MAKES, reads, run). A plain table: adding a stage is one line here.
@@ -46,6 +47,7 @@ STAGES = {
     "costs": costs,
     "search": search,
     "fuse": fuse,
+    "distill": distill,
     "eval": eval_stage,
 }
 # Fields that change how fast a stage runs or how much it logs, not what it produces: not in its identity.

@@ -25,7 +25,7 @@ import torch
 from ..artifacts import copy_tokenizer_files, read_model_sidecar, write_model_sidecar
 from ..data import Corpus
 from ..engines import check_engine, check_engine_name, untie_for
-from ..fusion import dependency_matrix, find_groups, fuse
+from ..fusion import dependency_matrix, find_groups, fuse, fused_layer_map
 from ..puzzle.assemble import describe
 from ..puzzle.parent import kl_and_lm_loss, load_decilm
 from ..puzzle.timing import device_name, paired_speedup
@@ -151,7 +151,11 @@ def run(cfg: FuseConfig, stage: StageDir, inputs: Inputs) -> dict:
     with atomic_dir(stage.model_dir) as tmp:
         fused.save_pretrained(tmp)
         copy_tokenizer_files(model_dir, tmp)
-        write_model_sidecar(tmp, prompting=sidecar.get("prompting"), made_by="fuse", engine=engine)
+        # the input layer each layer ends (through earlier maps): distillation compares hidden states there
+        here = fused_layer_map(model.config, plan.groups)
+        before = sidecar.get("layer_map")
+        write_model_sidecar(tmp, prompting=sidecar.get("prompting"), made_by="fuse", engine=engine,
+                            layer_map=[before[i] for i in here] if before else here)
     atomic_write_json(stage.path / "dependency.json", {
         "format": "thinkfast-dependency/1", "layers": L, "fusable": flags, "rows": cfg.dependency_rows,
         "seq_len": cfg.seq_len, "matrix": matrix.tolist()})
