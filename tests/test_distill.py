@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from thinkfast.nano.tokenizer import build_tokenizer
 from thinkfast.pipeline import default_config_path, load_pipeline, run_stage
 from thinkfast.stages import distill
-from thinkfast.train.distill import cosine_loss, forward_kl, layer_map
+from thinkfast.train.distill import TeacherCache, cosine_loss, forward_kl, layer_map, topk_kl
 
 
 def test_forward_kl_and_temperature():
@@ -21,6 +21,30 @@ def test_forward_kl_and_temperature():
     p, q = torch.softmax(t, -1), torch.log_softmax(s, -1)
     assert forward_kl(t, s).item() == pytest.approx((p * (p.log() - q)).sum(-1).mean().item(), rel=1e-5)
     assert forward_kl(t, s, 2.0).item() == pytest.approx(4 * forward_kl(t / 2, s / 2).item(), rel=1e-5)
+
+
+def test_topk_kl_is_the_kl_over_the_cached_tokens(tmp_path):
+    t, s = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    full = t.topk(11, dim=-1)
+    assert topk_kl(full.values, full.indices, s, 1.5).item() == pytest.approx(forward_kl(t, s, 1.5).item(), rel=1e-5)
+    top = t.topk(3, dim=-1)
+    p = torch.softmax(top.values, -1)
+    q = torch.log_softmax(s, -1).gather(-1, top.indices)
+    assert topk_kl(top.values, top.indices, s).item() == pytest.approx((p * (p.log() - q)).sum(-1).mean().item(),
+                                                                       rel=1e-5)
+    # the cache: shards on disk, resumable, the same rows and top-k the teacher gives
+    teacher = torch.nn.Module()
+    teacher.device = torch.device("cpu")
+    teacher.forward = lambda x: type("Out", (), {"logits": torch.nn.functional.one_hot(x, 13).float() * 3})()
+    rows = lambda step: torch.arange(step, step + 8).reshape(2, 4) % 13  # noqa: E731
+    cache = TeacherCache(tmp_path / "cache", k=2, shard_steps=3)
+    cache.build(teacher, rows, steps=7, progress=False)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"shard-0000{i}.safetensors" for i in range(3)]
+    ids, values, indices = cache.get(5)
+    assert torch.equal(ids, rows(5)) and values.shape == (2, 3, 2) and torch.equal(indices[..., 0], rows(5)[:, :-1])
+    (tmp_path / "cache" / "shard-00001.safetensors").unlink()
+    cache.build(teacher, rows, steps=7, progress=False)
+    assert (tmp_path / "cache" / "shard-00001.safetensors").is_file()
 
 
 def test_cosine_loss_and_layer_map():
@@ -110,3 +134,13 @@ def test_continued_pretraining_needs_no_teacher_and_distill_needs_one(folders, t
     assert m["mode"] == "lm" and m["kl_before"] is None and m["lm_loss_after"] < m["lm_loss_before"]
     with pytest.raises(ValueError, match="teacher and a student"):
         run_distill(_pipe(folders, tmp_path / "kd"))
+
+
+def test_distill_from_cached_top_k_logits(folders, tmp_path):
+    run = tmp_path / "run"
+    m, _ = run_distill(_pipe(folders, run, f"distill.teacher={folders / 'teacher'}", "distill.teacher_top_k=8",
+                             "distill.cosine_weight=0"))
+    assert m["teacher"] == "top-8 cache" and m["kl_after"] < 0.8 * m["kl_before"], m
+    assert not (run / "distill" / "teacher_cache").exists()  # an intermediate: gone with the stage
+    with pytest.raises(ValueError, match="cosine_weight: 0"):
+        distill.DistillConfig(teacher_top_k=8)

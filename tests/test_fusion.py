@@ -203,3 +203,14 @@ def test_fuse_stage_in_the_pipeline(tmp_path):
     assert sidecar["made_by"] == "fuse" and sidecar["engine"] == "hf"
     assert sidecar["layer_map"] == [0, 3, 4, 5, 7, 8, 9]  # group 1..3 ends at 3; identity layer 6 dropped
     assert (run / "fuse" / "model" / "tokenizer.json").is_file()
+
+    # the main job's order: fuse -> distill (student: the fused model, teacher: the run's first model, hidden
+    # states compared through the recorded layer map) -> eval (a row per model)
+    extra = ["stages=[parent,fuse,distill,eval]", "fuse.engine=hf", "distill.train_steps=4", "distill.batch_size=2",
+             "distill.seq_len=32", "distill.eval_every=2", "distill.eval_rows=2", "distill.eval_problems=1",
+             "distill.eval_max_new_tokens=4", "eval.per_cell=1", "eval.max_new_tokens=4"]
+    metrics, ran = run_stage(pipe(*extra), "distill")
+    assert ran and metrics["layer_pairs"] == 7 and metrics["kl_before"] > 0
+    assert json.loads((run / "distill" / "model" / "thinkfast.json").read_text())["layer_map"] == sidecar["layer_map"]
+    metrics, _ = run_stage(pipe(*extra), "eval")
+    assert set(metrics["models"]) == {"parent", "fuse", "distill"}, metrics["models"]

@@ -9,7 +9,10 @@ student is the latest model of the run (the Puzzle child, or the fused model); t
 + lm_weight * LM loss``; hidden states are compared layer by layer where the student's layers map onto the
 teacher's (a Puzzle child: one to one; a fused model: the map ``fuse`` records; otherwise the last layer
 only). ``mode: lm`` is continued pretraining: the LM loss alone, no teacher needed. Teacher logits are
-computed on the fly.
+computed on the fly, or, with ``teacher_top_k: k`` (a teacher too big to run beside the student), once
+before training: the teacher's k largest logits per token for every step's rows, kept in shards under
+``teacher_cache/`` (deleted when the stage ends), and the KL is taken over those k tokens (no cosine loss:
+the cache keeps no hidden states).
 
 Every ``eval_every`` steps (and at the start and the end) it measures, on held-out rows, the KL to the
 teacher and the student's LM loss, and, for a nano-world model, the step-by-step accuracy on
@@ -17,12 +20,12 @@ teacher and the student's LM loss, and, for a nano-world model, the step-by-step
 tokens. Resumable (:mod:`thinkfast.train.loop`), the curve included.
 
 Departures: the paper distils on 0.5-90B tokens of a pretraining mix; the nano world uses its own mix for
-a few hundred steps. Caching the teacher's top-k logits (for a teacher too big to run beside the student)
-is not implemented yet.
+a few hundred steps.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,7 +38,7 @@ from ..evaluation import quick_accuracy
 from ..nano import tasks
 from ..puzzle.parent import kl_and_lm_loss, load_decilm
 from ..rundir import StageDir, atomic_dir, atomic_write_json
-from ..train.distill import distill_loss, layer_map
+from ..train.distill import TeacherCache, distill_loss, layer_map, topk_kl
 from ..train.loop import TrainLoop, adamw, autocast, optimizer_step, resolve_precision, setup_device, warmup_cosine
 from . import Input, Inputs, check_device, positive
 
@@ -57,6 +60,7 @@ class DistillConfig:
     lm_weight: float = 0.0  # the paper found that adding it hurt
     temperature: float = 1.0
     teacher: str | None = None  # a model folder; default: the run's first model
+    teacher_top_k: int | None = None  # cache the teacher's top-k logits first, then train without it
     train_steps: int = 300
     batch_size: int = 8
     seq_len: int = 512
@@ -86,6 +90,12 @@ class DistillConfig:
             raise ValueError("kl_weight, cosine_weight, lm_weight and weight_decay must be >= 0")
         if self.mode == "distill" and not (self.kl_weight or self.cosine_weight or self.lm_weight):
             raise ValueError("every loss weight is 0: set kl_weight, cosine_weight or lm_weight")
+        if self.teacher_top_k is not None:
+            if self.teacher_top_k < 1 or self.mode != "distill":
+                raise ValueError(f"teacher_top_k={self.teacher_top_k}: a positive k, with mode: distill")
+            if self.cosine_weight:
+                raise ValueError("teacher_top_k caches the teacher's logits only, no hidden states: set "
+                                 "cosine_weight: 0 with it")
 
 
 Config = DistillConfig
@@ -104,19 +114,23 @@ def _models(cfg: DistillConfig, inputs: Inputs):
 
 
 @torch.no_grad()
-def _measure(student, teacher, held_out: torch.Tensor, batch: int, problems, tokenizer, prompting, cfg) -> dict:
+def _measure(student, teacher, held_out: torch.Tensor, batch: int, problems, tokenizer, prompting, cfg,
+             held_topk=None) -> dict:
     student.eval()
     out: dict = {}
     kls, lms, n = 0.0, 0.0, 0
     for i in range(0, held_out.shape[0], batch):
         ids = held_out[i:i + batch]
         s = student(ids[:, :-1]).logits
-        if teacher is not None:
+        if held_topk is not None:  # the cached teacher: KL over its top k
+            kl = float(topk_kl(held_topk[0][i:i + batch], held_topk[1][i:i + batch], s))
+            lm = float(torch.nn.functional.cross_entropy(s.float().flatten(0, 1), ids[:, 1:].flatten()))
+        elif teacher is not None:
             kl, lm = kl_and_lm_loss(teacher(ids[:, :-1]).logits, s, ids[:, 1:])
         else:
             kl, lm = float("nan"), float(torch.nn.functional.cross_entropy(s.float().flatten(0, 1), ids[:, 1:].flatten()))
         kls, lms, n = kls + kl * ids.shape[0], lms + lm * ids.shape[0], n + ids.shape[0]
-    out["kl"] = kls / n if teacher is not None else None
+    out["kl"] = kls / n if teacher is not None or held_topk is not None else None
     out["lm_loss"] = lms / n
     if problems:
         mode = "think" if prompting == "text" else "on"
@@ -155,22 +169,35 @@ def run(cfg: DistillConfig, stage: StageDir, inputs: Inputs) -> dict:
     student_dir, teacher_dir = _models(cfg, inputs)
     device = setup_device(cfg.device)
     precision = resolve_precision(device, cfg.precision)
-    student = load_decilm(student_dir, device).requires_grad_(True)
-    teacher = load_decilm(teacher_dir, device) if teacher_dir is not None else None
-    if teacher is not None:
-        teacher.requires_grad_(False)
-        if teacher.config.vocab_size != student.config.vocab_size:
-            raise ValueError(f"the teacher {teacher_dir} has {teacher.config.vocab_size} tokens, the student "
-                             f"{student_dir} {student.config.vocab_size}: they must share a tokenizer")
-    sidecar = read_model_sidecar(student_dir)
-    weights = ({"kl_weight": 0.0, "cosine_weight": 0.0, "lm_weight": 1.0} if cfg.mode == "lm" else
-               {"kl_weight": cfg.kl_weight, "cosine_weight": cfg.cosine_weight, "lm_weight": cfg.lm_weight})
-    pairs = layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers,
-                      sidecar.get("layer_map")) if teacher is not None else []
-    train_teacher = teacher if cfg.mode == "distill" else None
     tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
     corpus = Corpus(inputs.data, tokenizer)
     held_out = corpus.rows("held_out", f"distill-eval:{cfg.seed}", cfg.eval_rows, cfg.seq_len).to(device)
+
+    def rows(step: int) -> torch.Tensor:
+        return corpus.rows("train", f"distill:{cfg.seed}:{step}", cfg.batch_size, cfg.seq_len)
+
+    teacher = load_decilm(teacher_dir, device) if teacher_dir is not None else None
+    t_layers, t_vocab = (teacher.config.num_hidden_layers, teacher.config.vocab_size) if teacher else (0, None)
+    cache = held_topk = None
+    if cfg.teacher_top_k:  # the teacher's top-k logits first; it leaves memory before the student comes
+        k = min(cfg.teacher_top_k, t_vocab)
+        cache = TeacherCache(stage.path / "teacher_cache", k)
+        cache.build(teacher, rows, cfg.train_steps)
+        with torch.no_grad():
+            tops = [teacher(held_out[i:i + cfg.batch_size, :-1]).logits.float().topk(k, dim=-1)
+                    for i in range(0, held_out.shape[0], cfg.batch_size)]
+        held_topk = (torch.cat([t.values for t in tops]).to(torch.bfloat16), torch.cat([t.indices for t in tops]))
+        teacher = None
+    student = load_decilm(student_dir, device).requires_grad_(True)
+    if t_vocab is not None and t_vocab != student.config.vocab_size:
+        raise ValueError(f"the teacher {teacher_dir} has {t_vocab} tokens, the student {student_dir} "
+                         f"{student.config.vocab_size}: they must share a tokenizer")
+    sidecar = read_model_sidecar(student_dir)
+    weights = ({"kl_weight": 0.0, "cosine_weight": 0.0, "lm_weight": 1.0} if cfg.mode == "lm" else
+               {"kl_weight": cfg.kl_weight, "cosine_weight": cfg.cosine_weight, "lm_weight": cfg.lm_weight})
+    pairs = (layer_map(student.config.num_hidden_layers, t_layers, sidecar.get("layer_map"))
+             if teacher is not None and weights["cosine_weight"] else [])
+    train_teacher = teacher if cfg.mode == "distill" else None
     prompting = sidecar.get("prompting") or "text"
     problems = (tasks.make_problems(cfg.eval_problems, seed=cfg.seed, kinds=tasks.KINDS, digits=(1, 2),
                                     split="eval") if inputs.data.nano and cfg.eval_problems else [])
@@ -193,7 +220,7 @@ def run(cfg: DistillConfig, stage: StageDir, inputs: Inputs) -> dict:
             precision=precision, **weights)
 
     def point(step: int, tokens: int) -> None:
-        m = _measure(student, teacher, held_out, cfg.batch_size, problems, tokenizer, prompting, cfg)
+        m = _measure(student, teacher, held_out, cfg.batch_size, problems, tokenizer, prompting, cfg, held_topk)
         curve.append({"step": step, "tokens": tokens, **m})
         log.log("eval", **curve[-1])
 
@@ -201,7 +228,12 @@ def run(cfg: DistillConfig, stage: StageDir, inputs: Inputs) -> dict:
     if loop.start == 0 and not curve:
         point(0, 0)
     for step in loop:
-        ids = corpus.rows("train", f"distill:{cfg.seed}:{step}", cfg.batch_size, cfg.seq_len).to(device)
+        topk = None
+        if cache is not None:
+            ids, values, indices = cache.get(step)
+            ids, topk = ids.to(device), (values.to(device), indices.to(device))
+        else:
+            ids = rows(step).to(device)
         x, labels = ids[:, :-1], ids[:, 1:]
         with autocast(device, precision):
             t_out = None
@@ -209,7 +241,8 @@ def run(cfg: DistillConfig, stage: StageDir, inputs: Inputs) -> dict:
                 with torch.no_grad():
                     t_out = train_teacher(x, output_hidden_states=bool(weights["cosine_weight"]))
             s_out = student(x, output_hidden_states=bool(weights["cosine_weight"]))
-            loss, parts = distill_loss(s_out, t_out, labels, pairs, temperature=cfg.temperature, **weights)
+            loss, parts = distill_loss(s_out, t_out, labels, pairs, temperature=cfg.temperature,
+                                       teacher_topk=topk, **weights)
         grad_norm = optimizer_step(opt, loss, clip=cfg.grad_clip)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.train_steps:  # before a checkpoint saves the curve
             point(step + 1, loop.counters.get("tokens", 0) + x.numel())
@@ -222,11 +255,14 @@ def run(cfg: DistillConfig, stage: StageDir, inputs: Inputs) -> dict:
         extra = {k: sidecar[k] for k in ("engine", "layer_map") if k in sidecar}
         write_model_sidecar(tmp, prompting=sidecar.get("prompting"), made_by="distill", **extra)
     atomic_write_json(stage.path / "curve.json", curve)
+    if cache is not None:
+        shutil.rmtree(cache.path, ignore_errors=True)
     source = f" from {Path(teacher_dir).parent.name}" if cfg.mode == "distill" else ""
     _plot(stage.path / "curve.png", curve, f"{cfg.mode} of {Path(student_dir).parent.name}{source}")
     first, last = curve[0], curve[-1]
     metrics = {"mode": cfg.mode, "steps": cfg.train_steps, "tokens": loop.counters.get("tokens", 0),
                "seconds": round(loop.seconds, 1), "precision": precision, "layer_pairs": len(pairs),
+               "teacher": (f"top-{cache.k} cache" if cache is not None else "on the fly") if cfg.mode == "distill" else None,
                "kl_before": first.get("kl"), "kl_after": last.get("kl"),
                "lm_loss_before": first["lm_loss"], "lm_loss_after": last["lm_loss"],
                "accuracy_before": first.get("accuracy"), "accuracy_after": last.get("accuracy")}

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cosine_loss", "distill_loss", "forward_kl", "layer_map"]
+__all__ = ["TeacherCache", "cosine_loss", "distill_loss", "forward_kl", "layer_map", "topk_kl"]
 
 
 def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -52,11 +52,15 @@ def layer_map(student_layers: int, teacher_layers: int, recorded: Sequence[int] 
 
 def distill_loss(student_out, teacher_out, labels: torch.Tensor, pairs: Sequence[tuple[int, int]], *,
                  temperature: float = 1.0, kl_weight: float = 1.0, cosine_weight: float = 1.0,
-                 lm_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                 lm_weight: float = 0.0, teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted sum of the KL, the hidden-state cosine loss and the LM loss, and each part's value.
-    ``teacher_out`` may be None when only ``lm_weight`` is set (continued pretraining)."""
+    ``teacher_out`` may be None when only ``lm_weight`` is set (continued pretraining), or when the KL is
+    taken against cached top-k logits (``teacher_topk``: values, indices; no cosine loss then)."""
     parts: dict[str, torch.Tensor] = {}
-    if kl_weight:
+    if kl_weight and teacher_topk is not None:
+        parts["kl"] = topk_kl(*teacher_topk, student_out.logits, temperature)
+    elif kl_weight:
         parts["kl"] = forward_kl(teacher_out.logits, student_out.logits, temperature)
     if cosine_weight and pairs:
         parts["cosine"] = cosine_loss(student_out.hidden_states, teacher_out.hidden_states, pairs)
@@ -66,3 +70,68 @@ def distill_loss(student_out, teacher_out, labels: torch.Tensor, pairs: Sequence
     weights = {"kl": kl_weight, "cosine": cosine_weight, "lm": lm_weight}
     total = sum(weights[k] * v for k, v in parts.items())
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def topk_kl(top_values: torch.Tensor, top_indices: torch.Tensor, student_logits: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """:func:`forward_kl` against a cached teacher: its ``k`` largest logits per token (``top_values``,
+    ``top_indices``, ``[..., k]``), renormalised over those ``k`` tokens; the student's log-probabilities come
+    from its full softmax. With ``k`` = the vocabulary it equals :func:`forward_kl`."""
+    t = F.log_softmax(top_values.float() / temperature, -1)
+    s = F.log_softmax(student_logits.float() / temperature, -1).gather(-1, top_indices.long())
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+
+
+class TeacherCache:
+    """The teacher's top-``k`` logits for every training step's rows, computed once and kept on disk in
+    shards of ``shard_steps`` steps (``cache/shard-00000.safetensors``: ``ids`` int32 ``[steps, B, T]``,
+    ``values`` bfloat16 and ``indices`` int32 ``[steps, B, T-1, k]``), so that training needs only the
+    student in memory. Each shard is written atomically; an interrupted build resumes at the first missing
+    shard."""
+
+    def __init__(self, path, k: int, shard_steps: int = 25):
+        from pathlib import Path
+
+        self.path, self.k, self.shard_steps = Path(path), k, shard_steps
+        self._loaded: tuple[int, dict] | None = None
+
+    def _file(self, shard: int):
+        return self.path / f"shard-{shard:05d}.safetensors"
+
+    @torch.no_grad()
+    def build(self, teacher, rows, steps: int, progress: bool = True) -> None:
+        """``rows(step)`` -> the step's token ids ``[B, T]``; computes the shards that are missing."""
+        import os
+
+        from safetensors.torch import save_file
+        from tqdm.auto import tqdm
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        shards = range((steps + self.shard_steps - 1) // self.shard_steps)
+        todo = [s for s in shards if not self._file(s).is_file()]
+        bar = tqdm(total=len(todo) * self.shard_steps, desc="teacher top-k", disable=not progress or not todo,
+                   unit="step")
+        for s in todo:
+            ids, values, indices = [], [], []
+            for step in range(s * self.shard_steps, min(steps, (s + 1) * self.shard_steps)):
+                x = rows(step)
+                top = teacher(x[:, :-1].to(teacher.device)).logits.float().topk(self.k, dim=-1)
+                ids.append(x.to(torch.int32).cpu())
+                values.append(top.values.to(torch.bfloat16).cpu())
+                indices.append(top.indices.to(torch.int32).cpu())
+                bar.update()
+            tmp = self._file(s).with_name(f".{self._file(s).name}.tmp")
+            save_file({"ids": torch.stack(ids), "values": torch.stack(values), "indices": torch.stack(indices)},
+                      str(tmp))
+            os.replace(tmp, self._file(s))
+        bar.close()
+
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ids int64 [B, T], values [B, T-1, k], indices int64 [B, T-1, k])`` of ``step``."""
+        from safetensors.torch import load_file
+
+        shard, i = divmod(step, self.shard_steps)
+        if self._loaded is None or self._loaded[0] != shard:
+            self._loaded = (shard, load_file(str(self._file(shard))))
+        data = self._loaded[1]
+        return data["ids"][i].long(), data["values"][i], data["indices"][i].long()

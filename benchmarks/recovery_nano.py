@@ -1,0 +1,161 @@
+"""Recovery in the nano world, side by side in one run (issue 11): what distillation and FFN Fusion do to
+a Puzzle child, and whether the MIP child still beats the baselines once each is distilled.
+
+Reads a run directory whose ``pretrain``, ``library``, ``scores`` and ``costs`` stages are complete
+(``thinkfast run`` on configs/nano.yaml) and copies them into ``--work`` (the main run is not touched).
+Then, with the pipeline's own stages:
+
+- ``mip``: the search stage's child at ``--speedup`` (measured decode throughput at the costs' batch,
+  verified and calibrated as the main job does);
+- ``greedy`` and ``drop_attention``: the baselines of benchmarks/puzzle_nano.py at the MIP child's
+  predicted runtime (equal cost);
+- ``mip+fuse``: the fuse stage on the MIP child;
+- each of these distilled from the parent with the same budget (the distill stage, ``--distill-steps``).
+
+For every model: measured decode speedup against the parent at ``--batch`` sequences and at batch 1
+(``--context`` cached tokens, ``--steps`` steps, ``--repeats`` interleaved rounds, median), held-out KL
+to the parent, and step-by-step accuracy on 1-2 digit problems (``--per-cell`` per kind and digit count).
+
+    python benchmarks/recovery_nano.py [--run-dir runs/nano] [--speedup 2.5] [--distill-steps 300]
+    -> benchmarks/results/recovery_nano.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from thinkfast.artifacts import copy_tokenizer_files, read_costs, read_library, read_scores, write_model_sidecar
+from thinkfast.evaluation import evaluate
+from thinkfast.nano import tasks
+from thinkfast.nano.corpus import packed_rows
+from thinkfast.pipeline import load_pipeline, run_stage
+from thinkfast.puzzle.assemble import assemble, build_problem, describe
+from thinkfast.puzzle.parent import load_decilm
+from thinkfast.stages.eval import EvalConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from puzzle_nano import decode_seconds, drop_attention, greedy, held_out_kl  # noqa: E402
+
+UPSTREAM = ("pretrain", "library", "scores", "costs")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/nano.yaml")
+    ap.add_argument("--run-dir", default="runs/nano")
+    ap.add_argument("--work", default="runs/recovery")
+    ap.add_argument("--speedup", type=float, default=2.5)
+    ap.add_argument("--distill-steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--per-cell", type=int, default=25)
+    ap.add_argument("--out", default="benchmarks/results/recovery_nano.json")
+    a = ap.parse_args(argv)
+    src, work = Path(a.run_dir), Path(a.work)
+    for name in UPSTREAM:
+        if not (src / name).is_dir() and not (work / name).is_dir():  # a stage's folder appears when it completes
+            raise SystemExit(f"{src / name} is not complete: run `thinkfast run --config {a.config}` first")
+        if not (work / name).is_dir():
+            shutil.copytree(src / name, work / name, symlinks=True)
+    common = [f"search.speedup={a.speedup}", f"search.batch_size={a.batch}", "search.sweep=[]",
+              f"distill.train_steps={a.distill_steps}"]
+
+    def pipe(run_dir, stages, *extra):
+        return load_pipeline(a.config, [f"run_dir={run_dir}", f"stages=[{','.join(stages)}]", *common, *extra])
+
+    main_pipe = pipe(work, [*UPSTREAM, "search", "fuse", "distill"])
+    for name in [*UPSTREAM, "search", "fuse", "distill"]:
+        run_stage(main_pipe, name)
+    parent_dir = work / "pretrain" / "model"
+    lib_dir = work / "library" / "library"
+    lib = read_library(lib_dir)
+    costs = read_costs(work / "costs" / "costs.json")
+    problem = build_problem(lib, read_scores(work / "scores" / "scores.json"), costs)
+    key = f"decode_s@{a.batch}"
+    parent = load_decilm(parent_dir)
+    tensors = load_file(str(lib_dir / "weights.safetensors"))
+    found = json.loads((work / "search" / "search.json").read_text())["solutions"][0]["choice"]
+    mip = [problem.names[i].index(tuple(n)) for i, n in enumerate(found)]
+    limit = problem.totals(mip)[key] - problem.fixed[key]
+    choices = {"mip": mip, "greedy": greedy(problem, key, limit), "drop_attention": drop_attention(problem, key, limit)}
+    folders = {"parent": parent_dir, "mip": work / "search" / "model", "mip+fuse": work / "fuse" / "model",
+               "mip+fuse+distill": work / "distill" / "model"}
+    for name, choice in choices.items():
+        if choice is None:
+            print(f"{name}: cannot reach the MIP child's cost", flush=True)
+            continue
+        if name != "mip":
+            folder = work / "baselines" / name
+            if not (folder / "config.json").is_file():
+                child = assemble(parent, lib, tensors, [problem.names[i][k] for i, k in enumerate(choice)])
+                child.save_pretrained(folder)
+                copy_tokenizer_files(parent_dir, folder)
+                write_model_sidecar(folder, prompting="text", made_by=f"benchmark:{name}")
+            folders[name] = folder
+        p = pipe(work / f"distill-{name}", ["parent", "distill"], f"parent.path={folders[name].resolve()}",
+                 f"distill.teacher={parent_dir.resolve()}")
+        run_stage(p, "parent")
+        run_stage(p, "distill")
+        folders[f"{name}+distill"] = work / f"distill-{name}" / "distill" / "model"
+
+    models = {name: load_decilm(f) for name, f in folders.items()}
+    tokenizer = AutoTokenizer.from_pretrained(parent_dir)
+    ids = packed_rows(tokenizer, random.Random("puzzle-bench-heldout"), 16, 513)
+    suite = tasks.eval_suite(seed=1234, per_cell=a.per_cell, digits=(1, 2), steps=(2,))
+    ecfg = EvalConfig(per_cell=a.per_cell, digits=[1, 2], max_new_tokens=600)
+    times = {b: {name: [] for name in models} for b in (a.batch, 1)}
+    for b in times:
+        for m in models.values():
+            decode_seconds(m, b, a.context, 4)  # warm-up
+        for _ in range(a.repeats):  # interleaved, median per model: the machine is noisy
+            for name, m in models.items():
+                times[b][name].append(decode_seconds(m, b, a.context, a.steps))
+    med = {b: {n: statistics.median(t) for n, t in ts.items()} for b, ts in times.items()}
+    rows_idx = np.arange(len(problem.names))
+    results = {}
+    for name, m in models.items():
+        base = name.split("+")[0]
+        r = {"layers": m.config.num_hidden_layers, "architecture": describe(m.config),
+             "params": sum(p.numel() for p in m.parameters()),
+             f"speedup_batch{a.batch}": med[a.batch]["parent"] / med[a.batch][name],
+             "speedup_batch1": med[1]["parent"] / med[1][name],
+             "kl": 0.0 if name == "parent" else held_out_kl(parent, m, ids)}
+        if base in choices and choices[base] is not None and "fuse" not in name:
+            r["predicted_speedup"] = problem.totals(problem.parent_choice)[key] / problem.totals(choices[base])[key]
+            r["summed_score"] = float(problem.scores[rows_idx, choices[base]].sum())
+        metrics, _ = evaluate(m, tokenizer, suite, "text", ecfg)
+        r["accuracy"] = metrics["modes"]["think"]["accuracy"]
+        r["accuracy_2d"] = metrics["modes"]["think"]["accuracy_2d"]
+        results[name] = r
+        print(name, json.dumps({k: v for k, v in r.items() if k != "architecture"}), flush=True)
+    top = results["parent"]["accuracy"]
+    lines = [f"| model | layers | decode speedup @{a.batch} | @1 | held-out KL | step-by-step acc (1-2 digit) "
+             "| of parent's |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['layers']} | {r[f'speedup_batch{a.batch}']:.2f}x | {r['speedup_batch1']:.2f}x | "
+                     f"{r['kl']:.3f} | {r['accuracy']:.3f} | {r['accuracy'] / top:.1%} |")
+    out = {"run_dir": str(src), "work": str(work), "speedup_target": a.speedup, "distill_steps": a.distill_steps,
+           "batch": a.batch, "context": a.context, "steps": a.steps, "repeats": a.repeats, "per_cell": a.per_cell,
+           "costs_device": costs["device"], "models": results,
+           "fusion": json.loads((work / "fuse" / "fusion.json").read_text())}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    Path(a.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
