@@ -53,19 +53,19 @@ class PretrainConfig:
     defaults are close to the configs/nano.yaml parent; docs/LOG.md records how they were chosen."""
 
     # model: a LlamaForCausalLM
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    intermediate_size: int = 344
+    hidden_size: int = 96
+    num_layers: int = 8
+    num_heads: int = 6
+    num_kv_heads: int = 6
+    intermediate_size: int = 256
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
     # optimisation
-    train_steps: int = 700
-    batch_size: int = 24
+    train_steps: int = 840
+    batch_size: int = 16
     seq_len: int = 512  # a worked 2-digit product is ~370 tokens: documents must fit in a row
     lr: float = 4e-3
-    warmup_steps: int = 40
+    warmup_steps: int = 60
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
