@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/distill_throughput.json")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    shape = load_yaml(default_config_path("nano"))["pretrain"]
+    shape = load_yaml(default_config_path("nano"))[0]["pretrain"]
     shape = {k: shape[k] for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

@@ -9,7 +9,10 @@ Then, with the pipeline's own stages:
   verified and calibrated as the main job does);
 - ``greedy`` and ``drop_attention``: the baselines of benchmarks/puzzle_nano.py at the MIP child's
   predicted runtime (equal cost);
-- ``mip+fuse``: the fuse stage on the MIP child;
+- ``mip_ffn``: the MIP at the same predicted runtime with every layer keeping a SwiGLU FFN (no FFN
+  removed or made linear: attention goes, FFNs shrink), the kind of child FFN Fusion was made for; and
+  ``mip_ffn+fuse``, the fuse stage on it;
+- ``mip+fuse``: the fuse stage on the MIP child (the main job's order), when it finds a run to fuse;
 - each of these distilled from the parent with the same budget (the distill stage, ``--distill-steps``).
 
 For every model: measured decode speedup against the parent at ``--batch`` sequences and at batch 1
@@ -40,6 +43,7 @@ from thinkfast.nano import tasks
 from thinkfast.nano.corpus import packed_rows
 from thinkfast.pipeline import load_pipeline, run_stage
 from thinkfast.puzzle.assemble import assemble, build_problem, describe
+from thinkfast.puzzle.mip import solve_mip
 from thinkfast.puzzle.parent import load_decilm
 from thinkfast.stages.eval import EvalConfig
 
@@ -47,6 +51,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from puzzle_nano import decode_seconds, drop_attention, greedy, held_out_kl  # noqa: E402
 
 UPSTREAM = ("pretrain", "library", "scores", "costs")
+
+
+def mip_keep_ffn(problem, key: str, limit: float):
+    """The MIP with no-op and linear FFNs priced out of reach: each layer keeps a SwiGLU FFN."""
+    scores = problem.scores.copy()
+    for i, names in enumerate(problem.names):
+        for k, (_, ffn) in enumerate(names):
+            if ffn in ("no_op", "linear"):
+                scores[i, k] += 1e3
+    sol = solve_mip(scores, {key: problem.costs[key]}, {key: limit})[0]
+    return list(sol.choice) if sol.objective < 1e3 else None
 
 
 def main(argv=None) -> int:
@@ -69,7 +84,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"{src / name} is not complete: run `thinkfast run --config {a.config}` first")
         if not (work / name).is_dir():
             shutil.copytree(src / name, work / name, symlinks=True)
-    common = [f"search.speedup={a.speedup}", f"search.batch_size={a.batch}", "search.sweep=[]",
+    common = [f"search.speedup={a.speedup}", f"search.batch_size={a.batch}", "search.sweep=[]", "fuse.engine=hf",
               f"distill.train_steps={a.distill_steps}"]
 
     def pipe(run_dir, stages, *extra):
@@ -89,9 +104,20 @@ def main(argv=None) -> int:
     found = json.loads((work / "search" / "search.json").read_text())["solutions"][0]["choice"]
     mip = [problem.names[i].index(tuple(n)) for i, n in enumerate(found)]
     limit = problem.totals(mip)[key] - problem.fixed[key]
-    choices = {"mip": mip, "greedy": greedy(problem, key, limit), "drop_attention": drop_attention(problem, key, limit)}
-    folders = {"parent": parent_dir, "mip": work / "search" / "model", "mip+fuse": work / "fuse" / "model",
-               "mip+fuse+distill": work / "distill" / "model"}
+    choices = {"mip": mip, "mip_ffn": mip_keep_ffn(problem, key, limit), "greedy": greedy(problem, key, limit),
+               "drop_attention": drop_attention(problem, key, limit)}
+    folders = {"parent": parent_dir, "mip": work / "search" / "model"}
+    fused_any = json.loads((work / "fuse" / "fusion.json").read_text())["groups"]
+    if fused_any:
+        folders.update({"mip+fuse": work / "fuse" / "model", "mip+fuse+distill": work / "distill" / "model"})
+
+    def distilled(name: str, stages: list[str]) -> Path:
+        p = pipe(work / f"{'-'.join(stages[1:])}-{name}", stages, f"parent.path={folders[name].resolve()}",
+                 f"distill.teacher={parent_dir.resolve()}")
+        for stage in stages:
+            run_stage(p, stage)
+        return work / f"{'-'.join(stages[1:])}-{name}"
+
     for name, choice in choices.items():
         if choice is None:
             print(f"{name}: cannot reach the MIP child's cost", flush=True)
@@ -102,13 +128,12 @@ def main(argv=None) -> int:
                 child = assemble(parent, lib, tensors, [problem.names[i][k] for i, k in enumerate(choice)])
                 child.save_pretrained(folder)
                 copy_tokenizer_files(parent_dir, folder)
-                write_model_sidecar(folder, prompting="text", made_by=f"benchmark:{name}")
+                write_model_sidecar(folder, prompting="text", made_by=f"benchmark:{name}", engine="hf")
             folders[name] = folder
-        p = pipe(work / f"distill-{name}", ["parent", "distill"], f"parent.path={folders[name].resolve()}",
-                 f"distill.teacher={parent_dir.resolve()}")
-        run_stage(p, "parent")
-        run_stage(p, "distill")
-        folders[f"{name}+distill"] = work / f"distill-{name}" / "distill" / "model"
+        folders[f"{name}+distill"] = distilled(name, ["parent", "distill"]) / "distill" / "model"
+        if name == "mip_ffn":  # fusion, then the same distillation
+            run = distilled(name, ["parent", "fuse", "distill"])
+            folders["mip_ffn+fuse"], folders["mip_ffn+fuse+distill"] = run / "fuse" / "model", run / "distill" / "model"
 
     models = {name: load_decilm(f) for name, f in folders.items()}
     tokenizer = AutoTokenizer.from_pretrained(parent_dir)
@@ -149,7 +174,9 @@ def main(argv=None) -> int:
     out = {"run_dir": str(src), "work": str(work), "speedup_target": a.speedup, "distill_steps": a.distill_steps,
            "batch": a.batch, "context": a.context, "steps": a.steps, "repeats": a.repeats, "per_cell": a.per_cell,
            "costs_device": costs["device"], "models": results,
-           "fusion": json.loads((work / "fuse" / "fusion.json").read_text())}
+           "fusion": {"mip": json.loads((work / "fuse" / "fusion.json").read_text()),
+                      "mip_ffn": json.loads((work / "fuse-distill-mip_ffn" / "fuse" / "fusion.json").read_text())
+                      if (work / "fuse-distill-mip_ffn").is_dir() else None}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     Path(a.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
