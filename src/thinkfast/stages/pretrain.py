@@ -61,11 +61,11 @@ class PretrainConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
     # optimisation
-    train_steps: int = 840
-    batch_size: int = 16
+    train_steps: int = 1600
+    batch_size: int = 8
     seq_len: int = 512  # a worked 2-digit product is ~370 tokens: documents must fit in a row
     lr: float = 4e-3
-    warmup_steps: int = 60
+    warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
