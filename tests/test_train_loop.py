@@ -2,6 +2,7 @@
 uninterrupted one (weights, optimizer, counters, random draws)."""
 
 import json
+import os
 import random
 
 import numpy as np
@@ -97,3 +98,18 @@ def test_old_checkpoints_without_rng_or_counters_resume(tmp_path):
     loop = TrainLoop(stage, "fit", 10, opt, load=lambda st: model.load_state_dict(st["model"]))
     assert loop.start == 4 and loop.counters == {"tokens": 40} and loop.seconds >= 2.0
     loop.log.close()
+
+
+def test_setup_device_respects_omp_num_threads(monkeypatch):
+    from thinkfast.train.loop import setup_device
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert setup_device("cpu").type == "cpu" and torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        setup_device("cpu")
+        assert torch.get_num_threads() == max(1, os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)

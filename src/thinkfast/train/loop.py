@@ -77,11 +77,12 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, *, clip: floa
 
 
 def setup_device(name: str) -> torch.device:
-    """The stage's device (``auto``: CUDA when present); on a CPU, torch uses every core."""
+    """The stage's device (``auto``: CUDA when present); on a CPU, torch uses every core unless
+    ``OMP_NUM_THREADS`` says otherwise (two 2-thread trainings on 2 cores ran 15x slower than one)."""
     from ..stages import resolve_device
 
     device = resolve_device(name)
-    if device.type == "cpu":
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     return device
 
