@@ -128,7 +128,8 @@ def _measure(student, teacher, held_out: torch.Tensor, batch: int, problems, tok
         elif teacher is not None:
             kl, lm = kl_and_lm_loss(teacher(ids[:, :-1]).logits, s, ids[:, 1:])
         else:
-            kl, lm = float("nan"), float(torch.nn.functional.cross_entropy(s.float().flatten(0, 1), ids[:, 1:].flatten()))
+            kl = float("nan")
+            lm = float(torch.nn.functional.cross_entropy(s.float().flatten(0, 1), ids[:, 1:].flatten()))
         kls, lms, n = kls + kl * ids.shape[0], lms + lm * ids.shape[0], n + ids.shape[0]
     out["kl"] = kls / n if teacher is not None or held_topk is not None else None
     out["lm_loss"] = lms / n
@@ -262,7 +263,7 @@ def run(cfg: DistillConfig, stage: StageDir, inputs: Inputs) -> dict:
     first, last = curve[0], curve[-1]
     metrics = {"mode": cfg.mode, "steps": cfg.train_steps, "tokens": loop.counters.get("tokens", 0),
                "seconds": round(loop.seconds, 1), "precision": precision, "layer_pairs": len(pairs),
-               "teacher": (f"top-{cache.k} cache" if cache is not None else "on the fly") if cfg.mode == "distill" else None,
+               "teacher": None if cfg.mode != "distill" else f"top-{cache.k} cache" if cache else "on the fly",
                "kl_before": first.get("kl"), "kl_after": last.get("kl"),
                "lm_loss_before": first["lm_loss"], "lm_loss_after": last["lm_loss"],
                "accuracy_before": first.get("accuracy"), "accuracy_after": last.get("accuracy")}
