@@ -122,14 +122,12 @@ def _measure(student, teacher, held_out: torch.Tensor, batch: int, problems, tok
     for i in range(0, held_out.shape[0], batch):
         ids = held_out[i:i + batch]
         s = student(ids[:, :-1]).logits
-        if held_topk is not None:  # the cached teacher: KL over its top k
-            kl = float(topk_kl(held_topk[0][i:i + batch], held_topk[1][i:i + batch], s))
-            lm = float(torch.nn.functional.cross_entropy(s.float().flatten(0, 1), ids[:, 1:].flatten()))
-        elif teacher is not None:
+        if teacher is not None:
             kl, lm = kl_and_lm_loss(teacher(ids[:, :-1]).logits, s, ids[:, 1:])
-        else:
-            kl = float("nan")
+        else:  # the cached teacher (KL over its top k), or none
             lm = float(torch.nn.functional.cross_entropy(s.float().flatten(0, 1), ids[:, 1:].flatten()))
+            kl = (float(topk_kl(held_topk[0][i:i + batch], held_topk[1][i:i + batch], s))
+                  if held_topk is not None else float("nan"))
         kls, lms, n = kls + kl * ids.shape[0], lms + lm * ids.shape[0], n + ids.shape[0]
     out["kl"] = kls / n if teacher is not None or held_topk is not None else None
     out["lm_loss"] = lms / n
