@@ -152,3 +152,23 @@ def models_table(results: dict[str, dict]) -> str:
             lines.append(f"{name:<16}{m['prompting']:<11}{mode:<8}{r['accuracy']:>10.3f}"
                          f"{'' if headline is None else f'{headline:.3f}':>10}{r['mean_tokens']:>9.1f}")
     return "\n".join(lines)
+
+
+def toggle_check(model, tokenizer, problems: list, *, max_new_tokens: int = 600, batch_size: int = 64) -> dict:
+    """The toggle, greedy in both modes of the chat template: per mode the accuracy, the share of responses
+    in the mode's format (on: one well-formed think block; off: none), the mean response tokens and the
+    share cut off by ``max_new_tokens``; ``collapsed`` names a mode the model does not obey (format < 0.5)."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
+                            stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=batch_size, seed=0)
+    out: dict = {}
+    for mode in CHAT_MODES:
+        prompts = [build_prompt(tokenizer, p, "chat", mode) for p in problems]
+        completions = generate(model, prompts, params, progress=False)
+        graded = [grade(p, tokenizer.decode(c.token_ids, skip_special_tokens=True), "chat", mode)
+                  for p, c in zip(problems, completions)]
+        out[mode] = {"accuracy": statistics.fmean(g["correct"] for g in graded),
+                     "format_ok": statistics.fmean(g["format_ok"] for g in graded),
+                     "mean_tokens": statistics.fmean(len(c.token_ids) for c in completions),
+                     "truncated": statistics.fmean(c.finish_reason == "length" for c in completions)}
+    out["collapsed"] = [m for m in CHAT_MODES if out[m]["format_ok"] < 0.5] or None
+    return out

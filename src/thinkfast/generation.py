@@ -1,12 +1,29 @@
-"""The one batched sampler that evaluation, RL rollouts and serving share.
+"""The rollout engine: the one batched sampler that evaluation, RL rollouts and serving share.
 
 ``generate(model, prompts, params)`` takes token-id prompts of any lengths, left-pads them, prefills
-once with a KV cache and decodes token by token: greedy (temperature 0) or temperature / top-p / top-k
-sampling, per-sequence stop tokens and a token budget. It works with any causal LM whose forward takes
-``input_ids, attention_mask, position_ids`` and a KV cache (``cache``, or ``past_key_values`` before
-transformers 5.24) (the nemotron-nas model and
-``LlamaForCausalLM``). Position ids count real tokens only, so a left-padded prompt is computed exactly
-as it would be alone.
+once and decodes token by token: greedy (temperature 0) or temperature / top-p / top-k sampling,
+per-sequence stop tokens and a token budget. Position ids count real tokens only, so a left-padded
+prompt is computed exactly as it would be alone (tested against full recomputation).
+
+What makes it fast on the nemotron-nas model (benchmarks/sampler.py, against ``transformers.generate``):
+
+* a KV cache preallocated once per batch for the layers that have attention (:class:`StaticKVCache`),
+  written in place; the per-step attention mask is a view of one preallocated buffer (nothing is
+  reallocated per step);
+* sequences leave the batch when they stop: once a quarter of the rows have finished, the live rows are
+  gathered into a smaller batch (cache included), so a batch costs about the sum of its sequences'
+  lengths, not its longest one times the batch size.
+
+Any other causal LM whose forward takes ``input_ids, attention_mask, position_ids`` and a cache
+(``cache``, or ``past_key_values`` before transformers 5.24; e.g. ``LlamaForCausalLM``) runs on
+transformers' ``DynamicCache`` with 2D masks.
+
+A step hook (``generate(..., hook=f)``, :class:`StepView`) sees every step's tokens and may force the
+next tokens of a sequence or end it: the thinking budget and the streaming server build on it.
+
+Log-probabilities: :class:`Completion` ``logprobs`` are those of the chosen tokens under the model's own
+distribution (temperature 1, no top-k / top-p), computed in the sampler's forward pass; RL states which
+log-probs its policy ratio uses (:mod:`thinkfast.rollout`).
 
 Why not ``model.generate``: RL needs per-token log-probs of the sampled tokens, serving and the thinking
 budget need control of each step, and our sampler behaves identically across transformers versions.
@@ -15,6 +32,7 @@ budget need control of each step, and our sampler behaves identically across tra
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -73,66 +91,135 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-@torch.no_grad()
-def _generate_batch(model, prompts: list[list[int]], params: SamplingParams, generator) -> list[Completion]:
-    device = next(model.parameters()).device
-    pad_id = params.stop_token_ids[0] if params.stop_token_ids else 0
-    lengths = [len(p) for p in prompts]
-    width = max(lengths)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    # thinkfast's own nemotron-nas model gets the preallocated cache (no copy of the whole cache per step);
-    # any other model (Llama, or an older nemotron-nas remote code) transformers' DynamicCache
-    cache = StaticKVCache(width + params.max_new_tokens) if isinstance(model, DeciLMForCausalLM) else DynamicCache()
-    # transformers >= 5.24 names the argument ``cache``; older releases ``past_key_values``
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    stop = torch.tensor(list(params.stop_token_ids) or [-1], device=device)
-    n = len(prompts)
-    out_tokens = torch.zeros((n, params.max_new_tokens), dtype=torch.long, device=device)
-    out_logp = torch.zeros((n, params.max_new_tokens), dtype=torch.float32, device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    n_gen = torch.zeros(n, dtype=torch.long, device=device)
-    step_ids, step_pos = ids, positions
-    for t in range(params.max_new_tokens):
-        logits = model(
-            input_ids=step_ids, attention_mask=mask, position_ids=step_pos, **{cache_arg: cache},
-            use_cache=True, logits_to_keep=1,
-        ).logits[:, -1, :].float()
-        logp = logits.log_softmax(-1)
-        if params.temperature == 0:
-            nxt = logits.argmax(-1)
-        else:
-            filtered = _filter_logits(logits / params.temperature, params.top_k, params.top_p)
-            nxt = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        out_tokens[:, t] = nxt
-        out_logp[:, t] = logp.gather(-1, nxt[:, None]).squeeze(-1)
-        n_gen += (~done).long()
-        real = ~done  # this step's token is a real token (not padding after a finished sequence)
-        done = done | torch.isin(nxt, stop)
-        if bool(done.all()):
-            break
-        step_ids = nxt[:, None]
-        step_pos = step_pos[:, -1:] + 1
-        mask = torch.cat([mask, real.long()[:, None]], dim=1)
-    results = []
-    for i in range(n):
-        k = int(n_gen[i])
-        toks = out_tokens[i, :k].tolist()
-        reason = "stop" if toks and toks[-1] in params.stop_token_ids else "length"
-        results.append(Completion(toks, reason, out_logp[i, :k].tolist()))
-    return results
+class StepView:
+    """What a step hook sees after each decoding step, and what it may do.
+
+    ``requests``: the index (in the prompt list given to :func:`generate`) of each sequence that produced a
+    token this step; ``tokens``: those tokens; ``step``: the step number (0 = the first generated token).
+    :meth:`generated` gives a request's tokens so far (this step's included). :meth:`force` queues tokens
+    that replace the request's next sampled tokens (a thinking budget closing ``</think>``); :meth:`finish`
+    ends a request after this step (finish reason ``"stop"``).
+    """
+
+    def __init__(self, engine: "_Batch", step: int, rows: torch.Tensor, tokens: torch.Tensor):
+        self._engine, self.step = engine, step
+        self.requests = [engine.request_of[int(r)] for r in rows.tolist()]
+        self.tokens = tokens.tolist()
+
+    def generated(self, request: int) -> list[int]:
+        e = self._engine
+        i = e.local[request]
+        return e.out_tokens[i, : int(e.n_gen[i])].tolist()
+
+    def force(self, request: int, token_ids: list[int]) -> None:
+        self._engine.forced.setdefault(self._engine.local[request], []).extend(int(t) for t in token_ids)
+
+    def finish(self, request: int) -> None:
+        self._engine.finish.add(self._engine.local[request])
 
 
-def generate(model, prompts: list[list[int]], params: SamplingParams, progress: bool = False) -> list[Completion]:
+class _Batch:
+    """One batch of prompts decoded to the end (the engine's state; see :func:`generate`)."""
+
+    def __init__(self, model, prompts: list[list[int]], requests: list[int], params: SamplingParams):
+        self.model, self.params = model, params
+        self.device = next(model.parameters()).device
+        self.request_of = requests  # local index -> request index
+        self.local = {r: i for i, r in enumerate(requests)}
+        n = len(prompts)
+        self.out_tokens = torch.zeros((n, params.max_new_tokens), dtype=torch.long, device=self.device)
+        self.out_logp = torch.zeros((n, params.max_new_tokens), dtype=torch.float32, device=self.device)
+        self.n_gen = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.forced: dict[int, list[int]] = {}
+        self.finish: set[int] = set()
+
+    @torch.no_grad()
+    def run(self, prompts: list[list[int]], generator, hook) -> list[Completion]:
+        model, params, device = self.model, self.params, self.device
+        pad_id = params.stop_token_ids[0] if params.stop_token_ids else 0
+        n, width = len(prompts), max(len(p) for p in prompts)
+        total = width + params.max_new_tokens
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = True
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        ours = isinstance(model, DeciLMForCausalLM)
+        # our model: a cache preallocated for the whole batch (attention layers only) and a mask buffer whose
+        # views are the per-step masks; any other model (Llama, an older remote code): DynamicCache, 2D masks
+        cache = StaticKVCache(total, chunk=total) if ours else DynamicCache()
+        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        mask_buf = torch.zeros((n, total), dtype=torch.bool, device=device)
+        mask_buf[:, :width] = mask
+        stop = torch.tensor(list(params.stop_token_ids) or [-1], device=device)
+        rows = torch.arange(n, device=device)  # local index of each batch row
+        live = torch.ones(n, dtype=torch.bool, device=device)  # rows still generating (others are dead weight)
+        reasons = ["length"] * n
+        logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, **{cache_arg: cache},
+                       use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+        pos = positions[:, -1]
+        for t in range(params.max_new_tokens):
+            logp = logits.log_softmax(-1)
+            if params.temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                filtered = _filter_logits(logits / params.temperature, params.top_k, params.top_p)
+                nxt = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
+            if self.forced:
+                for r, local in enumerate(rows.tolist()):
+                    queue = self.forced.get(local)
+                    if queue and live[r]:
+                        nxt[r] = queue.pop(0)
+                self.forced = {k: v for k, v in self.forced.items() if v}
+            nxt = torch.where(live, nxt, torch.full_like(nxt, pad_id))
+            at = rows[live]
+            self.out_tokens[at, t] = nxt[live]
+            self.out_logp[at, t] = logp.gather(-1, nxt[:, None]).squeeze(-1)[live]
+            self.n_gen[at] += 1
+            ended = live & torch.isin(nxt, stop)
+            if hook is not None:
+                hook(StepView(self, t, at, nxt[live]))
+            if self.finish:
+                ended |= live & torch.isin(rows, torch.tensor(sorted(self.finish), device=device))
+                self.finish.clear()
+            for local in rows[ended].tolist():
+                reasons[local] = "stop"
+                self.forced.pop(local, None)
+            live = live & ~ended
+            n_live = int(live.sum())
+            if n_live == 0 or t + 1 == params.max_new_tokens:
+                break
+            if n_live <= 0.75 * len(rows):  # finished sequences leave the batch (geometric: little copying)
+                keep = live.nonzero().squeeze(1)
+                if ours:
+                    cache.select(keep)
+                else:
+                    cache.batch_select_indices(keep)
+                mask_buf, rows, pos, nxt, live = mask_buf[keep], rows[keep], pos[keep], nxt[keep], live[keep]
+            pos = pos + 1
+            col = width + t
+            mask_buf[:, col] = True
+            if ours:  # (a model without attention layers caches nothing and needs no mask)
+                step_mask = mask_buf[:, None, None, : col + 1] if len(cache) else None
+            else:
+                step_mask = mask_buf[:, : col + 1].long()
+            logits = model(input_ids=nxt[:, None], attention_mask=step_mask, position_ids=pos[:, None],
+                           **{cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+        out = []
+        for i in range(n):
+            k = int(self.n_gen[i])
+            out.append(Completion(self.out_tokens[i, :k].tolist(), reasons[i], self.out_logp[i, :k].tolist()))
+        return out
+
+
+def generate(model, prompts: list[list[int]], params: SamplingParams, progress: bool = False,
+             hook: Callable[[StepView], None] | None = None) -> list[Completion]:
     """Generate one completion per prompt (token-id lists), in the order given.
 
-    Prompts are processed in batches of ``params.batch_size``, longest first (less padding).
+    Prompts are processed in batches of ``params.batch_size``, longest first (less padding). ``hook``, when
+    given, is called after every decoding step of every batch with a :class:`StepView`.
     """
     if not prompts:
         return []
@@ -153,7 +240,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, progress: 
         iterator = tqdm(batches, desc="generate", unit="batch")
     try:
         for batch in iterator:
-            for i, c in zip(batch, _generate_batch(model, [prompts[i] for i in batch], params, generator)):
+            chunk = [prompts[i] for i in batch]
+            for i, c in zip(batch, _Batch(model, chunk, batch, params).run(chunk, generator, hook)):
                 results[i] = c
     finally:
         model.train(was_training)

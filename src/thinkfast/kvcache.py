@@ -8,9 +8,9 @@ new tokens are written in place, and attention reads a view of the filled part. 
 what the first update needs (plus ``chunk``) and doubles when full, up to ``max_len``: a batch that
 stops early never holds memory for ``max_new_tokens`` it did not generate.
 
-Only what the nemotron-nas model calls is implemented (``update``, ``get_seq_length``); the model
-accepts any object with those two methods. Sequences leaving a batch early and paged memory are the
-rollout engine's business (a later issue).
+Only what the nemotron-nas model calls is implemented (``update``, ``get_seq_length``; the model
+accepts any object with those two methods), plus :meth:`select`, with which the rollout engine
+(:mod:`thinkfast.generation`) lets finished sequences leave a batch, and :meth:`truncate_to`.
 """
 
 from __future__ import annotations
@@ -63,6 +63,16 @@ class StaticKVCache:
     def truncate_to(self, length: int) -> None:
         """Keep the first ``length`` tokens of every slot (the buffers are reused)."""
         self.lengths = [min(n, length) for n in self.lengths]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (sequences that left a batch free their slots): the filled
+        part of each buffer is copied into new buffers of the same room."""
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                n = self.lengths[i]
+                new = old.new_empty(len(rows), old.shape[1], old.shape[2], old.shape[3])
+                new[:, :, :n] = old[rows, :, :n]
+                buffers[i] = new
 
     def __len__(self) -> int:
         return len(self.keys)

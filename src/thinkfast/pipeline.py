@@ -35,7 +35,7 @@ from .config import ConfigError, apply_overrides, config_hash, from_dict, load_y
 from .data import NANO_MIX, DataConfig, DataError, expand_files
 from .rundir import MARKER_FORMAT, RunDir, RunDirError, StageConfigMismatch, StageDir, StageRun, atomic_write_json
 from .stages import (OUTPUTS, Input, Inputs, costs, distill, fuse, library, parent, pretrain, resolve_device, scores,
-                     search)
+                     search, sft)
 from .stages import eval as eval_stage
 
 # name -> stage module (config class, MAKES, reads, run). A plain table: adding a stage is one line here.
@@ -48,6 +48,7 @@ STAGES = {
     "search": search,
     "fuse": fuse,
     "distill": distill,
+    "sft": sft,
     "eval": eval_stage,
 }
 # Fields that change how fast a stage runs or how much it logs, not what it produces: not in its identity.
@@ -249,6 +250,14 @@ def stage_run(pipe: Pipeline, rd: RunDir, name: str) -> tuple[StageRun, Inputs, 
             inputs.ids["data"] = {p.name if unique else f"{i}:{p.name}": {"path": str(p), "id": rd.fingerprint(p)}
                                   for i, p in enumerate(files)}
         inputs.data = dataclasses.replace(pipe.data, files=[str(p) for p in files])
+    own = getattr(STAGES[name], "files", None)  # files a stage's own config names (sft: its data)
+    if own is not None:
+        field, patterns = own(cfg)
+        try:
+            paths = expand_files(patterns) if patterns else []
+        except DataError as e:
+            raise ConfigError(f"{pipe.where(f'{name}.{field}')}: {e}") from None
+        inputs.ids["files"] = {f"{i}:{p.name}": {"path": str(p), "id": rd.fingerprint(p)} for i, p in enumerate(paths)}
     run = StageRun(pipe.run_dir, name, {"config": config, "inputs": inputs.ids}, defaults)
     return run, inputs, missing
 

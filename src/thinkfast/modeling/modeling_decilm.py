@@ -234,10 +234,17 @@ def build_attention_mask(
 ) -> torch.Tensor | None:
     """Bool mask [B or 1, 1, q_len, past_len + q_len] (True = attend), or None for plain causal.
 
-    attention_mask: [B, past_len + q_len] with 1 for real tokens, 0 for padding, or None.
+    attention_mask: [B, past_len + q_len] with 1 for real tokens, 0 for padding, or None; or a 4D mask
+    [B, 1, q_len, past_len + q_len], used as it is.
     Every query may always attend to its own position, so rows of padding never go fully masked
     (their outputs are meaningless but finite).
     """
+    if attention_mask is not None and attention_mask.dim() == 4:  # given whole (e.g. packed samples' blocks)
+        if attention_mask.shape[-2:] != (q_len, past_len + q_len):
+            raise ValueError(f"a 4D attention_mask must be [B, 1, {q_len}, {past_len + q_len}], "
+                             f"got {list(attention_mask.shape)}")
+        # bool: True = attend; float: additive (0 = attend), as transformers passes 4D masks
+        return (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0).to(device)
     kv_len = past_len + q_len
     if attention_mask is None or bool(attention_mask.all()):
         if past_len == 0:

@@ -1,0 +1,268 @@
+"""Stage ``sft``: supervised fine-tuning that teaches the reasoning toggle, on the latest model of the run.
+
+Paper: Llama-Nemotron (arXiv 2505.00949) section 4 (stage 3); REFERENCE.md section 4. Paired data: each
+prompt as an "on" example (system ``detailed thinking on``, response ``<think>trace</think>answer``) and an
+"off" one (system ``detailed thinking off``, the answer alone); token-level cross entropy on the assistant's
+tokens only; the nano model was trained with reasoning data first (``order: reasoning_first``). Data: the
+nano world's programmatic teacher (no ``files``), or JSON lines in the Llama-Nemotron post-training schema
+or as chat messages (:mod:`thinkfast.train.sft`). ``on_share`` sets the mix of modes.
+
+Samples are packed best-fit into rows of ``seq_len`` tokens; a sample attends to itself only (block-diagonal
+causal mask, position ids from 0 per sample), so packing changes no logits. Every ``eval_every`` steps and at
+the end, ``eval_problems`` held-out nano problems are answered greedily in both modes: accuracy, toggle
+obedience (on: one well-formed think block; off: none), response length; a mode obeyed less than half the
+time is reported as a collapse (the paper's known failure of mixed SFT). ``curve.json`` / ``curve.png``.
+The model is written with ``prompting: chat``. Resumable (:mod:`thinkfast.train.loop`).
+
+Departures: the paper's data is DeepSeek-R1 / Llama-3.3 responses to real prompts; lr, epochs and sequence
+length here suit the nano world (Nano: lr 1e-4, 4 epochs; Super: 5e-6, 1 epoch, 16k sequences).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..artifacts import copy_tokenizer_files, read_model_sidecar, write_model_sidecar
+from ..data import DataError
+from ..evaluation import toggle_check
+from ..nano import tasks
+from ..puzzle.parent import load_decilm
+from ..rundir import StageDir, atomic_dir, atomic_write_json
+from ..toggle import install_chat_template
+from ..train.loop import TrainLoop, adamw, autocast, optimizer_step, resolve_precision, setup_device, warmup_cosine
+from ..train.sft import block_causal_mask, mix_modes, nano_examples, pack, packed_batch, read_examples, sft_loss
+from ..train.sft import tokenize_example
+from . import Input, Inputs, check_device, positive
+
+MAKES = "model"
+
+
+def reads(cfg) -> dict:
+    return {"model": Input("model")}
+
+
+def files(cfg) -> tuple[str, list[str]]:
+    """The data files (identified by content: a changed file makes the stage stale)."""
+    return "files", list(cfg.files)
+
+
+@dataclass
+class SFTConfig:
+    files: list[str] = field(default_factory=list)  # JSON lines; none: the nano world's paired examples
+    skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping at the first
+    nano_prompts: int = 4000  # nano world: prompts, each an "on" and an "off" example
+    kinds: list[str] = field(default_factory=lambda: ["add", "sub", "mul", "word"])
+    digits: list[int] = field(default_factory=lambda: [1, 2])
+    steps: list[int] = field(default_factory=lambda: [1, 2])
+    on_share: float | None = 0.5  # share of "on" examples among those with a mode; null: keep all as they come
+    order: Literal["mixed", "reasoning_first"] = "mixed"
+    epochs: float = 1.0
+    batch_size: int = 8  # packed rows per step
+    seq_len: int = 512
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    eval_every: int = 100
+    eval_problems: int = 40  # held-out nano problems per mode; 0: no toggle check
+    eval_max_new_tokens: int = 600
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 10
+    device: str = "auto"
+
+    def __post_init__(self):
+        check_device(self.device)
+        if isinstance(self.files, str):
+            self.files = [self.files]
+        positive(self, "nano_prompts", "batch_size", "eval_every", "checkpoint_every", "log_every",
+                 "eval_max_new_tokens")
+        positive(self, "warmup_steps", "eval_problems", minimum=0)
+        if self.seq_len < 16 or not self.lr > 0 or self.grad_clip <= 0 or self.weight_decay < 0:
+            raise ValueError("seq_len must be >= 16; lr and grad_clip > 0; weight_decay >= 0")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs={self.epochs} must be > 0")
+        if self.on_share is not None and not 0.0 <= self.on_share <= 1.0:
+            raise ValueError(f"on_share={self.on_share} must be in [0, 1] (or null: keep every example)")
+        unknown = sorted(set(self.kinds) - set(tasks.KINDS))
+        if unknown or not self.kinds or not self.digits or not self.steps:
+            raise ValueError(f"kinds {self.kinds}, digits {self.digits}, steps {self.steps}: non-empty, kinds "
+                             f"from {list(tasks.KINDS)}")
+
+
+Config = SFTConfig
+
+
+def schedule(samples: list, modes: list, cfg: SFTConfig) -> list[list[int]]:
+    """Every packed row of the whole run, in training order: per epoch the samples are shuffled and packed
+    (``reasoning_first``: the "on" samples' rows, then the others'), the rows shuffled within each group;
+    a fractional last epoch takes the first rows of its order."""
+    lengths = [len(s[0]) for s in samples]
+    out: list[list[int]] = []
+    for epoch in range(math.ceil(cfg.epochs)):
+        rng = random.Random(f"sft:{cfg.seed}:{epoch}")
+        groups = ([[i for i, m in enumerate(modes) if m is True], [i for i, m in enumerate(modes) if m is not True]]
+                  if cfg.order == "reasoning_first" else [list(range(len(samples)))])
+        rows: list[list[int]] = []
+        for group in groups:
+            rng.shuffle(group)
+            packed = [[group[j] for j in r] for r in pack([lengths[i] for i in group], cfg.seq_len)]
+            rng.shuffle(packed)
+            rows += packed
+        if epoch + 1 > cfg.epochs:
+            rows = rows[:round(len(rows) * (cfg.epochs - epoch))]
+        out += rows
+    return out
+
+
+def _examples(cfg: SFTConfig) -> tuple[list, list[str]]:
+    if cfg.files:
+        examples, skipped = read_examples(cfg.files, skip_bad=cfg.skip_bad_rows)
+        if not examples:
+            raise DataError(f"sft.files {cfg.files}: no usable rows ({len(skipped)} skipped)")
+        return examples, skipped
+    return nano_examples(cfg.nano_prompts, cfg.seed, cfg.kinds, cfg.digits, cfg.steps, split="train"), []
+
+
+def _plot(path, curve: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = [p["tokens"] / 1e6 for p in curve]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(tokens, [p["loss"] for p in curve], "o-", color="tab:blue", label="held-out loss")
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("held-out assistant loss", color="tab:blue")
+    if curve and "on" in curve[0]:
+        right = ax.twinx()
+        for mode, style in (("on", "s--"), ("off", "^:")):
+            right.plot(tokens, [p[mode]["accuracy"] for p in curve], style, color="tab:red", label=f"accuracy {mode}")
+            right.plot(tokens, [p[mode]["format_ok"] for p in curve], style, color="tab:green",
+                       label=f"toggle obeyed {mode}")
+        right.set_ylim(0, 1.02)
+        right.legend(loc="center right", fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(cfg: SFTConfig, stage: StageDir, inputs: Inputs) -> dict:
+    from transformers import AutoTokenizer
+
+    model_dir = inputs["model"]
+    device = setup_device(cfg.device)
+    precision = resolve_precision(device, cfg.precision)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    added = install_chat_template(tokenizer)
+    examples, skipped = _examples(cfg)
+    examples = mix_modes(examples, cfg.on_share, cfg.seed)
+    samples, modes, too_long = [], [], 0
+    for ex in examples:
+        ids, mask = tokenize_example(tokenizer, ex)
+        if len(ids) > cfg.seq_len:
+            too_long += 1
+            continue
+        samples.append((ids, mask))
+        modes.append(ex.thinking)
+    if not samples:
+        raise DataError(f"sft: no example fits seq_len={cfg.seq_len}")
+    rows = schedule(samples, modes, cfg)
+    total = max(1, math.ceil(len(rows) / cfg.batch_size))
+    held = nano_examples(16, cfg.seed, cfg.kinds, cfg.digits, cfg.steps, split="eval")
+    held_samples = [tokenize_example(tokenizer, e) for e in held]
+    held_batch = packed_batch(held_samples, pack([len(s[0]) for s in held_samples], max(cfg.seq_len, 1024)),
+                              max(cfg.seq_len, 1024), pad_id=tokenizer.pad_token_id or 0)
+    problems = (tasks.make_problems(cfg.eval_problems, seed=cfg.seed, kinds=tuple(cfg.kinds), digits=(1, 2),
+                                    split="eval") if cfg.eval_problems else [])
+
+    model = load_decilm(model_dir, device).requires_grad_(True)
+    if added or len(tokenizer) > model.config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer))
+    opt = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    curve: list[dict] = []
+
+    def load(state):
+        model.load_state_dict(state["model"])
+        curve[:] = state["curve"]
+
+    log = stage.logger()
+    loop = TrainLoop(stage, "sft", total, opt, log=log, device=device,
+                     schedule=lambda s: warmup_cosine(s, lr=cfg.lr, total=total, warmup=cfg.warmup_steps,
+                                                      min_ratio=cfg.min_lr_ratio),
+                     log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, load=load,
+                     save=lambda: {"model": model.state_dict(), "curve": list(curve)})
+    n_on = sum(m is True for m in modes)
+    print(f"sft: {len(samples)} examples ({n_on} on, {sum(m is False for m in modes)} off) in {len(rows)} rows, "
+          f"{total} steps of {cfg.batch_size} x {cfg.seq_len}, {precision}; {len(skipped)} rows skipped, "
+          f"{too_long} longer than seq_len")
+    log.log("start", resume_step=loop.start, model=str(model_dir), examples=len(samples), on=n_on,
+            rows=len(rows), steps=total, skipped=len(skipped), skipped_rows=skipped[:100], too_long=too_long,
+            added_tokens=added, precision=precision)
+
+    @torch.no_grad()
+    def point(step: int, tokens: int) -> None:
+        model.eval()
+        b = {k: v.to(device) for k, v in held_batch.items()}
+        logits = model(b["input_ids"], attention_mask=block_causal_mask(b["seq_ids"]),
+                       position_ids=b["position_ids"]).logits
+        p = {"step": step, "tokens": tokens, "loss": float(sft_loss(logits, b["labels"])[0])}
+        if problems:
+            p.update(toggle_check(model, tokenizer, problems, max_new_tokens=cfg.eval_max_new_tokens))
+        curve.append(p)
+        log.log("eval", **p)
+        model.train()
+
+    model.train()
+    if loop.start == 0 and not curve:
+        point(0, 0)
+    pad = tokenizer.pad_token_id or 0
+    for step in loop:
+        b = packed_batch(samples, rows[step * cfg.batch_size:(step + 1) * cfg.batch_size], cfg.seq_len, pad)
+        b = {k: v.to(device) for k, v in b.items()}
+        with autocast(device, precision):
+            logits = model(b["input_ids"], attention_mask=block_causal_mask(b["seq_ids"]),
+                           position_ids=b["position_ids"]).logits
+            loss, n_tokens = sft_loss(logits, b["labels"])
+        grad_norm = optimizer_step(opt, loss, clip=cfg.grad_clip)
+        tokens = int((b["seq_ids"] >= 0).sum())
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
+            point(step + 1, loop.counters.get("tokens", 0) + tokens)
+        loop.end_step(step, loss=loss.item(), grad_norm=grad_norm, tokens=tokens, loss_tokens=n_tokens)
+    loop.close()
+    model.eval()
+    with atomic_dir(stage.model_dir) as tmp:
+        model.save_pretrained(tmp)
+        copy_tokenizer_files(model_dir, tmp)
+        if added:
+            tokenizer.save_pretrained(tmp)
+        sidecar = read_model_sidecar(model_dir)
+        extra = {k: sidecar[k] for k in ("engine",) if k in sidecar}
+        write_model_sidecar(tmp, prompting="chat", made_by="sft", **extra)
+    atomic_write_json(stage.path / "curve.json", curve)
+    _plot(stage.path / "curve.png", curve, f"toggle SFT of {model_dir.parent.name}")
+    last = curve[-1]
+    metrics = {"examples": len(samples), "on_examples": n_on, "rows": len(rows), "steps": total,
+               "tokens": loop.counters.get("tokens", 0), "seconds": round(loop.seconds, 1), "precision": precision,
+               "skipped_rows": len(skipped), "too_long": too_long, "loss_before": curve[0]["loss"],
+               "loss_after": last["loss"]}
+    for mode in ("on", "off"):
+        if mode in last:
+            metrics.update({f"{k}_{mode}": v for k, v in last[mode].items()})
+    if problems:
+        metrics["collapsed"] = last["collapsed"]
+        if last["collapsed"]:
+            print(f"sft: WARNING: the model does not obey the toggle in mode(s) {last['collapsed']} "
+                  "(collapse to one mode); see curve.json")
+    log.log("done", **metrics)
+    log.close()
+    return metrics

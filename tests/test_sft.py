@@ -1,0 +1,233 @@
+"""Toggle SFT: data schemas and their errors, the assistant-only mask, packing that changes no logits, the stage."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from thinkfast.convert import convert_llama_model
+from thinkfast.data import DataError
+from thinkfast.nano.tokenizer import build_tokenizer
+from thinkfast.pipeline import default_config_path, load_pipeline, run_stage
+from thinkfast.stages import sft as sft_stage
+from thinkfast.toggle import EOT, SYSTEM_OFF, SYSTEM_ON
+from thinkfast.train.sft import (Example, block_causal_mask, mix_modes, nano_examples, pack, packed_batch,
+                                 read_examples, row_to_example, sft_loss, tokenize_example)
+
+ON = "<think>\n2 plus 2 is 4.\n</think>\n\n4"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def test_nemotron_schema_rows():
+    ex = row_to_example({"input": [{"role": "user", "content": "What is 2+2?"}], "output": ON, "reasoning": "on",
+                         "system_prompt": SYSTEM_ON, "category": "math", "license": "cc-by-4.0"})
+    assert ex.thinking is True
+    assert [m["role"] for m in ex.messages] == ["system", "user", "assistant"]
+    assert ex.messages[0]["content"] == SYSTEM_ON and ex.messages[-1]["content"] == ON
+    # the mode from reasoning alone, or from the system prompt alone; a plain system prompt gets the toggle line
+    assert row_to_example({"input": "q", "output": "4", "reasoning": "off"}).messages[0]["content"] == SYSTEM_OFF
+    assert row_to_example({"input": "q", "output": ON, "system_prompt": SYSTEM_ON}).thinking is True
+    ex = row_to_example({"input": "q", "output": "4", "reasoning": "off", "system_prompt": "Be brief."})
+    assert ex.messages[0]["content"] == SYSTEM_OFF + "\n\nBe brief."
+    assert row_to_example({"input": "q", "output": "4"}).thinking is None
+
+
+def test_chat_schema_rows():
+    ex = row_to_example({"messages": [{"role": "system", "content": SYSTEM_OFF}, {"role": "user", "content": "q"},
+                                      {"role": "assistant", "content": "4"}]})
+    assert ex.thinking is False
+    assert row_to_example({"messages": [{"role": "user", "content": "q"},
+                                        {"role": "assistant", "content": ON}]}).thinking is None
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"input": "q", "output": "4", "reasoning": "on"}, "no single well-formed think block"),
+    ({"input": "q", "output": ON, "reasoning": "off"}, "reasoning is off but the response has think tags"),
+    ({"input": "q", "output": "<think>a", "reasoning": "on"}, "unclosed"),
+    ({"input": "q", "output": "4", "reasoning": "maybe"}, "reasoning must be 'on' or 'off'"),
+    ({"input": "q", "output": "4", "reasoning": "on", "system_prompt": SYSTEM_OFF}, "system_prompt says"),
+    ({"input": "q", "output": 4}, "output must be a string"),
+    ({"input": [{"role": "user"}], "output": "4"}, "string 'role' and 'content'"),
+    ({"input": [{"role": "assistant", "content": "x"}], "output": "4"}, "must end with a user message"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "last message must be the assistant"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
+                   {"role": "assistant", "content": "a"}]}, "system message may only come first"),
+    ({"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]}, "unknown role"),
+    ({"prompt": "q", "completion": "a"}, "needs 'messages', or 'input' and 'output'"),
+    ([1, 2], "must be a JSON object"),
+])
+def test_bad_rows_say_what_is_wrong(row, message):
+    with pytest.raises(ValueError, match=message):
+        row_to_example(row)
+
+
+def test_bad_lines_name_file_and_line_or_are_skipped_and_counted(tmp_path):
+    good = json.dumps({"input": "q", "output": "4", "reasoning": "off"})
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join([good, "", '{"input": "q", "output": "4", "reasoning": "on"}', "not json", good]) + "\n")
+    with pytest.raises(DataError, match=r"data.jsonl line 3: reasoning is on.*skip_bad_rows"):
+        read_examples([str(path)])
+    examples, skipped = read_examples([str(path)], skip_bad=True)
+    assert [e.source.rsplit(":", 1)[1] for e in examples] == ["1", "5"]
+    assert len(skipped) == 2 and "line 3" in skipped[0] and "line 4: not JSON" in skipped[1]
+    gz = tmp_path / "more.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write(good + "\n")
+    assert len(read_examples([str(gz)])[0]) == 1
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(DataError, match="must be JSON lines"):
+        read_examples([str(tmp_path / "x.txt")])
+
+
+def test_loss_mask_covers_exactly_the_assistant_tokens(tok):
+    for ex in nano_examples(3, 0, ["add", "word"], [2], [2]):
+        ids, mask = tokenize_example(tok, ex)
+        learned = [i for i, m in zip(ids, mask) if m]
+        assert tok.decode(learned) == ex.messages[-1]["content"] + EOT
+        assert mask == sorted(mask)  # one contiguous span at the end
+    # earlier assistant turns are context, not targets
+    ex = Example(({"role": "system", "content": SYSTEM_ON}, {"role": "user", "content": "a"},
+                  {"role": "assistant", "content": "first"}, {"role": "user", "content": "b"},
+                  {"role": "assistant", "content": ON}), True, "t")
+    ids, mask = tokenize_example(tok, ex)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == ON + EOT
+
+
+def test_pack_places_every_item_once_within_capacity():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 100) for _ in range(300)]
+    rows = pack(lengths, 128)
+    assert sorted(i for r in rows for i in r) == list(range(300))
+    assert all(sum(lengths[i] for i in r) <= 128 for r in rows)
+    assert len(rows) <= 1.1 * sum(lengths) / 128 + 1  # best fit wastes little
+    with pytest.raises(ValueError, match="does not fit"):
+        pack([5, 200], 128)
+
+
+def test_packed_logits_equal_unpacked(tok):
+    samples = [tokenize_example(tok, e) for e in nano_examples(5, 1, ["add", "mul", "word"], [1, 2], [2])]
+    rows = pack([len(s[0]) for s in samples], 512)
+    assert any(len(r) > 1 for r in rows)
+    batch = packed_batch(samples, rows, 512)
+    torch.manual_seed(0)
+    model = convert_llama_model(LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2))).eval()
+    with torch.no_grad():
+        packed = model(batch["input_ids"], attention_mask=block_causal_mask(batch["seq_ids"]),
+                       position_ids=batch["position_ids"]).logits
+        for r, members in enumerate(rows):
+            at = 0
+            for k in members:
+                n = len(samples[k][0])
+                alone = model(torch.tensor([samples[k][0]])).logits[0]
+                assert (alone - packed[r, at:at + n]).abs().max() <= 1e-5
+                at += n
+    # the loss counts the assistant tokens only, each sample's first token never
+    loss, n = sft_loss(packed, batch["labels"])
+    assert n == sum(sum(m) for _, m in samples)
+
+
+def test_block_causal_mask():
+    seq = torch.tensor([[0, 0, 1, 1, 1, -1]])
+    m = block_causal_mask(seq)[0, 0]
+    assert m[1, 0] and not m[0, 1]  # causal within a sample
+    assert not m[2, 1] and m[4, 2]  # never across samples
+    assert m[5].tolist() == [False] * 5 + [True]  # padding sees itself only
+
+
+def test_mix_modes():
+    ex = nano_examples(10, 0, ["add"], [1], [2])
+    assert len(mix_modes(ex, 0.5, 0)) == 20
+    quarter = mix_modes(ex, 0.25, 0)
+    on = sum(e.thinking for e in quarter)
+    assert on / len(quarter) == pytest.approx(0.25, abs=0.05) and len(quarter) >= 12
+    assert all(not e.thinking for e in mix_modes(ex, 0.0, 0))
+    assert mix_modes(ex, None, 0) == ex
+
+
+def test_schedule_orders_reasoning_first_and_takes_fractional_epochs(tok):
+    samples = [([1] * n, [1] * n) for n in (100, 200, 50, 300, 120, 80)]
+    modes = [True, False, True, False, True, False]
+    cfg = sft_stage.SFTConfig(order="reasoning_first", seq_len=300, epochs=2)
+    rows = sft_stage.schedule(samples, modes, cfg)
+    per_epoch = len(rows) // 2
+    for epoch in (rows[:per_epoch], rows[per_epoch:]):
+        kinds = [modes[r[0]] for r in epoch]
+        assert kinds == sorted(kinds, reverse=True)  # on rows first
+    half = sft_stage.schedule(samples, modes, sft_stage.SFTConfig(seq_len=300, epochs=1.5))
+    one = sft_stage.schedule(samples, modes, sft_stage.SFTConfig(seq_len=300))
+    assert half[:len(one)] == one and len(half) == len(one) + round(0.5 * len(one))
+
+
+def _pipe(tmp_path, run, *extra):
+    return load_pipeline(default_config_path("smoke"), [
+        f"run_dir={run}", "stages=[pretrain,sft]", "pretrain.train_steps=2", "sft.nano_prompts=24",
+        "sft.batch_size=2", "sft.seq_len=256", "sft.lr=0.01", "sft.warmup_steps=1", "sft.eval_every=4",
+        "sft.eval_problems=2", "sft.eval_max_new_tokens=8", "sft.checkpoint_every=3", "sft.digits=[1]",
+        "sft.steps=[1]", "sft.epochs=1", *extra])
+
+
+def test_sft_stage_trains_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    pipe = _pipe(tmp_path, ref)
+    run_stage(pipe, "pretrain")
+    m, _ = run_stage(pipe, "sft")
+    assert m["loss_after"] < m["loss_before"] and m["examples"] == 48 and m["on_examples"] == 24
+    assert {"accuracy_on", "format_ok_off", "mean_tokens_on", "collapsed"} <= set(m)
+    meta = json.loads((ref / "sft" / "model" / "thinkfast.json").read_text())
+    assert meta["prompting"] == "chat" and meta["made_by"] == "sft"
+    assert (ref / "sft" / "curve.png").stat().st_size > 1000
+    want = load_file(ref / "sft" / "model" / "model.safetensors")
+
+    run = tmp_path / "run"
+    pipe = _pipe(tmp_path, run)
+    run_stage(pipe, "pretrain")
+    real, calls = sft_stage.optimizer_step, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:  # after the checkpoint at step 3 and the eval at 4
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sft_stage, "optimizer_step", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(pipe, "sft")
+    monkeypatch.setattr(sft_stage, "optimizer_step", real)
+    run_stage(pipe, "sft")
+    got = load_file(run / "sft" / "model" / "model.safetensors")
+    for k in want:
+        assert torch.allclose(want[k], got[k], atol=1e-6), k
+
+
+def test_sft_reads_files_and_a_changed_file_makes_it_stale(tmp_path):
+    from thinkfast.pipeline import status
+    from thinkfast.rundir import RunDir
+
+    data = tmp_path / "sft.jsonl"
+    rows = [{"input": f"What is {i}+1?", "output": str(i + 1), "reasoning": "off"} for i in range(6)]
+    rows += [{"input": f"What is {i}+2?", "output": f"<think>\n{i} and 2\n</think>\n\n{i + 2}", "reasoning": "on"}
+             for i in range(6)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = tmp_path / "run"
+    pipe = _pipe(tmp_path, run, f"sft.files=[{data}]", "sft.eval_problems=0")
+    run_stage(pipe, "pretrain")
+    m, _ = run_stage(pipe, "sft")
+    assert m["examples"] == 12 and m["on_examples"] == 6
+    with RunDir(run) as rd:
+        assert status(pipe, rd, "sft")[0] == "complete"
+    data.write_text("\n".join(json.dumps(r) for r in rows[:-1]) + "\n")
+    with RunDir(run) as rd:
+        assert status(pipe, rd, "sft")[0] == "stale"
