@@ -36,6 +36,7 @@ from .data import NANO_MIX, DataConfig, DataError, expand_files
 from .rundir import MARKER_FORMAT, RunDir, RunDirError, StageConfigMismatch, StageDir, StageRun, atomic_write_json
 from .stages import (OUTPUTS, Input, Inputs, costs, distill, fuse, library, parent, pretrain, resolve_device, scores,
                      search, sft)
+from .stages import grpo
 from .stages import eval as eval_stage
 
 # name -> stage module (config class, MAKES, reads, run). A plain table: adding a stage is one line here.
@@ -49,6 +50,7 @@ STAGES = {
     "fuse": fuse,
     "distill": distill,
     "sft": sft,
+    "grpo": grpo,
     "eval": eval_stage,
 }
 # Fields that change how fast a stage runs or how much it logs, not what it produces: not in its identity.

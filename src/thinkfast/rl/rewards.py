@@ -1,0 +1,117 @@
+"""Reward functions with TRL's signature, and the runner that makes them safe to call.
+
+A reward is ``f(completions, **columns) -> list[float]``, exactly as TRL's ``GRPOTrainer`` calls it, so a
+TRL reward works here unchanged: ``completions`` holds, per sample, ``[{"role": "assistant", "content":
+text}]`` for chat prompts (TRL's conversational format) or the text itself for plain prompts; the keyword
+arguments are the prompt's dataset columns (one list entry per sample), plus ``prompts`` and
+``completion_ids``. ``None`` in a reward's list means "not applicable" and counts 0.
+
+Built in (REFERENCE.md section 5, Llama-Nemotron section 5):
+
+* :func:`nano_accuracy`: the nano world's verifier on the answer after the think block;
+* :func:`think_format`: "on" needs exactly one ``<think>`` ... ``</think>`` pair, in order, before the
+  answer; "off" needs no think tags.
+
+:class:`RewardRunner` sums the weighted rewards; a truncated response (no stop token) gets 0 in total, and a
+reward that raises, hangs past ``timeout`` seconds or returns the wrong thing counts 0 for that batch and is
+reported; it never stops the run. (A hung reward's thread is abandoned, not killed: Python cannot kill a
+thread; it is a daemon, so it does not keep the process alive.)
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..nano.tasks import extract_answer
+from ..toggle import format_ok, parse_response
+
+__all__ = ["RewardRunner", "completion_text", "nano_accuracy", "think_format", "BUILTIN"]
+
+
+def completion_text(completion) -> str:
+    """The text of a completion in either of TRL's formats.
+
+    >>> completion_text([{"role": "assistant", "content": "4"}]), completion_text("4")
+    ('4', '4')
+    """
+    if isinstance(completion, str):
+        return completion
+    return "".join(m.get("content", "") for m in completion)
+
+
+def nano_accuracy(completions, answer, **kwargs) -> list[float]:
+    """1.0 when the answer after the think block is ``Answer: <answer>``; malformed think blocks score 0.
+
+    >>> nano_accuracy(["<think>\\n2+2\\n</think>\\n\\nAnswer: 4", "<think>Answer: 4", "Answer: 5"], [4, 4, 4])
+    [1.0, 0.0, 0.0]
+    """
+    out = []
+    for c, a in zip(completions, answer):
+        final = parse_response(completion_text(c)).answer
+        out.append(1.0 if final is not None and extract_answer(final) == int(a) else 0.0)
+    return out
+
+
+def think_format(completions, thinking, **kwargs) -> list[float]:
+    """1.0 when the response obeys the requested mode (``thinking`` True: one well-formed think block
+    with reasoning in it; False: no think tags).
+
+    >>> think_format(["<think>\\nx\\n</think>\\n\\n4", "4", "<think>\\nx\\n</think>\\n\\n4"], [True, False, False])
+    [1.0, 1.0, 0.0]
+    """
+    return [1.0 if format_ok(completion_text(c), bool(t)) else 0.0 for c, t in zip(completions, thinking)]
+
+
+BUILTIN: dict[str, Callable] = {"nano_accuracy": nano_accuracy, "think_format": think_format}
+
+
+def _call_with_timeout(fn: Callable, timeout: float, args: tuple, kwargs: dict):
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - any failure of user code is reported, not raised
+            box["error"] = f"{type(e).__name__}: {e}\n" + traceback.format_exc(limit=3)
+
+    t = threading.Thread(target=target, daemon=True, name=f"reward:{getattr(fn, '__name__', fn)}")
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        return None, f"timed out after {timeout:g} s"
+    return box.get("value"), box.get("error")
+
+
+@dataclass
+class RewardRunner:
+    """Weighted sum of reward functions, each called safely."""
+
+    functions: Sequence[tuple[str, Callable, float]]  # (name, function, weight)
+    timeout: float = 30.0
+
+    def __call__(self, completions: list, truncated: Sequence[bool], columns: dict[str, list]
+                 ) -> tuple[list[float], dict[str, list[float]], list[str]]:
+        """Returns (total reward per sample, each reward's values, error messages)."""
+        n = len(completions)
+        parts: dict[str, list[float]] = {}
+        errors: list[str] = []
+        for name, fn, _ in self.functions:
+            value, error = _call_with_timeout(fn, self.timeout, (completions,), dict(columns))
+            if error is None:
+                try:
+                    values = [0.0 if v is None else float(v) for v in value]
+                    if len(values) != n:
+                        raise ValueError(f"returned {len(values)} values for {n} completions")
+                    if any(v != v for v in values):
+                        raise ValueError("returned NaN")
+                except (TypeError, ValueError) as e:
+                    error = f"bad return value: {e}"
+            if error is not None:
+                errors.append(f"reward {name}: {error}")
+                values = [0.0] * n
+            parts[name] = values
+        total = [0.0 if truncated[i] else sum(w * parts[name][i] for name, _, w in self.functions) for i in range(n)]
+        return total, parts, errors

@@ -1,0 +1,200 @@
+"""GRPO: advantages and loss against hand-computed values, safe rewards, the curriculum, rollout records,
+the stage (runs, resumes to the same weights, stops on NaN)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_modeling import V, hetero_model
+
+from thinkfast.generation import SamplingParams
+from thinkfast.pipeline import default_config_path, load_pipeline, run_stage
+from thinkfast.rl.curriculum import gaussian_schedule, keep_hard, random_schedule
+from thinkfast.rl.grpo import group_advantages, grpo_loss
+from thinkfast.rl.rewards import RewardRunner, nano_accuracy, think_format
+from thinkfast.rollout import rollout, token_logprobs
+from thinkfast.stages import grpo as grpo_stage
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0, 3.0, 1.0])
+    g = torch.tensor([0, 0, 0, 0, 1, 1])
+    a = group_advantages(r, g, eps=0.0)
+    s0 = statistics.stdev([1, 0, 1, 0])
+    assert torch.allclose(a, torch.tensor([0.5 / s0, -0.5 / s0, 0.5 / s0, -0.5 / s0, 1 / math.sqrt(2),
+                                           -1 / math.sqrt(2)]), atol=1e-6)
+    assert torch.equal(group_advantages(torch.ones(4), torch.zeros(4, dtype=torch.long)), torch.zeros(4))
+
+
+def test_grpo_loss_by_hand():
+    logp = torch.log(torch.tensor([[0.5, 0.5, 0.3], [0.2, 0.9, 0.4]]))
+    old = torch.log(torch.tensor([[0.5, 0.25, 0.3], [0.4, 0.9, 0.4]]))
+    ref = torch.log(torch.tensor([[0.4, 0.5, 0.3], [0.2, 0.9, 0.4]]))
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    adv = torch.tensor([1.0, -2.0])
+    loss, st = grpo_loss(logp, old, adv, mask, clip_eps=0.2, ref_logp=ref, kl_beta=0.1)
+    # ratios: row 0: 1, 2 (A > 0: clipped to 1.2); row 1: 0.5 (A < 0: min(-1, 0.8 * -2) is the clipped -1.6), 1, 1
+    obj = [1 * 1, min(2 * 1, 1.2 * 1), min(0.5 * -2, 0.8 * -2), -2, -2]
+    k3 = [0.8 - math.log(0.8) - 1, 0, 0, 0, 0]
+    want = -sum(o - 0.1 * k for o, k in zip(obj, k3)) / 5
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert st["clip_fraction"] == pytest.approx(2 / 5)
+    assert st["kl"] == pytest.approx(k3[0] / 5, rel=1e-5)
+    # gradient flows through the unclipped tokens only
+    logp = logp.clone().requires_grad_(True)
+    grpo_loss(logp, old, adv, mask)[0].backward()
+    assert logp.grad[0, 1] == 0 and logp.grad[1, 0] == 0 and logp.grad[0, 2] == 0  # clipped, clipped, masked
+    assert logp.grad[0, 0] != 0 and logp.grad[1, 1] != 0
+
+
+def trl_style_length_reward(completions, **kwargs):
+    return [-len(c[0]["content"]) / 100 for c in completions]
+
+
+def test_reward_runner_survives_crashing_and_hanging_rewards():
+    def crashes(completions, **kw):
+        raise RuntimeError("boom")
+
+    def hangs(completions, **kw):
+        time.sleep(30)
+
+    def wrong_length(completions, **kw):
+        return [1.0]
+
+    texts = ["<think>\nx\n</think>\n\nAnswer: 4", "Answer: 4"]
+    completions = [[{"role": "assistant", "content": t}] for t in texts]
+    runner = RewardRunner([("acc", nano_accuracy, 1.0), ("format", think_format, 0.5), ("crash", crashes, 1.0),
+                           ("hang", hangs, 1.0), ("short", wrong_length, 1.0), ("len", trl_style_length_reward, 1.0)],
+                          timeout=0.5)
+    t = time.perf_counter()
+    total, parts, errors = runner(completions, [False, True], {"answer": [4, 4], "thinking": [True, True]})
+    assert time.perf_counter() - t < 5
+    assert parts["acc"] == [1.0, 1.0] and parts["format"] == [1.0, 0.0]
+    assert parts["crash"] == parts["hang"] == parts["short"] == [0.0, 0.0]
+    assert [e.split(":")[0] for e in errors] == ["reward crash", "reward hang", "reward short"]
+    assert "boom" in errors[0] and "timed out" in errors[1] and "1 values for 2" in errors[2]
+    assert total[0] == pytest.approx(1.0 + 0.5 - len(texts[0]) / 100)
+    assert total[1] == 0.0  # truncated: nothing
+
+
+def test_curriculum_moves_from_easy_to_hard_and_uses_each_prompt_once_per_epoch():
+    rates = [k / 8 for k in range(6) for _ in range(10)]  # pools 0 .. 5/8, 10 prompts each
+    assert keep_hard([0.8, 0.75, 0.74]) == [2]
+    half = gaussian_schedule(rates, range(60), 6, 5, sigma=0.1, seed=1)
+    means = [statistics.fmean(rates[i] for i in b) for b in half]
+    assert means[0] > 0.5 and means[-1] < 0.1 and means == sorted(means, reverse=True)
+    assert len({i for b in half for i in b}) == 30
+    batches = gaussian_schedule(rates, range(60), 6, 10, sigma=0.1, seed=1)
+    flat = [i for b in batches for i in b]
+    assert len(flat) == 60 and sorted(flat) == list(range(60))  # one epoch: each prompt exactly once
+    assert gaussian_schedule(rates, range(60), 6, 10, sigma=0.1, seed=1) == batches  # deterministic
+    more = gaussian_schedule(rates, range(60), 6, 15, sigma=0.1, seed=1)
+    assert all(len(b) == 6 for b in more)  # a new epoch refills the pools
+    rnd = random_schedule(range(60), 6, 10, seed=1)
+    assert sorted(i for b in rnd for i in b) == list(range(60))
+
+
+def test_rollout_record_lines_up_tokens_masks_and_logprobs():
+    model = hetero_model(seed=7)
+    prompts = [[9, 10, 11], [12, 13, 14, 15, 16]]
+    roll = rollout(model, prompts, 3, SamplingParams(max_new_tokens=8, temperature=1.0, stop_token_ids=(0, 1, 2),
+                                                     seed=0))
+    assert roll.groups == [0, 0, 0, 1, 1, 1] and len(roll) == 6
+    b = roll.batch()
+    assert b["input_ids"].shape[1] == 5 + max(len(c.token_ids) for c in roll.completions)
+    for i, c in enumerate(roll.completions):
+        row = b["input_ids"][i][b["completion_mask"][i].bool()].tolist()
+        assert row == c.token_ids
+    with torch.no_grad():
+        full = token_logprobs(model, b)
+    m = b["completion_mask"].bool()
+    assert torch.allclose(full[m], b["sampler_logprobs"][m], atol=1e-4)  # recomputed == sampler's
+
+
+def _pipe(run, *extra):
+    return load_pipeline(default_config_path("smoke"), [
+        f"run_dir={run}", "stages=[pretrain,sft,grpo]", "pretrain.train_steps=2", "sft.nano_prompts=8",
+        "sft.batch_size=4", "sft.seq_len=256", "sft.eval_problems=0", "sft.digits=[1]", "sft.steps=[1]",
+        "grpo.prompts=12", "grpo.digits=[1]", "grpo.steps=[1]", "grpo.group_size=3", "grpo.prompts_per_step=2",
+        "grpo.train_steps=4", "grpo.max_new_tokens=12", "grpo.pass_rate_samples=2", "grpo.eval_problems=2",
+        "grpo.eval_every=2", "grpo.eval_max_new_tokens=8", "grpo.checkpoint_every=2", "grpo.lr=0.01",
+        "grpo.easy_threshold=1.0", *extra])
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("grpo") / "base"
+    pipe = _pipe(run)
+    run_stage(pipe, "pretrain")
+    run_stage(pipe, "sft")
+    return run
+
+
+def _copy_base(sft_run, dst):
+    import shutil
+
+    shutil.copytree(sft_run, dst, symlinks=True)
+    return dst
+
+
+def test_grpo_stage_runs_and_resumes_to_the_same_weights(sft_run, tmp_path, monkeypatch):
+    ref_run = _copy_base(sft_run, tmp_path / "ref")
+    m, _ = run_stage(_pipe(ref_run, "grpo.kl_beta=0.1"), "grpo")
+    assert m["steps"] == 4 and m["prompts"] == 12 and "accuracy_on_after" in m
+    curve = json.loads((ref_run / "grpo" / "curve.json").read_text())
+    assert [p["step"] for p in curve["eval"]] == [0, 2, 4] and len(curve["steps"]) == 4
+    assert {"reward", "pass_rate", "kl", "clip_fraction", "response_tokens", "format_ok"} <= set(curve["steps"][0])
+    assert json.loads((ref_run / "grpo" / "pass_rates.json").read_text())["samples"] == 2
+    want = load_file(ref_run / "grpo" / "model" / "model.safetensors")
+
+    run = _copy_base(sft_run, tmp_path / "run")
+    real, calls = grpo_stage.optimizer_step, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 6:  # step 3's second update: after the checkpoint at step 2
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(grpo_stage, "optimizer_step", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(_pipe(run, "grpo.kl_beta=0.1"), "grpo")
+    monkeypatch.setattr(grpo_stage, "optimizer_step", real)
+    run_stage(_pipe(run, "grpo.kl_beta=0.1"), "grpo")
+    got = load_file(run / "grpo" / "model" / "model.safetensors")
+    for k in want:
+        assert torch.allclose(want[k], got[k], atol=1e-6), k
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sft_run, tmp_path, monkeypatch):
+    run = _copy_base(sft_run, tmp_path / "nan")
+    real, calls = grpo_stage.grpo_loss, []
+
+    def nan_at_step_3(*a, **k):
+        calls.append(1)
+        loss, st = real(*a, **k)
+        return (loss * float("nan") if len(calls) >= 5 else loss), st
+
+    monkeypatch.setattr(grpo_stage, "grpo_loss", nan_at_step_3)
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        run_stage(_pipe(run), "grpo")
+    from thinkfast.train.checkpoint import load_state
+
+    state = load_state(run / "grpo.partial" / "checkpoint", "cpu")
+    assert int(state["step"]) == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_user_reward_by_module_path(sft_run, tmp_path):
+    run = _copy_base(sft_run, tmp_path / "user")
+    m, _ = run_stage(_pipe(run, "grpo.rewards=[nano_accuracy,test_grpo:trl_style_length_reward]",
+                           "grpo.train_steps=1", "grpo.eval_problems=0"), "grpo")
+    steps = json.loads((run / "grpo" / "curve.json").read_text())["steps"]
+    assert "reward_test_grpo:trl_style_length_reward" in steps[0]
+    with pytest.raises(ValueError, match="cannot load"):
+        grpo_stage.load_reward("no_such_module:f")
