@@ -12,6 +12,10 @@ Then, with the pipeline's own stages:
 - ``mip_ffn``: the MIP at the same predicted runtime with every layer keeping a SwiGLU FFN (no FFN
   removed or made linear: attention goes, FFNs shrink), the kind of child FFN Fusion was made for; and
   ``mip_ffn+fuse``, the fuse stage on it;
+- ``layers``: the MIP at the same predicted runtime over whole-layer children (``search.structure:
+  layers``: each layer removed, or kept with its FFN and its attention or fewer KV heads);
+- ``whole_layers``: the MIP at the same predicted runtime keeping each layer whole or removing it (layer
+  pruning);
 - ``mip+fuse``: the fuse stage on the MIP child (the main job's order), when it finds a run to fuse;
 - each of these distilled from the parent with the same budget (the distill stage, ``--distill-steps``).
 
@@ -19,7 +23,7 @@ For every model: measured decode speedup against the parent at ``--batch`` seque
 (``--context`` cached tokens, ``--steps`` steps, ``--repeats`` interleaved rounds, median), held-out KL
 to the parent, and step-by-step accuracy on 1-2 digit problems (``--per-cell`` per kind and digit count).
 
-    python benchmarks/recovery_nano.py [--run-dir runs/nano] [--speedup 2.5] [--distill-steps 300]
+    python benchmarks/recovery_nano.py [--run-dir runs/nano] [--speedup 2.5] [--distill-steps 300] [--models a,b]
     -> benchmarks/results/recovery_nano.{json,md}
 """
 
@@ -42,7 +46,7 @@ from thinkfast.evaluation import evaluate
 from thinkfast.nano import tasks
 from thinkfast.nano.corpus import packed_rows
 from thinkfast.pipeline import load_pipeline, run_stage
-from thinkfast.puzzle.assemble import assemble, build_problem, describe
+from thinkfast.puzzle.assemble import assemble, build_problem, describe, restrict
 from thinkfast.puzzle.mip import solve_mip
 from thinkfast.puzzle.parent import load_decilm
 from thinkfast.stages.eval import EvalConfig
@@ -64,6 +68,24 @@ def mip_keep_ffn(problem, key: str, limit: float):
     return list(sol.choice) if sol.objective < 1e3 else None
 
 
+def mip_restricted(problem, key: str, limit: float, allowed) -> list[int] | None:
+    """The MIP at ``limit`` over the blocks ``allowed(layer, attention, ffn, parent_attention, parent_ffn)``
+    accepts (the others priced out of reach)."""
+    scores = problem.scores.copy()
+    for i, names in enumerate(problem.names):
+        pa, pf = names[problem.parent_choice[i]]
+        for k, (a, f) in enumerate(names):
+            if not allowed(a, f, pa, pf):
+                scores[i, k] += 1e3
+    sol = solve_mip(scores, {key: problem.costs[key]}, {key: limit})[0]
+    return list(sol.choice) if sol.objective < 1e3 else None
+
+
+def whole_layers(a, f, pa, pf) -> bool:
+    """Layer pruning: each layer kept whole or removed."""
+    return (a, f) in ((pa, pf), ("no_op", "no_op"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/nano.yaml")
@@ -76,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--per-cell", type=int, default=25)
+    ap.add_argument("--models", default="mip,mip_ffn,greedy,drop_attention,layers,whole_layers",
+                    help="children to build and distill (comma-separated; the parent is always measured)")
     ap.add_argument("--out", default="benchmarks/results/recovery_nano.json")
     a = ap.parse_args(argv)
     src, work = Path(a.run_dir), Path(a.work)
@@ -91,8 +115,11 @@ def main(argv=None) -> int:
         return load_pipeline(a.config, [f"run_dir={run_dir}", f"stages=[{','.join(stages)}]", *common, *extra])
 
     main_pipe = pipe(work, [*UPSTREAM, "search", "fuse", "distill"])
-    for name in [*UPSTREAM, "search", "fuse", "distill"]:
+    for name in [*UPSTREAM, "search", "fuse"]:
         run_stage(main_pipe, name)
+    fused_any = json.loads((work / "fuse" / "fusion.json").read_text())["groups"]
+    if fused_any and "mip" in a.models.split(","):  # the main job's order: search, fuse, distill
+        run_stage(main_pipe, "distill")
     parent_dir = work / "pretrain" / "model"
     lib_dir = work / "library" / "library"
     lib = read_library(lib_dir)
@@ -104,11 +131,20 @@ def main(argv=None) -> int:
     found = json.loads((work / "search" / "search.json").read_text())["solutions"][0]["choice"]
     mip = [problem.names[i].index(tuple(n)) for i, n in enumerate(found)]
     limit = problem.totals(mip)[key] - problem.fixed[key]
-    choices = {"mip": mip, "mip_ffn": mip_keep_ffn(problem, key, limit), "greedy": greedy(problem, key, limit),
-               "drop_attention": drop_attention(problem, key, limit)}
-    folders = {"parent": parent_dir, "mip": work / "search" / "model"}
-    fused_any = json.loads((work / "fuse" / "fusion.json").read_text())["groups"]
-    if fused_any:
+    builders = {"mip": lambda: mip, "mip_ffn": lambda: mip_keep_ffn(problem, key, limit),
+                "greedy": lambda: greedy(problem, key, limit), "drop_attention": lambda: drop_attention(problem, key, limit),
+                "layers": lambda: list(solve_mip(restrict(problem, "layers").scores, {key: problem.costs[key]},
+                                                 {key: limit})[0].choice),
+                "whole_layers": lambda: mip_restricted(problem, key, limit, whole_layers)}
+    wanted = a.models.split(",")
+    unknown = sorted(set(wanted) - set(builders))
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; choose from {sorted(builders)}")
+    choices = {name: builders[name]() for name in wanted}
+    folders = {"parent": parent_dir}
+    if "mip" in choices:
+        folders["mip"] = work / "search" / "model"
+    if fused_any and "mip" in choices:
         folders.update({"mip+fuse": work / "fuse" / "model", "mip+fuse+distill": work / "distill" / "model"})
 
     def distilled(name: str, stages: list[str]) -> Path:

@@ -19,7 +19,9 @@ from thinkfast.rl.curriculum import gaussian_schedule, keep_hard, random_schedul
 from thinkfast.rl.grpo import group_advantages, grpo_loss
 from thinkfast.rl.rewards import RewardRunner, nano_accuracy, think_format
 from thinkfast.rollout import rollout, token_logprobs
+from thinkfast.rl import grpo as grpo_lib
 from thinkfast.stages import grpo as grpo_stage
+from thinkfast.train import loop as train_loop
 
 
 def test_group_advantages_by_hand():
@@ -113,8 +115,10 @@ def test_rollout_record_lines_up_tokens_masks_and_logprobs():
         assert row == c.token_ids
     with torch.no_grad():
         full = token_logprobs(model, b)
+        tail = token_logprobs(model, b, b["prompt_width"])  # the LM head on the completions only
     m = b["completion_mask"].bool()
     assert torch.allclose(full[m], b["sampler_logprobs"][m], atol=1e-4)  # recomputed == sampler's
+    assert torch.allclose(tail[m], full[m], atol=1e-6) and (tail[:, :b["prompt_width"]] == 0).all()
 
 
 def _pipe(run, *extra):
@@ -154,7 +158,7 @@ def test_grpo_stage_runs_and_resumes_to_the_same_weights(sft_run, tmp_path, monk
     want = load_file(ref_run / "grpo" / "model" / "model.safetensors")
 
     run = _copy_base(sft_run, tmp_path / "run")
-    real, calls = grpo_stage.optimizer_step, []
+    real, calls = train_loop.optimizer_step, []
 
     def failing(*a, **k):
         calls.append(1)
@@ -162,10 +166,10 @@ def test_grpo_stage_runs_and_resumes_to_the_same_weights(sft_run, tmp_path, monk
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(grpo_stage, "optimizer_step", failing)
+    monkeypatch.setattr(train_loop, "optimizer_step", failing)
     with pytest.raises(KeyboardInterrupt):
         run_stage(_pipe(run, "grpo.kl_beta=0.1"), "grpo")
-    monkeypatch.setattr(grpo_stage, "optimizer_step", real)
+    monkeypatch.setattr(train_loop, "optimizer_step", real)
     run_stage(_pipe(run, "grpo.kl_beta=0.1"), "grpo")
     got = load_file(run / "grpo" / "model" / "model.safetensors")
     for k in want:
@@ -174,15 +178,15 @@ def test_grpo_stage_runs_and_resumes_to_the_same_weights(sft_run, tmp_path, monk
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sft_run, tmp_path, monkeypatch):
     run = _copy_base(sft_run, tmp_path / "nan")
-    real, calls = grpo_stage.grpo_loss, []
+    real, calls = grpo_lib.grpo_loss, []
 
     def nan_at_step_3(*a, **k):
         calls.append(1)
         loss, st = real(*a, **k)
         return (loss * float("nan") if len(calls) >= 5 else loss), st
 
-    monkeypatch.setattr(grpo_stage, "grpo_loss", nan_at_step_3)
-    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+    monkeypatch.setattr(grpo_lib, "grpo_loss", nan_at_step_3)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 3.*last good checkpoint"):
         run_stage(_pipe(run), "grpo")
     from thinkfast.train.checkpoint import load_state
 
@@ -198,3 +202,26 @@ def test_a_user_reward_by_module_path(sft_run, tmp_path):
     assert "reward_test_grpo:trl_style_length_reward" in steps[0]
     with pytest.raises(ValueError, match="cannot load"):
         grpo_stage.load_reward("no_such_module:f")
+
+
+def test_shared_prompt_forward_equals_the_full_one_with_gradients():
+    from thinkfast.rollout import grouped_logprobs
+
+    model = hetero_model(seed=8).train()
+    prompts = [[9, 10, 11], [12, 13, 14, 15, 16], [20]]
+    roll = rollout(model, prompts, 4, SamplingParams(max_new_tokens=10, temperature=1.0, stop_token_ids=(0, 1),
+                                                     seed=1))
+    b = roll.batch()
+    start = b["prompt_width"]
+    sel = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11])  # a slice of whole groups, as the updates take
+    sub = {k: v[sel] for k, v in b.items() if k != "prompt_width"}
+    grads = []
+    for fn in (lambda: token_logprobs(model, sub, start), lambda: grouped_logprobs(model, sub, start)):
+        model.zero_grad()
+        lp = fn()
+        (lp * sub["completion_mask"]).sum().backward()
+        grads.append((lp.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    m = sub["completion_mask"].bool()
+    assert torch.allclose(grads[0][0][m], grads[1][0][m], atol=1e-5)
+    for a, c in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(a, c, atol=1e-5)

@@ -46,7 +46,7 @@ class Rollout:
     def batch(self, pad_id: int = 0, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask``, ``position_ids`` [N, T]; ``completion_mask`` [N, T] (1 on the
         completion's tokens); ``sampler_logprobs`` [N, T] (the engine's log-prob of token t at position t,
-        0 elsewhere); ``group`` [N]. T = longest prompt + longest completion; prompts are left-padded,
+        0 elsewhere); ``group`` [N]; ``prompt_width`` (an int: the column where completions start). T = longest prompt + longest completion; prompts are left-padded,
         completions right-padded, so every prompt ends at the same column."""
         n = len(self)
         p_width = max(len(p) for p in self.prompts)
@@ -67,7 +67,9 @@ class Rollout:
         pos = (att.cumsum(-1) - 1).clamp(min=0)
         out = {"input_ids": ids, "attention_mask": att, "position_ids": pos, "completion_mask": cmask,
                "sampler_logprobs": logp, "group": torch.tensor(self.groups, dtype=torch.long)}
-        return {k: v.to(device) for k, v in out.items()}
+        out = {k: v.to(device) for k, v in out.items()}
+        out["prompt_width"] = p_width
+        return out
 
 
 def rollout(model, prompts: list[list[int]], group_size: int, params: SamplingParams, *,
@@ -80,9 +82,54 @@ def rollout(model, prompts: list[list[int]], group_size: int, params: SamplingPa
     return Rollout(flat, generate_fn(model, flat, params), groups)
 
 
-def token_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Log-prob of each token given the ones before it, [N, T] (position 0: 0), from one forward pass."""
+class _GradCache:
+    """A KV cache that keeps autograd (``torch.cat``), for a training forward over a shared prefix."""
+
+    def __init__(self, keys=None, values=None):
+        self.keys, self.values = list(keys or []), list(values or [])
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        if layer_idx == len(self.keys):
+            self.keys.append(key_states)
+            self.values.append(value_states)
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys[layer_idx].shape[2] if layer_idx < len(self.keys) else 0
+
+    def expand(self, index: torch.Tensor) -> _GradCache:
+        return _GradCache([k[index] for k in self.keys], [v[index] for v in self.values])
+
+
+def grouped_logprobs(model, batch: dict[str, torch.Tensor], start: int) -> torch.Tensor:
+    """:func:`token_logprobs` of a rollout batch whose rows share their prompt within each group: each
+    prompt (the ``start`` columns before the completions) is computed once per group and its keys and
+    values are shared by the group's rows, so a group of G samples costs one prompt, not G. Equal to the
+    full forward (gradients included; tested). Needs a model that accepts any cache object (nemotron-nas)."""
+    ids, att, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+    groups = batch["group"]
+    uniq, row_group = torch.unique(groups, return_inverse=True)
+    first = torch.zeros(len(uniq), dtype=torch.long, device=ids.device).scatter_(
+        0, row_group.flip(0), torch.arange(len(groups) - 1, -1, -1, device=ids.device))
+    cache = _GradCache()
+    prefix = model(input_ids=ids[first, :start], attention_mask=att[first, :start], position_ids=pos[first, :start],
+                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    first_lp = prefix.log_softmax(-1)[row_group].gather(-1, ids[:, start:start + 1]).squeeze(-1)
+    rest = model(input_ids=ids[:, start:], attention_mask=att, position_ids=pos[:, start:],
+                 cache=cache.expand(row_group), use_cache=True).logits[:, :-1].float()
+    rest_lp = rest.log_softmax(-1).gather(-1, ids[:, start + 1:, None]).squeeze(-1)
+    return torch.nn.functional.pad(torch.cat([first_lp[:, None], rest_lp], dim=1), (start, 0))
+
+
+def token_logprobs(model, batch: dict[str, torch.Tensor], start: int = 1) -> torch.Tensor:
+    """Log-prob of each token given the ones before it, [N, T], from one forward pass; columns before
+    ``start`` (e.g. a rollout's prompts, ``batch["prompt_width"]``) are 0 and cost no LM-head work."""
+    t = batch["input_ids"].shape[1]
+    start = max(1, int(start))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits[:, :-1].float()
-    picked = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-    return torch.nn.functional.pad(picked, (1, 0))
+                   position_ids=batch["position_ids"], logits_to_keep=t - start + 1).logits[:, :-1].float()
+    picked = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, start:, None]).squeeze(-1)
+    return torch.nn.functional.pad(picked, (start, 0))

@@ -5,6 +5,7 @@ Paper: Puzzle (arXiv 2411.19146) section 4.4-4.5; REFERENCE.md section 1 (MIP an
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,7 +16,7 @@ from ..modeling import DeciLMConfig, DeciLMForCausalLM
 from ..modeling.configuration_decilm import block_config
 from .parent import library_blocks
 
-__all__ = ["Problem", "assemble", "build_problem", "describe"]
+__all__ = ["STRUCTURES", "Problem", "assemble", "build_problem", "describe", "restrict"]
 
 
 @dataclass
@@ -35,6 +36,29 @@ class Problem:
     def totals(self, choice) -> dict[str, float]:
         rows = np.arange(len(choice))
         return {k: float(m[rows, list(choice)].sum() + self.fixed.get(k, 0.0)) for k, m in self.costs.items()}
+
+
+STRUCTURES = ("any", "layers")
+
+
+def restrict(problem: Problem, structure: str) -> Problem:
+    """The problem with only the blocks a child ``structure`` allows (the others' scores set to inf):
+    ``any``: every block of the library; ``layers``: each layer removed whole (no-op attention and FFN) or
+    kept with its parent FFN and its parent attention or a GQA variant with fewer KV heads (docs/LOG.md
+    2026-12-03 session 6: in the nano world such children recover from distillation far better than the
+    MIP's mix of partial blocks at the same speed)."""
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure={structure!r}: choose from {list(STRUCTURES)}")
+    if structure == "any":
+        return problem
+    scores = problem.scores.copy()
+    for i, names in enumerate(problem.names):
+        pa, pf = names[problem.parent_choice[i]]
+        for k, (a, f) in enumerate(names):
+            whole = (a, f) == ("no_op", "no_op") or (f == pf and (a == pa or a.startswith("gqa_")))
+            if not whole:
+                scores[i, k] = np.inf
+    return dataclasses.replace(problem, scores=scores)
 
 
 def _names(lib: dict, layer: int) -> list[tuple[str, str]]:

@@ -12,9 +12,17 @@ not per sequence first.
 
 from __future__ import annotations
 
+import contextlib
+import statistics
+
 import torch
 
-__all__ = ["group_advantages", "grpo_loss"]
+from ..generation import generate
+from ..modeling import DeciLMForCausalLM
+from ..rollout import grouped_logprobs, rollout, token_logprobs
+from ..train import loop as train_loop
+
+__all__ = ["group_advantages", "grpo_loss", "grpo_step"]
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-4,
@@ -62,3 +70,66 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         stats = {"clip_fraction": float((was_clipped.float() * mask).sum() / n),
                  "kl": float((kl * mask).sum() / n), "ratio": float((ratio * mask).sum() / n)}
     return loss, stats
+
+
+def grpo_step(model, opt, prompts: list[list[int]], columns: dict[str, list], runner, params, *, group_size: int,
+              decode, pad_id: int = 0, updates: int = 1, clip_eps: float = 0.2, kl_beta: float = 0.0,
+              reference=None, logprobs: str = "recompute", grad_clip: float | None = 1.0, autocast_ctx=None,
+              conversational: bool = True, generate_fn=None) -> tuple[dict, list[str]]:
+    """One GRPO step: ``group_size`` completions per prompt, rewards, group advantages, then ``updates``
+    gradient steps, one per slice of the groups. ``columns`` holds per-prompt dataset columns (repeated per
+    sample for the rewards); ``decode`` turns token ids into text. Returns (the step's record, reward
+    errors); a non-finite loss raises FloatingPointError before any parameter changes in that update."""
+    device = next(model.parameters()).device
+    model.eval()
+    roll = rollout(model, prompts, group_size, params, generate_fn=generate_fn or generate)
+    texts = [decode(c.token_ids) for c in roll.completions]
+    cols = {k: [v[g] for g in roll.groups] for k, v in columns.items()}
+    cols["completion_ids"] = [c.token_ids for c in roll.completions]
+    truncated = [c.finish_reason != "stop" for c in roll.completions]
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+    total, parts, errors = runner(completions, truncated, cols)
+    adv = group_advantages(torch.tensor(total), torch.tensor(roll.groups))
+    b = roll.batch(pad_id, device)
+    start = b.pop("prompt_width")
+
+    def logprobs_of(m, batch):  # each prompt computed once per group where the model allows it
+        return (grouped_logprobs if isinstance(m, DeciLMForCausalLM) else token_logprobs)(m, batch, start)
+
+    group_ids = torch.tensor(roll.groups, device=device)
+    slices = [(group_ids % updates == part).nonzero().squeeze(1) for part in range(updates)]
+    # "old" log-probs: the first slice is trained before any update, so its own forward pass gives them
+    # (detached); the other slices need them from the model as it is now, before the first update
+    old = b["sampler_logprobs"] if logprobs == "sampler" else torch.zeros_like(b["sampler_logprobs"])
+    with torch.no_grad():
+        if logprobs == "recompute":
+            for rows in slices[1:]:
+                old[rows] = logprobs_of(model, {k: v[rows] for k, v in b.items()})
+        ref = logprobs_of(reference, b) if reference is not None else None
+    model.train()
+    stats, losses = [], []
+    for part, rows in enumerate(slices):
+        sub = {k: v[rows] for k, v in b.items()}
+        with autocast_ctx() if autocast_ctx is not None else contextlib.nullcontext():
+            logp = logprobs_of(model, sub)
+            old_rows = logp.detach() if part == 0 and logprobs == "recompute" else old[rows]
+            loss, st = grpo_loss(logp, old_rows, adv[rows.cpu()].to(device), sub["completion_mask"],
+                                 clip_eps=clip_eps, ref_logp=ref[rows] if ref is not None else None, kl_beta=kl_beta)
+        value = float(loss.detach())
+        if value != value or value in (float("inf"), float("-inf")):
+            raise FloatingPointError(f"the GRPO loss is {value}")
+        train_loop.optimizer_step(opt, loss, clip=grad_clip)
+        losses.append(value)
+        stats.append(st)
+    accuracy = parts.get("nano_accuracy")
+    record = {"loss": statistics.fmean(losses), "reward": statistics.fmean(total),
+              "pass_rate": (statistics.fmean(a >= 1.0 and not t for a, t in zip(accuracy, truncated))
+                            if accuracy is not None else None),
+              **{f"reward_{k}": statistics.fmean(v) for k, v in parts.items()},
+              "kl": statistics.fmean(s["kl"] for s in stats),
+              "clip_fraction": statistics.fmean(s["clip_fraction"] for s in stats),
+              "response_tokens": statistics.fmean(len(c.token_ids) for c in roll.completions),
+              "truncated": statistics.fmean(truncated),
+              "format_ok": statistics.fmean(parts["think_format"]) if "think_format" in parts else None,
+              "reward_errors": len(errors), "tokens": sum(len(c.token_ids) for c in roll.completions)}
+    return record, errors

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Literal
@@ -42,12 +41,12 @@ from ..generation import SamplingParams, generate
 from ..nano import tasks
 from ..puzzle.parent import load_decilm
 from ..rl.curriculum import gaussian_schedule, keep_hard, random_schedule
-from ..rl.grpo import group_advantages, grpo_loss
+from ..rl.grpo import grpo_step
 from ..rl.rewards import BUILTIN, RewardRunner, nano_accuracy
-from ..rollout import rollout, token_logprobs
+from ..rollout import rollout
 from ..rundir import StageDir, atomic_dir, atomic_write_json
 from ..toggle import stop_token_ids
-from ..train.loop import TrainLoop, adamw, autocast, optimizer_step, resolve_precision, setup_device, warmup_cosine
+from ..train.loop import TrainLoop, adamw, autocast, resolve_precision, setup_device, warmup_cosine
 from . import Input, Inputs, check_device, positive
 
 MAKES = "model"
@@ -251,62 +250,29 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
     if loop.start == 0 and not curve:
         point(0)
     pad = tokenizer.pad_token_id or 0
+    columns = {"answer": [p.answer for p in problems], "thinking": modes,
+               "prompts": [[{"role": "user", "content": tasks.chat_prompt(p)}] for p in problems]}
     for step in loop:
         batch_prompts = schedule[step]
-        model.eval()
-        roll = rollout(model, [prompts[i] for i in batch_prompts], cfg.group_size,
-                       _sampling(cfg, tokenizer, cfg.seed * 100003 + step))
-        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in roll.completions]
-        members = [batch_prompts[g] for g in roll.groups]
-        columns = {"answer": [problems[i].answer for i in members], "thinking": [modes[i] for i in members],
-                   "prompts": [[{"role": "user", "content": tasks.chat_prompt(problems[i])}] for i in members],
-                   "completion_ids": [c.token_ids for c in roll.completions]}
-        truncated = [c.finish_reason != "stop" for c in roll.completions]
-        total, parts, errors = runner([[{"role": "assistant", "content": t}] for t in texts], truncated, columns)
+        try:
+            record, errors = grpo_step(
+                model, opt, [prompts[i] for i in batch_prompts], {k: [v[i] for i in batch_prompts]
+                                                                  for k, v in columns.items()},
+                runner, _sampling(cfg, tokenizer, cfg.seed * 100003 + step), group_size=cfg.group_size,
+                decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), pad_id=pad,
+                updates=cfg.updates_per_rollout, clip_eps=cfg.clip_eps, kl_beta=cfg.kl_beta, reference=reference,
+                logprobs=cfg.logprobs, grad_clip=cfg.grad_clip, autocast_ctx=lambda: autocast(device, precision))
+        except FloatingPointError as e:
+            raise FloatingPointError(
+                f"grpo: {e} at step {step + 1}; stopped without saving: the last good checkpoint "
+                f"({stage.checkpoint_dir}) is kept. Lower lr or check the rewards.") from None
         for e in errors:
             log.log("reward_error", step=step, error=e)
-        rewards = torch.tensor(total)
-        adv = group_advantages(rewards, torch.tensor(roll.groups))
-        b = roll.batch(pad, device)
-        with torch.no_grad():
-            old = token_logprobs(model, b) if cfg.logprobs == "recompute" else b["sampler_logprobs"]
-            ref = token_logprobs(reference, b) if reference is not None else None
-        model.train()
-        stats: list[dict] = []
-        losses = []
-        group_ids = torch.tensor(roll.groups, device=device)
-        for part in range(cfg.updates_per_rollout):  # one update per slice of the groups
-            rows = (group_ids % cfg.updates_per_rollout == part).nonzero().squeeze(1)
-            sub = {k: v[rows] for k, v in b.items()}
-            with autocast(device, precision):
-                logp = token_logprobs(model, sub)
-                loss, st = grpo_loss(logp, old[rows], adv[rows.cpu()].to(device), sub["completion_mask"],
-                                     clip_eps=cfg.clip_eps, ref_logp=ref[rows] if ref is not None else None,
-                                     kl_beta=cfg.kl_beta)
-            if not math.isfinite(float(loss.detach())):
-                raise FloatingPointError(
-                    f"grpo: the loss is {float(loss.detach())} at step {step + 1}; stopped without saving: the last good "
-                    f"checkpoint ({stage.checkpoint_dir}) is kept. Lower lr or check the rewards.")
-            optimizer_step(opt, loss, clip=cfg.grad_clip)
-            losses.append(float(loss))
-            stats.append(st)
-        accuracy = parts.get("nano_accuracy", [0.0] * len(texts))
-        record = {"step": step + 1, "reward": statistics.fmean(total),
-                  "pass_rate": statistics.fmean(a >= 1.0 and not t for a, t in zip(accuracy, truncated)),
-                  **{f"reward_{k}": statistics.fmean(v) for k, v in parts.items()},
-                  "kl": statistics.fmean(s["kl"] for s in stats),
-                  "clip_fraction": statistics.fmean(s["clip_fraction"] for s in stats),
-                  "response_tokens": statistics.fmean(len(c.token_ids) for c in roll.completions),
-                  "truncated": statistics.fmean(truncated),
-                  "format_ok": statistics.fmean(parts["think_format"]) if "think_format" in parts else None,
-                  "batch_pass_rate": statistics.fmean(rates[i] for i in batch_prompts),
-                  "reward_errors": len(errors)}
+        record = {"step": step + 1, **record, "batch_pass_rate": statistics.fmean(rates[i] for i in batch_prompts)}
         steps_log.append(record)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.train_steps:
             point(step + 1)
-        loop.end_step(step, loss=statistics.fmean(losses),
-                      tokens=sum(len(c.token_ids) for c in roll.completions),
-                      **{k: v for k, v in record.items() if k != "step"})
+        loop.end_step(step, **{k: v for k, v in record.items() if k != "step"})
     loop.close()
     model.eval()
     with atomic_dir(stage.model_dir) as tmp:

@@ -15,6 +15,8 @@ Targets (any combination; each becomes one ``sum cost <= limit`` row):
 - ``max_params``; ``max_memory_bytes``: parameter bytes plus the KV cache of ``batch_size`` sequences
   of ``memory_context`` tokens; ``max_kv_cache_bytes``: that KV cache alone; ``kv_fraction``: KV-cache
   bytes per token at most this share of the parent's.
+``structure: layers`` limits the children to whole layers removed or kept with their FFN (attention may
+lose KV heads): in the nano world those recover from distillation far better (docs/LOG.md 2026-12-03).
 ``sweep`` solves for each speedup in the list and writes ``pareto.json``, ``pareto.md`` and
 ``pareto.png`` (when matplotlib is installed).
 
@@ -27,7 +29,7 @@ the predicted target corrected by the measured miss (geometric bisection once it
 best child whose measured speedup meets the target is kept (``calibration`` in the metrics lists each try).
 
 Departures: the paper re-solves for several batch sizes and keeps the best; here the batch size is a
-target key and a sweep is a list of speedups. Calibration is ours.
+target key and a sweep is a list of speedups. Calibration and ``structure`` are ours.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Literal
 from ..artifacts import (ArtifactError, check_costs, copy_tokenizer_files, load_tensors, read_json, read_library,
                          read_model_sidecar, read_scores, write_model_sidecar)
 from ..engines import check_engine, untie_for
-from ..puzzle.assemble import assemble, build_problem, describe
+from ..puzzle.assemble import assemble, build_problem, describe, restrict
 from ..puzzle.mip import InfeasibleError, finish_races, solve_mip
 from ..puzzle.parent import load_decilm
 from ..puzzle.targets import check_finite, explain_infeasible, limits_for, summary
@@ -67,6 +69,9 @@ class SearchConfig:
     memory_context: int = 2048
     max_kv_cache_bytes: float | None = None  # KV cache of batch_size x memory_context tokens
     kv_fraction: float | None = None
+    # which children: any (every block of the library), or layers (each layer removed whole or kept with its
+    # FFN and its attention or a GQA variant with fewer KV heads; see thinkfast.puzzle.assemble.restrict)
+    structure: Literal["any", "layers"] = "any"
     n_solutions: int = 1
     alpha: float = 0.8  # diversity: later solutions share at most alpha * layers blocks with earlier ones
     sweep: list[float] = field(default_factory=list)  # speedups for the Pareto table
@@ -235,6 +240,7 @@ def run(cfg: SearchConfig, stage: StageDir, inputs: Inputs) -> dict:
     try:
         problem = build_problem(lib, scores, costs, cfg.metric)
         check_finite(problem)
+        problem = restrict(problem, cfg.structure)
         limits = limits_for(cfg, problem, costs, cfg.speedup)
     except ValueError as e:
         raise type(e)(f"{e} (scores: {inputs['scores']}; costs: {copied or inputs['costs']})") from None
