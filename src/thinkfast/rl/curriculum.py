@@ -5,11 +5,16 @@ Prompts it already solves at ``>= threshold`` (0.75) are dropped (:func:`keep_ha
 pass rate (``k / n``), and each batch draws its prompts from a Gaussian over the pools' pass rates whose
 centre moves linearly from the easiest pool (highest pass rate) at the first batch to the hardest at the
 last (:func:`gaussian_schedule`): a pool's quota is its Gaussian weight times the batch size, capped by what
-is left in it (largest remainders round it); slots still free go to the largest remaining pools; each batch is shuffled. Prompts are drawn
+is left in it (largest remainders round it); slots still free go to the remaining pools nearest the
+centre; each batch is shuffled. Prompts are drawn
 without replacement; once every pool is empty they are all refilled (a new epoch). :func:`random_schedule`
 is the ablation's alternative: the same prompts in random order.
 
 Departures: the paper does not give the Gaussian's width; ``sigma`` (in pass-rate units) defaults to 0.15.
+Leftover slots go to the pools nearest the centre, not to the largest ones as in the paper's description:
+in the nano world most kept prompts sit in one pool (pass rate 0: problems longer than any the SFT data
+had), and "largest first" turned every batch after the first into that pool once the few middling
+prompts were used (docs/LOG.md 2026-12-03, session 6).
 """
 
 from __future__ import annotations
@@ -79,10 +84,10 @@ def gaussian_schedule(pass_rates: Sequence[float], prompts: Sequence[int], batch
         batch: list[int] = []
         for r, take in quota.items():
             batch += [left[r].pop() for _ in range(take)]
-        while len(batch) < batch_size:  # leftover slots: the largest remaining pools (a new epoch if none)
+        while len(batch) < batch_size:  # leftover slots: the nearest remaining pool (a new epoch if none)
             if not any(left.values()):
                 refill()
-            r = max(rates, key=lambda r: (len(left[r]), -abs(r - centre)))
+            r = min((r for r in rates if left[r]), key=lambda r: (abs(r - centre), -len(left[r])))
             batch.append(left[r].pop())
         rng.shuffle(batch)
         batches.append(batch)
