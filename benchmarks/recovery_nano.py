@@ -23,7 +23,7 @@ For every model: measured decode speedup against the parent at ``--batch`` seque
 (``--context`` cached tokens, ``--steps`` steps, ``--repeats`` interleaved rounds, median), held-out KL
 to the parent, and step-by-step accuracy on 1-2 digit problems (``--per-cell`` per kind and digit count).
 
-    python benchmarks/recovery_nano.py [--run-dir runs/nano] [--speedup 2.5] [--distill-steps 300] [--models a,b]
+    python benchmarks/recovery_nano.py [--run-dir runs/nano] [--speedup 2.5] [--distill-steps 1600] [--models a,b]
     -> benchmarks/results/recovery_nano.{json,md}
 """
 
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", default="runs/nano")
     ap.add_argument("--work", default="runs/recovery")
     ap.add_argument("--speedup", type=float, default=2.5)
-    ap.add_argument("--distill-steps", type=int, default=300)
+    ap.add_argument("--distill-steps", type=int, default=1600)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--steps", type=int, default=32)
@@ -109,6 +109,7 @@ def main(argv=None) -> int:
         if not (work / name).is_dir():
             shutil.copytree(src / name, work / name, symlinks=True)
     common = [f"search.speedup={a.speedup}", f"search.batch_size={a.batch}", "search.sweep=[]", "fuse.engine=hf",
+              "search.structure=any",  # the MIP over every block; "layers" is one of the children below
               f"distill.train_steps={a.distill_steps}"]
 
     def pipe(run_dir, stages, *extra):

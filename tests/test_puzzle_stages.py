@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import thinkfast  # noqa: F401
 from thinkfast.nano.tokenizer import build_tokenizer
-from thinkfast.puzzle.assemble import assemble, build_problem, describe
+from thinkfast.puzzle.assemble import assemble, build_problem, describe, restrict
 from thinkfast.artifacts import read_costs, read_library, read_scores
 from thinkfast.config import ConfigError
 from thinkfast.puzzle.parent import load_decilm
@@ -252,6 +252,27 @@ def test_assembling_the_parent_choice_reproduces_the_parent(run_dir, parent_dir)
         torch.testing.assert_close(child(x).logits, parent(x).logits, rtol=0, atol=1e-6)
     assert describe(child.config) == ["block 0: attention gqa kv_heads=2 | ffn 48",
                                       "block 1: attention gqa kv_heads=2 | ffn 48"]
+
+
+def test_structure_layers_allows_whole_layers_and_fewer_kv_heads_only(run_dir, parent_dir, tmp_path):
+    root = run_dir[0]
+    problem = _problem(root)
+    assert restrict(problem, "any") is problem
+    layered = restrict(problem, "layers")
+    for i, names in enumerate(problem.names):
+        pa, pf = names[problem.parent_choice[i]]
+        for k, (a, f) in enumerate(names):
+            allowed = np.isfinite(layered.scores[i, k])
+            whole = (a, f) == ("no_op", "no_op") or (f == pf and a.startswith("gqa_"))
+            assert allowed == (whole and np.isfinite(problem.scores[i, k])), (i, a, f)
+    with pytest.raises(ValueError, match="structure='blocks'"):
+        restrict(problem, "blocks")
+    cfg = search.SearchConfig(speedup=1.3, batch_size=2, sweep=[], verify=False, structure="layers")
+    stage = StageDir(root, "search")
+    search.run(cfg, stage, _search_inputs(root, parent_dir))
+    for i, (a, f) in enumerate(json.loads((stage.path / "search.json").read_text())["solutions"][0]["choice"]):
+        assert (a, f) == ("no_op", "no_op") or (f == problem.names[i][problem.parent_choice[i]][1]
+                                                and a.startswith("gqa_"))
 
 
 def test_search_solves_assembles_and_loads_both_ways(run_dir, parent_dir, tmp_path):

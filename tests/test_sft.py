@@ -231,3 +231,17 @@ def test_sft_reads_files_and_a_changed_file_makes_it_stale(tmp_path):
     data.write_text("\n".join(json.dumps(r) for r in rows[:-1]) + "\n")
     with RunDir(run) as rd:
         assert status(pipe, rd, "sft")[0] == "stale"
+
+
+def test_a_model_that_collapses_to_one_mode_is_flagged(tok, monkeypatch):
+    from thinkfast import evaluation
+    from thinkfast.generation import Completion
+    from thinkfast.nano import tasks
+
+    always_thinks = tok("<think>\n2+2\n</think>\n\nAnswer: 4<|eot_id|>", add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(evaluation, "generate",
+                        lambda model, prompts, params, progress=False: [Completion(always_thinks, "stop")] * len(prompts))
+    problems = tasks.make_problems(4, seed=0, kinds=("add",), digits=(1,))
+    out = evaluation.toggle_check(None, tok, problems)
+    assert out["on"]["format_ok"] == 1.0 and out["off"]["format_ok"] == 0.0
+    assert out["collapsed"] == ["off"]

@@ -26,13 +26,13 @@ from collections.abc import Sequence
 __all__ = ["gaussian_schedule", "keep_hard", "random_schedule"]
 
 
-def keep_hard(pass_rates: Sequence[float], threshold: float = 0.75) -> list[int]:
-    """Indices of the prompts solved less often than ``threshold``.
+def keep_hard(pass_rates: Sequence[float], threshold: float = 0.75, drop_unsolved: bool = False) -> list[int]:
+    """Indices of the prompts solved less often than ``threshold`` (and, with ``drop_unsolved``, at least once).
 
-    >>> keep_hard([0.0, 0.75, 0.5, 1.0, 0.7])
-    [0, 2, 4]
+    >>> keep_hard([0.0, 0.75, 0.5, 1.0, 0.7]), keep_hard([0.0, 0.75, 0.5, 1.0, 0.7], drop_unsolved=True)
+    ([0, 2, 4], [2, 4])
     """
-    return [i for i, p in enumerate(pass_rates) if p < threshold]
+    return [i for i, p in enumerate(pass_rates) if p < threshold and not (drop_unsolved and p == 0)]
 
 
 def _pools(pass_rates: Sequence[float], prompts: Sequence[int]) -> dict[float, list[int]]:

@@ -84,6 +84,9 @@ class GRPOConfig:
     curriculum: Literal["gaussian", "random"] = "gaussian"
     pass_rate_samples: int = 8
     easy_threshold: float = 0.75
+    # drop prompts the starting model never solved: their groups differ in format reward only, and in the
+    # nano world training on them taught wrong answers (docs/LOG.md 2026-12-03 session 6); the paper keeps them
+    drop_unsolved: bool = False
     sigma: float = 0.15
     precision: Literal["auto", "bf16", "fp32"] = "fp32"
     batch_size: int = 64  # sequences per generation batch
@@ -209,7 +212,7 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
         print(f"grpo: pass rates of {len(prompts)} prompts, {cfg.pass_rate_samples} samples each")
         rates = pass_rates(model, tokenizer, prompts, problems, cfg)
         atomic_write_json(rates_file, {"samples": cfg.pass_rate_samples, "pass_rates": rates})
-    kept = keep_hard(rates, cfg.easy_threshold)
+    kept = keep_hard(rates, cfg.easy_threshold, cfg.drop_unsolved)
     if cfg.curriculum == "gaussian":
         schedule = gaussian_schedule(rates, kept, cfg.prompts_per_step, cfg.train_steps, sigma=cfg.sigma,
                                      seed=cfg.seed)
@@ -237,7 +240,8 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
                                                       min_ratio=cfg.min_lr_ratio),
                      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, load=load,
                      save=lambda: {"model": model.state_dict(), "curve": list(curve), "steps": list(steps_log)})
-    print(f"grpo: {model_dir}, {len(kept)} of {len(prompts)} prompts below pass rate {cfg.easy_threshold}, "
+    print(f"grpo: {model_dir}, {len(kept)} of {len(prompts)} prompts below pass rate {cfg.easy_threshold}"
+          f"{' and above 0' if cfg.drop_unsolved else ''}, "
           f"{cfg.train_steps} steps of {cfg.prompts_per_step} x {cfg.group_size}, {cfg.curriculum} order")
 
     def point(step: int) -> None:
