@@ -133,7 +133,8 @@ def main(argv=None) -> int:
     mip = [problem.names[i].index(tuple(n)) for i, n in enumerate(found)]
     limit = problem.totals(mip)[key] - problem.fixed[key]
     builders = {"mip": lambda: mip, "mip_ffn": lambda: mip_keep_ffn(problem, key, limit),
-                "greedy": lambda: greedy(problem, key, limit), "drop_attention": lambda: drop_attention(problem, key, limit),
+                "greedy": lambda: greedy(problem, key, limit),
+                "drop_attention": lambda: drop_attention(problem, key, limit),
                 "layers": lambda: list(solve_mip(restrict(problem, "layers").scores, {key: problem.costs[key]},
                                                  {key: limit})[0].choice),
                 "whole_layers": lambda: mip_restricted(problem, key, limit, whole_layers)}

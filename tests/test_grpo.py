@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_modeling import V, hetero_model
+from test_modeling import hetero_model
 
 from thinkfast.generation import SamplingParams
 from thinkfast.pipeline import default_config_path, load_pipeline, run_stage

@@ -239,8 +239,10 @@ def test_a_model_that_collapses_to_one_mode_is_flagged(tok, monkeypatch):
     from thinkfast.nano import tasks
 
     always_thinks = tok("<think>\n2+2\n</think>\n\nAnswer: 4<|eot_id|>", add_special_tokens=False)["input_ids"]
-    monkeypatch.setattr(evaluation, "generate",
-                        lambda model, prompts, params, progress=False: [Completion(always_thinks, "stop")] * len(prompts))
+    def fake_generate(model, prompts, params, progress=False):
+        return [Completion(always_thinks, "stop")] * len(prompts)
+
+    monkeypatch.setattr(evaluation, "generate", fake_generate)
     problems = tasks.make_problems(4, seed=0, kinds=("add",), digits=(1,))
     out = evaluation.toggle_check(None, tok, problems)
     assert out["on"]["format_ok"] == 1.0 and out["off"]["format_ok"] == 0.0

@@ -7,11 +7,11 @@ training forward pass: ``[pad.. prompt | completion ..pad]`` rows with attention
 completion mask (the tokens the policy produced) and the sampler's log-probs aligned to the tokens.
 
 Which log-probs the policy ratio uses: the sampler's are those of the model's own distribution
-(temperature 1) computed in the engine's cached decode; GRPO (:mod:`thinkfast.rl.grpo`) recomputes
-the "old" log-probs with the training model's full forward pass before its first update on a rollout
-(``logprobs="recompute"``, the default), so the ratio is exactly 1 on the first update and only
-training numerics enter it; ``logprobs="sampler"`` uses the engine's instead (off by about 1e-6 in
-float32; the gap grows with low-precision samplers such as vLLM's bf16).
+(temperature 1) computed in the engine's cached decode; GRPO (:func:`thinkfast.rl.grpo.grpo_step`)
+recomputes the "old" log-probs with the training model's forward pass instead (``logprobs="recompute"``,
+the default: the first update's own forward, detached, and one no-grad pass for the other slices before
+any update), so only training numerics enter the ratio; ``logprobs="sampler"`` uses the engine's (off by
+about 1e-6 in float32; the gap grows with low-precision samplers such as vLLM's bf16).
 
 The interface a different engine (the vLLM backend of the scale-out issue) implements is
 ``generate(model, prompts, params) -> list[Completion]``.
@@ -46,8 +46,9 @@ class Rollout:
     def batch(self, pad_id: int = 0, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask``, ``position_ids`` [N, T]; ``completion_mask`` [N, T] (1 on the
         completion's tokens); ``sampler_logprobs`` [N, T] (the engine's log-prob of token t at position t,
-        0 elsewhere); ``group`` [N]; ``prompt_width`` (an int: the column where completions start). T = longest prompt + longest completion; prompts are left-padded,
-        completions right-padded, so every prompt ends at the same column."""
+        0 elsewhere); ``group`` [N]; ``prompt_width`` (an int: the column where completions start).
+        T = longest prompt + longest completion; prompts are left-padded, completions right-padded, so every
+        prompt ends at the same column."""
         n = len(self)
         p_width = max(len(p) for p in self.prompts)
         c_width = max((len(c.token_ids) for c in self.completions), default=0)

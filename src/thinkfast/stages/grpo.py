@@ -33,11 +33,9 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-
 from ..artifacts import copy_tokenizer_files, read_model_sidecar, write_model_sidecar
 from ..evaluation import build_prompt, toggle_check
-from ..generation import SamplingParams, generate
+from ..generation import SamplingParams
 from ..nano import tasks
 from ..puzzle.parent import load_decilm
 from ..rl.curriculum import gaussian_schedule, keep_hard, random_schedule
@@ -287,7 +285,8 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
     atomic_write_json(stage.path / "curve.json", {"eval": curve, "steps": steps_log})
     _plot(stage.path / "curve.png", curve, steps_log, f"GRPO ({cfg.curriculum}) of {model_dir.parent.name}")
     metrics = {"steps": cfg.train_steps, "prompts_kept": len(kept), "prompts": len(prompts),
-               "curriculum": cfg.curriculum, "seconds": round(loop.seconds, 1), "tokens": loop.counters.get("tokens", 0),
+               "curriculum": cfg.curriculum, "seconds": round(loop.seconds, 1),
+               "tokens": loop.counters.get("tokens", 0),
                "reward_first": steps_log[0]["reward"] if steps_log else None,
                "reward_last": statistics.fmean(s["reward"] for s in steps_log[-5:]) if steps_log else None}
     if curve:

@@ -85,7 +85,9 @@ def row_to_example(row, source: str = "") -> Example:
 
     >>> row_to_example({"input": "What is 2+2?", "output": "4", "reasoning": "off"}).messages[0]
     {'role': 'system', 'content': 'detailed thinking off'}
-    >>> row_to_example({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}).thinking
+    >>> chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    >>> row_to_example({"messages": chat}).thinking is None
+    True
     """
     if not isinstance(row, dict):
         raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
