@@ -187,7 +187,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sft_run, tmp_path, mo
 
     monkeypatch.setattr(grpo_lib, "grpo_loss", nan_at_step_3)
     with pytest.raises(FloatingPointError, match="loss is nan at step 3.*last good checkpoint"):
-        run_stage(_pipe(run), "grpo")
+        run_stage(_pipe(run, "grpo.kl_beta=0.1"), "grpo")  # (with a KL term every step updates)
     from thinkfast.train.checkpoint import load_state
 
     state = load_state(run / "grpo.partial" / "checkpoint", "cpu")
@@ -225,3 +225,18 @@ def test_shared_prompt_forward_equals_the_full_one_with_gradients():
     assert torch.allclose(grads[0][0][m], grads[1][0][m], atol=1e-5)
     for a, c in zip(grads[0][1], grads[1][1]):
         assert torch.allclose(a, c, atol=1e-5)
+
+
+def test_a_step_without_signal_leaves_the_weights_alone():
+    from thinkfast.rl.grpo import grpo_step
+    from thinkfast.train.loop import adamw
+
+    model = hetero_model(seed=9)
+    opt = adamw(model, lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runner = RewardRunner([("zero", lambda completions, **kw: [0.0] * len(completions), 1.0)])
+    rec, _ = grpo_step(model, opt, [[9, 10, 11], [12, 13]], {}, runner,
+                       SamplingParams(max_new_tokens=5, temperature=1.0, seed=0), group_size=3, decode=str,
+                       updates=2, conversational=False)
+    assert rec["updates"] == 0 and rec["groups_with_signal"] == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -79,7 +79,9 @@ def grpo_step(model, opt, prompts: list[list[int]], columns: dict[str, list], ru
     """One GRPO step: ``group_size`` completions per prompt, rewards, group advantages, then ``updates``
     gradient steps, one per slice of the groups. ``columns`` holds per-prompt dataset columns (repeated per
     sample for the rewards); ``decode`` turns token ids into text. Returns (the step's record, reward
-    errors); a non-finite loss raises FloatingPointError before any parameter changes in that update."""
+    errors); a non-finite loss raises FloatingPointError before any parameter changes in that update.
+    A step in which every group's rewards are equal (no advantage anywhere) and there is no KL term makes
+    no update (``updates: 0`` in the record)."""
     device = next(model.parameters()).device
     model.eval()
     roll = rollout(model, prompts, group_size, params, generate_fn=generate_fn or generate)
@@ -108,6 +110,10 @@ def grpo_step(model, opt, prompts: list[list[int]], columns: dict[str, list], ru
         ref = logprobs_of(reference, b) if reference is not None else None
     model.train()
     stats, losses = [], []
+    if not bool(adv.abs().max() > 0) and reference is None:
+        # every group's rewards are equal: no signal. No update at all (an optimizer step on a zero gradient
+        # would still move the weights along Adam's momentum)
+        slices = []
     for part, rows in enumerate(slices):
         sub = {k: v[rows] for k, v in b.items()}
         with autocast_ctx() if autocast_ctx is not None else contextlib.nullcontext():
@@ -122,12 +128,14 @@ def grpo_step(model, opt, prompts: list[list[int]], columns: dict[str, list], ru
         losses.append(value)
         stats.append(st)
     accuracy = parts.get("nano_accuracy")
-    record = {"loss": statistics.fmean(losses), "reward": statistics.fmean(total),
+    record = {"loss": statistics.fmean(losses) if losses else 0.0, "reward": statistics.fmean(total),
               "pass_rate": (statistics.fmean(a >= 1.0 and not t for a, t in zip(accuracy, truncated))
                             if accuracy is not None else None),
               **{f"reward_{k}": statistics.fmean(v) for k, v in parts.items()},
-              "kl": statistics.fmean(s["kl"] for s in stats),
-              "clip_fraction": statistics.fmean(s["clip_fraction"] for s in stats),
+              "kl": statistics.fmean(s["kl"] for s in stats) if stats else 0.0,
+              "clip_fraction": statistics.fmean(s["clip_fraction"] for s in stats) if stats else 0.0,
+              "updates": len(stats), "groups_with_signal": int(sum(
+                  bool((adv[torch.tensor(roll.groups) == g] != 0).any()) for g in set(roll.groups))),
               "response_tokens": statistics.fmean(len(c.token_ids) for c in roll.completions),
               "truncated": statistics.fmean(truncated),
               "format_ok": statistics.fmean(parts["think_format"]) if "think_format" in parts else None,
