@@ -413,6 +413,12 @@ class _Race:
     def _start(self, keep, limit) -> None:
         import threading
 
+        global _JOIN_AT_EXIT
+        if not _JOIN_AT_EXIT:  # a daemon thread still inside HiGHS when Python exits aborts the process
+            import atexit
+
+            atexit.register(finish_races)
+            _JOIN_AT_EXIT = True
         thread = threading.Thread(target=self._run, args=(keep.copy(), limit), daemon=True, name="thinkfast-highs-race")
         self.threads.append(thread)
         thread.start()
@@ -441,6 +447,9 @@ class _Race:
         for thread in self.threads:
             thread.join()
         return self.result
+
+
+_JOIN_AT_EXIT = False
 
 
 def finish_races() -> None:
