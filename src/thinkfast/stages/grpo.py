@@ -111,10 +111,15 @@ class GRPOConfig:
                 raise ValueError(f"rewards: {r!r} is neither built in ({sorted(BUILTIN)}) nor module:function")
         if self.updates_per_rollout > self.prompts_per_step:
             raise ValueError("updates_per_rollout slices the step's groups: it must be <= prompts_per_step")
-        if not (self.lr > 0 and self.grad_clip > 0 and 0 < self.clip_eps < 1 and self.kl_beta >= 0
-                and self.temperature > 0 and 0 < self.top_p <= 1 and self.reward_timeout > 0 and self.sigma > 0):
-            raise ValueError("lr, grad_clip, temperature, reward_timeout, sigma > 0; 0 < clip_eps < 1; "
-                             "0 < top_p <= 1; kl_beta >= 0")
+        for name in ("lr", "grad_clip", "temperature", "reward_timeout", "sigma"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"clip_eps={self.clip_eps} must be in (0, 1)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if not self.kl_beta >= 0:
+            raise ValueError(f"kl_beta={self.kl_beta} must be >= 0")
         if not 0 < self.easy_threshold <= 1:
             raise ValueError(f"easy_threshold={self.easy_threshold} must be in (0, 1]")
         unknown = sorted(set(self.kinds) - set(tasks.KINDS))

@@ -85,8 +85,13 @@ class SFTConfig:
         positive(self, "nano_prompts", "batch_size", "eval_every", "checkpoint_every", "log_every",
                  "eval_max_new_tokens")
         positive(self, "warmup_steps", "eval_problems", minimum=0)
-        if self.seq_len < 16 or not self.lr > 0 or self.grad_clip <= 0 or self.weight_decay < 0:
-            raise ValueError("seq_len must be >= 16; lr and grad_clip > 0; weight_decay >= 0")
+        if self.seq_len < 16:
+            raise ValueError(f"seq_len={self.seq_len} must be >= 16")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
         if not self.epochs > 0:
             raise ValueError(f"epochs={self.epochs} must be > 0")
         if self.on_share is not None and not 0.0 <= self.on_share <= 1.0:
