@@ -111,11 +111,15 @@ def evaluate(model, tokenizer, suite: dict, prompting: str, cfg, log=None) -> tu
     return metrics, kept
 
 
+def _greedy(tokenizer, max_new_tokens: int, batch_size: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
+                          stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=batch_size, seed=0)
+
+
 def quick_accuracy(model, tokenizer, problems: list, prompting: str, mode: str, *, max_new_tokens: int = 600,
                    batch_size: int = 64) -> float:
     """Share of ``problems`` answered right in ``mode``, greedy: the periodic check of training stages."""
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
-                            stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=batch_size, seed=0)
+    params = _greedy(tokenizer, max_new_tokens, batch_size)
     prompts = [build_prompt(tokenizer, p, prompting, mode) for p in problems]
     completions = generate(model, prompts, params, progress=False)
     right = [grade(p, tokenizer.decode(c.token_ids, skip_special_tokens=True), prompting, mode)["correct"]
@@ -158,8 +162,7 @@ def toggle_check(model, tokenizer, problems: list, *, max_new_tokens: int = 600,
     """The toggle, greedy in both modes of the chat template: per mode the accuracy, the share of responses
     in the mode's format (on: one well-formed think block; off: none), the mean response tokens and the
     share cut off by ``max_new_tokens``; ``collapsed`` names a mode the model does not obey (format < 0.5)."""
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
-                            stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=batch_size, seed=0)
+    params = _greedy(tokenizer, max_new_tokens, batch_size)
     out: dict = {}
     for mode in CHAT_MODES:
         prompts = [build_prompt(tokenizer, p, "chat", mode) for p in problems]

@@ -121,12 +121,12 @@ class StepView:
 class _Batch:
     """One batch of prompts decoded to the end (the engine's state; see :func:`generate`)."""
 
-    def __init__(self, model, prompts: list[list[int]], requests: list[int], params: SamplingParams):
+    def __init__(self, model, requests: list[int], params: SamplingParams):
         self.model, self.params = model, params
         self.device = next(model.parameters()).device
         self.request_of = requests  # local index -> request index
         self.local = {r: i for i, r in enumerate(requests)}
-        n = len(prompts)
+        n = len(requests)
         self.out_tokens = torch.zeros((n, params.max_new_tokens), dtype=torch.long, device=self.device)
         self.out_logp = torch.zeros((n, params.max_new_tokens), dtype=torch.float32, device=self.device)
         self.n_gen = torch.zeros(n, dtype=torch.long, device=self.device)
@@ -241,7 +241,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, progress: 
     try:
         for batch in iterator:
             chunk = [prompts[i] for i in batch]
-            for i, c in zip(batch, _Batch(model, chunk, batch, params).run(chunk, generator, hook)):
+            for i, c in zip(batch, _Batch(model, batch, params).run(chunk, generator, hook)):
                 results[i] = c
     finally:
         model.train(was_training)

@@ -258,7 +258,7 @@ def stage_run(pipe: Pipeline, rd: RunDir, name: str) -> tuple[StageRun, Inputs, 
         try:
             paths = expand_files(patterns) if patterns else []
         except DataError as e:
-            raise ConfigError(f"{pipe.where(f'{name}.{field}')}: {e}") from None
+            raise ConfigError(f"{pipe.where(f'{name}.{field}')}: {str(e).removeprefix('data.files: ')}") from None
         inputs.ids["files"] = {f"{i}:{p.name}": {"path": str(p), "id": rd.fingerprint(p)} for i, p in enumerate(paths)}
     run = StageRun(pipe.run_dir, name, {"config": config, "inputs": inputs.ids}, defaults)
     return run, inputs, missing

@@ -39,10 +39,6 @@ class Rollout:
     def __len__(self) -> int:
         return len(self.completions)
 
-    def select(self, rows: list[int]) -> Rollout:
-        return Rollout([self.prompts[i] for i in rows], [self.completions[i] for i in rows],
-                       [self.groups[i] for i in rows])
-
     def batch(self, pad_id: int = 0, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask``, ``position_ids`` [N, T]; ``completion_mask`` [N, T] (1 on the
         completion's tokens); ``sampler_logprobs`` [N, T] (the engine's log-prob of token t at position t,
