@@ -17,7 +17,7 @@ from thinkfast.generation import SamplingParams
 from thinkfast.pipeline import default_config_path, load_pipeline, run_stage
 from thinkfast.rl.curriculum import gaussian_schedule, keep_hard, random_schedule
 from thinkfast.rl.grpo import group_advantages, grpo_loss
-from thinkfast.rl.rewards import RewardRunner, nano_accuracy, think_format
+from thinkfast.rl.rewards import RewardRunner, math_accuracy, nano_accuracy, think_format
 from thinkfast.rollout import rollout, token_logprobs
 from thinkfast.rl import grpo as grpo_lib
 from thinkfast.stages import grpo as grpo_stage
@@ -83,6 +83,40 @@ def test_reward_runner_survives_crashing_and_hanging_rewards():
     assert "boom" in errors[0] and "timed out" in errors[1] and "1 values for 2" in errors[2]
     assert total[0] == pytest.approx(1.0 + 0.5 - len(texts[0]) / 100)
     assert total[1] == 0.0  # truncated: nothing
+
+
+# (response, gold): units, commas, fractions, decimals, LaTeX, several boxed answers, wrong answers, no answer
+MATH_CASES = [
+    (r"The answer is $\boxed{\frac{1}{3}}$.", r"$\frac{1}{3}$"),
+    (r"So $x = \boxed{0.5}$", r"$\frac{1}{2}$"),
+    (r"$\boxed{1,234}$ apples", "$1234$"),
+    (r"It costs $\boxed{12\text{ dollars}}$", "$12$"),
+    (r"First $\boxed{3}$, then finally $\boxed{4}$", "$4$"),
+    (r"$\boxed{2\sqrt{2}}$", r"$\sqrt{8}$"),
+    (r"$\boxed{x^2+2x+1}$", "$(x+1)^2$"),
+    (r"The answer is $\boxed{7}$", "$8$"),
+    ("I do not know.", "$5$"),
+    (r"$\boxed{\{1, 2\}}$", r"$\{2, 1\}$"),
+    (r"$\boxed{(1, 2]}$", r"$(1, 2]$"),
+    (r"$\boxed{-\infty}$", r"$-\infty$"),
+]
+
+
+def test_math_accuracy_agrees_with_trl_and_grades_only_the_answer():
+    texts, golds = [t for t, _ in MATH_CASES], [g for _, g in MATH_CASES]
+    ours = math_accuracy(texts, golds)
+    assert ours[:2] == [1.0, 1.0] and ours[7:9] == [0.0, 0.0]
+    trl_rewards = pytest.importorskip("trl.rewards")
+    assert ours == trl_rewards.accuracy_reward([[{"role": "assistant", "content": t}] for t in texts], golds)
+    # after the think block only: a right number in the reasoning with a wrong (or missing) answer scores 0
+    think = ["<think>\nmaybe $\\boxed{4}$\n</think>\n\n$\\boxed{5}$", "<think>\n$\\boxed{4}$ so far",
+             "<think>\nwork\n</think>\n\n$\\boxed{4}$"]
+    assert math_accuracy(think, ["$4$"] * 3) == [0.0, 0.0, 1.0]
+    assert math_accuracy(["$\\boxed{4}$"], ["not math at all"]) == [None]
+    # inside the runner (a thread of its own: math-verify's signal timeouts are off there)
+    total, parts, errors = RewardRunner([("math", math_accuracy, 1.0)])(
+        [[{"role": "assistant", "content": t}] for t in texts], [False] * len(texts), {"solution": golds})
+    assert not errors and parts["math"] == ours
 
 
 def test_curriculum_moves_from_easy_to_hard_and_uses_each_prompt_once_per_epoch():

@@ -11,6 +11,9 @@ Built in (REFERENCE.md section 5, Llama-Nemotron section 5):
 * :func:`nano_accuracy`: the nano world's verifier on the answer after the think block;
 * :func:`think_format`: "on" needs exactly one ``<think>`` ... ``</think>`` pair, in order, before the
   answer; "off" needs no think tags.
+* :func:`math_accuracy`: math answers against a ``solution`` column through math-verify (``parse`` and
+  ``verify``, symbolic equivalence), as TRL's ``accuracy_reward`` does, but on the answer after the think
+  block only: an unclosed or malformed think block scores 0, a number inside the reasoning is never graded.
 
 :class:`RewardRunner` sums the weighted rewards; a truncated response (no stop token) gets 0 in total, and a
 reward that raises, hangs past ``timeout`` seconds or returns the wrong thing counts 0 for that batch and is
@@ -20,6 +23,7 @@ thread; it is a daemon, so it does not keep the process alive.)
 
 from __future__ import annotations
 
+import logging
 import threading
 import traceback
 from collections.abc import Callable, Sequence
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 from ..nano.tasks import extract_answer
 from ..toggle import format_ok, parse_response
 
-__all__ = ["RewardRunner", "completion_text", "nano_accuracy", "think_format", "BUILTIN"]
+__all__ = ["RewardRunner", "completion_text", "math_accuracy", "nano_accuracy", "think_format", "BUILTIN"]
 
 
 def completion_text(completion) -> str:
@@ -65,7 +69,48 @@ def think_format(completions, thinking, **kwargs) -> list[float]:
     return [1.0 if format_ok(completion_text(c), bool(t)) else 0.0 for c, t in zip(completions, thinking)]
 
 
-BUILTIN: dict[str, Callable] = {"nano_accuracy": nano_accuracy, "think_format": think_format}
+def math_accuracy(completions, solution, **kwargs) -> list[float | None]:
+    """1.0 when the answer after the think block equals ``solution`` under math-verify; ``None`` (not
+    applicable, counted 0) when the gold solution does not parse. The answer is extracted as TRL's
+    ``accuracy_reward`` extracts it (LaTeX, ``\\boxed{}`` first, an anchor required), the gold as math-verify's
+    default parse does; symbolic equivalence by ``math_verify.verify``.
+
+    >>> math_accuracy(["<think>\\nx = 1/2?\\n</think>\\n\\nSo $x = \\\\boxed{\\\\frac{1}{3}}$",
+    ...                "<think>\\n$\\\\boxed{\\\\frac{1}{3}}$", "The answer is $\\\\boxed{0.5}$."],
+    ...               ["$\\\\frac{1}{3}$", "$\\\\frac{1}{3}$", "$\\\\frac{1}{2}$"])
+    [1.0, 0.0, 1.0]
+    """
+    try:
+        from latex2sympy2_extended import NormalizationConfig
+        from math_verify import LatexExtractionConfig, parse, verify
+    except ImportError as e:  # a core dependency; a broken install is reported by the runner
+        raise ImportError("math_accuracy needs math-verify (pip install math-verify)") from e
+    # math-verify's timeouts use signal.alarm, which works in the main thread only; the runner calls rewards
+    # in a thread of their own and enforces its own timeout
+    main = threading.current_thread() is threading.main_thread()
+    if not main:
+        for name in ("math_verify.parser", "math_verify.grader"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    timeout = 5 if main else None
+    answer_config = [LatexExtractionConfig(normalization_config=NormalizationConfig(units=True),
+                                           boxed_match_priority=0, try_extract_without_anchor=False)]
+    out: list[float | None] = []
+    for c, sol in zip(completions, solution, strict=True):
+        gold = parse(str(sol), parsing_timeout=timeout)
+        if not gold:
+            out.append(None)
+            continue
+        final = parse_response(completion_text(c)).answer
+        if final is None:
+            out.append(0.0)
+            continue
+        pred = parse(final, extraction_config=answer_config, extraction_mode="first_match", parsing_timeout=timeout)
+        out.append(float(verify(gold, pred, timeout_seconds=timeout)))
+    return out
+
+
+BUILTIN: dict[str, Callable] = {"nano_accuracy": nano_accuracy, "think_format": think_format,
+                                "math_accuracy": math_accuracy}
 
 
 def _call_with_timeout(fn: Callable, timeout: float, args: tuple, kwargs: dict):
