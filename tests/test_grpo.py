@@ -238,6 +238,43 @@ def test_a_user_reward_by_module_path(sft_run, tmp_path):
         grpo_stage.load_reward("no_such_module:f")
 
 
+def contains_target(completions, target, **kwargs):
+    """A user reward reading a column of the prompt file (TRL signature)."""
+    return [1.0 if str(t) in c[0]["content"] else 0.0 for c, t in zip(completions, target)]
+
+
+def test_prompts_from_files_reach_the_rewards_with_their_columns(sft_run, tmp_path):
+    from thinkfast.data import DataError
+    from thinkfast.pipeline import ConfigError
+
+    rows = [{"prompt": f"What is {i} + {i}?", "target": str(2 * i)} for i in range(6)]
+    rows += [{"input": [{"role": "user", "content": "Say 7."}], "reasoning": "off", "target": "7"},
+             {"prompt": [{"role": "system", "content": "detailed thinking on"}, {"role": "user", "content": "9?"}],
+              "target": "9"}]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = _copy_base(sft_run, tmp_path / "files")
+    opts = [f"grpo.files=[{data}]", "grpo.rewards=[test_grpo:contains_target,think_format]", "grpo.eval_problems=2",
+            "grpo.train_steps=2", "grpo.eval_every=2"]
+    m, _ = run_stage(_pipe(run, *opts), "grpo")
+    assert m["prompts"] == 6 and "held_out_pass_after" in m  # 8 rows, 2 held out
+    curve = json.loads((run / "grpo" / "curve.json").read_text())
+    assert [p["step"] for p in curve["eval"]] == [0, 2] and curve["eval"][0]["held_out"]["n"] == 2
+    assert "reward_test_grpo:contains_target" in curve["steps"][0] and curve["steps"][0]["pass_rate"] is not None
+    assert len(json.loads((run / "grpo" / "pass_rates.json").read_text())["pass_rates"]) == 6
+    # a reward needing a column the rows lack is an error before any work, naming both
+    with pytest.raises(DataError, match="nano_accuracy needs column.*answer"):
+        run_stage(_pipe(_copy_base(sft_run, tmp_path / "f2"), *opts, "grpo.rewards=[nano_accuracy]"), "grpo")
+    # a bad row names its file and line; skip_bad_rows skips it
+    data.write_text(data.read_text() + json.dumps({"prompt": [{"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(DataError, match=r"prompts.jsonl line 9: prompt must end with a user message"):
+        run_stage(_pipe(_copy_base(sft_run, tmp_path / "f3"), *opts), "grpo")
+    m, _ = run_stage(_pipe(_copy_base(sft_run, tmp_path / "f4"), *opts, "grpo.skip_bad_rows=true"), "grpo")
+    assert m["prompts"] == 6
+    with pytest.raises(ConfigError, match="grpo.files"):
+        run_stage(_pipe(_copy_base(sft_run, tmp_path / "f5"), *opts, "grpo.files=[nowhere/*.jsonl]"), "grpo")
+
+
 def test_shared_prompt_forward_equals_the_full_one_with_gradients():
     from thinkfast.rollout import grouped_logprobs
 

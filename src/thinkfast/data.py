@@ -39,7 +39,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["DataConfig", "DataError", "Corpus", "held_out", "expand_files", "NANO_MIX"]
+__all__ = ["DataConfig", "DataError", "Corpus", "held_out", "expand_files", "read_json_rows", "NANO_MIX"]
 
 # the nano world's mix: the fields pretrain reads (they were pretrain's own before the data section)
 NANO_MIX = ("kinds", "digits", "steps", "think_fraction", "fact_fraction", "copy_fraction")
@@ -182,6 +182,37 @@ def _scan_json(path: Path, check: Callable[[dict], str | None]) -> None:
                     raise DataError(f"{path} line {n}: {problem}")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
+
+
+def read_json_rows(patterns: Sequence[str], convert: Callable, *, skip_bad: bool = False, what: str = "data"
+                   ) -> tuple[list, list[str]]:
+    """``convert(row, "file:line")`` applied to every row of JSON-lines files (paths or globs). Returns
+    (converted rows, skipped): a line that is not JSON, or a row ``convert`` rejects with a ValueError, is a
+    DataError naming the file and line, or with ``skip_bad`` left out and listed as ``"file line N: why"``."""
+    out: list = []
+    skipped: list[str] = []
+    for path in expand_files(patterns):
+        if not str(path).endswith(_JSON):
+            raise DataError(f"{path}: {what} must be JSON lines (.jsonl, .json, optionally .gz)")
+        try:
+            with _open_text(path) as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        out.append(convert(json.loads(line), f"{path}:{n}"))
+                    except json.JSONDecodeError as e:
+                        why = f"{path} line {n}: not JSON ({e.msg} at column {e.colno})"
+                    except ValueError as e:
+                        why = f"{path} line {n}: {e}"
+                    else:
+                        continue
+                    if not skip_bad:
+                        raise DataError(why + " (set skip_bad_rows: true to skip such rows)")
+                    skipped.append(why)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    return out, skipped
 
 
 def _scan_text(path: Path) -> None:

@@ -75,11 +75,13 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 def grpo_step(model, opt, prompts: list[list[int]], columns: dict[str, list], runner, params, *, group_size: int,
               decode, pad_id: int = 0, updates: int = 1, clip_eps: float = 0.2, kl_beta: float = 0.0,
               reference=None, logprobs: str = "recompute", grad_clip: float | None = 1.0, autocast_ctx=None,
-              conversational: bool = True, generate_fn=None) -> tuple[dict, list[str]]:
+              conversational: bool = True, generate_fn=None, pass_reward: str = "nano_accuracy"
+              ) -> tuple[dict, list[str]]:
     """One GRPO step: ``group_size`` completions per prompt, rewards, group advantages, then ``updates``
     gradient steps, one per slice of the groups. ``columns`` holds per-prompt dataset columns (repeated per
     sample for the rewards); ``decode`` turns token ids into text. Returns (the step's record, reward
-    errors); a non-finite loss raises FloatingPointError before any parameter changes in that update.
+    errors; ``pass_rate`` in the record is the share of completions that ``pass_reward`` scores 1); a
+    non-finite loss raises FloatingPointError before any parameter changes in that update.
     A step in which every group's rewards are equal (no advantage anywhere) and there is no KL term makes
     no update (``updates: 0`` in the record)."""
     device = next(model.parameters()).device
@@ -127,7 +129,7 @@ def grpo_step(model, opt, prompts: list[list[int]], columns: dict[str, list], ru
         train_loop.optimizer_step(opt, loss, clip=grad_clip)
         losses.append(value)
         stats.append(st)
-    accuracy = parts.get("nano_accuracy")
+    accuracy = parts.get(pass_reward)
     record = {"loss": statistics.fmean(losses) if losses else 0.0, "reward": statistics.fmean(total),
               "pass_rate": (statistics.fmean(a >= 1.0 and not t for a, t in zip(accuracy, truncated))
                             if accuracy is not None else None),

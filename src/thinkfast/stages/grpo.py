@@ -20,6 +20,12 @@ steps: greedy accuracy in both modes on held-out problems (``curve.json`` / ``cu
 resumed run draws the same prompts and samples. A NaN loss stops the run with an error; the last checkpoint
 (written every ``checkpoint_every`` steps) stays as it was.
 
+Prompts: the nano world's (``prompts`` problems of ``kinds`` x ``digits`` x ``steps``), or your own JSON
+lines (``files``: TRL's ``prompt`` format or the Llama-Nemotron schema, :mod:`thinkfast.rl.prompts`) whose
+other columns reach the rewards as keyword arguments, TRL's way (e.g. ``solution`` for ``math_accuracy``).
+A prompt "passes" when ``pass_reward`` (default: the first reward) gives it 1; with files, ``eval_problems``
+rows are held out and the periodic check is their greedy pass rate in each row's mode.
+
 Departures: rewards are exact verifiers (the paper used an LLM judge for accuracy); the paper's 72 x 16
 rollouts per step and FP8 generation are scaled down to the nano world; ``lr`` suits a tiny model.
 """
@@ -28,19 +34,23 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import json
+import random
 import statistics
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ..artifacts import copy_tokenizer_files, read_model_sidecar, write_model_sidecar
+from ..data import DataError
 from ..evaluation import build_prompt, toggle_check
-from ..generation import SamplingParams
+from ..generation import SamplingParams, generate
 from ..nano import tasks
 from ..puzzle.parent import load_decilm
 from ..rl.curriculum import gaussian_schedule, keep_hard, random_schedule
 from ..rl.grpo import grpo_step
-from ..rl.rewards import BUILTIN, RewardRunner, nano_accuracy
+from ..rl.prompts import read_prompts
+from ..rl.rewards import BUILTIN, RewardRunner
 from ..rollout import rollout
 from ..rundir import StageDir, atomic_dir, atomic_write_json
 from ..toggle import stop_token_ids
@@ -54,15 +64,23 @@ def reads(cfg) -> dict:
     return {"model": Input("model")}
 
 
+def files(cfg) -> tuple[str, list[str]]:
+    """The prompt files (identified by content: a changed file makes the stage stale)."""
+    return "files", list(cfg.files)
+
+
 @dataclass
 class GRPOConfig:
     prompts: int = 256  # nano-world training prompts (before the curriculum's filter)
+    files: list[str] = field(default_factory=list)  # JSON lines of prompts (thinkfast.rl.prompts); none: nano
+    skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping at the first
     kinds: list[str] = field(default_factory=lambda: ["add", "sub", "mul", "word"])
     digits: list[int] = field(default_factory=lambda: [1, 2, 3])
     steps: list[int] = field(default_factory=lambda: [1, 2, 3])
     thinking: Literal["on", "off", "both"] = "on"  # the mode of the prompts (both: half each)
     rewards: list[str] = field(default_factory=lambda: ["nano_accuracy", "think_format"])  # or module:function
     reward_weights: list[float] | None = None  # default 1 each
+    pass_reward: str | None = None  # the reward whose 1 means "solved" (pass rates); default: the first
     reward_timeout: float = 30.0
     group_size: int = 8
     prompts_per_step: int = 8
@@ -89,7 +107,7 @@ class GRPOConfig:
     precision: Literal["auto", "bf16", "fp32"] = "fp32"
     batch_size: int = 64  # sequences per generation batch
     eval_every: int = 20
-    eval_problems: int = 60  # held-out problems (1-3 digits) per mode; 0: none
+    eval_problems: int = 60  # held-out problems (1-3 digits) per mode, or rows held out of files; 0: none
     eval_max_new_tokens: int = 600
     seed: int = 0
     checkpoint_every: int = 10
@@ -106,6 +124,10 @@ class GRPOConfig:
             raise ValueError("rewards is empty: name at least one (nano_accuracy, think_format or module:function)")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {len(self.rewards)} rewards")
+        if isinstance(self.files, str):
+            self.files = [self.files]
+        if self.pass_reward is not None and self.pass_reward not in self.rewards:
+            raise ValueError(f"pass_reward {self.pass_reward!r} is not one of rewards {self.rewards}")
         for r in self.rewards:
             if r not in BUILTIN and ":" not in r:
                 raise ValueError(f"rewards: {r!r} is neither built in ({sorted(BUILTIN)}) nor module:function")
@@ -145,20 +167,90 @@ def load_reward(name: str):
     return fn
 
 
+def missing_columns(fn, columns) -> list[str]:
+    """The keyword arguments a reward requires (no default) that ``columns`` does not supply.
+
+    >>> from thinkfast.rl.rewards import math_accuracy
+    >>> missing_columns(math_accuracy, {"answer": [], "thinking": []})
+    ['solution']
+    """
+    try:
+        params = list(inspect.signature(fn).parameters.values())[1:]  # the first is the completions
+    except (TypeError, ValueError):  # a builtin or C function: nothing to check
+        return []
+    have = set(columns) | {"prompts", "completion_ids"}
+    return [p.name for p in params if p.default is p.empty and p.name not in have
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def _sampling(cfg: GRPOConfig, tokenizer, seed: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                           stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=cfg.batch_size, seed=seed)
 
 
-def pass_rates(model, tokenizer, prompts: list[list[int]], problems: list, cfg: GRPOConfig) -> list[float]:
-    """Share of ``pass_rate_samples`` sampled answers to each prompt that the nano verifier accepts."""
+def passed(runner: RewardRunner, texts: list[str], truncated: list[bool], columns: dict[str, list]) -> list[bool]:
+    """Whether each completion is solved: ``runner`` (the pass reward alone) gives it 1 and it was not cut off."""
+    total, _, _ = runner([[{"role": "assistant", "content": t}] for t in texts], truncated, columns)
+    return [v >= 1.0 for v in total]
+
+
+def pass_rates(model, tokenizer, prompts: list[list[int]], columns: dict[str, list], runner: RewardRunner,
+               cfg: GRPOConfig) -> list[float]:
+    """Share of ``pass_rate_samples`` sampled answers to each prompt that pass (:func:`passed`)."""
     roll = rollout(model, prompts, cfg.pass_rate_samples, _sampling(cfg, tokenizer, cfg.seed))
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in roll.completions]
-    right = nano_accuracy(texts, [problems[g].answer for g in roll.groups])
+    ok = passed(runner, texts, [c.finish_reason != "stop" for c in roll.completions],
+                {k: [v[g] for g in roll.groups] for k, v in columns.items()})
     rates = [0.0] * len(prompts)
-    for g, r, c in zip(roll.groups, right, roll.completions):
-        rates[g] += (r if c.finish_reason == "stop" else 0.0) / cfg.pass_rate_samples
+    for g, r in zip(roll.groups, ok):
+        rates[g] += r / cfg.pass_rate_samples
     return rates
+
+
+def held_out_check(model, tokenizer, prompts: list[list[int]], columns: dict[str, list], runner: RewardRunner,
+                   cfg: GRPOConfig) -> dict:
+    """Greedy pass rate, think-format compliance and length on held-out file prompts (each in its mode)."""
+    params = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0,
+                            stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=cfg.batch_size, seed=0)
+    done = generate(model, prompts, params)
+    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in done]
+    truncated = [c.finish_reason != "stop" for c in done]
+    ok = passed(runner, texts, truncated, columns)
+    form = BUILTIN["think_format"]([[{"role": "assistant", "content": t}] for t in texts], columns["thinking"])
+    return {"held_out": {"pass": statistics.fmean(ok), "format_ok": statistics.fmean(form),
+                         "tokens": statistics.fmean(len(c.token_ids) for c in done), "n": len(done)}}
+
+
+def _file_prompts(cfg: GRPOConfig, tokenizer) -> tuple[list, dict, list, dict, dict]:
+    """Training and held-out prompts of ``cfg.files``: (train ids, their columns, held-out ids, their columns,
+    counts)."""
+    rows, skipped = read_prompts(cfg.files, skip_bad=cfg.skip_bad_rows)
+    if skipped:
+        print(f"grpo: skipped {len(skipped)} bad row(s), e.g. {skipped[0]}")
+    if len(rows) <= cfg.eval_problems:
+        raise DataError(f"grpo.files {cfg.files}: {len(rows)} usable rows, not more than eval_problems="
+                        f"{cfg.eval_problems} held out ({len(skipped)} skipped)")
+    order = list(range(len(rows)))
+    random.Random(f"grpo-held-out:{cfg.seed}").shuffle(order)
+    names = sorted({k for r in rows for k in r.columns})
+
+    def part(idx: list[int]) -> tuple[list, dict]:
+        chosen = [rows[i] for i in sorted(idx)]
+        modes = [r.thinking if r.thinking is not None else cfg.thinking == "on" or (cfg.thinking == "both" and
+                                                                                  i % 2 == 0)
+                 for i, r in enumerate(chosen)]
+        ids = [_ids(tokenizer.apply_chat_template(list(r.messages), enable_thinking=m, add_generation_prompt=True,
+                                                  tokenize=True)) for r, m in zip(chosen, modes)]
+        cols = {k: [r.columns.get(k) for r in chosen] for k in names}
+        cols.update(thinking=modes, prompts=[list(r.messages) for r in chosen])
+        return ids, cols
+
+    held, train = order[:cfg.eval_problems], order[cfg.eval_problems:]
+    return (*part(train), *part(held), {"rows": len(rows), "skipped": len(skipped)})
+
+
+def _ids(value) -> list[int]:
+    return list(value["input_ids"] if isinstance(value, dict) or hasattr(value, "keys") else value)
 
 
 def _plot(path, curve: list[dict], steps: list[dict], title: str) -> None:
@@ -171,11 +263,12 @@ def _plot(path, curve: list[dict], steps: list[dict], title: str) -> None:
     ax.plot([s["step"] for s in steps], [s["reward"] for s in steps], color="tab:blue", alpha=0.6, label="reward")
     ax.plot([s["step"] for s in steps], [s["pass_rate"] for s in steps], color="tab:gray", alpha=0.6,
             label="pass rate (rollouts)")
-    for mode, style in (("on", "s--"), ("off", "^:")):
+    for mode, style in (("on", "s--"), ("off", "^:"), ("held_out", "o-")):
         pts = [p for p in curve if mode in p]
         if pts:
-            ax.plot([p["step"] for p in pts], [p[mode]["accuracy"] for p in pts], style, color="tab:red",
-                    label=f"held-out accuracy {mode}")
+            ax.plot([p["step"] for p in pts], [p[mode]["accuracy" if mode != "held_out" else "pass"] for p in pts],
+                    style, color="tab:red", label=f"held-out accuracy {mode}" if mode != "held_out"
+                    else "held-out pass rate (greedy)")
     ax.set_xlabel("GRPO step")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7)
@@ -199,21 +292,37 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
     weights = cfg.reward_weights or [1.0] * len(cfg.rewards)
     runner = RewardRunner([(name, load_reward(name), w) for name, w in zip(cfg.rewards, weights)],
                           timeout=cfg.reward_timeout)
-    problems = tasks.make_problems(cfg.prompts, seed=cfg.seed, kinds=tuple(cfg.kinds), digits=tuple(cfg.digits),
-                                   steps=tuple(cfg.steps), split="train")
-    modes = [cfg.thinking == "on" or (cfg.thinking == "both" and i % 2 == 0) for i in range(len(problems))]
-    prompts = [build_prompt(tokenizer, p, "chat", "on" if m else "off") for p, m in zip(problems, modes)]
-    eval_set = (tasks.make_problems(cfg.eval_problems, seed=cfg.seed, kinds=tuple(cfg.kinds), digits=(1, 2, 3),
-                                    steps=tuple(cfg.steps), split="eval") if cfg.eval_problems else [])
+    pass_name = cfg.pass_reward or cfg.rewards[0]
+    pass_runner = RewardRunner([(pass_name, load_reward(pass_name), 1.0)], timeout=cfg.reward_timeout)
+    eval_set, held_ids, held_cols, source = [], [], {}, {}
+    if cfg.files:
+        prompts, columns, held_ids, held_cols, source = _file_prompts(cfg, tokenizer)
+    else:
+        problems = tasks.make_problems(cfg.prompts, seed=cfg.seed, kinds=tuple(cfg.kinds), digits=tuple(cfg.digits),
+                                       steps=tuple(cfg.steps), split="train")
+        modes = [cfg.thinking == "on" or (cfg.thinking == "both" and i % 2 == 0) for i in range(len(problems))]
+        prompts = [build_prompt(tokenizer, p, "chat", "on" if m else "off") for p, m in zip(problems, modes)]
+        columns = {"answer": [p.answer for p in problems], "thinking": modes,
+                   "prompts": [[{"role": "user", "content": tasks.chat_prompt(p)}] for p in problems]}
+        eval_set = (tasks.make_problems(cfg.eval_problems, seed=cfg.seed, kinds=tuple(cfg.kinds), digits=(1, 2, 3),
+                                        steps=tuple(cfg.steps), split="eval") if cfg.eval_problems else [])
+    for name in dict.fromkeys([*cfg.rewards, pass_name]):
+        lacking = missing_columns(load_reward(name), columns)
+        if lacking:
+            raise DataError(f"grpo.rewards: {name} needs column(s) {lacking}, which the prompts "
+                            f"({'grpo.files ' + str(cfg.files) if cfg.files else 'the nano world'}) do not have; "
+                            f"they have {sorted(columns)}")
     model = load_decilm(model_dir, device)
     log = stage.logger()
+    if source:
+        log.log("prompts", files=cfg.files, **source)
 
     rates_file = stage.path / "pass_rates.json"
     if rates_file.is_file():
         rates = json.loads(rates_file.read_text())["pass_rates"]
     else:
         print(f"grpo: pass rates of {len(prompts)} prompts, {cfg.pass_rate_samples} samples each")
-        rates = pass_rates(model, tokenizer, prompts, problems, cfg)
+        rates = pass_rates(model, tokenizer, prompts, columns, pass_runner, cfg)
         atomic_write_json(rates_file, {"samples": cfg.pass_rate_samples, "pass_rates": rates})
     kept = keep_hard(rates, cfg.easy_threshold, cfg.drop_unsolved)
     if cfg.curriculum == "gaussian":
@@ -251,14 +360,15 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
         if eval_set:
             curve.append({"step": step, **toggle_check(model, tokenizer, eval_set,
                                                        max_new_tokens=cfg.eval_max_new_tokens)})
+        elif held_ids:
+            curve.append({"step": step, **held_out_check(model, tokenizer, held_ids, held_cols, pass_runner, cfg)})
+        if curve and curve[-1]["step"] == step:
             log.log("eval", **curve[-1])
         model.train()
 
     if loop.start == 0 and not curve:
         point(0)
     pad = tokenizer.pad_token_id or 0
-    columns = {"answer": [p.answer for p in problems], "thinking": modes,
-               "prompts": [[{"role": "user", "content": tasks.chat_prompt(p)}] for p in problems]}
     for step in loop:
         batch_prompts = schedule[step]
         try:
@@ -268,7 +378,8 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
                 runner, _sampling(cfg, tokenizer, cfg.seed * 100003 + step), group_size=cfg.group_size,
                 decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), pad_id=pad,
                 updates=cfg.updates_per_rollout, clip_eps=cfg.clip_eps, kl_beta=cfg.kl_beta, reference=reference,
-                logprobs=cfg.logprobs, grad_clip=cfg.grad_clip, autocast_ctx=lambda: autocast(device, precision))
+                logprobs=cfg.logprobs, grad_clip=cfg.grad_clip, autocast_ctx=lambda: autocast(device, precision),
+                pass_reward=pass_name)
         except FloatingPointError as e:
             raise FloatingPointError(
                 f"grpo: {e} at step {step + 1}; stopped without saving: the last good checkpoint "
@@ -294,7 +405,10 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
                "tokens": loop.counters.get("tokens", 0),
                "reward_first": steps_log[0]["reward"] if steps_log else None,
                "reward_last": statistics.fmean(s["reward"] for s in steps_log[-5:]) if steps_log else None}
-    if curve:
+    if curve and "held_out" in curve[0]:
+        metrics["held_out_pass_before"] = curve[0]["held_out"]["pass"]
+        metrics["held_out_pass_after"] = curve[-1]["held_out"]["pass"]
+    elif curve:
         for mode in ("on", "off"):
             metrics[f"accuracy_{mode}_before"] = curve[0][mode]["accuracy"]
             metrics[f"accuracy_{mode}_after"] = curve[-1][mode]["accuracy"]

@@ -29,14 +29,13 @@ block-diagonal causal mask, so the logits of a packed sample equal those it gets
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..data import DataError, _open_text, _short, expand_files
+from ..data import _short, read_json_rows
 from ..toggle import SYSTEM_OFF, SYSTEM_ON, format_ok, parse_response
 
 __all__ = ["Example", "block_causal_mask", "mix_modes", "nano_examples", "pack", "packed_batch", "read_examples",
@@ -139,30 +138,7 @@ def row_to_example(row, source: str = "") -> Example:
 def read_examples(patterns: Sequence[str], skip_bad: bool = False) -> tuple[list[Example], list[str]]:
     """Examples of JSON-lines files (paths or globs). Returns (examples, skipped): ``skipped`` lists
     ``"file line N: why"`` for each row left out (only with ``skip_bad``; otherwise the first bad row raises)."""
-    examples: list[Example] = []
-    skipped: list[str] = []
-    for path in expand_files(patterns):
-        if not any(str(path).endswith(s) for s in (".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-            raise DataError(f"{path}: SFT data must be JSON lines (.jsonl, .json, optionally .gz)")
-        try:
-            with _open_text(path) as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        examples.append(row_to_example(json.loads(line), f"{path}:{n}"))
-                    except json.JSONDecodeError as e:
-                        why = f"{path} line {n}: not JSON ({e.msg} at column {e.colno})"
-                    except ValueError as e:
-                        why = f"{path} line {n}: {e}"
-                    else:
-                        continue
-                    if not skip_bad:
-                        raise DataError(why + " (set skip_bad_rows: true to skip such rows)")
-                    skipped.append(why)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
-    return examples, skipped
+    return read_json_rows(patterns, row_to_example, skip_bad=skip_bad, what="SFT data")
 
 
 def nano_examples(n: int, seed: int, kinds: Sequence[str], digits: Sequence[int], steps: Sequence[int],

@@ -1,0 +1,153 @@
+"""GRPO in the nano world (issue 12): what reasoning RL buys the toggle-SFT child, and the paper's ablation of
+the pass-rate curriculum against random order at the same budget, over several seeds.
+
+Starts from a toggle-SFT model (default: the main job's ``runs/nano/sft/model``) and, for every seed and
+every arm (``gaussian``: the paper's easy-to-hard curriculum; ``random``: the same kept prompts in random
+order), runs the pipeline's own ``grpo`` stage on it in ``--work/ARM-sSEED`` (stages ``[parent, grpo]``; the
+configuration is configs/nano.yaml's ``grpo`` section plus ``--set`` overrides, so the benchmark measures
+what the main job runs). Then evaluates, side by side on the same held-out problems:
+
+- the SFT model and every GRPO result in both modes: "on" sampled as the paper evaluates reasoning
+  (temperature 0.6, top-p 0.95, ``--samples`` per problem; pass@1 = mean over them), "off" greedy;
+- the nano parent (``--parent``, the pretrained model, step-by-step text prompting, greedy), for the
+  paper's question whether the RL child surpasses the model it came from;
+
+per cell of kind x digits (``--digits``) x word-problem steps (``--steps``). Cells with 3 digits or 3 steps
+lie beyond every example of the SFT teacher's data (``sft.digits`` / ``sft.steps`` of configs/nano.yaml:
+1-2), the paper's student-surpasses-teacher question.
+
+    python benchmarks/grpo_nano.py [--model runs/nano/sft/model] [--seeds 0,1] [--arms gaussian,random]
+                                   [--set grpo.lr=5e-5 ...]
+    -> benchmarks/results/grpo_nano.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from thinkfast.evaluation import evaluate
+from thinkfast.nano import tasks
+from thinkfast.pipeline import load_pipeline, run_stage
+from thinkfast.puzzle.parent import load_decilm
+from thinkfast.stages.eval import EvalConfig
+
+
+def cell_groups(cells: dict, teacher_digits: int, teacher_steps: int) -> dict[str, float]:
+    """Accuracy over the cells the SFT teacher's data covered ("seen") and the ones beyond it ("beyond"),
+    and per digit count; cells are keyed ``kind/Nd`` or ``word/Nd/Ss``, each weighted by its problems.
+
+    >>> c = {"add/2d": {"accuracy": 1.0, "n": 2}, "add/3d": {"accuracy": 0.5, "n": 2},
+    ...      "word/2d/3s": {"accuracy": 0.0, "n": 2}}
+    >>> cell_groups(c, 2, 2)
+    {'seen': 1.0, 'beyond': 0.25, '2d': 0.5, '3d': 0.5}
+    """
+    groups: dict[str, list[tuple[float, int]]] = {}
+    for key, c in cells.items():
+        parts = key.split("/")
+        digits = int(parts[1][:-1])
+        steps = int(parts[2][:-1]) if len(parts) > 2 else 1
+        beyond = digits > teacher_digits or steps > teacher_steps
+        for g in ("beyond" if beyond else "seen", f"{digits}d"):
+            groups.setdefault(g, []).append((c["accuracy"], c["n"]))
+    return {g: sum(a * n for a, n in v) / sum(n for _, n in v) for g, v in sorted(groups.items(), key=_order)}
+
+
+def _order(item):
+    return {"seen": (0, 0), "beyond": (1, 0)}.get(item[0], (2, item[0]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/nano.yaml")
+    ap.add_argument("--model", default="runs/nano/sft/model", help="the toggle-SFT model GRPO starts from")
+    ap.add_argument("--parent", default="runs/nano/pretrain/model", help="the nano parent ('' to skip)")
+    ap.add_argument("--work", default="runs/grpo_bench")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--arms", default="gaussian,random")
+    ap.add_argument("--set", action="append", default=[], help="override, e.g. grpo.lr=5e-5 (repeatable)")
+    ap.add_argument("--digits", default="1,2,3")
+    ap.add_argument("--steps", default="2,3", help="word-problem steps of the evaluation")
+    ap.add_argument("--per-cell", type=int, default=25)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--out", default="benchmarks/results/grpo_nano.json")
+    a = ap.parse_args(argv)
+    model_dir, work = Path(a.model), Path(a.work)
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(f"{model_dir}: no model there; run `thinkfast run` on {a.config} first (or give --model)")
+    base = load_pipeline(a.config, list(a.set))
+    sft_cfg = base.configs.get("sft")
+    teacher_digits = max(sft_cfg.digits) if sft_cfg else 2
+    teacher_steps = max(sft_cfg.steps) if sft_cfg else 2
+
+    folders: dict[str, Path] = {"sft": model_dir}
+    runs: dict[str, dict] = {}
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        for arm in a.arms.split(","):
+            name = f"{arm}-s{seed}"
+            pipe = load_pipeline(a.config, [f"run_dir={work / name}", "stages=[parent,grpo]",
+                                            f"parent.path={model_dir.resolve()}", f"grpo.curriculum={arm}",
+                                            f"grpo.seed={seed}", *a.set])
+            t = time.perf_counter()
+            run_stage(pipe, "parent")
+            metrics, ran = run_stage(pipe, "grpo")
+            runs[name] = {"arm": arm, "seed": seed, "wall_s": round(time.perf_counter() - t, 1), "ran": ran,
+                          **{k: v for k, v in metrics.items()}}
+            print(name, json.dumps(runs[name]), flush=True)
+            folders[name] = work / name / "grpo" / "model"
+
+    digits = tuple(int(d) for d in a.digits.split(","))
+    suite = tasks.eval_suite(seed=1234, per_cell=a.per_cell, digits=digits,
+                             steps=tuple(int(s) for s in a.steps.split(",")))
+    ecfg = EvalConfig(per_cell=a.per_cell, digits=list(digits), samples=a.samples, max_new_tokens=1200,
+                      save_samples=0)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    results: dict[str, dict] = {}
+    if a.parent:
+        m, _ = evaluate(load_decilm(a.parent).eval(), AutoTokenizer.from_pretrained(a.parent), suite, "text", ecfg)
+        t = m["modes"]["think"]
+        results["parent"] = {"think": {"accuracy": t["accuracy"], **cell_groups(t["cells"], teacher_digits,
+                                                                                teacher_steps),
+                                       "tokens": t["mean_tokens"]}}
+    for name, folder in folders.items():
+        m, _ = evaluate(load_decilm(folder).eval(), tokenizer, suite, "chat", ecfg)
+        results[name] = {mode: {"accuracy": v["accuracy"], **cell_groups(v["cells"], teacher_digits, teacher_steps),
+                                "tokens": v["mean_tokens"], "format_ok": v["format_ok"]}
+                         for mode, v in m["modes"].items()}
+        results[name]["cells_on"] = {k: c["accuracy"] for k, c in m["modes"]["on"]["cells"].items()}
+        print(name, json.dumps({k: v for k, v in results[name].items() if k != "cells_on"}), flush=True)
+
+    arms: dict[str, dict] = {}
+    for arm in a.arms.split(","):
+        names = [n for n in runs if runs[n]["arm"] == arm]
+        arms[arm] = {g: statistics.fmean(results[n]["on"][g] for n in names) for g in results["sft"]["on"]
+                     if isinstance(results["sft"]["on"][g], float)}
+    groups = [g for g in results["sft"]["on"] if g not in ("tokens", "format_ok")]
+    lines = ["| model | mode | " + " | ".join(groups) + " | tokens | format ok |",
+             "|---|---|" + "---|" * (len(groups) + 2)]
+    for name, r in results.items():
+        for mode, v in r.items():
+            if mode == "cells_on":
+                continue
+            lines.append(f"| {name} | {mode} | " + " | ".join(f"{v[g]:.3f}" if g in v else "-" for g in groups)
+                         + f" | {v['tokens']:.0f} | {v.get('format_ok', 1.0):.3f} |")
+    out = {"model": str(model_dir), "parent": a.parent, "work": str(work), "overrides": a.set,
+           "teacher": {"digits": teacher_digits, "steps": teacher_steps}, "per_cell": a.per_cell,
+           "samples_on": a.samples, "sampling_on": {"temperature": ecfg.on_temperature, "top_p": ecfg.on_top_p},
+           "runs": runs, "results": results, "arms_mean_on": arms}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    Path(a.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print("arm means (on):", json.dumps(arms))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
