@@ -9,6 +9,8 @@ what the main job runs). Then evaluates, side by side on the same held-out probl
 
 - the SFT model and every GRPO result in both modes: "on" sampled as the paper evaluates reasoning
   (temperature 0.6, top-p 0.95, ``--samples`` per problem; pass@1 = mean over them), "off" greedy;
+- the same models "on" at the rollouts' own sampling (temperature 1, top-p 1; ``on_t1``) on the cells the SFT
+  teacher covered: the distribution GRPO optimises, where the SFT model still has room;
 - the nano parent (``--parent``, the pretrained model, step-by-step text prompting, greedy), for the
   paper's question whether the RL child surpasses the model it came from;
 
@@ -107,6 +109,10 @@ def main(argv=None) -> int:
                              steps=tuple(int(s) for s in a.steps.split(",")))
     ecfg = EvalConfig(per_cell=a.per_cell, digits=list(digits), samples=a.samples, max_new_tokens=1200,
                       save_samples=0)
+    seen_suite = tasks.eval_suite(seed=1234, per_cell=a.per_cell, digits=tuple(range(1, teacher_digits + 1)),
+                                  steps=tuple(range(1, teacher_steps + 1)))
+    t1cfg = EvalConfig(per_cell=a.per_cell, samples=a.samples, max_new_tokens=1200, save_samples=0,
+                       on_temperature=1.0, on_top_p=1.0)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     results: dict[str, dict] = {}
     if a.parent:
@@ -116,7 +122,10 @@ def main(argv=None) -> int:
                                                                                 teacher_steps),
                                        "tokens": t["mean_tokens"]}}
     for name, folder in folders.items():
-        m, _ = evaluate(load_decilm(folder).eval(), tokenizer, suite, "chat", ecfg)
+        model = load_decilm(folder).eval()
+        m, _ = evaluate(model, tokenizer, suite, "chat", ecfg)
+        t1, _ = evaluate(model, tokenizer, seen_suite, "chat", t1cfg)
+        m["modes"]["on_t1"] = t1["modes"]["on"]
         results[name] = {mode: {"accuracy": v["accuracy"], **cell_groups(v["cells"], teacher_digits, teacher_steps),
                                 "tokens": v["mean_tokens"], "format_ok": v["format_ok"]}
                          for mode, v in m["modes"].items()}
@@ -126,8 +135,9 @@ def main(argv=None) -> int:
     arms: dict[str, dict] = {}
     for arm in a.arms.split(","):
         names = [n for n in runs if runs[n]["arm"] == arm]
-        arms[arm] = {g: statistics.fmean(results[n]["on"][g] for n in names) for g in results["sft"]["on"]
-                     if isinstance(results["sft"]["on"][g], float)}
+        arms[arm] = {f"{mode}:{g}": statistics.fmean(results[n][mode][g] for n in names)
+                     for mode in ("on", "on_t1") for g in ("accuracy", "seen", "beyond")
+                     if g in results["sft"][mode]}
     groups = [g for g in results["sft"]["on"] if g not in ("tokens", "format_ok")]
     lines = ["| model | mode | " + " | ".join(groups) + " | tokens | format ok |",
              "|---|---|" + "---|" * (len(groups) + 2)]
