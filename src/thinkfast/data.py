@@ -164,8 +164,9 @@ def _json_lines(path: Path) -> list[int]:
         return [n for n, line in enumerate(f, 1) if line.strip()]
 
 
-def _scan_json(path: Path, check: Callable[[dict], str | None]) -> None:
-    """Find the first bad line of a JSON-lines file that ``datasets`` could not load; raise naming it."""
+def _iter_json(path: Path):
+    """``(line number, row, None)`` for every non-blank line of a JSON-lines file, ``(n, None, why)`` for a line
+    that is not JSON; bytes that are not UTF-8 are a DataError."""
     try:
         with _open_text(path) as f:
             for n, line in enumerate(f, 1):
@@ -174,14 +175,22 @@ def _scan_json(path: Path, check: Callable[[dict], str | None]) -> None:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {n}: not JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path} line {n}: a row must be a JSON object, got {type(row).__name__}")
-                problem = check(row)
-                if problem:
-                    raise DataError(f"{path} line {n}: {problem}")
+                    yield n, None, f"not JSON ({e.msg} at column {e.colno})"
+                    continue
+                yield n, row, None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
+
+
+def _scan_json(path: Path, check: Callable[[dict], str | None]) -> None:
+    """Find the first bad line of a JSON-lines file that ``datasets`` could not load; raise naming it."""
+    for n, row, why in _iter_json(path):
+        if why is None and not isinstance(row, dict):
+            why = f"a row must be a JSON object, got {type(row).__name__}"
+        if why is None:
+            why = check(row)
+        if why:
+            raise DataError(f"{path} line {n}: {why}")
 
 
 def read_json_rows(patterns: Sequence[str], convert: Callable, *, skip_bad: bool = False, what: str = "data"
@@ -194,24 +203,16 @@ def read_json_rows(patterns: Sequence[str], convert: Callable, *, skip_bad: bool
     for path in expand_files(patterns):
         if not str(path).endswith(_JSON):
             raise DataError(f"{path}: {what} must be JSON lines (.jsonl, .json, optionally .gz)")
-        try:
-            with _open_text(path) as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        out.append(convert(json.loads(line), f"{path}:{n}"))
-                    except json.JSONDecodeError as e:
-                        why = f"{path} line {n}: not JSON ({e.msg} at column {e.colno})"
-                    except ValueError as e:
-                        why = f"{path} line {n}: {e}"
-                    else:
-                        continue
-                    if not skip_bad:
-                        raise DataError(why + " (set skip_bad_rows: true to skip such rows)")
-                    skipped.append(why)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+        for n, row, why in _iter_json(path):
+            if why is None:
+                try:
+                    out.append(convert(row, f"{path}:{n}"))
+                    continue
+                except ValueError as e:
+                    why = str(e)
+            if not skip_bad:
+                raise DataError(f"{path} line {n}: {why} (set skip_bad_rows: true to skip such rows)")
+            skipped.append(f"{path} line {n}: {why}")
     return out, skipped
 
 

@@ -197,7 +197,8 @@ def passed(runner: RewardRunner, texts: list[str], truncated: list[bool], column
 def pass_rates(model, tokenizer, prompts: list[list[int]], columns: dict[str, list], runner: RewardRunner,
                cfg: GRPOConfig) -> list[float]:
     """Share of ``pass_rate_samples`` sampled answers to each prompt that pass (:func:`passed`)."""
-    roll = rollout(model, prompts, cfg.pass_rate_samples, _sampling(cfg, tokenizer, cfg.seed))
+    roll = rollout(model, prompts, cfg.pass_rate_samples, _sampling(cfg, tokenizer, cfg.seed),
+                   generate_fn=lambda m, p, params: generate(m, p, params, progress=True))
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in roll.completions]
     ok = passed(runner, texts, [c.finish_reason != "stop" for c in roll.completions],
                 {k: [v[g] for g in roll.groups] for k, v in columns.items()})
