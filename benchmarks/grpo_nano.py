@@ -91,11 +91,14 @@ def main(argv=None) -> int:
     folders: dict[str, Path] = {"sft": model_dir}
     runs: dict[str, dict] = {}
     for seed in [int(s) for s in a.seeds.split(",")]:
+        first = None  # the seed's first arm measures the pass rates, the others reuse them (same prompts)
         for arm in a.arms.split(","):
             name = f"{arm}-s{seed}"
+            reuse = [f"grpo.pass_rates_from={(work / first / 'grpo' / 'pass_rates.json').resolve()}"] if first else []
             pipe = load_pipeline(a.config, [f"run_dir={work / name}", "stages=[parent,grpo]",
                                             f"parent.path={model_dir.resolve()}", f"grpo.curriculum={arm}",
-                                            f"grpo.seed={seed}", *a.set])
+                                            f"grpo.seed={seed}", *a.set, *reuse])
+            first = first or name
             t = time.perf_counter()
             run_stage(pipe, "parent")
             metrics, ran = run_stage(pipe, "grpo")

@@ -210,6 +210,24 @@ def test_grpo_stage_runs_and_resumes_to_the_same_weights(sft_run, tmp_path, monk
         assert torch.allclose(want[k], got[k], atol=1e-6), k
 
 
+def test_pass_rates_are_reused_only_for_the_same_model_prompts_and_sampling(sft_run, tmp_path, monkeypatch):
+    first = _copy_base(sft_run, tmp_path / "first")
+    run_stage(_pipe(first, "grpo.train_steps=1", "grpo.eval_problems=0"), "grpo")
+    measured = json.loads((first / "grpo" / "pass_rates.json").read_text())
+
+    def no_measuring(*a, **k):
+        raise AssertionError("pass rates measured again")
+
+    monkeypatch.setattr(grpo_stage, "pass_rates", no_measuring)
+    other = _copy_base(sft_run, tmp_path / "other")
+    reuse = f"grpo.pass_rates_from={first / 'grpo' / 'pass_rates.json'}"
+    run_stage(_pipe(other, "grpo.train_steps=1", "grpo.eval_problems=0", "grpo.curriculum=random", reuse), "grpo")
+    assert json.loads((other / "grpo" / "pass_rates.json").read_text()) == measured
+    with pytest.raises(ValueError, match="measured on another model, other prompts"):
+        run_stage(_pipe(_copy_base(sft_run, tmp_path / "bad"), "grpo.train_steps=1", "grpo.eval_problems=0",
+                        "grpo.prompts=10", reuse), "grpo")
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sft_run, tmp_path, monkeypatch):
     run = _copy_base(sft_run, tmp_path / "nan")
     real, calls = grpo_lib.grpo_loss, []

@@ -33,12 +33,14 @@ rollouts per step and FP8 generation are scaled down to the nano world; ``lr`` s
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib
 import inspect
 import json
 import random
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from ..artifacts import copy_tokenizer_files, read_model_sidecar, write_model_sidecar
@@ -99,6 +101,9 @@ class GRPOConfig:
     logprobs: Literal["recompute", "sampler"] = "recompute"
     curriculum: Literal["gaussian", "random"] = "gaussian"
     pass_rate_samples: int = 8
+    # a pass_rates.json of an earlier grpo run to reuse (same model, prompts and sampling: checked), e.g. the
+    # other arm of the curriculum ablation; none: measure
+    pass_rates_from: str | None = None
     easy_threshold: float = 0.75
     # drop prompts the starting model never solved: their groups differ in format reward only, and in the
     # nano world training on them taught wrong answers (docs/LOG.md 2026-12-03 session 6); the paper keeps them
@@ -250,6 +255,14 @@ def _file_prompts(cfg: GRPOConfig, tokenizer) -> tuple[list, dict, list, dict, d
     return (*part(train), *part(held), {"rows": len(rows), "skipped": len(skipped)})
 
 
+def _rates_key(model_id, prompts: list[list[int]], columns: dict, pass_name: str, cfg: GRPOConfig) -> str:
+    """What the pass rates depend on: the model, the prompts and their columns, the pass reward, the sampling."""
+    what = {"model": model_id, "prompts": prompts, "columns": {k: v for k, v in columns.items() if k != "prompts"},
+            "reward": pass_name, "samples": cfg.pass_rate_samples, "max_new_tokens": cfg.max_new_tokens,
+            "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _ids(value) -> list[int]:
     return list(value["input_ids"] if isinstance(value, dict) or hasattr(value, "keys") else value)
 
@@ -319,12 +332,24 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
         log.log("prompts", files=cfg.files, **source)
 
     rates_file = stage.path / "pass_rates.json"
-    if rates_file.is_file():
-        rates = json.loads(rates_file.read_text())["pass_rates"]
-    else:
+    key = _rates_key(inputs.ids.get("model"), prompts, columns, pass_name, cfg)
+    rates = None
+    for path in [rates_file] + ([Path(cfg.pass_rates_from)] if cfg.pass_rates_from else []):
+        if path.is_file():
+            found = json.loads(path.read_text())
+            if found.get("key") == key:
+                rates = found["pass_rates"]
+                break
+            if path != rates_file:
+                raise ValueError(f"grpo.pass_rates_from: {path} was measured on another model, other prompts or "
+                                 "other sampling settings than this run's")
+        elif path != rates_file:
+            raise ValueError(f"grpo.pass_rates_from: {path} does not exist")
+    if rates is None:
         print(f"grpo: pass rates of {len(prompts)} prompts, {cfg.pass_rate_samples} samples each")
         rates = pass_rates(model, tokenizer, prompts, columns, pass_runner, cfg)
-        atomic_write_json(rates_file, {"samples": cfg.pass_rate_samples, "pass_rates": rates})
+    if not rates_file.is_file() or json.loads(rates_file.read_text()).get("key") != key:
+        atomic_write_json(rates_file, {"samples": cfg.pass_rate_samples, "key": key, "pass_rates": rates})
     kept = keep_hard(rates, cfg.easy_threshold, cfg.drop_unsolved)
     if cfg.curriculum == "gaussian":
         schedule = gaussian_schedule(rates, kept, cfg.prompts_per_step, cfg.train_steps, sigma=cfg.sigma,
