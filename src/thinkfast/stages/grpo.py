@@ -206,7 +206,8 @@ def pass_rates(model, tokenizer, prompts: list[list[int]], columns: dict[str, li
                    generate_fn=lambda m, p, params: generate(m, p, params, progress=True))
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in roll.completions]
     ok = passed(runner, texts, [c.finish_reason != "stop" for c in roll.completions],
-                {k: [v[g] for g in roll.groups] for k, v in columns.items()})
+                {**{k: [v[g] for g in roll.groups] for k, v in columns.items()},
+                 "completion_ids": [c.token_ids for c in roll.completions]})
     rates = [0.0] * len(prompts)
     for g, r in zip(roll.groups, ok):
         rates[g] += r / cfg.pass_rate_samples
@@ -221,7 +222,7 @@ def held_out_check(model, tokenizer, prompts: list[list[int]], columns: dict[str
     done = generate(model, prompts, params)
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in done]
     truncated = [c.finish_reason != "stop" for c in done]
-    ok = passed(runner, texts, truncated, columns)
+    ok = passed(runner, texts, truncated, {**columns, "completion_ids": [c.token_ids for c in done]})
     form = BUILTIN["think_format"]([[{"role": "assistant", "content": t}] for t in texts], columns["thinking"])
     return {"held_out": {"pass": statistics.fmean(ok), "format_ok": statistics.fmean(form),
                          "tokens": statistics.fmean(len(c.token_ids) for c in done), "n": len(done)}}
