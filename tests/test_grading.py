@@ -85,3 +85,32 @@ def test_a_hanging_answer_is_wrong_and_the_rest_are_graded():
         assert grader.grade(["6"], ["6"]) == [True]  # the pool was replaced and works
     assert got == [True, False, True, False, False]
     assert time.perf_counter() - t < 40
+
+
+SUITE_SIZES = {"gsm8k": 1319, "math500": 500, "aime24": 30, "aime25": 30}
+
+
+@pytest.mark.parametrize("name", sorted(SUITE_SIZES))
+def test_real_suites_load_from_the_shared_data(name):
+    from thinkfast.suites import SUITES, data_root, load_suite
+
+    if not (data_root() / SUITES[name][0]).is_file():
+        pytest.skip(f"{data_root()} has no {name}")
+    items = load_suite(name)
+    assert len(items) == SUITE_SIZES[name] and len({i.id for i in items}) == len(items)
+    assert all(i.prompt.endswith("put your final answer within \\boxed{}.") and i.gold for i in items)
+    if name == "gsm8k":
+        assert items[0].gold == "18"  # Janet's ducks
+    # every gold parses under math-verify (a gold that does not would make its item ungradable)
+    from math_verify import parse
+
+    assert all(parse(i.math_gold) for i in items)
+
+
+def test_unknown_or_missing_suite(tmp_path):
+    from thinkfast.suites import load_suite
+
+    with pytest.raises(ValueError, match="unknown suite"):
+        load_suite("nope")
+    with pytest.raises(FileNotFoundError, match="gsm8k"):
+        load_suite("gsm8k", root=tmp_path)
