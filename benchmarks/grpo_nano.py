@@ -14,6 +14,9 @@ what the main job runs). Then evaluates, side by side on the same held-out probl
 - the nano parent (``--parent``, the pretrained model, step-by-step text prompting, greedy), for the
   paper's question whether the RL child surpasses the model it came from;
 
+- for every GRPO run, its kept prompts (pass rate in (0, 0.75) before) answered ``pass_rate_samples`` times
+  again by the trained model: how much of what it trained on it learned (``kept_pass_before/after``);
+
 per cell of kind x digits (``--digits``) x word-problem steps (``--steps``). Cells with 3 digits or 3 steps
 lie beyond every example of the SFT teacher's data (``sft.digits`` / ``sft.steps`` of configs/nano.yaml:
 1-2), the paper's student-surpasses-teacher question.
@@ -34,10 +37,13 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from thinkfast.evaluation import evaluate
+from thinkfast.evaluation import build_prompt, evaluate
 from thinkfast.nano import tasks
 from thinkfast.pipeline import load_pipeline, run_stage
 from thinkfast.puzzle.parent import load_decilm
+from thinkfast.rl.curriculum import keep_hard
+from thinkfast.rl.rewards import RewardRunner
+from thinkfast.stages.grpo import load_reward, pass_rates
 from thinkfast.stages.eval import EvalConfig
 
 
@@ -63,6 +69,43 @@ def cell_groups(cells: dict, teacher_digits: int, teacher_steps: int) -> dict[st
 
 def _order(item):
     return {"seen": (0, 0), "beyond": (1, 0)}.get(item[0], (2, item[0]))
+
+
+def _identity(folder: Path, settings: dict) -> str:
+    """A model folder's weights (size and mtime of every file) plus the measurement's settings."""
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).iterdir() if p.is_file())
+    return json.dumps({"files": files, "settings": settings}, sort_keys=True, default=str)
+
+
+def cached(path: Path, identity: str, compute):
+    """``compute()``, or its earlier result saved at ``path`` for the same ``identity``: a re-run measures only
+    what changed."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("identity") == identity:
+            return saved["value"]
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"identity": identity, "value": value}) + "\n")
+    return value
+
+
+def kept_pass(cfg, stage: Path) -> dict:
+    """The kept prompts' pass rates before training (``pass_rates.json``) and after (the trained model answers
+    each of them ``pass_rate_samples`` times again, with the same sampling)."""
+    before = json.loads((stage / "pass_rates.json").read_text())["pass_rates"]
+    kept = keep_hard(before, cfg.easy_threshold, cfg.drop_unsolved)
+    tokenizer = AutoTokenizer.from_pretrained(str(stage / "model"))
+    problems = tasks.make_problems(cfg.prompts, seed=cfg.seed, kinds=tuple(cfg.kinds), digits=tuple(cfg.digits),
+                                   steps=tuple(cfg.steps), split="train")
+    problems = [problems[i] for i in kept]
+    name = cfg.pass_reward or cfg.rewards[0]
+    after = pass_rates(load_decilm(stage / "model").eval(), tokenizer,
+                       [build_prompt(tokenizer, p, "chat", "on") for p in problems],
+                       {"answer": [p.answer for p in problems], "thinking": [True] * len(problems)},
+                       RewardRunner([(name, load_reward(name), 1.0)]), cfg)
+    return {"kept": len(kept), "kept_pass_before": statistics.fmean(before[i] for i in kept) if kept else None,
+            "kept_pass_after": statistics.fmean(after) if kept else None}
 
 
 def main(argv=None) -> int:
@@ -104,8 +147,10 @@ def main(argv=None) -> int:
             metrics, ran = run_stage(pipe, "grpo")
             runs[name] = {"arm": arm, "seed": seed, "wall_s": round(time.perf_counter() - t, 1), "ran": ran,
                           **{k: v for k, v in metrics.items()}}
-            print(name, json.dumps(runs[name]), flush=True)
             folders[name] = work / name / "grpo" / "model"
+            runs[name].update(cached(work / "cache" / f"kept-{name}.json", _identity(folders[name], {}),
+                                     lambda: kept_pass(pipe.configs["grpo"], work / name / "grpo")))
+            print(name, json.dumps(runs[name]), flush=True)
 
     digits = tuple(int(d) for d in a.digits.split(","))
     suite = tasks.eval_suite(seed=1234, per_cell=a.per_cell, digits=digits,
@@ -118,21 +163,29 @@ def main(argv=None) -> int:
                        on_temperature=1.0, on_top_p=1.0)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     results: dict[str, dict] = {}
+    settings = {"digits": digits, "steps": a.steps, "per_cell": a.per_cell, "samples": a.samples}
     if a.parent:
-        m, _ = evaluate(load_decilm(a.parent).eval(), AutoTokenizer.from_pretrained(a.parent), suite, "text", ecfg)
-        t = m["modes"]["think"]
-        results["parent"] = {"think": {"accuracy": t["accuracy"], **cell_groups(t["cells"], teacher_digits,
-                                                                                teacher_steps),
-                                       "tokens": t["mean_tokens"]}}
+        def parent_eval():
+            m, _ = evaluate(load_decilm(a.parent).eval(), AutoTokenizer.from_pretrained(a.parent), suite, "text",
+                            ecfg)
+            t = m["modes"]["think"]
+            return {"think": {"accuracy": t["accuracy"], **cell_groups(t["cells"], teacher_digits, teacher_steps),
+                              "tokens": t["mean_tokens"]}}
+
+        results["parent"] = cached(work / "cache" / "eval-parent.json", _identity(Path(a.parent), settings),
+                                   parent_eval)
     for name, folder in folders.items():
-        model = load_decilm(folder).eval()
-        m, _ = evaluate(model, tokenizer, suite, "chat", ecfg)
-        t1, _ = evaluate(model, tokenizer, seen_suite, "chat", t1cfg)
-        m["modes"]["on_t1"] = t1["modes"]["on"]
-        results[name] = {mode: {"accuracy": v["accuracy"], **cell_groups(v["cells"], teacher_digits, teacher_steps),
-                                "tokens": v["mean_tokens"], "format_ok": v["format_ok"]}
-                         for mode, v in m["modes"].items()}
-        results[name]["cells_on"] = {k: c["accuracy"] for k, c in m["modes"]["on"]["cells"].items()}
+        def chat_eval(folder=folder):
+            model = load_decilm(folder).eval()
+            m, _ = evaluate(model, tokenizer, suite, "chat", ecfg)
+            t1, _ = evaluate(model, tokenizer, seen_suite, "chat", t1cfg)
+            m["modes"]["on_t1"] = t1["modes"]["on"]
+            r = {mode: {"accuracy": v["accuracy"], **cell_groups(v["cells"], teacher_digits, teacher_steps),
+                        "tokens": v["mean_tokens"], "format_ok": v["format_ok"]} for mode, v in m["modes"].items()}
+            r["cells_on"] = {k: c["accuracy"] for k, c in m["modes"]["on"]["cells"].items()}
+            return r
+
+        results[name] = cached(work / "cache" / f"eval-{name}.json", _identity(folder, settings), chat_eval)
         print(name, json.dumps({k: v for k, v in results[name].items() if k != "cells_on"}), flush=True)
 
     arms: dict[str, dict] = {}
@@ -141,6 +194,9 @@ def main(argv=None) -> int:
         arms[arm] = {f"{mode}:{g}": statistics.fmean(results[n][mode][g] for n in names)
                      for mode in ("on", "on_t1") for g in ("accuracy", "seen", "beyond")
                      if g in results["sft"][mode]}
+        arms[arm].update({k: statistics.fmean(runs[n][k] for n in names) for k in ("kept_pass_before",
+                                                                                   "kept_pass_after")
+                          if all(runs[n].get(k) is not None for n in names)})
     groups = [g for g in results["sft"]["on"] if g not in ("tokens", "format_ok")]
     lines = ["| model | mode | " + " | ".join(groups) + " | tokens | format ok |",
              "|---|---|" + "---|" * (len(groups) + 2)]
@@ -150,6 +206,12 @@ def main(argv=None) -> int:
                 continue
             lines.append(f"| {name} | {mode} | " + " | ".join(f"{v[g]:.3f}" if g in v else "-" for g in groups)
                          + f" | {v['tokens']:.0f} | {v.get('format_ok', 1.0):.3f} |")
+    lines += ["", "| GRPO run | kept prompts | their pass rate before | after | reward first step | last 5 | seconds |",
+              "|---|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        lines.append(f"| {name} | {r.get('kept', r.get('prompts_kept'))} | {r.get('kept_pass_before', 0):.3f} | "
+                     f"{r.get('kept_pass_after', 0):.3f} | {r['reward_first']:.3f} | {r['reward_last']:.3f} | "
+                     f"{r['seconds']:.0f} |")
     out = {"model": str(model_dir), "parent": a.parent, "work": str(work), "overrides": a.set,
            "teacher": {"digits": teacher_digits, "steps": teacher_steps}, "per_cell": a.per_cell,
            "samples_on": a.samples, "sampling_on": {"temperature": ecfg.on_temperature, "top_p": ecfg.on_top_p},
