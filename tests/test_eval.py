@@ -71,3 +71,58 @@ def test_eval_config_validation():
         EvalConfig(kinds=["add", "pow"])
     with pytest.raises(ValueError, match="per_cell"):
         EvalConfig(per_cell=0)
+
+
+def test_real_suite_metrics_by_hand(tok, monkeypatch):
+    """pass@1 over samples, pass@k, maj@n, no-answer and format rates, from canned responses."""
+    from thinkfast import evaluation
+    from thinkfast.generation import Completion
+    from thinkfast.grading import MathGrader
+    from thinkfast.suites import Item
+
+    items = [Item("s/0", "What is 1/2 + 1/4?", "\\frac{3}{4}"), Item("s/1", "What is 2+2?", "4")]
+    on = ["<think>\nadd\n</think>\n\n$\\boxed{0.75}$", "<think>\nhm\n</think>\n\n$\\boxed{3/4}$",
+          "<think>\nno\n</think>\n\n$\\boxed{1}$", "<think>\nnever closed $\\boxed{3/4}$",  # item 0: 2 of 4 right
+          "<think>\nx\n</think>\n\nThe answer is $\\boxed{5}$", "<think>\nx\n</think>\n\n$\\boxed{5}$",
+          "<think>\nx\n</think>\n\n$\\boxed{4}$", "I think it is $\\boxed{4}$"]  # item 1: 2 of 4 (1 format miss)
+    off = ["$\\boxed{\\frac{3}{4}}$", "I do not know"]
+    replies = iter([on, off])
+
+    def fake_generate(model, prompts, params, progress=False, hook=None):
+        texts = next(replies)
+        assert len(prompts) == len(texts)
+        return [Completion(tok.encode(t, add_special_tokens=False), "stop", []) for t in texts]
+
+    monkeypatch.setattr(evaluation, "generate", fake_generate)
+    cfg = EvalConfig(samples=4, pass_k=[1, 2, 4], save_samples=1)
+    with MathGrader(workers=1) as grader:
+        m, kept = evaluation.evaluate_items(None, tok, items, "chat", cfg, grader)
+    assert m["on"]["pass@1"] == pytest.approx((2 / 4 + 2 / 4) / 2)
+    assert m["on"]["pass@2"] == pytest.approx(1 - 1 / 6)  # 1 - C(n-c, 2) / C(4, 2) with c = 2 for both
+    assert m["on"]["pass@4"] == 1.0
+    # maj@4: item 0 votes 0.75 / 3/4 / 1 (the unclosed one has no answer): a tie, the first seen (0.75) wins,
+    # right; item 1 votes 5, 5, 4, 4: tie, 5 first, wrong
+    assert m["on"]["maj@4"] == 0.5
+    assert m["on"]["no_answer"] == pytest.approx(1 / 8) and m["on"]["format_ok"] == pytest.approx(6 / 8)
+    assert m["off"]["pass@1"] == 0.5 and m["off"]["maj@1"] == 0.5 and m["off"]["no_answer"] == 0.5
+    assert m["off"]["format_ok"] == 1.0 and [k["mode"] for k in kept] == ["on", "off"]
+    assert "pass@2" not in m["off"]  # k above the samples is not reported
+
+
+def test_eval_stage_on_a_real_suite(tmp_path):
+    from thinkfast.pipeline import default_config_path, load_pipeline, run_stage
+    from thinkfast.suites import SUITES, data_root
+
+    if not (data_root() / SUITES["gsm8k"][0]).is_file():
+        pytest.skip(f"{data_root()} has no gsm8k")
+    pipe = load_pipeline(default_config_path("smoke"), [
+        f"run_dir={tmp_path / 'run'}", "stages=[pretrain,sft,eval]", "pretrain.train_steps=2",
+        "sft.nano_prompts=4", "sft.batch_size=2", "sft.seq_len=256", "sft.eval_problems=0", "sft.digits=[1]",
+        "sft.steps=[1]", "eval.suites=[nano,gsm8k]", "eval.suite_limit=3", "eval.samples=2", "eval.pass_k=[2]",
+        "eval.max_new_tokens=8", "eval.per_cell=1", "eval.digits=[1]"])
+    for stage in ("pretrain", "sft", "eval"):
+        run_stage(pipe, stage)
+    m = json.loads((tmp_path / "run" / "eval" / "sft" / "metrics.json").read_text())
+    gsm = m["suites"]["gsm8k"]
+    assert gsm["on"]["n"] == 3 and gsm["on"]["samples"] == 2 and {"pass@1", "pass@2", "maj@2"} <= set(gsm["on"])
+    assert "modes" in m and "gsm8k" in (tmp_path / "run" / "eval" / "table.txt").read_text()

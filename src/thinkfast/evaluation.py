@@ -127,6 +127,72 @@ def quick_accuracy(model, tokenizer, problems: list, prompting: str, mode: str, 
     return statistics.fmean(right) if right else 0.0
 
 
+def item_prompt(tokenizer, item, prompting: str, mode: str) -> list[int]:
+    """A real-suite item (:class:`thinkfast.suites.Item`) as prompt ids: the user turn of the chat template in
+    ``mode`` (``enable_thinking``), or for ``text`` prompting the problem text and a blank line."""
+    if prompting == "text":
+        return tokenizer(item.prompt + "\n\n", add_special_tokens=True)["input_ids"]
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": item.prompt}], enable_thinking=(mode == "on"),
+                                        add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def evaluate_items(model, tokenizer, items: list, prompting: str, cfg, grader, log=None) -> tuple[dict, list]:
+    """A real suite in each mode (chat: "on" sampled ``cfg.samples`` times at ``cfg.on_temperature`` /
+    ``cfg.on_top_p``, "off" greedy; text: one greedy mode). Per mode: pass@1 (the mean over samples and
+    items), pass@k for each ``k`` in ``cfg.pass_k`` up to the samples, maj@n, mean tokens, think-format
+    compliance, the no-answer rate (an unclosed think block, or neither a boxed answer nor a number after
+    it) and the truncated share. The answer graded is the text after the think block, by ``grader``
+    (:class:`thinkfast.grading.MathGrader`). Returns (metrics, kept sample records)."""
+    from .grading import final_answer, maj_at_n, pass_at_k, vote_key
+
+    stops = tuple(stop_token_ids(tokenizer))
+    out: dict = {}
+    kept = []
+    for mode in (("text",) if prompting == "text" else CHAT_MODES):
+        sampled = mode == "on"
+        n = cfg.samples if sampled else 1
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.on_temperature if sampled else 0.0,
+                                top_p=cfg.on_top_p if sampled else 1.0, stop_token_ids=stops,
+                                batch_size=cfg.batch_size, seed=cfg.seed)
+        prompts = [item_prompt(tokenizer, it, prompting, mode) for it in items for _ in range(n)]
+        completions = generate(model, prompts, params, progress=True)
+        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        answers = [final_answer(t) if prompting == "chat" else t for t in texts]
+        right = grader.grade([it.math_gold for it in items for _ in range(n)], answers)
+        votes = [vote_key(a) for a in answers]
+        blocks = [range(i * n, (i + 1) * n) for i in range(len(items))]
+        counts = [sum(right[j] for j in b) for b in blocks]
+        r = {"pass@1": statistics.fmean(c / n for c in counts),
+             **{f"pass@{k}": statistics.fmean(pass_at_k(n, c, k) for c in counts) for k in cfg.pass_k if 1 < k <= n},
+             f"maj@{n}": statistics.fmean(maj_at_n([votes[j] for j in b], [right[j] for j in b]) for b in blocks),
+             "mean_tokens": statistics.fmean(len(c.token_ids) for c in completions),
+             "no_answer": statistics.fmean(v is None for v in votes),
+             "truncated": statistics.fmean(c.finish_reason == "length" for c in completions),
+             "n": len(items), "samples": n}
+        if prompting == "chat":
+            r["format_ok"] = statistics.fmean(format_ok(t, thinking=sampled) for t in texts)
+        out[mode] = r
+        for i, it in enumerate(items[: cfg.save_samples]):
+            kept.append({"mode": mode, "id": it.id, "gold": it.gold, "response": texts[i * n], "correct": right[i * n]})
+        if log is not None:
+            log.log("suite_mode", mode=mode, **r)
+    return out, kept
+
+
+def suites_table(results: dict[str, dict]) -> str:
+    """One row per model, suite and mode: pass@1, maj@n, no-answer rate, mean tokens."""
+    head = f"{'model':<16}{'suite':<10}{'mode':<6}{'pass@1':>9}{'maj@n':>9}{'no ans':>9}{'tokens':>9}"
+    lines = [head, "-" * len(head)]
+    for name, m in results.items():
+        for suite, modes in m.get("suites", {}).items():
+            for mode, r in modes.items():
+                maj = next(v for k, v in r.items() if k.startswith("maj@"))
+                lines.append(f"{name:<16}{suite:<10}{mode:<6}{r['pass@1']:>9.3f}{maj:>9.3f}{r['no_answer']:>9.3f}"
+                             f"{r['mean_tokens']:>9.1f}")
+    return "\n".join(lines)
+
+
 def format_table(metrics: dict) -> str:
     """A plain-text table: one row per cell, one column pair (accuracy, tokens) per mode."""
     modes = list(metrics["modes"])
@@ -151,7 +217,7 @@ def models_table(results: dict[str, dict]) -> str:
     head = f"{'model':<16}{'prompting':<11}{'mode':<8}{'accuracy':>10}{'headline':>10}{'tokens':>9}"
     lines = [head, "-" * len(head)]
     for name, m in results.items():
-        for mode, r in m["modes"].items():
+        for mode, r in m.get("modes", {}).items():
             headline = next((v for k, v in r.items() if k.startswith("accuracy_")), None)
             lines.append(f"{name:<16}{m['prompting']:<11}{mode:<8}{r['accuracy']:>10.3f}"
                          f"{'' if headline is None else f'{headline:.3f}':>10}{r['mean_tokens']:>9.1f}")

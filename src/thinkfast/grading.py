@@ -22,7 +22,8 @@ from collections.abc import Sequence
 
 from .toggle import parse_response
 
-__all__ = ["MathGrader", "final_answer", "gsm8k_gold", "maj_at_n", "pass_at_k", "verify_math"]
+__all__ = ["MathGrader", "final_answer", "gsm8k_gold", "last_boxed", "maj_at_n", "pass_at_k", "verify_math",
+           "vote_key"]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -65,6 +66,39 @@ def final_answer(text: str) -> str | None:
     ('It is 4.', None, '4')
     """
     return parse_response(text).answer
+
+
+def last_boxed(text: str) -> str | None:
+    r"""The content of the last ``\boxed{...}`` (braces balanced), or None.
+
+    >>> last_boxed("so \\boxed{3} then \\boxed{\\frac{1}{2}}."), last_boxed("none")
+    ('\\frac{1}{2}', None)
+    """
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
+
+
+def vote_key(answer: str | None) -> str | None:
+    r"""What a sample votes for in maj@n: its last boxed answer, else its last number, spaces and a
+    trailing period dropped; None (no answer) for a missing answer or one with neither.
+
+    >>> vote_key("It is \\boxed{ 1/2 }."), vote_key("so 1,234 apples."), vote_key("no idea"), vote_key(None)
+    ('1/2', '1234', None, None)
+    """
+    if answer is None:
+        return None
+    boxed = last_boxed(answer)
+    if boxed is not None:
+        return boxed.replace(" ", "").rstrip(".")
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", answer)
+    return numbers[-1].replace(",", "") if numbers else None
 
 
 def gsm8k_gold(answer: str) -> str:

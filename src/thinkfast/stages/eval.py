@@ -16,8 +16,13 @@ template):
 The harness itself (prompts, grading, the batched evaluation, tables) is :mod:`thinkfast.evaluation`;
 this module is the stage around it: which models, where results go, what is reused.
 
-Departures: the nano suite replaces the paper's benchmarks (those come with the evaluation issue);
-answers are graded by ``thinkfast.nano.tasks.verify`` (exact integer) rather than math-verify.
+Suites (``suites``): ``nano`` (the nano world's cells, graded exactly by ``thinkfast.nano.tasks.verify``)
+and the real math benchmarks of :mod:`thinkfast.suites` read from the shared data folder (``gsm8k``,
+``math500``, ``aime24``, ``aime25``; the first ``suite_limit`` items of each), graded by math-verify in
+worker processes (:class:`thinkfast.grading.MathGrader`) on the answer after the think block, with pass@1
+averaged over ``samples``, pass@k for ``pass_k``, maj@n and the no-answer rate (:func:`evaluate_items`).
+
+Departures: IFEval and an OpenAI-compatible endpoint as the model come with the serving work.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 
 from ..artifacts import load_model
 from ..config import to_dict
-from ..evaluation import evaluate, format_table, models_table, resolve_prompting
+from ..evaluation import evaluate, evaluate_items, format_table, models_table, resolve_prompting, suites_table
 from ..nano import tasks
 from ..rundir import JsonlLogger, StageDir, atomic_dir, atomic_write_json, atomic_write_text
 from . import Input, Inputs, check_device, resolve_device
@@ -62,6 +67,11 @@ class EvalConfig:
     on_top_p: float = 0.95
     headline_digits: int = 2  # the difficulty quoted as the headline figure
     save_samples: int = 3  # responses kept per cell and mode in samples.jsonl
+    suites: list[str] = field(default_factory=lambda: ["nano"])  # nano, gsm8k, math500, aime24, aime25
+    suite_limit: int | None = None  # the first N items of each real suite (None: all)
+    pass_k: list[int] = field(default_factory=lambda: [1])  # pass@k reported for k <= samples
+    grade_workers: int = 2  # math-verify worker processes
+    grade_timeout: float = 20.0  # seconds per answer; a hanging one is wrong
     device: str = "auto"
 
     def __post_init__(self):
@@ -74,6 +84,15 @@ class EvalConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.save_samples < 0 or not self.on_temperature >= 0 or not 0 < self.on_top_p <= 1:
             raise ValueError("save_samples and on_temperature must be >= 0, on_top_p in (0, 1]")
+        from ..suites import SUITES
+
+        unknown = sorted(set(self.suites) - {"nano", *SUITES})
+        if unknown or not self.suites:
+            raise ValueError(f"suites: unknown {unknown}; choose from {['nano', *sorted(SUITES)]}")
+        if self.suite_limit is not None and self.suite_limit < 1:
+            raise ValueError(f"suite_limit={self.suite_limit} must be >= 1 (or null: every item)")
+        if any(k < 1 for k in self.pass_k) or self.grade_workers < 1 or not self.grade_timeout > 0:
+            raise ValueError("pass_k entries and grade_workers must be >= 1, grade_timeout > 0")
 
 
 Config = EvalConfig
@@ -87,18 +106,49 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = load_model(path).to(device).eval()
     prompting = resolve_prompting(path, tokenizer, cfg.prompting)
-    suite = tasks.eval_suite(seed=cfg.seed, per_cell=cfg.per_cell, kinds=tuple(cfg.kinds),
-                             digits=tuple(cfg.digits), steps=tuple(cfg.steps))
     with atomic_dir(out) as tmp:
         with JsonlLogger(tmp / "log.jsonl") as log:
-            log.log("start", model=str(path), prompting=prompting, cells=len(suite))
-            with torch.no_grad():
-                metrics, kept = evaluate(model, tokenizer, suite, prompting, cfg, log)
+            metrics, kept = {"prompting": prompting, "modes": {}}, []
+            if "nano" in cfg.suites:
+                suite = tasks.eval_suite(seed=cfg.seed, per_cell=cfg.per_cell, kinds=tuple(cfg.kinds),
+                                         digits=tuple(cfg.digits), steps=tuple(cfg.steps))
+                log.log("start", model=str(path), prompting=prompting, cells=len(suite))
+                with torch.no_grad():
+                    metrics, kept = evaluate(model, tokenizer, suite, prompting, cfg, log)
+            real = [s for s in cfg.suites if s != "nano"]
+            if real:
+                from ..grading import MathGrader
+                from ..suites import load_suite
+
+                metrics["suites"] = {}
+                with MathGrader(cfg.grade_workers, cfg.grade_timeout) as grader, torch.no_grad():
+                    for name in real:
+                        items = load_suite(name, limit=cfg.suite_limit)
+                        log.log("suite", suite=name, items=len(items))
+                        metrics["suites"][name], more = evaluate_items(model, tokenizer, items, prompting, cfg,
+                                                                       grader, log)
+                        kept += [{"suite": name, **r} for r in more]
         metrics["model"] = str(path)
         atomic_write_text(tmp / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-        atomic_write_text(tmp / "table.txt", format_table(metrics) + "\n")
+        tables = ([format_table(metrics)] if metrics["modes"] else []) + (
+            [suites_table({path.name: metrics})] if metrics.get("suites") else [])
+        atomic_write_text(tmp / "table.txt", "\n\n".join(tables) + "\n")
         atomic_write_json(tmp / "metrics.json", metrics)
     return metrics
+
+
+def _suite_files(cfg: EvalConfig) -> dict:
+    """The real suites' files, by content (an evaluation is redone when one changes)."""
+    import hashlib
+
+    from ..suites import SUITES, data_root
+
+    out = {}
+    for name in cfg.suites:
+        if name in SUITES:
+            path = data_root() / SUITES[name][0]
+            out[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+    return out
 
 
 def _reusable(folder: Path, record: dict) -> dict | None:
@@ -126,7 +176,7 @@ def run(cfg: EvalConfig, stage: StageDir, inputs: Inputs) -> dict:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"eval: no model folder at {path} (no config.json)")
         ref = inputs.ids.get("models", {}).get(name) if hasattr(inputs, "ids") else None
-        record = {"settings": json.loads(json.dumps(settings)), "model": ref}
+        record = {"settings": json.loads(json.dumps(settings)), "model": ref, "suites": _suite_files(cfg)}
         out = stage.path / name
         done = _reusable(out, record) if ref else None
         if done is None and ref and previous is not None and _reusable(previous.path / name, record) is not None:
@@ -139,9 +189,12 @@ def run(cfg: EvalConfig, stage: StageDir, inputs: Inputs) -> dict:
             shutil.rmtree(out, ignore_errors=True)
             done = evaluate_folder(cfg, path, out)
             atomic_write_json(out / "record.json", record)
-        print(f"{name}:\n{format_table(done)}")
+        if done.get("modes"):
+            print(f"{name}:\n{format_table(done)}")
         results[name] = done
     table = models_table(results)
+    if any(m.get("suites") for m in results.values()):
+        table += "\n\n" + suites_table(results)
     atomic_write_text(stage.path / "table.txt", table + "\n")
     print(table)
     return {"models": results}
