@@ -55,7 +55,9 @@ def test_thinking_ends_at_the_next_newline_after_the_budget_or_after_the_grace(s
             continue
         n = hook.closed[r]
         thought = _think(tok, ids)
-        assert len(thought) == n and ids[n:n + len(closing)] == closing  # the forced close follows at once
+        start = n + (1 if n == 0 else 0)  # budget 0 with the block open: a newline, then the close
+        assert len(thought) == start and ids[start:start + len(closing)] == closing  # the close follows at once
+        assert tok.convert_tokens_to_ids("<think>") not in ids  # banned after the close
         assert b <= n <= b + 8 or (b == 0 and n == 1)
         assert n == b + 8 or thought[-1] in nl_ids or b == 0  # a newline ended it, or the grace ran out
         if b > 0 and n > b:  # no newline between the budget and the close, except the last token
@@ -90,3 +92,23 @@ def test_bad_budgets_are_refused(setup):
         ThinkingBudget(tok, [[1]], [1, 2])
     with pytest.raises(ValueError, match=">= 0"):
         ThinkingBudget(tok, [[1]], -1)
+
+
+def test_no_second_think_block_after_the_close():
+    tok = build_tokenizer()
+    cfg = hetero_config()
+    cfg.vocab_size = len(tok)
+    torch.manual_seed(0)
+    model = DeciLMForCausalLM(cfg).eval()
+    open_id, close_id = tok.convert_tokens_to_ids(["<think>", "</think>"])
+
+    def loves_think(module, args, output):  # a model that would open a think block at every step
+        output.logits[..., open_id] += 50.0
+        return output
+
+    model.register_forward_hook(loves_think)
+    prompt = tok.encode("<|begin_of_text|>x<think>\n", add_special_tokens=False)
+    hook = ThinkingBudget(tok, [prompt], 3, grace=0)
+    ids = generate(model, [prompt], SamplingParams(max_new_tokens=12, temperature=1.0, seed=0), hook=hook)[0].token_ids
+    assert ids[:3] == [open_id] * 3 and ids[3] == close_id  # counted as thinking, then closed at the budget
+    assert open_id not in ids[4:] and close_id not in ids[4:]

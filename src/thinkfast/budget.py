@@ -3,7 +3,8 @@
 Once a request has written ``budget`` tokens inside its think block, thinking ends at the next token that
 contains a newline (the line in progress is finished), or at ``budget + grace`` tokens at the latest; the
 engine then writes ``</think>`` and the blank line the chat template puts before the answer, and the model
-answers from there. Budget 0 closes the block as soon as the model opens it (an empty think block: the
+answers from there (think tags are banned for it from then on: a model trained only on whole traces would
+otherwise open a second block). Budget 0 closes the block as soon as the model opens it (an empty think block: the
 answer comes without reasoning; with a prefilled ``<think>`` one token is written before the close). A request whose think block the prompt already opened (a prefilled ``<think>``) is
 counted from its first generated token; one that never opens a block, or closes it itself in time, is left
 alone. ``None`` means no budget.
@@ -60,6 +61,7 @@ class ThinkingBudget:
             raise ValueError("budgets and grace must be >= 0 (None: no budget)")
         self.open_id, self.close_id = _single(tokenizer, THINK_OPEN), _single(tokenizer, THINK_CLOSE)
         self.closing = [self.close_id] + tokenizer.encode("\n\n", add_special_tokens=False)
+        self.newline_ids = tokenizer.encode("\n", add_special_tokens=False)
         self.newlines = newline_token_ids(tokenizer)
         self.budgets, self.grace = budgets, grace
         # per request: thinking tokens so far, or None while no think block is open; closed requests leave
@@ -93,6 +95,7 @@ class ThinkingBudget:
                 self._close(view, r, n)
 
     def _close(self, view, r: int, n: int) -> None:
-        view.force(r, self.closing)
+        view.force(r, (self.newline_ids if n == 0 else []) + self.closing)  # budget 0: "<think>\n</think>\n\n"
+        view.ban(r, [self.open_id, self.close_id])  # the answer follows: no second think block
         self.closed[r] = n
         del self.count[r]

@@ -97,8 +97,9 @@ class StepView:
     ``requests``: the index (in the prompt list given to :func:`generate`) of each sequence that produced a
     token this step; ``tokens``: those tokens; ``step``: the step number (0 = the first generated token).
     :meth:`generated` gives a request's tokens so far (this step's included). :meth:`force` queues tokens
-    that replace the request's next sampled tokens (a thinking budget closing ``</think>``); :meth:`finish`
-    ends a request after this step (finish reason ``"stop"``).
+    that replace the request's next sampled tokens (a thinking budget closing ``</think>``); :meth:`ban`
+    keeps tokens from being chosen for the request from now on (no second ``<think>``); :meth:`finish` ends a
+    request after this step (finish reason ``"stop"``).
     """
 
     def __init__(self, engine: "_Batch", step: int, rows: torch.Tensor, tokens: torch.Tensor):
@@ -113,6 +114,9 @@ class StepView:
 
     def force(self, request: int, token_ids: list[int]) -> None:
         self._engine.forced.setdefault(self._engine.local[request], []).extend(int(t) for t in token_ids)
+
+    def ban(self, request: int, token_ids: list[int]) -> None:
+        self._engine.banned.setdefault(self._engine.local[request], set()).update(int(t) for t in token_ids)
 
     def finish(self, request: int) -> None:
         self._engine.finish.add(self._engine.local[request])
@@ -131,6 +135,7 @@ class _Batch:
         self.out_logp = torch.zeros((n, params.max_new_tokens), dtype=torch.float32, device=self.device)
         self.n_gen = torch.zeros(n, dtype=torch.long, device=self.device)
         self.forced: dict[int, list[int]] = {}
+        self.banned: dict[int, set[int]] = {}
         self.finish: set[int] = set()
 
     @torch.no_grad()
@@ -161,6 +166,10 @@ class _Batch:
                        use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
         pos = positions[:, -1]
         for t in range(params.max_new_tokens):
+            if self.banned:
+                for r, local in enumerate(rows.tolist()):
+                    if local in self.banned:
+                        logits[r, sorted(self.banned[local])] = float("-inf")
             logp = logits.log_softmax(-1)
             if params.temperature == 0:
                 nxt = logits.argmax(-1)
