@@ -126,3 +126,22 @@ def test_eval_stage_on_a_real_suite(tmp_path):
     gsm = m["suites"]["gsm8k"]
     assert gsm["on"]["n"] == 3 and gsm["on"]["samples"] == 2 and {"pass@1", "pass@2", "maj@2"} <= set(gsm["on"])
     assert "modes" in m and "gsm8k" in (tmp_path / "run" / "eval" / "table.txt").read_text()
+
+
+def test_eval_measures_every_models_throughput_side_by_side(tmp_path):
+    from thinkfast.pipeline import default_config_path, load_pipeline, run_stage
+
+    pipe = load_pipeline(default_config_path("smoke"), [
+        f"run_dir={tmp_path / 'run'}", "stages=[pretrain,sft,eval]", "pretrain.train_steps=2",
+        "sft.nano_prompts=4", "sft.batch_size=2", "sft.seq_len=256", "sft.eval_problems=0", "sft.digits=[1]",
+        "sft.steps=[1]", "eval.max_new_tokens=4", "eval.per_cell=1", "eval.digits=[1]",
+        "eval.throughput_batches=[1,2]", "eval.throughput_prefill=8", "eval.throughput_context=8",
+        "eval.throughput_rounds=2"])
+    for stage in ("pretrain", "sft", "eval"):
+        run_stage(pipe, stage)
+    t = json.loads((tmp_path / "run" / "eval" / "throughput.json").read_text())
+    assert list(t["models"]) == ["pretrain", "sft"]
+    first = t["models"]["pretrain"]
+    assert {"prefill_tok_s@1", "decode_tok_s@2", "x_decode_tok_s@1"} <= set(first) and first["x_prefill_tok_s@2"] == 1
+    assert all(v > 0 for v in t["models"]["sft"].values())
+    assert "throughput on" in (tmp_path / "run" / "eval" / "table.txt").read_text()

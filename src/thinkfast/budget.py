@@ -4,10 +4,11 @@ Once a request has written ``budget`` tokens inside its think block, thinking en
 contains a newline (the line in progress is finished), or at ``budget + grace`` tokens at the latest; the
 engine then writes ``</think>`` and the blank line the chat template puts before the answer, and the model
 answers from there (think tags are banned for it from then on: a model trained only on whole traces would
-otherwise open a second block). Budget 0 closes the block as soon as the model opens it (an empty think block: the
-answer comes without reasoning; with a prefilled ``<think>`` one token is written before the close). A request whose think block the prompt already opened (a prefilled ``<think>``) is
-counted from its first generated token; one that never opens a block, or closes it itself in time, is left
-alone. ``None`` means no budget.
+otherwise open a second block). Budget 0 closes the block as soon as the model opens it (an empty think
+block: the answer comes without reasoning; with a prefilled ``<think>`` one token is written before the
+close). A request whose think block the prompt already opened (a prefilled ``<think>``) is counted from its
+first generated token; one that never opens a block, or closes it itself in time, is left alone.
+``None`` means no budget.
 
 Usage (one budget for every request, or one per request)::
 

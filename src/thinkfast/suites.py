@@ -8,8 +8,9 @@ prompt and the gold answer:
   answer within \\boxed{}.`` (DeepSeek-R1's recommended math prompt, which the Llama-Nemotron evaluations
   follow); the reasoning toggle is the system prompt's business, not the suite's;
 * the gold: GSM8K's number after ``####`` (commas dropped), MATH-500's ``answer`` field, AIME's
-  ``expected_answer``, given to math-verify as ``$gold$`` (:attr:`Item.math_gold`); graded with :class:`thinkfast.grading.MathGrader` (math-verify) against the response's
-  final answer (:func:`thinkfast.grading.final_answer`).
+  ``expected_answer``, given to math-verify as ``$gold$`` (:attr:`Item.math_gold`); graded with
+  :class:`thinkfast.grading.MathGrader` against the response's final answer
+  (:func:`thinkfast.grading.final_answer`).
 """
 
 from __future__ import annotations

@@ -119,3 +119,32 @@ def whole_model_times(model, batch_sizes: Sequence[int], prefill_len: int, decod
                                             warmup, repeats)
     model.float()
     return out
+
+
+@torch.no_grad()
+def interleaved_throughput(models: dict, batch_sizes: Sequence[int], prefill_len: int, decode_context: int,
+                           device: torch.device, rounds: int = 5, warmup: int = 2) -> dict:
+    """Prefill and decode tokens per second of several DeciLM models, measured side by side: in each of
+    ``rounds`` rounds every model runs once per kind and batch size, and each model's median over the rounds
+    is kept (a busy machine's slow phases hit every model alike). ``{name: {"prefill_tok_s@B": x,
+    "decode_tok_s@B": y}}``: a prefill of ``prefill_len`` tokens per sequence, one decode step over
+    ``decode_context`` cached tokens."""
+    steps = {(name, kind, b): _step(m, kind, b, prefill_len, decode_context, torch.float32, device)
+             for name, m in models.items() for b in batch_sizes for kind in ("prefill_s", "decode_s")}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times: dict = {key: [] for key in steps}
+    for _ in range(rounds):
+        for key, fn in steps.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[key].append(time.perf_counter() - t)
+    out: dict = {name: {} for name in models}
+    for (name, kind, b), ts in times.items():
+        tokens = b * (prefill_len if kind == "prefill_s" else 1)
+        out[name][f"{kind[:-2]}_tok_s@{b}"] = tokens / statistics.median(ts)
+    return out

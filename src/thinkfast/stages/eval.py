@@ -72,6 +72,12 @@ class EvalConfig:
     pass_k: list[int] = field(default_factory=lambda: [1])  # pass@k reported for k <= samples
     grade_workers: int = 2  # math-verify worker processes
     grade_timeout: float = 20.0  # seconds per answer; a hanging one is wrong
+    # prefill / decode tokens per second of every model at these batch sizes, measured side by side (rounds
+    # interleaved, medians); empty: not measured
+    throughput_batches: list[int] = field(default_factory=list)
+    throughput_prefill: int = 256  # tokens per sequence of the timed prefill
+    throughput_context: int = 256  # cached tokens of the timed decode step
+    throughput_rounds: int = 5
     device: str = "auto"
 
     def __post_init__(self):
@@ -93,6 +99,9 @@ class EvalConfig:
             raise ValueError(f"suite_limit={self.suite_limit} must be >= 1 (or null: every item)")
         if any(k < 1 for k in self.pass_k) or self.grade_workers < 1 or not self.grade_timeout > 0:
             raise ValueError("pass_k entries and grade_workers must be >= 1, grade_timeout > 0")
+        if any(b < 1 for b in self.throughput_batches) or min(self.throughput_prefill, self.throughput_context,
+                                                               self.throughput_rounds) < 1:
+            raise ValueError("throughput_batches entries, throughput_prefill, _context and _rounds must be >= 1")
 
 
 Config = EvalConfig
@@ -168,7 +177,8 @@ def run(cfg: EvalConfig, stage: StageDir, inputs: Inputs) -> dict:
     models = inputs.get("models") or {}
     if not models:
         raise ValueError("eval: no model to evaluate (set eval.model or put a model-making stage before eval)")
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("device", "save_samples", "model")}
+    settings = {k: v for k, v in to_dict(cfg).items()
+                if k not in ("device", "save_samples", "model") and not k.startswith("throughput")}
     previous = getattr(inputs, "previous", None)
     results = {}
     for name, path in models.items():
@@ -195,6 +205,39 @@ def run(cfg: EvalConfig, stage: StageDir, inputs: Inputs) -> dict:
     table = models_table(results)
     if any(m.get("suites") for m in results.values()):
         table += "\n\n" + suites_table(results)
+    out: dict = {"models": results}
+    if cfg.throughput_batches:
+        out["throughput"] = measure_throughput(cfg, {name: Path(p) for name, p in models.items()})
+        atomic_write_json(stage.path / "throughput.json", out["throughput"])
+        table += "\n\n" + throughput_table(out["throughput"])
     atomic_write_text(stage.path / "table.txt", table + "\n")
     print(table)
-    return {"models": results}
+    return out
+
+
+def measure_throughput(cfg: EvalConfig, folders: dict[str, Path]) -> dict:
+    """Every model's prefill and decode tokens/s, side by side
+    (:func:`thinkfast.puzzle.timing.interleaved_throughput`), and each one's ratio to the first model's (the
+    parent, in a pipeline)."""
+    from ..puzzle.parent import load_decilm
+    from ..puzzle.timing import device_name, interleaved_throughput
+
+    device = resolve_device(cfg.device)
+    models = {name: load_decilm(path, device).eval() for name, path in folders.items()}
+    tps = interleaved_throughput(models, cfg.throughput_batches, cfg.throughput_prefill, cfg.throughput_context,
+                                 device, rounds=cfg.throughput_rounds)
+    first = next(iter(tps.values()))
+    return {"device": device_name(device), "prefill_len": cfg.throughput_prefill,
+            "decode_context": cfg.throughput_context, "rounds": cfg.throughput_rounds,
+            "models": {name: {**v, **{f"x_{k}": v[k] / first[k] for k in v}} for name, v in tps.items()}}
+
+
+def throughput_table(t: dict) -> str:
+    """One row per model: tokens/s per kind and batch, and the ratio to the first model."""
+    keys = [k for k in next(iter(t["models"].values())) if not k.startswith("x_")]
+    head = f"{'model':<16}" + "".join(f"{k:>24}" for k in keys)
+    lines = [f"throughput on {t['device']} (prefill {t['prefill_len']} tokens, decode over {t['decode_context']})",
+             head, "-" * len(head)]
+    for name, v in t["models"].items():
+        lines.append(f"{name:<16}" + "".join(f"{v[k]:>15.0f} ({v['x_' + k]:.2f}x)" for k in keys))
+    return "\n".join(lines)
