@@ -4,6 +4,7 @@
     thinkfast STAGE    [--config FILE] [--force] [key=value ...]   one stage (pretrain, eval, ...)
     thinkfast eval     --model DIR [--out DIR] [key=value ...]     evaluate any model folder
     thinkfast convert  SRC DST [--overwrite]                        Llama folder -> nemotron-nas folder
+    thinkfast report   RUN_DIR                                      RUN_DIR/report/report.md and its plots
 
 Without ``--config`` the embedded nano-world pipeline is used. Overrides are dotted keys into the YAML
 (``pretrain.lr=1e-3``, ``run_dir=runs/x``). Every mistake is one line naming the file, key or value at
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks (also THINKFAST_DEBUG=1)")
+    p = sub.add_parser("report", help="write RUN_DIR/report/report.md (what each stage cost and bought, plots)")
+    p.add_argument("run_dir")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (also THINKFAST_DEBUG=1)")
     return parser
 
 
@@ -61,7 +65,7 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 def _overrides_last(argv: list[str]) -> list[str]:
     """Let ``key=value`` overrides sit anywhere among the options (``thinkfast search a=1 --force b=2``):
     argparse takes positionals in one run, so they are moved after the options."""
-    if not argv or argv[0] == "convert":
+    if not argv or argv[0] in ("convert", "report"):
         return argv
     head, rest, overrides = argv[:1], [], []
     for i, a in enumerate(argv[1:]):
@@ -115,6 +119,11 @@ def _dispatch(args) -> int:
         summary = convert_checkpoint(args.src, args.dst, overwrite=args.overwrite)
         print(json.dumps(summary, indent=2))
         return 0
+    if args.command == "report":
+        from .report import write_report
+
+        print(f"report: {write_report(args.run_dir)}")
+        return 0
 
     from .pipeline import load_pipeline, run_all, run_stage
 
@@ -129,6 +138,13 @@ def _dispatch(args) -> int:
     if args.command == "run":
         results = run_all(pipe, force=args.force, from_stage=args.from_stage)
         print(json.dumps({k: _headline(v) for k, v in results.items()}, indent=2))
+        from .report import write_report
+
+        try:  # the run's work is done and kept whatever happens here
+            print(f"report: {write_report(pipe.run_dir)}")
+        except Exception as e:  # noqa: BLE001
+            print(f"thinkfast: warning: the report could not be written ({type(e).__name__}: {e}); "
+                  f"`thinkfast report {pipe.run_dir}` retries", file=sys.stderr)
         return 0
     metrics, _ = run_stage(pipe, args.command, force=args.force)
     print(json.dumps(_headline(metrics), indent=2))
