@@ -19,12 +19,11 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from thinkfast.budget import ThinkingBudget
-from thinkfast.evaluation import build_prompt, grade
+from thinkfast.evaluation import budget_sweep, build_prompt, grade
 from thinkfast.generation import SamplingParams, generate
 from thinkfast.nano import tasks
 from thinkfast.puzzle.parent import load_decilm
-from thinkfast.toggle import parse_response, stop_token_ids
+from thinkfast.toggle import stop_token_ids
 
 
 def main(argv=None) -> int:
@@ -43,22 +42,16 @@ def main(argv=None) -> int:
     problems = [p for cell in suite.values() for p in cell]
     params = SamplingParams(max_new_tokens=a.max_new_tokens, stop_token_ids=tuple(stop_token_ids(tok)), seed=0)
     points = []
-    for mode, budgets in (("off", [None]), ("on", [None if b == "none" else int(b) for b in a.budgets.split(",")])):
-        prompts = [build_prompt(tok, p, "chat", mode) for p in problems]
-        for budget in budgets:
-            hook = ThinkingBudget(tok, prompts, budget, grace=a.grace) if mode == "on" and budget is not None else None
-            done = generate(model, prompts, params, hook=hook)
-            texts = [tok.decode(c.token_ids, skip_special_tokens=True) for c in done]
-            graded = [grade(p, t, "chat", mode) for p, t in zip(problems, texts)]
-            thinking = [len(tok.encode(r.reasoning or "", add_special_tokens=False)) if r.reasoning is not None
-                        else 0 for r in map(parse_response, texts)]
-            point = {"mode": mode, "budget": budget, "accuracy": statistics.fmean(g["correct"] for g in graded),
-                     "closed_by_budget": len(hook.closed) / len(problems) if hook else 0.0,
-                     "mean_thinking_tokens": statistics.fmean(thinking),
-                     "mean_tokens": statistics.fmean(len(c.token_ids) for c in done),
-                     "no_answer": statistics.fmean(parse_response(t).answer is None for t in texts)}
-            points.append(point)
-            print(json.dumps(point), flush=True)
+    off = generate(model, [build_prompt(tok, p, "chat", "off") for p in problems], params)
+    texts = [tok.decode(c.token_ids, skip_special_tokens=True) for c in off]
+    points.append({"mode": "off", "budget": None,
+                   "accuracy": statistics.fmean(grade(p, t, "chat", "off")["correct"] for p, t in zip(problems, texts)),
+                   "mean_tokens": statistics.fmean(len(c.token_ids) for c in off)})
+    budgets = [None if b == "none" else int(b) for b in a.budgets.split(",")]
+    points += [{"mode": "on", **p} for p in budget_sweep(model, tok, problems, budgets, grace=a.grace,
+                                                          max_new_tokens=a.max_new_tokens)]
+    for p in points:
+        print(json.dumps(p), flush=True)
     out = {"model": a.model, "problems": len(problems), "digits": a.digits, "grace": a.grace, "decoding": "greedy",
            "points": points}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

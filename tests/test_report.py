@@ -18,14 +18,16 @@ def test_report_of_a_run(tmp_path, capsys):
         "grpo.prompts_per_step=2", "grpo.train_steps=2", "grpo.max_new_tokens=6", "grpo.pass_rate_samples=2",
         "grpo.eval_problems=2", "grpo.eval_every=1", "grpo.eval_max_new_tokens=4", "grpo.easy_threshold=1.0",
         "eval.max_new_tokens=4", "eval.per_cell=1", "eval.digits=[1]", "eval.throughput_batches=[1,2]",
-        "eval.throughput_prefill=8", "eval.throughput_context=8", "eval.throughput_rounds=2"])
+        "eval.throughput_prefill=8", "eval.throughput_context=8", "eval.throughput_rounds=2",
+        "eval.budgets=[0,2,null]", "eval.budget_grace=1"])
     for stage in ("pretrain", "sft", "grpo", "eval"):
         run_stage(pipe, stage)
     text = write_report(run).read_text()
     for section in ("## Stages", "| pretrain |", "| grpo |", "## Models", "decode_tok_s@2", "## Training curves"):
         assert section in text, section
     assert "| sft | on |" in text and "| pretrain | think |" in text
-    for png in ("accuracy_vs_throughput.png", "training_curves.png"):
+    assert "## Thinking budget" in text
+    for png in ("accuracy_vs_throughput.png", "training_curves.png", "budget.png"):
         assert (run / "report" / png).stat().st_size > 1000
     assert main(["report", str(run)]) == 0 and "report.md" in capsys.readouterr().out
 

@@ -180,6 +180,32 @@ def evaluate_items(model, tokenizer, items: list, prompting: str, cfg, grader, l
     return out, kept
 
 
+def budget_sweep(model, tokenizer, problems: list, budgets: list, *, grace: int = 16, max_new_tokens: int = 800,
+                 batch_size: int = 64) -> list[dict]:
+    """Nano-world accuracy with reasoning on, greedy, the thinking capped at each budget by the rollout
+    engine's hook (:class:`thinkfast.budget.ThinkingBudget`; ``None``: no budget). Per budget: accuracy,
+    mean thinking tokens, the share closed by the budget, the no-answer rate, mean response tokens."""
+    from .budget import ThinkingBudget
+
+    params = _greedy(tokenizer, max_new_tokens, batch_size)
+    prompts = [build_prompt(tokenizer, p, "chat", "on") for p in problems]
+    points = []
+    for budget in budgets:
+        hook = ThinkingBudget(tokenizer, prompts, budget, grace=grace) if budget is not None else None
+        done = generate(model, prompts, params, hook=hook)
+        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in done]
+        parsed = [parse_response(t) for t in texts]
+        points.append({
+            "budget": budget,
+            "accuracy": statistics.fmean(grade(p, t, "chat", "on")["correct"] for p, t in zip(problems, texts)),
+            "mean_thinking_tokens": statistics.fmean(
+                len(tokenizer.encode(r.reasoning, add_special_tokens=False)) if r.reasoning else 0 for r in parsed),
+            "closed_by_budget": len(hook.closed) / len(problems) if hook else 0.0,
+            "no_answer": statistics.fmean(r.answer is None for r in parsed),
+            "mean_tokens": statistics.fmean(len(c.token_ids) for c in done)})
+    return points
+
+
 def suites_table(results: dict[str, dict]) -> str:
     """One row per model, suite and mode: pass@1, maj@n, no-answer rate, mean tokens."""
     head = f"{'model':<16}{'suite':<10}{'mode':<6}{'pass@1':>9}{'maj@n':>9}{'no ans':>9}{'tokens':>9}"

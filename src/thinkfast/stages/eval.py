@@ -37,7 +37,8 @@ import torch
 
 from ..artifacts import load_model
 from ..config import to_dict
-from ..evaluation import evaluate, evaluate_items, format_table, models_table, resolve_prompting, suites_table
+from ..evaluation import (budget_sweep, evaluate, evaluate_items, format_table, models_table, resolve_prompting,
+                          suites_table)
 from ..nano import tasks
 from ..rundir import JsonlLogger, StageDir, atomic_dir, atomic_write_json, atomic_write_text
 from . import Input, Inputs, check_device, resolve_device
@@ -78,6 +79,10 @@ class EvalConfig:
     throughput_prefill: int = 256  # tokens per sequence of the timed prefill
     throughput_context: int = 256  # cached tokens of the timed decode step
     throughput_rounds: int = 5
+    # chat models: accuracy with reasoning on (greedy, the nano suite) at each thinking budget (tokens; null: no
+    # budget), enforced by the rollout engine (thinkfast.budget); empty: no sweep
+    budgets: list[int | None] = field(default_factory=list)
+    budget_grace: int = 16  # tokens past the budget before a hard close
     device: str = "auto"
 
     def __post_init__(self):
@@ -99,6 +104,10 @@ class EvalConfig:
             raise ValueError(f"suite_limit={self.suite_limit} must be >= 1 (or null: every item)")
         if any(k < 1 for k in self.pass_k) or self.grade_workers < 1 or not self.grade_timeout > 0:
             raise ValueError("pass_k entries and grade_workers must be >= 1, grade_timeout > 0")
+        if any(b is not None and b < 0 for b in self.budgets) or self.budget_grace < 0:
+            raise ValueError("budgets (tokens, or null for none) and budget_grace must be >= 0")
+        if self.budgets and "nano" not in self.suites:
+            raise ValueError("budgets sweep the nano suite: put nano in suites")
         if any(b < 1 for b in self.throughput_batches) or min(self.throughput_prefill, self.throughput_context,
                                                                self.throughput_rounds) < 1:
             raise ValueError("throughput_batches entries, throughput_prefill, _context and _rounds must be >= 1")
@@ -124,6 +133,14 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
                 log.log("start", model=str(path), prompting=prompting, cells=len(suite))
                 with torch.no_grad():
                     metrics, kept = evaluate(model, tokenizer, suite, prompting, cfg, log)
+            if cfg.budgets and prompting == "chat":
+                with torch.no_grad():
+                    metrics["budget"] = budget_sweep(model, tokenizer, [p for c in suite.values() for p in c],
+                                                     cfg.budgets,
+                                                     grace=cfg.budget_grace, max_new_tokens=cfg.max_new_tokens,
+                                                     batch_size=cfg.batch_size)
+                for point in metrics["budget"]:
+                    log.log("budget", **point)
             real = [s for s in cfg.suites if s != "nano"]
             if real:
                 from ..grading import MathGrader
