@@ -219,9 +219,13 @@ def test_pass_rates_are_reused_only_for_the_same_model_prompts_and_sampling(sft_
         raise AssertionError("pass rates measured again")
 
     monkeypatch.setattr(grpo_stage, "pass_rates", no_measuring)
-    other = _copy_base(sft_run, tmp_path / "other")
+    # another run directory that brings the same weights in through its own parent stage (the ablation's case)
+    other = tmp_path / "other"
     reuse = f"grpo.pass_rates_from={first / 'grpo' / 'pass_rates.json'}"
-    run_stage(_pipe(other, "grpo.train_steps=1", "grpo.eval_problems=0", "grpo.curriculum=random", reuse), "grpo")
+    pipe = _pipe(other, "stages=[parent,grpo]", f"parent.path={sft_run / 'sft' / 'model'}", "grpo.train_steps=1",
+                 "grpo.eval_problems=0", "grpo.curriculum=random", reuse)
+    run_stage(pipe, "parent")
+    run_stage(pipe, "grpo")
     assert json.loads((other / "grpo" / "pass_rates.json").read_text()) == measured
     with pytest.raises(ValueError, match="measured on another model, other prompts"):
         run_stage(_pipe(_copy_base(sft_run, tmp_path / "bad"), "grpo.train_steps=1", "grpo.eval_problems=0",

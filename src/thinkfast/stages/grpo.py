@@ -256,7 +256,18 @@ def _file_prompts(cfg: GRPOConfig, tokenizer) -> tuple[list, dict, list, dict, d
     return (*part(train), *part(held), {"rows": len(rows), "skipped": len(skipped)})
 
 
-def _rates_key(model_id, prompts: list[list[int]], columns: dict, pass_name: str, cfg: GRPOConfig) -> str:
+def _weights_digest(model_dir: Path) -> str:
+    """A hash of a model folder's weight files' content (the same weights in any folder give the same one)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("*.bin")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _rates_key(model_id: str, prompts: list[list[int]], columns: dict, pass_name: str, cfg: GRPOConfig) -> str:
     """What the pass rates depend on: the model, the prompts and their columns, the pass reward, the sampling."""
     what = {"model": model_id, "prompts": prompts, "columns": {k: v for k, v in columns.items() if k != "prompts"},
             "reward": pass_name, "samples": cfg.pass_rate_samples, "max_new_tokens": cfg.max_new_tokens,
@@ -333,7 +344,7 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
         log.log("prompts", files=cfg.files, **source)
 
     rates_file = stage.path / "pass_rates.json"
-    key = _rates_key(inputs.ids.get("model"), prompts, columns, pass_name, cfg)
+    key = _rates_key(_weights_digest(model_dir), prompts, columns, pass_name, cfg)
     rates = None
     for path in [rates_file] + ([Path(cfg.pass_rates_from)] if cfg.pass_rates_from else []):
         if path.is_file():
