@@ -12,13 +12,18 @@ from thinkfast.modeling import DeciLMForCausalLM
 from thinkfast.nano.tokenizer import build_tokenizer
 
 
-@pytest.fixture(scope="module")
-def setup():
-    tok = build_tokenizer()
+def _model(tok):
+    """A random model over the nano tokenizer's vocabulary."""
     cfg = hetero_config()
     cfg.vocab_size = len(tok)
     torch.manual_seed(0)
-    model = DeciLMForCausalLM(cfg).eval()
+    return DeciLMForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = build_tokenizer()
+    model = _model(tok)
     nl = tok.encode("\n", add_special_tokens=False)[0]
     tags = tok.convert_tokens_to_ids(["<think>", "</think>"])
 
@@ -96,10 +101,7 @@ def test_bad_budgets_are_refused(setup):
 
 def test_no_second_think_block_after_the_close():
     tok = build_tokenizer()
-    cfg = hetero_config()
-    cfg.vocab_size = len(tok)
-    torch.manual_seed(0)
-    model = DeciLMForCausalLM(cfg).eval()
+    model = _model(tok)
     open_id, close_id = tok.convert_tokens_to_ids(["<think>", "</think>"])
 
     def loves_think(module, args, output):  # a model that would open a think block at every step
