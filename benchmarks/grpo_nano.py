@@ -15,7 +15,8 @@ what the main job runs). Then evaluates, side by side on the same held-out probl
   paper's question whether the RL child surpasses the model it came from;
 
 - for every GRPO run, its kept prompts (pass rate in (0, 0.75) before) answered ``pass_rate_samples`` times
-  again by the trained model: how much of what it trained on it learned (``kept_pass_before/after``);
+  again by the trained model, and by the starting model with another sampling seed (the control for
+  regression to the mean): how much of what it trained on it learned;
 
 per cell of kind x digits (``--digits``) x word-problem steps (``--steps``). Cells with 3 digits or 3 steps
 lie beyond every example of the SFT teacher's data (``sft.digits`` / ``sft.steps`` of configs/nano.yaml:
@@ -29,6 +30,7 @@ lie beyond every example of the SFT teacher's data (``sft.digits`` / ``sft.steps
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -90,9 +92,12 @@ def cached(path: Path, identity: str, compute):
     return value
 
 
-def kept_pass(cfg, stage: Path) -> dict:
-    """The kept prompts' pass rates before training (``pass_rates.json``) and after (the trained model answers
-    each of them ``pass_rate_samples`` times again, with the same sampling)."""
+def kept_pass(cfg, stage: Path, start: Path) -> dict:
+    """The kept prompts' pass rates before training (``pass_rates.json``), after (the trained model answers
+    each of them ``pass_rate_samples`` times again, with the same sampling) and, as the control, the starting
+    model answering them again with another sampling seed: prompts kept for a pass rate below 0.75 in 8
+    samples were partly unlucky, and a second look at the untrained model is higher already (regression to
+    the mean)."""
     before = json.loads((stage / "pass_rates.json").read_text())["pass_rates"]
     kept = keep_hard(before, cfg.easy_threshold, cfg.drop_unsolved)
     tokenizer = AutoTokenizer.from_pretrained(str(stage / "model"))
@@ -100,12 +105,18 @@ def kept_pass(cfg, stage: Path) -> dict:
                                    steps=tuple(cfg.steps), split="train")
     problems = [problems[i] for i in kept]
     name = cfg.pass_reward or cfg.rewards[0]
-    after = pass_rates(load_decilm(stage / "model").eval(), tokenizer,
-                       [build_prompt(tokenizer, p, "chat", "on") for p in problems],
-                       {"answer": [p.answer for p in problems], "thinking": [True] * len(problems)},
-                       RewardRunner([(name, load_reward(name), 1.0)]), cfg)
-    return {"kept": len(kept), "kept_pass_before": statistics.fmean(before[i] for i in kept) if kept else None,
-            "kept_pass_after": statistics.fmean(after) if kept else None}
+
+    def measure(folder: Path, seed: int) -> list[float]:
+        prompts = [build_prompt(tokenizer, p, "chat", "on") for p in problems]
+        return pass_rates(load_decilm(folder).eval(), tokenizer, prompts,
+                          {"answer": [p.answer for p in problems], "thinking": [True] * len(problems)},
+                          RewardRunner([(name, load_reward(name), 1.0)]), dataclasses.replace(cfg, seed=seed))
+
+    if not kept:
+        return {"kept": 0}
+    return {"kept": len(kept), "kept_pass_before": statistics.fmean(before[i] for i in kept),
+            "kept_pass_start_resampled": statistics.fmean(measure(start, cfg.seed + 1000)),
+            "kept_pass_after": statistics.fmean(measure(stage / "model", cfg.seed))}
 
 
 def main(argv=None) -> int:
@@ -148,8 +159,8 @@ def main(argv=None) -> int:
             runs[name] = {"arm": arm, "seed": seed, "wall_s": round(time.perf_counter() - t, 1), "ran": ran,
                           **{k: v for k, v in metrics.items()}}
             folders[name] = work / name / "grpo" / "model"
-            runs[name].update(cached(work / "cache" / f"kept-{name}.json", _identity(folders[name], {}),
-                                     lambda: kept_pass(pipe.configs["grpo"], work / name / "grpo")))
+            runs[name].update(cached(work / "cache" / f"kept-{name}.json", _identity(folders[name], {"control": 1}),
+                                     lambda: kept_pass(pipe.configs["grpo"], work / name / "grpo", model_dir)))
             print(name, json.dumps(runs[name]), flush=True)
 
     digits = tuple(int(d) for d in a.digits.split(","))
@@ -194,8 +205,8 @@ def main(argv=None) -> int:
         arms[arm] = {f"{mode}:{g}": statistics.fmean(results[n][mode][g] for n in names)
                      for mode in ("on", "on_t1") for g in ("accuracy", "seen", "beyond")
                      if g in results["sft"][mode]}
-        arms[arm].update({k: statistics.fmean(runs[n][k] for n in names) for k in ("kept_pass_before",
-                                                                                   "kept_pass_after")
+        arms[arm].update({k: statistics.fmean(runs[n][k] for n in names)
+                          for k in ("kept_pass_before", "kept_pass_start_resampled", "kept_pass_after")
                           if all(runs[n].get(k) is not None for n in names)})
     groups = [g for g in results["sft"]["on"] if g not in ("tokens", "format_ok")]
     lines = ["| model | mode | " + " | ".join(groups) + " | tokens | format ok |",
@@ -206,12 +217,12 @@ def main(argv=None) -> int:
                 continue
             lines.append(f"| {name} | {mode} | " + " | ".join(f"{v[g]:.3f}" if g in v else "-" for g in groups)
                          + f" | {v['tokens']:.0f} | {v.get('format_ok', 1.0):.3f} |")
-    lines += ["", "| GRPO run | kept prompts | their pass rate before | after | reward first step | last 5 | seconds |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| GRPO run | kept prompts | their pass rate when kept | start model again (control) | after GRPO "
+                  "| reward first step | last 5 | seconds |", "|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         lines.append(f"| {name} | {r.get('kept', r.get('prompts_kept'))} | {r.get('kept_pass_before', 0):.3f} | "
-                     f"{r.get('kept_pass_after', 0):.3f} | {r['reward_first']:.3f} | {r['reward_last']:.3f} | "
-                     f"{r['seconds']:.0f} |")
+                     f"{r.get('kept_pass_start_resampled', 0):.3f} | {r.get('kept_pass_after', 0):.3f} | "
+                     f"{r['reward_first']:.3f} | {r['reward_last']:.3f} | {r['seconds']:.0f} |")
     out = {"model": str(model_dir), "parent": a.parent, "work": str(work), "overrides": a.set,
            "teacher": {"digits": teacher_digits, "steps": teacher_steps}, "per_cell": a.per_cell,
            "samples_on": a.samples, "sampling_on": {"temperature": ecfg.on_temperature, "top_p": ecfg.on_top_p},
