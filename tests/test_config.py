@@ -558,9 +558,9 @@ def test_post_init_other_exceptions_name_the_override(tmp_path):
         (["attn.heads=0"], f"override attn.heads=0 (the rest of section 'attn' from {p}): invalid section 'attn': "
                            f"ZeroDivisionError: integer division or modulo by zero "
                            f"(while checking its values; zero or negative: heads=0)"),
-        (["attn.heads=0", "attn.hidden=-8"], f"override attn.heads=0, override attn.hidden=-8: invalid section "
-                                             f"'attn': ZeroDivisionError: integer division or modulo by zero "
-                                             f"(while checking its values; zero or negative: hidden=-8, heads=0)"),
+        (["attn.heads=0", "attn.hidden=-8"], "override attn.heads=0, override attn.hidden=-8: invalid section "
+                                             "'attn': ZeroDivisionError: integer division or modulo by zero "
+                                             "(while checking its values; zero or negative: hidden=-8, heads=0)"),
     ]:
         d = apply_overrides(data, overrides)
         with pytest.raises(ConfigError) as e:
