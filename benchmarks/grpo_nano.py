@@ -39,13 +39,13 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from thinkfast.evaluation import build_prompt, evaluate
+from thinkfast.evaluation import evaluate
 from thinkfast.nano import tasks
 from thinkfast.pipeline import load_pipeline, run_stage
 from thinkfast.puzzle.parent import load_decilm
 from thinkfast.rl.curriculum import keep_hard
 from thinkfast.rl.rewards import RewardRunner
-from thinkfast.stages.grpo import load_reward, pass_rates
+from thinkfast.stages.grpo import load_reward, nano_prompts, pass_rates
 from thinkfast.stages.eval import EvalConfig
 
 
@@ -101,15 +101,13 @@ def kept_pass(cfg, stage: Path, start: Path) -> dict:
     before = json.loads((stage / "pass_rates.json").read_text())["pass_rates"]
     kept = keep_hard(before, cfg.easy_threshold, cfg.drop_unsolved)
     tokenizer = AutoTokenizer.from_pretrained(str(stage / "model"))
-    problems = tasks.make_problems(cfg.prompts, seed=cfg.seed, kinds=tuple(cfg.kinds), digits=tuple(cfg.digits),
-                                   steps=tuple(cfg.steps), split="train")
-    problems = [problems[i] for i in kept]
+    prompts, columns = nano_prompts(cfg, tokenizer)
+    prompts = [prompts[i] for i in kept]
+    columns = {k: [v[i] for i in kept] for k, v in columns.items()}
     name = cfg.pass_reward or cfg.rewards[0]
 
     def measure(folder: Path, seed: int) -> list[float]:
-        prompts = [build_prompt(tokenizer, p, "chat", "on") for p in problems]
-        return pass_rates(load_decilm(folder).eval(), tokenizer, prompts,
-                          {"answer": [p.answer for p in problems], "thinking": [True] * len(problems)},
+        return pass_rates(load_decilm(folder).eval(), tokenizer, prompts, columns,
                           RewardRunner([(name, load_reward(name), 1.0)]), dataclasses.replace(cfg, seed=seed))
 
     if not kept:

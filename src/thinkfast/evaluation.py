@@ -35,10 +35,13 @@ def resolve_prompting(model_dir: Path, tokenizer, requested: str) -> str:
 def build_prompt(tokenizer, problem: tasks.Problem, prompting: str, mode: str) -> list[int]:
     if prompting == "text":
         return tokenizer(tasks.text_prompt(problem, mode), add_special_tokens=False)["input_ids"]
-    messages = messages_for(tasks.chat_prompt(problem), thinking=None)
-    ids = tokenizer.apply_chat_template(
-        messages, enable_thinking=(mode == "on"), add_generation_prompt=True, tokenize=True
-    )
+    return chat_ids(tokenizer, messages_for(tasks.chat_prompt(problem), thinking=None), mode == "on")
+
+
+def chat_ids(tokenizer, messages: list[dict], thinking: bool) -> list[int]:
+    """Prompt ids of ``messages`` through the chat template, the toggle set by ``enable_thinking``, ready for the
+    assistant's turn."""
+    ids = tokenizer.apply_chat_template(messages, enable_thinking=thinking, add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
@@ -132,9 +135,7 @@ def item_prompt(tokenizer, item, prompting: str, mode: str) -> list[int]:
     ``mode`` (``enable_thinking``), or for ``text`` prompting the problem text and a blank line."""
     if prompting == "text":
         return tokenizer(item.prompt + "\n\n", add_special_tokens=True)["input_ids"]
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": item.prompt}], enable_thinking=(mode == "on"),
-                                        add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return chat_ids(tokenizer, [{"role": "user", "content": item.prompt}], mode == "on")
 
 
 def evaluate_items(model, tokenizer, items: list, prompting: str, cfg, grader, log=None) -> tuple[dict, list]:

@@ -45,7 +45,7 @@ from typing import Literal
 
 from ..artifacts import copy_tokenizer_files, read_model_sidecar, write_model_sidecar
 from ..data import DataError
-from ..evaluation import build_prompt, toggle_check
+from ..evaluation import build_prompt, chat_ids, toggle_check
 from ..generation import SamplingParams, generate
 from ..nano import tasks
 from ..puzzle.parent import load_decilm
@@ -228,6 +228,16 @@ def held_out_check(model, tokenizer, prompts: list[list[int]], columns: dict[str
                          "tokens": statistics.fmean(len(c.token_ids) for c in done), "n": len(done)}}
 
 
+def nano_prompts(cfg: GRPOConfig, tokenizer) -> tuple[list[list[int]], dict[str, list]]:
+    """The nano world's training prompts of ``cfg`` (ids) and their reward columns (answer, thinking, prompts)."""
+    problems = tasks.make_problems(cfg.prompts, seed=cfg.seed, kinds=tuple(cfg.kinds), digits=tuple(cfg.digits),
+                                   steps=tuple(cfg.steps), split="train")
+    modes = [cfg.thinking == "on" or (cfg.thinking == "both" and i % 2 == 0) for i in range(len(problems))]
+    prompts = [build_prompt(tokenizer, p, "chat", "on" if m else "off") for p, m in zip(problems, modes)]
+    return prompts, {"answer": [p.answer for p in problems], "thinking": modes,
+                     "prompts": [[{"role": "user", "content": tasks.chat_prompt(p)}] for p in problems]}
+
+
 def _file_prompts(cfg: GRPOConfig, tokenizer) -> tuple[list, dict, list, dict, dict]:
     """Training and held-out prompts of ``cfg.files``: (train ids, their columns, held-out ids, their columns,
     counts)."""
@@ -246,8 +256,7 @@ def _file_prompts(cfg: GRPOConfig, tokenizer) -> tuple[list, dict, list, dict, d
         modes = [r.thinking if r.thinking is not None else cfg.thinking == "on" or (cfg.thinking == "both" and
                                                                                   i % 2 == 0)
                  for i, r in enumerate(chosen)]
-        ids = [_ids(tokenizer.apply_chat_template(list(r.messages), enable_thinking=m, add_generation_prompt=True,
-                                                  tokenize=True)) for r, m in zip(chosen, modes)]
+        ids = [chat_ids(tokenizer, list(r.messages), m) for r, m in zip(chosen, modes)]
         cols = {k: [r.columns.get(k) for r in chosen] for k in names}
         cols.update(thinking=modes, prompts=[list(r.messages) for r in chosen])
         return ids, cols
@@ -273,10 +282,6 @@ def _rates_key(model_id: str, prompts: list[list[int]], columns: dict, pass_name
             "reward": pass_name, "samples": cfg.pass_rate_samples, "max_new_tokens": cfg.max_new_tokens,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _ids(value) -> list[int]:
-    return list(value["input_ids"] if isinstance(value, dict) or hasattr(value, "keys") else value)
 
 
 def _plot(path, curve: list[dict], steps: list[dict], title: str) -> None:
@@ -324,12 +329,7 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
     if cfg.files:
         prompts, columns, held_ids, held_cols, source = _file_prompts(cfg, tokenizer)
     else:
-        problems = tasks.make_problems(cfg.prompts, seed=cfg.seed, kinds=tuple(cfg.kinds), digits=tuple(cfg.digits),
-                                       steps=tuple(cfg.steps), split="train")
-        modes = [cfg.thinking == "on" or (cfg.thinking == "both" and i % 2 == 0) for i in range(len(problems))]
-        prompts = [build_prompt(tokenizer, p, "chat", "on" if m else "off") for p, m in zip(problems, modes)]
-        columns = {"answer": [p.answer for p in problems], "thinking": modes,
-                   "prompts": [[{"role": "user", "content": tasks.chat_prompt(p)}] for p in problems]}
+        prompts, columns = nano_prompts(cfg, tokenizer)
         eval_set = (tasks.make_problems(cfg.eval_problems, seed=cfg.seed, kinds=tuple(cfg.kinds), digits=(1, 2, 3),
                                         steps=tuple(cfg.steps), split="eval") if cfg.eval_problems else [])
     for name in dict.fromkeys([*cfg.rewards, pass_name]):
