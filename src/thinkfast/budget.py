@@ -58,22 +58,36 @@ class ThinkingBudget:
         budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget] * n
         if len(budgets) != n:
             raise ValueError(f"{len(budgets)} budgets for {n} prompts")
-        if any(b is not None and b < 0 for b in budgets) or grace < 0:
-            raise ValueError("budgets and grace must be >= 0 (None: no budget)")
+        if grace < 0:
+            raise ValueError("grace must be >= 0")
         self.open_id, self.close_id = _single(tokenizer, THINK_OPEN), _single(tokenizer, THINK_CLOSE)
         self.closing = [self.close_id] + tokenizer.encode("\n\n", add_special_tokens=False)
         self.newline_ids = tokenizer.encode("\n", add_special_tokens=False)
         self.newlines = newline_token_ids(tokenizer)
-        self.budgets, self.grace = budgets, grace
+        self.budgets: dict[int, int] = {}
+        self.grace = grace
         # per request: thinking tokens so far, or None while no think block is open; closed requests leave
         self.count: dict[int, int | None] = {}
-        for r, p in enumerate(prompts):
-            if budgets[r] is None:
-                continue
-            opened = max((i for i, t in enumerate(p) if t == self.open_id), default=-1)
-            closed = max((i for i, t in enumerate(p) if t == self.close_id), default=-1)
-            self.count[r] = 0 if opened > closed else None
         self.closed: dict[int, int] = {}
+        for r, (p, b) in enumerate(zip(prompts, budgets)):
+            self.add(r, p, b)
+
+    def add(self, request: int, prompt: Sequence[int], budget: int | None) -> None:
+        """Put ``request`` (its prompt ids) under ``budget`` (None: no budget); a server adds requests as they
+        arrive."""
+        if budget is None:
+            return
+        if budget < 0:
+            raise ValueError(f"budget={budget} must be >= 0 (None: no budget)")
+        self.budgets[request] = budget
+        opened = max((i for i, t in enumerate(prompt) if t == self.open_id), default=-1)
+        closed = max((i for i, t in enumerate(prompt) if t == self.close_id), default=-1)
+        self.count[request] = 0 if opened > closed else None
+
+    def discard(self, request: int) -> None:
+        """Forget ``request`` (it ended)."""
+        for d in (self.budgets, self.count, self.closed):
+            d.pop(request, None)
 
     def __call__(self, view) -> None:
         for r, tok in zip(view.requests, view.tokens):

@@ -53,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks (also THINKFAST_DEBUG=1)")
+    p = sub.add_parser("serve", help="serve a model folder over an OpenAI-compatible HTTP API")
+    p.add_argument("--model", required=True, help="a model folder (nemotron-nas or Llama layout)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
+    p.add_argument("--max-model-len", type=int, help="prompt + completion tokens (default: the model's positions)")
+    p.add_argument("--served-model-name", help="the model's name in the API (default: the folder as given)")
+    p.add_argument("--engine", choices=["continuous", "generate"], default="continuous",
+                   help="continuous batching (default) or transformers' generate, one request at a time (baseline)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (also THINKFAST_DEBUG=1)")
     p = sub.add_parser("report", help="write RUN_DIR/report/report.md (what each stage cost and bought, plots)")
     p.add_argument("run_dir")
     p.add_argument("--debug", action="store_true", help="show tracebacks (also THINKFAST_DEBUG=1)")
@@ -65,7 +76,7 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 def _overrides_last(argv: list[str]) -> list[str]:
     """Let ``key=value`` overrides sit anywhere among the options (``thinkfast search a=1 --force b=2``):
     argparse takes positionals in one run, so they are moved after the options."""
-    if not argv or argv[0] in ("convert", "report"):
+    if not argv or argv[0] in ("convert", "report", "serve"):
         return argv
     head, rest, overrides = argv[:1], [], []
     for i, a in enumerate(argv[1:]):
@@ -118,6 +129,12 @@ def _dispatch(args) -> int:
 
         summary = convert_checkpoint(args.src, args.dst, overwrite=args.overwrite)
         print(json.dumps(summary, indent=2))
+        return 0
+    if args.command == "serve":
+        from .serving.server import serve
+
+        serve(args.model, host=args.host, port=args.port, engine=args.engine, max_batch=args.max_batch,
+              max_model_len=args.max_model_len, served_model_name=args.served_model_name, device=args.device)
         return 0
     if args.command == "report":
         from .report import write_report

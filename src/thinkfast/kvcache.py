@@ -10,7 +10,9 @@ stops early never holds memory for ``max_new_tokens`` it did not generate.
 
 Only what the nemotron-nas model calls is implemented (``update``, ``get_seq_length``; the model
 accepts any object with those two methods), plus :meth:`select`, with which the rollout engine
-(:mod:`thinkfast.generation`) lets finished sequences leave a batch, and :meth:`truncate_to`.
+(:mod:`thinkfast.generation`) lets finished sequences leave a batch, :meth:`truncate_to`, and for
+continuous batching (:mod:`thinkfast.serving.engine`) :meth:`join` (sequences join a running batch,
+right-aligned) and :meth:`drop_front` (padding columns no sequence uses any more leave).
 """
 
 from __future__ import annotations
@@ -73,6 +75,37 @@ class StaticKVCache:
                 new = old.new_empty(len(rows), old.shape[1], old.shape[2], old.shape[3])
                 new[:, :, :n] = old[rows, :, :n]
                 buffers[i] = new
+
+    def join(self, other: "StaticKVCache") -> tuple[int, int]:
+        """Append ``other``'s rows after this cache's, right-aligned: the shorter side is left-padded (with
+        zeros, to be masked by the caller). Returns the columns of padding put before (this cache's rows,
+        ``other``'s rows). Both caches must hold the same slots, each slot filled to one length."""
+        if len(other) != len(self):
+            raise ValueError(f"cannot join caches of {len(self)} and {len(other)} slots")
+        if not len(self):
+            return 0, 0
+        mine, theirs = self.lengths[0], other.lengths[0]
+        width = max(mine, theirs)
+        room = min(max(self.max_len, other.max_len), width + self.chunk)
+        self.max_len = max(self.max_len, other.max_len)
+        for buffers, others in ((self.keys, other.keys), (self.values, other.values)):
+            for i, (a, b) in enumerate(zip(buffers, others)):
+                new = a.new_zeros(a.shape[0] + b.shape[0], a.shape[1], max(room, width), a.shape[3])
+                new[: a.shape[0], :, width - mine : width] = a[:, :, :mine]
+                new[a.shape[0] :, :, width - theirs : width] = b[:, :, :theirs]
+                buffers[i] = new
+        self.lengths = [width] * len(self.lengths)
+        return width - mine, width - theirs
+
+    def drop_front(self, n: int) -> None:
+        """Remove the first ``n`` columns of every slot (in place: the kept columns move to the front)."""
+        if n <= 0:
+            return
+        for buffers in (self.keys, self.values):
+            for i, buf in enumerate(buffers):
+                m = self.lengths[i]
+                buf[:, :, : m - n] = buf[:, :, n:m].clone()
+        self.lengths = [max(0, m - n) for m in self.lengths]
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -67,6 +67,9 @@ class PretrainConfig:
     lr: float = 4e-3
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
+    # a curriculum by size: the first ``easy_steps`` batches draw their numbers from ``easy_digits`` only
+    easy_steps: int = 0
+    easy_digits: list[int] = field(default_factory=lambda: [1])
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
@@ -81,7 +84,9 @@ class PretrainConfig:
         check_device(self.device)
         positive(self, "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                  "max_position_embeddings", "train_steps", "batch_size", "seq_len", "checkpoint_every", "log_every")
-        positive(self, "warmup_steps", minimum=0)
+        positive(self, "warmup_steps", "easy_steps", minimum=0)
+        if not self.easy_digits or any(d < 1 for d in self.easy_digits):
+            raise ValueError(f"easy_digits={self.easy_digits} must be a non-empty list of digit counts >= 1")
         if not self.lr > 0 or self.grad_clip <= 0 or self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("lr and grad_clip must be > 0, weight_decay >= 0, min_lr_ratio in [0, 1]")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -97,7 +102,10 @@ Config = PretrainConfig
 def make_batch(cfg: PretrainConfig, data: DataConfig, tokenizer, step: int) -> torch.Tensor:
     """Batch number ``step``: token ids [batch_size, seq_len + 1], rows packed from whole documents."""
     rng = random.Random(f"pretrain:{cfg.seed}:{step}")
-    return packed_rows(tokenizer, rng, cfg.batch_size, cfg.seq_len + 1, **data.mix())
+    mix = data.mix()
+    if step < cfg.easy_steps:
+        mix["digits"] = list(cfg.easy_digits)
+    return packed_rows(tokenizer, rng, cfg.batch_size, cfg.seq_len + 1, **mix)
 
 
 def too_long_fraction(cfg: PretrainConfig, data: DataConfig, tokenizer, n: int = 400) -> float:

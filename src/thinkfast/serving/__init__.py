@@ -1,0 +1,2 @@
+"""Serving: continuous batching on the rollout engine (:mod:`.engine`) behind an OpenAI-compatible HTTP server
+(:mod:`.app`)."""

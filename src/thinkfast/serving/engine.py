@@ -1,0 +1,492 @@
+"""Continuous batching on the rollout engine: requests join and leave one running batch.
+
+:func:`thinkfast.generation.generate` decodes a fixed list of prompts; a server gets requests one at a time,
+at any moment. :class:`ContinuousEngine` keeps one batch decoding in a background thread. Each iteration:
+
+1. every running sequence gets its next token (each request its own temperature / top-p / top-k, stop ids,
+   token limit, thinking budget and, when it gives a seed, its own random generator);
+2. sequences that ended (stop token, length, budget's hard stop, cancelled) leave the batch, their cache
+   rows freed (:meth:`StaticKVCache.select`); padding columns no sequence needs any more are dropped;
+3. the survivors' tokens go through the model (one decode step);
+4. waiting requests join: their prompts are prefilled together (left-padded, position ids counting real
+   tokens only) and their cache rows appended to the running cache right-aligned
+   (:meth:`StaticKVCache.join`), so every row's tokens end in the same column.
+
+A joined row is computed exactly as it would be alone: padding is masked and positions are its own
+(tested: greedy outputs equal :func:`generate`'s, with requests arriving while others run). Tokens reach
+each request through its ``emit`` callback from the engine thread (a server hands them to its event loop).
+
+nemotron-nas models only (a Llama-layout model is converted in memory, :func:`thinkfast.convert.
+convert_llama_model`): joining needs a cache whose rows can be padded and concatenated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generation import SamplingParams, _filter_logits
+from ..kvcache import StaticKVCache
+from ..modeling import DeciLMForCausalLM
+
+__all__ = ["ContinuousEngine", "Request", "SequentialGenerateEngine", "as_decilm"]
+
+
+def as_decilm(model):
+    """The model as a nemotron-nas model: a ``LlamaForCausalLM`` is converted in memory; any other kind is
+    refused with a ValueError naming it."""
+    if isinstance(model, DeciLMForCausalLM):
+        return model.eval()
+    from transformers import LlamaForCausalLM
+
+    if isinstance(model, LlamaForCausalLM):
+        from ..convert import convert_llama_model
+
+        return convert_llama_model(model)
+    raise ValueError(f"the continuous-batching engine serves nemotron-nas and Llama models, not "
+                     f"{type(model).__name__}")
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request. ``emit(tokens, finish_reason)`` is called from the engine thread with each
+    step's new token ids (finish_reason None while it runs; then "stop", "length", "abort" or "error",
+    with ``error`` set for the last). ``params.batch_size`` is ignored (the engine's ``max_batch`` rules)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    emit: Callable[[list[int], str | None], None] | None = None
+    budget: int | None = None  # thinking tokens (thinkfast.budget); None: no budget
+    id: int = -1
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class _View:
+    """The step hook's view (the interface of :class:`thinkfast.generation.StepView`) over the running batch."""
+
+    def __init__(self, engine: ContinuousEngine, rows: list[Request], tokens: list[int]):
+        self._engine = engine
+        self.requests = [r.id for r in rows]
+        self.tokens = tokens
+
+    def generated(self, request: int) -> list[int]:
+        return list(self._engine._by_id[request].tokens)
+
+    def force(self, request: int, token_ids: list[int]) -> None:
+        self._engine._forced.setdefault(request, []).extend(int(t) for t in token_ids)
+
+    def ban(self, request: int, token_ids: list[int]) -> None:
+        self._engine._banned.setdefault(request, set()).update(int(t) for t in token_ids)
+
+    def finish(self, request: int) -> None:
+        self._engine._finish.add(request)
+
+
+class ContinuousEngine:
+    """A background thread decoding every submitted request in one running batch (at most ``max_batch``
+    sequences; joining prompts are prefilled ``max_prefill_tokens`` at a time, at least one prompt)."""
+
+    def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_prefill_tokens: int = 8192,
+                 budget_grace: int = 32, seed: int = 0):
+        if max_batch < 1 or max_prefill_tokens < 1:
+            raise ValueError("max_batch and max_prefill_tokens must be >= 1")
+        self.model = as_decilm(model)
+        self.device = next(self.model.parameters()).device
+        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.budget = None
+        if tokenizer is not None:
+            from ..budget import ThinkingBudget
+
+            try:
+                self.budget = ThinkingBudget(tokenizer, [], None, grace=budget_grace)
+            except ValueError:  # no single-token think tags: requests with a budget are refused
+                self.budget = None
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._ids = itertools.count()
+        self._pending: deque[Request] = deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        # the running batch (engine thread only)
+        self._rows: list[Request] = []
+        self._by_id: dict[int, Request] = {}
+        self._generators: dict[int, torch.Generator] = {}
+        self._cache: StaticKVCache | None = None
+        self._mask = torch.zeros((0, 0), dtype=torch.bool, device=self.device)  # [rows, room]
+        self._pos = torch.zeros(0, dtype=torch.long, device=self.device)  # next position of each row
+        self._logits: torch.Tensor | None = None  # next-token logits of each row
+        self._width = 0  # columns of the cache (and of the mask) in use
+        self._forced: dict[int, list[int]] = {}
+        self._banned: dict[int, set[int]] = {}
+        self._finish: set[int] = set()
+        self.stats = {"steps": 0, "generated_tokens": 0, "joins": 0, "joins_into_running": 0, "max_running": 0,
+                      "finished": 0}
+
+    # -- the caller's side (any thread) -------------------------------------------------------------------------
+
+    def start(self) -> ContinuousEngine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="thinkfast-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, request: Request) -> Request:
+        """Queue ``request``; it joins the running batch at the next iteration."""
+        if not request.prompt:
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        if request.budget is not None and self.budget is None:
+            raise ValueError("this model's tokenizer has no single-token think tags: no thinking budget")
+        request.id = next(self._ids)
+        with self._cv:
+            self._pending.append(request)
+            self._cv.notify_all()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """End ``request`` (finish reason "abort") at the next iteration, freeing its slot."""
+        request.cancelled = True
+        with self._cv:
+            self._cv.notify_all()
+
+    def generate(self, prompt: list[int], params: SamplingParams, budget: int | None = None,
+                 timeout: float | None = None) -> Request:
+        """Submit and wait (a convenience for tests and scripts)."""
+        request = self.submit(Request(list(prompt), params, budget=budget))
+        if not request.done.wait(timeout):
+            self.cancel(request)
+            raise TimeoutError(f"request {request.id} not done in {timeout} s")
+        return request
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    # -- the engine thread --------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._rows and not self._pending:
+                    self._cv.wait()
+                if self._stop:
+                    break
+            try:
+                with torch.no_grad():
+                    self._iteration()
+            except Exception as e:  # noqa: BLE001 - a failed step ends the requests in it, not the server
+                message = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+                for r in self._rows:
+                    self._end(r, "error", error=message)
+                self._reset()
+        for r in self._rows + list(self._pending):
+            self._end(r, "abort")
+        self._reset()
+
+    def _reset(self) -> None:
+        self._rows, self._cache, self._logits = [], None, None
+        self._mask = self._mask[:0, :0]
+        self._pos = self._pos[:0]
+        self._width = 0
+        self._forced, self._banned, self._finish = {}, {}, set()
+
+    def _end(self, r: Request, reason: str, new: list[int] | None = None, error: str | None = None) -> None:
+        r.finish_reason, r.error = reason, error
+        self._by_id.pop(r.id, None)
+        self._generators.pop(r.id, None)
+        if self.budget is not None:
+            self.budget.discard(r.id)
+        self.stats["finished"] += 1
+        if r.emit is not None:
+            try:
+                r.emit(new or [], reason)
+            except Exception:  # noqa: BLE001 - a broken consumer must not stop the engine
+                traceback.print_exc()
+        r.done.set()
+
+    def _iteration(self) -> None:
+        if self._rows:
+            self._decode_step()
+        self._admit()
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        rows = self._rows
+        nxt = logits.argmax(-1)
+        sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0]
+        if not sampled:
+            return nxt
+        groups: dict[tuple[int, float], list[int]] = {}
+        for i in sampled:
+            groups.setdefault((rows[i].params.top_k, rows[i].params.top_p), []).append(i)
+        temps = torch.tensor([r.params.temperature for r in rows], device=logits.device, dtype=logits.dtype)
+        for (top_k, top_p), idx in groups.items():
+            at = torch.tensor(idx, device=logits.device)
+            probs = _filter_logits(logits[at] / temps[at, None], top_k, top_p).softmax(-1)
+            own = [j for j, i in enumerate(idx) if rows[i].id in self._generators]
+            if len(own) < len(idx):
+                shared = [j for j in range(len(idx)) if rows[idx[j]].id not in self._generators]
+                picks = torch.multinomial(probs[shared], 1, generator=self.generator).squeeze(-1)
+                nxt[at[shared]] = picks
+            for j in own:
+                gen = self._generators[rows[idx[j]].id]
+                nxt[idx[j]] = torch.multinomial(probs[j : j + 1], 1, generator=gen).squeeze(-1)[0]
+        return nxt
+
+    def _decode_step(self) -> None:
+        rows, logits = self._rows, self._logits
+        assert logits is not None
+        if self._banned:
+            for i, r in enumerate(rows):
+                if r.id in self._banned:
+                    logits[i, sorted(self._banned[r.id])] = float("-inf")
+        logp = logits.log_softmax(-1)
+        nxt = self._sample(logits)
+        for i, r in enumerate(rows):
+            queue = self._forced.get(r.id)
+            if queue:
+                nxt[i] = queue.pop(0)
+                if not queue:
+                    del self._forced[r.id]
+        chosen = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
+        tokens = nxt.tolist()
+        for r, t, lp in zip(rows, tokens, chosen):
+            r.tokens.append(t)
+            r.logprobs.append(lp)
+        self.stats["steps"] += 1
+        self.stats["generated_tokens"] += len(rows)
+        if self.budget is not None and self.budget.count:
+            self.budget(_View(self, rows, tokens))
+        keep = []
+        for i, (r, t) in enumerate(zip(rows, tokens)):
+            if t in r.params.stop_token_ids or r.id in self._finish:
+                reason = "stop"
+            elif len(r.tokens) >= r.params.max_new_tokens:
+                reason = "length"
+            elif r.cancelled:
+                reason = "abort"
+            else:
+                keep.append(i)
+                if r.emit is not None:
+                    try:
+                        r.emit([t], None)
+                    except Exception:  # noqa: BLE001
+                        traceback.print_exc()
+                        r.cancelled = True
+                continue
+            self._forced.pop(r.id, None)
+            self._banned.pop(r.id, None)
+            self._end(r, reason, [t])
+        self._finish.clear()
+        if not keep:
+            self._reset()
+            return
+        if len(keep) < len(rows):
+            at = torch.tensor(keep, device=self.device)
+            self._rows = [rows[i] for i in keep]
+            if len(self._cache):
+                self._cache.select(at)
+            self._mask, self._pos, nxt = self._mask[at], self._pos[at], nxt[at]
+            self._drop_unused_columns()
+        self._forward(nxt)
+
+    def _drop_unused_columns(self) -> None:
+        """Drop leading columns that are padding in every remaining row (once they are a quarter of the width)."""
+        width = self._width
+        used = self._mask[:, :width].any(0)
+        first = int(used.long().argmax()) if bool(used.any()) else width
+        if first >= max(16, width // 4):
+            if len(self._cache):
+                self._cache.drop_front(first)
+            self._mask[:, : width - first] = self._mask[:, first:width].clone()
+            self._mask[:, width - first :] = False
+            self._width = width - first
+
+    def _grow_mask(self, need: int) -> None:
+        if need > self._mask.shape[1]:
+            grown = torch.zeros((self._mask.shape[0], max(need + 64, 2 * self._mask.shape[1])), dtype=torch.bool,
+                                device=self.device)
+            grown[:, : self._mask.shape[1]] = self._mask
+            self._mask = grown
+
+    def _forward(self, nxt: torch.Tensor) -> None:
+        """One decode step of every running row (their tokens ``nxt``)."""
+        col = self._width
+        self._grow_mask(col + 1)
+        self._mask[:, col] = True
+        self._width = col + 1
+        cache = self._cache
+        mask = self._mask[:, None, None, : col + 1] if len(cache) else None
+        out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=self._pos[:, None], cache=cache,
+                         use_cache=True, logits_to_keep=1)
+        self._logits = out.logits[:, -1, :].float()
+        self._pos = self._pos + 1
+
+    def _take_pending(self) -> list[Request]:
+        room = self.max_batch - len(self._rows)
+        taken: list[Request] = []
+        tokens = 0
+        with self._cv:
+            while self._pending and len(taken) < room:
+                r = self._pending[0]
+                if r.cancelled:
+                    self._pending.popleft()
+                    self._end(r, "abort")
+                    continue
+                if taken and tokens + len(r.prompt) > self.max_prefill_tokens:
+                    break
+                taken.append(self._pending.popleft())
+                tokens += len(r.prompt)
+        return taken
+
+    def _admit(self) -> None:
+        new = self._take_pending()
+        if not new:
+            return
+        try:
+            cache, mask, pos, logits = self._prefill([r.prompt for r in new])
+        except Exception as e:  # noqa: BLE001 - the joining requests fail; the running batch goes on
+            traceback.print_exc()
+            for r in new:
+                self._end(r, "error", error=f"{type(e).__name__}: {e}")
+            return
+        for r in new:
+            self._by_id[r.id] = r
+            if r.params.seed is not None:
+                self._generators[r.id] = torch.Generator(device=self.device).manual_seed(r.params.seed)
+            if self.budget is not None:
+                self.budget.add(r.id, r.prompt, r.budget)
+        self.stats["joins"] += 1
+        if not self._rows:
+            self._rows, self._cache, self._mask, self._pos, self._logits = new, cache, mask, pos, logits
+            self._width = mask.shape[1]
+        else:
+            self.stats["joins_into_running"] += 1
+            width = self._width
+            pad_old, pad_new = (self._cache.join(cache) if len(self._cache) else
+                                (max(0, mask.shape[1] - width), max(0, width - mask.shape[1])))
+            total = width + pad_old
+            merged = torch.zeros((len(self._rows) + len(new), total + 64), dtype=torch.bool, device=self.device)
+            merged[: len(self._rows), pad_old:total] = self._mask[:, :width]
+            merged[len(self._rows) :, pad_new:total] = mask
+            self._rows = self._rows + new
+            self._mask, self._width = merged, total
+            self._pos = torch.cat([self._pos, pos])
+            self._logits = torch.cat([self._logits, logits])
+        self.stats["max_running"] = max(self.stats["max_running"], len(self._rows))
+
+    def _prefill(self, prompts: list[list[int]]):
+        """Prefill ``prompts`` together: (cache, mask [n, width], next positions [n], last logits [n, V])."""
+        n, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros((n, width), dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = True
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = StaticKVCache(1 << 30, chunk=256)
+        out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, cache=cache,
+                         use_cache=True, logits_to_keep=1)
+        return cache, mask, positions[:, -1] + 1, out.logits[:, -1, :].float()
+
+
+class SequentialGenerateEngine:
+    """The load test's baseline: ``transformers``' plain ``model.generate`` loop, one request at a time, in a
+    background thread (the interface of :class:`ContinuousEngine`; no thinking budget, no per-step streaming:
+    a request's tokens arrive together when it is done)."""
+
+    budget = None
+
+    def __init__(self, model, tokenizer=None, **_):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self._pending: deque[Request] = deque()
+        self._cv = threading.Condition()
+        self._ids = itertools.count()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._busy = 0
+        self.stats = {"finished": 0, "generated_tokens": 0}
+
+    start = ContinuousEngine.start
+    stop = ContinuousEngine.stop
+    cancel = ContinuousEngine.cancel
+    generate = ContinuousEngine.generate
+
+    def submit(self, request: Request) -> Request:
+        if request.budget is not None:
+            raise ValueError("the transformers generate baseline has no thinking budget")
+        return ContinuousEngine.submit(self, request)
+
+    @property
+    def running(self) -> int:
+        return self._busy
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._pending:
+                    self._cv.wait()
+                if self._stop:
+                    break
+                r = self._pending.popleft()
+            if r.cancelled:
+                self._finish(r, [], "abort")
+                continue
+            self._busy = 1
+            try:
+                p = r.params
+                sampling = {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k or None}
+                if p.seed is not None:
+                    torch.manual_seed(p.seed)
+                with torch.no_grad():
+                    out = self.model.generate(
+                        torch.tensor([r.prompt], device=self.device), attention_mask=None,
+                        max_new_tokens=p.max_new_tokens, eos_token_id=list(p.stop_token_ids) or None,
+                        pad_token_id=(p.stop_token_ids or (0,))[0],
+                        **(sampling if p.temperature > 0 else {"do_sample": False}))
+                tokens = out[0, len(r.prompt):].tolist()
+                stopped = bool(tokens) and tokens[-1] in p.stop_token_ids
+                self._finish(r, tokens, "stop" if stopped else "length")
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                self._finish(r, [], "error", f"{type(e).__name__}: {e}")
+            finally:
+                self._busy = 0
+        for r in list(self._pending):
+            self._finish(r, [], "abort")
+
+    def _finish(self, r: Request, tokens: list[int], reason: str, error: str | None = None) -> None:
+        r.tokens, r.finish_reason, r.error = tokens, reason, error
+        self.stats["finished"] += 1
+        self.stats["generated_tokens"] += len(tokens)
+        if r.emit is not None:
+            r.emit(tokens, reason)
+        r.done.set()

@@ -1,0 +1,119 @@
+"""Request bodies of the OpenAI-compatible server (pydantic), and the pieces of text handling it needs.
+
+Fields follow OpenAI's API reference (chat completions and legacy completions) plus the extensions vLLM
+accepts that matter here: ``top_k``, ``chat_template_kwargs``; and thinkfast's ``max_thinking_tokens``
+(the thinking budget, :mod:`thinkfast.budget`). Types are strict (``"5"`` is not a number) and unknown
+fields are ignored, as OpenAI's server does. A field OpenAI has that we do not implement (``logprobs``,
+``tools``, ``echo``, ``response_format`` other than text, ...) is refused with a 400 naming it, never
+silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..toggle import THINK_CLOSE, THINK_OPEN
+
+__all__ = ["ChatCompletionRequest", "CompletionRequest", "UNSUPPORTED", "split_reasoning"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 or 0: off
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_thinking_tokens: int | None = Field(None, ge=0)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return stops
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    echo: bool = False
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+# fields OpenAI defines that this server does not implement: refused (400), with the value that would be a no-op
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+               "functions": (None, []), "logit_bias": (None, {}), "echo": (None, False), "suffix": (None, ""),
+               "best_of": (None, 1), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+               "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"])}
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of a response so far, both stripped; reasoning None when there is no think block.
+
+    Applied to a growing text, each part only grows (a stripped prefix is a prefix of the stripped whole), so a
+    stream can send the difference; the parts of the whole text are what a non-streamed response returns. An
+    unclosed block is all reasoning (vLLM's reasoning parsers do the same); text before a think block, or a
+    second block, stays in the answer as written.
+
+    >>> split_reasoning("<think>\\n2+2 is 4.\\n</think>\\n\\n4")
+    ('2+2 is 4.', '4')
+    >>> split_reasoning("<think>\\n2+2")
+    ('2+2', '')
+    >>> split_reasoning(" 4 ")
+    (None, '4')
+    """
+    s = text.lstrip()
+    if s.startswith(THINK_OPEN):
+        body = s[len(THINK_OPEN) :]
+        if THINK_CLOSE in body:
+            reasoning, answer = body.split(THINK_CLOSE, 1)
+            return reasoning.strip(), answer.strip()
+        return body.strip(), ""
+    if s and THINK_OPEN.startswith(s):  # a think tag still arriving in pieces
+        return None, ""
+    return None, text.strip()

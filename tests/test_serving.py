@@ -1,0 +1,261 @@
+"""The OpenAI-compatible server, driven by the official ``openai`` client against uvicorn on localhost: round
+trips, both toggle modes, streaming, the thinking budget, errors, disconnects and concurrent clients."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from test_modeling import hetero_config  # noqa: E402
+
+from thinkfast.generation import SamplingParams, generate  # noqa: E402
+from thinkfast.modeling import DeciLMForCausalLM  # noqa: E402
+from thinkfast.nano.tokenizer import build_tokenizer  # noqa: E402
+from thinkfast.serving.app import ServerState, build_app  # noqa: E402
+from thinkfast.serving.engine import ContinuousEngine  # noqa: E402
+from thinkfast.toggle import stop_token_ids  # noqa: E402
+
+SCRIPT = {"mode": "answer"}  # what the scripted model does after "<think>": answer, or think forever
+
+
+def _scripted_model(tok):
+    """A random model over the nano vocabulary, steered by its last input token: after the chat template's
+    "\\n" it writes "<think>xy</think>7<|eot_id|>" (or, in "loop" mode, "<think>xyxyxy..." without end)."""
+    cfg = hetero_config()
+    cfg.vocab_size, cfg.max_position_embeddings = len(tok), 4096
+    torch.manual_seed(0)
+    model = DeciLMForCausalLM(cfg).eval()
+    one = {s: tok.encode(s, add_special_tokens=False)[0] for s in ("\n", "x", "y", "7")}
+    think, close, eot = tok.convert_tokens_to_ids(["<think>", "</think>", "<|eot_id|>"])
+    chains = {"answer": {one["\n"]: think, think: one["x"], one["x"]: one["y"], one["y"]: close, close: one["7"],
+                         one["7"]: eot},
+              "loop": {one["\n"]: think, think: one["x"], one["x"]: one["y"], one["y"]: one["x"]}}
+
+    def steer(module, args, kwargs, output):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        chain = chains[SCRIPT["mode"]]
+        for b, t in enumerate(ids[:, -1].tolist()):
+            if t in chain:
+                output.logits[b, -1, chain[t]] += 100.0
+        return output
+
+    model.register_forward_hook(steer, with_kwargs=True)
+    return model
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    tok = build_tokenizer()
+    model = _scripted_model(tok)
+    engine = ContinuousEngine(model, tok, max_batch=8, budget_grace=8).start()
+    state = ServerState(engine=engine, tokenizer=tok, model_name="tiny", max_model_len=4096,
+                        stop_token_ids=tuple(stop_token_ids(tok)))
+    prompts: list[list[int]] = []
+    requests: list = []
+    submit = engine.submit
+
+    def spy(request):  # the prompts the server built (the toggle's tests) and the engine's requests
+        prompts.append(list(request.prompt))
+        requests.append(request)
+        return submit(request)
+
+    engine.submit = spy
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    t0 = time.time()
+    while not srv.started:
+        assert time.time() - t0 < 30 and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    base = f"http://127.0.0.1:{port}"
+    client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
+    yield {"client": client, "base": base, "state": state, "tok": tok, "prompts": prompts, "requests": requests,
+           "model": model}
+    srv.should_exit = True
+    thread.join(10)
+    engine.stop()
+
+
+@pytest.fixture(autouse=True)
+def _answer_mode():
+    SCRIPT["mode"] = "answer"
+    yield
+    SCRIPT["mode"] = "answer"
+
+
+def _chat(client, thinking=None, **kw):
+    extra = {"chat_template_kwargs": {"enable_thinking": thinking}} if thinking is not None else {}
+    extra.update(kw.pop("extra_body", {}))
+    return client.chat.completions.create(model="tiny", messages=kw.pop("messages", [{"role": "user", "content": "hi"}]),
+                                          temperature=kw.pop("temperature", 0), extra_body=extra or None, **kw)
+
+
+def test_models_health_and_a_chat_round_trip_with_reasoning_apart(server):
+    client, tok = server["client"], server["tok"]
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(server["base"] + "/health").json()["status"] == "ok"
+    r = _chat(client, thinking=True)
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and msg.content == "7" and msg.reasoning_content == "xy"
+    assert r.choices[0].finish_reason == "stop" and r.object == "chat.completion" and r.model == "tiny"
+    prompt = server["prompts"][-1]
+    assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == 6  # <think> x y </think> 7 <eot>
+    assert r.usage.total_tokens == len(prompt) + 6
+    assert tok.decode(prompt).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+@pytest.mark.parametrize("how", ["kwargs", "system"])
+@pytest.mark.parametrize("thinking", [True, False])
+def test_the_toggle_reaches_the_prompt_by_system_message_or_chat_template_kwargs(server, how, thinking):
+    line = "detailed thinking on" if thinking else "detailed thinking off"
+    if how == "kwargs":
+        _chat(server["client"], thinking=thinking)
+    else:
+        _chat(server["client"], messages=[{"role": "system", "content": line}, {"role": "user", "content": "hi"}])
+    text = server["tok"].decode(server["prompts"][-1])
+    assert f"system<|end_header_id|>\n\n{line}<|eot_id|>" in text
+
+
+def test_streaming_sends_reasoning_and_content_deltas_then_usage(server):
+    stream = _chat(server["client"], thinking=True, stream=True, stream_options={"include_usage": True})
+    reasoning, content, reasons, usage = "", "", [], None
+    for chunk in stream:
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            reasoning += getattr(c.delta, "reasoning_content", None) or ""
+            content += c.delta.content or ""
+            reasons.append(c.finish_reason)
+    assert reasoning == "xy" and content == "7" and reasons[-1] == "stop" and set(reasons[:-1]) == {None}
+    assert usage.completion_tokens == 6
+
+
+def test_the_thinking_budget_ends_thinking(server):
+    SCRIPT["mode"] = "loop"
+    free = _chat(server["client"], thinking=True, max_tokens=40)
+    assert free.choices[0].finish_reason == "length" and free.choices[0].message.content == ""
+    assert free.choices[0].message.reasoning_content == ("xy" * 20)[:39]
+    capped = _chat(server["client"], thinking=True, max_tokens=40, extra_body={"max_thinking_tokens": 4})
+    msg = capped.choices[0].message
+    # no newline in this model's thoughts: the hard stop at budget + grace (8) thinking tokens
+    assert msg.reasoning_content == ("xy" * 10)[:12] and "<think>" not in (msg.content or "")
+
+
+def test_completions_with_text_and_token_prompts_n_and_stop_strings(server):
+    client, tok = server["client"], server["tok"]
+    r = client.completions.create(model="tiny", prompt="hi\n", max_tokens=8, temperature=0)
+    assert r.choices[0].text == "<think>xy</think>7" and r.choices[0].finish_reason == "stop"
+    ids = tok("hi\n")["input_ids"]
+    r2 = client.completions.create(model="tiny", prompt=ids, max_tokens=3, temperature=0, n=2)
+    assert [c.text for c in r2.choices] == ["<think>xy"] * 2 and r2.choices[0].finish_reason == "length"
+    assert r2.usage.prompt_tokens == 2 * len(ids) and r2.usage.completion_tokens == 6
+    r3 = client.completions.create(model="tiny", prompt="hi\n", max_tokens=8, temperature=0, stop=["</thi"])
+    assert r3.choices[0].text == "<think>xy" and r3.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model="tiny", prompt="hi\n", max_tokens=8, temperature=0, stream=True,
+                                            stop="7"))
+    assert "".join(c.choices[0].text for c in chunks) == "<think>xy</think>"
+
+
+@pytest.mark.parametrize("kw,param", [
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"extra_body": {"temperature": "hot"}}, "temperature"),
+    ({"max_tokens": 4000, "messages": [{"role": "user", "content": "x" * 200}]}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x" * 5000}]}, "messages"),
+    ({"logprobs": True}, "logprobs"),
+    ({"messages": []}, "messages"),
+])
+def test_malformed_requests_get_a_400_naming_the_field(server, kw, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(server["client"], **kw)
+    assert e.value.status_code == 400 and e.value.body["param"] == param, e.value.body
+    assert e.value.body["message"]
+
+
+def test_invalid_json_unknown_model_and_unknown_path(server):
+    r = httpx.post(server["base"] + "/v1/chat/completions", content=b"{bad", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "invalid JSON" in r.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        server["client"].chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}])
+    assert httpx.get(server["base"] + "/v2/nothing").status_code == 404
+    assert _chat(server["client"], thinking=True).choices[0].message.content == "7"  # still serving
+
+
+def test_a_client_disconnecting_mid_stream_frees_its_slot(server):
+    SCRIPT["mode"] = "loop"
+    engine = server["state"].engine
+    finished = engine.stats["finished"]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000, "stream": True,
+            "chat_template_kwargs": {"enable_thinking": True}}
+    with httpx.stream("POST", server["base"] + "/v1/chat/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(10)]
+    assert any('"reasoning_content"' in line for line in got)
+    request = server["requests"][-1]
+    assert request.done.wait(10), "the disconnected request kept its slot"
+    assert request.finish_reason == "abort" and len(request.tokens) < 1000
+    assert engine.running == 0 and engine.stats["finished"] > finished
+
+
+def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(server):
+    client, tok, engine = server["client"], server["tok"], server["state"].engine
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(30, 90, (int(n),), generator=g).tolist() for n in torch.randint(3, 40, (16,), generator=g)]
+    joins = engine.stats["joins_into_running"]
+    out: dict[int, object] = {}
+
+    def ask(i):
+        out[i] = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=24 + i, temperature=0)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(out) == 16
+    assert engine.stats["joins_into_running"] > joins or engine.stats["max_running"] > 1
+    stops = tuple(stop_token_ids(tok))
+    for i, p in enumerate(prompts):
+        want = generate(engine.model, [p], SamplingParams(max_new_tokens=24 + i, stop_token_ids=stops))[0]
+        ids = [t for t in want.token_ids if t not in stops]
+        assert out[i].choices[0].text == tok.decode(ids, skip_special_tokens=False), i
+        assert out[i].usage.completion_tokens == len(want.token_ids)
+
+
+def test_sse_lines_are_openai_shaped(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True, "temperature": 0,
+            "chat_template_kwargs": {"enable_thinking": False}}
+    with httpx.stream("POST", server["base"] + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0][6:])
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+
+
+def test_a_client_giving_up_on_a_plain_request_frees_its_slot(server):
+    SCRIPT["mode"] = "loop"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000,
+            "chat_template_kwargs": {"enable_thinking": True}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server["base"] + "/v1/chat/completions", json=body, timeout=0.5)
+    request = server["requests"][-1]
+    assert request.done.wait(10), "the abandoned request kept its slot"
+    assert request.finish_reason == "abort" and len(request.tokens) < 4000
