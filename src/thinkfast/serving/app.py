@@ -147,13 +147,18 @@ class _Generation:
 
     async def events(self) -> AsyncIterator[tuple[int, _Choice, str]]:
         open_ = len(self.requests)
+        checked = time.monotonic()
         try:
             while open_:
                 try:
-                    i, tokens, reason = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                    i, tokens, reason = await asyncio.wait_for(self.queue.get(), timeout=0.25)
                 except asyncio.TimeoutError:
+                    i = None
+                if time.monotonic() - checked > 0.25:  # a client that went away cancels its requests
+                    checked = time.monotonic()
                     if await self.http.is_disconnected():
                         return
+                if i is None:
                     continue
                 choice = self.choices[i]
                 if choice.finish_reason is not None:
