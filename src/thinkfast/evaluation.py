@@ -15,12 +15,29 @@ import statistics
 from pathlib import Path
 
 from .artifacts import read_model_sidecar
-from .generation import SamplingParams, generate
+from .generation import SamplingParams
+from .generation import generate as _engine_generate
 from .nano import tasks
 from .toggle import format_ok, messages_for, parse_response, stop_token_ids
 
 TEXT_MODES = ("think", "direct")
 CHAT_MODES = ("on", "off")
+
+
+def generate(model, prompts: list[list[int]], params: SamplingParams, progress: bool = False, hook=None):
+    """The rollout engine for a local model; the server for an :class:`thinkfast.endpoint.Endpoint`."""
+    from .endpoint import Endpoint
+
+    if isinstance(model, Endpoint):
+        return model.generate(prompts, params, progress=progress, hook=hook)
+    return _engine_generate(model, prompts, params, progress=progress, hook=hook)
+
+
+def decoded(tokenizer, completion) -> str:
+    """A completion's text, special tokens left out (a server's completion comes as text)."""
+    if completion.text is not None:
+        return completion.text
+    return tokenizer.decode(completion.token_ids, skip_special_tokens=True)
 
 
 def resolve_prompting(model_dir: Path, tokenizer, requested: str) -> str:
@@ -79,13 +96,13 @@ def evaluate(model, tokenizer, suite: dict, prompting: str, cfg, log=None) -> tu
         completions = generate(model, prompts, params, progress=True)
         cells: dict = {}
         for (cell, problem), comp in zip(items, completions):
-            text = tokenizer.decode(comp.token_ids, skip_special_tokens=True)
+            text = decoded(tokenizer, comp)
             g = grade(problem, text, prompting, mode)
             key = f"{cell[0]}/{cell[1]}d" + (f"/{cell[2]}s" if cell[0] == "word" else "")
             c = cells.setdefault(key, {"correct": [], "tokens": [], "format_ok": [], "truncated": []})
             c["correct"].append(g["correct"])
             c["format_ok"].append(g["format_ok"])
-            c["tokens"].append(len(comp.token_ids))
+            c["tokens"].append(comp.n_tokens)
             c["truncated"].append(comp.finish_reason == "length")
             if len(c["correct"]) <= cfg.save_samples:
                 kept.append({"mode": mode, "cell": key, "question": problem.question, "answer": problem.answer,
@@ -125,7 +142,7 @@ def quick_accuracy(model, tokenizer, problems: list, prompting: str, mode: str, 
     params = _greedy(tokenizer, max_new_tokens, batch_size)
     prompts = [build_prompt(tokenizer, p, prompting, mode) for p in problems]
     completions = generate(model, prompts, params, progress=False)
-    right = [grade(p, tokenizer.decode(c.token_ids, skip_special_tokens=True), prompting, mode)["correct"]
+    right = [grade(p, decoded(tokenizer, c), prompting, mode)["correct"]
              for p, c in zip(problems, completions)]
     return statistics.fmean(right) if right else 0.0
 
@@ -158,7 +175,7 @@ def evaluate_items(model, tokenizer, items: list, prompting: str, cfg, grader, l
                                 batch_size=cfg.batch_size, seed=cfg.seed)
         prompts = [item_prompt(tokenizer, it, prompting, mode) for it in items for _ in range(n)]
         completions = generate(model, prompts, params, progress=True)
-        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        texts = [decoded(tokenizer, c) for c in completions]
         answers = [final_answer(t) if prompting == "chat" else t for t in texts]
         right = grader.grade([it.math_gold for it in items for _ in range(n)], answers)
         votes = [vote_key(a) for a in answers]
@@ -167,7 +184,7 @@ def evaluate_items(model, tokenizer, items: list, prompting: str, cfg, grader, l
         r = {"pass@1": statistics.fmean(c / n for c in counts),
              **{f"pass@{k}": statistics.fmean(pass_at_k(n, c, k) for c in counts) for k in cfg.pass_k if 1 < k <= n},
              f"maj@{n}": statistics.fmean(maj_at_n([votes[j] for j in b], [right[j] for j in b]) for b in blocks),
-             "mean_tokens": statistics.fmean(len(c.token_ids) for c in completions),
+             "mean_tokens": statistics.fmean(c.n_tokens for c in completions),
              "no_answer": statistics.fmean(v is None for v in votes),
              "truncated": statistics.fmean(c.finish_reason == "length" for c in completions),
              "n": len(items), "samples": n}
@@ -194,7 +211,7 @@ def budget_sweep(model, tokenizer, problems: list, budgets: list, *, grace: int 
     for budget in budgets:
         hook = ThinkingBudget(tokenizer, prompts, budget, grace=grace) if budget is not None else None
         done = generate(model, prompts, params, hook=hook)
-        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in done]
+        texts = [decoded(tokenizer, c) for c in done]
         parsed = [parse_response(t) for t in texts]
         points.append({
             "budget": budget,
@@ -203,7 +220,7 @@ def budget_sweep(model, tokenizer, problems: list, budgets: list, *, grace: int 
                 len(tokenizer.encode(r.reasoning, add_special_tokens=False)) if r.reasoning else 0 for r in parsed),
             "closed_by_budget": len(hook.closed) / len(problems) if hook else 0.0,
             "no_answer": statistics.fmean(r.answer is None for r in parsed),
-            "mean_tokens": statistics.fmean(len(c.token_ids) for c in done)})
+            "mean_tokens": statistics.fmean(c.n_tokens for c in done)})
     return points
 
 
@@ -260,11 +277,11 @@ def toggle_check(model, tokenizer, problems: list, *, max_new_tokens: int = 600,
     for mode in CHAT_MODES:
         prompts = [build_prompt(tokenizer, p, "chat", mode) for p in problems]
         completions = generate(model, prompts, params, progress=False)
-        graded = [grade(p, tokenizer.decode(c.token_ids, skip_special_tokens=True), "chat", mode)
+        graded = [grade(p, decoded(tokenizer, c), "chat", mode)
                   for p, c in zip(problems, completions)]
         out[mode] = {"accuracy": statistics.fmean(g["correct"] for g in graded),
                      "format_ok": statistics.fmean(g["format_ok"] for g in graded),
-                     "mean_tokens": statistics.fmean(len(c.token_ids) for c in completions),
+                     "mean_tokens": statistics.fmean(c.n_tokens for c in completions),
                      "truncated": statistics.fmean(c.finish_reason == "length" for c in completions)}
     out["collapsed"] = [m for m in CHAT_MODES if out[m]["format_ok"] < 0.5] or None
     return out

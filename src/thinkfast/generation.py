@@ -74,6 +74,14 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     logprobs: list[float] = field(default_factory=list)
+    # set by a server's completion (thinkfast.endpoint), which returns text and a token count, not token ids
+    text: str | None = None
+    num_tokens: int | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens generated (the stop token included)."""
+        return len(self.token_ids) if self.num_tokens is None else self.num_tokens
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -67,8 +67,8 @@ class _Choice:
     """One generated sequence as text: decoded incrementally, cut at stop strings (never streaming a partial
     one), stop tokens left out of the text."""
 
-    def __init__(self, state: ServerState, stops: list[str]):
-        self.state, self.stops = state, list(stops or [])
+    def __init__(self, state: ServerState, stops: list[str], skip_special_tokens: bool = True):
+        self.state, self.stops, self.skip = state, list(stops or []), skip_special_tokens
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.tokens: list[int] = []
         self.n_generated = 0
@@ -81,7 +81,7 @@ class _Choice:
         self.n_generated += len(tokens)
         stop_ids = self.state.stop_token_ids
         self.tokens.extend(t for t in tokens if not (reason == "stop" and t in stop_ids))
-        full = self.state.tokenizer.decode(self.tokens, skip_special_tokens=False)
+        full = self.state.tokenizer.decode(self.tokens, skip_special_tokens=self.skip)
         for s in self.stops:
             at = full.find(s, max(0, len(self.text) - len(s)))
             if at != -1:
@@ -122,11 +122,11 @@ class _Generation:
     when the consumer stops early (a disconnect) or the client goes away while waiting."""
 
     def __init__(self, state: ServerState, http: Request, prompts: list[list[int]], params: list[SamplingParams],
-                 budget: int | None, stops: list[str]):
+                 budget: int | None, stops: list[str], skip_special_tokens: bool = True):
         self.state, self.http = state, http
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.choices = [_Choice(state, stops) for _ in prompts]
+        self.choices = [_Choice(state, stops, skip_special_tokens) for _ in prompts]
         self.requests = []
         for i, (p, sp) in enumerate(zip(prompts, params)):
             try:
@@ -244,7 +244,8 @@ def build_app(state: ServerState) -> FastAPI:
         prompts = [ids] * body.n
         plist = [params if body.seed is None else _reseed(params, body.seed + k) for k in range(body.n)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        gen = _Generation(state, http, prompts, plist, body.max_thinking_tokens, body.stop)
+        gen = _Generation(state, http, prompts, plist, body.max_thinking_tokens, body.stop,
+                          body.skip_special_tokens)
         base = {"id": rid, "created": created, "model": state.model_name}
         if body.stream:
             return StreamingResponse(_chat_stream(gen, base, body, prompts), media_type="text/event-stream")
@@ -280,7 +281,8 @@ def build_app(state: ServerState) -> FastAPI:
             sp = _sampling(state, body, len(p), body.max_tokens)
             plist.append(sp if body.seed is None else _reseed(sp, body.seed + k % body.n))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        gen = _Generation(state, http, expanded, plist, body.max_thinking_tokens, body.stop)
+        gen = _Generation(state, http, expanded, plist, body.max_thinking_tokens, body.stop,
+                          body.skip_special_tokens)
         base = {"id": rid, "created": created, "model": state.model_name}
         if body.stream:
             return StreamingResponse(_completion_stream(gen, base, body, expanded), media_type="text/event-stream")

@@ -56,6 +56,7 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_thinking_tokens: int | None = Field(None, ge=0)
+    skip_special_tokens: bool = True  # vLLM's extension: special tokens are left out of the text
     user: str | None = None
 
     @field_validator("stop")

@@ -22,7 +22,10 @@ and the real math benchmarks of :mod:`thinkfast.suites` read from the shared dat
 worker processes (:class:`thinkfast.grading.MathGrader`) on the answer after the think block, with pass@1
 averaged over ``samples``, pass@k for ``pass_k``, maj@n and the no-answer rate (:func:`evaluate_items`).
 
-Departures: IFEval and an OpenAI-compatible endpoint as the model come with the serving work.
+The model can be a server (``endpoint``: any OpenAI-compatible URL, e.g. a vLLM server of the same folder):
+prompts are still built here with the folder's tokenizer (``model`` names the folder) and sent as token ids
+(:mod:`thinkfast.endpoint`), so local and served models are graded on the same prompts. The thinking-budget
+sweep and throughput need a local model.
 """
 
 from __future__ import annotations
@@ -83,6 +86,11 @@ class EvalConfig:
     # budget), enforced by the rollout engine (thinkfast.budget); empty: no sweep
     budgets: list[int | None] = field(default_factory=list)
     budget_grace: int = 16  # tokens past the budget before a hard close
+    # an OpenAI-compatible server (http://host:port/v1) to evaluate instead of loading the model; the folder in
+    # `model` gives the tokenizer and prompting
+    endpoint: str | None = None
+    endpoint_model: str | None = None  # the served model's name (default: the first the server lists)
+    endpoint_concurrency: int = 16  # requests in flight
     device: str = "auto"
 
     def __post_init__(self):
@@ -111,6 +119,16 @@ class EvalConfig:
         if any(b < 1 for b in self.throughput_batches) or min(self.throughput_prefill, self.throughput_context,
                                                                self.throughput_rounds) < 1:
             raise ValueError("throughput_batches entries, throughput_prefill, _context and _rounds must be >= 1")
+        if self.endpoint is not None:
+            if not self.endpoint.startswith(("http://", "https://")):
+                raise ValueError(f"endpoint={self.endpoint!r} must be an http(s) URL such as http://127.0.0.1:8000/v1")
+            if self.model is None:
+                raise ValueError("endpoint: set eval.model to the served model's folder (its tokenizer builds the "
+                                 "prompts)")
+            if self.budgets or self.throughput_batches:
+                raise ValueError("endpoint: budgets and throughput_batches need a local model; set them to []")
+            if self.endpoint_concurrency < 1:
+                raise ValueError(f"endpoint_concurrency={self.endpoint_concurrency} must be >= 1")
 
 
 Config = EvalConfig
@@ -122,7 +140,12 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
 
     device = resolve_device(cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = load_model(path).to(device).eval()
+    if cfg.endpoint is not None:
+        from ..endpoint import Endpoint
+
+        model = Endpoint(cfg.endpoint, tokenizer, cfg.endpoint_model, concurrency=cfg.endpoint_concurrency)
+    else:
+        model = load_model(path).to(device).eval()
     prompting = resolve_prompting(path, tokenizer, cfg.prompting)
     with atomic_dir(out) as tmp:
         with JsonlLogger(tmp / "log.jsonl") as log:
@@ -154,7 +177,7 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
                         metrics["suites"][name], more = evaluate_items(model, tokenizer, items, prompting, cfg,
                                                                        grader, log)
                         kept += [{"suite": name, **r} for r in more]
-        metrics["model"] = str(path)
+        metrics["model"] = str(path) if cfg.endpoint is None else f"{model.model} at {cfg.endpoint}"
         atomic_write_text(tmp / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         tables = ([format_table(metrics)] if metrics["modes"] else []) + (
             [suites_table({path.name: metrics})] if metrics.get("suites") else [])
@@ -205,8 +228,8 @@ def run(cfg: EvalConfig, stage: StageDir, inputs: Inputs) -> dict:
         ref = inputs.ids.get("models", {}).get(name) if hasattr(inputs, "ids") else None
         record = {"settings": json.loads(json.dumps(settings)), "model": ref, "suites": _suite_files(cfg)}
         out = stage.path / name
-        done = _reusable(out, record) if ref else None
-        if done is None and ref and previous is not None and _reusable(previous.path / name, record) is not None:
+        done = _reusable(out, record) if ref and cfg.endpoint is None else None  # a server may change: redo
+        if done is None and ref and cfg.endpoint is None and previous is not None and _reusable(previous.path / name, record) is not None:
             shutil.rmtree(out, ignore_errors=True)
             shutil.copytree(previous.path / name, out)
             done = _reusable(out, record)
