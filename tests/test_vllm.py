@@ -225,3 +225,54 @@ def test_costs_measured_in_vllm_drive_the_search(tmp_path, monkeypatch):
         device="cpu"), StageDir(run, "search"),
                Inputs({**both, "scores": run / "scores" / "scores.json", "costs": run / "costs" / "costs.json"}))
     check_engine(DeciLMConfig.from_pretrained(run / "search" / "model"), "vllm", "the child")
+
+
+@needs_vllm
+def test_the_eval_harness_grades_a_vllm_server_like_the_local_folder(tmp_path):
+    """eval.endpoint against real `vllm serve` (its OpenAI-compatible server) on one of our checkpoints: the
+    harness's prompts, sent as token ids, come back as the text the local rollout engine writes."""
+    import socket
+    import time
+
+    import httpx
+
+    from thinkfast.artifacts import write_model_sidecar
+    from thinkfast.stages.eval import EvalConfig, evaluate_folder
+
+    build(tmp_path, "m", True, 0)
+    folder = tmp_path / "m"
+    write_model_sidecar(folder, prompting="chat", made_by="test")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    log = open(tmp_path / "vllm.log", "w")
+    server = subprocess.Popen([str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+                               "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--port", str(port),
+                               "--trust-remote-code"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.time() - t0 < 600, (tmp_path / "vllm.log").read_text()[-4000:]
+            time.sleep(1)
+        common = dict(model=str(folder), per_cell=2, digits=[1], max_new_tokens=16, on_temperature=0.0,
+                      save_samples=2, device="cpu")
+        local = evaluate_folder(EvalConfig(**common), folder, tmp_path / "local")
+        served = evaluate_folder(EvalConfig(**common, endpoint=f"http://127.0.0.1:{port}/v1"), folder,
+                                 tmp_path / "served")
+    finally:
+        server.terminate()
+        server.wait(60)
+        log.close()
+    for mode in ("on", "off"):
+        assert {k: local["modes"][mode][k] for k in ("accuracy", "format_ok", "mean_tokens")} == \
+            {k: served["modes"][mode][k] for k in ("accuracy", "format_ok", "mean_tokens")}
+    responses = [json.loads(line)["response"] for line in (tmp_path / "local" / "samples.jsonl").open()]
+    assert len(set(responses)) > 2
+    assert responses == [json.loads(line)["response"] for line in (tmp_path / "served" / "samples.jsonl").open()]

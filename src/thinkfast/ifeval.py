@@ -1,0 +1,511 @@
+"""IFEval grading: the 25 verifiable instructions of Zhou et al. 2023, "Instruction-Following Evaluation for
+Large Language Models" (arXiv:2311.07911), with the semantics of Google's reference checker
+(google-research/instruction_following_eval: instructions.py, evaluation_lib.py), written anew here.
+
+* :data:`INSTRUCTIONS`: instruction id -> checker ``(response, kwargs, prompt) -> bool``; ``None`` values in
+  kwargs are ignored (the Hugging Face copy of the data fills every unused key with ``None``).
+* :func:`load_ifeval`: the ``input_data.jsonl`` rows as :class:`IFEvalItem`; a bad row is a ``ValueError`` that
+  names the file and the line.
+* :func:`grade`: per instruction, ``strict`` (the checker on the response; an empty or all-whitespace response
+  follows nothing) and ``loose`` (any of eight variants passes: the response without its first line, without
+  its last line, without both, and each of the four with every ``*`` removed), as Google's
+  ``test_instruction_following_strict`` / ``_loose`` do.
+* :func:`score`: prompt-level (every instruction of a prompt followed) and instruction-level accuracy.
+
+Departures from the reference, all documented here:
+
+* Sentences: Google counts them with NLTK's punkt English model, whose data cannot be fetched offline.
+  :func:`count_sentences` is a rule-based re-creation of punkt's decisions: a candidate break is a ``.``, ``?``
+  or ``!`` followed by whitespace and a token, or by closing/opening punctuation (only the last of a run of
+  candidates without whitespace counts, so ``?!`` and ``!!!`` end one sentence); ``?``/``!`` always break;
+  a period after an ordinary word always breaks (punkt's English model knows no ``e.g``, ``i.e`` or ``etc``
+  either, so it breaks after them too); after one of punkt's abbreviations (``Mr.``, ``Dr.``, ``U.S.``,
+  ``a.m.``, ``Inc.`` ...) or an ellipsis it breaks only before a capitalised common word (punkt's
+  orthographic heuristic, whose word table is approximated by a list of frequent words); after a number
+  (``1.``) it breaks unless a lowercase word follows; a lone initial breaks only before a capitalised common
+  word or a non-letter; decimals (``3.14``) and ``a.b`` never break; closing quotes and brackets after a break
+  stay with the sentence they close. Rare words whose orthography punkt learned differently, and punkt's
+  collocation table, can make the two disagree.
+* Capital words (``change_case:capital_word_frequency``): Google counts ``nltk.word_tokenize`` tokens that are
+  ``str.isupper()``; :func:`capital_words` splits as NLTK's word tokenizer does where it matters for case
+  (whitespace, ``,;:@#$%&?!*()[]{}<>"`` and curly quotes, ``--``, ``...``, dashes, the clitics ``n't 's 'm 'd
+  're 've 'll`` and ``cannot``/``gonna``/``gotta``/``wanna``/``gimme``/``lemme``), so ``DON'T`` is two capital
+  words and ``AI's`` one; ``,``/``:`` between digits are split too (harmless: digits have no case).
+* Words: ``re.findall(r"\\w+")``, exactly what NLTK's ``RegexpTokenizer(r"\\w+")`` returns; no NLTK needed.
+* Language (``language:response_language``, ``change_case:english_capital``/``english_lowercase``):
+  ``langdetect`` as in Google's code, seeded (``DetectorFactory.seed = 0``) as Google's current code is;
+  it is imported only when such an instruction is graded (ImportError with the fix when it is missing).
+  A text langdetect cannot classify counts as followed, as in Google's code.
+* Missing or invalid kwargs raise ``ValueError`` where Google's code would draw random values; a keyword or
+  forbidden word that is not a valid regular expression is matched literally (Google's code would crash);
+  ``combination:repeat_prompt`` needs ``prompt_to_repeat`` (the full prompt is never used in its place).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["INSTRUCTIONS", "IFEvalItem", "capital_words", "count_sentences", "count_words", "grade",
+           "load_ifeval", "score", "split_sentences"]
+
+Checker = Callable[[str, Mapping, str], bool]
+
+# ---------------------------------------------------------------------------------------------- text units
+
+
+def count_words(text: str) -> int:
+    """Words as NLTK's ``RegexpTokenizer(r"\\w+")`` finds them.
+
+    >>> count_words("d3sCRi7 lArge lAnguagE M0del w1tH 20 w0RdS.")
+    7
+    """
+    return len(re.findall(r"\w+", text))
+
+
+# Abbreviations of punkt's English model (lowercase, without the final period) that ordinary text meets.
+_ABBREVIATIONS = frozenset("""
+    mr mrs ms dr prof sr jr st messrs rep reps sen gen col lt maj adm gov ft
+    co corp inc ltd bros cie vs v ok mg yr ave
+    jan feb aug sep sept oct nov dec wed tues fri
+    a.m p.m ph.d u.s u.k u.n u.s.a u.s.s.r d.c n.y l.a m.b.a
+    ala ariz calif colo conn fla ga ill kan ky mich minn nev okla ore pa tenn va vt wash wis
+    c d e f g h k l m n p r s t w
+""".split())
+# Capitalised, these start a sentence after an abbreviation, an ellipsis or an initial: punkt's English
+# sentence starters plus frequent words it has seen in lowercase (its orthographic table, approximated).
+_STARTERS = frozenset("""
+    a about according after again all also although always among an and another any are as at be because
+    before both but by can could despite did do does during each even every first for from further had has
+    have he her here his how however i if in indeed instead is it its just let many may meanwhile more
+    moreover most my next no nor not now of on once one only or other our over perhaps please since so some
+    still such that the their then there therefore these they this those though thus to today under unlike
+    we what when where whether which while who why will with would yes yet you your
+""".split())
+_NON_WORD = ")\";}]*:@'({[!?"  # punkt's non-word characters: each is a token of its own
+_NOT_WORD_START = "(\"`{[:;&#*@)}]-,"
+_CANDIDATE = re.compile(r"[.?!](?=([)\";}\]*:@'({\[!?])|\s+(\S+))")
+_NUMBER = re.compile(r"-?[.,]?\d[\d,.-]*\.?")
+_CLOSERS = re.compile(r"[\"')\]}]+?(?:\s+|(?=--)|$)", re.MULTILINE)
+
+
+def _first_token(text: str) -> str:
+    """punkt's first token of ``text``: a non-word character alone, else the word up to one."""
+    if text[0] in _NON_WORD or text[0] in _NOT_WORD_START:
+        return text[0]
+    return re.split(r"[)\";}\]*:@'({\[!?]|--", text)[0]
+
+
+def _starts_sentence(tok: str) -> bool:
+    """A capitalised common word (punkt's orthographic heuristic says: a sentence starts here)."""
+    return tok[:1].isupper() and tok.rstrip(".").lower() in _STARTERS
+
+
+def _breaks(word: str, end: str, nxt: str) -> bool:
+    """Whether punkt ends a sentence at the ``end`` character closing ``word``, ``nxt`` the token after it."""
+    if end in "?!" or "?" in word or "!" in word:
+        return True
+    text = word + end
+    if text.endswith(".."):  # an ellipsis
+        return _starts_sentence(nxt)
+    tok = re.split(r"[)\";}\]*:@'({\[!?]|--", text)[-1].lstrip(_NOT_WORD_START)
+    typ = tok[:-1].lower()
+    initial = re.fullmatch(r"[^\W\d]\.", tok) is not None
+    if typ in _ABBREVIATIONS or typ.split("-")[-1] in _ABBREVIATIONS:
+        return not initial and _starts_sentence(nxt)
+    if initial:
+        return _starts_sentence(nxt) or not (nxt[:1].isalpha() or nxt in ";:,.!?")
+    if _NUMBER.fullmatch(tok):
+        return not (nxt[:1].islower() or nxt in ";:,.!?")
+    return True
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences as NLTK's punkt English model splits them (approximated by rules; see the module docstring).
+
+    >>> split_sentences('Mr. Smith went to the U.S. yesterday. He paid $3.14, e.g. for tea! "Yes." Wait... ok')
+    ['Mr. Smith went to the U.S. yesterday.', 'He paid $3.14, e.g.', 'for tea!', '"Yes."', 'Wait... ok']
+    """
+    matches = list(_CANDIDATE.finditer(text))
+    bounds: list[tuple[int, int]] = []  # (end of a sentence, start of the next)
+    start = 0
+    for i, m in enumerate(matches):
+        p = m.start()
+        if i + 1 < len(matches) and not re.search(r"\s", text[p:matches[i + 1].start()]):
+            continue  # only the last of a run of candidates without whitespace counts
+        word = text[:p].split()[-1] if text[:p].strip() and not text[p - 1].isspace() else ""
+        nxt = m.group(1) or _first_token(m.group(2))
+        if _breaks(word, text[p], nxt):
+            bounds.append((p + 1, m.start(2) if m.group(2) else p + 1))
+        start = p
+    del start
+    spans, begin = [], 0
+    for stop, nxt_begin in bounds:
+        spans.append([begin, stop])
+        begin = nxt_begin
+    spans.append([begin, len(text.rstrip())])
+    for a, b in zip(spans, spans[1:]):  # closing quotes and brackets stay with the sentence they close
+        m = _CLOSERS.match(text, b[0], b[1])
+        if m:
+            a[1] = b[0] + len(m.group(0).rstrip())
+            b[0] = m.end()
+    return [text[a:b] for a, b in spans if b > a]
+
+
+def count_sentences(text: str) -> int:
+    """The number of :func:`split_sentences` sentences."""
+    return len(split_sentences(text))
+
+
+_CLITIC = re.compile(r"(?<=[^' ])('s|'S|'m|'M|'d|'D|'ll|'LL|'re|'RE|'ve|'VE|n't|N'T|')$")
+_FUSED = re.compile(r"(?i)^(can)(not)$|^(gim)(me)$|^(gon)(na)$|^(got)(ta)$|^(lem)(me)$|^(wan)(na)$")
+
+
+def capital_words(text: str) -> list[str]:
+    """The tokens of ``text`` that are all capitals, as ``nltk.word_tokenize`` would give them.
+
+    >>> capital_words("HERE there are THREE FUlly CAPITAL words. DON'T say AI's name, AT&T.")
+    ['HERE', 'THREE', 'CAPITAL', 'DO', "N'T", 'AI', 'AT', 'T']
+    """
+    text = re.sub(r"--|\.{2,}|[,;:@#$%&?!*()\[\]{}<>\"`«»“”‘’„\u2012-\u2015]", " ", text)
+    out = []
+    for tok in text.split():
+        m = _CLITIC.search(tok)
+        parts = [tok[:m.start()], m.group(1)] if m else [tok]
+        for part in parts:
+            fused = _FUSED.match(part)
+            out.extend(g for g in fused.groups() if g) if fused else out.append(part)
+    return [t for t in out if t.isupper()]
+
+
+# ------------------------------------------------------------------------------------------------- checkers
+
+_RELATIONS = ("less than", "at least")
+
+
+def _arg(kwargs: Mapping, name: str):
+    value = kwargs.get(name)
+    if value is None:
+        raise ValueError(f"IFEval instruction needs the argument {name!r}, got {dict(kwargs)}")
+    return value
+
+
+def _num(kwargs: Mapping, name: str) -> int:
+    value = _arg(kwargs, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"IFEval argument {name!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _compare(count: int, kwargs: Mapping, relation_key: str, threshold_key: str) -> bool:
+    relation, threshold = _arg(kwargs, relation_key), _num(kwargs, threshold_key)
+    if relation == "less than":
+        return count < threshold
+    if relation == "at least":
+        return count >= threshold
+    raise ValueError(f"IFEval relation must be one of {_RELATIONS}, got {relation!r}")
+
+
+def _search(pattern: str, text: str) -> list[str]:
+    """Case-insensitive ``re.findall`` of ``pattern`` as given; matched literally if it is no valid regex."""
+    try:
+        return re.findall(pattern, text, flags=re.IGNORECASE)
+    except re.error:
+        return re.findall(re.escape(pattern), text, flags=re.IGNORECASE)
+
+
+_langdetect = None
+
+
+def _language(text: str) -> str | None:
+    """langdetect's language code for ``text``, ``None`` where it cannot tell."""
+    global _langdetect
+    if _langdetect is None:
+        try:
+            import langdetect
+        except ImportError as e:
+            raise ImportError("IFEval's language instructions need the langdetect package: "
+                              "pip install langdetect") from e
+        langdetect.DetectorFactory.seed = 0
+        _langdetect = langdetect
+    try:
+        return _langdetect.detect(text)
+    except _langdetect.LangDetectException:
+        return None
+
+
+def _is_language(text: str, code: str) -> bool:
+    found = _language(text)
+    return found is None or found == code  # undetectable counts as followed, as in Google's code
+
+
+def _keywords_exist(r, kw, p):
+    return all(_search(k, r) for k in _arg(kw, "keywords"))
+
+
+def _keyword_frequency(r, kw, p):
+    return _compare(len(_search(_arg(kw, "keyword").strip(), r)), kw, "relation", "frequency")
+
+
+def _forbidden_words(r, kw, p):
+    return not any(_search(r"\b" + w + r"\b", r) for w in _arg(kw, "forbidden_words"))
+
+
+def _letter_frequency(r, kw, p):
+    letter = _arg(kw, "letter").strip().lower()
+    if len(letter) != 1:
+        raise ValueError(f"IFEval letter must be a single non-whitespace character, got {kw['letter']!r}")
+    return _compare(Counter(r.lower())[letter], kw, "let_relation", "let_frequency")
+
+
+def _response_language(r, kw, p):
+    return _is_language(r, _arg(kw, "language"))
+
+
+def _number_sentences(r, kw, p):
+    return _compare(count_sentences(r), kw, "relation", "num_sentences")
+
+
+def _number_paragraphs(r, kw, p):
+    parts = re.split(r"\s?\*\*\*\s?", r)
+    count = len(parts)
+    for i, part in enumerate(parts):
+        if not part.strip():
+            if 0 < i < len(parts) - 1:
+                return False  # an empty paragraph between two dividers
+            count -= 1
+    return count == _num(kw, "num_paragraphs")
+
+
+def _number_words(r, kw, p):
+    return _compare(count_words(r), kw, "relation", "num_words")
+
+
+def _nth_paragraph_first_word(r, kw, p):
+    want, nth = _num(kw, "num_paragraphs"), _num(kw, "nth_paragraph")
+    first_word = _arg(kw, "first_word").lower()
+    parts = r.split("\n\n")
+    count = sum(1 for part in parts if part.strip())
+    if not 1 <= nth <= count:
+        return False
+    paragraph = parts[nth - 1].strip()  # indexes the raw split, empty parts included, as Google's code does
+    if not paragraph:
+        return False
+    word = paragraph.split()[0].strip().lstrip("'").lstrip('"')
+    found = re.match(r"[^.,?!'\"]*", word).group(0).lower()
+    return count == want and found == first_word
+
+
+def _number_placeholders(r, kw, p):
+    return len(re.findall(r"\[.*?\]", r)) >= _num(kw, "num_placeholders")
+
+
+def _postscript(r, kw, p):
+    marker = _arg(kw, "postscript_marker").strip()
+    pattern = {"P.P.S": r"\s*p\.\s?p\.\s?s.*$", "P.S.": r"\s*p\.\s?s\..*$"}.get(
+        marker, r"\s*" + marker.lower() + r".*$")
+    return bool(re.findall(pattern, r.lower(), flags=re.MULTILINE))
+
+
+def _number_bullet_lists(r, kw, p):
+    stars = re.findall(r"^\s*\*[^\*].*$", r, flags=re.MULTILINE)
+    dashes = re.findall(r"^\s*-.*$", r, flags=re.MULTILINE)
+    return len(stars) + len(dashes) == _num(kw, "num_bullets")
+
+
+def _constrained_response(r, kw, p):
+    value = r.strip()
+    return any(option in value for option in ("My answer is yes.", "My answer is no.", "My answer is maybe."))
+
+
+def _number_highlighted_sections(r, kw, p):
+    single = [h for h in re.findall(r"\*[^\n\*]*\*", r) if h.strip("*").strip()]
+    double = [h for h in re.findall(r"\*\*[^\n\*]*\*\*", r) if h[2:-2].strip()]
+    return len(single) + len(double) >= _num(kw, "num_highlights")
+
+
+def _multiple_sections(r, kw, p):
+    splitter = _arg(kw, "section_spliter").strip()
+    return len(re.split(r"\s?" + splitter + r"\s?\d+\s?", r)) - 1 >= _num(kw, "num_sections")
+
+
+def _json_format(r, kw, p):
+    value = r.strip()
+    for prefix in ("```json", "```Json", "```JSON", "```"):
+        value = value.removeprefix(prefix)
+    try:
+        json.loads(value.removesuffix("```").strip())
+    except ValueError:
+        return False
+    return True
+
+
+def _title(r, kw, p):
+    return any(t.lstrip("<").rstrip(">").strip() for t in re.findall(r"<<[^\n]+>>", r))
+
+
+def _two_responses(r, kw, p):
+    parts = r.split("******")
+    kept = []
+    for i, part in enumerate(parts):
+        if part.strip():
+            kept.append(part.strip())
+        elif 0 < i < len(parts) - 1:
+            return False
+    return len(kept) == 2 and kept[0] != kept[1]
+
+
+def _repeat_prompt(r, kw, p):
+    return r.strip().lower().startswith(_arg(kw, "prompt_to_repeat").strip().lower())
+
+
+def _end_checker(r, kw, p):
+    return r.strip().strip('"').lower().endswith(_arg(kw, "end_phrase").strip().lower())
+
+
+def _quotation(r, kw, p):
+    value = r.strip()
+    return len(value) > 1 and value[0] == '"' and value[-1] == '"'
+
+
+def _capital_word_frequency(r, kw, p):
+    return _compare(len(capital_words(r)), kw, "capital_relation", "capital_frequency")
+
+
+def _english_capital(r, kw, p):
+    return r.isupper() and _is_language(r, "en")
+
+
+def _english_lowercase(r, kw, p):
+    return r.islower() and _is_language(r, "en")
+
+
+def _no_comma(r, kw, p):
+    return "," not in r
+
+
+INSTRUCTIONS: dict[str, Checker] = {
+    "keywords:existence": _keywords_exist,
+    "keywords:frequency": _keyword_frequency,
+    "keywords:forbidden_words": _forbidden_words,
+    "keywords:letter_frequency": _letter_frequency,
+    "language:response_language": _response_language,
+    "length_constraints:number_sentences": _number_sentences,
+    "length_constraints:number_paragraphs": _number_paragraphs,
+    "length_constraints:number_words": _number_words,
+    "length_constraints:nth_paragraph_first_word": _nth_paragraph_first_word,
+    "detectable_content:number_placeholders": _number_placeholders,
+    "detectable_content:postscript": _postscript,
+    "detectable_format:number_bullet_lists": _number_bullet_lists,
+    "detectable_format:constrained_response": _constrained_response,
+    "detectable_format:number_highlighted_sections": _number_highlighted_sections,
+    "detectable_format:multiple_sections": _multiple_sections,
+    "detectable_format:json_format": _json_format,
+    "detectable_format:title": _title,
+    "combination:two_responses": _two_responses,
+    "combination:repeat_prompt": _repeat_prompt,
+    "startend:end_checker": _end_checker,
+    "startend:quotation": _quotation,
+    "change_case:capital_word_frequency": _capital_word_frequency,
+    "change_case:english_capital": _english_capital,
+    "change_case:english_lowercase": _english_lowercase,
+    "punctuation:no_comma": _no_comma,
+}
+
+# ------------------------------------------------------------------------------------------ data and grading
+
+
+@dataclass(frozen=True)
+class IFEvalItem:
+    """One IFEval prompt: its instructions and each one's arguments (``None`` values dropped)."""
+
+    key: int
+    prompt: str
+    instruction_ids: tuple[str, ...]
+    kwargs: tuple[dict, ...]
+
+
+def _parse_row(line: str) -> IFEvalItem:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise ValueError("a row must be a JSON object")
+    missing = [k for k in ("key", "prompt", "instruction_id_list", "kwargs") if k not in row]
+    if missing:
+        raise ValueError(f"missing field(s) {', '.join(missing)}")
+    key, prompt, ids, kwargs = row["key"], row["prompt"], row["instruction_id_list"], row["kwargs"]
+    if isinstance(key, bool) or not isinstance(key, int):
+        raise ValueError(f"key must be an integer, got {key!r}")
+    if not isinstance(prompt, str):
+        raise ValueError("prompt must be a string")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise ValueError("instruction_id_list must be a non-empty list of strings")
+    unknown = [i for i in ids if i not in INSTRUCTIONS]
+    if unknown:
+        raise ValueError(f"unknown instruction id(s) {', '.join(unknown)}")
+    if not isinstance(kwargs, list) or not all(isinstance(k, dict) for k in kwargs):
+        raise ValueError("kwargs must be a list of objects")
+    if len(kwargs) != len(ids):
+        raise ValueError(f"{len(kwargs)} kwargs for {len(ids)} instructions")
+    clean = tuple({k: v for k, v in kw.items() if v is not None} for kw in kwargs)
+    return IFEvalItem(key, prompt, tuple(ids), clean)
+
+
+def load_ifeval(path: str | Path, limit: int | None = None) -> list[IFEvalItem]:
+    """The IFEval rows of ``path`` (Google's ``input_data.jsonl``), the first ``limit`` of them if given."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"IFEval data file not found: {path}")
+    items: list[IFEvalItem] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(items) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                items.append(_parse_row(line))
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: bad IFEval row: {e}") from None
+    return items
+
+
+def _loose_variants(response: str) -> list[str]:
+    lines = response.split("\n")
+    cut = ["\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(), "\n".join(lines[1:-1]).strip()]
+    return [response, response.replace("*", ""), *cut, *(c.replace("*", "") for c in cut)]
+
+
+def grade(item: IFEvalItem, response: str) -> dict[str, list[bool]]:
+    """``{"strict": [...], "loose": [...]}``: whether ``response`` follows each of ``item``'s instructions."""
+    variants = _loose_variants(response)
+    strict, loose = [], []
+    for iid, kwargs in zip(item.instruction_ids, item.kwargs):
+        check = INSTRUCTIONS[iid]
+        kw = {k: v for k, v in kwargs.items() if v is not None}
+        strict.append(bool(response.strip()) and bool(check(response, kw, item.prompt)))
+        loose.append(any(v.strip() and check(v, kw, item.prompt) for v in variants))
+    return {"strict": strict, "loose": loose}
+
+
+def score(graded: list[dict]) -> dict:
+    """Prompt-level (all of a prompt's instructions followed) and instruction-level accuracy, strict and loose;
+    0.0 for an empty list.
+
+    >>> score([{"strict": [True, False], "loose": [True, True]}, {"strict": [True], "loose": [True]}])["prompt_level_strict"]
+    0.5
+    """
+    n_prompts = len(graded)
+    n_instructions = sum(len(g["strict"]) for g in graded)
+    out: dict = {}
+    for mode in ("strict", "loose"):
+        out[f"prompt_level_{mode}"] = sum(all(g[mode]) for g in graded) / n_prompts if n_prompts else 0.0
+        followed = sum(sum(map(bool, g[mode])) for g in graded)
+        out[f"instruction_level_{mode}"] = followed / n_instructions if n_instructions else 0.0
+    return {**out, "n_prompts": n_prompts, "n_instructions": n_instructions}
