@@ -6,17 +6,13 @@ import json
 
 import pytest
 import torch
+from helpers import serve_in_thread
+from test_modeling import hetero_config
 
-pytest.importorskip("openai")
-pytest.importorskip("uvicorn")
-
-from helpers import serve_in_thread  # noqa: E402
-from test_modeling import hetero_config  # noqa: E402
-
-from thinkfast.artifacts import write_model_sidecar  # noqa: E402
-from thinkfast.modeling import DeciLMForCausalLM  # noqa: E402
-from thinkfast.nano.tokenizer import build_tokenizer  # noqa: E402
-from thinkfast.stages.eval import EvalConfig, evaluate_folder  # noqa: E402
+from thinkfast.artifacts import write_model_sidecar
+from thinkfast.modeling import DeciLMForCausalLM
+from thinkfast.nano.tokenizer import build_tokenizer
+from thinkfast.stages.eval import EvalConfig, evaluate_folder
 
 
 def tiny_chat_model(path):

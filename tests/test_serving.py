@@ -5,24 +5,20 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
+import httpx
+import openai
 import pytest
 import torch
+from helpers import serve_in_thread
+from test_modeling import hetero_config
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-uvicorn = pytest.importorskip("uvicorn")
-
-from helpers import serve_in_thread  # noqa: E402
-from test_modeling import hetero_config  # noqa: E402
-
-from thinkfast.generation import SamplingParams, generate  # noqa: E402
-from thinkfast.modeling import DeciLMForCausalLM  # noqa: E402
-from thinkfast.nano.tokenizer import build_tokenizer  # noqa: E402
-from thinkfast.serving.app import ServerState  # noqa: E402
-from thinkfast.serving.engine import ContinuousEngine  # noqa: E402
-from thinkfast.toggle import stop_token_ids  # noqa: E402
+from thinkfast.generation import SamplingParams, generate
+from thinkfast.modeling import DeciLMForCausalLM
+from thinkfast.nano.tokenizer import build_tokenizer
+from thinkfast.serving.app import ServerState
+from thinkfast.serving.engine import ContinuousEngine
+from thinkfast.toggle import stop_token_ids
 
 SCRIPT = {"mode": "answer"}  # what the scripted model does after "<think>": answer, or think forever
 

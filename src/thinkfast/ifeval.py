@@ -43,6 +43,7 @@ Departures from the reference, all documented here:
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from collections import Counter
@@ -91,13 +92,15 @@ _NOT_WORD_START = "(\"`{[:;&#*@)}]-,"
 _CANDIDATE = re.compile(r"[.?!](?=([)\";}\]*:@'({\[!?])|\s+(\S+))")
 _NUMBER = re.compile(r"-?[.,]?\d[\d,.-]*\.?")
 _CLOSERS = re.compile(r"[\"')\]}]+?(?:\s+|(?=--)|$)", re.MULTILINE)
+_TOKEN_END = re.compile(r"[)\";}\]*:@'({\[!?]|--|\.{2,}|,$")
+_SPACE = re.compile(r"[ \t\n\r\x0b\x0c]")  # punkt finds a word's start by ASCII whitespace
 
 
 def _first_token(text: str) -> str:
-    """punkt's first token of ``text``: a non-word character alone, else the word up to one."""
+    """punkt's first token of the whitespace-free ``text``: a non-word character alone, else the word."""
     if text[0] in _NON_WORD or text[0] in _NOT_WORD_START:
         return text[0]
-    return re.split(r"[)\";}\]*:@'({\[!?]|--", text)[0]
+    return _TOKEN_END.split(text)[0]
 
 
 def _starts_sentence(tok: str) -> bool:
@@ -112,7 +115,7 @@ def _breaks(word: str, end: str, nxt: str) -> bool:
     text = word + end
     if text.endswith(".."):  # an ellipsis
         return _starts_sentence(nxt)
-    tok = re.split(r"[)\";}\]*:@'({\[!?]|--", text)[-1].lstrip(_NOT_WORD_START)
+    tok = _TOKEN_END.split(text)[-1].lstrip(_NOT_WORD_START)
     typ = tok[:-1].lower()
     initial = re.fullmatch(r"[^\W\d]\.", tok) is not None
     if typ in _ABBREVIATIONS or typ.split("-")[-1] in _ABBREVIATIONS:
@@ -130,23 +133,19 @@ def split_sentences(text: str) -> list[str]:
     >>> split_sentences('Mr. Smith went to the U.S. yesterday. He paid $3.14, e.g. for tea! "Yes." Wait... ok')
     ['Mr. Smith went to the U.S. yesterday.', 'He paid $3.14, e.g.', 'for tea!', '"Yes."', 'Wait... ok']
     """
+    spaces = [m.start() for m in _SPACE.finditer(text)]
     matches = list(_CANDIDATE.finditer(text))
-    bounds: list[tuple[int, int]] = []  # (end of a sentence, start of the next)
-    start = 0
+    spans, begin = [], 0
     for i, m in enumerate(matches):
         p = m.start()
-        if i + 1 < len(matches) and not re.search(r"\s", text[p:matches[i + 1].start()]):
-            continue  # only the last of a run of candidates without whitespace counts
-        word = text[:p].split()[-1] if text[:p].strip() and not text[p - 1].isspace() else ""
+        k = bisect.bisect_left(spaces, p)
+        word_start = spaces[k - 1] + 1 if k else 0
+        if word_start < p and i + 1 < len(matches) and not (k < len(spaces) and spaces[k] < matches[i + 1].start()):
+            continue  # of a run of candidates without whitespace between them only the last counts
         nxt = m.group(1) or _first_token(m.group(2))
-        if _breaks(word, text[p], nxt):
-            bounds.append((p + 1, m.start(2) if m.group(2) else p + 1))
-        start = p
-    del start
-    spans, begin = [], 0
-    for stop, nxt_begin in bounds:
-        spans.append([begin, stop])
-        begin = nxt_begin
+        if _breaks(text[word_start:p], text[p], nxt):
+            spans.append([begin, p + 1])
+            begin = m.start(2) if m.group(2) else p + 1
     spans.append([begin, len(text.rstrip())])
     for a, b in zip(spans, spans[1:]):  # closing quotes and brackets stay with the sentence they close
         m = _CLOSERS.match(text, b[0], b[1])
