@@ -47,7 +47,8 @@ def _port() -> int:
 def start(model: str, engine: str, threads: int) -> tuple[subprocess.Popen, str]:
     port = _port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "thinkfast"), "serve", "--model", model, "--port", str(port),
+    exe = str(Path(sys.executable).parent / "thinkfast")
+    proc = subprocess.Popen([exe, "serve", "--model", model, "--port", str(port),
                              "--engine", engine, "--served-model-name", "m"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -121,7 +122,8 @@ def main() -> None:
         for e in servers:
             rs = runs[e][c]
             n = sum(r["requests"] for r in rs)
-            row[e] = {k: statistics.mean(r[k] for r in rs) for k in ("requests_per_s", "tokens_per_s", "p50_s", "p99_s")}
+            keys = ("requests_per_s", "tokens_per_s", "p50_s", "p99_s")
+            row[e] = {k: statistics.mean(r[k] for r in rs) for k in keys}
             row[e]["accuracy"] = sum(r["accuracy"] * r["requests"] for r in rs) / n
             row[e]["requests"] = n
         row["speedup_requests_per_s"] = row["continuous"]["requests_per_s"] / row["generate"]["requests_per_s"]

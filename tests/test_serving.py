@@ -82,7 +82,8 @@ def _answer_mode():
 def _chat(client, thinking=None, **kw):
     extra = {"chat_template_kwargs": {"enable_thinking": thinking}} if thinking is not None else {}
     extra.update(kw.pop("extra_body", {}))
-    return client.chat.completions.create(model="tiny", messages=kw.pop("messages", [{"role": "user", "content": "hi"}]),
+    messages = kw.pop("messages", [{"role": "user", "content": "hi"}])
+    return client.chat.completions.create(model="tiny", messages=messages,
                                           temperature=kw.pop("temperature", 0), extra_body=extra or None, **kw)
 
 
@@ -170,7 +171,8 @@ def test_malformed_requests_get_a_400_naming_the_field(server, kw, param):
 
 
 def test_invalid_json_unknown_model_and_unknown_path(server):
-    r = httpx.post(server["base"] + "/v1/chat/completions", content=b"{bad", headers={"content-type": "application/json"})
+    r = httpx.post(server["base"] + "/v1/chat/completions", content=b"{bad",
+                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and "invalid JSON" in r.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         server["client"].chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}])

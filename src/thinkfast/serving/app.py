@@ -200,13 +200,15 @@ def build_app(state: ServerState) -> FastAPI:
         first = e.errors()[0] if e.errors() else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         if first.get("type") == "json_invalid":
-            return _error(400, f"invalid JSON in the request body: {first.get('ctx', {}).get('error', first.get('msg'))}")
+            why = first.get("ctx", {}).get("error", first.get("msg"))
+            return _error(400, f"invalid JSON in the request body: {why}")
         where = ".".join(loc) or "body"
         return _error(400, f"{where}: {first.get('msg', 'invalid value')}", where)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
-        return _error(e.status_code, str(e.detail), kind="invalid_request_error" if e.status_code < 500 else "server_error")
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return _error(e.status_code, str(e.detail), kind=kind)
 
     @app.get("/health")
     async def health():
