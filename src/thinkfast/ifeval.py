@@ -167,8 +167,8 @@ _FUSED = re.compile(r"(?i)^(can)(not)$|^(gim)(me)$|^(gon)(na)$|^(got)(ta)$|^(lem
 def capital_words(text: str) -> list[str]:
     """The tokens of ``text`` that are all capitals, as ``nltk.word_tokenize`` would give them.
 
-    >>> capital_words("HERE there are THREE FUlly CAPITAL words. DON'T say AI's name, AT&T.")
-    ['HERE', 'THREE', 'CAPITAL', 'DO', "N'T", 'AI', 'AT', 'T']
+    >>> capital_words("HERE there are THREE FUlly CAPITAL words. DON'T say AI's name, AT&T, I said.")
+    ['HERE', 'THREE', 'CAPITAL', 'DO', "N'T", 'AI', 'AT', 'T', 'I']
     """
     text = re.sub(r"--|\.{2,}|[,;:@#$%&?!*()\[\]{}<>\"`«»“”‘’„\u2012-\u2015]", " ", text)
     out = []
@@ -497,8 +497,9 @@ def score(graded: list[dict]) -> dict:
     """Prompt-level (all of a prompt's instructions followed) and instruction-level accuracy, strict and loose;
     0.0 for an empty list.
 
-    >>> score([{"strict": [True, False], "loose": [True, True]}, {"strict": [True], "loose": [True]}])["prompt_level_strict"]
-    0.5
+    >>> s = score([{"strict": [True, False], "loose": [True, True]}, {"strict": [True], "loose": [True]}])
+    >>> s["prompt_level_strict"], s["prompt_level_loose"], s["instruction_level_strict"], s["n_instructions"]
+    (0.5, 1.0, 0.6666666666666666, 3)
     """
     n_prompts = len(graded)
     n_instructions = sum(len(g["strict"]) for g in graded)
