@@ -87,44 +87,35 @@ _STARTERS = frozenset("""
     still such that the their then there therefore these they this those though thus to today under unlike
     we what when where whether which while who why will with would yes yet you your
 """.split())
-_NON_WORD = ")\";}]*:@'({[!?"  # punkt's non-word characters: each is a token of its own
-_NOT_WORD_START = "(\"`{[:;&#*@)}]-,"
-_CANDIDATE = re.compile(r"[.?!](?=([)\";}\]*:@'({\[!?])|\s+(\S+))")
+_NW = r"[)\";}\]*:@'({\[\u2018\u2019\u201c\u201d\xab\xbb!?]"  # punkt's characters that end a word
+_MULTI = r"(?:-{2,}|\.{2,}|(?:\.\s){2,}\.)"  # dashes and ellipses: one token each
+# punkt's tokens: a dash or ellipsis run; a word (not starting with one of ("`{[:;&#*@)}]-,) up to whitespace,
+# a word-ending character, a dash/ellipsis run or a final comma; else a single character.
+_TOKEN = re.compile(rf"{_MULTI}|(?=[^(\"`{{\[:;&#*@)}}\]\-,])\S+?(?=\s|$|{_NW}|{_MULTI}|,(?=$|\s|{_NW}|{_MULTI}))|\S")
+_CANDIDATE = re.compile(rf"[.?!](?=({_NW})|\s+(\S+))")
 _NUMBER = re.compile(r"-?[.,]?\d[\d,.-]*\.?")
-_CLOSERS = re.compile(r"[\"')\]}]+?(?:\s+|(?=--)|$)", re.MULTILINE)
-_TOKEN_END = re.compile(r"[)\";}\]*:@'({\[!?]|--|\.{2,}|,$")
+_CLOSERS = re.compile(r"[\"')\]}\u2018\u2019\u201c\u201d\xab\xbb]+?(?:\s+|(?=--)|$)", re.MULTILINE)
 _SPACE = re.compile(r"[ \t\n\r\x0b\x0c]")  # punkt finds a word's start by ASCII whitespace
 
 
-def _first_token(text: str) -> str:
-    """punkt's first token of the whitespace-free ``text``: a non-word character alone, else the word."""
-    if text[0] in _NON_WORD or text[0] in _NOT_WORD_START:
-        return text[0]
-    return _TOKEN_END.split(text)[0]
-
-
-def _starts_sentence(tok: str) -> bool:
-    """A capitalised common word (punkt's orthographic heuristic says: a sentence starts here)."""
-    return tok[:1].isupper() and tok.rstrip(".").lower() in _STARTERS
-
-
-def _breaks(word: str, end: str, nxt: str) -> bool:
-    """Whether punkt ends a sentence at the ``end`` character closing ``word``, ``nxt`` the token after it."""
-    if end in "?!" or "?" in word or "!" in word:
+def _token_breaks(tok: str, nxt: str) -> bool:
+    """Whether punkt ends a sentence after token ``tok``, followed by token ``nxt``."""
+    if tok in (".", "?", "!"):
         return True
-    text = word + end
-    if text.endswith(".."):  # an ellipsis
-        return _starts_sentence(nxt)
-    tok = _TOKEN_END.split(text)[-1].lstrip(_NOT_WORD_START)
+    common = nxt[:1].isupper() and nxt.rstrip(".").lower() in _STARTERS  # a capitalised common word
+    if re.fullmatch(r"\.\.+", tok):  # an ellipsis
+        return common
+    if not tok.endswith("."):
+        return False
     typ = tok[:-1].lower()
     initial = re.fullmatch(r"[^\W\d]\.", tok) is not None
-    if typ in _ABBREVIATIONS or typ.split("-")[-1] in _ABBREVIATIONS:
-        return not initial and _starts_sentence(nxt)
-    if initial:
-        return _starts_sentence(nxt) or not (nxt[:1].isalpha() or nxt in ";:,.!?")
-    if _NUMBER.fullmatch(tok):
-        return not (nxt[:1].islower() or nxt in ";:,.!?")
-    return True
+    abbreviation = typ in _ABBREVIATIONS or typ.split("-")[-1] in _ABBREVIATIONS
+    if abbreviation and not initial:
+        return common
+    if initial or _NUMBER.fullmatch(tok):
+        if nxt[:1].islower() or nxt in ";:,.!?" or (initial and nxt[:1].isupper() and not common):
+            return False  # a lowercase word or punctuation follows; or a name follows an initial
+    return not abbreviation
 
 
 def split_sentences(text: str) -> list[str]:
@@ -142,8 +133,8 @@ def split_sentences(text: str) -> list[str]:
         word_start = spaces[k - 1] + 1 if k else 0
         if word_start < p and i + 1 < len(matches) and not (k < len(spaces) and spaces[k] < matches[i + 1].start()):
             continue  # of a run of candidates without whitespace between them only the last counts
-        nxt = m.group(1) or _first_token(m.group(2))
-        if _breaks(text[word_start:p], text[p], nxt):
+        toks = _TOKEN.findall(text[word_start:m.end()] + (m.group(1) or text[p + 1:m.end(2)]))
+        if any(_token_breaks(t, n) for t, n in zip(toks, toks[1:])):
             spans.append([begin, p + 1])
             begin = m.start(2) if m.group(2) else p + 1
     spans.append([begin, len(text.rstrip())])

@@ -241,14 +241,8 @@ def build_app(state: ServerState) -> FastAPI:
         except Exception as e:  # noqa: BLE001 - a template error is the request's fault (its kwargs or messages)
             raise APIError(400, f"the chat template failed on these messages: {e}", "messages") from None
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        params = _sampling(state, body, len(ids), max_tokens)
         prompts = [ids] * body.n
-        plist = [params if body.seed is None else _reseed(params, body.seed + k) for k in range(body.n)]
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        gen = _Generation(state, http, prompts, plist, body.max_thinking_tokens, body.stop,
-                          body.skip_special_tokens)
-        base = {"id": rid, "created": created, "model": state.model_name}
+        gen, base = _start(state, http, body, prompts, body.max_completion_tokens or body.max_tokens, "chatcmpl")
         if body.stream:
             return StreamingResponse(_chat_stream(gen, base, body, prompts), media_type="text/event-stream")
         choices = await _collect(gen)
@@ -278,14 +272,7 @@ def build_app(state: ServerState) -> FastAPI:
         if not prompts or any(not p for p in prompts):
             raise APIError(400, "empty prompt", "prompt")
         expanded = [p for p in prompts for _ in range(body.n)]
-        plist = []
-        for k, p in enumerate(expanded):
-            sp = _sampling(state, body, len(p), body.max_tokens)
-            plist.append(sp if body.seed is None else _reseed(sp, body.seed + k % body.n))
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        gen = _Generation(state, http, expanded, plist, body.max_thinking_tokens, body.stop,
-                          body.skip_special_tokens)
-        base = {"id": rid, "created": created, "model": state.model_name}
+        gen, base = _start(state, http, body, expanded, body.max_tokens, "cmpl")
         if body.stream:
             return StreamingResponse(_completion_stream(gen, base, body, expanded), media_type="text/event-stream")
         choices = await _collect(gen)
@@ -309,61 +296,66 @@ async def _collect(gen: _Generation) -> dict[int, _Choice]:
     return dict(enumerate(gen.choices))
 
 
-def _reseed(params: SamplingParams, seed: int) -> SamplingParams:
+def _start(state: ServerState, http: Request, body, prompts: list[list[int]], max_tokens: int | None,
+           prefix: str) -> tuple[_Generation, dict]:
+    """Check each prompt's length, submit them (``body.n`` per distinct prompt, consecutive; a seeded request's
+    k-th sample gets seed + k) and return the generation and the response's common fields."""
     from dataclasses import replace
 
-    return replace(params, seed=seed)
+    params = []
+    for k, p in enumerate(prompts):
+        sp = _sampling(state, body, len(p), max_tokens)
+        params.append(sp if body.seed is None else replace(sp, seed=body.seed + k % body.n))
+    gen = _Generation(state, http, prompts, params, body.max_thinking_tokens, body.stop, body.skip_special_tokens)
+    return gen, {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
 
 
-async def _chat_stream(gen: _Generation, base: dict, body: ChatCompletionRequest, prompts) -> AsyncIterator[str]:
-    chunk = {**base, "object": "chat.completion.chunk"}
+async def _stream(gen: _Generation, chunk: dict, body, prompts, head: list[dict], piece) -> AsyncIterator[str]:
+    """Server-sent events: the ``head`` choices, then ``piece(index, choice, new text)`` for each event (None:
+    nothing to send), the usage chunk when asked for, ``[DONE]``; an error mid-stream is an error event."""
     events = gen.events()
-    sent: dict[int, tuple[str, str]] = {i: ("", "") for i in range(body.n)}
-    finished: dict[int, _Choice] = {}
     try:
-        for i in range(body.n):
-            yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                              "logprobs": None, "finish_reason": None}]})
-        async for i, ch, _ in events:
-            reasoning, content = split_reasoning(ch.text)
-            old_r, old_c = sent[i]
-            delta = {}
-            if reasoning and len(reasoning) > len(old_r):
-                delta["reasoning_content"] = reasoning[len(old_r) :]
-            if len(content) > len(old_c):
-                delta["content"] = content[len(old_c) :]
-            sent[i] = (reasoning or "", content)
-            if ch.finish_reason is not None:
-                finished[i] = ch
-            if delta or ch.finish_reason is not None:
-                yield _sse({**chunk, "choices": [{"index": i, "delta": delta, "logprobs": None,
-                                                  "finish_reason": ch.finish_reason}]})
-        if body.stream_options and body.stream_options.include_usage:
-            yield _sse({**chunk, "choices": [], "usage": _usage(prompts, [finished[i] for i in sorted(finished)])})
-    except APIError as e:
-        yield _sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}})
-    finally:
-        await events.aclose()
-        gen.cancel()
-    yield "data: [DONE]\n\n"
-
-
-async def _completion_stream(gen: _Generation, base: dict, body: CompletionRequest, prompts) -> AsyncIterator[str]:
-    chunk = {**base, "object": "text_completion"}
-    events = gen.events()
-    finished: dict[int, _Choice] = {}
-    try:
+        for choice in head:
+            yield _sse({**chunk, "choices": [choice]})
         async for i, ch, delta in events:
-            if ch.finish_reason is not None:
-                finished[i] = ch
-            if delta or ch.finish_reason is not None:
-                yield _sse({**chunk, "choices": [{"index": i, "text": delta, "logprobs": None,
-                                                  "finish_reason": ch.finish_reason}]})
+            choice = piece(i, ch, delta)
+            if choice is not None:
+                yield _sse({**chunk, "choices": [choice]})
         if body.stream_options and body.stream_options.include_usage:
-            yield _sse({**chunk, "choices": [], "usage": _usage(prompts, [finished[i] for i in sorted(finished)])})
+            yield _sse({**chunk, "choices": [], "usage": _usage(prompts, gen.choices)})
     except APIError as e:
         yield _sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}})
     finally:
         await events.aclose()
         gen.cancel()
     yield "data: [DONE]\n\n"
+
+
+def _chat_stream(gen: _Generation, base: dict, body: ChatCompletionRequest, prompts) -> AsyncIterator[str]:
+    sent: dict[int, tuple[str, str]] = {i: ("", "") for i in range(body.n)}
+
+    def piece(i: int, ch: _Choice, _delta: str) -> dict | None:
+        reasoning, content = split_reasoning(ch.text)  # each part only grows: send what is new
+        old_r, old_c = sent[i]
+        delta = {}
+        if reasoning and len(reasoning) > len(old_r):
+            delta["reasoning_content"] = reasoning[len(old_r) :]
+        if len(content) > len(old_c):
+            delta["content"] = content[len(old_c) :]
+        sent[i] = (reasoning or "", content)
+        if not delta and ch.finish_reason is None:
+            return None
+        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": ch.finish_reason}
+
+    head = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            for i in range(body.n)]
+    return _stream(gen, {**base, "object": "chat.completion.chunk"}, body, prompts, head, piece)
+
+
+def _completion_stream(gen: _Generation, base: dict, body: CompletionRequest, prompts) -> AsyncIterator[str]:
+    def piece(i: int, ch: _Choice, delta: str) -> dict | None:
+        if not delta and ch.finish_reason is None:
+            return None
+        return {"index": i, "text": delta, "logprobs": None, "finish_reason": ch.finish_reason}
+
+    return _stream(gen, {**base, "object": "text_completion"}, body, prompts, [], piece)

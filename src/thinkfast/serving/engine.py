@@ -441,13 +441,11 @@ class SequentialGenerateEngine:
             raise ValueError("the transformers generate baseline has no thinking budget")
         return ContinuousEngine.submit(self, request)
 
+    waiting = ContinuousEngine.waiting
+
     @property
     def running(self) -> int:
         return self._busy
-
-    @property
-    def waiting(self) -> int:
-        return len(self._pending)
 
     def _loop(self) -> None:
         while True:
