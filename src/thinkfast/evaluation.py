@@ -198,6 +198,44 @@ def evaluate_items(model, tokenizer, items: list, prompting: str, cfg, grader, l
     return out, kept
 
 
+def evaluate_ifeval(model, tokenizer, items: list, prompting: str, cfg, log=None) -> tuple[dict, list]:
+    """IFEval (:mod:`thinkfast.ifeval`) in each mode, sampled as :func:`evaluate_items` samples. The prompt is the
+    item's text as the user turn, unchanged; the answer checked is the text after the think block (a malformed
+    block fails every instruction). Per mode: prompt- and instruction-level accuracy, strict and loose (means
+    over all samples; ``pass@1`` is the prompt-level strict one), mean tokens, the no-answer rate, format
+    compliance, the truncated share."""
+    from . import ifeval
+
+    stops = tuple(stop_token_ids(tokenizer))
+    out: dict = {}
+    kept = []
+    for mode in (("text",) if prompting == "text" else CHAT_MODES):
+        sampled = mode == "on"
+        n = cfg.samples if sampled else 1
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.on_temperature if sampled else 0.0,
+                                top_p=cfg.on_top_p if sampled else 1.0, stop_token_ids=stops,
+                                batch_size=cfg.batch_size, seed=cfg.seed)
+        prompts = [item_prompt(tokenizer, it, prompting, mode) for it in items for _ in range(n)]
+        completions = generate(model, prompts, params, progress=True)
+        texts = [decoded(tokenizer, c) for c in completions]
+        answers = [parse_response(t).answer if prompting == "chat" else t for t in texts]
+        graded = [ifeval.grade(items[j // n], a or "") for j, a in enumerate(answers)]
+        r = {**ifeval.score(graded), "mean_tokens": statistics.fmean(c.n_tokens for c in completions),
+             "no_answer": statistics.fmean(a is None for a in answers),
+             "truncated": statistics.fmean(c.finish_reason == "length" for c in completions),
+             "n": len(items), "samples": n}
+        r["pass@1"] = r["prompt_level_strict"]
+        if prompting == "chat":
+            r["format_ok"] = statistics.fmean(format_ok(t, thinking=sampled) for t in texts)
+        out[mode] = r
+        for i, it in enumerate(items[: cfg.save_samples]):
+            kept.append({"mode": mode, "id": f"ifeval/{it.key}", "response": texts[i * n],
+                         "followed": graded[i * n]["strict"]})
+        if log is not None:
+            log.log("suite_mode", suite="ifeval", mode=mode, **r)
+    return out, kept
+
+
 def budget_sweep(model, tokenizer, problems: list, budgets: list, *, grace: int = 16, max_new_tokens: int = 800,
                  batch_size: int = 64) -> list[dict]:
     """Nano-world accuracy with reasoning on, greedy, the thinking capped at each budget by the rollout
@@ -225,14 +263,15 @@ def budget_sweep(model, tokenizer, problems: list, budgets: list, *, grace: int 
 
 
 def suites_table(results: dict[str, dict]) -> str:
-    """One row per model, suite and mode: pass@1, maj@n, no-answer rate, mean tokens."""
+    """One row per model, suite and mode: pass@1 (IFEval: prompt-level strict), maj@n, no-answer rate, mean
+    tokens."""
     head = f"{'model':<16}{'suite':<10}{'mode':<6}{'pass@1':>9}{'maj@n':>9}{'no ans':>9}{'tokens':>9}"
     lines = [head, "-" * len(head)]
     for name, m in results.items():
         for suite, modes in m.get("suites", {}).items():
             for mode, r in modes.items():
-                maj = next(v for k, v in r.items() if k.startswith("maj@"))
-                lines.append(f"{name:<16}{suite:<10}{mode:<6}{r['pass@1']:>9.3f}{maj:>9.3f}{r['no_answer']:>9.3f}"
+                maj = next((f"{v:>9.3f}" for k, v in r.items() if k.startswith("maj@")), f"{'-':>9}")
+                lines.append(f"{name:<16}{suite:<10}{mode:<6}{r['pass@1']:>9.3f}{maj}{r['no_answer']:>9.3f}"
                              f"{r['mean_tokens']:>9.1f}")
     return "\n".join(lines)
 

@@ -77,16 +77,20 @@ _ABBREVIATIONS = frozenset("""
     ala ariz calif colo conn fla ga ill kan ky mich minn nev okla ore pa tenn va vt wash wis
     c d e f g h k l m n p r s t w
 """.split())
-# Capitalised, these start a sentence after an abbreviation, an ellipsis or an initial: punkt's English
-# sentence starters plus frequent words it has seen in lowercase (its orthographic table, approximated).
-_STARTERS = frozenset("""
-    a about according after again all also although always among an and another any are as at be because
-    before both but by can could despite did do does during each even every first for from further had has
-    have he her here his how however i if in indeed instead is it its just let many may meanwhile more
-    moreover most my next no nor not now of on once one only or other our over perhaps please since so some
-    still such that the their then there therefore these they this those though thus to today under unlike
-    we what when where whether which while who why will with would yes yet you your
+# punkt's English sentence starters: capitalised, they start a sentence after an abbreviation or an ellipsis.
+_SENT_STARTERS = frozenset("""
+    according although among both but despite even he however i if in indeed instead it many meanwhile
+    moreover most nevertheless nonetheless nor sales separately similarly since so some the there these they
+    this though thus under when while yet
 """.split())
+# Words punkt has seen in lowercase (a capitalised one after an initial starts a sentence), beyond those of
+# the text itself: frequent ones that a text may use only capitalised.
+_COMMON = _SENT_STARTERS.union("""
+    a about after again all also always an and another any are as at be because before by can could did do
+    does during each every first for from further had has have her here his how its just let may more my next
+    no not now of on once one only or other our over perhaps please still such that their then therefore
+    those to today we what where whether which who why will with would yes you your
+""".split()) - {"i"}
 _NW = r"[)\";}\]*:@'({\[\u2018\u2019\u201c\u201d\xab\xbb!?]"  # punkt's characters that end a word
 _MULTI = r"(?:-{2,}|\.{2,}|(?:\.\s){2,}\.)"  # dashes and ellipses: one token each
 # punkt's tokens: a dash or ellipsis run; a word (not starting with one of ("`{[:;&#*@)}]-,) up to whitespace,
@@ -98,23 +102,26 @@ _CLOSERS = re.compile(r"[\"')\]}\u2018\u2019\u201c\u201d\xab\xbb]+?(?:\s+|(?=--)
 _SPACE = re.compile(r"[ \t\n\r\x0b\x0c]")  # punkt finds a word's start by ASCII whitespace
 
 
-def _token_breaks(tok: str, nxt: str) -> bool:
-    """Whether punkt ends a sentence after token ``tok``, followed by token ``nxt``."""
+def _token_breaks(tok: str, nxt: str, lowercase: Callable[[], set]) -> bool:
+    """Whether punkt ends a sentence after token ``tok``, followed by token ``nxt``; ``lowercase()`` gives the
+    words seen in lowercase."""
     if tok in (".", "?", "!"):
         return True
-    common = nxt[:1].isupper() and nxt.rstrip(".").lower() in _STARTERS  # a capitalised common word
+    starter = nxt[:1].isupper() and nxt.rstrip(".").lower() in _SENT_STARTERS
     if re.fullmatch(r"\.\.+", tok):  # an ellipsis
-        return common
+        return starter
     if not tok.endswith("."):
         return False
     typ = tok[:-1].lower()
     initial = re.fullmatch(r"[^\W\d]\.", tok) is not None
     abbreviation = typ in _ABBREVIATIONS or typ.split("-")[-1] in _ABBREVIATIONS
     if abbreviation and not initial:
-        return common
+        return starter
     if initial or _NUMBER.fullmatch(tok):
-        if nxt[:1].islower() or nxt in ";:,.!?" or (initial and nxt[:1].isupper() and not common):
-            return False  # a lowercase word or punctuation follows; or a name follows an initial
+        if nxt[:1].islower() or nxt in ";:,.!?":
+            return False  # a lowercase word or punctuation follows
+        if initial and nxt[:1].isupper() and nxt.rstrip(".").lower() not in lowercase():
+            return False  # a name follows an initial
     return not abbreviation
 
 
@@ -126,7 +133,13 @@ def split_sentences(text: str) -> list[str]:
     """
     spaces = [m.start() for m in _SPACE.finditer(text)]
     matches = list(_CANDIDATE.finditer(text))
-    spans, begin = [], 0
+    spans, begin, seen = [], 0, []
+
+    def lowercase() -> set:
+        if not seen:
+            seen.append(_COMMON.union(w.lower() for w in re.findall(r"[^\W\d_][\w'-]*", text) if w[0].islower()))
+        return seen[0]
+
     for i, m in enumerate(matches):
         p = m.start()
         k = bisect.bisect_left(spaces, p)
@@ -134,7 +147,7 @@ def split_sentences(text: str) -> list[str]:
         if word_start < p and i + 1 < len(matches) and not (k < len(spaces) and spaces[k] < matches[i + 1].start()):
             continue  # of a run of candidates without whitespace between them only the last counts
         toks = _TOKEN.findall(text[word_start:m.end()] + (m.group(1) or text[p + 1:m.end(2)]))
-        if any(_token_breaks(t, n) for t, n in zip(toks, toks[1:])):
+        if any(_token_breaks(t, n, lowercase) for t, n in zip(toks, toks[1:])):
             spans.append([begin, p + 1])
             begin = m.start(2) if m.group(2) else p + 1
     spans.append([begin, len(text.rstrip())])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .grading import gsm8k_gold
 
-__all__ = ["MATH_PROMPT", "SUITES", "Item", "data_root", "load_suite"]
+__all__ = ["IFEVAL_FILE", "MATH_PROMPT", "SUITES", "Item", "data_root", "load_suite"]
 
 MATH_PROMPT = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 
@@ -33,6 +33,9 @@ SUITES = {
     "aime24": ("aime24/test.jsonl", "problem", "expected_answer", None),
     "aime25": ("aime25/test.jsonl", "problem", "expected_answer", None),
 }
+
+# IFEval (thinkfast.ifeval): its prompts are used as they are, graded by the instructions' checkers
+IFEVAL_FILE = "ifeval/input_data.jsonl"
 
 
 @dataclass(frozen=True)

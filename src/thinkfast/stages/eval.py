@@ -20,7 +20,9 @@ Suites (``suites``): ``nano`` (the nano world's cells, graded exactly by ``think
 and the real math benchmarks of :mod:`thinkfast.suites` read from the shared data folder (``gsm8k``,
 ``math500``, ``aime24``, ``aime25``; the first ``suite_limit`` items of each), graded by math-verify in
 worker processes (:class:`thinkfast.grading.MathGrader`) on the answer after the think block, with pass@1
-averaged over ``samples``, pass@k for ``pass_k``, maj@n and the no-answer rate (:func:`evaluate_items`).
+averaged over ``samples``, pass@k for ``pass_k``, maj@n and the no-answer rate (:func:`evaluate_items`); and
+``ifeval`` (IFEval's prompts as they are, graded by :mod:`thinkfast.ifeval`'s checkers on the answer after the
+think block: prompt- and instruction-level accuracy, strict and loose; :func:`evaluate_ifeval`).
 
 The model can be a server (``endpoint``: any OpenAI-compatible URL, e.g. a vLLM server of the same folder):
 prompts are still built here with the folder's tokenizer (``model`` names the folder) and sent as token ids
@@ -40,8 +42,8 @@ import torch
 
 from ..artifacts import load_model
 from ..config import to_dict
-from ..evaluation import (budget_sweep, evaluate, evaluate_items, format_table, models_table, resolve_prompting,
-                          suites_table)
+from ..evaluation import (budget_sweep, evaluate, evaluate_ifeval, evaluate_items, format_table, models_table,
+                          resolve_prompting, suites_table)
 from ..nano import tasks
 from ..rundir import JsonlLogger, StageDir, atomic_dir, atomic_write_json, atomic_write_text
 from . import Input, Inputs, check_device, resolve_device
@@ -71,7 +73,7 @@ class EvalConfig:
     on_top_p: float = 0.95
     headline_digits: int = 2  # the difficulty quoted as the headline figure
     save_samples: int = 3  # responses kept per cell and mode in samples.jsonl
-    suites: list[str] = field(default_factory=lambda: ["nano"])  # nano, gsm8k, math500, aime24, aime25
+    suites: list[str] = field(default_factory=lambda: ["nano"])  # nano, gsm8k, math500, aime24, aime25, ifeval
     suite_limit: int | None = None  # the first N items of each real suite (None: all)
     pass_k: list[int] = field(default_factory=lambda: [1])  # pass@k reported for k <= samples
     grade_workers: int = 2  # math-verify worker processes
@@ -105,9 +107,9 @@ class EvalConfig:
             raise ValueError("save_samples and on_temperature must be >= 0, on_top_p in (0, 1]")
         from ..suites import SUITES
 
-        unknown = sorted(set(self.suites) - {"nano", *SUITES})
+        unknown = sorted(set(self.suites) - {"nano", "ifeval", *SUITES})
         if unknown or not self.suites:
-            raise ValueError(f"suites: unknown {unknown}; choose from {['nano', *sorted(SUITES)]}")
+            raise ValueError(f"suites: unknown {unknown}; choose from {['nano', *sorted(SUITES), 'ifeval']}")
         if self.suite_limit is not None and self.suite_limit < 1:
             raise ValueError(f"suite_limit={self.suite_limit} must be >= 1 (or null: every item)")
         if any(k < 1 for k in self.pass_k) or self.grade_workers < 1 or not self.grade_timeout > 0:
@@ -164,12 +166,22 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
                                                      batch_size=cfg.batch_size)
                 for point in metrics["budget"]:
                     log.log("budget", **point)
-            real = [s for s in cfg.suites if s != "nano"]
+            real = [s for s in cfg.suites if s not in ("nano", "ifeval")]
+            if "ifeval" in cfg.suites:
+                from ..ifeval import load_ifeval
+                from ..suites import IFEVAL_FILE, data_root
+
+                items = load_ifeval(data_root() / IFEVAL_FILE, limit=cfg.suite_limit)
+                log.log("suite", suite="ifeval", items=len(items))
+                with torch.no_grad():
+                    metrics.setdefault("suites", {})["ifeval"], more = evaluate_ifeval(model, tokenizer, items,
+                                                                                      prompting, cfg, log)
+                kept += [{"suite": "ifeval", **r} for r in more]
             if real:
                 from ..grading import MathGrader
                 from ..suites import load_suite
 
-                metrics["suites"] = {}
+                metrics.setdefault("suites", {})
                 with MathGrader(cfg.grade_workers, cfg.grade_timeout) as grader, torch.no_grad():
                     for name in real:
                         items = load_suite(name, limit=cfg.suite_limit)
@@ -190,12 +202,12 @@ def _suite_files(cfg: EvalConfig) -> dict:
     """The real suites' files, by content (an evaluation is redone when one changes)."""
     import hashlib
 
-    from ..suites import SUITES, data_root
+    from ..suites import IFEVAL_FILE, SUITES, data_root
 
     out = {}
     for name in cfg.suites:
-        if name in SUITES:
-            path = data_root() / SUITES[name][0]
+        if name in SUITES or name == "ifeval":
+            path = data_root() / (IFEVAL_FILE if name == "ifeval" else SUITES[name][0])
             out[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
     return out
 
