@@ -145,3 +145,25 @@ def test_eval_measures_every_models_throughput_side_by_side(tmp_path):
     assert {"prefill_tok_s@1", "decode_tok_s@2", "x_decode_tok_s@1"} <= set(first) and first["x_prefill_tok_s@2"] == 1
     assert all(v > 0 for v in t["models"]["sft"].values())
     assert "throughput on" in (tmp_path / "run" / "eval" / "table.txt").read_text()
+
+
+def test_eval_stage_on_ifeval(tmp_path):
+    """IFEval through the eval harness: strict / loose metrics per mode, samples kept with what was followed."""
+    from test_eval_endpoint import tiny_chat_model
+
+    from thinkfast.stages.eval import evaluate_folder
+    from thinkfast.suites import IFEVAL_FILE, data_root
+
+    if not (data_root() / IFEVAL_FILE).is_file():
+        pytest.skip(f"{data_root()} has no ifeval")
+    folder = tiny_chat_model(tmp_path / "model")
+    m = evaluate_folder(EvalConfig(suites=["ifeval"], suite_limit=3, max_new_tokens=8, samples=2, device="cpu"),
+                        folder, tmp_path / "out")
+    for mode in ("on", "off"):
+        r = m["suites"]["ifeval"][mode]
+        assert r["n_prompts"] == 3 * r["samples"] and r["pass@1"] == r["prompt_level_strict"]
+        assert 0 <= r["prompt_level_strict"] <= r["prompt_level_loose"] <= 1 and r["instruction_level_loose"] <= 1
+    assert m["suites"]["ifeval"]["on"]["samples"] == 2
+    kept = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert {k["suite"] for k in kept} == {"ifeval"} and all("followed" in k for k in kept)
+    assert "ifeval" in (tmp_path / "out" / "table.txt").read_text()

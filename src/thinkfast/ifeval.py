@@ -7,25 +7,26 @@ Large Language Models" (arXiv:2311.07911), with the semantics of Google's refere
 * :func:`load_ifeval`: the ``input_data.jsonl`` rows as :class:`IFEvalItem`; a bad row is a ``ValueError`` that
   names the file and the line.
 * :func:`grade`: per instruction, ``strict`` (the checker on the response; an empty or all-whitespace response
-  follows nothing) and ``loose`` (any of eight variants passes: the response without its first line, without
-  its last line, without both, and each of the four with every ``*`` removed), as Google's
-  ``test_instruction_following_strict`` / ``_loose`` do.
+  follows nothing) and ``loose`` (any of eight non-empty variants passes: the response itself, without its
+  first line, without its last line, without both, and each of those four with every ``*`` removed), as
+  Google's ``test_instruction_following_strict`` / ``_loose`` do.
 * :func:`score`: prompt-level (every instruction of a prompt followed) and instruction-level accuracy.
 
 Departures from the reference, all documented here:
 
 * Sentences: Google counts them with NLTK's punkt English model, whose data cannot be fetched offline.
-  :func:`count_sentences` is a rule-based re-creation of punkt's decisions: a candidate break is a ``.``, ``?``
-  or ``!`` followed by whitespace and a token, or by closing/opening punctuation (only the last of a run of
-  candidates without whitespace counts, so ``?!`` and ``!!!`` end one sentence); ``?``/``!`` always break;
-  a period after an ordinary word always breaks (punkt's English model knows no ``e.g``, ``i.e`` or ``etc``
-  either, so it breaks after them too); after one of punkt's abbreviations (``Mr.``, ``Dr.``, ``U.S.``,
-  ``a.m.``, ``Inc.`` ...) or an ellipsis it breaks only before a capitalised common word (punkt's
-  orthographic heuristic, whose word table is approximated by a list of frequent words); after a number
-  (``1.``) it breaks unless a lowercase word follows; a lone initial breaks only before a capitalised common
-  word or a non-letter; decimals (``3.14``) and ``a.b`` never break; closing quotes and brackets after a break
-  stay with the sentence they close. Rare words whose orthography punkt learned differently, and punkt's
-  collocation table, can make the two disagree.
+  :func:`split_sentences` re-creates punkt's decisions (current NLTK) with rules and short word lists:
+  a candidate break is a ``.``, ``?`` or ``!`` followed by whitespace and a token, or by a quote, bracket or
+  ``*:;@!?`` (of a run of candidates without whitespace only the last counts, so ``?!`` and ``!!!`` end one
+  sentence); ``?``/``!`` always break; a period after an ordinary word always breaks (punkt's English model
+  has no ``e.g``, ``i.e`` or ``etc`` abbreviation, so it breaks after those too); after one of its
+  abbreviations (``Mr.``, ``Dr.``, ``U.S.``, ``a.m.``, ``Inc.`` ...) or an ellipsis it breaks only before a
+  capitalised sentence starter (``The``, ``However``, ``This`` ...: punkt's list plus the frequent words its
+  orthographic table marks so); after a number (``1.``) it breaks unless a lowercase word follows; after a
+  lone initial, unless a lowercase word or a capitalised word never seen in lowercase (a name) follows;
+  ``3.14`` and ``a.b`` never break; closing quotes and brackets after a break stay with their sentence.
+  punkt's full orthographic table (thousands of words) and its collocations are not reproduced, so rare
+  words after an initial, an abbreviation or an ellipsis can make the two disagree.
 * Capital words (``change_case:capital_word_frequency``): Google counts ``nltk.word_tokenize`` tokens that are
   ``str.isupper()``; :func:`capital_words` splits as NLTK's word tokenizer does where it matters for case
   (whitespace, ``,;:@#$%&?!*()[]{}<>"`` and curly quotes, ``--``, ``...``, dashes, the clitics ``n't 's 'm 'd
@@ -36,9 +37,12 @@ Departures from the reference, all documented here:
   ``langdetect`` as in Google's code, seeded (``DetectorFactory.seed = 0``) as Google's current code is;
   it is imported only when such an instruction is graded (ImportError with the fix when it is missing).
   A text langdetect cannot classify counts as followed, as in Google's code.
-* Missing or invalid kwargs raise ``ValueError`` where Google's code would draw random values; a keyword or
-  forbidden word that is not a valid regular expression is matched literally (Google's code would crash);
+* Missing or invalid kwargs raise ``ValueError`` where Google's code would draw random values (an
+  ``nth_paragraph`` beyond the paragraphs found is simply not followed); a keyword or forbidden word that is
+  not a valid regular expression is matched literally (Google's code would crash); ``keywords:letter_frequency``
+  counts any single character (``#``, ``!``), as Google's current code does (older code drew a random letter);
   ``combination:repeat_prompt`` needs ``prompt_to_repeat`` (the full prompt is never used in its place).
+* :func:`score` of no graded items is all zeros rather than a division by zero.
 """
 
 from __future__ import annotations
@@ -77,19 +81,27 @@ _ABBREVIATIONS = frozenset("""
     ala ariz calif colo conn fla ga ill kan ky mich minn nev okla ore pa tenn va vt wash wis
     c d e f g h k l m n p r s t w
 """.split())
-# punkt's English sentence starters: capitalised, they start a sentence after an abbreviation or an ellipsis.
-_SENT_STARTERS = frozenset("""
-    according although among both but despite even he however i if in indeed instead it many meanwhile
-    moreover most nevertheless nonetheless nor sales separately similarly since so some the there these they
-    this though thus under when while yet
+# Capitalised, these start a sentence after an abbreviation or an ellipsis in punkt's English model (its
+# sentence starters, and frequent words it saw lowercase but never capitalised inside a sentence).
+_STARTERS = frozenset("""
+    above according afterwards almost although always among anyone anything anyway being besides between both
+    but certainly check choose consider despite does doing either else especially even eventually finally
+    following furthermore he her here hers herself him himself however i if imagine importantly in including
+    indeed instead it many meanwhile moreover most myself naturally nevertheless nonetheless nor note nothing
+    okay otherwise ours ourselves overall please possibly remember sales separately similarly since so some
+    someone sometimes soon still such surely thank thanks the them themselves there therefore these they this
+    though through thus together try ultimately under unfortunately unless unlike upon us very were when
+    whenever whereas whether which while whom within without yes yet your yourself
 """.split())
-# Words punkt has seen in lowercase (a capitalised one after an initial starts a sentence), beyond those of
-# the text itself: frequent ones that a text may use only capitalised.
-_COMMON = _SENT_STARTERS.union("""
-    a about after again all also always an and another any are as at be because before by can could did do
-    does during each every first for from further had has have her here his how its just let may more my next
-    no not now of on once one only or other our over perhaps please still such that their then therefore
-    those to today we what where whether which who why will with would yes you your
+# Words punkt has seen in lowercase (capitalised after an initial, they start a sentence), beyond those the
+# text itself uses in lowercase: frequent ones that a text may only use capitalised.
+_COMMON = _STARTERS.union("""
+    a about across actually add after again against all also an and another any are as at be because before
+    below by can clearly could definitely did do during each every everyone everything first for from further
+    generally good great had has have his how is its just keep later let like likely make may maybe me might
+    more mostly much must my new next no none not now of often on once one only or other our out over perhaps
+    plus rather really second she should something sure than that their then third those to today too try use
+    usually was we well what whatever where who whose why will with would you
 """.split()) - {"i"}
 _NW = r"[)\";}\]*:@'({\[\u2018\u2019\u201c\u201d\xab\xbb!?]"  # punkt's characters that end a word
 _MULTI = r"(?:-{2,}|\.{2,}|(?:\.\s){2,}\.)"  # dashes and ellipses: one token each
@@ -102,12 +114,12 @@ _CLOSERS = re.compile(r"[\"')\]}\u2018\u2019\u201c\u201d\xab\xbb]+?(?:\s+|(?=--)
 _SPACE = re.compile(r"[ \t\n\r\x0b\x0c]")  # punkt finds a word's start by ASCII whitespace
 
 
-def _token_breaks(tok: str, nxt: str, lowercase: Callable[[], set]) -> bool:
-    """Whether punkt ends a sentence after token ``tok``, followed by token ``nxt``; ``lowercase()`` gives the
-    words seen in lowercase."""
+def _token_breaks(tok: str, nxt: str, lowercase: set[str]) -> bool:
+    """Whether punkt ends a sentence after token ``tok`` followed by token ``nxt``, ``lowercase`` the words
+    known in lowercase."""
     if tok in (".", "?", "!"):
         return True
-    starter = nxt[:1].isupper() and nxt.rstrip(".").lower() in _SENT_STARTERS
+    starter = nxt[:1].isupper() and nxt.rstrip(".").lower() in _STARTERS
     if re.fullmatch(r"\.\.+", tok):  # an ellipsis
         return starter
     if not tok.endswith("."):
@@ -120,7 +132,7 @@ def _token_breaks(tok: str, nxt: str, lowercase: Callable[[], set]) -> bool:
     if initial or _NUMBER.fullmatch(tok):
         if nxt[:1].islower() or nxt in ";:,.!?":
             return False  # a lowercase word or punctuation follows
-        if initial and nxt[:1].isupper() and nxt.rstrip(".").lower() not in lowercase():
+        if initial and nxt[:1].isupper() and nxt.rstrip(".").lower() not in lowercase:
             return False  # a name follows an initial
     return not abbreviation
 
@@ -133,13 +145,8 @@ def split_sentences(text: str) -> list[str]:
     """
     spaces = [m.start() for m in _SPACE.finditer(text)]
     matches = list(_CANDIDATE.finditer(text))
-    spans, begin, seen = [], 0, []
-
-    def lowercase() -> set:
-        if not seen:
-            seen.append(_COMMON.union(w.lower() for w in re.findall(r"[^\W\d_][\w'-]*", text) if w[0].islower()))
-        return seen[0]
-
+    lowercase = _COMMON.union(w.lower() for w in re.findall(r"[^\W\d_][\w'-]*", text) if w[0].islower())
+    spans, begin = [], 0
     for i, m in enumerate(matches):
         p = m.start()
         k = bisect.bisect_left(spaces, p)
@@ -165,6 +172,7 @@ def count_sentences(text: str) -> int:
 
 
 _CLITIC = re.compile(r"(?<=[^' ])('s|'S|'m|'M|'d|'D|'ll|'LL|'re|'RE|'ve|'VE|n't|N'T|')$")
+_OPENING_QUOTE = re.compile(r"(?i)(?<!\w)'(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)")
 _FUSED = re.compile(r"(?i)^(can)(not)$|^(gim)(me)$|^(gon)(na)$|^(got)(ta)$|^(lem)(me)$|^(wan)(na)$")
 
 
@@ -175,13 +183,15 @@ def capital_words(text: str) -> list[str]:
     ['HERE', 'THREE', 'CAPITAL', 'DO', "N'T", 'AI', 'AT', 'T', 'I']
     """
     text = re.sub(r"--|\.{2,}|[,;:@#$%&?!*()\[\]{}<>\"`«»“”‘’„\u2012-\u2015]", " ", text)
+    text = _OPENING_QUOTE.sub("' ", text)
     out = []
     for tok in text.split():
+        tok = tok.rstrip(".")  # NLTK splits a sentence's final period off (abbreviations keep theirs: same case)
         m = _CLITIC.search(tok)
         parts = [tok[:m.start()], m.group(1)] if m else [tok]
         for part in parts:
             fused = _FUSED.match(part)
-            out.extend(g for g in fused.groups() if g) if fused else out.append(part)
+            out.extend([g for g in fused.groups() if g] if fused else [part])
     return [t for t in out if t.isupper()]
 
 
@@ -213,12 +223,14 @@ def _compare(count: int, kwargs: Mapping, relation_key: str, threshold_key: str)
     raise ValueError(f"IFEval relation must be one of {_RELATIONS}, got {relation!r}")
 
 
-def _search(pattern: str, text: str) -> list[str]:
-    """Case-insensitive ``re.findall`` of ``pattern`` as given; matched literally if it is no valid regex."""
+def _search(keyword: str, text: str, whole_word: bool = False) -> list[str]:
+    """Case-insensitive ``re.findall`` of ``keyword`` as a regular expression, as Google's code does (literally
+    where it is no valid one), between word boundaries if ``whole_word``."""
     try:
-        return re.findall(pattern, text, flags=re.IGNORECASE)
+        re.compile(keyword)
     except re.error:
-        return re.findall(re.escape(pattern), text, flags=re.IGNORECASE)
+        keyword = re.escape(keyword)
+    return re.findall(rf"\b{keyword}\b" if whole_word else keyword, text, flags=re.IGNORECASE)
 
 
 _langdetect = None
@@ -255,7 +267,7 @@ def _keyword_frequency(r, kw, p):
 
 
 def _forbidden_words(r, kw, p):
-    return not any(_search(r"\b" + w + r"\b", r) for w in _arg(kw, "forbidden_words"))
+    return not any(_search(w, r, whole_word=True) for w in _arg(kw, "forbidden_words"))
 
 
 def _letter_frequency(r, kw, p):
