@@ -2,8 +2,9 @@
 
 The harness builds every prompt itself, with the local tokenizer of the model folder (``eval.model``), exactly as
 for a local model, and sends the token ids to the server's ``/v1/completions`` (OpenAI's API takes a prompt as
-token ids). So the server's chat template and reasoning parser play no part: a local model and the same model behind a server are graded on the same prompts and the same raw
-text (tested against ``thinkfast serve`` and against real vLLM). Requests go ``concurrency`` at a time through
+token ids). So the server's chat template and reasoning parser play no part: a local model and the same model
+behind a server are graded on the same prompts and the same raw text (tested against ``thinkfast serve`` and
+against real vLLM). Requests go ``concurrency`` at a time through
 the official ``openai`` client; each carries ``temperature``, ``top_p``, ``max_tokens``, a seed (the
 evaluation's seed plus the prompt's index) and ``stop_token_ids`` (a vLLM extension; other servers ignore it).
 

@@ -241,7 +241,8 @@ def run(cfg: EvalConfig, stage: StageDir, inputs: Inputs) -> dict:
         record = {"settings": json.loads(json.dumps(settings)), "model": ref, "suites": _suite_files(cfg)}
         out = stage.path / name
         done = _reusable(out, record) if ref and cfg.endpoint is None else None  # a server may change: redo
-        if done is None and ref and cfg.endpoint is None and previous is not None and _reusable(previous.path / name, record) is not None:
+        if (done is None and ref and cfg.endpoint is None and previous is not None
+                and _reusable(previous.path / name, record) is not None):
             shutil.rmtree(out, ignore_errors=True)
             shutil.copytree(previous.path / name, out)
             done = _reusable(out, record)
