@@ -16,6 +16,10 @@ Usage (one budget for every request, or one per request)::
     completions = generate(model, prompts, params, hook=hook)
     hook.closed  # {request: thinking tokens written when the engine closed its block}
 
+A server adds requests as they arrive (:meth:`ThinkingBudget.add`, keyed by its own request ids) and forgets
+them when they end (:meth:`ThinkingBudget.discard`): :mod:`thinkfast.serving.engine` shares one hook across
+its running batch.
+
 Departure: Llama-Nemotron has no thinking budget; the closing text (``</think>`` and a blank line, nothing
 else) is the simplest one that keeps the response well formed for :func:`thinkfast.toggle.parse_response`.
 """
