@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["continuous", "generate"], default="continuous",
                    help="continuous batching (default) or transformers' generate, one request at a time (baseline)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="torch CPU threads of the engine (default: torch's)")
     p.add_argument("--debug", action="store_true", help="show tracebacks (also THINKFAST_DEBUG=1)")
     p = sub.add_parser("report", help="write RUN_DIR/report/report.md (what each stage cost and bought, plots)")
     p.add_argument("run_dir")
@@ -134,7 +135,8 @@ def _dispatch(args) -> int:
         from .serving.server import serve
 
         serve(args.model, host=args.host, port=args.port, engine=args.engine, max_batch=args.max_batch,
-              max_model_len=args.max_model_len, served_model_name=args.served_model_name, device=args.device)
+              max_model_len=args.max_model_len, served_model_name=args.served_model_name, device=args.device,
+              threads=args.threads)
         return 0
     if args.command == "report":
         from .report import write_report

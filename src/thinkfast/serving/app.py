@@ -67,8 +67,9 @@ class _Choice:
     """One generated sequence as text: decoded incrementally, cut at stop strings (never streaming a partial
     one), stop tokens left out of the text."""
 
-    def __init__(self, state: ServerState, stops: list[str], skip_special_tokens: bool = True):
+    def __init__(self, state: ServerState, stops: list[str], skip_special_tokens: bool = True, lazy: bool = False):
         self.state, self.stops, self.skip = state, list(stops or []), skip_special_tokens
+        self.lazy = lazy and not self.stops  # nobody reads the text before the end: decode once, at the end
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.tokens: list[int] = []
         self.n_generated = 0
@@ -81,6 +82,8 @@ class _Choice:
         self.n_generated += len(tokens)
         stop_ids = self.state.stop_token_ids
         self.tokens.extend(t for t in tokens if not (reason == "stop" and t in stop_ids))
+        if self.lazy and reason is None:
+            return ""
         full = self.state.tokenizer.decode(self.tokens, skip_special_tokens=self.skip)
         for s in self.stops:
             at = full.find(s, max(0, len(self.text) - len(s)))
@@ -122,11 +125,11 @@ class _Generation:
     when the consumer stops early (a disconnect) or the client goes away while waiting."""
 
     def __init__(self, state: ServerState, http: Request, prompts: list[list[int]], params: list[SamplingParams],
-                 budget: int | None, stops: list[str], skip_special_tokens: bool = True):
+                 budget: int | None, stops: list[str], skip_special_tokens: bool = True, stream: bool = True):
         self.state, self.http = state, http
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.choices = [_Choice(state, stops, skip_special_tokens) for _ in prompts]
+        self.choices = [_Choice(state, stops, skip_special_tokens, lazy=not stream) for _ in prompts]
         self.requests = []
         for i, (p, sp) in enumerate(zip(prompts, params)):
             try:
@@ -306,7 +309,8 @@ def _start(state: ServerState, http: Request, body, prompts: list[list[int]], ma
     for k, p in enumerate(prompts):
         sp = _sampling(state, body, len(p), max_tokens)
         params.append(sp if body.seed is None else replace(sp, seed=body.seed + k % body.n))
-    gen = _Generation(state, http, prompts, params, body.max_thinking_tokens, body.stop, body.skip_special_tokens)
+    gen = _Generation(state, http, prompts, params, body.max_thinking_tokens, body.stop, body.skip_special_tokens,
+                      body.stream)
     return gen, {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
 
 

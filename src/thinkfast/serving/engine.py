@@ -98,9 +98,10 @@ class ContinuousEngine:
     sequences; joining prompts are prefilled ``max_prefill_tokens`` at a time, at least one prompt)."""
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_prefill_tokens: int = 8192,
-                 budget_grace: int = 32, seed: int = 0):
+                 budget_grace: int = 32, seed: int = 0, threads: int | None = None):
         if max_batch < 1 or max_prefill_tokens < 1:
             raise ValueError("max_batch and max_prefill_tokens must be >= 1")
+        self.threads = threads  # torch's CPU threads in the engine thread (None: torch's default)
         self.model = as_decilm(model)
         self.device = next(self.model.parameters()).device
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
@@ -187,6 +188,8 @@ class ContinuousEngine:
     # -- the engine thread --------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.threads:  # OpenMP's thread count is per calling thread: set it in the engine's own
+            torch.set_num_threads(self.threads)
         while True:
             with self._cv:
                 while not self._stop and not self._rows and not self._pending:
@@ -420,8 +423,8 @@ class SequentialGenerateEngine:
 
     budget = None
 
-    def __init__(self, model, tokenizer=None, **_):
-        self.model = model.eval()
+    def __init__(self, model, tokenizer=None, *, threads: int | None = None, **_):
+        self.model, self.threads = model.eval(), threads
         self.device = next(model.parameters()).device
         self._pending: deque[Request] = deque()
         self._cv = threading.Condition()
@@ -448,6 +451,8 @@ class SequentialGenerateEngine:
         return self._busy
 
     def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         while True:
             with self._cv:
                 while not self._stop and not self._pending:

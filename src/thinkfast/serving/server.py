@@ -11,7 +11,7 @@ __all__ = ["load_state", "serve"]
 
 def load_state(model_dir: str | Path, *, engine: str = "continuous", max_batch: int = 32,
                max_model_len: int | None = None, served_model_name: str | None = None, device: str = "auto",
-               seed: int = 0) -> ServerState:
+               seed: int = 0, threads: int | None = None) -> ServerState:
     """Load ``model_dir`` (any folder thinkfast loads: nemotron-nas or Llama layout) and start its engine:
     ``continuous`` (continuous batching on the rollout engine) or ``generate`` (transformers' plain generate
     loop, one request at a time: the load test's baseline)."""
@@ -34,7 +34,9 @@ def load_state(model_dir: str | Path, *, engine: str = "continuous", max_batch: 
             raise ValueError(f"max_model_len={max_model_len} must be in [2, {limit}] (the model's positions)")
         limit = max_model_len
     cls = ContinuousEngine if engine == "continuous" else SequentialGenerateEngine
-    eng = cls(model, tokenizer, max_batch=max_batch, seed=seed).start()
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads={threads} must be >= 1")
+    eng = cls(model, tokenizer, max_batch=max_batch, seed=seed, threads=threads).start()
     return ServerState(engine=eng, tokenizer=tokenizer, model_name=served_model_name or str(model_dir),
                        max_model_len=limit, stop_token_ids=tuple(stop_token_ids(tokenizer)))
 
