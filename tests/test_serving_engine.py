@@ -137,3 +137,15 @@ def test_engine_applies_the_thinking_budget_per_request():
         assert b <= thought <= b + 8 + 1 or (b == 0 and thought == 1), (b, thought)
         assert r.tokens.count(close) == 1  # banned after the close
     assert not engine.budget.count and not engine.budget.budgets  # ended requests are forgotten
+
+
+def test_a_request_that_is_not_streamed_gets_one_emit_with_every_token():
+    calls = []
+    engine = ContinuousEngine(hetero_model(seed=1), max_batch=2).start()
+    try:
+        r = engine.submit(Request(_prompts(1, seed=4)[0], SamplingParams(max_new_tokens=12), stream=False,
+                                  emit=lambda tokens, reason: calls.append((list(tokens), reason))))
+        assert r.done.wait(30)
+    finally:
+        engine.stop()
+    assert calls == [(r.tokens, "length")] and len(r.tokens) == 12

@@ -131,9 +131,11 @@ class _Generation:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices = [_Choice(state, stops, skip_special_tokens, lazy=not stream) for _ in prompts]
         self.requests = []
+        per_token = stream or bool(stops)  # else the engine hands over all tokens once, at the end
         for i, (p, sp) in enumerate(zip(prompts, params)):
             try:
-                self.requests.append(state.engine.submit(EngineRequest(p, sp, emit=self._emitter(i), budget=budget)))
+                self.requests.append(state.engine.submit(EngineRequest(p, sp, emit=self._emitter(i), budget=budget,
+                                                                       stream=per_token)))
             except ValueError as e:
                 self.cancel()
                 raise APIError(400, str(e)) from None

@@ -63,6 +63,7 @@ class Request:
     params: SamplingParams
     emit: Callable[[list[int], str | None], None] | None = None
     budget: int | None = None  # thinking tokens (thinkfast.budget); None: no budget
+    stream: bool = True  # emit every step's token; False: one emit with all the tokens when the request ends
     id: int = -1
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -70,6 +71,7 @@ class Request:
     error: str | None = None
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
+    emitted: int = 0  # tokens handed to emit so far
 
 
 class _View:
@@ -216,8 +218,9 @@ class ContinuousEngine:
         self._width = 0
         self._forced, self._banned, self._finish = {}, {}, set()
 
-    def _end(self, r: Request, reason: str, new: list[int] | None = None, error: str | None = None) -> None:
+    def _end(self, r: Request, reason: str, error: str | None = None) -> None:
         r.finish_reason, r.error = reason, error
+        new, r.emitted = r.tokens[r.emitted :], len(r.tokens)
         self._by_id.pop(r.id, None)
         self._generators.pop(r.id, None)
         if self.budget is not None:
@@ -225,7 +228,7 @@ class ContinuousEngine:
         self.stats["finished"] += 1
         if r.emit is not None:
             try:
-                r.emit(new or [], reason)
+                r.emit(new, reason)
             except Exception:  # noqa: BLE001 - a broken consumer must not stop the engine
                 traceback.print_exc()
         r.done.set()
@@ -292,16 +295,17 @@ class ContinuousEngine:
                 reason = "abort"
             else:
                 keep.append(i)
-                if r.emit is not None:
+                if r.emit is not None and r.stream:
                     try:
-                        r.emit([t], None)
+                        r.emit(r.tokens[r.emitted :], None)
+                        r.emitted = len(r.tokens)
                     except Exception:  # noqa: BLE001
                         traceback.print_exc()
                         r.cancelled = True
                 continue
             self._forced.pop(r.id, None)
             self._banned.pop(r.id, None)
-            self._end(r, reason, [t])
+            self._end(r, reason)
         self._finish.clear()
         if not keep:
             self._reset()
