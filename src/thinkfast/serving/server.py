@@ -24,6 +24,8 @@ def load_state(model_dir: str | Path, *, engine: str = "continuous", max_batch: 
 
     if engine not in ("continuous", "generate"):
         raise ValueError(f"engine={engine!r}: choose continuous or generate")
+    if threads is not None and threads < 1 or max_batch < 1:
+        raise ValueError(f"threads={threads} and max_batch={max_batch} must be >= 1")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(model_dir, device=device)
@@ -34,8 +36,6 @@ def load_state(model_dir: str | Path, *, engine: str = "continuous", max_batch: 
             raise ValueError(f"max_model_len={max_model_len} must be in [2, {limit}] (the model's positions)")
         limit = max_model_len
     cls = ContinuousEngine if engine == "continuous" else SequentialGenerateEngine
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads={threads} must be >= 1")
     eng = cls(model, tokenizer, max_batch=max_batch, seed=seed, threads=threads).start()
     return ServerState(engine=eng, tokenizer=tokenizer, model_name=served_model_name or str(model_dir),
                        max_model_len=limit, stop_token_ids=tuple(stop_token_ids(tokenizer)))
