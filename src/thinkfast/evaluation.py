@@ -155,6 +155,20 @@ def item_prompt(tokenizer, item, prompting: str, mode: str) -> list[int]:
     return chat_ids(tokenizer, [{"role": "user", "content": item.prompt}], mode == "on")
 
 
+def _answer_items(model, tokenizer, items: list, prompting: str, cfg, mode: str):
+    """Every item answered in ``mode`` ("on": ``cfg.samples`` samples each at ``cfg.on_temperature`` /
+    ``cfg.on_top_p``; otherwise one, greedy), the samples of an item consecutive. Returns (sampled, samples per
+    item, completions, texts)."""
+    sampled = mode == "on"
+    n = cfg.samples if sampled else 1
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.on_temperature if sampled else 0.0,
+                            top_p=cfg.on_top_p if sampled else 1.0, stop_token_ids=tuple(stop_token_ids(tokenizer)),
+                            batch_size=cfg.batch_size, seed=cfg.seed)
+    prompts = [item_prompt(tokenizer, it, prompting, mode) for it in items for _ in range(n)]
+    completions = generate(model, prompts, params, progress=True)
+    return sampled, n, completions, [decoded(tokenizer, c) for c in completions]
+
+
 def evaluate_items(model, tokenizer, items: list, prompting: str, cfg, grader, log=None) -> tuple[dict, list]:
     """A real suite in each mode (chat: "on" sampled ``cfg.samples`` times at ``cfg.on_temperature`` /
     ``cfg.on_top_p``, "off" greedy; text: one greedy mode). Per mode: pass@1 (the mean over samples and
@@ -164,18 +178,10 @@ def evaluate_items(model, tokenizer, items: list, prompting: str, cfg, grader, l
     (:class:`thinkfast.grading.MathGrader`). Returns (metrics, kept sample records)."""
     from .grading import final_answer, maj_at_n, pass_at_k, vote_key
 
-    stops = tuple(stop_token_ids(tokenizer))
     out: dict = {}
     kept = []
     for mode in (("text",) if prompting == "text" else CHAT_MODES):
-        sampled = mode == "on"
-        n = cfg.samples if sampled else 1
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.on_temperature if sampled else 0.0,
-                                top_p=cfg.on_top_p if sampled else 1.0, stop_token_ids=stops,
-                                batch_size=cfg.batch_size, seed=cfg.seed)
-        prompts = [item_prompt(tokenizer, it, prompting, mode) for it in items for _ in range(n)]
-        completions = generate(model, prompts, params, progress=True)
-        texts = [decoded(tokenizer, c) for c in completions]
+        sampled, n, completions, texts = _answer_items(model, tokenizer, items, prompting, cfg, mode)
         answers = [final_answer(t) if prompting == "chat" else t for t in texts]
         right = grader.grade([it.math_gold for it in items for _ in range(n)], answers)
         votes = [vote_key(a) for a in answers]
@@ -206,18 +212,10 @@ def evaluate_ifeval(model, tokenizer, items: list, prompting: str, cfg, log=None
     compliance, the truncated share."""
     from . import ifeval
 
-    stops = tuple(stop_token_ids(tokenizer))
     out: dict = {}
     kept = []
     for mode in (("text",) if prompting == "text" else CHAT_MODES):
-        sampled = mode == "on"
-        n = cfg.samples if sampled else 1
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.on_temperature if sampled else 0.0,
-                                top_p=cfg.on_top_p if sampled else 1.0, stop_token_ids=stops,
-                                batch_size=cfg.batch_size, seed=cfg.seed)
-        prompts = [item_prompt(tokenizer, it, prompting, mode) for it in items for _ in range(n)]
-        completions = generate(model, prompts, params, progress=True)
-        texts = [decoded(tokenizer, c) for c in completions]
+        sampled, n, completions, texts = _answer_items(model, tokenizer, items, prompting, cfg, mode)
         answers = [parse_response(t).answer if prompting == "chat" else t for t in texts]
         graded = [ifeval.grade(items[j // n], a or "") for j, a in enumerate(answers)]
         r = {**ifeval.score(graded), "mean_tokens": statistics.fmean(c.n_tokens for c in completions),
