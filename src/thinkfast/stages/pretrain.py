@@ -6,8 +6,8 @@ Llama-Nemotron stage.
 
 What the parent learns: plain-text documents of the nano world (``thinkfast.nano.tasks``) in the mix of
 the pipeline's ``data`` section (``thinkfast.data``; the whole world: its held-out part is for the later
-stages' measurements), a ``think_fraction`` of them worked step by step after the cue "Let's think step by step." and the rest
-answered directly. There is no chat format and no toggle: the toggle is taught later by SFT, as in the
+stages' measurements), a ``think_fraction`` of them worked step by step after the cue "Let's think step by
+step." and the rest answered directly. There is no chat format and no toggle: the toggle is taught later by SFT, as in the
 paper (section 4.1). A parent that learned both document kinds can be *prompted* into either mode, which
 is what makes reasoning measurably useful: it solves far more problems when it works step by step.
 
@@ -15,6 +15,8 @@ Departures / choices:
 - Documents are packed into rows of ``seq_len + 1`` tokens, each row starting at a document boundary
   (so position 0 always opens a problem, as it does at evaluation) and documents separated by
   ``<|end_of_text|>``; the last document of a row is cut. No cross-document attention masking.
+- ``easy_steps`` (default 0): a curriculum by size, the first batches drawing 1-digit numbers only
+  (``easy_digits``); tried for the parent's seed robustness and not adopted (docs/LOG.md, session 8).
 - Batch ``k`` is a pure function of ``(seed, k)``, so a resumed run sees exactly the batches an
   uninterrupted run would have seen.
 - AdamW with linear warm-up and cosine decay to ``min_lr_ratio * lr``; float32 weights with bf16
