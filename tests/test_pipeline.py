@@ -621,3 +621,22 @@ def test_a_new_field_whose_default_changes_behaviour_keeps_old_work(run):
     with RunDir(pipe.run_dir) as rd:
         st, reasons = status(pipe, rd, "library")
     assert st == "stale" and reasons == ["library.engine changed: 'hf' (as before the field existed) -> 'vllm'"]
+
+
+def test_pretrain_easy_steps_draw_small_numbers_first():
+    import re
+
+    from thinkfast.data import DataConfig
+    from thinkfast.nano.tokenizer import build_tokenizer
+    from thinkfast.stages.pretrain import PretrainConfig, make_batch
+
+    tok = build_tokenizer()
+    cfg = PretrainConfig(easy_steps=2, batch_size=2, seq_len=256)
+    data = DataConfig(kinds=["add"], digits=[3], think_fraction=0.0)
+    early = tok.batch_decode(make_batch(cfg, data, tok, 1))
+    late = tok.batch_decode(make_batch(cfg, data, tok, 2))
+    questions = lambda rows: [q for r in rows for q in re.findall(r"Problem: (\d+) \+ (\d+)", r)]  # noqa: E731
+    assert questions(early) and all(len(a) == 1 and len(b) == 1 for a, b in questions(early))
+    assert questions(late) and all(len(a) == 3 for a, _ in questions(late))
+    with pytest.raises(ValueError, match="easy_digits"):
+        PretrainConfig(easy_digits=[])
