@@ -99,6 +99,19 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts left-padded into one batch: token ids and a bool mask [n, longest], and position ids that count
+    real tokens only (a padded prompt is computed as it would be alone)."""
+    n, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = True
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class StepView:
     """What a step hook sees after each decoding step, and what it may do.
 
@@ -150,15 +163,9 @@ class _Batch:
     def run(self, prompts: list[list[int]], generator, hook) -> list[Completion]:
         model, params, device = self.model, self.params, self.device
         pad_id = params.stop_token_ids[0] if params.stop_token_ids else 0
-        n, width = len(prompts), max(len(p) for p in prompts)
+        ids, mask, positions = left_padded(prompts, pad_id, device)
+        n, width = ids.shape
         total = width + params.max_new_tokens
-        ids = torch.full((n, width), pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = True
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         ours = isinstance(model, DeciLMForCausalLM)
         # our model: a cache preallocated for the whole batch (attention layers only) and a mask buffer whose
         # views are the per-step masks; any other model (Llama, an older remote code): DynamicCache, 2D masks

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import SamplingParams, _filter_logits
+from ..generation import SamplingParams, _filter_logits, left_padded
 from ..kvcache import StaticKVCache
 from ..modeling import DeciLMForCausalLM
 
@@ -406,14 +406,7 @@ class ContinuousEngine:
 
     def _prefill(self, prompts: list[list[int]]):
         """Prefill ``prompts`` together: (cache, mask [n, width], next positions [n], last logits [n, V])."""
-        n, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.zeros((n, width), dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) :] = True
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = left_padded(prompts, 0, self.device)
         cache = StaticKVCache(1 << 30, chunk=256)
         out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, cache=cache,
                          use_cache=True, logits_to_keep=1)
