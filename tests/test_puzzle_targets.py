@@ -102,6 +102,16 @@ def _explain(problem, speedup=None, **kw):
     return msg
 
 
+def test_unreachable_speedup_of_a_restricted_structure_is_explained_as_such(problem):
+    from thinkfast.puzzle.assemble import restrict
+
+    layered = restrict(problem, "layers")  # here: only each layer's parent block is a whole layer
+    assert np.isinf(layered.scores).any()
+    msg = _explain(layered, speedup=1.5)
+    assert "search.speedup=1.5 cannot be reached" in msg and "NaN or infinite" not in msg, msg
+    assert f"{PARENT_MODEL / PARENT_MODEL:.2f}x" in msg
+
+
 def test_unreachable_speedup(problem):
     msg = _explain(problem, speedup=50.0)
     best = PARENT_MODEL / FASTEST

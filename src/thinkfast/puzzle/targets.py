@@ -104,15 +104,18 @@ def _usable(problem) -> np.ndarray:
     return mask
 
 
-def check_finite(problem, keys=None) -> None:
+def check_finite(problem, keys=None, excluded_ok: bool = False) -> None:
     """Raise :class:`ConfigError` naming layer and block for each NaN or infinite score or cost
     (only the cost matrices in ``keys`` when given) of a block the library has, and for a NaN or
-    infinite fixed cost."""
+    infinite fixed cost. ``excluded_ok``: a score of +inf marks a block that a child structure excludes
+    (:func:`~thinkfast.puzzle.assemble.restrict`), not an error."""
     usable = _usable(problem)
     mats = {"score": problem.scores, **{k: m for k, m in problem.costs.items() if keys is None or k in keys}}
     bad = []
     for what, m in mats.items():
-        for i, k in zip(*np.nonzero(usable & ~np.isfinite(np.asarray(m, dtype=np.float64)))):
+        m = np.asarray(m, dtype=np.float64)
+        wrong = np.isnan(m) | (m == -np.inf) if what == "score" and excluded_ok else ~np.isfinite(m)
+        for i, k in zip(*np.nonzero(usable & wrong)):
             a, f = problem.names[i][k]
             where = "scores file" if what == "score" else "costs file"
             bad.append(f"layer {i} block {a}+{f}: {'the score' if what == 'score' else 'the ' + _label(what)} "
@@ -194,7 +197,7 @@ def explain_infeasible(cfg, problem, costs: dict, speedup: float | None) -> str:
     alone) the best each reaches while the others hold. NaN or infinite inputs are reported first."""
     key = _runtime_key(cfg)
     try:
-        check_finite(problem, {key, "params", "param_bytes", "kv_bytes_per_token", "memory_bytes"})
+        check_finite(problem, {key, "params", "param_bytes", "kv_bytes_per_token", "memory_bytes"}, excluded_ok=True)
     except ConfigError as e:
         return str(e)
     targets = _targets(cfg, problem, costs, speedup)
