@@ -87,9 +87,10 @@ def plain_run(tmp: Path, a) -> float:
             g["lr"] = 1e-3 * min(1.0, (step + 1) / 20)
         ids = corpus.rows("train", f"distill:0:{step}", a.batch, a.seq)
         x = ids[:, :-1]
+        attn = corpus.attention(x)  # the nano config's document mask, as the stage applies it
         with torch.no_grad():
-            t = teacher(x, output_hidden_states=True)
-        s = student(x, output_hidden_states=True)
+            t = teacher(x, output_hidden_states=True, **attn)
+        s = student(x, output_hidden_states=True, **attn)
         kl = F.kl_div(F.log_softmax(s.logits, -1), F.log_softmax(t.logits, -1), log_target=True,
                       reduction="none").sum(-1).mean()
         cos = sum((1 - F.cosine_similarity(hs, ht, dim=-1)).mean()

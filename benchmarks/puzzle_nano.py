@@ -44,8 +44,10 @@ from thinkfast.artifacts import read_costs, read_library, read_scores
 from thinkfast.evaluation import evaluate
 from thinkfast.nano import tasks
 from thinkfast.nano.corpus import packed_rows
+from thinkfast.pipeline import default_config_path, load_pipeline
 from thinkfast.puzzle.assemble import assemble, build_problem, describe
 from thinkfast.puzzle.mip import solve_mip
+from thinkfast.train.packing import doc_attention
 from thinkfast.puzzle.parent import kl_and_lm_loss, load_decilm
 from thinkfast.puzzle.targets import limits_for
 from thinkfast.stages.eval import EvalConfig  # the eval settings, as a user writes them
@@ -110,11 +112,15 @@ def decode_seconds(model, batch: int, context: int, steps: int) -> float:
 
 
 @torch.no_grad()
-def held_out_kl(parent, child, ids, batch=8):
+def held_out_kl(parent, child, ids, batch=8, eos_id=None):
+    """Mean KL(parent || child) on rows ``ids``; ``eos_id``: documents attend only to themselves, as the
+    stages do with ``data.doc_mask``."""
     kls = []
     for s in range(0, ids.shape[0], batch):
         x = ids[s:s + batch]
-        kl, _ = kl_and_lm_loss(parent(input_ids=x[:, :-1]).logits, child(input_ids=x[:, :-1]).logits, x[:, 1:])
+        attn = doc_attention(x[:, :-1], eos_id)
+        kl, _ = kl_and_lm_loss(parent(input_ids=x[:, :-1], **attn).logits, child(input_ids=x[:, :-1], **attn).logits,
+                               x[:, 1:])
         kls.append(kl)
     return statistics.fmean(kls)
 
@@ -142,6 +148,7 @@ def main(argv=None) -> int:
     tensors = load_file(str(lib_dir / "weights.safetensors"))
     tokenizer = AutoTokenizer.from_pretrained(parent_dir)
     ids = packed_rows(tokenizer, random.Random("puzzle-bench-heldout"), 16, 513)
+    eos = tokenizer.eos_token_id if load_pipeline(default_config_path("nano"), []).data.doc_mask else None
     suite = tasks.eval_suite(seed=1234, per_cell=args.per_cell, digits=(1, 2), steps=(2,))
     ecfg = EvalConfig(per_cell=args.per_cell, digits=[1, 2], max_new_tokens=600)
     build = lambda choice: assemble(parent, lib, tensors, [problem.names[i][k] for i, k in enumerate(choice)])  # noqa: E731
@@ -185,11 +192,11 @@ def main(argv=None) -> int:
                  "measured_speedup": med["parent"] / med[name],
                  "decode_tokens_per_s": args.batch * args.steps / med[name],
                  "summed_score_kl": float(problem.scores[rows_idx, choice].sum()),
-                 "kl": 0.0 if name == "parent" else held_out_kl(parent, m, ids),
+                 "kl": 0.0 if name == "parent" else held_out_kl(parent, m, ids, eos_id=eos),
                  "params": sum(p.numel() for p in m.parameters())}
             if name not in ("parent", "mip"):  # the MIP given exactly this baseline's runtime budget
                 same = mip_at(runtime)
-                r["mip_same_cost_kl"] = held_out_kl(parent, build(same), ids)
+                r["mip_same_cost_kl"] = held_out_kl(parent, build(same), ids, eos_id=eos)
                 r["mip_same_cost_summed_score"] = float(problem.scores[rows_idx, same].sum())
             metrics, _ = evaluate(m, tokenizer, suite, "text", ecfg)
             r["think_accuracy"] = metrics["modes"]["think"]["accuracy"]

@@ -176,6 +176,7 @@ def main(argv=None) -> int:
     models = {name: load_decilm(f) for name, f in folders.items()}
     tokenizer = AutoTokenizer.from_pretrained(parent_dir)
     ids = packed_rows(tokenizer, random.Random("puzzle-bench-heldout"), 16, 513)
+    eos = tokenizer.eos_token_id if load_pipeline(a.config, []).data.doc_mask else None
     suite = tasks.eval_suite(seed=1234, per_cell=a.per_cell, digits=(1, 2), steps=(2,))
     ecfg = EvalConfig(per_cell=a.per_cell, digits=[1, 2], max_new_tokens=600)
     times = {b: {name: [] for name in models} for b in (a.batch, 1)}
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
              "params": sum(p.numel() for p in m.parameters()),
              f"speedup_batch{a.batch}": med[a.batch]["parent"] / med[a.batch][name],
              "speedup_batch1": med[1]["parent"] / med[1][name],
-             "kl": 0.0 if name == "parent" else held_out_kl(parent, m, ids)}
+             "kl": 0.0 if name == "parent" else held_out_kl(parent, m, ids, eos_id=eos)}
         if base in choices and choices[base] is not None and "fuse" not in name:
             r["predicted_speedup"] = problem.totals(problem.parent_choice)[key] / problem.totals(choices[base])[key]
             r["summed_score"] = float(problem.scores[rows_idx, choices[base]].sum())

@@ -16,6 +16,7 @@ from thinkfast.nano.tokenizer import build_tokenizer
 from thinkfast.pipeline import default_config_path, load_pipeline, run_stage
 from thinkfast.stages import sft as sft_stage
 from thinkfast.toggle import EOT, SYSTEM_OFF, SYSTEM_ON
+from thinkfast.train.packing import document_ids
 from thinkfast.train.sft import (Example, block_causal_mask, mix_modes, nano_examples, pack, packed_batch,
                                  read_examples, row_to_example, sft_loss, tokenize_example)
 
@@ -145,6 +146,29 @@ def test_block_causal_mask():
     assert m[1, 0] and not m[0, 1]  # causal within a sample
     assert not m[2, 1] and m[4, 2]  # never across samples
     assert m[5].tolist() == [False] * 5 + [True]  # padding sees itself only
+
+
+def test_pretraining_rows_split_at_end_of_text_and_each_document_gets_its_own_logits(tok):
+    import random
+
+    from thinkfast.nano.corpus import packed_rows
+
+    eos = tok.eos_token_id
+    seq, pos = document_ids(torch.tensor([[5, 6, eos, 7, 8, eos, eos, 9]]), eos)
+    assert seq.tolist() == [[0, 0, 0, 1, 1, 1, 2, 3]] and pos.tolist() == [[0, 1, 2, 0, 1, 2, 0, 0]]
+    rows = packed_rows(tok, random.Random(0), 2, 400)
+    seq, pos = document_ids(rows, eos)
+    assert int(seq.max()) >= 1
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    with torch.no_grad():
+        packed = model(rows, attention_mask=block_causal_mask(seq), position_ids=pos).logits
+        for r in range(rows.shape[0]):
+            for d in range(int(seq[r].max()) + 1):
+                at = (seq[r] == d).nonzero().flatten()
+                alone = model(rows[r:r + 1, at]).logits[0]
+                assert (alone - packed[r, at]).abs().max() <= 1e-5
 
 
 def test_mix_modes():

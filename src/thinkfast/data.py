@@ -70,6 +70,10 @@ class DataConfig:
     think_fraction: float = 0.75
     fact_fraction: float = 0.0  # share of documents that are fact drills (nano.tasks.fact_drill_document)
     copy_fraction: float = 0.0  # share of documents that are copy drills (nano.tasks.copy_drill_document)
+    # documents packed into one row attend only to themselves (block-diagonal causal mask, positions from 0
+    # in each; thinkfast.train.packing), in every stage that reads rows: pretraining, the Puzzle stages,
+    # fusion's measurements, distillation. A parent pretrained so must be measured and distilled so.
+    doc_mask: bool = False
 
     def __post_init__(self):
         from .nano import tasks
@@ -109,11 +113,11 @@ class DataConfig:
         """What a stage's identity records of this section: ``use`` is ``"nano"`` (the mix only: pretrain)
         or ``"corpus"`` (the split corpus; the files themselves are identified by content elsewhere)."""
         if use == "nano":
-            keys = NANO_MIX
+            keys = NANO_MIX + ("doc_mask",)
         elif self.nano:
-            keys = NANO_MIX + ("held_out",)
+            keys = NANO_MIX + ("held_out", "doc_mask")
         else:
-            keys = ("text_field", "messages_field", "text_unit", "held_out")
+            keys = ("text_field", "messages_field", "text_unit", "held_out", "doc_mask")
         return {f"data.{k}": getattr(self, k) for k in keys}
 
 
@@ -247,6 +251,11 @@ class Corpus:
 
     def __init__(self, cfg: DataConfig, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
+        if cfg.doc_mask and tokenizer.eos_token_id is None:
+            raise DataError("data.doc_mask: the parent's tokenizer has no end-of-text token to split rows into "
+                            "documents at; set data.doc_mask: false")
+        # documents end with this token and attend only to themselves (None: rows attend across documents)
+        self.doc_eos: int | None = tokenizer.eos_token_id if cfg.doc_mask else None
         self._cache: dict[tuple[int, int], list[int]] = {}
         self._cached_tokens = 0
         if cfg.nano:
@@ -345,6 +354,8 @@ class Corpus:
             value = ds[row][name]
             if self.cfg.messages_field:
                 ids = self.tokenizer(self._render(value), add_special_tokens=False)["input_ids"]
+                if self.doc_eos is not None:  # the template's own end may be another token
+                    ids = ids + [self.doc_eos]
             else:
                 ids = self.tokenizer(value)["input_ids"]
                 if self.tokenizer.eos_token_id is not None:
@@ -355,6 +366,13 @@ class Corpus:
             self._cache[key] = ids
             self._cached_tokens += len(ids)
         return ids
+
+    def attention(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Keyword arguments for a model's forward on rows ``ids`` (:func:`thinkfast.train.packing.doc_attention`):
+        ``{}`` unless ``data.doc_mask``."""
+        from .train.packing import doc_attention
+
+        return doc_attention(ids, self.doc_eos)
 
     def rows(self, split: str, key: str, n: int, width: int) -> torch.Tensor:
         """Token ids ``[n, width]`` from ``split`` (``train`` or ``held_out``), a pure function of ``key``.

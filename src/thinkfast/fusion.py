@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .convert import load_full_state
 from .modeling import DeciLMConfig, DeciLMForCausalLM
 from .modeling.configuration_decilm import attention_block, block_config, ffn_block
+from .train.packing import doc_attention
 
 __all__ = ["FusionPlan", "dependency_matrix", "fusable", "find_groups", "fuse", "fused_layer_map", "parallel_form"]
 
@@ -41,36 +42,43 @@ def fusable(config: DeciLMConfig) -> list[bool]:
 
 
 @torch.no_grad()
-def _updates(model: DeciLMForCausalLM, ids: torch.Tensor, skip: int | None = None) -> list[torch.Tensor | None]:
+def _updates(model: DeciLMForCausalLM, ids: torch.Tensor, skip: int | None = None,
+             eos_id: int | None = None) -> list[torch.Tensor | None]:
     """Each layer's update ``y - x`` of the residual stream on ``ids`` [B, T]; layer ``skip`` removed."""
     inner = model.model
     x = inner.embed_tokens(ids)
-    pos = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+    attn = doc_attention(ids, eos_id)
+    pos = attn.get("position_ids")
+    if pos is None:
+        pos = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+    mask = attn.get("attention_mask")
     cos, sin = inner.rotary_emb(x, pos)
     out: list[torch.Tensor | None] = []
     for i, layer in enumerate(inner.layers):
         if i == skip:
             out.append(None)
             continue
-        y = layer(x, cos, sin, None, None)
+        y = layer(x, cos, sin, mask, None)
         out.append((y - x).float())
         x = y
     return out
 
 
 @torch.no_grad()
-def dependency_matrix(model: DeciLMForCausalLM, batches, *, layers: list[int] | None = None) -> torch.Tensor:
+def dependency_matrix(model: DeciLMForCausalLM, batches, *, layers: list[int] | None = None,
+                      eos_id: int | None = None) -> torch.Tensor:
     """``[L, L]`` float64: ``M[i, j]`` (``i < j``) = mean over tokens of the cosine distance between layer
     ``j``'s update with and without layer ``i``; 0 on and below the diagonal. ``layers`` restricts the
-    removed blocks ``i`` (the others' rows stay 0); ``batches`` is an iterable of token-id tensors."""
+    removed blocks ``i`` (the others' rows stay 0); ``batches`` is an iterable of token-id tensors;
+    ``eos_id``: documents closed by it attend only to themselves (``data.doc_mask``)."""
     L = model.config.num_hidden_layers
     rows = list(range(L)) if layers is None else sorted(set(layers))
     total = torch.zeros(L, L, dtype=torch.float64)
     count = 0
     for ids in batches:
-        ref = _updates(model, ids)
+        ref = _updates(model, ids, eos_id=eos_id)
         for i in rows:
-            cut = _updates(model, ids, skip=i)
+            cut = _updates(model, ids, skip=i, eos_id=eos_id)
             for j in range(i + 1, L):
                 a, b = (t.reshape(-1, t.shape[-1]).double() for t in (ref[j], cut[j]))  # float64: identical -> 0
                 both_zero = (a.norm(dim=-1) == 0) & (b.norm(dim=-1) == 0)  # a no-op layer: no change

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..artifacts import LIBRARY_FORMAT, load_model, read_library
 from ..convert import convert_llama_model
 from ..modeling import DeciLMForCausalLM
+from ..train.packing import doc_attention
 
 __all__ = ["LIBRARY_FORMAT", "LayerIO", "LibraryBlock", "block_module", "kl_and_lm_loss", "layer_io", "library_blocks",
            "load_decilm", "logits_from", "read_library"]  # LIBRARY_FORMAT, read_library: from thinkfast.artifacts
@@ -44,33 +45,39 @@ class LayerIO:
     x: list[torch.Tensor]
     mid: list[torch.Tensor]
     y: list[torch.Tensor]
+    mask: torch.Tensor | None = None  # the attention mask of the run (None: plain causal)
 
 
 @torch.no_grad()
-def layer_io(model: DeciLMForCausalLM, ids: torch.Tensor) -> LayerIO:
-    """Run the parent once on ``ids`` [B, T] (causal, no cache) and keep every layer's activations."""
+def layer_io(model: DeciLMForCausalLM, ids: torch.Tensor, eos_id: int | None = None) -> LayerIO:
+    """Run the parent once on ``ids`` [B, T] (causal, no cache) and keep every layer's activations;
+    ``eos_id`` given: documents closed by it attend only to themselves (``data.doc_mask``)."""
     inner = model.model
     x = inner.embed_tokens(ids)
-    pos = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+    attn = doc_attention(ids, eos_id)
+    pos = attn.get("position_ids")
+    if pos is None:
+        pos = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+    mask = attn.get("attention_mask")
     cos, sin = inner.rotary_emb(x, pos)
     xs, mids, ys = [], [], []
     for layer in inner.layers:
         xs.append(x)
         h = x
         if layer.attention_spec.kind != "no_op":
-            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, None, None)
+            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, mask, None)
         mids.append(h)
         if layer.ffn_spec.kind != "no_op":
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         ys.append(h)
         x = h
-    return LayerIO(cos, sin, xs, mids, ys)
+    return LayerIO(cos, sin, xs, mids, ys, mask)
 
 
-def logits_from(model: DeciLMForCausalLM, h: torch.Tensor, start: int, cos, sin) -> torch.Tensor:
+def logits_from(model: DeciLMForCausalLM, h: torch.Tensor, start: int, cos, sin, mask=None) -> torch.Tensor:
     """Logits after running parent layers ``start..`` on the residual stream ``h``."""
     for layer in model.model.layers[start:]:
-        h = layer(h, cos, sin, None, None)
+        h = layer(h, cos, sin, mask, None)
     return model.lm_head(model.model.norm(h)).float()
 
 

@@ -115,15 +115,16 @@ def _models(cfg: DistillConfig, inputs: Inputs):
 
 @torch.no_grad()
 def _measure(student, teacher, held_out: torch.Tensor, batch: int, problems, tokenizer, prompting, cfg,
-             held_topk=None) -> dict:
+             held_topk=None, attention=lambda ids: {}) -> dict:
     student.eval()
     out: dict = {}
     kls, lms, n = 0.0, 0.0, 0
     for i in range(0, held_out.shape[0], batch):
         ids = held_out[i:i + batch]
-        s = student(ids[:, :-1]).logits
+        attn = attention(ids[:, :-1])
+        s = student(ids[:, :-1], **attn).logits
         if teacher is not None:
-            kl, lm = kl_and_lm_loss(teacher(ids[:, :-1]).logits, s, ids[:, 1:])
+            kl, lm = kl_and_lm_loss(teacher(ids[:, :-1], **attn).logits, s, ids[:, 1:])
         else:  # the cached teacher (KL over its top k), or none
             lm = float(torch.nn.functional.cross_entropy(s.float().flatten(0, 1), ids[:, 1:].flatten()))
             kl = (float(topk_kl(held_topk[0][i:i + batch], held_topk[1][i:i + batch], s))
@@ -181,10 +182,10 @@ def run(cfg: DistillConfig, stage: StageDir, inputs: Inputs) -> dict:
     if cfg.teacher_top_k:  # the teacher's top-k logits first; it leaves memory before the student comes
         k = min(cfg.teacher_top_k, t_vocab)
         cache = TeacherCache(stage.path / "teacher_cache", k)
-        cache.build(teacher, rows, cfg.train_steps)
+        cache.build(teacher, rows, cfg.train_steps, attention=corpus.attention)
         with torch.no_grad():
-            tops = [teacher(held_out[i:i + cfg.batch_size, :-1]).logits.float().topk(k, dim=-1)
-                    for i in range(0, held_out.shape[0], cfg.batch_size)]
+            tops = [teacher(x, **corpus.attention(x)).logits.float().topk(k, dim=-1)
+                    for x in (held_out[i:i + cfg.batch_size, :-1] for i in range(0, held_out.shape[0], cfg.batch_size))]
         held_topk = (torch.cat([t.values for t in tops]).to(torch.bfloat16), torch.cat([t.indices for t in tops]))
         teacher = None
     student = load_decilm(student_dir, device).requires_grad_(True)
@@ -219,7 +220,8 @@ def run(cfg: DistillConfig, stage: StageDir, inputs: Inputs) -> dict:
             precision=precision, **weights)
 
     def point(step: int, tokens: int) -> None:
-        m = _measure(student, teacher, held_out, cfg.batch_size, problems, tokenizer, prompting, cfg, held_topk)
+        m = _measure(student, teacher, held_out, cfg.batch_size, problems, tokenizer, prompting, cfg, held_topk,
+                     corpus.attention)
         curve.append({"step": step, "tokens": tokens, **m})
         log.log("eval", **curve[-1])
 
@@ -234,12 +236,13 @@ def run(cfg: DistillConfig, stage: StageDir, inputs: Inputs) -> dict:
         else:
             ids = rows(step).to(device)
         x, labels = ids[:, :-1], ids[:, 1:]
+        attn = corpus.attention(x)
         with autocast(device, precision):
             t_out = None
             if train_teacher is not None:
                 with torch.no_grad():
-                    t_out = train_teacher(x, output_hidden_states=bool(weights["cosine_weight"]))
-            s_out = student(x, output_hidden_states=bool(weights["cosine_weight"]))
+                    t_out = train_teacher(x, output_hidden_states=bool(weights["cosine_weight"]), **attn)
+            s_out = student(x, output_hidden_states=bool(weights["cosine_weight"]), **attn)
             loss, parts = distill_loss(s_out, t_out, labels, pairs, temperature=cfg.temperature,
                                        teacher_topk=topk, **weights)
         grad_norm = optimizer_step(opt, loss, clip=cfg.grad_clip)

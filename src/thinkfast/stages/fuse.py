@@ -79,11 +79,12 @@ def _batches(rows: torch.Tensor, size: int):
 
 
 @torch.no_grad()
-def _kl(before, after, rows: torch.Tensor, size: int) -> tuple[float, float]:
+def _kl(before, after, rows: torch.Tensor, size: int, corpus) -> tuple[float, float]:
     """Mean per-token KL(before || after) and the LM loss of ``after`` on held-out rows."""
     kls, lms, n = 0.0, 0.0, 0
     for ids in _batches(rows, size):
-        kl, lm = kl_and_lm_loss(before(ids[:, :-1]).logits, after(ids[:, :-1]).logits, ids[:, 1:])
+        x, attn = ids[:, :-1], corpus.attention(ids[:, :-1])
+        kl, lm = kl_and_lm_loss(before(x, **attn).logits, after(x, **attn).logits, ids[:, 1:])
         kls, lms, n = kls + kl * ids.shape[0], lms + lm * ids.shape[0], n + ids.shape[0]
     return kls / n, lms / n
 
@@ -130,7 +131,7 @@ def run(cfg: FuseConfig, stage: StageDir, inputs: Inputs) -> dict:
     rows = corpus.rows("train", f"fuse-dependency:{cfg.seed}", cfg.dependency_rows, cfg.seq_len).to(device)
     # only attention-free SwiGLU layers can be grouped, but every row is cheap at this scale and the
     # whole matrix shows where attention removal left dependencies
-    matrix = dependency_matrix(model, _batches(rows, cfg.batch_size))
+    matrix = dependency_matrix(model, _batches(rows, cfg.batch_size), eos_id=corpus.doc_eos)
     plan = find_groups(model.config, matrix, max_group=cfg.max_group,
                        threshold=float("inf") if cfg.threshold is None else cfg.threshold,
                        leave_last=cfg.leave_last, groups=cfg.groups or None)
@@ -139,8 +140,8 @@ def run(cfg: FuseConfig, stage: StageDir, inputs: Inputs) -> dict:
     untie_for(fused, engine)
     check_engine(fused.config, engine, "the fused model")  # before anything is written
     held_out = corpus.rows("held_out", f"fuse-kl:{cfg.seed}", cfg.kl_rows, cfg.seq_len).to(device)
-    kl, lm = _kl(model, fused, held_out, cfg.batch_size)
-    _, lm_before = _kl(model, model, held_out, cfg.batch_size)
+    kl, lm = _kl(model, fused, held_out, cfg.batch_size, corpus)
+    _, lm_before = _kl(model, model, held_out, cfg.batch_size, corpus)
     speedups = {}
     if cfg.measure and plan.groups:
         print(f"fuse: step 3/3 decode speedup at batch {cfg.timing_batches} ({device_name(device)})")

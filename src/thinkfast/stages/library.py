@@ -117,12 +117,12 @@ Config = LibraryConfig
 
 
 @torch.no_grad()
-def _mean_abs_ffn_activation(parent, ids: torch.Tensor, batch: int) -> dict[int, torch.Tensor]:
+def _mean_abs_ffn_activation(parent, ids: torch.Tensor, batch: int, eos_id: int | None) -> dict[int, torch.Tensor]:
     """Per layer with a SwiGLU FFN: mean over tokens of ``|silu(gate(x)) * up(x)|`` [I]."""
     sums: dict[int, torch.Tensor] = {}
     count = 0
     for s in range(0, ids.shape[0], batch):
-        io = layer_io(parent, ids[s:s + batch])
+        io = layer_io(parent, ids[s:s + batch], eos_id)
         for i, layer in enumerate(parent.model.layers):
             if layer.ffn_spec.kind == "swiglu":
                 h = layer.post_attention_layernorm(io.mid[i])
@@ -152,10 +152,10 @@ class _Block:
         """The layer output with this block in place, from the parent's input (or mid) activation."""
         i = self.layer
         if self.part == "ffn":
-            return self.modules[0](io.mid[i], io.cos, io.sin, None, None)
-        h = self.modules[0](io.x[i], io.cos, io.sin, None, None)
+            return self.modules[0](io.mid[i], io.cos, io.sin, io.mask, None)
+        h = self.modules[0](io.x[i], io.cos, io.sin, io.mask, None)
         if self.part == "block":
-            return self.modules[1](h, io.cos, io.sin, None, None)
+            return self.modules[1](h, io.cos, io.sin, io.mask, None)
         if parent_layer.ffn_spec.kind != "no_op":  # decoupled attention: the frozen parent FFN follows
             h = h + parent_layer.mlp(parent_layer.post_attention_layernorm(h))
         return h
@@ -225,8 +225,8 @@ def build_blocks(cfg: LibraryConfig, parent, layers: list[int], contributions: d
 
 
 @torch.no_grad()
-def _losses(blocks: list[_Block], parent, ids: torch.Tensor) -> dict[str, float]:
-    io = layer_io(parent, ids)
+def _losses(blocks: list[_Block], parent, ids: torch.Tensor, eos_id: int | None) -> dict[str, float]:
+    io = layer_io(parent, ids, eos_id)
     return {f"{b.layer}.{b.key}": float(_nmse(b.predict(io, parent.model.layers[b.layer]), io, b.layer))
             for b in blocks}
 
@@ -301,7 +301,7 @@ def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
     log = stage.logger()
     print(f"library: step 1/3 calibration ({cfg.calibration_rows} rows) for channel contributions")
     calib = corpus.rows("train", f"library-calibration:{cfg.seed}", cfg.calibration_rows, cfg.seq_len).to(device)
-    mean_abs = _mean_abs_ffn_activation(parent, calib, cfg.batch_size)
+    mean_abs = _mean_abs_ffn_activation(parent, calib, cfg.batch_size, corpus.doc_eos)
     contributions = {i: channel_contribution(a, parent.model.layers[i].mlp.down_proj.weight)
                      for i, a in mean_abs.items()}
     blocks = build_blocks(cfg, parent, layers, contributions)
@@ -310,7 +310,7 @@ def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
     print(f"library: step 2/3 BLD ({cfg.mode}) of {len(trainable)} blocks over layers {layers[0]}..{layers[-1]}, "
           f"{cfg.bld_steps} steps")
     held_out = corpus.rows("held_out", f"library-heldout:{cfg.seed}", cfg.batch_size, cfg.seq_len).to(device)
-    init = _losses(blocks, parent, held_out)
+    init = _losses(blocks, parent, held_out, corpus.doc_eos)
     opt = adamw(params, lr=cfg.lr) if params else None
 
     def load(state):
@@ -324,7 +324,7 @@ def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
                                               for b in trainable}})
     for step in loop:
         ids = corpus.rows("train", f"library-bld:{cfg.seed}:{step}", cfg.batch_size, cfg.seq_len).to(device)
-        io = layer_io(parent, ids)  # one parent pass feeds every block
+        io = layer_io(parent, ids, corpus.doc_eos)  # one parent pass feeds every block
         losses = [_nmse(b.predict(io, parent.model.layers[b.layer]), io, b.layer) for b in trainable]
         total = torch.stack(losses).sum()
         optimizer_step(opt, total)
@@ -332,7 +332,7 @@ def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
         loop.end_step(step, loss=mean, postfix="mean_nmse", mean_nmse=mean)
     loop.close()
     print("library: step 3/3 held-out losses and save")
-    final = _losses(blocks, parent, held_out)
+    final = _losses(blocks, parent, held_out, corpus.doc_eos)
     _save_library(out, cfg, parent, blocks, layers, init, final)
     improved = sum(final[k] < init[k] - 1e-9 for k in init if init[k] > 0)
     metrics = {"layers": layers, "blocks": len(blocks), "trained_blocks": len(trainable),

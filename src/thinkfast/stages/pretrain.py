@@ -14,7 +14,8 @@ is what makes reasoning measurably useful: it solves far more problems when it w
 Departures / choices:
 - Documents are packed into rows of ``seq_len + 1`` tokens, each row starting at a document boundary
   (so position 0 always opens a problem, as it does at evaluation) and documents separated by
-  ``<|end_of_text|>``; the last document of a row is cut. No cross-document attention masking.
+  ``<|end_of_text|>``; the last document of a row is cut. With ``data.doc_mask`` (the nano config) each
+  document attends only to itself, positions from 0 (as at evaluation); without, across the row.
 - ``easy_steps`` (default 0): a curriculum by size, the first batches drawing 1-digit numbers only
   (``easy_digits``); tried for the parent's seed robustness and not adopted (docs/LOG.md, session 8).
 - Batch ``k`` is a pure function of ``(seed, k)``, so a resumed run sees exactly the batches an
@@ -39,6 +40,7 @@ from ..nano.corpus import documents, packed_rows
 from ..nano.tokenizer import build_tokenizer
 from ..rundir import StageDir, atomic_dir
 from ..train.loop import TrainLoop, adamw, autocast, optimizer_step, resolve_precision, setup_device, warmup_cosine
+from ..train.packing import doc_attention
 from . import Inputs, check_device, positive
 
 MAKES = "model"
@@ -161,6 +163,7 @@ def run(cfg: PretrainConfig, stage: StageDir, inputs: Inputs | None = None) -> d
     if cut > 0.01:
         warnings.warn(f"pretrain: {cut:.0%} of documents are longer than seq_len={cfg.seq_len} tokens and never "
                       "end inside a row; raise pretrain.seq_len", stacklevel=2)
+    eos = tokenizer.eos_token_id if data.doc_mask else None  # documents attend only to themselves
     log = stage.logger()
     loop = TrainLoop(stage, "train", cfg.train_steps, opt, schedule=lambda step: lr_at(cfg, step), log=log,
                      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, device=device,
@@ -170,8 +173,9 @@ def run(cfg: PretrainConfig, stage: StageDir, inputs: Inputs | None = None) -> d
     model.train()
     for step in loop:
         batch = make_batch(cfg, data, tokenizer, step).to(device)
+        x = batch[:, :-1]
         with autocast(device, precision):
-            out = model(input_ids=batch[:, :-1])
+            out = model(input_ids=x, **doc_attention(x, eos))
         loss = torch.nn.functional.cross_entropy(
             out.logits.float().reshape(-1, out.logits.shape[-1]), batch[:, 1:].reshape(-1)
         )

@@ -59,8 +59,10 @@ Config = ScoresConfig
 
 
 @torch.no_grad()
-def replace_one_block_scores(parent, lib: dict, tensors: dict, ids: torch.Tensor, batch: int) -> list[dict]:
-    """KL(parent || parent with one layer replaced) and LM loss for every library block: [{...}]."""
+def replace_one_block_scores(parent, lib: dict, tensors: dict, ids: torch.Tensor, batch: int,
+                             eos_id: int | None = None) -> list[dict]:
+    """KL(parent || parent with one layer replaced) and LM loss for every library block: [{...}];
+    ``eos_id``: documents closed by it attend only to themselves (``data.doc_mask``)."""
     from tqdm.auto import tqdm
 
     per_layer = {i: library_blocks(lib, tensors, i) for i in lib["layers"]}
@@ -71,7 +73,7 @@ def replace_one_block_scores(parent, lib: dict, tensors: dict, ids: torch.Tensor
     for s in range(0, ids.shape[0], batch):
         chunk = ids[s:s + batch]
         inputs, labels = chunk[:, :-1], chunk[:, 1:]
-        io = layer_io(parent, inputs)
+        io = layer_io(parent, inputs, eos_id)
         parent_logits = parent.lm_head(parent.model.norm(io.y[-1])).float()
         bar = tqdm(total=total, desc=f"scores batch {n_batches + 1}", unit="block", leave=False)
         for i, blocks in per_layer.items():
@@ -79,8 +81,9 @@ def replace_one_block_scores(parent, lib: dict, tensors: dict, ids: torch.Tensor
                 key = (i, b.attention, b.ffn)
                 if key not in modules:
                     modules[key] = block_module(parent.config, b).to(ids.device)
-                h = modules[key](io.x[i], io.cos, io.sin, None, None)
-                kl, lm = kl_and_lm_loss(parent_logits, logits_from(parent, h, i + 1, io.cos, io.sin), labels)
+                h = modules[key](io.x[i], io.cos, io.sin, io.mask, None)
+                logits = logits_from(parent, h, i + 1, io.cos, io.sin, io.mask)
+                kl, lm = kl_and_lm_loss(parent_logits, logits, labels)
                 acc = sums.setdefault(key, [0.0, 0.0])
                 acc[0] += kl
                 acc[1] += lm
@@ -101,12 +104,12 @@ def run(cfg: ScoresConfig, stage: StageDir, inputs: Inputs) -> dict:
     tensors = load_tensors(lib_path / "weights.safetensors", device=str(device))
     parent = load_decilm(model_dir, device)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    ids = Corpus(inputs.data, tokenizer).rows("held_out", f"scores-heldout:{cfg.seed}", cfg.rows,
-                                              cfg.seq_len + 1).to(device)
+    corpus = Corpus(inputs.data, tokenizer)
+    ids = corpus.rows("held_out", f"scores-heldout:{cfg.seed}", cfg.rows, cfg.seq_len + 1).to(device)
     print(f"scores: replace-1-block KL and LM loss on {ids.numel()} held-out tokens")
-    blocks = replace_one_block_scores(parent, lib, tensors, ids, cfg.batch_size)
+    blocks = replace_one_block_scores(parent, lib, tensors, ids, cfg.batch_size, corpus.doc_eos)
     with torch.no_grad():
-        logits = parent(input_ids=ids[:, :-1]).logits
+        logits = parent(input_ids=ids[:, :-1], **corpus.attention(ids[:, :-1])).logits
         _, parent_lm = kl_and_lm_loss(logits, logits, ids[:, 1:])
     out = {"format": SCORES_FORMAT, "metric_names": ["kl", "lm_loss"], "parent_lm_loss": parent_lm,
            "tokens": int(ids[:, 1:].numel()), "blocks": blocks}

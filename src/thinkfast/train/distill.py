@@ -99,8 +99,9 @@ class TeacherCache:
         return self.path / f"shard-{shard:05d}.safetensors"
 
     @torch.no_grad()
-    def build(self, teacher, rows, steps: int, progress: bool = True) -> None:
-        """``rows(step)`` -> the step's token ids ``[B, T]``; computes the shards that are missing."""
+    def build(self, teacher, rows, steps: int, progress: bool = True, attention=None) -> None:
+        """``rows(step)`` -> the step's token ids ``[B, T]``; computes the shards that are missing.
+        ``attention(ids)`` -> extra keyword arguments of the teacher's forward (a document mask)."""
         import os
 
         from safetensors.torch import save_file
@@ -115,7 +116,8 @@ class TeacherCache:
             ids, values, indices = [], [], []
             for step in range(s * self.shard_steps, min(steps, (s + 1) * self.shard_steps)):
                 x = rows(step)
-                top = teacher(x[:, :-1].to(teacher.device)).logits.float().topk(self.k, dim=-1)
+                inp = x[:, :-1].to(teacher.device)
+                top = teacher(inp, **(attention(inp) if attention else {})).logits.float().topk(self.k, dim=-1)
                 ids.append(x.to(torch.int32).cpu())
                 values.append(top.values.to(torch.bfloat16).cpu())
                 indices.append(top.indices.to(torch.int32).cpu())

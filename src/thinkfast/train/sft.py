@@ -37,6 +37,7 @@ import torch
 
 from ..data import _short, read_json_rows
 from ..toggle import SYSTEM_OFF, SYSTEM_ON, format_ok, parse_response
+from .packing import block_causal_mask  # re-exported: the mask of SFT's packing
 
 __all__ = ["Example", "block_causal_mask", "mix_modes", "nano_examples", "pack", "packed_batch", "read_examples",
            "row_to_example", "tokenize_example"]
@@ -254,16 +255,6 @@ def packed_batch(samples: Sequence[tuple[list[int], list[int]]], rows: Iterable[
             seq[r, at:at + n] = j
             at += n
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "seq_ids": seq}
-
-
-def block_causal_mask(seq_ids: torch.Tensor) -> torch.Tensor:
-    """``seq_ids`` [B, T] -> bool [B, 1, T, T]: token i attends to token j <= i of the same sample. Padding
-    (-1) attends to itself only, so no row is fully masked."""
-    t = seq_ids.shape[-1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=seq_ids.device).tril()
-    same = (seq_ids[:, :, None] == seq_ids[:, None, :]) & (seq_ids[:, :, None] >= 0)
-    eye = torch.eye(t, dtype=torch.bool, device=seq_ids.device)
-    return ((same & causal) | eye)[:, None]
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
