@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .convert import load_full_state
 from .modeling import DeciLMConfig, DeciLMForCausalLM
 from .modeling.configuration_decilm import attention_block, block_config, ffn_block
-from .train.packing import doc_attention
+from .train.packing import positions_and_mask
 
 __all__ = ["FusionPlan", "dependency_matrix", "fusable", "find_groups", "fuse", "fused_layer_map", "parallel_form"]
 
@@ -47,11 +47,7 @@ def _updates(model: DeciLMForCausalLM, ids: torch.Tensor, skip: int | None = Non
     """Each layer's update ``y - x`` of the residual stream on ``ids`` [B, T]; layer ``skip`` removed."""
     inner = model.model
     x = inner.embed_tokens(ids)
-    attn = doc_attention(ids, eos_id)
-    pos = attn.get("position_ids")
-    if pos is None:
-        pos = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
-    mask = attn.get("attention_mask")
+    pos, mask = positions_and_mask(ids, eos_id)
     cos, sin = inner.rotary_emb(x, pos)
     out: list[torch.Tensor | None] = []
     for i, layer in enumerate(inner.layers):

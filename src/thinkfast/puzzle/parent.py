@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..artifacts import LIBRARY_FORMAT, load_model, read_library
 from ..convert import convert_llama_model
 from ..modeling import DeciLMForCausalLM
-from ..train.packing import doc_attention
+from ..train.packing import positions_and_mask
 
 __all__ = ["LIBRARY_FORMAT", "LayerIO", "LibraryBlock", "block_module", "kl_and_lm_loss", "layer_io", "library_blocks",
            "load_decilm", "logits_from", "read_library"]  # LIBRARY_FORMAT, read_library: from thinkfast.artifacts
@@ -54,11 +54,7 @@ def layer_io(model: DeciLMForCausalLM, ids: torch.Tensor, eos_id: int | None = N
     ``eos_id`` given: documents closed by it attend only to themselves (``data.doc_mask``)."""
     inner = model.model
     x = inner.embed_tokens(ids)
-    attn = doc_attention(ids, eos_id)
-    pos = attn.get("position_ids")
-    if pos is None:
-        pos = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
-    mask = attn.get("attention_mask")
+    pos, mask = positions_and_mask(ids, eos_id)
     cos, sin = inner.rotary_emb(x, pos)
     xs, mids, ys = [], [], []
     for layer in inner.layers:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["block_causal_mask", "doc_attention", "document_ids"]
+__all__ = ["block_causal_mask", "doc_attention", "document_ids", "positions_and_mask"]
 
 
 def block_causal_mask(seq_ids: torch.Tensor) -> torch.Tensor:
@@ -42,3 +42,13 @@ def doc_attention(ids: torch.Tensor, eos_id: int | None) -> dict[str, torch.Tens
         return {}
     seq, pos = document_ids(ids, eos_id)
     return {"attention_mask": block_causal_mask(seq), "position_ids": pos}
+
+
+def positions_and_mask(ids: torch.Tensor, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(position_ids, mask)`` for running a model's layers by hand on ``ids`` [B, T]: positions from 0 in
+    each document and the block-diagonal mask, or (``eos_id`` None) positions over the row and ``None``
+    (plain causal)."""
+    if eos_id is None:
+        return torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1), None
+    seq, pos = document_ids(ids, eos_id)
+    return pos, block_causal_mask(seq)
