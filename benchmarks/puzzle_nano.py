@@ -44,14 +44,13 @@ from thinkfast.artifacts import read_costs, read_library, read_scores
 from thinkfast.evaluation import evaluate
 from thinkfast.nano import tasks
 from thinkfast.nano.corpus import packed_rows
-from thinkfast.pipeline import default_config_path, load_pipeline
 from thinkfast.puzzle.assemble import assemble, build_problem, describe
 from thinkfast.puzzle.mip import solve_mip
-from thinkfast.train.packing import doc_attention
 from thinkfast.puzzle.parent import kl_and_lm_loss, load_decilm
 from thinkfast.puzzle.targets import limits_for
 from thinkfast.stages.eval import EvalConfig  # the eval settings, as a user writes them
 from thinkfast.stages.search import SearchConfig  # the search targets, as a user writes them
+from thinkfast.train.packing import doc_attention
 
 
 def uniform_ffn(problem, key, limit):
@@ -111,6 +110,13 @@ def decode_seconds(model, batch: int, context: int, steps: int) -> float:
     return time.perf_counter() - t
 
 
+def run_doc_eos(run: Path, tokenizer) -> int | None:
+    """The end-of-text id when the run's stages read rows under ``data.doc_mask`` (as its scores stage
+    recorded), else None: the benchmark's KL is measured as the run measured its parent."""
+    marker = json.loads((run / "scores" / "COMPLETE.json").read_text())
+    return tokenizer.eos_token_id if marker["config"].get("data.doc_mask", False) else None
+
+
 @torch.no_grad()
 def held_out_kl(parent, child, ids, batch=8, eos_id=None):
     """Mean KL(parent || child) on rows ``ids``; ``eos_id``: documents attend only to themselves, as the
@@ -148,7 +154,7 @@ def main(argv=None) -> int:
     tensors = load_file(str(lib_dir / "weights.safetensors"))
     tokenizer = AutoTokenizer.from_pretrained(parent_dir)
     ids = packed_rows(tokenizer, random.Random("puzzle-bench-heldout"), 16, 513)
-    eos = tokenizer.eos_token_id if load_pipeline(default_config_path("nano"), []).data.doc_mask else None
+    eos = run_doc_eos(run, tokenizer)
     suite = tasks.eval_suite(seed=1234, per_cell=args.per_cell, digits=(1, 2), steps=(2,))
     ecfg = EvalConfig(per_cell=args.per_cell, digits=[1, 2], max_new_tokens=600)
     build = lambda choice: assemble(parent, lib, tensors, [problem.names[i][k] for i, k in enumerate(choice)])  # noqa: E731

@@ -52,7 +52,7 @@ from thinkfast.puzzle.parent import load_decilm
 from thinkfast.stages.eval import EvalConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from puzzle_nano import decode_seconds, drop_attention, greedy, held_out_kl  # noqa: E402
+from puzzle_nano import decode_seconds, drop_attention, greedy, held_out_kl, run_doc_eos  # noqa: E402
 
 UPSTREAM = ("pretrain", "library", "scores", "costs")
 
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     models = {name: load_decilm(f) for name, f in folders.items()}
     tokenizer = AutoTokenizer.from_pretrained(parent_dir)
     ids = packed_rows(tokenizer, random.Random("puzzle-bench-heldout"), 16, 513)
-    eos = tokenizer.eos_token_id if load_pipeline(a.config, []).data.doc_mask else None
+    eos = run_doc_eos(work, tokenizer)  # the copied stages: the run measured under its own data section
     suite = tasks.eval_suite(seed=1234, per_cell=a.per_cell, digits=(1, 2), steps=(2,))
     ecfg = EvalConfig(per_cell=a.per_cell, digits=[1, 2], max_new_tokens=600)
     times = {b: {name: [] for name in models} for b in (a.batch, 1)}

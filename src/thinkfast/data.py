@@ -39,6 +39,8 @@ from typing import Literal
 
 import torch
 
+from .train.packing import doc_attention
+
 __all__ = ["DataConfig", "DataError", "Corpus", "held_out", "expand_files", "read_json_rows", "NANO_MIX"]
 
 # the nano world's mix: the fields pretrain reads (they were pretrain's own before the data section)
@@ -370,8 +372,6 @@ class Corpus:
     def attention(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Keyword arguments for a model's forward on rows ``ids`` (:func:`thinkfast.train.packing.doc_attention`):
         ``{}`` unless ``data.doc_mask``."""
-        from .train.packing import doc_attention
-
         return doc_attention(ids, self.doc_eos)
 
     def rows(self, split: str, key: str, n: int, width: int) -> torch.Tensor:

@@ -40,8 +40,8 @@ def doc_attention(ids: torch.Tensor, eos_id: int | None) -> dict[str, torch.Tens
     whole row) when ``eos_id`` is None."""
     if eos_id is None:
         return {}
-    seq, pos = document_ids(ids, eos_id)
-    return {"attention_mask": block_causal_mask(seq), "position_ids": pos}
+    pos, mask = positions_and_mask(ids, eos_id)
+    return {"attention_mask": mask, "position_ids": pos}
 
 
 def positions_and_mask(ids: torch.Tensor, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
