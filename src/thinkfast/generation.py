@@ -42,9 +42,17 @@ from .kvcache import StaticKVCache
 from .modeling import DeciLMForCausalLM
 
 
+# Sampling limits, vLLM's conventions (vllm/sampling_params.py): a temperature above 0 but below MIN_TEMPERATURE is
+# raised to it (logits / 1e-39 overflow float32 to inf, and softmax of inf is NaN); 0 is greedy. Seeds are what
+# torch's generators take: [-2**63, 2**64).
+MIN_TEMPERATURE = 1e-2
+SEED_RANGE = (-(2**63), 2**64)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Decoding settings. temperature 0 = greedy (REFERENCE.md section 7: reasoning-off evaluation)."""
+    """Decoding settings. temperature 0 = greedy (REFERENCE.md section 7: reasoning-off evaluation); a temperature
+    in (0, ``MIN_TEMPERATURE``) is raised to ``MIN_TEMPERATURE``, as vLLM does."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -57,12 +65,16 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if not self.temperature >= 0 or self.temperature == float("inf"):
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", MIN_TEMPERATURE)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise ValueError(f"seed={self.seed} does not fit in 64 bits")
 
 
 @dataclass
@@ -85,7 +97,8 @@ class Completion:
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """logits [B, V] -> logits with the tokens outside top-k / the top-p nucleus set to -inf."""
+    """logits [B, V] -> logits with the tokens outside top-k / the top-p nucleus set to -inf. The most likely
+    token always stays (a top_p that rounds to 0 in float32 keeps just it, as vLLM's top-p does)."""
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -94,6 +107,7 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass before it already reaches top_p (the first token always stays)
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     return logits

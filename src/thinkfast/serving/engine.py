@@ -16,6 +16,15 @@ A joined row is computed exactly as it would be alone: padding is masked and pos
 (tested: greedy outputs equal :func:`generate`'s, with requests arriving while others run). Tokens reach
 each request through its ``emit`` callback from the engine thread (a server hands them to its event loop).
 
+One request never breaks another. What is done per request (admission: its generator, budget and token ids;
+choosing its next token; its thinking budget) runs in that request's own scope: an error there ends that
+request alone (finish reason "error", ``error`` naming the phase and the cause). What is done for many at once
+is retried so as to find the culprit: a prefill that fails is split in halves until the failing prompt is
+alone; a decode forward that fails drops the running cache and re-prefills every running request from its
+prompt and tokens so far (vLLM's preemption by recomputation), so only a request that fails on its own is
+ended. Whatever still escapes ends every request the engine holds, each answered (tested by fault injection
+at every phase: the others finish with the tokens they get alone).
+
 nemotron-nas models only (a Llama-layout model is converted in memory, :func:`thinkfast.convert.
 convert_llama_model`): joining needs a cache whose rows can be padded and concatenated.
 """
@@ -133,8 +142,9 @@ class ContinuousEngine:
         self._forced: dict[int, list[int]] = {}
         self._banned: dict[int, set[int]] = {}
         self._finish: set[int] = set()
+        self._joining: list[Request] = []  # taken from the queue, not yet in the running batch
         self.stats = {"steps": 0, "generated_tokens": 0, "joins": 0, "joins_into_running": 0, "max_running": 0,
-                      "finished": 0}
+                      "finished": 0, "errors": 0, "recomputes": 0}
 
     # -- the caller's side (any thread) -------------------------------------------------------------------------
 
@@ -201,25 +211,33 @@ class ContinuousEngine:
             try:
                 with torch.no_grad():
                     self._iteration()
-            except Exception as e:  # noqa: BLE001 - a failed step ends the requests in it, not the server
-                message = f"{type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001 - a fault no request could be blamed for: end the ones held
                 traceback.print_exc()
-                for r in self._rows:
-                    self._end(r, "error", error=message)
+                message = f"engine step failed: {type(e).__name__}: {e}"
+                for r in self._rows + self._joining:
+                    if not r.done.is_set():
+                        self._end(r, "error", error=message)
+                self._joining = []
                 self._reset()
         for r in self._rows + list(self._pending):
             self._end(r, "abort")
         self._reset()
 
     def _reset(self) -> None:
+        self._drop_batch()
+        self._forced, self._banned, self._finish = {}, {}, set()
+
+    def _drop_batch(self) -> None:
+        """Forget the running batch's tensors (its requests' own state stays)."""
         self._rows, self._cache, self._logits = [], None, None
         self._mask = self._mask[:0, :0]
         self._pos = self._pos[:0]
         self._width = 0
-        self._forced, self._banned, self._finish = {}, {}, set()
 
     def _end(self, r: Request, reason: str, error: str | None = None) -> None:
         r.finish_reason, r.error = reason, error
+        if error is not None:
+            self.stats["errors"] += 1
         new, r.emitted = r.tokens[r.emitted :], len(r.tokens)
         self._by_id.pop(r.id, None)
         self._generators.pop(r.id, None)
@@ -238,56 +256,83 @@ class ContinuousEngine:
             self._decode_step()
         self._admit()
 
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+    def _choose(self, idx: list[int], logits: torch.Tensor, picked: dict[int, int]) -> None:
+        """The next token of rows ``idx`` of the running batch (``logits``: every row's, [rows, V]) into ``picked``
+        (row -> token id): greedy, or sampled with the request's temperature / top-k / top-p, from its own
+        generator when it gave a seed. Rows land in ``picked`` as they are chosen: after a failure the caller
+        retries only the others, and a seeded request's generator is never drawn twice for one step."""
         rows = self._rows
-        nxt = logits.argmax(-1)
-        sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0]
-        if not sampled:
-            return nxt
+        greedy = [i for i in idx if rows[i].params.temperature == 0]
+        if greedy:
+            at = torch.tensor(greedy, device=logits.device)
+            picked.update(zip(greedy, logits[at].argmax(-1).tolist()))
         groups: dict[tuple[int, float], list[int]] = {}
-        for i in sampled:
-            groups.setdefault((rows[i].params.top_k, rows[i].params.top_p), []).append(i)
-        temps = torch.tensor([r.params.temperature for r in rows], device=logits.device, dtype=logits.dtype)
-        for (top_k, top_p), idx in groups.items():
-            at = torch.tensor(idx, device=logits.device)
-            probs = _filter_logits(logits[at] / temps[at, None], top_k, top_p).softmax(-1)
-            own = [j for j, i in enumerate(idx) if rows[i].id in self._generators]
-            if len(own) < len(idx):
-                shared = [j for j in range(len(idx)) if rows[idx[j]].id not in self._generators]
-                picks = torch.multinomial(probs[shared], 1, generator=self.generator).squeeze(-1)
-                nxt[at[shared]] = picks
-            for j in own:
-                gen = self._generators[rows[idx[j]].id]
-                nxt[idx[j]] = torch.multinomial(probs[j : j + 1], 1, generator=gen).squeeze(-1)[0]
-        return nxt
+        for i in idx:
+            if rows[i].params.temperature > 0:
+                groups.setdefault((rows[i].params.top_k, rows[i].params.top_p), []).append(i)
+        for (top_k, top_p), members in groups.items():
+            at = torch.tensor(members, device=logits.device)
+            temps = torch.tensor([rows[i].params.temperature for i in members], device=logits.device,
+                                 dtype=logits.dtype)
+            probs = _filter_logits(logits[at] / temps[:, None], top_k, top_p).softmax(-1)
+            shared = [j for j, i in enumerate(members) if rows[i].id not in self._generators]
+            if shared:
+                draws = torch.multinomial(probs[shared], 1, generator=self.generator).squeeze(-1).tolist()
+                picked.update((members[j], t) for j, t in zip(shared, draws))
+            for j, i in enumerate(members):
+                own = self._generators.get(rows[i].id)
+                if own is not None:
+                    picked[i] = int(torch.multinomial(probs[j : j + 1], 1, generator=own)[0, 0])
 
     def _decode_step(self) -> None:
         rows, logits = self._rows, self._logits
         assert logits is not None
-        if self._banned:
-            for i, r in enumerate(rows):
-                if r.id in self._banned:
+        failed: dict[int, str] = {}  # row -> why that request ends in error
+        for i, r in enumerate(rows):
+            if r.id in self._banned:
+                try:
                     logits[i, sorted(self._banned[r.id])] = float("-inf")
-        logp = logits.log_softmax(-1)
-        nxt = self._sample(logits)
+                except Exception as e:  # noqa: BLE001
+                    failed[i] = f"banning tokens: {type(e).__name__}: {e}"
+        picked: dict[int, int] = {}
+        live = [i for i in range(len(rows)) if i not in failed]
+        try:
+            self._choose(live, logits, picked)
+        except Exception:  # noqa: BLE001 - find the request at fault: the rest one at a time
+            for i in live:
+                if i not in picked:
+                    try:
+                        self._choose([i], logits, picked)
+                    except Exception as e:  # noqa: BLE001
+                        failed[i] = f"choosing the next token: {type(e).__name__}: {e}"
         for i, r in enumerate(rows):
             queue = self._forced.get(r.id)
-            if queue:
-                nxt[i] = queue.pop(0)
+            if queue and i in picked:
+                picked[i] = queue.pop(0)
                 if not queue:
                     del self._forced[r.id]
-        chosen = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
+        nxt = torch.tensor([picked.get(i, 0) for i in range(len(rows))], device=self.device)
+        chosen = logits.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1).tolist()
         tokens = nxt.tolist()
-        for r, t, lp in zip(rows, tokens, chosen):
-            r.tokens.append(t)
-            r.logprobs.append(lp)
+        for i, (r, t, lp) in enumerate(zip(rows, tokens, chosen)):
+            if i not in failed:
+                r.tokens.append(t)
+                r.logprobs.append(lp)
         self.stats["steps"] += 1
-        self.stats["generated_tokens"] += len(rows)
+        self.stats["generated_tokens"] += len(rows) - len(failed)
         if self.budget is not None and self.budget.count:
-            self.budget(_View(self, rows, tokens))
+            for i, r in enumerate(rows):  # one request at a time: a failure is that request's alone
+                if i not in failed and r.id in self.budget.count:
+                    try:
+                        self.budget(_View(self, [r], [tokens[i]]))
+                    except Exception as e:  # noqa: BLE001
+                        failed[i] = f"thinking budget: {type(e).__name__}: {e}"
         keep = []
         for i, (r, t) in enumerate(zip(rows, tokens)):
-            if t in r.params.stop_token_ids or r.id in self._finish:
+            error = failed.get(i)
+            if error is not None:
+                reason = "error"
+            elif t in r.params.stop_token_ids or r.id in self._finish:
                 reason = "stop"
             elif len(r.tokens) >= r.params.max_new_tokens:
                 reason = "length"
@@ -305,7 +350,7 @@ class ContinuousEngine:
                 continue
             self._forced.pop(r.id, None)
             self._banned.pop(r.id, None)
-            self._end(r, reason)
+            self._end(r, reason, error=error)
         self._finish.clear()
         if not keep:
             self._reset()
@@ -317,7 +362,20 @@ class ContinuousEngine:
                 self._cache.select(at)
             self._mask, self._pos, nxt = self._mask[at], self._pos[at], nxt[at]
             self._drop_unused_columns()
-        self._forward(nxt)
+        try:
+            self._forward(nxt)
+        except Exception:  # noqa: BLE001 - the batch's forward: recompute the requests, isolating a culprit
+            traceback.print_exc()
+            self._recompute()
+
+    def _recompute(self) -> None:
+        """Drop the running batch's cache and prefill every running request again from its prompt and its tokens
+        so far (vLLM's preemption by recomputation): the batch goes on, and a request whose own prefill fails
+        is the one ended."""
+        rows = self._rows
+        self.stats["recomputes"] += 1
+        self._drop_batch()
+        self._join(rows, [r.prompt + r.tokens for r in rows])
 
     def _drop_unused_columns(self) -> None:
         """Drop leading columns that are padding in every remaining row (once they are a quarter of the width)."""
@@ -372,22 +430,62 @@ class ContinuousEngine:
         new = self._take_pending()
         if not new:
             return
-        try:
-            cache, mask, pos, logits = self._prefill([r.prompt for r in new])
-        except Exception as e:  # noqa: BLE001 - the joining requests fail; the running batch goes on
-            traceback.print_exc()
-            for r in new:
-                self._end(r, "error", error=f"{type(e).__name__}: {e}")
-            return
+        self._joining = new  # from here on the engine answers them, whatever happens
+        ready = []
         for r in new:
-            self._by_id[r.id] = r
-            if r.params.seed is not None:
-                self._generators[r.id] = torch.Generator(device=self.device).manual_seed(r.params.seed)
-            if self.budget is not None:
-                self.budget.add(r.id, r.prompt, r.budget)
+            try:
+                self._admit_one(r)
+                ready.append(r)
+            except Exception as e:  # noqa: BLE001 - this request is refused; the others join
+                self._end(r, "error", error=f"admission: {type(e).__name__}: {e}")
+        self._join(ready, [r.prompt for r in ready])
+        self._joining = []
+
+    def _admit_one(self, r: Request) -> None:
+        """What a request brings of its own: token ids the model has, its generator, its thinking budget."""
+        vocab = self.model.config.vocab_size
+        if min(r.prompt) < 0 or max(r.prompt) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        self._by_id[r.id] = r
+        if r.params.seed is not None:
+            self._generators[r.id] = torch.Generator(device=self.device).manual_seed(r.params.seed)
+        if self.budget is not None:
+            self.budget.add(r.id, r.prompt, r.budget)
+
+    def _join(self, requests: list[Request], inputs: list[list[int]]) -> None:
+        """Prefill ``inputs`` (each request's tokens) and add the requests to the running batch, about
+        ``max_prefill_tokens`` at a time (at least one request)."""
+        start = 0
+        while start < len(requests):
+            end, tokens = start + 1, len(inputs[start])
+            while end < len(requests) and tokens + len(inputs[end]) <= self.max_prefill_tokens:
+                tokens += len(inputs[end])
+                end += 1
+            self._join_group(requests[start:end], inputs[start:end])
+            start = end
+
+    def _join_group(self, requests: list[Request], inputs: list[list[int]]) -> None:
+        """Prefill together; when that fails, each half on its own, until a request that fails alone is ended
+        with the error and the rest join."""
+        try:
+            prefilled = self._prefill(inputs)
+        except Exception as e:  # noqa: BLE001
+            if len(requests) == 1:
+                traceback.print_exc()
+                self._end(requests[0], "error", error=f"prefill: {type(e).__name__}: {e}")
+                return
+            half = len(requests) // 2
+            self._join_group(requests[:half], inputs[:half])
+            self._join_group(requests[half:], inputs[half:])
+            return
+        self._merge(requests, *prefilled)
+
+    def _merge(self, new: list[Request], cache: StaticKVCache, mask: torch.Tensor, pos: torch.Tensor,
+               logits: torch.Tensor) -> None:
+        """Append prefilled rows to the running batch, right-aligned with its columns."""
         self.stats["joins"] += 1
         if not self._rows:
-            self._rows, self._cache, self._mask, self._pos, self._logits = new, cache, mask, pos, logits
+            self._rows, self._cache, self._mask, self._pos, self._logits = list(new), cache, mask, pos, logits
             self._width = mask.shape[1]
         else:
             self.stats["joins_into_running"] += 1
@@ -398,7 +496,7 @@ class ContinuousEngine:
             merged = torch.zeros((len(self._rows) + len(new), total + 64), dtype=torch.bool, device=self.device)
             merged[: len(self._rows), pad_old:total] = self._mask[:, :width]
             merged[len(self._rows) :, pad_new:total] = mask
-            self._rows = self._rows + new
+            self._rows = self._rows + list(new)
             self._mask, self._width = merged, total
             self._pos = torch.cat([self._pos, pos])
             self._logits = torch.cat([self._logits, logits])
