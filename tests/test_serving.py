@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import openai
@@ -242,3 +243,128 @@ def test_a_client_giving_up_on_a_plain_request_frees_its_slot(server):
     request = server["requests"][-1]
     assert request.done.wait(10), "the abandoned request kept its slot"
     assert request.finish_reason == "abort" and len(request.tokens) < 4000
+
+
+def _clients_alongside(server, n, special):
+    """Run ``n`` greedy completions in threads while ``special()`` runs; returns (special's result, the clients'
+    texts checked against generating each prompt alone)."""
+    client, tok, engine = server["client"], server["tok"], server["state"].engine
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(30, 90, (int(k),), generator=g).tolist() for k in torch.randint(3, 30, (n,), generator=g)]
+    out: dict[int, object] = {}
+
+    def ask(i):
+        out[i] = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=30, temperature=0)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    result = special()
+    for t in threads:
+        t.join(60)
+    assert len(out) == n, "a client was never answered"
+    stops = tuple(stop_token_ids(tok))
+    for i, p in enumerate(prompts):
+        want = generate(engine.model, [p], SamplingParams(max_new_tokens=30, stop_token_ids=stops))[0]
+        assert out[i].choices[0].text == tok.decode([t for t in want.token_ids if t not in stops],
+                                                    skip_special_tokens=True), i
+    return result
+
+
+def test_out_of_range_seeds_and_underflowing_sampling_never_touch_other_requests(server):
+    """Issue 23's two server defects, sent while 12 clients run: a seed outside 64 bits is a 400 naming it; a
+    temperature of 1e-39 samples at 0.01 and a top_p of 1e-46 keeps the top token (vLLM's conventions): 200s."""
+    client = server["client"]
+
+    def special():
+        codes = []
+        for seed in (1180591620717411303424, -9223372036854775809):
+            with pytest.raises(openai.BadRequestError) as e:
+                _chat(client, temperature=1.0, seed=seed, max_tokens=4)
+            assert e.value.body["param"] == "seed", e.value.body
+            codes.append(e.value.status_code)
+        tiny_t = _chat(client, thinking=True, temperature=1e-39, max_tokens=8)
+        tiny_p = _chat(client, thinking=True, temperature=1.0, top_p=1e-46, max_tokens=8)
+        wrapped = _chat(client, thinking=True, temperature=1.0, seed=2**63 - 1, n=2, max_tokens=8)
+        return codes, tiny_t, tiny_p, wrapped
+
+    codes, tiny_t, tiny_p, wrapped = _clients_alongside(server, 12, special)
+    assert codes == [400, 400]
+    for r in (tiny_t, tiny_p):  # the scripted model's steered answer is the top token: sampled at 0.01, kept
+        assert r.choices[0].message.content == "7" and r.choices[0].message.reasoning_content == "xy"
+    assert [c.message.content for c in wrapped.choices] == ["7", "7"]
+
+
+@pytest.mark.parametrize("phase", ["detokenising", "checking stop strings"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_failing_to_become_text_fails_alone(server, monkeypatch, phase, stream):
+    """Fault injection after the engine: the victim's detokenisation or stop-string check raises; it gets a 500
+    (a stream: an error event) naming the phase, and 8 clients batched with it get their own answers."""
+    from thinkfast.serving import app
+
+    name = "_decode" if phase == "detokenising" else "_cut"
+    original = getattr(app._Choice, name)
+
+    def failing(self, *args):
+        if "VICTIM" in self.stops:
+            raise RuntimeError("injected fault")
+        return original(self, *args)
+
+    monkeypatch.setattr(app._Choice, name, failing)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["VICTIM"], "stream": stream,
+            "temperature": 0, "chat_template_kwargs": {"enable_thinking": True}}
+
+    def special():
+        if not stream:
+            return httpx.post(server["base"] + "/v1/chat/completions", json=body, timeout=30)
+        with httpx.stream("POST", server["base"] + "/v1/chat/completions", json=body, timeout=30) as r:
+            return [line for line in r.iter_lines() if line]
+
+    got = _clients_alongside(server, 8, special)
+    if stream:
+        error = json.loads(next(line for line in got if '"error"' in line)[6:])["error"]
+        assert got[-1] == "data: [DONE]"
+    else:
+        assert got.status_code == 500
+        error = got.json()["error"]
+    assert error["message"] == f"generation failed: {phase} failed: RuntimeError: injected fault"
+    assert error["type"] == "server_error"
+    engine, t0 = server["state"].engine, time.time()
+    while engine.running or engine.waiting:  # the victim's engine request was cancelled: its slot is free
+        assert time.time() - t0 < 10, "the failed request kept its slot"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("body,param,words", [
+    ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages.0.content", "lone UTF-16 surrogate"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, "messages.0.content.0.text",
+     "lone UTF-16 surrogate"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages.0.content", "a user message needs content"),
+    ({"messages": [{"role": "system", "content": "x"}, {"role": "user"}]}, "messages.1.content",
+     "a user message needs content"),
+    ({"chat_template_kwargs": {"enable_thinking": "yes"}}, "chat_template_kwargs",
+     "enable_thinking must be true or false, not 'yes'"),
+    ({"stop": ["\ud800"]}, "stop", "lone UTF-16 surrogate"),
+    ({"seed": 2**63}, "seed", "less than or equal to 9223372036854775807"),
+])
+def test_request_values_the_engine_cannot_take_are_400s_in_the_requests_terms(server, body, param, words):
+    full = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **body}
+    r = httpx.post(server["base"] + "/v1/chat/completions", content=json.dumps(full),
+                   headers={"content-type": "application/json"}, timeout=30)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"].startswith(param) and words in error["message"], error
+    assert "Value error" not in error["message"]
+
+
+def test_an_assistant_turn_may_have_null_content_and_a_text_plain_body_is_named(server):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+                {"role": "user", "content": "again"}]
+    assert _chat(server["client"], thinking=True, messages=messages).choices[0].message.content == "7"
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+    r = httpx.post(server["base"] + "/v1/chat/completions", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == ("the request body must be JSON sent with Content-Type: application/json "
+                                            "(this request says text/plain)")
+    r = httpx.post(server["base"] + "/v1/completions", content=b'{"prompt": "\\ud800"}',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "lone UTF-16 surrogate" in r.json()["error"]["message"]

@@ -11,8 +11,11 @@ chunk when ``stream_options.include_usage``).
 - Responses return the reasoning apart from the answer: ``message.reasoning_content`` (``delta.
   reasoning_content`` when streaming) and ``content``, as vLLM's reasoning parsers do.
 - Errors are OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body
-  (invalid JSON, a wrong type, a bad role, a negative ``max_tokens``, a prompt longer than the model's
-  context, an unsupported field), 404 for an unknown model or path, 500 when generation itself fails.
+  (invalid JSON, a body that is not sent as ``application/json``, a wrong type, a bad role, a negative
+  ``max_tokens``, a seed outside 64 bits, a prompt longer than the model's context, an unsupported field), 404
+  for an unknown model or path, 500 when generating, detokenising or checking stop strings fails for that
+  request (the message names the phase; a stream ends with an error event). One request's failure is its own:
+  the engine isolates it (:mod:`thinkfast.serving.engine`) and the others in the batch go on.
 - A client that disconnects (mid-stream or while waiting) cancels its requests: their batch slots free at
   the engine's next step.
 
@@ -63,6 +66,13 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+class _ChoiceError(Exception):
+    """Turning one choice's tokens into text failed (``phase``: detokenising, or checking stop strings)."""
+
+    def __init__(self, phase: str, error: Exception):
+        super().__init__(f"{phase} failed: {type(error).__name__}: {error}")
+
+
 class _Choice:
     """One generated sequence as text: decoded incrementally, cut at stop strings (never streaming a partial
     one), stop tokens left out of the text."""
@@ -84,11 +94,16 @@ class _Choice:
         self.tokens.extend(t for t in tokens if not (reason == "stop" and t in stop_ids))
         if self.lazy and reason is None:
             return ""
-        full = self.state.tokenizer.decode(self.tokens, skip_special_tokens=self.skip)
-        for s in self.stops:
-            at = full.find(s, max(0, len(self.text) - len(s)))
-            if at != -1:
-                full, reason, self.stopped_by_string = full[:at], "stop", True
+        try:
+            full = self._decode()
+        except Exception as e:  # noqa: BLE001 - this choice's failure, reported as such
+            raise _ChoiceError("detokenising", e) from e
+        try:
+            cut = self._cut(full)
+        except Exception as e:  # noqa: BLE001
+            raise _ChoiceError("checking stop strings", e) from e
+        if cut is not None:
+            full, reason, self.stopped_by_string = cut, "stop", True
         if reason is None:
             if full.endswith("\ufffd"):  # a character still arriving in pieces
                 full = full[:-1]
@@ -96,6 +111,38 @@ class _Choice:
         self.finish_reason = reason
         delta, self.text = full[len(self.text) :], full
         return delta
+
+    def _decode(self) -> str:
+        return self.state.tokenizer.decode(self.tokens, skip_special_tokens=self.skip)
+
+    def _cut(self, full: str) -> str | None:
+        """``full`` cut before the first stop string that appears in it (None: none does)."""
+        cut = None
+        for s in self.stops:
+            at = full.find(s, max(0, len(self.text) - len(s)))
+            if at != -1 and (cut is None or at < len(cut)):
+                cut = full[:at]
+        return cut
+
+
+def _union_tag(part) -> bool:
+    """Whether a pydantic error location part names a union member (``str``, ``list[TextPart]``,
+    ``function-after[...]``) rather than a field or an index."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "none"))
+
+
+def _most_specific(errors: list) -> dict:
+    """The error to report: the first one, or, when it is one member of a union that failed every member, the
+    member's error that got deepest into the value (a text part's bad ``text``, not "Input should be a valid
+    string" for the content as a whole)."""
+    if not errors:
+        return {}
+    loc = list(errors[0].get("loc", ()))
+    tag = next((i for i, part in enumerate(loc) if _union_tag(part)), None)
+    if tag is None:
+        return errors[0]
+    same = [err for err in errors if list(err.get("loc", ()))[:tag] == loc[:tag]]
+    return max(same, key=lambda err: len(err.get("loc", ())))
 
 
 def _check_unsupported(body) -> None:
@@ -114,9 +161,13 @@ def _sampling(state: ServerState, body, prompt_len: int, max_tokens: int | None)
         raise APIError(400, f"This model's maximum context length is {state.max_model_len} tokens. However, you "
                        f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in "
                        "the completion). Please reduce the length of the prompt or of max_tokens.", "max_tokens")
-    return SamplingParams(max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-                          top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, body.top_k or 0),
-                          stop_token_ids=state.stop_token_ids, seed=body.seed)
+    try:
+        return SamplingParams(max_new_tokens=max_tokens,
+                              temperature=1.0 if body.temperature is None else body.temperature,
+                              top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, body.top_k or 0),
+                              stop_token_ids=state.stop_token_ids, seed=body.seed)
+    except ValueError as e:  # a value the protocol let through that the engine cannot execute
+        raise APIError(400, str(e)) from None
 
 
 class _Generation:
@@ -170,7 +221,10 @@ class _Generation:
                     continue  # ended by a stop string: the engine's last tokens are dropped
                 if reason == "error":
                     raise APIError(500, f"generation failed: {self.requests[i].error}", kind="server_error")
-                delta = choice.feed(tokens, reason)
+                try:
+                    delta = choice.feed(tokens, reason)
+                except _ChoiceError as e:
+                    raise APIError(500, f"generation failed: {e}", kind="server_error") from None
                 if choice.stopped_by_string:
                     self.state.engine.cancel(self.requests[i])
                 if choice.finish_reason is not None:
@@ -202,13 +256,22 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        first = _most_specific(e.errors())
+        loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _union_tag(x)]
         if first.get("type") == "json_invalid":
             why = first.get("ctx", {}).get("error", first.get("msg"))
             return _error(400, f"invalid JSON in the request body: {why}")
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not loc and kind != "application/json" and not kind.endswith("+json"):
+            return _error(400, f"the request body must be JSON sent with Content-Type: application/json (this "
+                          f"request says {kind or 'no Content-Type'})")
         where = ".".join(loc) or "body"
-        return _error(400, f"{where}: {first.get('msg', 'invalid value')}", where)
+        msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+        return _error(400, f"{where}: {msg}", where)
+
+    @app.exception_handler(Exception)
+    async def _failed(request: Request, e: Exception):  # a bug: still OpenAI's shape, naming the cause
+        return _error(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
@@ -304,13 +367,16 @@ async def _collect(gen: _Generation) -> dict[int, _Choice]:
 def _start(state: ServerState, http: Request, body, prompts: list[list[int]], max_tokens: int | None,
            prefix: str) -> tuple[_Generation, dict]:
     """Check each prompt's length, submit them (``body.n`` per distinct prompt, consecutive; a seeded request's
-    k-th sample gets seed + k) and return the generation and the response's common fields."""
+    k-th sample gets seed + k, wrapped to 64 bits) and return the generation and the response's common fields."""
     from dataclasses import replace
 
     params = []
     for k, p in enumerate(prompts):
         sp = _sampling(state, body, len(p), max_tokens)
-        params.append(sp if body.seed is None else replace(sp, seed=body.seed + k % body.n))
+        # the k-th sample's seed, wrapped to 64 bits (a seed of 2**63 - 1 with n = 2 stays valid)
+        if body.seed is not None:
+            sp = replace(sp, seed=(body.seed + k % body.n + 2**63) % 2**64 - 2**63)
+        params.append(sp)
     gen = _Generation(state, http, prompts, params, body.max_thinking_tokens, body.stop, body.skip_special_tokens,
                       body.stream)
     return gen, {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
@@ -331,6 +397,9 @@ async def _stream(gen: _Generation, chunk: dict, body, prompts, head: list[dict]
             yield _sse({**chunk, "choices": [], "usage": _usage(prompts, gen.choices)})
     except APIError as e:
         yield _sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}})
+    except Exception as e:  # noqa: BLE001 - a bug: the stream still ends with an error event naming it
+        yield _sse({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
+                              "param": None, "code": None}})
     finally:
         await events.aclose()
         gen.cancel()

@@ -6,17 +6,47 @@ accepts that matter here: ``top_k``, ``chat_template_kwargs``; and thinkfast's `
 fields are ignored, as OpenAI's server does. A field OpenAI has that we do not implement (``logprobs``,
 ``tools``, ``echo``, ``response_format`` other than text, ...) is refused with a 400 naming it, never
 silently ignored.
+
+Every value must be one the engine can execute, or the request is a 400 naming the field: a ``seed`` fits in 64
+bits (vLLM's range, -2**63 .. 2**63 - 1; the k-th of ``n`` samples uses seed + k, wrapped to 64 bits); text holds
+no lone UTF-16 surrogates (JSON's ``"\ud800"``, which no tokenizer can encode); a ``user``, ``system`` or
+``developer`` message has content (``null`` is for an assistant turn only, as in OpenAI's API);
+``chat_template_kwargs.enable_thinking`` is a boolean. A ``temperature`` above 0 but under 0.01 samples at 0.01
+and a ``top_p`` that rounds to 0 keeps the most likely token (vLLM's conventions; :mod:`thinkfast.generation`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ..toggle import THINK_CLOSE, THINK_OPEN
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "UNSUPPORTED", "split_reasoning"]
+
+
+INT64 = (-(2**63), 2**63 - 1)  # seeds (vLLM: torch.iinfo(torch.long))
+
+
+def _unicode(text: str) -> str:
+    """Refuse a lone UTF-16 surrogate (valid in JSON's escapes, not in Unicode text).
+
+    >>> _unicode("ok")
+    'ok'
+    >>> _unicode("a\\ud800")
+    Traceback (most recent call last):
+    ...
+    ValueError: contains a lone UTF-16 surrogate (U+D800) at character 1: text must be valid Unicode
+    """
+    for i, ch in enumerate(text):
+        if "\ud800" <= ch <= "\udfff":
+            raise ValueError(f"contains a lone UTF-16 surrogate (U+{ord(ch):04X}) at character {i}: text must be "
+                             "valid Unicode")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class _Strict(BaseModel):
@@ -25,12 +55,21 @@ class _Strict(BaseModel):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = Field(None, validate_default=True)
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v, info: ValidationInfo):
+        role = info.data.get("role")
+        if v is None and role not in (None, "assistant"):
+            raise ValueError(f"a {role} message needs content (a string or a list of text parts); null is for an "
+                             "assistant turn only")
+        return v
 
     def text(self) -> str:
         if self.content is None:
@@ -51,8 +90,8 @@ class _Sampling(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 or 0: off
     n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_thinking_tokens: int | None = Field(None, ge=0)
@@ -73,9 +112,16 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     chat_template_kwargs: dict[str, Any] | None = None
 
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v):
+        if v is not None and "enable_thinking" in v and not isinstance(v["enable_thinking"], bool):
+            raise ValueError(f"enable_thinking must be true or false, not {v['enable_thinking']!r}")
+        return v
+
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Text | list[int] | list[Text] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     echo: bool = False
 
