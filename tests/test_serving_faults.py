@@ -159,3 +159,36 @@ def test_sampling_limits_follow_vllm():
     prompt = _prompts(1)[0]
     tiny = generate(model, [prompt], SamplingParams(max_new_tokens=8, temperature=1e-39, top_p=1e-46, seed=0))[0]
     assert tiny.token_ids == generate(model, [prompt], SamplingParams(max_new_tokens=8))[0].token_ids
+
+
+def test_a_thinking_budget_failing_for_one_request_ends_that_request_alone():
+    from test_budget import _model
+
+    from thinkfast.budget import ThinkingBudget
+    from thinkfast.nano.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    model = _model(tok)
+    prompt = tok.encode("<|begin_of_text|>x<think>\n", add_special_tokens=False)
+    engine = ContinuousEngine(model, tok, max_batch=4, budget_grace=8)
+    victim = Request(prompt, SamplingParams(max_new_tokens=30), budget=20)
+
+    class Faulty(ThinkingBudget):
+        def __call__(self, view):
+            if victim.id in view.requests and len(victim.tokens) >= 3:
+                raise RuntimeError("injected fault: budget")
+            super().__call__(view)
+
+    engine.budget.__class__ = Faulty
+    engine.start()
+    try:
+        params = [SamplingParams(max_new_tokens=30 + i) for i in range(3)]
+        others = [engine.submit(Request(prompt, params[i], budget=5 + i)) for i in range(3)]
+        engine.submit(victim)
+        assert all(r.done.wait(60) for r in [*others, victim])
+    finally:
+        engine.stop()
+    assert victim.finish_reason == "error" and victim.error == "thinking budget: RuntimeError: injected fault: budget"
+    for r, p, b in zip(others, params, (5, 6, 7)):  # each as the rollout engine gives it alone, budget applied
+        alone = generate(model, [prompt], p, hook=ThinkingBudget(tok, [prompt], b, grace=8))[0]
+        assert r.tokens == alone.token_ids and r.finish_reason == alone.finish_reason
