@@ -79,8 +79,10 @@ def test_reward_runner_survives_crashing_and_hanging_rewards():
     assert time.perf_counter() - t < 5
     assert parts["acc"] == [1.0, 1.0] and parts["format"] == [1.0, 0.0]
     assert parts["crash"] == parts["hang"] == parts["short"] == [0.0, 0.0]
-    assert [e.split(":")[0] for e in errors] == ["reward crash", "reward hang", "reward short"]
-    assert "boom" in errors[0] and "timed out" in errors[1] and "1 values for 2" in errors[2]
+    assert [e.reward for e in errors] == ["crash", "hang", "short"]  # which reward failed, not just a string
+    assert errors[0].message == "RuntimeError: boom" and "crashes" in errors[0].detail  # one line + traceback
+    assert errors[1].message == "timed out after 0.5 s" and str(errors[1]) == "reward hang: timed out after 0.5 s"
+    assert errors[2].message == "bad return value: returned 1 values for 2 completions"
     assert total[0] == pytest.approx(1.0 + 0.5 - len(texts[0]) / 100)
     assert total[1] == 0.0  # truncated: nothing
 
@@ -260,6 +262,11 @@ def test_a_user_reward_by_module_path(sft_run, tmp_path):
         grpo_stage.load_reward("no_such_module:f")
 
 
+def wants_prompt(completions, prompt, **kwargs):
+    """A reward asking for the prompt by the file's field name (thinkfast, as TRL, passes it as ``prompts``)."""
+    return [0.0] * len(completions)
+
+
 def contains_target(completions, target, **kwargs):
     """A user reward reading a column of the prompt file (TRL signature)."""
     return [1.0 if str(t) in c[0]["content"] else 0.0 for c, t in zip(completions, target)]
@@ -284,9 +291,18 @@ def test_prompts_from_files_reach_the_rewards_with_their_columns(sft_run, tmp_pa
     assert [p["step"] for p in curve["eval"]] == [0, 2] and curve["eval"][0]["held_out"]["n"] == 2
     assert "reward_test_grpo:contains_target" in curve["steps"][0] and curve["steps"][0]["pass_rate"] is not None
     assert len(json.loads((run / "grpo" / "pass_rates.json").read_text())["pass_rates"]) == 6
-    # a reward needing a column the rows lack is an error before any work, naming both
-    with pytest.raises(DataError, match="nano_accuracy needs column.*answer"):
+    # a reward needing a column the rows lack is an error before any work, in the file's terms: the argument,
+    # the file and its fields (not thinkfast's internal column names), and the fix
+    with pytest.raises(DataError) as e:
         run_stage(_pipe(_copy_base(sft_run, tmp_path / "f2"), *opts, "grpo.rewards=[nano_accuracy]"), "grpo")
+    msg = str(e.value)
+    assert msg.startswith("grpo.rewards: nano_accuracy requires the keyword argument(s) answer, which no prompt "
+                          f"column supplies: {data} has the fields prompt, target, input, reasoning (")
+    assert "Fix: add a field 'answer' to every row; or give the argument(s) a default" in msg
+    assert "thinking (the mode, True or False)" in msg and "\n" not in msg
+    with pytest.raises(DataError, match=r"argument\(s\) prompt, .*rename the argument 'prompt' to 'prompts'"):
+        run_stage(_pipe(_copy_base(sft_run, tmp_path / "f2b"), *opts, "grpo.rewards=[test_grpo:wants_prompt]"),
+                  "grpo")
     # a bad row names its file and line; skip_bad_rows skips it
     data.write_text(data.read_text() + json.dumps({"prompt": [{"role": "assistant", "content": "x"}]}) + "\n")
     with pytest.raises(DataError, match=r"prompts.jsonl line 9: prompt must end with a user message"):
@@ -333,3 +349,114 @@ def test_a_step_without_signal_leaves_the_weights_alone():
                        updates=2, conversational=False)
     assert rec["updates"] == 0 and rec["groups_with_signal"] == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def always_fails(completions, **kwargs):
+    """A user reward with a bug: it raises on every call."""
+    return [1 / 0 for _ in completions]
+
+
+def fails_every_other_call(completions, **kwargs):
+    """A flaky user reward: calls 1, 3, 5, ... raise (``fails_every_other_call.calls`` counts them)."""
+    fails_every_other_call.calls += 1
+    if fails_every_other_call.calls % 2:
+        raise ConnectionError("judge unreachable\nsecond line of the message")
+    return [0.5] * len(completions)
+
+
+fails_every_other_call.calls = 0
+
+
+def test_a_reward_failing_on_every_call_stops_the_run_and_keeps_the_checkpoint(sft_run, tmp_path, capsys):
+    from thinkfast.rl.rewards import RewardFailed
+    from thinkfast.train.checkpoint import load_state
+
+    run = _copy_base(sft_run, tmp_path / "fails")
+    with pytest.raises(RewardFailed) as e:  # max_failing_steps: 3 by default; a checkpoint every 2 steps
+        run_stage(_pipe(run, "grpo.rewards=[nano_accuracy,test_grpo:always_fails]", "grpo.eval_problems=0",
+                        "grpo.kl_beta=0.1"), "grpo")
+    msg = str(e.value)
+    assert isinstance(e.value, ValueError) and "\n" not in msg  # the CLI prints it as one line (exit 2)
+    assert msg.startswith("grpo: reward test_grpo:always_fails failed on every call for 3 steps in a row (steps "
+                          "1-3; grpo.max_failing_steps=3), last error: ZeroDivisionError: division by zero. "
+                          "Stopped without saving: the last checkpoint (")
+    state = load_state(run / "grpo.partial" / "checkpoint", "cpu")
+    assert int(state["step"]) == 2 and [s["reward_failed"] for s in state["steps"]] == [
+        {"test_grpo:always_fails": "ZeroDivisionError: division by zero"}] * 2
+    err = capsys.readouterr().err
+    assert err.count("warning: reward test_grpo:always_fails failed") == 1  # once, not once per step
+    assert "failed at step 1: ZeroDivisionError: division by zero. It counts 0" in err
+    lines = [json.loads(x) for x in (run / "grpo.partial" / "log.jsonl").read_text().splitlines()]
+    errors = [x for x in lines if x["event"] == "reward_error"]
+    assert [(x["step"], x["reward"]) for x in errors] == [(s, "test_grpo:always_fails") for s in (1, 2, 3)]
+    assert "always_fails" in errors[0]["detail"]  # the traceback stays in the log
+
+    # 0 never stops: the run completes and metrics.json counts the failures
+    run = _copy_base(sft_run, tmp_path / "counted")
+    m, _ = run_stage(_pipe(run, "grpo.rewards=[nano_accuracy,test_grpo:always_fails]", "grpo.eval_problems=0",
+                           "grpo.max_failing_steps=0"), "grpo")
+    assert m["reward_errors"] == {"nano_accuracy": {"calls": 4, "failed": 0}, "test_grpo:always_fails": {
+        "calls": 4, "failed": 4, "last_error": "ZeroDivisionError: division by zero"}}
+    assert json.loads((run / "grpo" / "metrics.json").read_text())["reward_errors"] == m["reward_errors"]
+    err = capsys.readouterr().err
+    assert err.count("warning: reward test_grpo:always_fails") == 1
+    assert "grpo: reward test_grpo:always_fails failed 4 of 4 calls (last error: ZeroDivisionError" in err
+
+
+def test_a_reward_failing_sometimes_is_counted_and_the_run_goes_on(sft_run, tmp_path, capsys):
+    fails_every_other_call.calls = 0
+    run = _copy_base(sft_run, tmp_path / "flaky")
+    m, _ = run_stage(_pipe(run, "grpo.rewards=[nano_accuracy,test_grpo:fails_every_other_call]",
+                           "grpo.eval_problems=0", "grpo.max_failing_steps=2"), "grpo")
+    assert fails_every_other_call.calls == 4  # once per step: steps 1 and 3 failed, never 2 in a row
+    assert m["steps"] == 4 and m["reward_errors"]["test_grpo:fails_every_other_call"] == {
+        "calls": 4, "failed": 2, "last_error": "ConnectionError: judge unreachable second line of the message"}
+    steps = json.loads((run / "grpo" / "curve.json").read_text())["steps"]
+    assert [bool(s["reward_failed"]) for s in steps] == [True, False, True, False]
+    assert [s["reward_test_grpo:fails_every_other_call"] for s in steps] == [0.0, 0.5, 0.0, 0.5]
+    err = capsys.readouterr().err
+    assert err.count("warning: reward test_grpo:fails_every_other_call failed at step 1") == 1
+    assert "failed 2 of 4 calls" in err
+
+
+def test_a_pass_reward_that_fails_measuring_pass_rates_stops_before_training(sft_run, tmp_path):
+    from thinkfast.rl.rewards import RewardFailed
+
+    run = _copy_base(sft_run, tmp_path / "pass")
+    with pytest.raises(RewardFailed, match=r"^grpo: the pass reward test_grpo:always_fails failed while measuring "
+                       r"the pass rates before training \(ZeroDivisionError: division by zero\); it would count "
+                       r"every prompt unsolved"):
+        run_stage(_pipe(run, "grpo.rewards=[nano_accuracy,test_grpo:always_fails]",
+                        "grpo.pass_reward=test_grpo:always_fails"), "grpo")
+    assert not (run / "grpo.partial" / "pass_rates.json").exists()  # no rates of 0 saved for reuse
+
+
+def test_max_failing_steps_is_validated(tmp_path):
+    from thinkfast.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"max_failing_steps=-1 must be >= 0 \(0 or null: never stop"):
+        _pipe(tmp_path, "grpo.max_failing_steps=-1")
+    assert _pipe(tmp_path, "grpo.max_failing_steps=null").configs["grpo"].max_failing_steps is None
+
+
+def fails_on_two(completions, target, **kwargs):
+    """Fails only on the 2 greedy answers of the held-out check (the training calls have 6 completions)."""
+    if len(completions) == 2:
+        raise RuntimeError("held-out failure")
+    return [1.0 if str(t) in c[0]["content"] else 0.0 for c, t in zip(completions, target)]
+
+
+def test_a_pass_reward_failing_in_the_held_out_check_gives_an_unknown_pass_rate_not_0(sft_run, tmp_path, capsys):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "target": str(2 * i)}) + "\n"
+                            for i in range(8)))
+    run = _copy_base(sft_run, tmp_path / "held")
+    m, _ = run_stage(_pipe(run, f"grpo.files=[{data}]", "grpo.rewards=[test_grpo:fails_on_two]",
+                           "grpo.eval_problems=2", "grpo.train_steps=2", "grpo.eval_every=2"), "grpo")
+    assert m["held_out_pass_before"] is None and m["held_out_pass_after"] is None
+    assert m["reward_errors"] == {"test_grpo:fails_on_two": {"calls": 2, "failed": 0}}  # training calls only
+    assert capsys.readouterr().err.count("reward test_grpo:fails_on_two failed at step 0 (held-out check): "
+                                        "RuntimeError: held-out failure") == 1
+    errors = [json.loads(x) for x in (run / "grpo" / "log.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["during"]) for x in errors if x["event"] == "reward_error"] == [(0, "held_out"),
+                                                                                         (2, "held_out")]

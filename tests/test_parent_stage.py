@@ -2,6 +2,7 @@
 the whole pipeline runs from it; a re-made parent folder redoes everything after it."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -74,3 +75,98 @@ def test_parent_mistakes_are_named(tmp_path):
     (gpt / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="holds a 'gpt2' model"):
         run_stage(pipe(tmp_path / "r2", f"parent.path={gpt}"), "parent")
+
+
+def test_a_damaged_parent_is_named_by_the_parent_stage(tmp_path):
+    src = llama_folder(tmp_path / "my-llama")
+    weights = src / "model.safetensors"
+    good = weights.read_bytes()
+    run = tmp_path / "run"
+
+    def fails(match):
+        with pytest.raises(ValueError, match=match):
+            run_stage(pipe(run, f"parent.path={src}"), "parent")
+        assert not (run / "parent" / "COMPLETE.json").exists()
+
+    header = 8 + int.from_bytes(good[:8], "little")
+    weights.write_bytes(good[:-100])  # cut short, as by an interrupted download
+    at = re.escape(str(weights))
+    fails(rf"^{at}: truncated: header says {len(good) - header} bytes of tensor data, file has "
+          rf"{len(good) - header - 100} \(parent.path: replace the file with a good copy")
+    weights.write_bytes(b"<html><body>404 Not Found</body></html>")
+    fails(rf"^{at}: not a safetensors file \(it starts with b'<html><body>'\)")
+    weights.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    fails(rf"^{at}: a Git LFS pointer, not the weights: fetch them \(git lfs pull\)")
+    weights.unlink()
+    fails(rf"^{re.escape(str(src))}: no weights \(model.safetensors, ")
+    weights.write_bytes(good)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))  # weights of another model
+    fails(r"config.json implies 29 weight tensors; the weights files lack 9 of them, e.g. "  # layer 2's 9
+          r"model.layers.2.self_attn.q_proj.weight")
+    (src / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 48}))
+    fails(rf"^{at}: model.layers.0.mlp.gate_proj.weight has shape \[64, 32\], config.json implies \[48, 32\]")
+    (src / "config.json").write_text(json.dumps(cfg))
+    m, _ = run_stage(pipe(run, f"parent.path={src}"), "parent")  # whole again: it passes
+    assert m["linked"]
+
+
+def test_a_sharded_parent_with_a_missing_or_short_shard(tmp_path):
+    src = llama_folder(tmp_path / "sharded")
+    model = LlamaForCausalLM.from_pretrained(src)
+    (src / "model.safetensors").unlink()
+    model.save_pretrained(src, max_shard_size="60KB")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2 and shards[-1].startswith("model-0000")
+    run = tmp_path / "run"
+    m, _ = run_stage(pipe(run, f"parent.path={src}"), "parent")  # a whole sharded parent passes
+    assert m["linked"]
+    last = src / shards[-1]
+    data = last.read_bytes()
+    last.unlink()
+    index_file = re.escape(str(src / "model.safetensors.index.json"))
+    with pytest.raises(ValueError, match=rf"^{index_file}: the index names {shards[-1]}, which is missing "
+                                         r"\(parent.path: replace"):
+        run_stage(pipe(tmp_path / "run2", f"parent.path={src}"), "parent")
+    moved = next(k for k, f in index["weight_map"].items() if f == shards[-1])
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {**index, "weight_map": {**index["weight_map"], moved: shards[0]}}))
+    last.write_bytes(data)
+    first = re.escape(str(src / shards[0]))
+    with pytest.raises(ValueError, match=rf"^{first}: holds no tensor {moved}, which "
+                                         r"model.safetensors.index.json puts in it"):
+        run_stage(pipe(tmp_path / "run3", f"parent.path={src}"), "parent")
+
+
+def test_a_parent_damaged_after_the_parent_stage_is_not_blamed_on_a_stage(tmp_path):
+    """The next stage names the user's file and folder, not 're-run the pretrain stage' (there is none), even
+    when the folder was made by another run's pretrain stage (its thinkfast.json says made_by: pretrain)."""
+    from thinkfast.artifacts import ArtifactError, write_model_sidecar
+    from thinkfast.puzzle.parent import load_decilm
+
+    src = llama_folder(tmp_path / "from-another-run")
+    write_model_sidecar(src, "text", "pretrain")
+    run = tmp_path / "run"
+    run_stage(pipe(run, f"parent.path={src}"), "parent")
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ArtifactError) as e:
+        load_decilm(run / "parent" / "model")  # as the library stage loads its parent
+    msg = str(e.value)
+    assert msg.startswith(f"{weights.resolve()}: truncated: header says ")
+    assert f"the model folder is {src.resolve()} (linked as {run / 'parent' / 'model'}), which no stage of this " \
+           "run wrote: replace the damaged file with a good copy" in msg
+    assert "pretrain" not in msg and "--force" not in msg
+
+
+def test_a_parent_with_pytorch_bin_weights(tmp_path):
+    src = llama_folder(tmp_path / "bin")
+    torch.save(LlamaForCausalLM.from_pretrained(src).state_dict(), src / "pytorch_model.bin")
+    (src / "model.safetensors").unlink()
+    run_stage(pipe(tmp_path / "run", f"parent.path={src}"), "parent")  # a whole .bin passes
+    weights = src / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[:-200])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(weights))}: not a readable PyTorch checkpoint "
+                                         r"\(truncated, or not a weights file"):
+        run_stage(pipe(tmp_path / "run2", f"parent.path={src}"), "parent")

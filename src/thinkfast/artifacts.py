@@ -63,9 +63,9 @@ from typing import Any, NoReturn
 from .config import ConfigError
 
 __all__ = ["ArtifactError", "COSTS_FORMAT", "LIBRARY_FORMAT", "MissingArtifact", "SCORES_FORMAT", "SIDECAR",
-           "TOKENIZER_FILES", "check_costs", "check_scores", "copy_tokenizer_files", "library_pairs", "load_model",
-           "load_tensors", "read_costs", "read_json", "read_library", "read_model_sidecar", "read_scores",
-           "write_model_sidecar"]
+           "TOKENIZER_FILES", "check_costs", "check_scores", "check_weights", "check_weights_match_config",
+           "copy_tokenizer_files", "library_pairs", "load_model", "load_tensors", "read_costs", "read_json",
+           "read_library", "read_model_sidecar", "read_scores", "write_model_sidecar"]
 
 LIBRARY_FORMAT = "thinkfast-puzzle-library/1"
 SCORES_FORMAT = "thinkfast-puzzle-scores/1"
@@ -365,7 +365,18 @@ def copy_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
     return copied
 
 
-def _damaged(stage: str | None) -> str:
+def _damaged(stage: str | None, folder: Path | None = None) -> str:
+    """What to do about a damaged file of a model ``folder`` that ``stage`` (its sidecar's made_by) wrote.
+    Where the folder sits decides it: one the parent stage links to is the user's own (no stage can mend it),
+    one the parent stage copied is copied again by that stage, whatever made_by says (it names the stage
+    that made the folder in another run directory, if any)."""
+    if folder is not None and folder.is_symlink():
+        return (f"the model folder is {folder.resolve()} (linked as {folder}), which no stage of this run wrote: "
+                "replace the damaged file with a good copy (download or save the model again)")
+    if folder is not None and folder.name == "model" and folder.parent.name == "parent" and (
+            folder.parent / "COMPLETE.json").is_file():
+        return ("the parent stage copied it from parent.path: check that folder's file, then re-run the parent "
+                "stage with --force")
     who = f"the {stage} stage" if stage else "the stage"
     again = who if stage else "that stage"
     return f"{who} that wrote it was interrupted or the file is damaged; re-run {again} with --force"
@@ -373,13 +384,152 @@ def _damaged(stage: str | None) -> str:
 
 def _check_safetensors(path: Path, stage: str | None = None) -> None:
     """Open the header of a safetensors file (cheap: no tensor is read); ArtifactError if it is bad."""
+    _safetensors_shapes(path, _damaged(stage))
+
+
+def _what_is_wrong_with_safetensors(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file, in words, from its first bytes and its header (a u64
+    header length, a JSON header of ``{name: {dtype, shape, data_offsets}}``, then the tensor data); None if
+    no reason is visible here."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+        if head.startswith(b"version https://git-lfs"):
+            return "a Git LFS pointer, not the weights: fetch them (git lfs pull)"
+        if size < 8:
+            return f"not a safetensors file: {size} bytes, shorter than the 8-byte header length"
+        n = int.from_bytes(head[:8], "little")
+        if head[8:9] != b"{" or n > 100_000_000:  # the library's own limit on a header
+            return f"not a safetensors file (it starts with {head[:12]!r})"
+        if 8 + n > size:
+            return f"truncated: the header is {n} bytes, the file has {size - 8} after its length"
+        fh.seek(8)
+        try:
+            header = json.loads(fh.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "not a safetensors file: its header is not the JSON safetensors writes"
+    if size - 8 - n < end:
+        return f"truncated: header says {end} bytes of tensor data, file has {size - 8 - n}"
+    return None
+
+
+def _safetensors_shapes(path: Path, remedy: str) -> dict[str, list[int]]:
+    """Each tensor's shape in a safetensors file, from its header through ``safe_open`` (no tensor is read;
+    the library checks that the data offsets cover the file exactly); ArtifactError naming the file if not."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), "pt"):
-            pass
+        with safe_open(str(path), "pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise ArtifactError(f"{path}: not a readable safetensors file ({e}): {_damaged(stage)}") from None
+        problem = _what_is_wrong_with_safetensors(path) if path.is_file() else "no such file"
+        raise ArtifactError(f"{path}: {problem or f'not a readable safetensors file ({e})'} ({remedy})") from None
+
+
+def _check_torch_zip(path: Path, remedy: str) -> None:
+    """A ``torch.save`` file (a zip archive since torch 1.6) must have its central directory (at the end of the
+    file: a cut-off file has none) and every member's data inside the file; no tensor is read."""
+    import zipfile
+
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        problem = "a Git LFS pointer, not the weights: fetch them (git lfs pull)"
+    elif head[:1] == b"\x80":  # the legacy (pickle) format of torch.save: nothing cheap to check
+        return
+    else:
+        try:
+            with zipfile.ZipFile(path) as z:
+                end = max((i.header_offset + i.compress_size for i in z.infolist()), default=0)
+            problem = None if end <= size else f"truncated: its index says {end} bytes, the file has {size}"
+        except zipfile.BadZipFile as e:
+            problem = f"not a readable PyTorch checkpoint (truncated, or not a weights file: {e})"
+    if problem:
+        raise ArtifactError(f"{path}: {problem} ({remedy})")
+
+
+def _index_files(folder: Path, index: Path, remedy: str) -> dict[str, list[str]]:
+    """``{file: [tensor names]}`` of a sharded checkpoint's index; every file it names must exist."""
+    c = _Check(index, remedy)
+    weight_map = c.get(c.top(read_json(index)), "weight_map", dict)
+    files: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        files.setdefault(c.kind(file, str, f"weight_map.{name}"), []).append(name)
+    for file in files:
+        if not (folder / file).is_file():
+            raise ArtifactError(f"{index}: the index names {file}, which is missing ({remedy})")
+    return files
+
+
+def check_weights(folder: str | Path, remedy: str = "replace the file with a good copy"
+                  ) -> dict[str, tuple[str, list[int]]] | None:
+    """Check a model folder's weights as ``from_pretrained`` would find them, without reading a tensor:
+    ``model.safetensors.index.json`` and every shard it names (each must hold the tensors the index puts in
+    it), else every ``*.safetensors``; without those, ``pytorch_model.bin.index.json`` and its shards, else
+    every ``pytorch_model*.bin``. A missing, cut-off or foreign file is an ArtifactError naming it, what is
+    wrong and ``remedy``. Returns ``{tensor: (file, shape)}`` for safetensors, None for .bin files (their
+    tensor names are not read)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    files = (_index_files(folder, index, remedy) if index.is_file()
+             else {f.name: [] for f in sorted(folder.glob("*.safetensors"))})
+    if files:
+        out: dict[str, tuple[str, list[int]]] = {}
+        for file, listed in files.items():
+            shapes = _safetensors_shapes(folder / file, remedy)
+            lacking = [k for k in listed if k not in shapes]
+            if lacking:
+                raise ArtifactError(f"{folder / file}: holds no tensor {lacking[0]}, which {index.name} puts in it"
+                                    f"{f' (nor {len(lacking) - 1} more)' if len(lacking) > 1 else ''} ({remedy})")
+            out.update((k, (file, v)) for k, v in shapes.items())
+        return out
+    index = folder / "pytorch_model.bin.index.json"
+    bins = list(_index_files(folder, index, remedy)) if index.is_file() else [
+        f.name for f in sorted(folder.glob("pytorch_model*.bin"))]
+    if not bins:
+        raise ArtifactError(f"{folder}: no weights (model.safetensors, sharded model-*.safetensors with "
+                            f"model.safetensors.index.json, or pytorch_model.bin) ({remedy})")
+    for file in bins:
+        _check_torch_zip(folder / file, remedy)
+    return None
+
+
+def check_weights_match_config(folder: str | Path, tensors: dict[str, tuple[str, list[int]]],
+                               remedy: str = "replace the file with a good copy") -> None:
+    """The tensors ``config.json`` implies (the model built on the meta device: no memory, milliseconds) must
+    all be in ``tensors`` (:func:`check_weights`) with their shapes; a tied copy (``lm_head`` of tied
+    embeddings) may be absent, extra tensors are ignored (as ``from_pretrained`` ignores them)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import thinkfast  # noqa: F401  (registers nemotron-nas with the Auto classes)
+
+    folder = Path(folder)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))
+    except Exception as e:  # noqa: BLE001 - whatever transformers makes of a bad config, name the file
+        raise ArtifactError(f"{folder / 'config.json'}: transformers cannot build the model it describes "
+                            f"({type(e).__name__}: {e})") from None
+    tied: dict[int, list[str]] = {}  # one entry per distinct tensor, with all its names
+    for name, t in model.state_dict(keep_vars=True).items():
+        tied.setdefault(id(t), []).append(name)
+    prefix = f"{model.base_model_prefix}."
+    if not any(n in tensors for names in tied.values() for n in names):  # saved from the bare model
+        tensors = {prefix + k: v for k, v in tensors.items()}
+    state = model.state_dict()
+    missing = [names[0] for names in tied.values() if not any(n in tensors for n in names)]
+    if missing:
+        raise ArtifactError(f"{folder}: config.json implies {len(tied)} weight tensors; the weights files lack "
+                            f"{len(missing)} of them, e.g. {', '.join(missing[:3])} (weights of another model, or "
+                            f"a file cut short?) ({remedy})")
+    for names in tied.values():
+        for n in names:
+            if n in tensors and list(state[n].shape) != tensors[n][1]:
+                raise ArtifactError(f"{folder / tensors[n][0]}: {n} has shape {tensors[n][1]}, config.json implies "
+                                    f"{list(state[n].shape)} (weights of another model?) ({remedy})")
 
 
 def load_tensors(path: str | Path, device: str = "cpu") -> dict:
@@ -393,7 +543,8 @@ def load_tensors(path: str | Path, device: str = "cpu") -> dict:
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as e:
-        raise ArtifactError(f"{path}: not a readable safetensors file ({e}): {_damaged(None)}") from None
+        problem = _what_is_wrong_with_safetensors(path) or f"not a readable safetensors file ({e})"
+        raise ArtifactError(f"{path}: {problem}: {_damaged(None)}") from None
 
 
 def load_model(path: str | Path, device: Any = "cpu", **kwargs: Any):
@@ -418,8 +569,7 @@ def load_model(path: str | Path, device: Any = "cpu", **kwargs: Any):
             made_by = read_model_sidecar(path).get("made_by")
         except ArtifactError:
             made_by = None
-        stage = made_by if isinstance(made_by, str) else None
-        for f in sorted(path.glob("*.safetensors")):
-            _check_safetensors(f, stage)
-        raise ArtifactError(f"{path}: cannot load the model ({e}): {_damaged(stage)}") from e
+        remedy = _damaged(made_by if isinstance(made_by, str) else None, path)
+        check_weights(path.resolve() if path.is_symlink() else path, remedy)
+        raise ArtifactError(f"{path}: cannot load the model ({e}): {remedy}") from e
     return model.to(device)

@@ -17,8 +17,10 @@ Built in (REFERENCE.md section 5, Llama-Nemotron section 5):
 
 :class:`RewardRunner` sums the weighted rewards; a truncated response (no stop token) gets 0 in total, and a
 reward that raises, hangs past ``timeout`` seconds or returns the wrong thing counts 0 for that batch and is
-reported; it never stops the run. (A hung reward's thread is abandoned, not killed: Python cannot kill a
-thread; it is a daemon, so it does not keep the process alive.)
+reported as a :class:`RewardError` naming it; the runner never stops the run. (A hung reward's thread is
+abandoned, not killed: Python cannot kill a thread; it is a daemon, so it does not keep the process alive.)
+:class:`RewardFailures` counts the errors per reward, so a stage can warn, and stop when a reward fails on
+every call for too long (:class:`RewardFailed`).
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import logging
 import threading
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..nano.tasks import extract_answer
 from ..toggle import format_ok, parse_response
 
-__all__ = ["RewardRunner", "completion_text", "math_accuracy", "nano_accuracy", "think_format", "BUILTIN"]
+__all__ = ["BUILTIN", "RewardError", "RewardFailed", "RewardFailures", "RewardRunner", "completion_text",
+           "math_accuracy", "nano_accuracy", "think_format"]
 
 
 def completion_text(completion) -> str:
@@ -113,6 +116,68 @@ BUILTIN: dict[str, Callable] = {"nano_accuracy": nano_accuracy, "think_format": 
                                 "math_accuracy": math_accuracy}
 
 
+@dataclass(frozen=True)
+class RewardError:
+    """One failed call of a reward: its name, a one-line message (``ZeroDivisionError: division by zero``,
+    ``timed out after 30 s``, ``bad return value: ...``) and the traceback's last frames, if any."""
+
+    reward: str
+    message: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"reward {self.reward}: {self.message}"
+
+
+class RewardFailed(ValueError):
+    """A reward failed where its failure makes the run meaningless (every call for too many steps, or the one
+    call that measures pass rates); the message is one line naming the reward and its last error."""
+
+
+@dataclass
+class RewardFailures:
+    """Per reward: calls, failed calls, the last error and the calls in a row that failed (the current run).
+
+    >>> f = RewardFailures(["acc", "fmt"])
+    >>> f.add({"fmt": "ValueError: x"}); f.add({}); f.add({"fmt": "ValueError: y"})
+    >>> f.counts()["fmt"], f.in_a_row
+    ({'calls': 3, 'failed': 2, 'last_error': 'ValueError: y'}, {'acc': 0, 'fmt': 1})
+    """
+
+    names: Sequence[str]
+    calls: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    in_a_row: dict[str, int] = field(default_factory=dict)
+    last_error: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.names = list(dict.fromkeys(self.names))
+        for n in self.names:
+            self.failed.setdefault(n, 0)
+            self.in_a_row.setdefault(n, 0)
+
+    def add(self, failed: dict[str, str]) -> None:
+        """One call of every reward; ``failed`` maps the rewards that failed to their one-line message."""
+        self.calls += 1
+        for n in self.names:
+            if n in failed:
+                self.failed[n] += 1
+                self.in_a_row[n] += 1
+                self.last_error[n] = failed[n]
+            else:
+                self.in_a_row[n] = 0
+
+    def counts(self) -> dict[str, dict]:
+        """``{reward: {"calls", "failed", "last_error" (when one failed)}}``."""
+        return {n: {"calls": self.calls, "failed": self.failed[n],
+                    **({"last_error": self.last_error[n]} if n in self.last_error else {})} for n in self.names}
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def _call_with_timeout(fn: Callable, timeout: float, args: tuple, kwargs: dict):
     box: dict = {}
 
@@ -120,14 +185,15 @@ def _call_with_timeout(fn: Callable, timeout: float, args: tuple, kwargs: dict):
         try:
             box["value"] = fn(*args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - any failure of user code is reported, not raised
-            box["error"] = f"{type(e).__name__}: {e}\n" + traceback.format_exc(limit=3)
+            box["error"] = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            box["detail"] = traceback.format_exc(limit=3)
 
     t = threading.Thread(target=target, daemon=True, name=f"reward:{getattr(fn, '__name__', fn)}")
     t.start()
     t.join(timeout)
     if t.is_alive():
-        return None, f"timed out after {timeout:g} s"
-    return box.get("value"), box.get("error")
+        return None, f"timed out after {timeout:g} s", ""
+    return box.get("value"), box.get("error"), box.get("detail", "")
 
 
 @dataclass
@@ -138,13 +204,13 @@ class RewardRunner:
     timeout: float = 30.0
 
     def __call__(self, completions: list, truncated: Sequence[bool], columns: dict[str, list]
-                 ) -> tuple[list[float], dict[str, list[float]], list[str]]:
-        """Returns (total reward per sample, each reward's values, error messages)."""
+                 ) -> tuple[list[float], dict[str, list[float]], list[RewardError]]:
+        """Returns (total reward per sample, each reward's values, one :class:`RewardError` per failed reward)."""
         n = len(completions)
         parts: dict[str, list[float]] = {}
-        errors: list[str] = []
+        errors: list[RewardError] = []
         for name, fn, _ in self.functions:
-            value, error = _call_with_timeout(fn, self.timeout, (completions,), dict(columns))
+            value, error, detail = _call_with_timeout(fn, self.timeout, (completions,), dict(columns))
             if error is None:
                 try:
                     values = [0.0 if v is None else float(v) for v in value]
@@ -155,7 +221,7 @@ class RewardRunner:
                 except (TypeError, ValueError) as e:
                     error = f"bad return value: {e}"
             if error is not None:
-                errors.append(f"reward {name}: {error}")
+                errors.append(RewardError(name, _one_line(error), detail))
                 values = [0.0] * n
             parts[name] = values
         total = [0.0 if truncated[i] else sum(w * parts[name][i] for name, _, w in self.functions) for i in range(n)]

@@ -20,6 +20,15 @@ steps: greedy accuracy in both modes on held-out problems (``curve.json`` / ``cu
 resumed run draws the same prompts and samples. A NaN loss stops the run with an error; the last checkpoint
 (written every ``checkpoint_every`` steps) stays as it was.
 
+Reward errors: a reward that raises, hangs or returns the wrong thing counts 0 where it fails (the run goes
+on); each failure is a ``reward_error`` line in ``log.jsonl``, the console warns once per reward when it
+first fails and sums up at the end, and ``metrics.json`` counts ``reward_errors`` (per reward: failed calls
+of calls; each step calls each reward once). A reward that fails on every call for ``max_failing_steps``
+steps in a row stops the run with an error naming it and its last error, keeping the last checkpoint, as a
+NaN loss does: otherwise the run would train on the other rewards alone. The pass reward's one call that
+measures the pass rates before training must succeed: its failure would count every prompt unsolved (and be
+saved in ``pass_rates.json`` for reuse), so it stops the run before any training.
+
 Prompts: the nano world's (``prompts`` problems of ``kinds`` x ``digits`` x ``steps``), or your own JSON
 lines (``files``: TRL's ``prompt`` format or the Llama-Nemotron schema, :mod:`thinkfast.rl.prompts`) whose
 other columns reach the rewards as keyword arguments, TRL's way (e.g. ``solution`` for ``math_accuracy``).
@@ -39,20 +48,21 @@ import inspect
 import json
 import random
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ..artifacts import copy_tokenizer_files, read_model_sidecar, write_model_sidecar
-from ..data import DataError
+from ..data import DataError, read_json_rows
 from ..evaluation import build_prompt, chat_ids, toggle_check
 from ..generation import SamplingParams, generate
 from ..nano import tasks
 from ..puzzle.parent import load_decilm
 from ..rl.curriculum import gaussian_schedule, keep_hard, random_schedule
 from ..rl.grpo import grpo_step
-from ..rl.prompts import read_prompts
-from ..rl.rewards import BUILTIN, RewardRunner
+from ..rl.prompts import RESERVED, row_to_prompt
+from ..rl.rewards import BUILTIN, RewardError, RewardFailed, RewardFailures, RewardRunner
 from ..rollout import rollout
 from ..rundir import StageDir, atomic_dir, atomic_write_json
 from ..toggle import stop_token_ids
@@ -84,6 +94,10 @@ class GRPOConfig:
     reward_weights: list[float] | None = None  # default 1 each
     pass_reward: str | None = None  # the reward whose 1 means "solved" (pass rates); default: the first
     reward_timeout: float = 30.0
+    # stop (keeping the last checkpoint) when a reward has failed on every call for this many steps in a row
+    # (a failing reward counts 0, so the run would train on the others alone); 0 or null: never stop, only
+    # count (metrics.json reward_errors) and warn
+    max_failing_steps: int | None = 3
     group_size: int = 8
     prompts_per_step: int = 8
     train_steps: int = 40
@@ -125,6 +139,9 @@ class GRPOConfig:
                  "max_new_tokens", "pass_rate_samples", "batch_size", "eval_every", "checkpoint_every",
                  "log_every", "eval_max_new_tokens")
         positive(self, "warmup_steps", "eval_problems", minimum=0)
+        if self.max_failing_steps is not None and self.max_failing_steps < 0:
+            raise ValueError(f"max_failing_steps={self.max_failing_steps} must be >= 0 (0 or null: never stop on "
+                             "a failing reward)")
         if not self.rewards:
             raise ValueError("rewards is empty: name at least one (nano_accuracy, think_format or module:function)")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
@@ -188,26 +205,75 @@ def missing_columns(fn, columns) -> list[str]:
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
+# what thinkfast itself passes to every reward besides a prompt file's columns (TRL's names where TRL has them)
+_SUPPLIED = {"prompts": "the prompt's messages", "completion_ids": "the completion's token ids",
+             "thinking": "the mode, True or False"}
+# fields of a prompt row that thinkfast reads itself (rl.prompts) and the argument they reach the rewards as
+_CONSUMED = {"prompt": "prompts", "input": "prompts", "system_prompt": "prompts", "reasoning": "thinking"}
+assert set(_SUPPLIED) == set(RESERVED)
+
+
+def missing_columns_message(reward: str, lacking: list[str], file_fields: dict[str, list[str]] | None) -> str:
+    """What to tell a user whose ``reward`` requires keyword arguments ``lacking`` that no column supplies, in
+    the prompt files' own terms (``file_fields``: each file's row fields; None: the nano world's prompts).
+
+    >>> print(missing_columns_message("my:r", ["answer", "prompt"], {"p.jsonl": ["prompt", "target"]}))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    grpo.rewards: my:r requires the keyword argument(s) answer, prompt, which no prompt column supplies: p.jsonl
+    has the fields prompt, target (a row's fields other than prompt/input, system_prompt and reasoning reach
+    every reward as keyword arguments of the same name, TRL's way), and thinkfast supplies prompts (the prompt's
+    messages), completion_ids (the completion's token ids), thinking (the mode, True or False). Fix: add a field
+    'answer' to every row; rename the argument 'prompt' to 'prompts' (thinkfast reads the row's 'prompt' itself);
+    or give the argument(s) a default
+    """
+    if file_fields is None:
+        have = "the nano world's prompts give answer (the problem's integer answer)"
+    else:
+        have = "; ".join(f"{f} has the fields {', '.join(keys) or '(none)'}" for f, keys in file_fields.items())
+        have += (" (a row's fields other than prompt/input, system_prompt and reasoning reach every reward as "
+                 "keyword arguments of the same name, TRL's way)")
+    fixes = []
+    for a in lacking:
+        if a in _CONSUMED:
+            fixes.append(f"rename the argument {a!r} to {_CONSUMED[a]!r} (thinkfast reads the row's {a!r} itself)")
+        elif file_fields is None:
+            fixes.append(f"use prompt files with a field {a!r} (grpo.files)")
+        else:
+            fixes.append(f"add a field {a!r} to every row")
+    supplied = ", ".join(f"{k} ({v})" for k, v in _SUPPLIED.items())
+    return (f"grpo.rewards: {reward} requires the keyword argument(s) {', '.join(lacking)}, which no prompt column "
+            f"supplies: {have}, and thinkfast supplies {supplied}. Fix: {'; '.join(fixes)}; or give the "
+            "argument(s) a default")
+
+
 def _sampling(cfg: GRPOConfig, tokenizer, seed: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                           stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=cfg.batch_size, seed=seed)
 
 
-def passed(runner: RewardRunner, texts: list[str], truncated: list[bool], columns: dict[str, list]) -> list[bool]:
-    """Whether each completion is solved: ``runner`` (the pass reward alone) gives it 1 and it was not cut off."""
-    total, _, _ = runner([[{"role": "assistant", "content": t}] for t in texts], truncated, columns)
-    return [v >= 1.0 for v in total]
+def passed(runner: RewardRunner, texts: list[str], truncated: list[bool], columns: dict[str, list]
+           ) -> tuple[list[bool], list[RewardError]]:
+    """Whether each completion is solved: ``runner`` (the pass reward alone) gives it 1 and it was not cut off;
+    and the reward's error, if it failed (then nothing passed)."""
+    total, _, errors = runner([[{"role": "assistant", "content": t}] for t in texts], truncated, columns)
+    return [v >= 1.0 for v in total], errors
 
 
 def pass_rates(model, tokenizer, prompts: list[list[int]], columns: dict[str, list], runner: RewardRunner,
                cfg: GRPOConfig) -> list[float]:
-    """Share of ``pass_rate_samples`` sampled answers to each prompt that pass (:func:`passed`)."""
+    """Share of ``pass_rate_samples`` sampled answers to each prompt that pass (:func:`passed`). The pass
+    reward is called once, on every sample: if that call fails, every rate would be 0 (and saved for reuse),
+    so it raises :class:`RewardFailed` instead."""
     roll = rollout(model, prompts, cfg.pass_rate_samples, _sampling(cfg, tokenizer, cfg.seed),
                    generate_fn=lambda m, p, params: generate(m, p, params, progress=True))
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in roll.completions]
-    ok = passed(runner, texts, [c.finish_reason != "stop" for c in roll.completions],
-                {**{k: [v[g] for g in roll.groups] for k, v in columns.items()},
-                 "completion_ids": [c.token_ids for c in roll.completions]})
+    ok, errors = passed(runner, texts, [c.finish_reason != "stop" for c in roll.completions],
+                        {**{k: [v[g] for g in roll.groups] for k, v in columns.items()},
+                         "completion_ids": [c.token_ids for c in roll.completions]})
+    for e in errors:
+        raise RewardFailed(f"grpo: the pass reward {e.reward} failed while measuring the pass rates before "
+                           f"training ({e.message}); it would count every prompt unsolved, so nothing was trained "
+                           "or saved: fix the reward (or choose another with grpo.pass_reward) and run again")
     rates = [0.0] * len(prompts)
     for g, r in zip(roll.groups, ok):
         rates[g] += r / cfg.pass_rate_samples
@@ -215,17 +281,18 @@ def pass_rates(model, tokenizer, prompts: list[list[int]], columns: dict[str, li
 
 
 def held_out_check(model, tokenizer, prompts: list[list[int]], columns: dict[str, list], runner: RewardRunner,
-                   cfg: GRPOConfig) -> dict:
-    """Greedy pass rate, think-format compliance and length on held-out file prompts (each in its mode)."""
+                   cfg: GRPOConfig) -> tuple[dict, list[RewardError]]:
+    """Greedy pass rate, think-format compliance and length on held-out file prompts (each in its mode), and the
+    pass reward's error if it failed (then the pass rate is None: unknown, not 0)."""
     params = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0,
                             stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=cfg.batch_size, seed=0)
     done = generate(model, prompts, params)
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in done]
     truncated = [c.finish_reason != "stop" for c in done]
-    ok = passed(runner, texts, truncated, {**columns, "completion_ids": [c.token_ids for c in done]})
+    ok, errors = passed(runner, texts, truncated, {**columns, "completion_ids": [c.token_ids for c in done]})
     form = BUILTIN["think_format"]([[{"role": "assistant", "content": t}] for t in texts], columns["thinking"])
-    return {"held_out": {"pass": statistics.fmean(ok), "format_ok": statistics.fmean(form),
-                         "tokens": statistics.fmean(len(c.token_ids) for c in done), "n": len(done)}}
+    return {"held_out": {"pass": None if errors else statistics.fmean(ok), "format_ok": statistics.fmean(form),
+                         "tokens": statistics.fmean(len(c.token_ids) for c in done), "n": len(done)}}, errors
 
 
 def nano_prompts(cfg: GRPOConfig, tokenizer) -> tuple[list[list[int]], dict[str, list]]:
@@ -240,8 +307,15 @@ def nano_prompts(cfg: GRPOConfig, tokenizer) -> tuple[list[list[int]], dict[str,
 
 def _file_prompts(cfg: GRPOConfig, tokenizer) -> tuple[list, dict, list, dict, dict]:
     """Training and held-out prompts of ``cfg.files``: (train ids, their columns, held-out ids, their columns,
-    counts)."""
-    rows, skipped = read_prompts(cfg.files, skip_bad=cfg.skip_bad_rows)
+    counts and each file's row fields)."""
+    keys: dict[str, dict] = {}  # each file's row fields, in the order they first appear (error messages)
+
+    def convert(row, source: str):
+        prompt = row_to_prompt(row, source)
+        keys.setdefault(source.rpartition(":")[0], {}).update(dict.fromkeys(row))
+        return prompt
+
+    rows, skipped = read_json_rows(cfg.files, convert, skip_bad=cfg.skip_bad_rows, what="RL prompts")
     if skipped:
         print(f"grpo: skipped {len(skipped)} bad row(s), e.g. {skipped[0]}")
     if len(rows) <= cfg.eval_problems:
@@ -262,7 +336,8 @@ def _file_prompts(cfg: GRPOConfig, tokenizer) -> tuple[list, dict, list, dict, d
         return ids, cols
 
     held, train = order[:cfg.eval_problems], order[cfg.eval_problems:]
-    return (*part(train), *part(held), {"rows": len(rows), "skipped": len(skipped)})
+    return (*part(train), *part(held), {"rows": len(rows), "skipped": len(skipped),
+                                        "fields": {f: list(k) for f, k in keys.items()}})
 
 
 def _weights_digest(model_dir: Path) -> str:
@@ -295,7 +370,7 @@ def _plot(path, curve: list[dict], steps: list[dict], title: str) -> None:
     ax.plot([s["step"] for s in steps], [s["pass_rate"] for s in steps], color="tab:gray", alpha=0.6,
             label="pass rate (rollouts)")
     for mode, style in (("on", "s--"), ("off", "^:"), ("held_out", "o-")):
-        pts = [p for p in curve if mode in p]
+        pts = [p for p in curve if mode in p and (mode != "held_out" or p[mode]["pass"] is not None)]
         if pts:
             ax.plot([p["step"] for p in pts], [p[mode]["accuracy" if mode != "held_out" else "pass"] for p in pts],
                     style, color="tab:red", label=f"held-out accuracy {mode}" if mode != "held_out"
@@ -335,9 +410,7 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
     for name in dict.fromkeys([*cfg.rewards, pass_name]):
         lacking = missing_columns(load_reward(name), columns)
         if lacking:
-            raise DataError(f"grpo.rewards: {name} needs column(s) {lacking}, which the prompts "
-                            f"({'grpo.files ' + str(cfg.files) if cfg.files else 'the nano world'}) do not have; "
-                            f"they have {sorted(columns)}")
+            raise DataError(missing_columns_message(name, lacking, source["fields"] if cfg.files else None))
     model = load_decilm(model_dir, device)
     log = stage.logger()
     if source:
@@ -390,6 +463,21 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
                                                       min_ratio=cfg.min_lr_ratio),
                      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, load=load,
                      save=lambda: {"model": model.state_dict(), "curve": list(curve), "steps": list(steps_log)})
+    failures = RewardFailures(cfg.rewards)  # over the whole run: a resumed one replays the steps before
+    for r in steps_log:
+        failures.add(r.get("reward_failed", {}))
+    warned: set[str] = set()
+
+    def report_errors(errors: list[RewardError], step: int, **where) -> None:
+        """Log every reward error; warn on the console once per reward, when it first fails."""
+        for e in errors:
+            log.log("reward_error", step=step, reward=e.reward, error=e.message, detail=e.detail, **where)
+            if e.reward not in warned:
+                warned.add(e.reward)
+                print(f"grpo: warning: reward {e.reward} failed at step {step}{' (held-out check)' if where else ''}"
+                      f": {e.message}. It counts 0 where it fails; each failure is a reward_error line in "
+                      f"{stage.path.name.removesuffix('.partial')}/log.jsonl", file=sys.stderr)
+
     print(f"grpo: {model_dir}, {len(kept)} of {len(prompts)} prompts below pass rate {cfg.easy_threshold}"
           f"{' and above 0' if cfg.drop_unsolved else ''}, "
           f"{cfg.train_steps} steps of {cfg.prompts_per_step} x {cfg.group_size}, {cfg.curriculum} order")
@@ -399,7 +487,9 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
             curve.append({"step": step, **toggle_check(model, tokenizer, eval_set,
                                                        max_new_tokens=cfg.eval_max_new_tokens)})
         elif held_ids:
-            curve.append({"step": step, **held_out_check(model, tokenizer, held_ids, held_cols, pass_runner, cfg)})
+            result, errors = held_out_check(model, tokenizer, held_ids, held_cols, pass_runner, cfg)
+            report_errors(errors, step, during="held_out")
+            curve.append({"step": step, **result})
         if curve and curve[-1]["step"] == step:
             log.log("eval", **curve[-1])
         model.train()
@@ -422,14 +512,31 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
             raise FloatingPointError(
                 f"grpo: {e} at step {step + 1}; stopped without saving: the last good checkpoint "
                 f"({stage.checkpoint_dir}) is kept. Lower lr or check the rewards.") from None
-        for e in errors:
-            log.log("reward_error", step=step, error=e)
-        record = {"step": step + 1, **record, "batch_pass_rate": statistics.fmean(rates[i] for i in batch_prompts)}
+        report_errors(errors, step + 1)
+        failed = {e.reward: e.message for e in errors}
+        failures.add(failed)
+        record = {"step": step + 1, **record, "reward_failed": failed,
+                  "batch_pass_rate": statistics.fmean(rates[i] for i in batch_prompts)}
         steps_log.append(record)
+        for name in cfg.rewards if cfg.max_failing_steps else ():
+            k = failures.in_a_row[name]
+            if k >= cfg.max_failing_steps:  # before end_step: this step is not checkpointed
+                kept_ckpt = (f"the last checkpoint ({stage.checkpoint_dir}) is kept"
+                             if stage.checkpoint_dir.exists() else "no checkpoint had been written yet")
+                raise RewardFailed(
+                    f"grpo: reward {name} failed on every call for {k} step{'s in a row' if k > 1 else ''} "
+                    f"(step{f's {step + 2 - k}-' if k > 1 else ' '}{step + 1}; grpo.max_failing_steps="
+                    f"{cfg.max_failing_steps}), last error: "
+                    f"{failures.last_error[name]}. Stopped without saving: {kept_ckpt}; fix the reward and run "
+                    "the same command again")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.train_steps:
             point(step + 1)
         loop.end_step(step, **{k: v for k, v in record.items() if k != "step"})
     loop.close()
+    for name, c in failures.counts().items():
+        if c["failed"]:
+            print(f"grpo: reward {name} failed {c['failed']} of {c['calls']} calls (last error: {c['last_error']}); "
+                  "it counted 0 where it failed", file=sys.stderr)
     model.eval()
     with atomic_dir(stage.model_dir) as tmp:
         model.save_pretrained(tmp)
@@ -442,7 +549,8 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
                "curriculum": cfg.curriculum, "seconds": round(loop.seconds, 1),
                "tokens": loop.counters.get("tokens", 0),
                "reward_first": steps_log[0]["reward"] if steps_log else None,
-               "reward_last": statistics.fmean(s["reward"] for s in steps_log[-5:]) if steps_log else None}
+               "reward_last": statistics.fmean(s["reward"] for s in steps_log[-5:]) if steps_log else None,
+               "reward_errors": failures.counts()}
     if curve and "held_out" in curve[0]:
         metrics["held_out_pass_before"] = curve[0]["held_out"]["pass"]
         metrics["held_out_pass_after"] = curve[-1]["held_out"]["pass"]

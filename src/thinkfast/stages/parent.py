@@ -12,6 +12,12 @@ parent is not duplicated. The folder's content hash is part of the stage's ident
 replace the parent and every stage after it is redone. The Llama layout is converted when a stage
 loads it (``thinkfast.puzzle.parent.load_decilm``), not on disk.
 
+The folder is checked here, cheaply (headers and sizes, no tensor read): every weights file that loading would
+read (the shards ``model.safetensors.index.json`` names, else every ``*.safetensors``; else the
+``pytorch_model*.bin`` files) must be whole, and the tensors must be those ``config.json`` describes. A
+damaged file is an error naming it and what is wrong (``truncated: header says N bytes of tensor data, file
+has M``), here rather than in the next stage, which could only blame a stage.
+
 The text the later stages read comes from the pipeline's ``data`` section (``thinkfast.data``): with a
 parent of your own, give your own files there (``configs/llama-3.1-8b.yaml``).
 """
@@ -24,7 +30,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Literal
 
-from ..artifacts import SIDECAR, read_model_sidecar, write_model_sidecar
+from ..artifacts import SIDECAR, check_weights, check_weights_match_config, read_model_sidecar, write_model_sidecar
 from ..rundir import StageDir, atomic_dir
 from . import Input, Inputs
 
@@ -58,6 +64,10 @@ def run(cfg: ParentConfig, stage: StageDir, inputs: Inputs) -> dict:
     if not any((src / name).is_file() for name in _TOKENIZERS):
         raise ValueError(f"parent.path: {src} has no tokenizer ({', '.join(_TOKENIZERS)}); every later stage "
                          "reads it, and every child carries it")
+    remedy = "parent.path: replace the file with a good copy, e.g. download or save the model again"
+    tensors = check_weights(src, remedy)
+    if tensors is not None:
+        check_weights_match_config(src, tensors, remedy)
     sidecar = read_model_sidecar(src)
     if cfg.copy or (cfg.prompting != "auto" and sidecar.get("prompting") != cfg.prompting):
         with atomic_dir(stage.model_dir) as tmp:
@@ -74,5 +84,6 @@ def run(cfg: ParentConfig, stage: StageDir, inputs: Inputs) -> dict:
         linked = True
     layers = config.get("num_hidden_layers")
     with stage.logger() as log:
-        log.log("done", source=str(src), model_type=config["model_type"], layers=layers, linked=linked)
+        log.log("done", source=str(src), model_type=config["model_type"], layers=layers, linked=linked,
+                tensors=len(tensors) if tensors is not None else None)
     return {"source": str(src), "model_type": config["model_type"], "layers": layers, "linked": linked}
