@@ -27,13 +27,17 @@ think block: prompt- and instruction-level accuracy, strict and loose; :func:`ev
 The model can be a server (``endpoint``: any OpenAI-compatible URL, e.g. a vLLM server of the same folder):
 prompts are still built here with the folder's tokenizer (``model`` names the folder) and sent as token ids
 (:mod:`thinkfast.endpoint`), so local and served models are graded on the same prompts. The thinking-budget
-sweep and throughput need a local model.
+sweep and throughput need a local model: with an endpoint they are skipped with a note (``eval: note: ...``, and in
+the metrics' ``notes``), as is a budget sweep without the nano suite or of a text-prompted model, so that one
+config (the embedded one sets both) serves every kind of evaluation. A server that fails, answers garbage or
+stops answering ends the evaluation with one line naming the request and the answer (:mod:`thinkfast.endpoint`).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -93,6 +97,12 @@ class EvalConfig:
     endpoint: str | None = None
     endpoint_model: str | None = None  # the served model's name (default: the first the server lists)
     endpoint_concurrency: int = 16  # requests in flight
+    # seconds a request may wait for its answer before it is retried (a long thinking answer on a busy server
+    # takes minutes)
+    endpoint_timeout: float = 300.0
+    # extra attempts of a request that timed out, failed to connect or got HTTP 429 / 5xx (0.5 s backoff,
+    # doubling); an answer of the wrong shape is never retried. Retries are counted in metrics["endpoint"]
+    endpoint_retries: int = 2
     device: str = "auto"
 
     def __post_init__(self):
@@ -116,8 +126,6 @@ class EvalConfig:
             raise ValueError("pass_k entries and grade_workers must be >= 1, grade_timeout > 0")
         if any(b is not None and b < 0 for b in self.budgets) or self.budget_grace < 0:
             raise ValueError("budgets (tokens, or null for none) and budget_grace must be >= 0")
-        if self.budgets and "nano" not in self.suites:
-            raise ValueError("budgets sweep the nano suite: put nano in suites")
         if any(b < 1 for b in self.throughput_batches) or min(self.throughput_prefill, self.throughput_context,
                                                                self.throughput_rounds) < 1:
             raise ValueError("throughput_batches entries, throughput_prefill, _context and _rounds must be >= 1")
@@ -127,30 +135,86 @@ class EvalConfig:
             if self.model is None:
                 raise ValueError("endpoint: set eval.model to the served model's folder (its tokenizer builds the "
                                  "prompts)")
-            if self.budgets or self.throughput_batches:
-                raise ValueError("endpoint: budgets and throughput_batches need a local model; set them to []")
-            if self.endpoint_concurrency < 1:
-                raise ValueError(f"endpoint_concurrency={self.endpoint_concurrency} must be >= 1")
+        if self.endpoint_concurrency < 1:
+            raise ValueError(f"endpoint_concurrency={self.endpoint_concurrency} must be >= 1")
+        if not self.endpoint_timeout > 0:
+            raise ValueError(f"endpoint_timeout={self.endpoint_timeout} must be > 0 (seconds per request)")
+        if self.endpoint_retries < 0:
+            raise ValueError(f"endpoint_retries={self.endpoint_retries} must be >= 0")
 
 
 Config = EvalConfig
+
+
+def budget_note(cfg: EvalConfig, prompting: str | None = None) -> str | None:
+    """Why ``budgets`` do not apply (None: they do, or there are none). A setting that does not apply is skipped
+    with a note, not refused: the embedded config sweeps budgets, and evaluating a server or only the real
+    suites with it should just work."""
+    if not cfg.budgets:
+        return None
+    if cfg.endpoint is not None:
+        return "budgets skipped: the thinking budget runs inside the local engine, not on a server (eval.endpoint)"
+    if "nano" not in cfg.suites:
+        return "budgets skipped: the sweep runs on the nano suite, which is not in eval.suites"
+    if prompting == "text":
+        return "budgets skipped: the model is prompted as text, with no think block to budget"
+    return None
+
+
+def _note(notes: list[str], note: str | None) -> None:
+    if note is not None:
+        print(f"eval: note: {note}")
+        notes.append(note)
+
+
+def _suite_paths(cfg: EvalConfig) -> dict[str, Path]:
+    """The data file of every real suite in ``cfg.suites``."""
+    from ..suites import IFEVAL_FILE, SUITES, data_root
+
+    return {name: data_root() / (IFEVAL_FILE if name == "ifeval" else SUITES[name][0])
+            for name in cfg.suites if name != "nano"}
+
+
+def check_suite_data(cfg: EvalConfig) -> None:
+    """Every suite's file is there, checked before a model is loaded or a prompt sent: a missing one found
+    after the other suites ran would throw their results away."""
+    from ..suites import data_root
+
+    missing = {name: path for name, path in _suite_paths(cfg).items() if not path.is_file()}
+    if missing:
+        raise FileNotFoundError(
+            f"eval: no data for suite(s) {', '.join(f'{n} ({p})' for n, p in missing.items())}: put the files "
+            f"under {data_root()} (the shared data folder; see its SOURCES.md), set THINKFAST_DATA to a folder "
+            f"that has them, or drop the suites from eval.suites")
 
 
 def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
     """Evaluate the model folder ``path``; write metrics.json, table.txt and samples.jsonl into ``out``."""
     from transformers import AutoTokenizer
 
+    check_suite_data(cfg)
     device = resolve_device(cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if cfg.endpoint is not None:
-        from ..endpoint import Endpoint
-
-        model = Endpoint(cfg.endpoint, tokenizer, cfg.endpoint_model, concurrency=cfg.endpoint_concurrency)
-    else:
-        model = load_model(path).to(device).eval()
     prompting = resolve_prompting(path, tokenizer, cfg.prompting)
+    notes: list[str] = []
+    skip_budgets = budget_note(cfg, prompting)
+    _note(notes, skip_budgets)
     with atomic_dir(out) as tmp:
         with JsonlLogger(tmp / "log.jsonl") as log:
+            if cfg.endpoint is not None:
+                from ..endpoint import Endpoint
+
+                lock = threading.Lock()
+
+                def on_retry(line: str) -> None:  # from the request threads: one at a time
+                    with lock:
+                        print(f"eval: {line}")
+                        log.log("endpoint_retry", message=line)
+
+                model = Endpoint(cfg.endpoint, tokenizer, cfg.endpoint_model, concurrency=cfg.endpoint_concurrency,
+                                 timeout=cfg.endpoint_timeout, retries=cfg.endpoint_retries, on_retry=on_retry)
+            else:
+                model = load_model(path).to(device).eval()
             metrics, kept = {"prompting": prompting, "modes": {}}, []
             if "nano" in cfg.suites:
                 suite = tasks.eval_suite(seed=cfg.seed, per_cell=cfg.per_cell, kinds=tuple(cfg.kinds),
@@ -158,7 +222,7 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
                 log.log("start", model=str(path), prompting=prompting, cells=len(suite))
                 with torch.no_grad():
                     metrics, kept = evaluate(model, tokenizer, suite, prompting, cfg, log)
-            if cfg.budgets and prompting == "chat":
+            if cfg.budgets and skip_budgets is None:
                 with torch.no_grad():
                     metrics["budget"] = budget_sweep(model, tokenizer, [p for c in suite.values() for p in c],
                                                      cfg.budgets,
@@ -190,6 +254,9 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
                                                                        grader, log)
                         kept += [{"suite": name, **r} for r in more]
         metrics["model"] = str(path) if cfg.endpoint is None else f"{model.model} at {cfg.endpoint}"
+        metrics["notes"] = notes
+        if cfg.endpoint is not None:
+            metrics["endpoint"] = model.stats()
         atomic_write_text(tmp / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         tables = ([format_table(metrics)] if metrics["modes"] else []) + (
             [suites_table({path.name: metrics})] if metrics.get("suites") else [])
@@ -202,14 +269,8 @@ def _suite_files(cfg: EvalConfig) -> dict:
     """The real suites' files, by content (an evaluation is redone when one changes)."""
     import hashlib
 
-    from ..suites import IFEVAL_FILE, SUITES, data_root
-
-    out = {}
-    for name in cfg.suites:
-        if name in SUITES or name == "ifeval":
-            path = data_root() / (IFEVAL_FILE if name == "ifeval" else SUITES[name][0])
-            out[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
-    return out
+    return {name: hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+            for name, path in _suite_paths(cfg).items()}
 
 
 def _reusable(folder: Path, record: dict) -> dict | None:
@@ -229,8 +290,18 @@ def run(cfg: EvalConfig, stage: StageDir, inputs: Inputs) -> dict:
     models = inputs.get("models") or {}
     if not models:
         raise ValueError("eval: no model to evaluate (set eval.model or put a model-making stage before eval)")
+    check_suite_data(cfg)
+    # what decides the results: not how a server is waited for, nor budgets that do not apply (a model's
+    # evaluation with such budgets is the one without)
     settings = {k: v for k, v in to_dict(cfg).items()
-                if k not in ("device", "save_samples", "model") and not k.startswith("throughput")}
+                if k not in ("device", "save_samples", "model", "endpoint_timeout", "endpoint_retries")
+                and not k.startswith("throughput")}
+    if budget_note(cfg) is not None:
+        settings["budgets"] = []
+    notes: list[str] = []
+    if cfg.throughput_batches and cfg.endpoint is not None:
+        _note(notes, "throughput_batches skipped: throughput is timed on the local model, not a server "
+                     "(eval.endpoint)")
     previous = getattr(inputs, "previous", None)
     results = {}
     for name, path in models.items():
@@ -258,8 +329,8 @@ def run(cfg: EvalConfig, stage: StageDir, inputs: Inputs) -> dict:
     table = models_table(results)
     if any(m.get("suites") for m in results.values()):
         table += "\n\n" + suites_table(results)
-    out: dict = {"models": results}
-    if cfg.throughput_batches:
+    out: dict = {"models": results, "notes": notes}
+    if cfg.throughput_batches and cfg.endpoint is None:
         out["throughput"] = measure_throughput(cfg, {name: Path(p) for name, p in models.items()})
         atomic_write_json(stage.path / "throughput.json", out["throughput"])
         table += "\n\n" + throughput_table(out["throughput"])
