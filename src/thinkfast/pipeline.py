@@ -53,8 +53,10 @@ STAGES = {
     "grpo": grpo,
     "eval": eval_stage,
 }
-# Fields that change how fast a stage runs or how much it logs, not what it produces: not in its identity.
-_NOT_IN_HASH = {"device", "log_every", "checkpoint_every", "save_samples"}
+# Fields that change how fast a stage runs, how much it logs or when it gives up on a failure, not what it
+# produces: not in its identity.
+_NOT_IN_HASH = {"device", "log_every", "checkpoint_every", "save_samples", "max_failing_steps", "endpoint_timeout",
+                "endpoint_retries"}
 
 
 def _config_class(name: str):
