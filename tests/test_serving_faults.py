@@ -142,12 +142,12 @@ def test_a_fault_no_request_can_be_blamed_for_answers_every_request_held():
 def test_sampling_limits_follow_vllm():
     """A temperature under 0.01 samples at 0.01 (logits / 1e-39 would be inf, and softmax NaN); a top_p that
     rounds to 0 in float32 keeps the most likely token; seeds are 64-bit."""
-    from thinkfast.generation import MIN_TEMPERATURE, _filter_logits
+    from thinkfast.generation import MIN_TEMPERATURE, filter_logits
 
     assert SamplingParams(temperature=1e-39).temperature == MIN_TEMPERATURE
     assert SamplingParams(temperature=0).temperature == 0 and SamplingParams(temperature=0.5).temperature == 0.5
     logits = torch.tensor([[1.0, 3.0, 2.0]])
-    kept = _filter_logits(logits, 0, 1e-46)
+    kept = filter_logits(logits, 0, 1e-46)
     assert kept[0, 1] == 3.0 and torch.isinf(kept[0, [0, 2]]).all()
     for seed in (2**64, -(2**63) - 1):
         with pytest.raises(ValueError, match="64 bits"):

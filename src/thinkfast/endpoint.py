@@ -184,8 +184,12 @@ class Endpoint:
                        seed=None if params.seed is None else params.seed + i, extra_body=extra)
         return self._request(f"POST {self._path}/completions (prompt {i + 1} of {n})", send, _completion, stop)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, progress: bool = False,
-                 hook=None) -> list[Completion]:
+    def sync(self, model) -> None:
+        """A server generates with its own weights: it cannot take a training model's (a Backend method)."""
+        raise ValueError(f"{self!r} serves its own weights; it cannot take new ones (use a local backend for RL)")
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, hook=None,
+                 progress: bool = False) -> list[Completion]:
         """One completion per prompt, in order. The first request that fails ends it: the ones not yet sent
         are cancelled and those in flight are not retried, so a dead server costs one timeout, not one per
         prompt."""

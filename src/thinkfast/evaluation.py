@@ -6,12 +6,15 @@ is no answer). ``text`` prompting (a pretrained parent): modes ``think`` ("Let's
 and ``direct`` ("Answer: "), both greedy. ``chat`` prompting (a model taught the toggle): modes ``on`` /
 ``off`` through the chat template's ``enable_thinking``, with toggle obedience (``format_ok``).
 
-``cfg`` below is anything with :class:`thinkfast.stages.eval.EvalConfig`'s fields.
+Models are reached through a generation backend (:class:`thinkfast.generation.Backend`: the local rollout
+engine, or a server through :class:`thinkfast.endpoint.Endpoint`); the settings are an :class:`EvalSettings`
+(the ``eval`` stage's config is one).
 """
 
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import read_model_sidecar
@@ -22,6 +25,30 @@ from .toggle import format_ok, messages_for, parse_response, stop_token_ids
 
 TEXT_MODES = ("think", "direct")
 CHAT_MODES = ("on", "off")
+
+
+@dataclass
+class EvalSettings:
+    """How the harness samples and reports (defaults follow REFERENCE.md section 7)."""
+
+    seed: int = 1234
+    max_new_tokens: int = 1200
+    batch_size: int = 64
+    samples: int = 1  # samples per problem in the sampled mode ("on"); pass@1 is their mean
+    on_temperature: float = 0.6
+    on_top_p: float = 0.95
+    headline_digits: int = 2  # the difficulty quoted as the headline figure
+    save_samples: int = 3  # responses kept per cell and mode in samples.jsonl
+    pass_k: list[int] = field(default_factory=lambda: [1])  # pass@k reported for k <= samples
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "batch_size", "samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.save_samples < 0 or not self.on_temperature >= 0 or not 0 < self.on_top_p <= 1:
+            raise ValueError("save_samples and on_temperature must be >= 0, on_top_p in (0, 1]")
+        if any(k < 1 for k in self.pass_k):
+            raise ValueError("pass_k entries must be >= 1")
 
 
 def generate(model, prompts: list[list[int]], params: SamplingParams, progress: bool = False, hook=None):
@@ -64,12 +91,14 @@ def chat_ids(tokenizer, messages: list[dict], thinking: bool) -> list[int]:
 
 def grade(problem: tasks.Problem, text: str, prompting: str, mode: str) -> dict:
     """Grade one response: correct, and (chat) whether the toggle's format was obeyed."""
+    from .tasks.nano import nano_correct
+
     if prompting == "text":
         # the prompt's own tail is part of the answer ("...\nAnswer: " + "85")
-        return {"correct": tasks.verify(problem, tasks.text_prompt(problem, mode) + text), "format_ok": True}
-    answer = parse_response(text).answer  # None for malformed think blocks: no guessing
+        return {"correct": nano_correct(tasks.text_prompt(problem, mode) + text, problem.answer, after_think=False),
+                "format_ok": True}
     return {
-        "correct": answer is not None and tasks.verify(problem, answer),
+        "correct": nano_correct(text, problem.answer),  # the answer after the think block; malformed: wrong
         "format_ok": format_ok(text, thinking=(mode == "on")),
     }
 
@@ -176,7 +205,9 @@ def evaluate_items(model, tokenizer, items: list, prompting: str, cfg, grader, l
     compliance, the no-answer rate (an unclosed think block, or neither a boxed answer nor a number after
     it) and the truncated share. The answer graded is the text after the think block, by ``grader``
     (:class:`thinkfast.grading.MathGrader`). Returns (metrics, kept sample records)."""
-    from .grading import final_answer, maj_at_n, pass_at_k, vote_key
+    from .grading import maj_at_n, pass_at_k
+    from .tasks.completion import final_answer
+    from .tasks.math import vote_key
 
     out: dict = {}
     kept = []
@@ -210,7 +241,7 @@ def evaluate_ifeval(model, tokenizer, items: list, prompting: str, cfg, log=None
     block fails every instruction). Per mode: prompt- and instruction-level accuracy, strict and loose (means
     over all samples; ``pass@1`` is the prompt-level strict one), mean tokens, the no-answer rate, format
     compliance, the truncated share."""
-    from . import ifeval
+    from .tasks import ifeval
 
     out: dict = {}
     kept = []

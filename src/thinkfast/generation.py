@@ -25,6 +25,11 @@ Log-probabilities: :class:`Completion` ``logprobs`` are those of the chosen toke
 distribution (temperature 1, no top-k / top-p), computed in the sampler's forward pass; RL states which
 log-probs its policy ratio uses (:mod:`thinkfast.rollout`).
 
+Backends: evaluation, RL rollouts and benchmarks generate through a :class:`Backend` (``generate(prompts, params,
+*, hook=None, progress=False)`` and ``sync(model)``), never by switching on what they were given:
+:class:`LocalBackend` is this engine on an in-process model; :class:`thinkfast.endpoint.Endpoint` is an
+OpenAI-compatible server (evaluation only: it cannot take new weights); a vLLM engine is the next one.
+
 Why not ``model.generate``: RL needs per-token log-probs of the sampled tokens, serving and the thinking
 budget need control of each step, and our sampler behaves identically across transformers versions.
 """
@@ -34,6 +39,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from transformers import DynamicCache
@@ -96,7 +102,7 @@ class Completion:
         return len(self.token_ids) if self.num_tokens is None else self.num_tokens
 
 
-def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """logits [B, V] -> logits with the tokens outside top-k / the top-p nucleus set to -inf. The most likely
     token always stays (a top_p that rounds to 0 in float32 keeps just it, as vLLM's top-p does)."""
     if top_k and top_k < logits.shape[-1]:
@@ -127,34 +133,33 @@ def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Te
 
 
 class StepView:
-    """What a step hook sees after each decoding step, and what it may do.
+    """What a step hook sees after each decoding step, and what it may do: one interface over every engine that
+    runs hooks (the rollout engine's batches here, the server's continuous batch in
+    :mod:`thinkfast.serving.engine`).
 
-    ``requests``: the index (in the prompt list given to :func:`generate`) of each sequence that produced a
-    token this step; ``tokens``: those tokens; ``step``: the step number (0 = the first generated token).
-    :meth:`generated` gives a request's tokens so far (this step's included). :meth:`force` queues tokens
-    that replace the request's next sampled tokens (a thinking budget closing ``</think>``); :meth:`ban`
-    keeps tokens from being chosen for the request from now on (no second ``<think>``); :meth:`finish` ends a
-    request after this step (finish reason ``"stop"``).
+    ``requests``: the id of each request that produced a token this step (here its index in the prompt list given
+    to :func:`generate`); ``tokens``: those tokens; ``step``: the step number (0 = the first generated token).
+    :meth:`generated` gives a request's tokens so far (this step's included). :meth:`force` queues tokens that
+    replace the request's next sampled tokens (a thinking budget closing ``</think>``); :meth:`ban` keeps tokens
+    from being chosen for the request from now on (no second ``<think>``); :meth:`finish` ends a request after
+    this step (finish reason ``"stop"``). The engine behind it implements ``step_generated``, ``step_force``,
+    ``step_ban`` and ``step_finish``, each taking a request id.
     """
 
-    def __init__(self, engine: "_Batch", step: int, rows: torch.Tensor, tokens: torch.Tensor):
-        self._engine, self.step = engine, step
-        self.requests = [engine.request_of[int(r)] for r in rows.tolist()]
-        self.tokens = tokens.tolist()
+    def __init__(self, engine, step: int, requests: list[int], tokens: list[int]):
+        self._engine, self.step, self.requests, self.tokens = engine, step, requests, tokens
 
     def generated(self, request: int) -> list[int]:
-        e = self._engine
-        i = e.local[request]
-        return e.out_tokens[i, : int(e.n_gen[i])].tolist()
+        return self._engine.step_generated(request)
 
     def force(self, request: int, token_ids: list[int]) -> None:
-        self._engine.forced.setdefault(self._engine.local[request], []).extend(int(t) for t in token_ids)
+        self._engine.step_force(request, [int(t) for t in token_ids])
 
     def ban(self, request: int, token_ids: list[int]) -> None:
-        self._engine.banned.setdefault(self._engine.local[request], set()).update(int(t) for t in token_ids)
+        self._engine.step_ban(request, [int(t) for t in token_ids])
 
     def finish(self, request: int) -> None:
-        self._engine.finish.add(self._engine.local[request])
+        self._engine.step_finish(request)
 
 
 class _Batch:
@@ -172,6 +177,20 @@ class _Batch:
         self.forced: dict[int, list[int]] = {}
         self.banned: dict[int, set[int]] = {}
         self.finish: set[int] = set()
+
+    # what a StepView asks of this batch (requests by their index in generate()'s prompt list)
+    def step_generated(self, request: int) -> list[int]:
+        i = self.local[request]
+        return self.out_tokens[i, : int(self.n_gen[i])].tolist()
+
+    def step_force(self, request: int, token_ids: list[int]) -> None:
+        self.forced.setdefault(self.local[request], []).extend(token_ids)
+
+    def step_ban(self, request: int, token_ids: list[int]) -> None:
+        self.banned.setdefault(self.local[request], set()).update(token_ids)
+
+    def step_finish(self, request: int) -> None:
+        self.finish.add(self.local[request])
 
     @torch.no_grad()
     def run(self, prompts: list[list[int]], generator, hook) -> list[Completion]:
@@ -203,7 +222,7 @@ class _Batch:
             if params.temperature == 0:
                 nxt = logits.argmax(-1)
             else:
-                filtered = _filter_logits(logits / params.temperature, params.top_k, params.top_p)
+                filtered = filter_logits(logits / params.temperature, params.top_k, params.top_p)
                 nxt = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
             if self.forced:
                 for r, local in enumerate(rows.tolist()):
@@ -218,7 +237,7 @@ class _Batch:
             self.n_gen[at] += 1
             ended = live & torch.isin(nxt, stop)
             if hook is not None:
-                hook(StepView(self, t, at, nxt[live]))
+                hook(StepView(self, t, [self.request_of[r] for r in at.tolist()], nxt[live].tolist()))
             if self.finish:
                 ended |= live & torch.isin(rows, torch.tensor(sorted(self.finish), device=device))
                 self.finish.clear()
@@ -284,3 +303,34 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, progress: 
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What generates completions for evaluation and RL: token-id prompts in, one :class:`Completion` each out, in
+    order. ``hook`` is a per-step hook (:class:`StepView`; a backend that cannot run one raises ValueError);
+    ``sync(model)`` makes the backend generate with ``model``'s current weights (RL calls it after each update;
+    a backend that cannot take weights raises ValueError)."""
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, hook: Callable | None = None,
+                 progress: bool = False) -> list[Completion]: ...
+
+    def sync(self, model) -> None: ...
+
+
+class LocalBackend:
+    """The rollout engine (:func:`generate`) on an in-process model. The model is read in place, so training it
+    needs no sync; ``sync(model)`` points the backend at another model object."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __repr__(self) -> str:
+        return f"LocalBackend({type(self.model).__name__})"
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *, hook: Callable | None = None,
+                 progress: bool = False) -> list[Completion]:
+        return generate(self.model, prompts, params, progress=progress, hook=hook)
+
+    def sync(self, model) -> None:
+        self.model = model

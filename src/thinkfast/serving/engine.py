@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import SamplingParams, _filter_logits, left_padded
+from ..generation import SamplingParams, StepView, filter_logits, left_padded
 from ..kvcache import StaticKVCache
 from ..modeling import DeciLMForCausalLM
 
@@ -81,27 +81,6 @@ class Request:
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     emitted: int = 0  # tokens handed to emit so far
-
-
-class _View:
-    """The step hook's view (the interface of :class:`thinkfast.generation.StepView`) over the running batch."""
-
-    def __init__(self, engine: ContinuousEngine, rows: list[Request], tokens: list[int]):
-        self._engine = engine
-        self.requests = [r.id for r in rows]
-        self.tokens = tokens
-
-    def generated(self, request: int) -> list[int]:
-        return list(self._engine._by_id[request].tokens)
-
-    def force(self, request: int, token_ids: list[int]) -> None:
-        self._engine._forced.setdefault(request, []).extend(int(t) for t in token_ids)
-
-    def ban(self, request: int, token_ids: list[int]) -> None:
-        self._engine._banned.setdefault(request, set()).update(int(t) for t in token_ids)
-
-    def finish(self, request: int) -> None:
-        self._engine._finish.add(request)
 
 
 class ContinuousEngine:
@@ -199,6 +178,19 @@ class ContinuousEngine:
 
     # -- the engine thread --------------------------------------------------------------------------------------
 
+    # what a StepView asks of the running batch (requests by their engine id)
+    def step_generated(self, request: int) -> list[int]:
+        return list(self._by_id[request].tokens)
+
+    def step_force(self, request: int, token_ids: list[int]) -> None:
+        self._forced.setdefault(request, []).extend(token_ids)
+
+    def step_ban(self, request: int, token_ids: list[int]) -> None:
+        self._banned.setdefault(request, set()).update(token_ids)
+
+    def step_finish(self, request: int) -> None:
+        self._finish.add(request)
+
     def _loop(self) -> None:
         if self.threads:  # OpenMP's thread count is per calling thread: set it in the engine's own
             torch.set_num_threads(self.threads)
@@ -274,7 +266,7 @@ class ContinuousEngine:
             at = torch.tensor(members, device=logits.device)
             temps = torch.tensor([rows[i].params.temperature for i in members], device=logits.device,
                                  dtype=logits.dtype)
-            probs = _filter_logits(logits[at] / temps[:, None], top_k, top_p).softmax(-1)
+            probs = filter_logits(logits[at] / temps[:, None], top_k, top_p).softmax(-1)
             shared = [j for j, i in enumerate(members) if rows[i].id not in self._generators]
             if shared:
                 draws = torch.multinomial(probs[shared], 1, generator=self.generator).squeeze(-1).tolist()
@@ -324,7 +316,7 @@ class ContinuousEngine:
             for i, r in enumerate(rows):  # one request at a time: a failure is that request's alone
                 if i not in failed and r.id in self.budget.count:
                     try:
-                        self.budget(_View(self, [r], [tokens[i]]))
+                        self.budget(StepView(self, self.stats["steps"], [r.id], [tokens[i]]))
                     except Exception as e:  # noqa: BLE001
                         failed[i] = f"thinking budget: {type(e).__name__}: {e}"
         keep = []

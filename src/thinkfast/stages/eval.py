@@ -46,7 +46,7 @@ import torch
 
 from ..artifacts import load_model
 from ..config import to_dict
-from ..evaluation import (budget_sweep, evaluate, evaluate_ifeval, evaluate_items, format_table, models_table,
+from ..evaluation import (EvalSettings, budget_sweep, evaluate, evaluate_ifeval, evaluate_items, format_table, models_table,
                           resolve_prompting, suites_table)
 from ..nano import tasks
 from ..rundir import JsonlLogger, StageDir, atomic_dir, atomic_write_json, atomic_write_text
@@ -60,8 +60,9 @@ def reads(cfg) -> dict:
     return {"models": Input("model", field="model", many=True)}
 
 @dataclass
-class EvalConfig:
-    """What to evaluate and how (defaults follow REFERENCE.md section 7 where it applies)."""
+class EvalConfig(EvalSettings):
+    """What to evaluate and how (the harness's sampling and reporting fields are :class:`EvalSettings`';
+    defaults follow REFERENCE.md section 7 where it applies)."""
 
     model: str | None = None  # a model folder; default: every model made earlier in the run
     prompting: Literal["auto", "text", "chat"] = "auto"
@@ -69,17 +70,8 @@ class EvalConfig:
     digits: list[int] = field(default_factory=lambda: [1, 2, 3])
     steps: list[int] = field(default_factory=lambda: [2])
     per_cell: int = 50
-    seed: int = 1234
-    max_new_tokens: int = 1200
-    batch_size: int = 64
-    samples: int = 1  # samples per problem in the sampled mode ("on"); pass@1 is their mean
-    on_temperature: float = 0.6
-    on_top_p: float = 0.95
-    headline_digits: int = 2  # the difficulty quoted as the headline figure
-    save_samples: int = 3  # responses kept per cell and mode in samples.jsonl
     suites: list[str] = field(default_factory=lambda: ["nano"])  # nano, gsm8k, math500, aime24, aime25, ifeval
     suite_limit: int | None = None  # the first N items of each real suite (None: all)
-    pass_k: list[int] = field(default_factory=lambda: [1])  # pass@k reported for k <= samples
     grade_workers: int = 2  # math-verify worker processes
     grade_timeout: float = 20.0  # seconds per answer; a hanging one is wrong
     # prefill / decode tokens per second of every model at these batch sizes, measured side by side (rounds
@@ -106,15 +98,13 @@ class EvalConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        super().__post_init__()
         check_device(self.device)
         unknown = sorted(set(self.kinds) - set(tasks.KINDS))
         if unknown:
             raise ValueError(f"kinds: unknown kind(s) {unknown}; choose from {list(tasks.KINDS)}")
-        for name in ("per_cell", "max_new_tokens", "batch_size", "samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.save_samples < 0 or not self.on_temperature >= 0 or not 0 < self.on_top_p <= 1:
-            raise ValueError("save_samples and on_temperature must be >= 0, on_top_p in (0, 1]")
+        if self.per_cell < 1:
+            raise ValueError(f"per_cell={self.per_cell} must be >= 1")
         from ..suites import SUITES
 
         unknown = sorted(set(self.suites) - {"nano", "ifeval", *SUITES})
@@ -122,8 +112,8 @@ class EvalConfig:
             raise ValueError(f"suites: unknown {unknown}; choose from {['nano', *sorted(SUITES), 'ifeval']}")
         if self.suite_limit is not None and self.suite_limit < 1:
             raise ValueError(f"suite_limit={self.suite_limit} must be >= 1 (or null: every item)")
-        if any(k < 1 for k in self.pass_k) or self.grade_workers < 1 or not self.grade_timeout > 0:
-            raise ValueError("pass_k entries and grade_workers must be >= 1, grade_timeout > 0")
+        if self.grade_workers < 1 or not self.grade_timeout > 0:
+            raise ValueError("grade_workers must be >= 1, grade_timeout > 0")
         if any(b is not None and b < 0 for b in self.budgets) or self.budget_grace < 0:
             raise ValueError("budgets (tokens, or null for none) and budget_grace must be >= 0")
         if any(b < 1 for b in self.throughput_batches) or min(self.throughput_prefill, self.throughput_context,
