@@ -30,7 +30,6 @@ lie beyond every example of the SFT teacher's data (``sft.digits`` / ``sft.steps
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -44,8 +43,11 @@ from thinkfast.nano import tasks
 from thinkfast.pipeline import load_pipeline, run_stage
 from thinkfast.puzzle.parent import load_decilm
 from thinkfast.rl.curriculum import keep_hard
-from thinkfast.rl.rewards import RewardRunner
-from thinkfast.stages.grpo import load_reward, nano_prompts, pass_rates
+from thinkfast.generation import SamplingParams
+from thinkfast.rl.pass_rates import pass_rates
+from thinkfast.rl.prompts import nano_prompts
+from thinkfast.rl.rewards import RewardRunner, load_reward
+from thinkfast.toggle import stop_token_ids
 from thinkfast.stages.eval import EvalConfig
 
 
@@ -101,14 +103,17 @@ def kept_pass(cfg, stage: Path, start: Path) -> dict:
     before = json.loads((stage / "pass_rates.json").read_text())["pass_rates"]
     kept = keep_hard(before, cfg.easy_threshold, cfg.drop_unsolved)
     tokenizer = AutoTokenizer.from_pretrained(str(stage / "model"))
-    prompts, columns = nano_prompts(cfg, tokenizer)
+    prompts, columns = nano_prompts(tokenizer, cfg.prompts, seed=cfg.seed, kinds=cfg.kinds, digits=cfg.digits,
+                                    steps=cfg.steps, thinking=cfg.thinking)
     prompts = [prompts[i] for i in kept]
     columns = {k: [v[i] for i in kept] for k, v in columns.items()}
     name = cfg.pass_reward or cfg.rewards[0]
 
     def measure(folder: Path, seed: int) -> list[float]:
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=cfg.batch_size, seed=seed)
         return pass_rates(load_decilm(folder).eval(), tokenizer, prompts, columns,
-                          RewardRunner([(name, load_reward(name), 1.0)]), dataclasses.replace(cfg, seed=seed))
+                          RewardRunner([(name, load_reward(name), 1.0)]), params, cfg.pass_rate_samples)
 
     if not kept:
         return {"kept": 0}

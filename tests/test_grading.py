@@ -9,7 +9,9 @@ from math import comb
 
 import pytest
 
-from thinkfast.grading import MathGrader, final_answer, gsm8k_gold, maj_at_n, pass_at_k
+from thinkfast.grading import maj_at_n, pass_at_k
+from thinkfast.tasks.completion import final_answer
+from thinkfast.tasks.math import MathGrader, gsm8k_gold
 
 # (gold, response): units, commas, fractions, LaTeX, several boxed answers, answers inside the think block,
 # unclosed think blocks, plain final numbers

@@ -16,8 +16,12 @@ from test_modeling import hetero_model
 from thinkfast.generation import SamplingParams
 from thinkfast.pipeline import default_config_path, load_pipeline, run_stage
 from thinkfast.rl.curriculum import gaussian_schedule, keep_hard, random_schedule
-from thinkfast.rl.grpo import group_advantages, grpo_loss
-from thinkfast.rl.rewards import RewardRunner, math_accuracy, nano_accuracy, think_format
+from thinkfast.rl.advantages import group_normalised_advantages as group_advantages
+from thinkfast.rl.grpo import grpo_loss
+from thinkfast.rl.rewards import RewardRunner, load_reward
+from thinkfast.tasks.math import math_accuracy
+from thinkfast.tasks.nano import nano_accuracy
+from thinkfast.tasks.think_format import think_format
 from thinkfast.rollout import rollout, token_logprobs
 from thinkfast.rl import grpo as grpo_lib
 from thinkfast.stages import grpo as grpo_stage
@@ -259,7 +263,7 @@ def test_a_user_reward_by_module_path(sft_run, tmp_path):
     steps = json.loads((run / "grpo" / "curve.json").read_text())["steps"]
     assert "reward_test_grpo:trl_style_length_reward" in steps[0]
     with pytest.raises(ValueError, match="cannot load"):
-        grpo_stage.load_reward("no_such_module:f")
+        load_reward("no_such_module:f")
 
 
 def wants_prompt(completions, prompt, **kwargs):

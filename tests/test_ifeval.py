@@ -1,4 +1,4 @@
-"""IFEval grading (thinkfast.ifeval) against the semantics of Google's reference checker: for each of the 25
+"""IFEval grading (thinkfast.tasks.ifeval) against the semantics of Google's reference checker: for each of the 25
 instructions a following and a failing response, the expectations of Google's instructions_test.py (our own
 texts), punkt's sentence splits, the loose variants, scoring and the data loader."""
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from thinkfast import ifeval
-from thinkfast.ifeval import INSTRUCTIONS, IFEvalItem, capital_words, count_sentences, count_words, grade
-from thinkfast.ifeval import load_ifeval, score, split_sentences
+from thinkfast.tasks import ifeval
+from thinkfast.tasks.ifeval import INSTRUCTIONS, IFEvalItem, capital_words, count_sentences, count_words, grade
+from thinkfast.tasks.ifeval import load_ifeval, score, split_sentences
 
 LESS, AT_LEAST = "less than", "at least"
 LANGUAGE_IDS = {"language:response_language", "change_case:english_capital", "change_case:english_lowercase"}

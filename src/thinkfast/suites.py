@@ -9,8 +9,8 @@ prompt and the gold answer:
   follow); the reasoning toggle is the system prompt's business, not the suite's;
 * the gold: GSM8K's number after ``####`` (commas dropped), MATH-500's ``answer`` field, AIME's
   ``expected_answer``, given to math-verify as ``$gold$`` (:attr:`Item.math_gold`); graded with
-  :class:`thinkfast.grading.MathGrader` against the response's final answer
-  (:func:`thinkfast.grading.final_answer`).
+  :class:`thinkfast.tasks.math.MathGrader` against the response's final answer
+  (:func:`thinkfast.tasks.completion.final_answer`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .grading import gsm8k_gold
+from .tasks.math import gsm8k_gold
 
 __all__ = ["IFEVAL_FILE", "MATH_PROMPT", "SUITES", "Item", "data_root", "load_suite"]
 
@@ -34,7 +34,7 @@ SUITES = {
     "aime25": ("aime25/test.jsonl", "problem", "expected_answer", None),
 }
 
-# IFEval (thinkfast.ifeval): its prompts are used as they are, graded by the instructions' checkers
+# IFEval (thinkfast.tasks.ifeval): its prompts are used as they are, graded by the instructions' checkers
 IFEVAL_FILE = "ifeval/input_data.jsonl"
 
 

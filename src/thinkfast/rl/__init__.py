@@ -1,2 +1,5 @@
-"""Reinforcement learning: rewards (:mod:`.rewards`), GRPO's advantages and loss (:mod:`.grpo`) and the
-pass-rate curriculum (:mod:`.curriculum`)."""
+"""Reinforcement learning: the policy-gradient core (sampling and scoring groups, one policy step:
+:mod:`.policy`; advantages, group-normalised and leave-one-out: :mod:`.advantages`), GRPO's loss and step
+(:mod:`.grpo`), the rewards and their safe runner (:mod:`.rewards`; each built-in reward is a task's grader,
+:mod:`thinkfast.tasks`), RL prompts (:mod:`.prompts`), pass rates (:mod:`.pass_rates`) and the pass-rate
+curriculum (:mod:`.curriculum`)."""

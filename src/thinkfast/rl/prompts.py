@@ -12,17 +12,23 @@ The mode (reasoning on or off) is the row's ``reasoning`` field or its system pr
 (``detailed thinking on`` / ``off``); a row that states neither takes the stage's ``thinking`` setting. The
 prompt must end with a user message. A bad row is a DataError naming its file and line, or skipped and
 counted (:func:`thinkfast.data.read_json_rows`).
+
+:func:`file_prompts` turns such files into prompt ids and reward columns, some rows held out;
+:func:`nano_prompts` does the same for the nano world's generated problems.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..data import _short, read_json_rows
+from ..data import DataError, _short, read_json_rows
+from ..evaluation import build_prompt, chat_ids
+from ..nano import tasks as nano_tasks
 from ..toggle import SYSTEM_OFF, SYSTEM_ON
 
-__all__ = ["PromptRow", "RESERVED", "read_prompts", "row_to_prompt"]
+__all__ = ["PromptRow", "RESERVED", "file_prompts", "nano_prompts", "read_prompts", "row_to_prompt"]
 
 # columns thinkfast sets itself for the rewards (TRL's names where TRL has them)
 RESERVED = ("prompts", "completion_ids", "thinking")
@@ -108,3 +114,54 @@ def row_to_prompt(row, source: str = "") -> PromptRow:
 def read_prompts(patterns: Sequence[str], skip_bad: bool = False) -> tuple[list[PromptRow], list[str]]:
     """Prompts of JSON-lines files (paths or globs): (rows, skipped rows as ``"file line N: why"``)."""
     return read_json_rows(patterns, row_to_prompt, skip_bad=skip_bad, what="RL prompts")
+
+
+def nano_prompts(tokenizer, n: int, *, seed: int, kinds: Sequence[str], digits: Sequence[int],
+                 steps: Sequence[int], thinking: str = "on") -> tuple[list[list[int]], dict[str, list]]:
+    """``n`` nano-world training problems (``kinds`` x ``digits`` x ``steps``) as chat prompt ids in mode
+    ``thinking`` ("on", "off" or "both": alternating, "on" first), and their reward columns: ``answer`` (the
+    integer), ``thinking`` (the mode), ``prompts`` (the messages)."""
+    problems = nano_tasks.make_problems(n, seed=seed, kinds=tuple(kinds), digits=tuple(digits), steps=tuple(steps),
+                                        split="train")
+    modes = [thinking == "on" or (thinking == "both" and i % 2 == 0) for i in range(len(problems))]
+    prompts = [build_prompt(tokenizer, p, "chat", "on" if m else "off") for p, m in zip(problems, modes)]
+    return prompts, {"answer": [p.answer for p in problems], "thinking": modes,
+                     "prompts": [[{"role": "user", "content": nano_tasks.chat_prompt(p)}] for p in problems]}
+
+
+def file_prompts(tokenizer, files: Sequence[str], *, held_out: int, seed: int, thinking: str = "on",
+                 skip_bad: bool = False, stage: str = "grpo") -> tuple[list, dict, list, dict, dict]:
+    """The prompts of JSON-lines ``files`` as chat prompt ids, ``held_out`` rows (drawn by ``seed``) set aside:
+    (train ids, their columns, held-out ids, their columns, ``{"rows", "skipped", "fields"}`` with each file's
+    row fields in the order they first appear). A row's mode is its own (:func:`row_to_prompt`), else
+    ``thinking`` ("both": alternating). Columns: the rows' fields (``None`` where a row lacks one), ``thinking``,
+    ``prompts``. Fewer usable rows than ``held_out + 1`` is a DataError (``stage`` names the config section)."""
+    keys: dict[str, dict] = {}  # each file's row fields, in the order they first appear (error messages)
+
+    def convert(row, source: str):
+        prompt = row_to_prompt(row, source)
+        keys.setdefault(source.rpartition(":")[0], {}).update(dict.fromkeys(row))
+        return prompt
+
+    rows, skipped = read_json_rows(files, convert, skip_bad=skip_bad, what="RL prompts")
+    if skipped:
+        print(f"{stage}: skipped {len(skipped)} bad row(s), e.g. {skipped[0]}")
+    if len(rows) <= held_out:
+        raise DataError(f"{stage}.files {list(files)}: {len(rows)} usable rows, not more than eval_problems="
+                        f"{held_out} held out ({len(skipped)} skipped)")
+    order = list(range(len(rows)))
+    random.Random(f"{stage}-held-out:{seed}").shuffle(order)
+    names = sorted({k for r in rows for k in r.columns})
+
+    def part(idx: list[int]) -> tuple[list, dict]:
+        chosen = [rows[i] for i in sorted(idx)]
+        modes = [r.thinking if r.thinking is not None else thinking == "on" or (thinking == "both" and i % 2 == 0)
+                 for i, r in enumerate(chosen)]
+        ids = [chat_ids(tokenizer, list(r.messages), m) for r, m in zip(chosen, modes)]
+        cols = {k: [r.columns.get(k) for r in chosen] for k in names}
+        cols.update(thinking=modes, prompts=[list(r.messages) for r in chosen])
+        return ids, cols
+
+    held, train = order[:held_out], order[held_out:]
+    return (*part(train), *part(held), {"rows": len(rows), "skipped": len(skipped),
+                                        "fields": {f: list(k) for f, k in keys.items()}})

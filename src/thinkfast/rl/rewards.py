@@ -1,119 +1,122 @@
-"""Reward functions with TRL's signature, and the runner that makes them safe to call.
+"""Rewards for RL: the built-in task rewards by name, loading a user's, and the runner that makes them safe.
 
-A reward is ``f(completions, **columns) -> list[float]``, exactly as TRL's ``GRPOTrainer`` calls it, so a
-TRL reward works here unchanged: ``completions`` holds, per sample, ``[{"role": "assistant", "content":
+A reward is ``f(completions, **columns) -> list[float | None]``, exactly as TRL's ``GRPOTrainer`` calls it,
+so a TRL reward works here unchanged: ``completions`` holds, per sample, ``[{"role": "assistant", "content":
 text}]`` for chat prompts (TRL's conversational format) or the text itself for plain prompts; the keyword
 arguments are the prompt's dataset columns (one list entry per sample), plus ``prompts`` and
-``completion_ids``. ``None`` in a reward's list means "not applicable" and counts 0.
+``completion_ids`` (and ``thinking``, the mode).
 
-Built in (REFERENCE.md section 5, Llama-Nemotron section 5):
+Built in (:data:`BUILTIN`), each the grader evaluation uses for its task (:mod:`thinkfast.tasks`):
+``nano_accuracy`` (the nano verifier on the answer after the think block), ``math_accuracy`` (math-verify
+against a ``solution`` column, evaluation's extraction and check), ``think_format`` (the toggle's format
+rule), ``ifeval_strict`` / ``ifeval_loose`` (IFEval's checkers on ``instruction_id_list`` and ``kwargs``
+columns, all instructions followed or 0). Any other by ``module:function`` (:func:`load_reward`).
 
-* :func:`nano_accuracy`: the nano world's verifier on the answer after the think block;
-* :func:`think_format`: "on" needs exactly one ``<think>`` ... ``</think>`` pair, in order, before the
-  answer; "off" needs no think tags.
-* :func:`math_accuracy`: math answers against a ``solution`` column through math-verify (``parse`` and
-  ``verify``, symbolic equivalence), as TRL's ``accuracy_reward`` does, but on the answer after the think
-  block only: an unclosed or malformed think block scores 0, a number inside the reasoning is never graded.
-
-:class:`RewardRunner` sums the weighted rewards; a truncated response (no stop token) gets 0 in total, and a
-reward that raises, hangs past ``timeout`` seconds or returns the wrong thing counts 0 for that batch and is
-reported as a :class:`RewardError` naming it; the runner never stops the run. (A hung reward's thread is
-abandoned, not killed: Python cannot kill a thread; it is a daemon, so it does not keep the process alive.)
-:class:`RewardFailures` counts the errors per reward, so a stage can warn, and stop when a reward fails on
-every call for too long (:class:`RewardFailed`).
+:class:`RewardRunner` sums the weighted rewards. ``None`` from a reward means "cannot score this sample"
+(TRL's semantics, where it becomes NaN): the sum runs over the rewards that scored the sample (a ``nansum``),
+and a sample no reward scored is unscorable: its total is ``None``, and the advantages leave it out of its
+group's baseline (:mod:`thinkfast.rl.advantages`) instead of counting it as 0. A truncated response (no stop
+token) that some reward scored gets 0 in total. A reward that raises, hangs past ``timeout`` seconds or
+returns the wrong thing counts 0 for that batch and is reported as a :class:`RewardError` naming it; the
+runner never stops the run. (A hung reward's thread is abandoned, not killed: Python cannot kill a thread; it
+is a daemon, so it does not keep the process alive.) :class:`RewardFailures` counts the errors per reward, so
+a stage can warn, and stop when a reward fails on every call for too long (:class:`RewardFailed`).
 """
 
 from __future__ import annotations
 
-import logging
+import importlib
+import inspect
 import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..nano.tasks import extract_answer
-from ..toggle import format_ok, parse_response
+from ..tasks.completion import completion_text
+from ..tasks.ifeval import ifeval_loose, ifeval_strict
+from ..tasks.math import math_accuracy
+from ..tasks.nano import nano_accuracy
+from ..tasks.think_format import think_format
+from .prompts import RESERVED
 
 __all__ = ["BUILTIN", "RewardError", "RewardFailed", "RewardFailures", "RewardRunner", "completion_text",
-           "math_accuracy", "nano_accuracy", "think_format"]
-
-
-def completion_text(completion) -> str:
-    """The text of a completion in either of TRL's formats.
-
-    >>> completion_text([{"role": "assistant", "content": "4"}]), completion_text("4")
-    ('4', '4')
-    """
-    if isinstance(completion, str):
-        return completion
-    return "".join(m.get("content", "") for m in completion)
-
-
-def nano_accuracy(completions, answer, **kwargs) -> list[float]:
-    """1.0 when the answer after the think block is ``Answer: <answer>``; malformed think blocks score 0.
-
-    >>> nano_accuracy(["<think>\\n2+2\\n</think>\\n\\nAnswer: 4", "<think>Answer: 4", "Answer: 5"], [4, 4, 4])
-    [1.0, 0.0, 0.0]
-    """
-    out = []
-    for c, a in zip(completions, answer):
-        final = parse_response(completion_text(c)).answer
-        out.append(1.0 if final is not None and extract_answer(final) == int(a) else 0.0)
-    return out
-
-
-def think_format(completions, thinking, **kwargs) -> list[float]:
-    """1.0 when the response obeys the requested mode (``thinking`` True: one well-formed think block
-    with reasoning in it; False: no think tags).
-
-    >>> think_format(["<think>\\nx\\n</think>\\n\\n4", "4", "<think>\\nx\\n</think>\\n\\n4"], [True, False, False])
-    [1.0, 1.0, 0.0]
-    """
-    return [1.0 if format_ok(completion_text(c), bool(t)) else 0.0 for c, t in zip(completions, thinking)]
-
-
-def math_accuracy(completions, solution, **kwargs) -> list[float | None]:
-    """1.0 when the answer after the think block equals ``solution`` under math-verify; ``None`` (not
-    applicable, counted 0) when the gold solution does not parse. The answer is extracted as TRL's
-    ``accuracy_reward`` extracts it (LaTeX, ``\\boxed{}`` first, an anchor required), the gold as math-verify's
-    default parse does; symbolic equivalence by ``math_verify.verify``.
-
-    >>> math_accuracy(["<think>\\nx = 1/2?\\n</think>\\n\\nSo $x = \\\\boxed{\\\\frac{1}{3}}$",
-    ...                "<think>\\n$\\\\boxed{\\\\frac{1}{3}}$", "The answer is $\\\\boxed{0.5}$."],
-    ...               ["$\\\\frac{1}{3}$", "$\\\\frac{1}{3}$", "$\\\\frac{1}{2}$"])
-    [1.0, 0.0, 1.0]
-    """
-    try:
-        from latex2sympy2_extended import NormalizationConfig
-        from math_verify import LatexExtractionConfig, parse, verify
-    except ImportError as e:  # a core dependency; a broken install is reported by the runner
-        raise ImportError("math_accuracy needs math-verify (pip install math-verify)") from e
-    # math-verify's timeouts use signal.alarm, which works in the main thread only; the runner calls rewards
-    # in a thread of their own and enforces its own timeout
-    main = threading.current_thread() is threading.main_thread()
-    if not main:
-        for name in ("math_verify.parser", "math_verify.grader"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    timeout = 5 if main else None
-    answer_config = [LatexExtractionConfig(normalization_config=NormalizationConfig(units=True),
-                                           boxed_match_priority=0, try_extract_without_anchor=False)]
-    out: list[float | None] = []
-    for c, sol in zip(completions, solution, strict=True):
-        gold = parse(str(sol), parsing_timeout=timeout)
-        if not gold:
-            out.append(None)
-            continue
-        final = parse_response(completion_text(c)).answer
-        if final is None:
-            out.append(0.0)
-            continue
-        pred = parse(final, extraction_config=answer_config, extraction_mode="first_match", parsing_timeout=timeout)
-        out.append(float(verify(gold, pred, timeout_seconds=timeout)))
-    return out
-
+           "load_reward", "missing_columns", "missing_columns_message"]
 
 BUILTIN: dict[str, Callable] = {"nano_accuracy": nano_accuracy, "think_format": think_format,
-                                "math_accuracy": math_accuracy}
+                                "math_accuracy": math_accuracy, "ifeval_strict": ifeval_strict,
+                                "ifeval_loose": ifeval_loose}
+
+
+def load_reward(name: str) -> Callable:
+    """A built-in reward by name, or ``module:function`` (any importable module, e.g. a user's TRL reward)."""
+    if name in BUILTIN:
+        return BUILTIN[name]
+    module, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"rewards: cannot load {name!r}: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"rewards: {name!r} is not callable")
+    return fn
+
+
+def missing_columns(fn, columns) -> list[str]:
+    """The keyword arguments a reward requires (no default) that ``columns`` does not supply.
+
+    >>> missing_columns(math_accuracy, {"answer": [], "thinking": []})
+    ['solution']
+    """
+    try:
+        params = list(inspect.signature(fn).parameters.values())[1:]  # the first is the completions
+    except (TypeError, ValueError):  # a builtin or C function: nothing to check
+        return []
+    have = set(columns) | {"prompts", "completion_ids"}
+    return [p.name for p in params if p.default is p.empty and p.name not in have
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+# what thinkfast itself passes to every reward besides a prompt file's columns (TRL's names where TRL has them)
+_SUPPLIED = {"prompts": "the prompt's messages", "completion_ids": "the completion's token ids",
+             "thinking": "the mode, True or False"}
+# fields of a prompt row that thinkfast reads itself (rl.prompts) and the argument they reach the rewards as
+_CONSUMED = {"prompt": "prompts", "input": "prompts", "system_prompt": "prompts", "reasoning": "thinking"}
+assert set(_SUPPLIED) == set(RESERVED)
+
+
+def missing_columns_message(reward: str, lacking: list[str], file_fields: dict[str, list[str]] | None,
+                            stage: str = "grpo") -> str:
+    """What to tell a user whose ``reward`` requires keyword arguments ``lacking`` that no column supplies, in
+    the prompt files' own terms (``file_fields``: each file's row fields; None: the nano world's prompts);
+    ``stage`` names the config section (``grpo.rewards``, ``grpo.files``).
+
+    >>> print(missing_columns_message("my:r", ["answer", "prompt"], {"p.jsonl": ["prompt", "target"]}))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    grpo.rewards: my:r requires the keyword argument(s) answer, prompt, which no prompt column supplies: p.jsonl
+    has the fields prompt, target (a row's fields other than prompt/input, system_prompt and reasoning reach
+    every reward as keyword arguments of the same name, TRL's way), and thinkfast supplies prompts (the prompt's
+    messages), completion_ids (the completion's token ids), thinking (the mode, True or False). Fix: add a field
+    'answer' to every row; rename the argument 'prompt' to 'prompts' (thinkfast reads the row's 'prompt' itself);
+    or give the argument(s) a default
+    """
+    if file_fields is None:
+        have = "the nano world's prompts give answer (the problem's integer answer)"
+    else:
+        have = "; ".join(f"{f} has the fields {', '.join(keys) or '(none)'}" for f, keys in file_fields.items())
+        have += (" (a row's fields other than prompt/input, system_prompt and reasoning reach every reward as "
+                 "keyword arguments of the same name, TRL's way)")
+    fixes = []
+    for a in lacking:
+        if a in _CONSUMED:
+            fixes.append(f"rename the argument {a!r} to {_CONSUMED[a]!r} (thinkfast reads the row's {a!r} itself)")
+        elif file_fields is None:
+            fixes.append(f"use prompt files with a field {a!r} ({stage}.files)")
+        else:
+            fixes.append(f"add a field {a!r} to every row")
+    supplied = ", ".join(f"{k} ({v})" for k, v in _SUPPLIED.items())
+    return (f"{stage}.rewards: {reward} requires the keyword argument(s) {', '.join(lacking)}, which no prompt "
+            f"column supplies: {have}, and thinkfast supplies {supplied}. Fix: {'; '.join(fixes)}; or give the "
+            "argument(s) a default")
 
 
 @dataclass(frozen=True)
@@ -204,19 +207,20 @@ class RewardRunner:
     timeout: float = 30.0
 
     def __call__(self, completions: list, truncated: Sequence[bool], columns: dict[str, list]
-                 ) -> tuple[list[float], dict[str, list[float]], list[RewardError]]:
-        """Returns (total reward per sample, each reward's values, one :class:`RewardError` per failed reward)."""
+                 ) -> tuple[list[float | None], dict[str, list[float | None]], list[RewardError]]:
+        """Returns (total reward per sample, ``None`` where no reward scored it; each reward's values, ``None``
+        where it could not score; one :class:`RewardError` per failed reward, whose values count 0)."""
         n = len(completions)
-        parts: dict[str, list[float]] = {}
+        parts: dict[str, list[float | None]] = {}
         errors: list[RewardError] = []
         for name, fn, _ in self.functions:
             value, error, detail = _call_with_timeout(fn, self.timeout, (completions,), dict(columns))
             if error is None:
                 try:
-                    values = [0.0 if v is None else float(v) for v in value]
+                    values = [None if v is None else float(v) for v in value]
                     if len(values) != n:
                         raise ValueError(f"returned {len(values)} values for {n} completions")
-                    if any(v != v for v in values):
+                    if any(v != v for v in values if v is not None):
                         raise ValueError("returned NaN")
                 except (TypeError, ValueError) as e:
                     error = f"bad return value: {e}"
@@ -224,5 +228,8 @@ class RewardRunner:
                 errors.append(RewardError(name, _one_line(error), detail))
                 values = [0.0] * n
             parts[name] = values
-        total = [0.0 if truncated[i] else sum(w * parts[name][i] for name, _, w in self.functions) for i in range(n)]
+        total: list[float | None] = []
+        for i in range(n):
+            scored = [(w, parts[name][i]) for name, _, w in self.functions if parts[name][i] is not None]
+            total.append(None if not scored else 0.0 if truncated[i] else sum(w * v for w, v in scored))
         return total, parts, errors

@@ -8,6 +8,12 @@ Paper: Llama-Nemotron (arXiv 2505.00949) section 5; REFERENCE.md section 5. Each
 per slice of the groups, with an optional k3 KL to the starting model. The "old" log-probs of the ratio are
 recomputed by the training model before the first update (``logprobs: recompute``; :mod:`thinkfast.rollout`).
 
+This module is the glue (config, reads, run); the algorithm is library code: the policy step and the
+advantages (:mod:`thinkfast.rl.policy`, :mod:`thinkfast.rl.advantages`), the rewards
+(:mod:`thinkfast.rl.rewards`; each built-in is a task's grader, :mod:`thinkfast.tasks`, so RL optimises the
+check the eval stage reports), the prompts (:mod:`thinkfast.rl.prompts`) and the pass rates
+(:mod:`thinkfast.rl.pass_rates`).
+
 Curriculum (:mod:`thinkfast.rl.curriculum`): the starting model answers every prompt ``pass_rate_samples``
 times first (saved to ``pass_rates.json``; a resumed run reuses it); prompts solved at >= ``easy_threshold``
 are dropped, and the batches move from easy to hard on a Gaussian over pass rates (``curriculum:
@@ -19,6 +25,9 @@ mean, KL, clip fraction, response length, think-format compliance, reward errors
 steps: greedy accuracy in both modes on held-out problems (``curve.json`` / ``curve.png``). Resumable: a
 resumed run draws the same prompts and samples. A NaN loss stops the run with an error; the last checkpoint
 (written every ``checkpoint_every`` steps) stays as it was.
+
+A reward's ``None`` for a sample means it cannot score it (TRL's semantics): the weighted sum runs over the
+rewards that did, and a sample no reward scored is left out of its group's baseline and of the loss.
 
 Reward errors: a reward that raises, hangs or returns the wrong thing counts 0 where it fails (the run goes
 on); each failure is a ``reward_error`` line in ``log.jsonl``, the console warns once per reward when it
@@ -43,10 +52,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
-import inspect
 import json
-import random
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -54,16 +60,17 @@ from pathlib import Path
 from typing import Literal
 
 from ..artifacts import copy_tokenizer_files, read_model_sidecar, write_model_sidecar
-from ..data import DataError, read_json_rows
-from ..evaluation import build_prompt, chat_ids, toggle_check
-from ..generation import SamplingParams, generate
+from ..data import DataError
+from ..evaluation import toggle_check
+from ..generation import SamplingParams
 from ..nano import tasks
 from ..puzzle.parent import load_decilm
 from ..rl.curriculum import gaussian_schedule, keep_hard, random_schedule
 from ..rl.grpo import grpo_step
-from ..rl.prompts import RESERVED, row_to_prompt
-from ..rl.rewards import BUILTIN, RewardError, RewardFailed, RewardFailures, RewardRunner
-from ..rollout import rollout
+from ..rl.pass_rates import held_out_check, pass_rates
+from ..rl.prompts import file_prompts, nano_prompts
+from ..rl.rewards import (BUILTIN, RewardError, RewardFailed, RewardFailures, RewardRunner, load_reward,
+                          missing_columns, missing_columns_message)
 from ..rundir import StageDir, atomic_dir, atomic_write_json
 from ..toggle import stop_token_ids
 from ..train.loop import TrainLoop, adamw, autocast, resolve_precision, setup_device, warmup_cosine
@@ -175,169 +182,9 @@ class GRPOConfig:
 Config = GRPOConfig
 
 
-def load_reward(name: str):
-    """A built-in reward by name, or ``module:function`` (any importable module, e.g. a user's TRL reward)."""
-    if name in BUILTIN:
-        return BUILTIN[name]
-    module, _, attr = name.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"rewards: cannot load {name!r}: {e}") from None
-    if not callable(fn):
-        raise ValueError(f"rewards: {name!r} is not callable")
-    return fn
-
-
-def missing_columns(fn, columns) -> list[str]:
-    """The keyword arguments a reward requires (no default) that ``columns`` does not supply.
-
-    >>> from thinkfast.rl.rewards import math_accuracy
-    >>> missing_columns(math_accuracy, {"answer": [], "thinking": []})
-    ['solution']
-    """
-    try:
-        params = list(inspect.signature(fn).parameters.values())[1:]  # the first is the completions
-    except (TypeError, ValueError):  # a builtin or C function: nothing to check
-        return []
-    have = set(columns) | {"prompts", "completion_ids"}
-    return [p.name for p in params if p.default is p.empty and p.name not in have
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-# what thinkfast itself passes to every reward besides a prompt file's columns (TRL's names where TRL has them)
-_SUPPLIED = {"prompts": "the prompt's messages", "completion_ids": "the completion's token ids",
-             "thinking": "the mode, True or False"}
-# fields of a prompt row that thinkfast reads itself (rl.prompts) and the argument they reach the rewards as
-_CONSUMED = {"prompt": "prompts", "input": "prompts", "system_prompt": "prompts", "reasoning": "thinking"}
-assert set(_SUPPLIED) == set(RESERVED)
-
-
-def missing_columns_message(reward: str, lacking: list[str], file_fields: dict[str, list[str]] | None) -> str:
-    """What to tell a user whose ``reward`` requires keyword arguments ``lacking`` that no column supplies, in
-    the prompt files' own terms (``file_fields``: each file's row fields; None: the nano world's prompts).
-
-    >>> print(missing_columns_message("my:r", ["answer", "prompt"], {"p.jsonl": ["prompt", "target"]}))
-    ... # doctest: +NORMALIZE_WHITESPACE
-    grpo.rewards: my:r requires the keyword argument(s) answer, prompt, which no prompt column supplies: p.jsonl
-    has the fields prompt, target (a row's fields other than prompt/input, system_prompt and reasoning reach
-    every reward as keyword arguments of the same name, TRL's way), and thinkfast supplies prompts (the prompt's
-    messages), completion_ids (the completion's token ids), thinking (the mode, True or False). Fix: add a field
-    'answer' to every row; rename the argument 'prompt' to 'prompts' (thinkfast reads the row's 'prompt' itself);
-    or give the argument(s) a default
-    """
-    if file_fields is None:
-        have = "the nano world's prompts give answer (the problem's integer answer)"
-    else:
-        have = "; ".join(f"{f} has the fields {', '.join(keys) or '(none)'}" for f, keys in file_fields.items())
-        have += (" (a row's fields other than prompt/input, system_prompt and reasoning reach every reward as "
-                 "keyword arguments of the same name, TRL's way)")
-    fixes = []
-    for a in lacking:
-        if a in _CONSUMED:
-            fixes.append(f"rename the argument {a!r} to {_CONSUMED[a]!r} (thinkfast reads the row's {a!r} itself)")
-        elif file_fields is None:
-            fixes.append(f"use prompt files with a field {a!r} (grpo.files)")
-        else:
-            fixes.append(f"add a field {a!r} to every row")
-    supplied = ", ".join(f"{k} ({v})" for k, v in _SUPPLIED.items())
-    return (f"grpo.rewards: {reward} requires the keyword argument(s) {', '.join(lacking)}, which no prompt column "
-            f"supplies: {have}, and thinkfast supplies {supplied}. Fix: {'; '.join(fixes)}; or give the "
-            "argument(s) a default")
-
-
 def _sampling(cfg: GRPOConfig, tokenizer, seed: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                           stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=cfg.batch_size, seed=seed)
-
-
-def passed(runner: RewardRunner, texts: list[str], truncated: list[bool], columns: dict[str, list]
-           ) -> tuple[list[bool], list[RewardError]]:
-    """Whether each completion is solved: ``runner`` (the pass reward alone) gives it 1 and it was not cut off;
-    and the reward's error, if it failed (then nothing passed)."""
-    total, _, errors = runner([[{"role": "assistant", "content": t}] for t in texts], truncated, columns)
-    return [v >= 1.0 for v in total], errors
-
-
-def pass_rates(model, tokenizer, prompts: list[list[int]], columns: dict[str, list], runner: RewardRunner,
-               cfg: GRPOConfig) -> list[float]:
-    """Share of ``pass_rate_samples`` sampled answers to each prompt that pass (:func:`passed`). The pass
-    reward is called once, on every sample: if that call fails, every rate would be 0 (and saved for reuse),
-    so it raises :class:`RewardFailed` instead."""
-    roll = rollout(model, prompts, cfg.pass_rate_samples, _sampling(cfg, tokenizer, cfg.seed),
-                   generate_fn=lambda m, p, params: generate(m, p, params, progress=True))
-    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in roll.completions]
-    ok, errors = passed(runner, texts, [c.finish_reason != "stop" for c in roll.completions],
-                        {**{k: [v[g] for g in roll.groups] for k, v in columns.items()},
-                         "completion_ids": [c.token_ids for c in roll.completions]})
-    for e in errors:
-        raise RewardFailed(f"grpo: the pass reward {e.reward} failed while measuring the pass rates before "
-                           f"training ({e.message}); it would count every prompt unsolved, so nothing was trained "
-                           "or saved: fix the reward (or choose another with grpo.pass_reward) and run again")
-    rates = [0.0] * len(prompts)
-    for g, r in zip(roll.groups, ok):
-        rates[g] += r / cfg.pass_rate_samples
-    return rates
-
-
-def held_out_check(model, tokenizer, prompts: list[list[int]], columns: dict[str, list], runner: RewardRunner,
-                   cfg: GRPOConfig) -> tuple[dict, list[RewardError]]:
-    """Greedy pass rate, think-format compliance and length on held-out file prompts (each in its mode), and the
-    pass reward's error if it failed (then the pass rate is None: unknown, not 0)."""
-    params = SamplingParams(max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0,
-                            stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=cfg.batch_size, seed=0)
-    done = generate(model, prompts, params)
-    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in done]
-    truncated = [c.finish_reason != "stop" for c in done]
-    ok, errors = passed(runner, texts, truncated, {**columns, "completion_ids": [c.token_ids for c in done]})
-    form = BUILTIN["think_format"]([[{"role": "assistant", "content": t}] for t in texts], columns["thinking"])
-    return {"held_out": {"pass": None if errors else statistics.fmean(ok), "format_ok": statistics.fmean(form),
-                         "tokens": statistics.fmean(len(c.token_ids) for c in done), "n": len(done)}}, errors
-
-
-def nano_prompts(cfg: GRPOConfig, tokenizer) -> tuple[list[list[int]], dict[str, list]]:
-    """The nano world's training prompts of ``cfg`` (ids) and their reward columns (answer, thinking, prompts)."""
-    problems = tasks.make_problems(cfg.prompts, seed=cfg.seed, kinds=tuple(cfg.kinds), digits=tuple(cfg.digits),
-                                   steps=tuple(cfg.steps), split="train")
-    modes = [cfg.thinking == "on" or (cfg.thinking == "both" and i % 2 == 0) for i in range(len(problems))]
-    prompts = [build_prompt(tokenizer, p, "chat", "on" if m else "off") for p, m in zip(problems, modes)]
-    return prompts, {"answer": [p.answer for p in problems], "thinking": modes,
-                     "prompts": [[{"role": "user", "content": tasks.chat_prompt(p)}] for p in problems]}
-
-
-def _file_prompts(cfg: GRPOConfig, tokenizer) -> tuple[list, dict, list, dict, dict]:
-    """Training and held-out prompts of ``cfg.files``: (train ids, their columns, held-out ids, their columns,
-    counts and each file's row fields)."""
-    keys: dict[str, dict] = {}  # each file's row fields, in the order they first appear (error messages)
-
-    def convert(row, source: str):
-        prompt = row_to_prompt(row, source)
-        keys.setdefault(source.rpartition(":")[0], {}).update(dict.fromkeys(row))
-        return prompt
-
-    rows, skipped = read_json_rows(cfg.files, convert, skip_bad=cfg.skip_bad_rows, what="RL prompts")
-    if skipped:
-        print(f"grpo: skipped {len(skipped)} bad row(s), e.g. {skipped[0]}")
-    if len(rows) <= cfg.eval_problems:
-        raise DataError(f"grpo.files {cfg.files}: {len(rows)} usable rows, not more than eval_problems="
-                        f"{cfg.eval_problems} held out ({len(skipped)} skipped)")
-    order = list(range(len(rows)))
-    random.Random(f"grpo-held-out:{cfg.seed}").shuffle(order)
-    names = sorted({k for r in rows for k in r.columns})
-
-    def part(idx: list[int]) -> tuple[list, dict]:
-        chosen = [rows[i] for i in sorted(idx)]
-        modes = [r.thinking if r.thinking is not None else cfg.thinking == "on" or (cfg.thinking == "both" and
-                                                                                  i % 2 == 0)
-                 for i, r in enumerate(chosen)]
-        ids = [chat_ids(tokenizer, list(r.messages), m) for r, m in zip(chosen, modes)]
-        cols = {k: [r.columns.get(k) for r in chosen] for k in names}
-        cols.update(thinking=modes, prompts=[list(r.messages) for r in chosen])
-        return ids, cols
-
-    held, train = order[:cfg.eval_problems], order[cfg.eval_problems:]
-    return (*part(train), *part(held), {"rows": len(rows), "skipped": len(skipped),
-                                        "fields": {f: list(k) for f, k in keys.items()}})
 
 
 def _weights_digest(model_dir: Path) -> str:
@@ -402,9 +249,12 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
     pass_runner = RewardRunner([(pass_name, load_reward(pass_name), 1.0)], timeout=cfg.reward_timeout)
     eval_set, held_ids, held_cols, source = [], [], {}, {}
     if cfg.files:
-        prompts, columns, held_ids, held_cols, source = _file_prompts(cfg, tokenizer)
+        prompts, columns, held_ids, held_cols, source = file_prompts(
+            tokenizer, cfg.files, held_out=cfg.eval_problems, seed=cfg.seed, thinking=cfg.thinking,
+            skip_bad=cfg.skip_bad_rows)
     else:
-        prompts, columns = nano_prompts(cfg, tokenizer)
+        prompts, columns = nano_prompts(tokenizer, cfg.prompts, seed=cfg.seed, kinds=cfg.kinds, digits=cfg.digits,
+                                        steps=cfg.steps, thinking=cfg.thinking)
         eval_set = (tasks.make_problems(cfg.eval_problems, seed=cfg.seed, kinds=tuple(cfg.kinds), digits=(1, 2, 3),
                                         steps=tuple(cfg.steps), split="eval") if cfg.eval_problems else [])
     for name in dict.fromkeys([*cfg.rewards, pass_name]):
@@ -432,7 +282,8 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
             raise ValueError(f"grpo.pass_rates_from: {path} does not exist")
     if rates is None:
         print(f"grpo: pass rates of {len(prompts)} prompts, {cfg.pass_rate_samples} samples each")
-        rates = pass_rates(model, tokenizer, prompts, columns, pass_runner, cfg)
+        rates = pass_rates(model, tokenizer, prompts, columns, pass_runner, _sampling(cfg, tokenizer, cfg.seed),
+                           cfg.pass_rate_samples)
     if not rates_file.is_file() or json.loads(rates_file.read_text()).get("key") != key:
         atomic_write_json(rates_file, {"samples": cfg.pass_rate_samples, "key": key, "pass_rates": rates})
     kept = keep_hard(rates, cfg.easy_threshold, cfg.drop_unsolved)
@@ -487,7 +338,8 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
             curve.append({"step": step, **toggle_check(model, tokenizer, eval_set,
                                                        max_new_tokens=cfg.eval_max_new_tokens)})
         elif held_ids:
-            result, errors = held_out_check(model, tokenizer, held_ids, held_cols, pass_runner, cfg)
+            result, errors = held_out_check(model, tokenizer, held_ids, held_cols, pass_runner,
+                                            max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.batch_size)
             report_errors(errors, step, during="held_out")
             curve.append({"step": step, **result})
         if curve and curve[-1]["step"] == step:
@@ -545,11 +397,12 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
                             **{k: sidecar[k] for k in ("engine",) if k in sidecar})
     atomic_write_json(stage.path / "curve.json", {"eval": curve, "steps": steps_log})
     _plot(stage.path / "curve.png", curve, steps_log, f"GRPO ({cfg.curriculum}) of {model_dir.parent.name}")
+    last = [s["reward"] for s in steps_log[-5:] if s["reward"] is not None]  # None: nothing scorable
     metrics = {"steps": cfg.train_steps, "prompts_kept": len(kept), "prompts": len(prompts),
                "curriculum": cfg.curriculum, "seconds": round(loop.seconds, 1),
                "tokens": loop.counters.get("tokens", 0),
                "reward_first": steps_log[0]["reward"] if steps_log else None,
-               "reward_last": statistics.fmean(s["reward"] for s in steps_log[-5:]) if steps_log else None,
+               "reward_last": statistics.fmean(last) if last else None,
                "reward_errors": failures.counts()}
     if curve and "held_out" in curve[0]:
         metrics["held_out_pass_before"] = curve[0]["held_out"]["pass"]

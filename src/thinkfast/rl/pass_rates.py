@@ -1,0 +1,68 @@
+"""Pass rates: how often a model solves each RL prompt, the measure the curriculum sorts by
+(:mod:`thinkfast.rl.curriculum`; Llama-Nemotron section 5), and the greedy pass rate on held-out prompts.
+
+A completion passes when the pass reward (a :class:`thinkfast.rl.rewards.RewardRunner` of that reward alone)
+gives it 1 and it was not cut off; a sample the reward cannot score (``None``) does not pass.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from ..generation import SamplingParams, generate
+from ..rollout import rollout
+from ..toggle import stop_token_ids
+from .rewards import RewardError, RewardFailed, RewardRunner
+
+__all__ = ["held_out_check", "pass_rates", "passed"]
+
+
+def _chat(texts: list[str]) -> list:
+    return [[{"role": "assistant", "content": t}] for t in texts]
+
+
+def passed(runner: RewardRunner, texts: list[str], truncated: list[bool], columns: dict[str, list]
+           ) -> tuple[list[bool], list[RewardError]]:
+    """Whether each completion is solved: ``runner`` (the pass reward alone) gives it 1 and it was not cut off;
+    and the reward's error, if it failed (then nothing passed)."""
+    total, _, errors = runner(_chat(texts), truncated, columns)
+    return [v is not None and v >= 1.0 for v in total], errors
+
+
+def pass_rates(model, tokenizer, prompts: list[list[int]], columns: dict[str, list], runner: RewardRunner,
+               params: SamplingParams, samples: int, stage: str = "grpo") -> list[float]:
+    """Share of ``samples`` answers to each prompt, sampled with ``params``, that pass (:func:`passed`).
+    ``columns``: per-prompt reward columns. The pass reward is called once, on every sample: if that call
+    fails, every rate would be 0 (and saved for reuse), so it raises :class:`RewardFailed` instead (``stage``
+    names the config section in its message)."""
+    roll = rollout(model, prompts, samples, params,
+                   generate_fn=lambda m, p, params: generate(m, p, params, progress=True))
+    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in roll.completions]
+    ok, errors = passed(runner, texts, [c.finish_reason != "stop" for c in roll.completions],
+                        {**{k: [v[g] for g in roll.groups] for k, v in columns.items()},
+                         "completion_ids": [c.token_ids for c in roll.completions]})
+    for e in errors:
+        raise RewardFailed(f"{stage}: the pass reward {e.reward} failed while measuring the pass rates before "
+                           f"training ({e.message}); it would count every prompt unsolved, so nothing was trained "
+                           f"or saved: fix the reward (or choose another with {stage}.pass_reward) and run again")
+    rates = [0.0] * len(prompts)
+    for g, r in zip(roll.groups, ok):
+        rates[g] += r / samples
+    return rates
+
+
+def held_out_check(model, tokenizer, prompts: list[list[int]], columns: dict[str, list], runner: RewardRunner, *,
+                   max_new_tokens: int, batch_size: int) -> tuple[dict, list[RewardError]]:
+    """Greedy pass rate, think-format compliance and length on held-out prompts (each in its mode: ``columns``
+    has ``thinking``), and the pass reward's error if it failed (then the pass rate is None: unknown, not 0)."""
+    from ..tasks.think_format import think_format
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                            stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=batch_size, seed=0)
+    done = generate(model, prompts, params)
+    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in done]
+    truncated = [c.finish_reason != "stop" for c in done]
+    ok, errors = passed(runner, texts, truncated, {**columns, "completion_ids": [c.token_ids for c in done]})
+    form = think_format(_chat(texts), columns["thinking"])
+    return {"held_out": {"pass": None if errors else statistics.fmean(ok), "format_ok": statistics.fmean(form),
+                         "tokens": statistics.fmean(len(c.token_ids) for c in done), "n": len(done)}}, errors
