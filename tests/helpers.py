@@ -1,4 +1,4 @@
-"""Helpers shared by the tests of run directories."""
+"""Helpers shared by the tests of run directories and of the smoke pipeline."""
 
 from pathlib import Path
 
@@ -40,3 +40,36 @@ def serve_in_thread(state):
         state.engine.stop()
 
     return f"http://127.0.0.1:{port}", stop
+
+
+# the smoke pipeline (configs/smoke.yaml), shared by the pipeline, CLI and pretrain tests (fixtures in conftest.py)
+SMOKE_STAGES = ["pretrain", "library", "scores", "costs", "search", "eval"]
+
+
+def smoke(run, *overrides):
+    """The smoke pipeline with its run directory at ``run``."""
+    from thinkfast.pipeline import default_config_path, load_pipeline
+
+    return load_pipeline(default_config_path("smoke"), [f"run_dir={run}", *overrides])
+
+
+def marker(run, name) -> dict:
+    """Stage ``name``'s completion marker in run directory ``run``."""
+    import json
+
+    return json.loads((Path(run) / name / "COMPLETE.json").read_text())
+
+
+def ids(run) -> dict:
+    """Each smoke stage's output id."""
+    return {s: marker(run, s)["output_id"] for s in SMOKE_STAGES}
+
+
+def state(run, name, *overrides) -> str:
+    """Stage ``name``'s status in the smoke pipeline at ``run`` (current, stale, ...)."""
+    from thinkfast.pipeline import status
+    from thinkfast.rundir import RunDir
+
+    pipe = smoke(run, *overrides)
+    with RunDir(pipe.run_dir) as rd:
+        return status(pipe, rd, name)[0]

@@ -167,3 +167,19 @@ def test_eval_stage_on_ifeval(tmp_path):
     kept = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert {k["suite"] for k in kept} == {"ifeval"} and all("followed" in k for k in kept)
     assert "ifeval" in (tmp_path / "out" / "table.txt").read_text()
+
+
+def test_eval_chat_modes_sample_on_and_greedy_off(run):
+    from helpers import smoke
+
+    from thinkfast.pipeline import run_stage
+
+    pipe = smoke(run, "stages=[pretrain,eval]", "eval.prompting=chat", "eval.samples=2")
+    metrics, _ = run_stage(pipe, "eval")
+    m = metrics["models"]["pretrain"]
+    assert m["prompting"] == "chat" and set(m["modes"]) == {"on", "off"}
+    assert m["modes"]["on"]["cells"]["add/1d"]["n"] == 8  # per_cell x samples
+    assert m["modes"]["off"]["cells"]["add/1d"]["n"] == 4  # greedy: one sample
+    samples = [json.loads(x) for x in (run / "eval" / "pretrain" / "samples.jsonl").read_text().splitlines()]
+    assert {s["mode"] for s in samples} == {"on", "off"}
+

@@ -1,64 +1,25 @@
 """The smallest pipeline end to end, and the run-directory contract: exact stage dependencies (reuse what
 is current, redo what changed, refuse what is stale), `run --from`, outside files, the upgrade rule,
-nothing lost on --force or failure, and a readable message for every probed mistake."""
+nothing lost on --force or failure."""
 
-import errno
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import SMOKE_STAGES as STAGES
+from helpers import ids, marker, smoke, snapshot, state
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import thinkfast
 from thinkfast.cli import main
 from thinkfast.config import ConfigError
-from thinkfast.data import DataConfig
 from thinkfast.pipeline import default_config_path, dependents, load_pipeline, run_all, run_stage, status, upstream
-from thinkfast.rundir import RunDir, RunDirError, StageConfigMismatch, StageDir
-from thinkfast.stages import pretrain
-
-from helpers import snapshot
+from thinkfast.rundir import RunDir, RunDirError, StageConfigMismatch
 
 SMOKE = default_config_path("smoke")
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["pretrain", "library", "scores", "costs", "search", "eval"]
-
-
-def smoke(run, *overrides):
-    return load_pipeline(SMOKE, [f"run_dir={run}", *overrides])
-
-
-def marker(run, name) -> dict:
-    return json.loads((Path(run) / name / "COMPLETE.json").read_text())
-
-
-def ids(run) -> dict:
-    return {s: marker(run, s)["output_id"] for s in STAGES}
-
-
-def state(run, name, *overrides) -> str:
-    pipe = smoke(run, *overrides)
-    with RunDir(pipe.run_dir) as rd:
-        return status(pipe, rd, name)[0]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """The smoke pipeline, run once; tests work on copies of it."""
-    run = tmp_path_factory.mktemp("smoke") / "run"
-    results = run_all(smoke(run))
-    return run, results
-
-
-@pytest.fixture
-def run(base, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(base[0], dst, symlinks=True)
-    (dst / ".lock").unlink(missing_ok=True)
-    return dst
 
 
 def test_repo_configs_are_the_embedded_ones():
@@ -317,230 +278,6 @@ def test_force_then_fail_keeps_the_old_output_whole(run, monkeypatch):
     assert not list((run / "search").glob("pareto*")) and not (run / "search.partial").exists()
 
 
-def test_interrupted_pretrain_resumes_to_the_same_weights(base, tmp_path, monkeypatch):
-    ref = load_file(base[0] / "pretrain" / "model" / "model.safetensors")
-    real_make_batch = pretrain.make_batch
-
-    def failing(cfg, data, tok, step):
-        if step == 4:  # after the checkpoint at step 3
-            raise KeyboardInterrupt
-        return real_make_batch(cfg, data, tok, step)
-
-    run = tmp_path / "run"
-    monkeypatch.setattr(pretrain, "make_batch", failing)
-    with pytest.raises(KeyboardInterrupt):
-        run_stage(smoke(run), "pretrain")
-    work = StageDir(run, "pretrain.partial")
-    assert not (run / "pretrain").exists() and (work.checkpoint_dir / "state.json").is_file()
-    assert not list(work.checkpoint_dir.glob("*.pt"))  # no pickle
-    assert state(run, "pretrain") == "partial"
-    monkeypatch.setattr(pretrain, "make_batch", real_make_batch)
-    metrics, ran = run_stage(smoke(run), "pretrain")
-    assert ran and not work.path.exists() and not (run / "pretrain" / "checkpoint").exists()
-    got = load_file(run / "pretrain" / "model" / "model.safetensors")
-    for k in ref:
-        assert torch.allclose(ref[k], got[k], atol=1e-6), k
-    starts = [json.loads(x) for x in (run / "pretrain" / "log.jsonl").read_text().splitlines() if '"start"' in x]
-    assert [s["resume_step"] for s in starts] == [0, 3]
-
-
-def test_a_planted_pickle_is_refused_and_never_run(tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    real = pretrain.make_batch
-
-    def stop(cfg, data, tok, step):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real(cfg, data, tok, step)
-
-    monkeypatch.setattr(pretrain, "make_batch", stop)
-    with pytest.raises(KeyboardInterrupt):
-        run_stage(smoke(run), "pretrain")
-    monkeypatch.undo()
-    ckpt = run / "pretrain.partial" / "checkpoint"
-    shutil.rmtree(ckpt)
-    ckpt.mkdir()
-    flag = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (Path.touch, (flag,))
-
-    import pickle
-
-    (ckpt / "state.pt").write_bytes(pickle.dumps({"model": Payload()}))
-    with pytest.raises(ConfigError, match=r"state.pt is a pickle.*--force"):
-        run_stage(smoke(run), "pretrain")
-    assert not flag.exists()
-
-
-def test_stage_order_and_values_fail_when_the_config_loads(tmp_path):
-    with pytest.raises(ConfigError, match=r"'library' reads a model \(parent\) but no stage before it makes one"):
-        smoke(tmp_path, "stages=[library,pretrain]")
-    with pytest.raises(ConfigError, match="run_dir is empty"):
-        load_pipeline(SMOKE, ["run_dir="])
-    with pytest.raises(ConfigError, match="override pretrain.num_heads=0"):
-        smoke(tmp_path, "pretrain.num_heads=0")
-    with pytest.raises(ConfigError, match="hidden_size=-8 must be >= 1"):
-        smoke(tmp_path, "pretrain.hidden_size=-8")
-    with pytest.raises(ConfigError, match="device='tpu'"):
-        smoke(tmp_path, "eval.device=tpu")
-    if not torch.cuda.is_available():
-        pipe = smoke(tmp_path / "r", "costs.device=cuda")
-        with pytest.raises(ConfigError, match="override costs.device=cuda: device='cuda', but this machine has no CUDA"):
-            run_all(pipe)
-        assert not (tmp_path / "r").exists()  # refused before any stage started
-
-
-def test_run_directory_must_be_unambiguous_and_is_never_someone_elses(tmp_path):
-    mine = tmp_path / "mine"
-    (mine / "eval" / "model").mkdir(parents=True)
-    (mine / "eval" / "model" / "weights.bin").write_bytes(b"user data")
-    with pytest.raises(RunDirError, match="not a thinkfast run directory"):
-        run_stage(smoke(mine), "pretrain")
-    assert (mine / "eval" / "model" / "weights.bin").read_bytes() == b"user data"
-    assert sorted(p.name for p in mine.iterdir()) == ["eval"]
-    afile = tmp_path / "afile"
-    afile.write_text("x")
-    with pytest.raises(RunDirError, match="is a file"):
-        run_stage(smoke(afile), "pretrain")
-
-
-def test_a_locked_run_directory_is_refused(run, capsys):
-    holder = RunDir(run, command="thinkfast run (other terminal)")
-    holder.prepare()
-    holder.lock()
-    try:
-        assert main(["run", "--config", str(SMOKE), f"run_dir={run}"]) == 2
-        err = capsys.readouterr().err
-        assert "is in use by pid" in err and "other terminal" in err
-    finally:
-        holder.unlock()
-    assert main(["run", "--config", str(SMOKE), f"run_dir={run}"]) == 0
-
-
-def test_cli_runs_and_reports_errors(run, tmp_path, capsys):
-    model = run / "pretrain" / "model"
-    assert main(["convert", str(model), str(tmp_path / "nas")]) == 0
-    assert json.loads((tmp_path / "nas" / "config.json").read_text())["model_type"] == "nemotron-nas"
-    assert json.loads((tmp_path / "nas" / "thinkfast.json").read_text())["prompting"] == "text"
-    capsys.readouterr()
-
-    def err(args) -> tuple[int, str]:
-        code = main(args)
-        return code, capsys.readouterr().err
-
-    code, msg = err(["run", "--config", str(SMOKE), "pretrain.nope=1"])
-    assert code == 2 and "unknown key 'pretrain.nope'" in msg
-    code, msg = err(["search", "--config", str(SMOKE), f"run_dir={tmp_path / 'none'}"])
-    assert code == 2 and "stage 'pretrain', which has not completed" in msg and "thinkfast pretrain" in msg
-    code, msg = err(["pretrain", "--config", str(SMOKE), "pretrain.num_heads=0", f"run_dir={run}"])
-    assert code == 2 and "override pretrain.num_heads=0" in msg and "Traceback" not in msg
-
-
-def test_cli_messages_for_damaged_run_directories(run, capsys):
-    def err(*args) -> tuple[int, str]:
-        code = main([*args, "--config", str(SMOKE), f"run_dir={run}"])
-        return code, capsys.readouterr().err.strip()
-
-    capsys.readouterr()
-    (run / "costs" / "COMPLETE.json").write_text("[]")
-    code, msg = err("search")
-    assert code == 2 and "costs/COMPLETE.json: not a thinkfast marker of stage 'costs'" in msg and "\n" not in msg
-    shutil.rmtree(run / "costs")
-    # a truncated model file names itself
-    weights = run / "pretrain" / "model" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-    code, msg = err("library", "--force")
-    assert code == 2 and "model.safetensors" in msg and "\n" not in msg
-    # a bad config.json names itself
-    (run / "pretrain" / "model" / "config.json").write_text("{not json")
-    code, msg = err("library", "--force")
-    assert code == 2 and "config.json" in msg and "\n" not in msg
-
-
-def test_cli_interrupt_and_full_disk(tmp_path, monkeypatch, capsys):
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(pretrain, "run", interrupted)
-    assert main(["pretrain", "--config", str(SMOKE), f"run_dir={tmp_path / 'r'}"]) == 130
-    assert "interrupted" in capsys.readouterr().err
-
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "r" / "pretrain.partial" / "x"))
-
-    monkeypatch.setattr(pretrain, "run", full)
-    assert main(["pretrain", "--config", str(SMOKE), f"run_dir={tmp_path / 'r'}"]) == 1
-    msg = capsys.readouterr().err
-    assert "no space left" in msg and "pretrain.partial" in msg and "Traceback" not in msg
-    with pytest.raises(OSError):
-        main(["pretrain", "--debug", "--config", str(SMOKE), f"run_dir={tmp_path / 'r'}"])
-
-
-def test_eval_chat_modes_sample_on_and_greedy_off(run):
-    pipe = smoke(run, "stages=[pretrain,eval]", "eval.prompting=chat", "eval.samples=2")
-    metrics, _ = run_stage(pipe, "eval")
-    m = metrics["models"]["pretrain"]
-    assert m["prompting"] == "chat" and set(m["modes"]) == {"on", "off"}
-    assert m["modes"]["on"]["cells"]["add/1d"]["n"] == 8  # per_cell x samples
-    assert m["modes"]["off"]["cells"]["add/1d"]["n"] == 4  # greedy: one sample
-    samples = [json.loads(x) for x in (run / "eval" / "pretrain" / "samples.jsonl").read_text().splitlines()]
-    assert {s["mode"] for s in samples} == {"on", "off"}
-
-
-def test_pretrain_changes_every_parameter_and_batches_are_deterministic():
-    cfg = pretrain.PretrainConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=48,
-                                  batch_size=2, seq_len=64)
-    data = DataConfig(digits=[1])
-    tok = thinkfast.nano.tokenizer.build_tokenizer()
-    a, b = pretrain.make_batch(cfg, data, tok, 5), pretrain.make_batch(cfg, data, tok, 5)
-    assert torch.equal(a, b) and not torch.equal(a, pretrain.make_batch(cfg, data, tok, 6))
-    assert a.shape == (2, 65)
-    assert tok.decode(a[0].tolist()).startswith("Problem: ")  # every row opens a document
-    model = pretrain.build_parent(cfg, tok)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = pretrain._optimizer(model, cfg)
-    out = model(input_ids=a[:, :-1], labels=a[:, :-1])
-    out.loss.backward()
-    opt.step()
-    assert [n for n, p in model.named_parameters() if torch.equal(before[n], p)] == []
-
-
-def test_lr_schedule():
-    cfg = pretrain.PretrainConfig(train_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
-    assert pretrain.lr_at(cfg, 0) == pytest.approx(0.1)
-    assert pretrain.lr_at(cfg, 9) == pytest.approx(1.0)
-    assert pretrain.lr_at(cfg, 100) == pytest.approx(0.1)
-    assert 0.1 < pretrain.lr_at(cfg, 55) < 1.0
-
-
-def test_bad_configs_name_file_line_and_key(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("run_dir: x\nstages: [pretrain]\npretrain:\n  hiden_size: 3\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml line 4: unknown key 'pretrain.hiden_size'.*did you mean 'pretrain.hidden_size'"):
-        load_pipeline(bad)
-    bad.write_text("stages: [pretrain, finetune]\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml.*unknown stage\(s\) \['finetune'\]"):
-        load_pipeline(bad)
-    bad.write_text("pretrain:\n  lr: fast\n")
-    with pytest.raises(ConfigError, match=r"line 2: 'pretrain.lr' must be float"):
-        load_pipeline(bad)
-    bad.write_text("data:\n  kinds: [add, div]\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml.*'data'.*unknown kind\(s\) \['div'\]"):
-        load_pipeline(bad)
-    with pytest.raises(ConfigError, match="unknown key 'eval.per_cel'"):
-        load_pipeline(SMOKE, ["eval.per_cel=3"])
-
-
-def test_documents_longer_than_a_row_are_measured():
-    tok = thinkfast.nano.tokenizer.build_tokenizer()
-    short, mul = pretrain.PretrainConfig(seq_len=64), DataConfig(digits=[2], kinds=["mul"], think_fraction=1.0)
-    assert pretrain.too_long_fraction(short, mul, tok) == 1.0  # every worked 2-digit product exceeds 64 tokens
-    long = pretrain.PretrainConfig(seq_len=1024)
-    assert pretrain.too_long_fraction(long, DataConfig(digits=[1, 2]), tok) == 0.0
-
-
 def test_costs_measured_on_another_device_are_not_reused(run, monkeypatch):
     from thinkfast.stages import costs
 
@@ -567,19 +304,6 @@ def test_a_damaged_marker_is_replaced_by_force(run, capsys):
     assert ran and marker(run, "library")["format"] == 2
 
 
-def test_paths_in_the_config_are_checked_before_any_stage_runs(tmp_path):
-    with pytest.raises(ConfigError, match=r"override eval.model=/no/such/model: /no/such/model does not exist"):
-        run_all(smoke(tmp_path / "r", "eval.model=/no/such/model"))
-    with pytest.raises(ConfigError, match="is a folder; name the costs file itself"):
-        run_all(smoke(tmp_path / "r", f"costs.file={tmp_path}"))
-    assert not (tmp_path / "r").exists()
-
-
-def test_overrides_and_options_mix_on_the_command_line(run, capsys):
-    assert main(["search", "search.max_params=30000", "--force", "--config", str(SMOKE), f"run_dir={run}"]) == 0
-    assert marker(run, "search")["config"]["max_params"] == 30000
-
-
 @pytest.mark.parametrize("stage, outcome", [
     ("library", "redone"),  # reads only the parent, which is current: redone without asking
     ("scores", "refused: library"),  # reads the library, made from the old parent
@@ -598,17 +322,6 @@ def test_every_single_stage_command_sees_a_redone_parent(run, stage, outcome):
             run_stage(smoke(run, "pretrain.seed=7"), stage)
 
 
-def test_a_bad_user_costs_file_is_one_line_naming_file_and_field(run, tmp_path, capsys):
-    data = json.loads((run / "costs" / "costs.json").read_text())
-    del data["ffn"][next(iter(data["ffn"]))]["params"]
-    own = tmp_path / "mine.json"
-    own.write_text(json.dumps(data))
-    capsys.readouterr()
-    assert main(["costs", "--config", str(SMOKE), f"run_dir={run}", f"costs.file={own}"]) == 2
-    msg = capsys.readouterr().err.strip()
-    assert str(own) in msg and ".params" in msg and "\n" not in msg
-
-
 def test_a_new_field_whose_default_changes_behaviour_keeps_old_work(run):
     """library.engine defaults to vllm, but a library made before the field existed was unrestricted
     (as with hf): such a marker stays complete while the config says hf, and is redone for vllm."""
@@ -622,21 +335,3 @@ def test_a_new_field_whose_default_changes_behaviour_keeps_old_work(run):
         st, reasons = status(pipe, rd, "library")
     assert st == "stale" and reasons == ["library.engine changed: 'hf' (as before the field existed) -> 'vllm'"]
 
-
-def test_pretrain_easy_steps_draw_small_numbers_first():
-    import re
-
-    from thinkfast.data import DataConfig
-    from thinkfast.nano.tokenizer import build_tokenizer
-    from thinkfast.stages.pretrain import PretrainConfig, make_batch
-
-    tok = build_tokenizer()
-    cfg = PretrainConfig(easy_steps=2, batch_size=2, seq_len=256)
-    data = DataConfig(kinds=["add"], digits=[3], think_fraction=0.0)
-    early = tok.batch_decode(make_batch(cfg, data, tok, 1))
-    late = tok.batch_decode(make_batch(cfg, data, tok, 2))
-    questions = lambda rows: [q for r in rows for q in re.findall(r"Problem: (\d+) \+ (\d+)", r)]  # noqa: E731
-    assert questions(early) and all(len(a) == 1 and len(b) == 1 for a, b in questions(early))
-    assert questions(late) and all(len(a) == 3 for a, _ in questions(late))
-    with pytest.raises(ValueError, match="easy_digits"):
-        PretrainConfig(easy_digits=[])
