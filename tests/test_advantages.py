@@ -115,3 +115,30 @@ def test_policy_update_leaves_unscorable_samples_out_of_the_loss():
                   torch.zeros(n, dtype=torch.long), torch.tensor([1.0, -1.0, 0.0]), loss_fn,
                   logprobs_of=_logprobs_of, grad_clip=None)
     assert seen == [(3, pytest.approx(-(2 - 1) / 5))]
+
+
+def test_a_grpo_step_scores_and_trains_on_scorable_samples_only():
+    from test_modeling import hetero_model
+
+    from thinkfast.generation import SamplingParams
+    from thinkfast.rl.grpo import grpo_step
+    from thinkfast.train.loop import adamw
+
+    def first_of_each_group_unscorable(completions, **kwargs):  # groups of 3: samples 0, 3 are unscorable
+        return [None if i % 3 == 0 else float(i % 3 == 1) for i in range(len(completions))]
+
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=0, stop_token_ids=tuple(range(64)))
+    model = hetero_model(seed=9)
+    rec, errors = grpo_step(model, adamw(model, lr=0.1), [[9, 10, 11], [12, 13]], {},
+                            RewardRunner([("r", first_of_each_group_unscorable, 1.0)]), params, group_size=3,
+                            decode=str, conversational=False, pass_reward="r")
+    assert not errors and rec["reward"] == 0.5 and rec["reward_r"] == 0.5  # over the 4 scored samples
+    assert rec["groups_with_signal"] == 2 and rec["updates"] == 1
+    # nothing scorable: no signal, no update, no reward
+    model = hetero_model(seed=9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rec, _ = grpo_step(model, adamw(model, lr=0.1), [[9, 10, 11], [12, 13]], {},
+                       RewardRunner([("r", lambda completions, **kw: [None] * len(completions), 1.0)]), params,
+                       group_size=3, decode=str, conversational=False, pass_reward="r")
+    assert rec["reward"] is None and rec["pass_rate"] == 0.0 and rec["updates"] == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

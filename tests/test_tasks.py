@@ -135,3 +135,22 @@ def test_the_ifeval_reward_fails_closed_on_an_unknown_instruction():
     total, _, errors = RewardRunner([("ifeval_strict", ifeval.ifeval_strict, 1.0)])(
         ["fine"], [False], {"instruction_id_list": [["no:such"]], "kwargs": [[{}]]})
     assert total == [0.0] and [e.reward for e in errors] == ["ifeval_strict"]
+
+
+def test_ifeval_rows_are_rl_prompt_rows_for_the_ifeval_reward():
+    """A row of IFEval's data (Google's or the Hugging Face copy, with None-filled kwargs) is a GRPO prompt row
+    as it is: ``prompt`` is the prompt, ``instruction_id_list`` and ``kwargs`` reach the reward as columns."""
+    from thinkfast.rl.prompts import row_to_prompt
+    from thinkfast.rl.rewards import missing_columns
+
+    row = {"key": 7, "prompt": "Answer without commas and end with 'Bye.'",
+           "instruction_id_list": ["punctuation:no_comma", "startend:end_checker"],
+           "kwargs": [{"end_phrase": None}, {"end_phrase": "Bye.", "num_words": None}]}
+    r = row_to_prompt(row)
+    assert r.messages == ({"role": "user", "content": row["prompt"]},) and set(r.columns) == {
+        "key", "instruction_id_list", "kwargs"}
+    columns = {k: [v] * 3 for k, v in r.columns.items()}
+    for name in ("ifeval_strict", "ifeval_loose"):
+        assert missing_columns(BUILTIN[name], columns) == []
+    texts = ["<think>\nok, so\n</think>\n\nFine. Bye.", "Fine, Bye.", "<think>\nFine. Bye."]
+    assert BUILTIN["ifeval_strict"](texts, prompts=[list(r.messages)] * 3, **columns) == [1.0, 0.0, 0.0]

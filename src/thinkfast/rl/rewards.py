@@ -201,7 +201,8 @@ def _call_with_timeout(fn: Callable, timeout: float, args: tuple, kwargs: dict):
 
 @dataclass
 class RewardRunner:
-    """Weighted sum of reward functions, each called safely."""
+    """Weighted sum of reward functions, each called safely. A reward's ``None`` for a sample drops its term
+    (TRL's ``nansum``); a sample that no reward scored totals ``None`` (unscorable), even when truncated."""
 
     functions: Sequence[tuple[str, Callable, float]]  # (name, function, weight)
     timeout: float = 30.0
