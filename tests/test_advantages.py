@@ -142,3 +142,36 @@ def test_a_grpo_step_scores_and_trains_on_scorable_samples_only():
                        group_size=3, decode=str, conversational=False, pass_reward="r")
     assert rec["reward"] is None and rec["pass_rate"] == 0.0 and rec["updates"] == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_rloo_is_a_thin_use_of_the_core():
+    """REINFORCE leave-one-out as the next stage will run it: the same sampling, scoring and policy step as
+    GRPO, with leave-one-out advantages and no clipping (REFERENCE.md section 6)."""
+    from test_modeling import hetero_model
+
+    from thinkfast.generation import SamplingParams
+    from thinkfast.rl.policy import sample_and_score
+    from thinkfast.rollout import token_logprobs
+    from thinkfast.train.loop import adamw
+
+    def reward(completions, **kwargs):
+        return [float(len(c) % 4) for c in completions]
+
+    model = hetero_model(seed=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scored = sample_and_score(model, [[9, 10, 11], [12, 13]], {}, RewardRunner([("r", reward, 1.0)]),
+                              SamplingParams(max_new_tokens=6, temperature=1.0, seed=3, stop_token_ids=(5, 6, 7, 8)),
+                              group_size=4, decode=str, conversational=False)
+    groups = torch.tensor(scored.rollout.groups)
+    adv = leave_one_out_advantages(rewards_tensor(scored.total), groups)
+    r = [[v for v, g in zip(scored.total, scored.rollout.groups) if g == k] for k in (0, 1)]
+    assert adv.tolist() == pytest.approx([x - (sum(rs) - x) / 3 for rs in r for x in rs], abs=1e-6)
+    assert adv.abs().max() > 0
+    batch = scored.rollout.batch()
+    start = batch.pop("prompt_width")
+    losses, stats = policy_update(
+        model, adamw(model, lr=0.05), batch, groups, adv,
+        lambda logp, old, a, mask, ref: grpo_loss(logp, old, a, mask, clip_eps=1e9, ref_logp=ref),
+        logprobs_of=lambda m, b: token_logprobs(m, b, start), grad_clip=None)
+    assert len(losses) == 1 and stats[0]["clip_fraction"] == 0.0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
