@@ -60,6 +60,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .completion import completion_text, final_answer
+
 __all__ = ["INSTRUCTIONS", "IFEvalItem", "capital_words", "count_sentences", "count_words", "grade",
            "ifeval_loose", "ifeval_strict", "load_ifeval", "score", "split_sentences"]
 
@@ -558,8 +560,6 @@ def _user_text(messages) -> str:
 
 
 def _followed(completions, instruction_id_list, kwargs, prompts, mode: str) -> list[float]:
-    from .completion import completion_text, final_answer
-
     prompts = prompts if prompts is not None else [None] * len(completions)
     out = []
     for c, ids, kws, p in zip(completions, instruction_id_list, kwargs, prompts, strict=True):
