@@ -40,7 +40,9 @@ saved in ``pass_rates.json`` for reuse), so it stops the run before any training
 
 Prompts: the nano world's (``prompts`` problems of ``kinds`` x ``digits`` x ``steps``), or your own JSON
 lines (``files``: TRL's ``prompt`` format or the Llama-Nemotron schema, :mod:`thinkfast.rl.prompts`) whose
-other columns reach the rewards as keyword arguments, TRL's way (e.g. ``solution`` for ``math_accuracy``).
+other columns reach the rewards as keyword arguments, TRL's way (e.g. ``solution`` for ``math_accuracy``;
+``instruction_id_list`` and ``kwargs`` for ``ifeval_strict`` / ``ifeval_loose``, so IFEval's own rows are prompt
+rows as they are).
 A prompt "passes" when ``pass_reward`` (default: the first reward) gives it 1; with files, ``eval_problems``
 rows are held out and the periodic check is their greedy pass rate in each row's mode.
 
