@@ -41,16 +41,15 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, DynamicCache
 
 from thinkfast.artifacts import read_costs, read_library, read_scores
+from thinkfast.data import doc_attention
 from thinkfast.evaluation import evaluate
 from thinkfast.nano import tasks
 from thinkfast.nano.corpus import packed_rows
 from thinkfast.puzzle.assemble import assemble, build_problem, describe
 from thinkfast.puzzle.mip import solve_mip
 from thinkfast.puzzle.parent import kl_and_lm_loss, load_decilm
-from thinkfast.puzzle.targets import limits_for
+from thinkfast.puzzle.targets import Targets, limits_for
 from thinkfast.stages.eval import EvalConfig  # the eval settings, as a user writes them
-from thinkfast.stages.search import SearchConfig  # the search targets, as a user writes them
-from thinkfast.train.packing import doc_attention
 
 
 def uniform_ffn(problem, key, limit):
@@ -169,7 +168,7 @@ def main(argv=None) -> int:
     lines = ["| target | model | predicted speedup | measured speedup | held-out KL | MIP's KL at this model's cost "
              "| step-by-step acc (1-2 digit) |", "|---|---|---|---|---|---|---|"]
     for target in args.speedups:
-        limits = limits_for(SearchConfig(speedup=target, batch_size=args.batch), problem, costs, target)
+        limits = limits_for(Targets(speedup=target, batch_size=args.batch), problem, costs)
         choices = {"parent": list(problem.parent_choice),
                    "mip": list(solve_mip(problem.scores, problem.costs, limits)[0].choice),
                    "uniform_ffn": uniform_ffn(problem, key, limits[key]),

@@ -15,7 +15,7 @@ from thinkfast.nano.tokenizer import build_tokenizer
 from thinkfast.pipeline import default_config_path, load_pipeline, run_all, status
 from thinkfast.puzzle.parent import layer_io, logits_from
 from thinkfast.rundir import RunDir
-from thinkfast.train.packing import document_ids
+from thinkfast.data import document_ids
 
 
 @pytest.fixture(scope="module")

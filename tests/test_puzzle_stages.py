@@ -18,6 +18,7 @@ from thinkfast.nano.tokenizer import build_tokenizer
 from thinkfast.puzzle.assemble import assemble, build_problem, describe, restrict
 from thinkfast.artifacts import read_costs, read_library, read_scores
 from thinkfast.config import ConfigError
+from thinkfast.puzzle import costs as puzzle_costs
 from thinkfast.puzzle.parent import load_decilm
 from thinkfast.puzzle.targets import limits_for
 from thinkfast.rundir import StageDir
@@ -172,7 +173,7 @@ def test_costs_file_shape_and_reuse(run_dir, parent_dir, tmp_path):
 def test_costs_take_the_median_over_interleaved_passes(run_dir, parent_dir, tmp_path, monkeypatch):
     """A disturbance during one pass (here: every time of pass 0 is 100x) does not reach costs.json."""
     root = run_dir[0]
-    real, calls = costs.measure_variant, []
+    real, calls = puzzle_costs.measure_variant, []
 
     def fake(config, variant, cfg, device, rotary):
         first_pass = (variant.part, variant.name) not in calls
@@ -182,7 +183,7 @@ def test_costs_take_the_median_over_interleaved_passes(run_dir, parent_dir, tmp_
             out[key] = {b: (100.0 if first_pass else 1.0) * (1 + (variant.part == "ffn")) for b in out[key]}
         return out
 
-    monkeypatch.setattr(costs, "measure_variant", fake)
+    monkeypatch.setattr(puzzle_costs, "measure_variant", fake)
     costs.run(costs.CostsConfig(batch_sizes=[1], prefill_len=8, decode_context=8, warmup=0, repeats=1, rounds=3,
                                 device="cpu"), StageDir(tmp_path, "costs"),
               Inputs({"parent": parent_dir, "library": root / "library" / "library"}))
@@ -218,7 +219,7 @@ def test_costs_from_whole_models_explain_the_parent_and_recover_an_additive_runt
             t += 0.0 if f.kind == "no_op" else 0.3 if f.kind == "linear" else f.intermediate_size / 100
         return {k: {str(b): t * b for b in cfg.batch_sizes} for k in ("prefill_s", "decode_s")}
 
-    monkeypatch.setattr(costs, "measure_whole", fake_whole)
+    monkeypatch.setattr(puzzle_costs, "measure_whole", fake_whole)
     m = costs.run(cfg, StageDir(tmp_path / "fake", "costs"), both)
     assert m["decode_explained@2"] == pytest.approx(1.0) and m["prefill_explained@1"] == pytest.approx(1.0)
     data = read_costs(tmp_path / "fake" / "costs" / "costs.json")
@@ -416,12 +417,12 @@ def test_targets_become_limits(run_dir):
     parent = problem.totals(problem.parent_choice)
     cfg = search.SearchConfig(speedup=None, batch_size=2, max_params=1e5, kv_fraction=0.5, max_kv_cache_bytes=4096.0,
                               memory_context=16, min_throughput=10.0, runtime="prefill")
-    lim = limits_for(cfg, problem, c, None)
+    lim = limits_for(cfg.targets(), problem, c)
     assert lim["params"] == pytest.approx(1e5 - problem.fixed["params"])
     # the tighter of kv_fraction and max_kv_cache_bytes wins
     assert lim["kv_bytes_per_token"] == pytest.approx(min(parent["kv_bytes_per_token"] * 0.5, 4096.0 / (2 * 16)))
     assert lim["prefill_s@2"] == pytest.approx(2 * 16 / 10.0 - problem.fixed["prefill_s@2"])
-    lim = limits_for(search.SearchConfig(speedup=2.0, batch_size=1), problem, c, 2.0)
+    lim = limits_for(search.SearchConfig(speedup=2.0, batch_size=1).targets(), problem, c)
     assert lim["decode_s@1"] == pytest.approx(parent["decode_s@1"] / 2 - problem.fixed["decode_s@1"])
 
 

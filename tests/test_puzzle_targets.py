@@ -3,7 +3,6 @@
 import copy
 import math
 import re
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from thinkfast.config import ConfigError
 from thinkfast.puzzle.assemble import build_problem
 from thinkfast.puzzle.mip import InfeasibleError, solve_mip
-from thinkfast.puzzle.targets import check_finite, explain_infeasible, limits_for, summary
+from thinkfast.puzzle.targets import Targets, check_finite, explain_infeasible, limits_for, summary
 
 # attention / ffn variants: (params, kv bytes per token, decode_s at batch 16); prefill is 10x decode
 ATT = {"gqa": (100, 64, 1e-3), "kv1": (80, 16, 6e-4), "noop": (0, 0, 1e-5)}
@@ -46,7 +45,7 @@ def _inputs():
 def _cfg(**kw):
     base = dict(runtime="decode", batch_size=16, min_throughput=None, max_latency_s=None, max_params=None,
                 max_kv_cache_bytes=None, memory_context=32, kv_fraction=None, max_memory_bytes=None)
-    return SimpleNamespace(**{**base, **kw})
+    return Targets(**{**base, **kw})
 
 
 def _block(a, f, what):  # one whole-layer block's cost, straight from the tables above
@@ -69,23 +68,23 @@ def problem():
 def test_limits_as_before(problem):
     lib, scores, costs = _inputs()
     assert OVERHEAD > 0 and problem.overhead["decode_s@16"] == pytest.approx(OVERHEAD)
-    lim = limits_for(_cfg(max_params=1000, kv_fraction=0.5, max_kv_cache_bytes=4096.0, min_throughput=1e3),
-                     problem, costs, 2.0)
+    lim = limits_for(_cfg(max_params=1000, kv_fraction=0.5, max_kv_cache_bytes=4096.0, min_throughput=1e3,
+                          speedup=2.0), problem, costs)
     assert lim["params"] == pytest.approx(1000 - FIXED["params"])
     assert lim["kv_bytes_per_token"] == pytest.approx(min(PARENT_KV * 0.5, 4096.0 / (16 * 32)))
     # the tighter of speedup (parent / 2) and throughput (16 tokens / 1000 per s), fixed + overhead subtracted
     assert lim["decode_s@16"] == pytest.approx(min(PARENT_MODEL / 2, 16 / 1e3) - FIXED["decode"] - OVERHEAD)
-    lim = limits_for(_cfg(runtime="prefill", max_latency_s=0.05, max_memory_bytes=1e5), problem, costs, None)
+    lim = limits_for(_cfg(runtime="prefill", max_latency_s=0.05, max_memory_bytes=1e5), problem, costs)
     assert lim["prefill_s@16"] == pytest.approx(0.05 - problem.fixed["prefill_s@16"])
     assert lim["memory_bytes"] == pytest.approx(1e5 - FIXED["param_bytes"])
     assert problem.costs["memory_bytes"][0, 1] == 4 * 180 + 16 * 32 * 16
     with pytest.raises(ConfigError, match=r"search\.batch_size=64"):
-        limits_for(_cfg(batch_size=64), problem, costs, 2.0)
+        limits_for(_cfg(batch_size=64, speedup=2.0), problem, costs)
 
 
 def test_summary(problem):
     costs = _inputs()[2]
-    sol = solve_mip(problem.scores, problem.costs, limits_for(_cfg(), problem, costs, 1.5))[0]
+    sol = solve_mip(problem.scores, problem.costs, limits_for(_cfg(speedup=1.5), problem, costs))[0]
     s = summary(problem, sol, _cfg())
     assert s["speedup"] >= 1.5 and s["choice"][0] == list(LAYERS[0][sol.choice[0]])
     assert set(s) >= {"objective", "optimal", "params", "params_fraction", "kv_fraction", "solver"}
@@ -93,11 +92,11 @@ def test_summary(problem):
 
 def _explain(problem, speedup=None, **kw):
     costs = _inputs()[2]
-    cfg = _cfg(**kw)
-    limits = limits_for(cfg, problem, costs, speedup)
+    cfg = _cfg(speedup=speedup, **kw)
+    limits = limits_for(cfg, problem, costs)
     with pytest.raises(InfeasibleError):  # the solver agrees that it is infeasible
         solve_mip(problem.scores, problem.costs, limits)
-    msg = explain_infeasible(cfg, problem, costs, speedup)
+    msg = explain_infeasible(cfg, problem, costs)
     assert "@" not in msg and not INTERNAL.search(msg), msg
     return msg
 
@@ -166,7 +165,7 @@ def test_nan_is_reported_with_layer_and_block():
         check_finite(problem)
     assert "layer 0 block kv1+half" in str(e.value) and "decode time at batch 16" in str(e.value)
     check_finite(problem, {"params"})  # only the named costs are checked
-    msg = explain_infeasible(_cfg(), problem, bad, 2.0)
+    msg = explain_infeasible(_cfg(speedup=2.0), problem, bad)
     assert "NaN" in msg and "layer 1 block kv1+half" in msg and "@" not in msg
     scores["blocks"][2]["kl"] = math.nan  # layer 0, block noop+lin
     with pytest.raises(ConfigError, match=r"layer 0 block noop\+lin: the score is NaN"):
@@ -175,7 +174,7 @@ def test_nan_is_reported_with_layer_and_block():
 
 def test_negative_or_nan_limit_is_infeasible(problem):
     costs = _inputs()[2]
-    limits = limits_for(_cfg(), problem, costs, 100.0)
+    limits = limits_for(_cfg(speedup=100.0), problem, costs)
     assert limits["decode_s@16"] < 0
     for method in ("auto", "highs"):
         with pytest.raises(InfeasibleError):

@@ -16,7 +16,7 @@ from thinkfast.nano.tokenizer import build_tokenizer
 from thinkfast.pipeline import default_config_path, load_pipeline, run_stage
 from thinkfast.stages import sft as sft_stage
 from thinkfast.toggle import EOT, SYSTEM_OFF, SYSTEM_ON
-from thinkfast.train.packing import document_ids
+from thinkfast.data import document_ids
 from thinkfast.train.sft import (Example, block_causal_mask, mix_modes, nano_examples, pack, packed_batch,
                                  read_examples, row_to_example, sft_loss, tokenize_example)
 

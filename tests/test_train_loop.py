@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from thinkfast.rundir import StageDir
-from thinkfast.train.loop import (TrainLoop, adamw, autocast, get_rng_state, native_bf16, optimizer_step,
-                                  resolve_precision, set_rng_state, warmup_cosine)
+from thinkfast.runtime import autocast, native_bf16, resolve_precision
+from thinkfast.train.loop import TrainLoop, adamw, get_rng_state, optimizer_step, set_rng_state, warmup_cosine
 
 
 def test_warmup_cosine():
@@ -101,7 +101,7 @@ def test_old_checkpoints_without_rng_or_counters_resume(tmp_path):
 
 
 def test_setup_device_respects_omp_num_threads(monkeypatch):
-    from thinkfast.train.loop import setup_device
+    from thinkfast.runtime import setup_device
 
     before = torch.get_num_threads()
     try:

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .config import ConfigError
+from .engines import ENGINES, library_engine
 
 __all__ = ["ArtifactError", "COSTS_FORMAT", "LIBRARY_FORMAT", "MissingArtifact", "SCORES_FORMAT", "SIDECAR",
            "TOKENIZER_FILES", "check_costs", "check_scores", "check_weights", "check_weights_match_config",
@@ -166,7 +167,7 @@ def read_library(path: str | Path) -> dict:
     lib = read_json(where, "run the library stage first")
     c = _Check(where, "re-run the library stage with --force, or fix the file")
     c.top(lib, LIBRARY_FORMAT)
-    if lib.get("engine", "hf") not in ("vllm", "sglang", "trtllm", "hf"):  # optional; thinkfast.engines
+    if library_engine(lib) not in ENGINES:  # optional
         c.fail("engine", "expected vllm, sglang, trtllm or hf", lib.get("engine"))
     mode = c.get(lib, "mode", str)
     if mode not in ("decoupled", "coupled"):

@@ -21,12 +21,23 @@ from __future__ import annotations
 from .config import ConfigError
 
 ENGINES = ("vllm", "sglang", "trtllm", "hf")
+# the engine a new library is made for (``library.engine``), and the one ``fuse`` checks a model against
+# when nothing names one (neither ``fuse.engine`` nor the model's thinkfast.json)
+DEFAULT_ENGINE = "vllm"
+# a library.json written before libraries recorded their engine: its search space followed no engine's
+# rules, so it was made for transformers (and so was the run's ``library.engine`` before the field existed)
+UNRECORDED_LIBRARY_ENGINE = "hf"
 _LINEAR = {"vllm": False, "sglang": False, "trtllm": True, "hf": True}
 _WIDTH_MULTIPLE = {"vllm": 256, "sglang": 256, "trtllm": 256, "hf": 1}
 
 
 class EngineError(ConfigError):
     """A model the target engine cannot load; the message names each offending block and why."""
+
+
+def library_engine(lib: dict) -> str:
+    """The engine a library (its ``library.json``, as read) was made for."""
+    return lib.get("engine", UNRECORDED_LIBRARY_ENGINE)
 
 
 def check_engine_name(engine: str) -> None:

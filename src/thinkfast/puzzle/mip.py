@@ -11,7 +11,7 @@ section 2.1. Binary ``x[i, j]`` = layer ``i`` takes variant ``j``::
 Every target of the paper is one such linear row once the caller has turned it into a per-block cost:
 memory (parameters + batch x KV cache), KV-cache tokens, parameters, latency (summed block runtime)
 and throughput / speedup at a batch size (``batch * seq / sum runtime >= T`` is
-``sum runtime <= batch * seq / T``). :func:`thinkfast.puzzle.search` does those conversions; this
+``sum runtime <= batch * seq / T``). :mod:`thinkfast.puzzle.targets` does those conversions; this
 module only knows named cost matrices and limits.
 
 Solver: our own exact *Lagrangian reduced-cost enumeration*, proven optimal (zero gap), raced by

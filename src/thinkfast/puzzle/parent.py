@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..artifacts import LIBRARY_FORMAT, load_model, read_library
 from ..convert import convert_llama_model
 from ..modeling import DeciLMForCausalLM
-from ..train.packing import positions_and_mask
+from ..data import positions_and_mask
 
 __all__ = ["LIBRARY_FORMAT", "LayerIO", "LibraryBlock", "block_module", "kl_and_lm_loss", "layer_io", "library_blocks",
            "load_decilm", "logits_from", "read_library"]  # LIBRARY_FORMAT, read_library: from thinkfast.artifacts

@@ -13,11 +13,10 @@ each other; the files that cross between them are owned by :mod:`thinkfast.artif
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from ..runtime import check_device, resolve_device  # noqa: F401  (re-exported for the stages)
 
 # where each kind of output lives inside its stage's folder
 OUTPUTS = {"model": "model", "library": "library", "scores": "scores.json", "costs": "costs.json"}
@@ -49,31 +48,6 @@ class Inputs(dict):
 
             data = DataConfig()
         self.data = data
-
-
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def check_device(name: str) -> None:
-    """Validate a ``device`` value when the config loads (whether it exists is checked before a stage runs)."""
-    if not isinstance(name, str) or not _DEVICE.match(name):
-        raise ValueError(f"device={name!r}: choose auto, cpu, cuda, cuda:N or mps")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu. A device this machine lacks is a clear error."""
-    check_device(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={name!r}, but this machine has no CUDA device; use auto or cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device={name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device={name!r}, but MPS is not available here; use auto or cpu")
-    return device
 
 
 def positive(cfg, *names: str, minimum: int = 1) -> None:

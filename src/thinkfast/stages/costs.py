@@ -42,31 +42,23 @@ Departures: with ``measure: blocks`` (the default) blocks are timed one at a tim
 model (so overlap between blocks is not seen; ``parent_model`` charges the difference to every
 child); on a GPU the kernel launches of a tiny block dominate, as they would in deployment without
 CUDA graphs. ``measure: models`` assumes a model's time is the sum of its blocks' plus a constant.
+
+The measurements are library code (:mod:`thinkfast.puzzle.costs`, settings in its ``TimingSettings``);
+this stage picks them, writes ``costs.json`` and says how much of the parent its blocks explain.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import statistics
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from ..artifacts import COSTS_FORMAT, check_costs, library_pairs, read_costs, read_library
-from ..kvcache import StaticKVCache
-from ..modeling import DeciLMForCausalLM
-from ..puzzle.blocks import Variant, variant_module
+from ..puzzle.costs import TimingSettings, explained_share, library_variants, measure_blocks, measure_models
 from ..puzzle.parent import load_decilm
-from ..puzzle.probes import costs_from_probes, probe_configs
-from ..puzzle.timing import device_name, median_time, whole_model_times
+from ..puzzle.timing import device_name
 from ..rundir import StageDir, atomic_write_json
-from ..train.loop import setup_device
+from ..runtime import setup_device
 from . import Input, Inputs, check_device, model_path, resolve_device
 
 MAKES = "costs"
@@ -76,9 +68,6 @@ def reads(cfg) -> dict:
     if cfg.file:
         return {"file": Input("costs", field="file")}
     return {"parent": Input("model"), "library": Input("library", field="library")}
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -100,14 +89,16 @@ class CostsConfig:
 
     def __post_init__(self):
         check_device(self.device)
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}: choose from {sorted(_DTYPES)}")
-        if not self.batch_sizes or min(self.batch_sizes) < 1 or self.prefill_len < 1 or self.decode_context < 0:
-            raise ValueError("batch_sizes must be >= 1, prefill_len >= 1, decode_context >= 0")
-        if self.repeats < 1 or self.warmup < 0 or self.rounds < 1:
-            raise ValueError("repeats and rounds must be >= 1 and warmup >= 0")
+        self.timing()  # validates the timing settings
         if self.runtime == "vllm" and self.measure != "models":
             raise ValueError("runtime=vllm times whole models: set measure: models")
+
+    def timing(self) -> TimingSettings:
+        """How this section times, as :mod:`thinkfast.puzzle.costs` takes it."""
+        return TimingSettings(batch_sizes=tuple(self.batch_sizes), prefill_len=self.prefill_len,
+                              decode_context=self.decode_context, dtype=self.dtype, warmup=self.warmup,
+                              repeats=self.repeats, rounds=self.rounds, runtime=self.runtime,
+                              vllm_python=self.vllm_python)
 
 
 Config = CostsConfig
@@ -124,189 +115,6 @@ def reuse_problems(cfg, marker: dict) -> list[str]:
     return [f"costs were measured on {before!r}; this machine measures on {now!r}"] if before != now else []
 
 
-def median_of_passes(passes: list[dict]) -> dict:
-    """One cost entry from several passes: times are the median over the passes, the rest (sizes) is
-    the first pass's.
-
-    >>> median_of_passes([{"params": 3, "decode_s": {"1": 1.0}}, {"params": 3, "decode_s": {"1": 9.0}},
-    ...                   {"params": 3, "decode_s": {"1": 2.0}}])
-    {'params': 3, 'decode_s': {'1': 2.0}}
-    """
-    out = dict(passes[0])
-    for key in ("prefill_s", "decode_s"):
-        if key in out:
-            out[key] = {b: statistics.median(p[key][b] for p in passes) for b in out[key]}
-    return out
-
-
-@torch.no_grad()
-def measure_variant(config, variant: Variant, cfg: CostsConfig, device: torch.device, rotary) -> dict:
-    """Runtime and memory of one sub-block variant (see the module docstring)."""
-    dtype = _DTYPES[cfg.dtype]
-    module = variant_module(config, variant).to(device=device, dtype=dtype).eval()
-    h = config.hidden_size
-    params = sum(p.numel() for p in module.parameters())
-    spec = module.attention_spec
-    kv_heads = spec.num_kv_heads(config.num_attention_heads) if variant.part == "attention" else 0
-    out = {"params": params, "param_bytes": params * dtype.itemsize,
-           "kv_bytes_per_token": 2 * kv_heads * config.head_dim * dtype.itemsize, "prefill_s": {}, "decode_s": {}}
-    for b in cfg.batch_sizes:
-        x = torch.randn(b, cfg.prefill_len, h, device=device, dtype=dtype)
-        pos = torch.arange(cfg.prefill_len, device=device)[None].expand(b, -1)
-        cos, sin = (t.to(dtype) for t in rotary(x, pos))
-        out["prefill_s"][str(b)] = median_time(lambda: module(x, cos, sin, None, None), device, cfg.warmup, cfg.repeats)
-        x1 = torch.randn(b, 1, h, device=device, dtype=dtype)
-        pos1 = torch.full((b, 1), cfg.decode_context, device=device)
-        cos1, sin1 = (t.to(dtype) for t in rotary(x1, pos1))
-        cache = None
-        if kv_heads and cfg.decode_context:  # filled once; each timed step appends one token and is cropped
-            kv = torch.randn(b, kv_heads, cfg.decode_context, config.head_dim, device=device, dtype=dtype)
-            cache = StaticKVCache(cfg.decode_context + 1)
-            cache.update(kv, kv, 0)
-
-        def decode():
-            if cache is not None:
-                cache.truncate_to(cfg.decode_context)
-            return module(x1, cos1, sin1, None, cache)
-
-        out["decode_s"][str(b)] = median_time(decode, device, cfg.warmup, cfg.repeats)
-    return out
-
-
-def _fixed_sizes(parent, dtype: torch.dtype) -> dict:
-    """Parameters of the embedding, final norm and LM head (the head once when tied)."""
-    embed, head = parent.model.embed_tokens, parent.lm_head
-    params = embed.weight.numel() + parent.model.norm.weight.numel()
-    if head.weight.data_ptr() != embed.weight.data_ptr():
-        params += head.weight.numel()
-    return {"params": params, "param_bytes": params * dtype.itemsize}
-
-
-@torch.no_grad()
-def measure_fixed(parent, cfg: CostsConfig, device: torch.device) -> dict:
-    """Embedding + final norm + LM head, paid by every architecture."""
-    dtype = _DTYPES[cfg.dtype]
-    out = {**_fixed_sizes(parent, dtype), "prefill_s": {}, "decode_s": {}}
-    embed = parent.model.embed_tokens.to(dtype)
-    norm, head = parent.model.norm.to(dtype), parent.lm_head.to(dtype)
-    for b in cfg.batch_sizes:
-        for key, t in (("prefill_s", cfg.prefill_len), ("decode_s", 1)):
-            ids = torch.randint(0, parent.config.vocab_size, (b, t), device=device)
-            out[key][str(b)] = median_time(lambda: head(norm(embed(ids))), device, cfg.warmup, cfg.repeats)
-    parent.float()
-    return out
-
-
-def measure_whole(parent, cfg: CostsConfig, device: torch.device) -> dict:
-    """The whole model (parent or probe): a prefill of ``prefill_len`` tokens and one decode step over
-    ``decode_context`` cached tokens, per batch size (``thinkfast.puzzle.timing``)."""
-    return whole_model_times(parent, cfg.batch_sizes, cfg.prefill_len, cfg.decode_context, _DTYPES[cfg.dtype], device,
-                             cfg.warmup, cfg.repeats)
-
-
-def _sizes(config, variant: Variant, dtype: torch.dtype) -> dict:
-    module = variant_module(config, variant)
-    params = sum(p.numel() for p in module.parameters())
-    kv_heads = module.attention_spec.num_kv_heads(config.num_attention_heads) if variant.part == "attention" else 0
-    return {"params": params, "param_bytes": params * dtype.itemsize,
-            "kv_bytes_per_token": 2 * kv_heads * config.head_dim * dtype.itemsize}
-
-
-def _vllm_python(cfg: CostsConfig) -> str:
-    if cfg.vllm_python:
-        if not Path(cfg.vllm_python).is_file():
-            raise ValueError(f"costs.vllm_python={cfg.vllm_python}: no such file")
-        return cfg.vllm_python
-    if importlib.util.find_spec("vllm") is None:
-        raise ValueError("costs.runtime=vllm, but this Python has no vLLM: install it, or name a Python that has "
-                         "it with costs.vllm_python (scripts/setup_vllm.sh makes .venv-vllm/bin/python)")
-    return sys.executable
-
-
-def _vllm_times(configs: dict, cfg: CostsConfig, device: torch.device, work: Path) -> dict:
-    """Every probe timed in vLLM, in a process of the vLLM Python (median of ``rounds`` runs)."""
-    folders = {}
-    for key, config in configs.items():
-        folder = work / "probes" / key
-        config.architectures = ["DeciLMForCausalLM"]
-        config.save_pretrained(folder)
-        folders[key] = str(folder)
-    spec = {"models": folders, "batch_sizes": list(cfg.batch_sizes), "prefill_len": cfg.prefill_len,
-            "decode_context": max(1, cfg.decode_context), "warmup": cfg.warmup, "repeats": cfg.repeats,
-            "dtype": cfg.dtype, "eager": device.type == "cpu"}
-    (work / "probes" / "spec.json").write_text(json.dumps(spec, indent=1))
-    python, script = _vllm_python(cfg), Path(__file__).resolve().parents[1] / "puzzle" / "vllm_timer.py"
-    runs = []
-    for r in range(cfg.rounds):
-        out = work / "probes" / f"times-{r}.json"
-        proc = subprocess.run([python, str(script), str(work / "probes" / "spec.json"), str(out)],
-                              capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-            raise RuntimeError(f"costs: vLLM ({python}) failed to time the probe models in {work / 'probes'}:\n{tail}")
-        runs.append(json.loads(out.read_text()))
-    return {key: median_of_passes([r[key] for r in runs]) for key in configs}
-
-
-@torch.no_grad()
-def _thinkfast_times(configs: dict, parent, cfg: CostsConfig, device: torch.device) -> dict:
-    """Every probe timed as a whole model in thinkfast's runtime (random weights; ``rounds`` passes)."""
-    from tqdm.auto import tqdm
-
-    passes = []
-    for _ in tqdm(range(cfg.rounds), desc="costs (models)", unit="pass"):
-        one = {}
-        for key, config in configs.items():
-            if key == "parent":
-                one[key] = measure_whole(parent, cfg, device)
-                continue
-            with torch.device(device):
-                model = DeciLMForCausalLM(config).to(_DTYPES[cfg.dtype]).eval()
-            one[key] = measure_whole(model, cfg, device)
-            del model
-        passes.append(one)
-    return {key: median_of_passes([p[key] for p in passes]) for key in configs}
-
-
-def measure_models(parent, lib: dict, variants: dict, cfg: CostsConfig, device: torch.device, work: Path) -> dict:
-    """Costs of every variant from whole probe models (``thinkfast.puzzle.probes``), in thinkfast or vLLM."""
-    specs = {part: {name: v.spec for name, v in named.items()} for part, named in variants.items()}
-    configs, what = probe_configs(parent.config, specs, engine=lib.get("engine", "hf"))
-    print(f"costs: timing {len(configs)} whole models ({cfg.runtime}): the parent and, per variant, the parent with "
-          "it in every layer")
-    if cfg.runtime == "vllm":
-        times = _vllm_times(configs, cfg, device, work)
-    else:
-        times = _thinkfast_times(configs, parent, cfg, device)
-    pairs = library_pairs(lib)
-    derived = costs_from_probes(times, what, [pairs[i][0] for i in sorted(pairs)])
-    dtype = _DTYPES[cfg.dtype]
-    out = {part: {name: {**_sizes(parent.config, v, dtype), **derived[part][name]} for name, v in named.items()}
-           for part, named in variants.items()}
-    out["fixed"] = {**_fixed_sizes(parent, dtype), **derived["fixed"]}  # its times come from the probes
-    out["parent_model"] = times["parent"]
-    out["probes"] = {key: {"part": p, "variant": n, "layers": k, "model": probe, **times[probe]}
-                     for key, (p, n, k, probe) in what.items()}
-    return out
-
-
-def explained_share(data: dict, lib: dict, n_layers: int) -> dict[str, float]:
-    """Share of the whole parent's measured time that its own blocks (each timed alone) plus the fixed
-    embedding / head cost explain, per runtime and batch size (``decode_explained@16``: 0.69 means 31%
-    of a decode step is loop, cache and cache-coldness overhead the search charges to every child).
-    Empty when the library covers only some layers."""
-    pairs = library_pairs(lib)
-    if sorted(pairs) != list(range(n_layers)) or "parent_model" not in data:
-        return {}
-    out = {}
-    for kind in ("prefill_s", "decode_s"):
-        for b, whole in data["parent_model"][kind].items():
-            blocks = sum(data["attention"][pairs[i][0][0]][kind][b] + data["ffn"][pairs[i][0][1]][kind][b]
-                         for i in pairs)
-            out[f"{kind[:-2]}_explained@{b}"] = (blocks + data["fixed"][kind][b]) / whole
-    return out
-
-
 def run(cfg: CostsConfig, stage: StageDir, inputs: Inputs) -> dict:
     out_path = stage.path / "costs.json"
     if cfg.file:
@@ -317,37 +125,20 @@ def run(cfg: CostsConfig, stage: StageDir, inputs: Inputs) -> dict:
     device = setup_device(cfg.device)
     lib = read_library(inputs["library"])
     parent = load_decilm(model_dir, device)
-    variants: dict[str, dict[str, Variant]] = {"attention": {}, "ffn": {}}
-    for v in lib["variants"]:
-        pairs = [(v["part"], v["name"], v["spec"])] if v["part"] != "block" else [
-            ("attention", v["attention"], v["attention_spec"]), ("ffn", v["ffn"], v["ffn_spec"])]
-        for part, name, spec in pairs:
-            variants[part].setdefault(name, Variant(part, name, spec))
+    variants = library_variants(lib)
+    timing = cfg.timing()
     total = sum(len(v) for v in variants.values())
     print(f"costs: timing {total} variants at batch sizes {cfg.batch_sizes} on {device_name(device)}, "
           f"{cfg.rounds} passes")
-    rotary = parent.model.rotary_emb
     data = {"format": COSTS_FORMAT, "device": device_name(device), "dtype": cfg.dtype,
             "batch_sizes": list(cfg.batch_sizes), "prefill_len": cfg.prefill_len,
             "decode_context": cfg.decode_context, "measure": cfg.measure, "runtime": cfg.runtime}
     if cfg.measure == "models":
         if sorted(library_pairs(lib)) != list(range(parent.config.num_hidden_layers)):
             raise ValueError("costs.measure=models needs a library of every layer (merge the slices first)")
-        data.update(measure_models(parent, lib, variants, cfg, device, stage.path))
+        data.update(measure_models(parent, lib, variants, timing, device, stage.path))
         return _finish(data, lib, parent, out_path, stage, total)
-    from tqdm.auto import tqdm
-
-    passes: list[dict] = []
-    for _ in tqdm(range(cfg.rounds), desc="costs", unit="pass"):
-        one = {part: {name: measure_variant(parent.config, v, cfg, device, rotary) for name, v in named.items()}
-               for part, named in variants.items()}
-        one["fixed"] = measure_fixed(parent, cfg, device)
-        one["parent_model"] = measure_whole(parent, cfg, device)
-        passes.append(one)
-    for part, named in variants.items():
-        data[part] = {name: median_of_passes([p[part][name] for p in passes]) for name in named}
-    data["fixed"] = median_of_passes([p["fixed"] for p in passes])
-    data["parent_model"] = median_of_passes([p["parent_model"] for p in passes])
+    data.update(measure_blocks(parent, variants, timing, device))
     return _finish(data, lib, parent, out_path, stage, total)
 
 

@@ -38,8 +38,9 @@ from ..evaluation import quick_accuracy
 from ..nano import tasks
 from ..puzzle.parent import kl_and_lm_loss, load_decilm
 from ..rundir import StageDir, atomic_dir, atomic_write_json
+from ..runtime import autocast, resolve_precision, setup_device
 from ..train.distill import TeacherCache, distill_loss, layer_map, topk_kl
-from ..train.loop import TrainLoop, adamw, autocast, optimizer_step, resolve_precision, setup_device, warmup_cosine
+from ..train.loop import TrainLoop, adamw, optimizer_step, warmup_cosine
 from . import Input, Inputs, check_device, positive
 
 MAKES = "model"

@@ -24,13 +24,13 @@ import torch
 
 from ..artifacts import copy_tokenizer_files, read_model_sidecar, write_model_sidecar
 from ..data import Corpus
-from ..engines import check_engine, check_engine_name, untie_for
+from ..engines import DEFAULT_ENGINE, check_engine, check_engine_name, untie_for
 from ..fusion import dependency_matrix, find_groups, fuse, fused_layer_map
 from ..puzzle.assemble import describe
 from ..puzzle.parent import kl_and_lm_loss, load_decilm
 from ..puzzle.timing import device_name, paired_speedup
 from ..rundir import StageDir, atomic_dir, atomic_write_json, atomic_write_text
-from ..train.loop import setup_device
+from ..runtime import setup_device
 from . import Input, Inputs, check_device, model_path, positive
 
 MAKES = "model"
@@ -47,7 +47,8 @@ class FuseConfig:
     threshold: float | None = None  # most dependency M[i, j] inside a group (None: no limit)
     leave_last: bool = True  # the paper leaves each run's last FFN unfused
     groups: list[list[int]] = field(default_factory=list)  # explicit groups instead of the rule
-    engine: str | None = None  # None: the engine the input model was made for (its thinkfast.json), else vllm
+    # None: the engine the input model was made for (its thinkfast.json), else thinkfast.engines.DEFAULT_ENGINE
+    engine: str | None = None
     dependency_rows: int = 16
     kl_rows: int = 32
     seq_len: int = 256
@@ -122,7 +123,7 @@ def run(cfg: FuseConfig, stage: StageDir, inputs: Inputs) -> dict:
     device = setup_device(cfg.device)
     model = load_decilm(model_dir, device)
     sidecar = read_model_sidecar(model_dir)
-    engine = cfg.engine or sidecar.get("engine") or "vllm"
+    engine = cfg.engine or sidecar.get("engine") or DEFAULT_ENGINE
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     corpus = Corpus(inputs.data, tokenizer)
     L = model.config.num_hidden_layers

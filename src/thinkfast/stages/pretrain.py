@@ -35,12 +35,12 @@ from typing import Literal
 import torch
 
 from ..artifacts import write_model_sidecar
-from ..data import DataConfig
+from ..data import DataConfig, doc_attention
 from ..nano.corpus import documents, packed_rows
 from ..nano.tokenizer import build_tokenizer
 from ..rundir import StageDir, atomic_dir
-from ..train.loop import TrainLoop, adamw, autocast, optimizer_step, resolve_precision, setup_device, warmup_cosine
-from ..train.packing import doc_attention
+from ..runtime import autocast, resolve_precision, setup_device
+from ..train.loop import TrainLoop, adamw, optimizer_step, warmup_cosine
 from . import Inputs, check_device, positive
 
 MAKES = "model"

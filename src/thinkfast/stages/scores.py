@@ -15,7 +15,7 @@ A user can write this file for their own measurements (any extra metric name wor
 ``search.metric``).
 
 Departure: the parent's activations up to the swapped layer are computed once per layer and reused for
-all its blocks (exact; the layers before it are unchanged).
+all its blocks (exact; the layers before it are unchanged; :mod:`thinkfast.puzzle.scores`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch
 
 from ..artifacts import SCORES_FORMAT, check_scores, load_tensors, read_library
 from ..data import Corpus
-from ..puzzle.parent import block_module, kl_and_lm_loss, layer_io, library_blocks, load_decilm, logits_from
+from ..puzzle.parent import kl_and_lm_loss, load_decilm
+from ..puzzle.scores import replace_one_block_scores
 from ..rundir import StageDir, atomic_write_json
 from . import Input, Inputs, check_device, model_path, resolve_device
 
@@ -56,42 +57,6 @@ class ScoresConfig:
 
 
 Config = ScoresConfig
-
-
-@torch.no_grad()
-def replace_one_block_scores(parent, lib: dict, tensors: dict, ids: torch.Tensor, batch: int,
-                             eos_id: int | None = None) -> list[dict]:
-    """KL(parent || parent with one layer replaced) and LM loss for every library block: [{...}];
-    ``eos_id``: documents closed by it attend only to themselves (``data.doc_mask``)."""
-    from tqdm.auto import tqdm
-
-    per_layer = {i: library_blocks(lib, tensors, i) for i in lib["layers"]}
-    modules: dict[tuple, torch.nn.Module] = {}  # built once, reused for every batch
-    sums: dict[tuple, list[float]] = {}
-    n_batches = 0
-    total = sum(len(b) for b in per_layer.values())
-    for s in range(0, ids.shape[0], batch):
-        chunk = ids[s:s + batch]
-        inputs, labels = chunk[:, :-1], chunk[:, 1:]
-        io = layer_io(parent, inputs, eos_id)
-        parent_logits = parent.lm_head(parent.model.norm(io.y[-1])).float()
-        bar = tqdm(total=total, desc=f"scores batch {n_batches + 1}", unit="block", leave=False)
-        for i, blocks in per_layer.items():
-            for b in blocks:
-                key = (i, b.attention, b.ffn)
-                if key not in modules:
-                    modules[key] = block_module(parent.config, b).to(ids.device)
-                h = modules[key](io.x[i], io.cos, io.sin, io.mask, None)
-                logits = logits_from(parent, h, i + 1, io.cos, io.sin, io.mask)
-                kl, lm = kl_and_lm_loss(parent_logits, logits, labels)
-                acc = sums.setdefault(key, [0.0, 0.0])
-                acc[0] += kl
-                acc[1] += lm
-                bar.update()
-        bar.close()
-        n_batches += 1
-    return [{"layer": i, "attention": a, "ffn": f, "kl": v[0] / n_batches, "lm_loss": v[1] / n_batches}
-            for (i, a, f), v in sums.items()]
 
 
 def run(cfg: ScoresConfig, stage: StageDir, inputs: Inputs) -> dict:

@@ -30,6 +30,9 @@ best child whose measured speedup meets the target is kept (``calibration`` in t
 
 Departures: the paper re-solves for several batch sizes and keeps the best; here the batch size is a
 target key and a sweep is a list of speedups. Calibration and ``structure`` are ours.
+
+The algorithms are library code: the targets and their limits in :mod:`thinkfast.puzzle.targets`, the sweep,
+the timing and the calibration in :mod:`thinkfast.puzzle.search`, assembly in :mod:`thinkfast.puzzle.assemble`.
 """
 
 from __future__ import annotations
@@ -39,12 +42,12 @@ from typing import Literal
 
 from ..artifacts import (ArtifactError, check_costs, copy_tokenizer_files, load_tensors, read_json, read_library,
                          read_model_sidecar, read_scores, write_model_sidecar)
-from ..engines import check_engine, untie_for
+from ..engines import check_engine, library_engine, untie_for
 from ..puzzle.assemble import assemble, build_problem, describe, restrict
-from ..puzzle.mip import InfeasibleError, finish_races, solve_mip
+from ..puzzle.mip import InfeasibleError, solve_mip
 from ..puzzle.parent import load_decilm
-from ..puzzle.targets import check_finite, explain_infeasible, limits_for, summary
-from ..puzzle.timing import device_name, paired_speedup
+from ..puzzle.search import calibrate, measured_speedup, pareto_sweep, verifiable, write_pareto
+from ..puzzle.targets import Targets, check_finite, explain_infeasible, limits_for, summary
 from ..rundir import StageDir, atomic_dir, atomic_write_json, atomic_write_text
 from . import Input, Inputs, check_device, model_path, resolve_device
 
@@ -86,15 +89,9 @@ class SearchConfig:
 
     def __post_init__(self):
         check_device(self.device)
-        if self.batch_size < 1 or self.memory_context < 1:
-            raise ValueError(f"batch_size={self.batch_size} and memory_context={self.memory_context} must be >= 1")
+        self.targets()  # validates them
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise ValueError(f"time_limit_s={self.time_limit_s} must be > 0")
-        for name in ("speedup", "min_throughput", "max_latency_s", "max_params", "max_memory_bytes",
-                     "max_kv_cache_bytes", "kv_fraction"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise ValueError(f"{name}={v} must be > 0")
         if any(s <= 0 for s in self.sweep):
             raise ValueError(f"sweep: speedups must be > 0, got {self.sweep}")
         if self.n_solutions < 1 or not 0 <= self.alpha <= 1:
@@ -102,128 +99,22 @@ class SearchConfig:
         if self.calibrate < 0:
             raise ValueError(f"calibrate={self.calibrate} must be >= 0")
 
+    def targets(self) -> Targets:
+        """The targets of this section, as :mod:`thinkfast.puzzle.targets` takes them."""
+        return Targets(runtime=self.runtime, batch_size=self.batch_size, speedup=self.speedup,
+                       min_throughput=self.min_throughput, max_latency_s=self.max_latency_s, max_params=self.max_params,
+                       max_memory_bytes=self.max_memory_bytes, memory_context=self.memory_context,
+                       max_kv_cache_bytes=self.max_kv_cache_bytes, kv_fraction=self.kv_fraction)
+
 
 Config = SearchConfig
 
 
 def _pareto(stage: StageDir, cfg: SearchConfig, problem, costs) -> list[dict]:
-    rows = []
-    for s in cfg.sweep:
-        try:
-            sol = solve_mip(problem.scores, problem.costs, limits_for(cfg, problem, costs, s),
-                            time_limit=cfg.time_limit_s)[0]
-            rows.append({"target_speedup": s, **summary(problem, sol, cfg)})
-        except InfeasibleError:
-            rows.append({"target_speedup": s, "infeasible": explain_infeasible(cfg, problem, costs, s)})
-    atomic_write_json(stage.path / "pareto.json", rows)
-    lines = [f"| target speedup | {cfg.metric} (sum) | achieved speedup | params | KV/token |", "|---|---|---|---|---|"]
-    for r in rows:
-        if "infeasible" in r:
-            lines.append(f"| {r['target_speedup']} | infeasible | | | |")
-        else:
-            lines.append(f"| {r['target_speedup']} | {r['objective']:.4f} | {r['speedup']:.2f}x | "
-                         f"{r['params_fraction']:.0%} | {r['kv_fraction']:.0%} |")
-    atomic_write_text(stage.path / "pareto.md", "\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return rows
-    ok = [r for r in rows if "infeasible" not in r]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["speedup"] for r in ok], [r["objective"] for r in ok], "o-")
-    ax.set_xlabel(f"{cfg.runtime} speedup at batch {cfg.batch_size}")
-    ax.set_ylabel(f"summed replace-1-block {cfg.metric}")
-    ax.set_title("Puzzle MIP: quality vs speed")
-    fig.tight_layout()
-    tmp = stage.path / "pareto.png.tmp"
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    tmp.replace(stage.path / "pareto.png")
+    targets = cfg.targets()
+    rows = pareto_sweep(problem, costs, targets, cfg.sweep, time_limit=cfg.time_limit_s)
+    write_pareto(stage.path, rows, cfg.metric, targets)
     return rows
-
-
-_TOLERANCE = 0.03  # a measured speedup within 3% under the target meets it (timing noise)
-
-
-def verifiable(cfg: SearchConfig, costs: dict, device) -> str | None:
-    """Why the child cannot be timed against its parent here, or None when it can."""
-    if not cfg.verify or cfg.speedup is None:
-        return "verify is off" if not cfg.verify else "no speedup target"
-    if costs.get("source"):
-        return f"costs come from {costs['source']}"
-    if costs.get("runtime", "thinkfast") != "thinkfast":
-        return f"costs were measured in {costs['runtime']}"
-    here = device_name(device)
-    return None if here == costs["device"] else f"costs were measured on {costs['device']!r}, this is {here!r}"
-
-
-def measured_speedup(parent, child, cfg: SearchConfig, costs: dict, device) -> float:
-    """How many times faster the child runs than its parent for the target's runtime and batch size, at the
-    costs' lengths and dtype: the median ratio over back-to-back pairs of calls
-    (:func:`thinkfast.puzzle.timing.paired_speedup`). Both models go back to the CPU afterwards."""
-    import torch
-
-    finish_races()  # a HiGHS run still busy on a core would slow the timings
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[costs["dtype"]]
-    out = paired_speedup(parent, child, f"{cfg.runtime}_s", cfg.batch_size, costs["prefill_len"],
-                         costs["decode_context"], dtype, device)
-    parent.to("cpu")
-    child.to("cpu")
-    return out
-
-
-def _calibrated(cfg: SearchConfig, problem, costs: dict, parent, build, first, device) -> tuple:
-    """Re-solve with a corrected predicted target until the measured speedup meets ``cfg.speedup``
-    without exceeding it by more than 10%, ``cfg.calibrate`` times at most. Returns ``(solutions, child,
-    measured, tries)`` of the best child that meets the target (lowest objective), else of the fastest.
-
-    The predicted target is corrected by the measured miss (``predicted * target / measured``) until a
-    child that meets and one that misses bracket it (a predicted target of 1 gives the parent, which
-    misses any target above 1), then bisected geometrically."""
-    import dataclasses
-    import math
-
-    target = cfg.speedup
-    tries: list[dict] = []
-    lo, hi = 1.0, None  # the largest predicted target whose child misses, the smallest whose child meets
-    predicted, solutions, measured = target, first, None
-    for attempt in range(cfg.calibrate + 1):
-        if attempt:
-            predicted = math.sqrt(lo * hi) if hi is not None else predicted * target / measured
-            try:
-                solutions = solve_mip(problem.scores, problem.costs,
-                                      limits_for(dataclasses.replace(cfg, speedup=predicted), problem, costs, predicted),
-                                      n_solutions=cfg.n_solutions, alpha=cfg.alpha, time_limit=cfg.time_limit_s)
-            except InfeasibleError:
-                tries.append({"predicted_target": predicted, "infeasible": True})
-                break
-        same = [t for t in tries if t.get("choice") == solutions[0].choice]
-        if same:  # a child measured before: its time is known
-            child, measured = same[0]["child"], same[0]["measured_speedup"]
-        else:
-            child = build(solutions[0])
-            measured = measured_speedup(parent, child, cfg, costs, device)
-        meets = measured >= target * (1 - _TOLERANCE)
-        tries.append({"predicted_target": predicted, "choice": solutions[0].choice, "objective": solutions[0].objective,
-                      "measured_speedup": measured, "meets": meets, "solutions": solutions, "child": child})
-        print(f"search: predicted target {predicted:.3f}x -> measured {measured:.2f}x "
-              f"({'meets' if meets else 'misses'} {target}x)")
-        if meets:
-            hi = predicted if hi is None else min(hi, predicted)
-            if measured <= target * 1.1:
-                break
-        else:
-            lo = max(lo, predicted)
-        if hi is not None and hi / lo < 1.01:
-            break
-    done = [t for t in tries if "child" in t]
-    ok = [t for t in done if t["meets"]]
-    best = min(ok, key=lambda t: t["objective"]) if ok else max(done, key=lambda t: t["measured_speedup"])
-    report = [{k: v for k, v in t.items() if k not in ("solutions", "child", "choice")} for t in tries]
-    return best["solutions"], best["child"], best["measured_speedup"], report
 
 
 def run(cfg: SearchConfig, stage: StageDir, inputs: Inputs) -> dict:
@@ -237,11 +128,12 @@ def run(cfg: SearchConfig, stage: StageDir, inputs: Inputs) -> dict:
         costs = check_costs(raw, str(inputs["costs"]), lib)
     except ArtifactError as e:  # name the user's file, not the costs stage's copy of it
         raise ArtifactError(f"{e} (the costs stage copied that file from {copied})" if copied else str(e)) from None
+    targets = cfg.targets()
     try:
         problem = build_problem(lib, scores, costs, cfg.metric)
         check_finite(problem)
         problem = restrict(problem, cfg.structure)
-        limits = limits_for(cfg, problem, costs, cfg.speedup)
+        limits = limits_for(targets, problem, costs)
     except ValueError as e:
         raise type(e)(f"{e} (scores: {inputs['scores']}; costs: {copied or inputs['costs']})") from None
     print(f"search: step 1/3 MIP over {problem.scores.shape[0]} layers x {problem.scores.shape[1]} blocks")
@@ -249,7 +141,7 @@ def run(cfg: SearchConfig, stage: StageDir, inputs: Inputs) -> dict:
         solutions = solve_mip(problem.scores, problem.costs, limits, n_solutions=cfg.n_solutions, alpha=cfg.alpha,
                               time_limit=cfg.time_limit_s)
     except InfeasibleError:
-        raise ValueError(explain_infeasible(cfg, problem, costs, cfg.speedup)) from None
+        raise ValueError(explain_infeasible(targets, problem, costs)) from None
     print("search: step 2/3 assemble the best solution")
     parent = load_decilm(model_dir, "cpu")
     tensors = load_tensors(lib_path / "weights.safetensors")
@@ -258,16 +150,18 @@ def run(cfg: SearchConfig, stage: StageDir, inputs: Inputs) -> dict:
         return assemble(parent, lib, tensors, [problem.names[i][k] for i, k in enumerate(sol.choice)])
 
     device = resolve_device(cfg.device)
-    why_not = verifiable(cfg, costs, device)
+    why_not = verifiable(cfg.verify, cfg.speedup, costs, device)
     measured, calibration = None, []
     if why_not is None:
-        solutions, child, measured, calibration = _calibrated(cfg, problem, costs, parent, build, solutions, device)
+        solutions, child, measured, calibration = calibrate(
+            problem, costs, targets, solutions, build, lambda c: measured_speedup(parent, c, targets, costs, device),
+            tries=cfg.calibrate, n_solutions=cfg.n_solutions, alpha=cfg.alpha, time_limit=cfg.time_limit_s)
     else:
         child = build(solutions[0])
-    summaries = [summary(problem, s, cfg) for s in solutions]
+    summaries = [summary(problem, s, targets) for s in solutions]
     arch = describe(child.config)
     print("\n".join(arch))
-    engine = lib.get("engine", "hf")
+    engine = library_engine(lib)
     untie_for(child, engine)  # TensorRT-LLM's converter needs lm_head.weight in the checkpoint
     check_engine(child.config, engine, "the search's child")  # before anything is written
     sidecar = read_model_sidecar(model_dir)

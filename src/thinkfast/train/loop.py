@@ -1,7 +1,9 @@
 """The parts of a training stage that must not drift between stages: optimizer and schedule, a
-resumable checkpoint with RNG state, the log / checkpoint cadence, progress, device and precision.
+resumable checkpoint with RNG state, the log / checkpoint cadence and progress (device and precision:
+:mod:`thinkfast.runtime`).
 
-Not a framework: each stage writes its own step (its loss, its batches) and calls these around it::
+Not a framework: each stage writes its own step (its loss, its batches) and calls these around it
+(``setup_device`` and ``autocast`` from :mod:`thinkfast.runtime`)::
 
     device = setup_device(cfg.device)
     opt = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -24,9 +26,7 @@ one would have drawn. Checkpoints of earlier versions (without RNG state or coun
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -34,10 +34,11 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+# device and precision live in thinkfast.runtime; imported here for the stages that still take them from here
+from ..runtime import autocast, native_bf16, resolve_precision, setup_device  # noqa: F401
 from .checkpoint import has_state, load_state, save_state
 
-__all__ = ["TrainLoop", "adamw", "autocast", "get_rng_state", "native_bf16", "optimizer_step", "resolve_precision",
-           "set_rng_state", "setup_device", "warmup_cosine"]
+__all__ = ["TrainLoop", "adamw", "get_rng_state", "optimizer_step", "set_rng_state", "warmup_cosine"]
 
 
 def warmup_cosine(step: int, *, lr: float, total: int, warmup: int, min_ratio: float = 0.0) -> float:
@@ -74,48 +75,6 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, *, clip: floa
         norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
     opt.step()
     return norm
-
-
-def setup_device(name: str) -> torch.device:
-    """The stage's device (``auto``: CUDA when present); on a CPU, torch uses every core unless
-    ``OMP_NUM_THREADS`` says otherwise (two 2-thread trainings on 2 cores ran 15x slower than one)."""
-    from ..stages import resolve_device
-
-    device = resolve_device(name)
-    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    return device
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or
-    AMX. Elsewhere bf16 is emulated: on a 2-core AVX2 AMD EPYC a nano-parent training step took 18.5 s in
-    bf16 autocast and 2.1 s in float32 (docs/LOG.md, 2026-12-02 session 4)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        cpu = getattr(torch, "cpu", None)
-        checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        return any(check() for check in checks if check is not None)
-    return False
-
-
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """``auto`` -> ``bf16`` where the device computes it natively (:func:`native_bf16`), else ``fp32``."""
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision={precision!r}: choose auto, bf16 or fp32")
-    return precision
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast (weights and optimizer stay float32) for ``precision="bf16"``, nothing for fp32;
-    ``auto`` as :func:`resolve_precision` decides."""
-    precision = resolve_precision(device, precision)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def get_rng_state() -> dict:

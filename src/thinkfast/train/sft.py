@@ -35,9 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import _short, read_json_rows
+from ..data import _short, block_causal_mask, read_json_rows  # block_causal_mask: re-exported, SFT's mask
 from ..toggle import SYSTEM_OFF, SYSTEM_ON, format_ok, parse_response
-from .packing import block_causal_mask  # re-exported: the mask of SFT's packing
 
 __all__ = ["Example", "block_causal_mask", "mix_modes", "nano_examples", "pack", "packed_batch", "read_examples",
            "row_to_example", "tokenize_example"]
