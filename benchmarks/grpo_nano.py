@@ -38,17 +38,16 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from thinkfast.evaluation import evaluate
+from thinkfast.evaluation import EvalSettings, evaluate
+from thinkfast.generation import LocalBackend, SamplingParams
 from thinkfast.nano import tasks
 from thinkfast.pipeline import load_pipeline, run_stage
 from thinkfast.puzzle.parent import load_decilm
 from thinkfast.rl.curriculum import keep_hard
-from thinkfast.generation import SamplingParams
 from thinkfast.rl.pass_rates import pass_rates
 from thinkfast.rl.prompts import nano_prompts
 from thinkfast.rl.rewards import RewardRunner, load_reward
 from thinkfast.toggle import stop_token_ids
-from thinkfast.stages.eval import EvalConfig
 
 
 def cell_groups(cells: dict, teacher_digits: int, teacher_steps: int) -> dict[str, float]:
@@ -112,7 +111,7 @@ def kept_pass(cfg, stage: Path, start: Path) -> dict:
     def measure(folder: Path, seed: int) -> list[float]:
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                 stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=cfg.batch_size, seed=seed)
-        return pass_rates(load_decilm(folder).eval(), tokenizer, prompts, columns,
+        return pass_rates(LocalBackend(load_decilm(folder).eval()), tokenizer, prompts, columns,
                           RewardRunner([(name, load_reward(name), 1.0)]), params, cfg.pass_rate_samples)
 
     if not kept:
@@ -169,19 +168,17 @@ def main(argv=None) -> int:
     digits = tuple(int(d) for d in a.digits.split(","))
     suite = tasks.eval_suite(seed=1234, per_cell=a.per_cell, digits=digits,
                              steps=tuple(int(s) for s in a.steps.split(",")))
-    ecfg = EvalConfig(per_cell=a.per_cell, digits=list(digits), samples=a.samples, max_new_tokens=1200,
-                      save_samples=0)
+    ecfg = EvalSettings(samples=a.samples, max_new_tokens=1200, save_samples=0)
     seen_suite = tasks.eval_suite(seed=1234, per_cell=a.per_cell, digits=tuple(range(1, teacher_digits + 1)),
                                   steps=tuple(range(1, teacher_steps + 1)))
-    t1cfg = EvalConfig(per_cell=a.per_cell, samples=a.samples, max_new_tokens=1200, save_samples=0,
-                       on_temperature=1.0, on_top_p=1.0)
+    t1cfg = EvalSettings(samples=a.samples, max_new_tokens=1200, save_samples=0, on_temperature=1.0, on_top_p=1.0)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     results: dict[str, dict] = {}
     settings = {"digits": digits, "steps": a.steps, "per_cell": a.per_cell, "samples": a.samples}
     if a.parent:
         def parent_eval():
-            m, _ = evaluate(load_decilm(a.parent).eval(), AutoTokenizer.from_pretrained(a.parent), suite, "text",
-                            ecfg)
+            m, _ = evaluate(LocalBackend(load_decilm(a.parent).eval()), AutoTokenizer.from_pretrained(a.parent), suite,
+                            "text", ecfg)
             t = m["modes"]["think"]
             return {"think": {"accuracy": t["accuracy"], **cell_groups(t["cells"], teacher_digits, teacher_steps),
                               "tokens": t["mean_tokens"]}}
@@ -190,9 +187,9 @@ def main(argv=None) -> int:
                                    parent_eval)
     for name, folder in folders.items():
         def chat_eval(folder=folder):
-            model = load_decilm(folder).eval()
-            m, _ = evaluate(model, tokenizer, suite, "chat", ecfg)
-            t1, _ = evaluate(model, tokenizer, seen_suite, "chat", t1cfg)
+            backend = LocalBackend(load_decilm(folder).eval())
+            m, _ = evaluate(backend, tokenizer, suite, "chat", ecfg)
+            t1, _ = evaluate(backend, tokenizer, seen_suite, "chat", t1cfg)
             m["modes"]["on_t1"] = t1["modes"]["on"]
             r = {mode: {"accuracy": v["accuracy"], **cell_groups(v["cells"], teacher_digits, teacher_steps),
                         "tokens": v["mean_tokens"], "format_ok": v["format_ok"]} for mode, v in m["modes"].items()}

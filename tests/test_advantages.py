@@ -9,6 +9,7 @@ import statistics
 import pytest
 import torch
 
+from thinkfast.generation import LocalBackend
 from thinkfast.rl.advantages import group_normalised_advantages, leave_one_out_advantages, rewards_tensor
 from thinkfast.rl.grpo import grpo_loss
 from thinkfast.rl.policy import policy_update
@@ -159,7 +160,7 @@ def test_rloo_is_a_thin_use_of_the_core():
 
     model = hetero_model(seed=5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    scored = sample_and_score(model, [[9, 10, 11], [12, 13]], {}, RewardRunner([("r", reward, 1.0)]),
+    scored = sample_and_score(LocalBackend(model), [[9, 10, 11], [12, 13]], {}, RewardRunner([("r", reward, 1.0)]),
                               SamplingParams(max_new_tokens=6, temperature=1.0, seed=3, stop_token_ids=(5, 6, 7, 8)),
                               group_size=4, decode=str, conversational=False)
     groups = torch.tensor(scored.rollout.groups)

@@ -73,11 +73,11 @@ def test_eval_config_validation():
         EvalConfig(per_cell=0)
 
 
-def test_real_suite_metrics_by_hand(tok, monkeypatch):
+def test_real_suite_metrics_by_hand(tok):
     """pass@1 over samples, pass@k, maj@n, no-answer and format rates, from canned responses."""
     from thinkfast import evaluation
     from thinkfast.generation import Completion
-    from thinkfast.grading import MathGrader
+    from thinkfast.tasks.math import MathGrader
     from thinkfast.suites import Item
 
     items = [Item("s/0", "What is 1/2 + 1/4?", "\\frac{3}{4}"), Item("s/1", "What is 2+2?", "4")]
@@ -88,15 +88,18 @@ def test_real_suite_metrics_by_hand(tok, monkeypatch):
     off = ["$\\boxed{\\frac{3}{4}}$", "I do not know"]
     replies = iter([on, off])
 
-    def fake_generate(model, prompts, params, progress=False, hook=None):
-        texts = next(replies)
-        assert len(prompts) == len(texts)
-        return [Completion(tok.encode(t, add_special_tokens=False), "stop", []) for t in texts]
+    class Scripted:  # a generation backend that answers from the script
+        def generate(self, prompts, params, *, hook=None, progress=False):
+            texts = next(replies)
+            assert len(prompts) == len(texts)
+            return [Completion(tok.encode(t, add_special_tokens=False), "stop", []) for t in texts]
 
-    monkeypatch.setattr(evaluation, "generate", fake_generate)
+        def sync(self, model):
+            raise AssertionError("evaluation never syncs")
+
     cfg = EvalConfig(samples=4, pass_k=[1, 2, 4], save_samples=1)
     with MathGrader(workers=1) as grader:
-        m, kept = evaluation.evaluate_items(None, tok, items, "chat", cfg, grader)
+        m, kept = evaluation.evaluate_items(Scripted(), tok, items, "chat", cfg, grader)
     assert m["on"]["pass@1"] == pytest.approx((2 / 4 + 2 / 4) / 2)
     assert m["on"]["pass@2"] == pytest.approx(1 - 1 / 6)  # 1 - C(n-c, 2) / C(4, 2) with c = 2 for both
     assert m["on"]["pass@4"] == 1.0

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from test_modeling import hetero_model
 
-from thinkfast.generation import SamplingParams
+from thinkfast.generation import LocalBackend, SamplingParams
 from thinkfast.pipeline import default_config_path, load_pipeline, run_stage
 from thinkfast.rl.curriculum import gaussian_schedule, keep_hard, random_schedule
 from thinkfast.rl.advantages import group_normalised_advantages as group_advantages
@@ -145,7 +145,7 @@ def test_curriculum_moves_from_easy_to_hard_and_uses_each_prompt_once_per_epoch(
 def test_rollout_record_lines_up_tokens_masks_and_logprobs():
     model = hetero_model(seed=7)
     prompts = [[9, 10, 11], [12, 13, 14, 15, 16]]
-    roll = rollout(model, prompts, 3, SamplingParams(max_new_tokens=8, temperature=1.0, stop_token_ids=(0, 1, 2),
+    roll = rollout(LocalBackend(model), prompts, 3, SamplingParams(max_new_tokens=8, temperature=1.0, stop_token_ids=(0, 1, 2),
                                                      seed=0))
     assert roll.groups == [0, 0, 0, 1, 1, 1] and len(roll) == 6
     b = roll.batch()
@@ -322,7 +322,7 @@ def test_shared_prompt_forward_equals_the_full_one_with_gradients():
 
     model = hetero_model(seed=8).train()
     prompts = [[9, 10, 11], [12, 13, 14, 15, 16], [20]]
-    roll = rollout(model, prompts, 4, SamplingParams(max_new_tokens=10, temperature=1.0, stop_token_ids=(0, 1),
+    roll = rollout(LocalBackend(model), prompts, 4, SamplingParams(max_new_tokens=10, temperature=1.0, stop_token_ids=(0, 1),
                                                      seed=1))
     b = roll.batch()
     start = b["prompt_width"]

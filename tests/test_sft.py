@@ -257,17 +257,20 @@ def test_sft_reads_files_and_a_changed_file_makes_it_stale(tmp_path):
         assert status(pipe, rd, "sft")[0] == "stale"
 
 
-def test_a_model_that_collapses_to_one_mode_is_flagged(tok, monkeypatch):
+def test_a_model_that_collapses_to_one_mode_is_flagged(tok):
     from thinkfast import evaluation
     from thinkfast.generation import Completion
     from thinkfast.nano import tasks
 
     always_thinks = tok("<think>\n2+2\n</think>\n\nAnswer: 4<|eot_id|>", add_special_tokens=False)["input_ids"]
-    def fake_generate(model, prompts, params, progress=False):
-        return [Completion(always_thinks, "stop")] * len(prompts)
+    class AlwaysThinks:  # a generation backend whose every answer thinks
+        def generate(self, prompts, params, *, hook=None, progress=False):
+            return [Completion(always_thinks, "stop")] * len(prompts)
 
-    monkeypatch.setattr(evaluation, "generate", fake_generate)
+        def sync(self, model):
+            raise AssertionError("evaluation never syncs")
+
     problems = tasks.make_problems(4, seed=0, kinds=("add",), digits=(1,))
-    out = evaluation.toggle_check(None, tok, problems)
+    out = evaluation.toggle_check(AlwaysThinks(), tok, problems)
     assert out["on"]["format_ok"] == 1.0 and out["off"]["format_ok"] == 0.0
     assert out["collapsed"] == ["off"]

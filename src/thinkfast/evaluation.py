@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import read_model_sidecar
-from .generation import SamplingParams
-from .generation import generate as _engine_generate
+from .generation import Backend, SamplingParams
 from .nano import tasks
 from .toggle import format_ok, messages_for, parse_response, stop_token_ids
 
@@ -49,15 +48,6 @@ class EvalSettings:
             raise ValueError("save_samples and on_temperature must be >= 0, on_top_p in (0, 1]")
         if any(k < 1 for k in self.pass_k):
             raise ValueError("pass_k entries must be >= 1")
-
-
-def generate(model, prompts: list[list[int]], params: SamplingParams, progress: bool = False, hook=None):
-    """The rollout engine for a local model; the server for an :class:`thinkfast.endpoint.Endpoint`."""
-    from .endpoint import Endpoint
-
-    if isinstance(model, Endpoint):
-        return model.generate(prompts, params, progress=progress, hook=hook)
-    return _engine_generate(model, prompts, params, progress=progress, hook=hook)
 
 
 def decoded(tokenizer, completion) -> str:
@@ -103,7 +93,7 @@ def grade(problem: tasks.Problem, text: str, prompting: str, mode: str) -> dict:
     }
 
 
-def evaluate(model, tokenizer, suite: dict, prompting: str, cfg, log=None) -> tuple[dict, list]:
+def evaluate(backend: Backend, tokenizer, suite: dict, prompting: str, cfg, log=None) -> tuple[dict, list]:
     """Evaluate every mode on every cell. Returns (metrics, kept sample records)."""
     modes = TEXT_MODES if prompting == "text" else CHAT_MODES
     stops = tuple(stop_token_ids(tokenizer))
@@ -122,7 +112,7 @@ def evaluate(model, tokenizer, suite: dict, prompting: str, cfg, log=None) -> tu
         )
         items = [(cell, p) for cell, problems in suite.items() for p in problems for _ in range(n)]
         prompts = [build_prompt(tokenizer, p, prompting, mode) for _, p in items]
-        completions = generate(model, prompts, params, progress=True)
+        completions = backend.generate(prompts, params, progress=True)
         cells: dict = {}
         for (cell, problem), comp in zip(items, completions):
             text = decoded(tokenizer, comp)
@@ -165,12 +155,12 @@ def _greedy(tokenizer, max_new_tokens: int, batch_size: int) -> SamplingParams:
                           stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=batch_size, seed=0)
 
 
-def quick_accuracy(model, tokenizer, problems: list, prompting: str, mode: str, *, max_new_tokens: int = 600,
+def quick_accuracy(backend: Backend, tokenizer, problems: list, prompting: str, mode: str, *, max_new_tokens: int = 600,
                    batch_size: int = 64) -> float:
     """Share of ``problems`` answered right in ``mode``, greedy: the periodic check of training stages."""
     params = _greedy(tokenizer, max_new_tokens, batch_size)
     prompts = [build_prompt(tokenizer, p, prompting, mode) for p in problems]
-    completions = generate(model, prompts, params, progress=False)
+    completions = backend.generate(prompts, params, progress=False)
     right = [grade(p, decoded(tokenizer, c), prompting, mode)["correct"]
              for p, c in zip(problems, completions)]
     return statistics.fmean(right) if right else 0.0
@@ -184,7 +174,7 @@ def item_prompt(tokenizer, item, prompting: str, mode: str) -> list[int]:
     return chat_ids(tokenizer, [{"role": "user", "content": item.prompt}], mode == "on")
 
 
-def _answer_items(model, tokenizer, items: list, prompting: str, cfg, mode: str):
+def _answer_items(backend: Backend, tokenizer, items: list, prompting: str, cfg, mode: str):
     """Every item answered in ``mode`` ("on": ``cfg.samples`` samples each at ``cfg.on_temperature`` /
     ``cfg.on_top_p``; otherwise one, greedy), the samples of an item consecutive. Returns (sampled, samples per
     item, completions, texts)."""
@@ -194,17 +184,17 @@ def _answer_items(model, tokenizer, items: list, prompting: str, cfg, mode: str)
                             top_p=cfg.on_top_p if sampled else 1.0, stop_token_ids=tuple(stop_token_ids(tokenizer)),
                             batch_size=cfg.batch_size, seed=cfg.seed)
     prompts = [item_prompt(tokenizer, it, prompting, mode) for it in items for _ in range(n)]
-    completions = generate(model, prompts, params, progress=True)
+    completions = backend.generate(prompts, params, progress=True)
     return sampled, n, completions, [decoded(tokenizer, c) for c in completions]
 
 
-def evaluate_items(model, tokenizer, items: list, prompting: str, cfg, grader, log=None) -> tuple[dict, list]:
+def evaluate_items(backend: Backend, tokenizer, items: list, prompting: str, cfg, grader, log=None) -> tuple[dict, list]:
     """A real suite in each mode (chat: "on" sampled ``cfg.samples`` times at ``cfg.on_temperature`` /
     ``cfg.on_top_p``, "off" greedy; text: one greedy mode). Per mode: pass@1 (the mean over samples and
     items), pass@k for each ``k`` in ``cfg.pass_k`` up to the samples, maj@n, mean tokens, think-format
     compliance, the no-answer rate (an unclosed think block, or neither a boxed answer nor a number after
     it) and the truncated share. The answer graded is the text after the think block, by ``grader``
-    (:class:`thinkfast.grading.MathGrader`). Returns (metrics, kept sample records)."""
+    (:class:`thinkfast.tasks.math.MathGrader`). Returns (metrics, kept sample records)."""
     from .grading import maj_at_n, pass_at_k
     from .tasks.completion import final_answer
     from .tasks.math import vote_key
@@ -212,7 +202,7 @@ def evaluate_items(model, tokenizer, items: list, prompting: str, cfg, grader, l
     out: dict = {}
     kept = []
     for mode in (("text",) if prompting == "text" else CHAT_MODES):
-        sampled, n, completions, texts = _answer_items(model, tokenizer, items, prompting, cfg, mode)
+        sampled, n, completions, texts = _answer_items(backend, tokenizer, items, prompting, cfg, mode)
         answers = [final_answer(t) if prompting == "chat" else t for t in texts]
         right = grader.grade([it.math_gold for it in items for _ in range(n)], answers)
         votes = [vote_key(a) for a in answers]
@@ -235,8 +225,8 @@ def evaluate_items(model, tokenizer, items: list, prompting: str, cfg, grader, l
     return out, kept
 
 
-def evaluate_ifeval(model, tokenizer, items: list, prompting: str, cfg, log=None) -> tuple[dict, list]:
-    """IFEval (:mod:`thinkfast.ifeval`) in each mode, sampled as :func:`evaluate_items` samples. The prompt is the
+def evaluate_ifeval(backend: Backend, tokenizer, items: list, prompting: str, cfg, log=None) -> tuple[dict, list]:
+    """IFEval (:mod:`thinkfast.tasks.ifeval`) in each mode, sampled as :func:`evaluate_items` samples. The prompt is the
     item's text as the user turn, unchanged; the answer checked is the text after the think block (a malformed
     block fails every instruction). Per mode: prompt- and instruction-level accuracy, strict and loose (means
     over all samples; ``pass@1`` is the prompt-level strict one), mean tokens, the no-answer rate, format
@@ -246,7 +236,7 @@ def evaluate_ifeval(model, tokenizer, items: list, prompting: str, cfg, log=None
     out: dict = {}
     kept = []
     for mode in (("text",) if prompting == "text" else CHAT_MODES):
-        sampled, n, completions, texts = _answer_items(model, tokenizer, items, prompting, cfg, mode)
+        sampled, n, completions, texts = _answer_items(backend, tokenizer, items, prompting, cfg, mode)
         answers = [parse_response(t).answer if prompting == "chat" else t for t in texts]
         graded = [ifeval.grade(items[j // n], a or "") for j, a in enumerate(answers)]
         r = {**ifeval.score(graded), "mean_tokens": statistics.fmean(c.n_tokens for c in completions),
@@ -265,7 +255,7 @@ def evaluate_ifeval(model, tokenizer, items: list, prompting: str, cfg, log=None
     return out, kept
 
 
-def budget_sweep(model, tokenizer, problems: list, budgets: list, *, grace: int = 16, max_new_tokens: int = 800,
+def budget_sweep(backend: Backend, tokenizer, problems: list, budgets: list, *, grace: int = 16, max_new_tokens: int = 800,
                  batch_size: int = 64) -> list[dict]:
     """Nano-world accuracy with reasoning on, greedy, the thinking capped at each budget by the rollout
     engine's hook (:class:`thinkfast.budget.ThinkingBudget`; ``None``: no budget). Per budget: accuracy,
@@ -277,7 +267,7 @@ def budget_sweep(model, tokenizer, problems: list, budgets: list, *, grace: int 
     points = []
     for budget in budgets:
         hook = ThinkingBudget(tokenizer, prompts, budget, grace=grace) if budget is not None else None
-        done = generate(model, prompts, params, hook=hook)
+        done = backend.generate(prompts, params, hook=hook)
         texts = [decoded(tokenizer, c) for c in done]
         parsed = [parse_response(t) for t in texts]
         points.append({
@@ -336,7 +326,7 @@ def models_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def toggle_check(model, tokenizer, problems: list, *, max_new_tokens: int = 600, batch_size: int = 64) -> dict:
+def toggle_check(backend: Backend, tokenizer, problems: list, *, max_new_tokens: int = 600, batch_size: int = 64) -> dict:
     """The toggle, greedy in both modes of the chat template: per mode the accuracy, the share of responses
     in the mode's format (on: one well-formed think block; off: none), the mean response tokens and the
     share cut off by ``max_new_tokens``; ``collapsed`` names a mode the model does not obey (format < 0.5)."""
@@ -344,7 +334,7 @@ def toggle_check(model, tokenizer, problems: list, *, max_new_tokens: int = 600,
     out: dict = {}
     for mode in CHAT_MODES:
         prompts = [build_prompt(tokenizer, p, "chat", mode) for p in problems]
-        completions = generate(model, prompts, params, progress=False)
+        completions = backend.generate(prompts, params, progress=False)
         graded = [grade(p, decoded(tokenizer, c), "chat", mode)
                   for p, c in zip(problems, completions)]
         out[mode] = {"accuracy": statistics.fmean(g["correct"] for g in graded),

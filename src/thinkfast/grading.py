@@ -4,9 +4,7 @@
   for ``c`` right answers among ``n`` samples; pass@1 is the mean over the samples.
 * :func:`maj_at_n`: majority vote over the samples' extracted answers (no-answers never vote).
 
-Grading itself is per task in :mod:`thinkfast.tasks` (math answers: :mod:`thinkfast.tasks.math`, whose
-:class:`~thinkfast.tasks.math.MathGrader` is importable from here only until ``stages/eval.py`` imports it
-from there).
+Grading itself is per task in :mod:`thinkfast.tasks` (math answers: :mod:`thinkfast.tasks.math`).
 """
 
 from __future__ import annotations
@@ -14,8 +12,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-
-from .tasks.math import MathGrader  # noqa: F401  (until stages/eval.py imports it from thinkfast.tasks.math)
 
 __all__ = ["maj_at_n", "pass_at_k"]
 

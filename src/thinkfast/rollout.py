@@ -13,8 +13,8 @@ the default: the first update's own forward, detached, and one no-grad pass for 
 any update), so only training numerics enter the ratio; ``logprobs="sampler"`` uses the engine's (off by
 about 1e-6 in float32; the gap grows with low-precision samplers such as vLLM's bf16).
 
-The interface a different engine (the vLLM backend of the scale-out issue) implements is
-``generate(model, prompts, params) -> list[Completion]``.
+Completions come from a generation backend (:class:`thinkfast.generation.Backend`): the local rollout engine
+(:class:`~thinkfast.generation.LocalBackend`) here, a vLLM engine at scale, with nothing else changing.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .generation import Completion, SamplingParams, generate
+from .generation import Backend, Completion, SamplingParams
 
-__all__ = ["Rollout", "rollout"]
+__all__ = ["Rollout", "grouped_logprobs", "policy_logprobs", "rollout", "token_logprobs"]
 
 
 @dataclass
@@ -69,14 +69,14 @@ class Rollout:
         return out
 
 
-def rollout(model, prompts: list[list[int]], group_size: int, params: SamplingParams, *,
-            generate_fn=generate) -> Rollout:
-    """``group_size`` completions of every prompt (group i = prompt i), sampled by ``generate_fn``."""
+def rollout(backend: Backend, prompts: list[list[int]], group_size: int, params: SamplingParams, *,
+            progress: bool = False) -> Rollout:
+    """``group_size`` completions of every prompt (group i = prompt i), sampled by ``backend``."""
     if group_size < 1:
         raise ValueError(f"group_size={group_size} must be >= 1")
     flat = [p for p in prompts for _ in range(group_size)]
     groups = [g for g in range(len(prompts)) for _ in range(group_size)]
-    return Rollout(flat, generate_fn(model, flat, params), groups)
+    return Rollout(flat, backend.generate(flat, params, progress=progress), groups)
 
 
 class _GradCache:
@@ -130,3 +130,12 @@ def token_logprobs(model, batch: dict[str, torch.Tensor], start: int = 1) -> tor
                    position_ids=batch["position_ids"], logits_to_keep=t - start + 1).logits[:, :-1].float()
     picked = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, start:, None]).squeeze(-1)
     return torch.nn.functional.pad(picked, (start, 0))
+
+
+def policy_logprobs(model, batch: dict[str, torch.Tensor], start: int) -> torch.Tensor:
+    """The log-probs of a rollout batch under ``model`` for the policy loss: :func:`grouped_logprobs` (each
+    prompt once per group) when the model's forward takes any cache object (``accepts_any_cache``: nemotron-nas),
+    else :func:`token_logprobs` (one plain forward). Both equal the full forward (tested)."""
+    if getattr(model, "accepts_any_cache", False):
+        return grouped_logprobs(model, batch, start)
+    return token_logprobs(model, batch, start)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..modeling import DeciLMForCausalLM
-from ..rollout import grouped_logprobs, token_logprobs
+from ..generation import Backend, LocalBackend
+from ..rollout import policy_logprobs
 from .advantages import group_normalised_advantages, rewards_tensor
 from .policy import policy_update, sample_and_score, step_record
 
@@ -53,7 +53,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 def grpo_step(model, opt, prompts: list[list[int]], columns: dict[str, list], runner, params, *, group_size: int,
               decode, pad_id: int = 0, updates: int = 1, clip_eps: float = 0.2, kl_beta: float = 0.0,
               reference=None, logprobs: str = "recompute", grad_clip: float | None = 1.0, autocast_ctx=None,
-              conversational: bool = True, generate_fn=None, pass_reward: str = "nano_accuracy"
+              conversational: bool = True, backend: Backend | None = None, pass_reward: str = "nano_accuracy"
               ) -> tuple[dict, list[str]]:
     """One GRPO step: ``group_size`` completions per prompt, rewards, group-normalised advantages, then
     ``updates`` gradient steps on :func:`grpo_loss`, one per slice of the groups
@@ -63,10 +63,12 @@ def grpo_step(model, opt, prompts: list[list[int]], columns: dict[str, list], ru
     that ``pass_reward`` scores 1); a non-finite loss raises FloatingPointError before any parameter changes in
     that update. A step in which every group's rewards are equal (no advantage anywhere) and there is no KL
     term makes no update (``updates: 0`` in the record); samples no reward could score are left out of their
-    group's baseline and of the loss."""
+    group's baseline and of the loss. ``backend`` samples the completions (default: the local rollout engine on
+    ``model``) and is synced to ``model`` after an update."""
     device = next(model.parameters()).device
-    scored = sample_and_score(model, prompts, columns, runner, params, group_size=group_size, decode=decode,
-                              conversational=conversational, generate_fn=generate_fn)
+    backend = backend if backend is not None else LocalBackend(model)
+    scored = sample_and_score(backend, prompts, columns, runner, params, group_size=group_size, decode=decode,
+                              conversational=conversational)
     rewards = rewards_tensor(scored.total)
     groups = torch.tensor(scored.rollout.groups)
     adv = group_normalised_advantages(rewards, groups)
@@ -74,7 +76,7 @@ def grpo_step(model, opt, prompts: list[list[int]], columns: dict[str, list], ru
     start = b.pop("prompt_width")
 
     def logprobs_of(m, batch):  # each prompt computed once per group where the model allows it
-        return (grouped_logprobs if isinstance(m, DeciLMForCausalLM) else token_logprobs)(m, batch, start)
+        return policy_logprobs(m, batch, start)
 
     def loss_fn(logp, old_logp, advantages, mask, ref_logp):
         return grpo_loss(logp, old_logp, advantages, mask, clip_eps=clip_eps, ref_logp=ref_logp, kl_beta=kl_beta)
@@ -82,4 +84,6 @@ def grpo_step(model, opt, prompts: list[list[int]], columns: dict[str, list], ru
     losses, stats = policy_update(model, opt, b, groups, adv, loss_fn, logprobs_of=logprobs_of,
                                   scorable=~torch.isnan(rewards), updates=updates, reference=reference,
                                   logprobs=logprobs, grad_clip=grad_clip, autocast_ctx=autocast_ctx)
+    if losses:
+        backend.sync(model)  # the next rollout samples from the updated weights
     return step_record(scored, adv, losses, stats, pass_reward), scored.errors

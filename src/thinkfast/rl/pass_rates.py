@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 
-from ..generation import SamplingParams, generate
+from ..generation import Backend, SamplingParams
 from ..rollout import rollout
 from ..toggle import stop_token_ids
 from .rewards import RewardError, RewardFailed, RewardRunner
@@ -29,14 +29,13 @@ def passed(runner: RewardRunner, texts: list[str], truncated: list[bool], column
     return [v is not None and v >= 1.0 for v in total], errors
 
 
-def pass_rates(model, tokenizer, prompts: list[list[int]], columns: dict[str, list], runner: RewardRunner,
+def pass_rates(backend: Backend, tokenizer, prompts: list[list[int]], columns: dict[str, list], runner: RewardRunner,
                params: SamplingParams, samples: int, stage: str = "grpo") -> list[float]:
     """Share of ``samples`` answers to each prompt, sampled with ``params``, that pass (:func:`passed`).
     ``columns``: per-prompt reward columns. The pass reward is called once, on every sample: if that call
     fails, every rate would be 0 (and saved for reuse), so it raises :class:`RewardFailed` instead (``stage``
     names the config section in its message)."""
-    roll = rollout(model, prompts, samples, params,
-                   generate_fn=lambda m, p, params: generate(m, p, params, progress=True))
+    roll = rollout(backend, prompts, samples, params, progress=True)
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in roll.completions]
     ok, errors = passed(runner, texts, [c.finish_reason != "stop" for c in roll.completions],
                         {**{k: [v[g] for g in roll.groups] for k, v in columns.items()},
@@ -51,7 +50,7 @@ def pass_rates(model, tokenizer, prompts: list[list[int]], columns: dict[str, li
     return rates
 
 
-def held_out_check(model, tokenizer, prompts: list[list[int]], columns: dict[str, list], runner: RewardRunner, *,
+def held_out_check(backend: Backend, tokenizer, prompts: list[list[int]], columns: dict[str, list], runner: RewardRunner, *,
                    max_new_tokens: int, batch_size: int) -> tuple[dict, list[RewardError]]:
     """Greedy pass rate, think-format compliance and length on held-out prompts (each in its mode: ``columns``
     has ``thinking``), and the pass reward's error if it failed (then the pass rate is None: unknown, not 0)."""
@@ -59,7 +58,7 @@ def held_out_check(model, tokenizer, prompts: list[list[int]], columns: dict[str
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
                             stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=batch_size, seed=0)
-    done = generate(model, prompts, params)
+    done = backend.generate(prompts, params)
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in done]
     truncated = [c.finish_reason != "stop" for c in done]
     ok, errors = passed(runner, texts, truncated, {**columns, "completion_ids": [c.token_ids for c in done]})

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generation import generate
+from ..generation import Backend
 from ..rollout import Rollout, rollout
 from ..train import loop as train_loop
 
@@ -45,14 +45,12 @@ class ScoredRollout:
     errors: list
 
 
-def sample_and_score(model, prompts: list[list[int]], columns: dict[str, list], runner, params, *,
-                     group_size: int, decode: Callable, conversational: bool = True,
-                     generate_fn=None) -> ScoredRollout:
-    """Sample ``group_size`` completions of each prompt (model in eval mode) and score them. ``columns`` holds
+def sample_and_score(backend: Backend, prompts: list[list[int]], columns: dict[str, list], runner, params, *,
+                     group_size: int, decode: Callable, conversational: bool = True) -> ScoredRollout:
+    """Sample ``group_size`` completions of each prompt with ``backend`` and score them. ``columns`` holds
     per-prompt dataset columns (repeated per sample for the rewards, with ``completion_ids``); ``decode``
     turns token ids into text; ``conversational``: rewards get TRL's chat format, else plain text."""
-    model.eval()
-    roll = rollout(model, prompts, group_size, params, generate_fn=generate_fn or generate)
+    roll = rollout(backend, prompts, group_size, params)
     texts = [decode(c.token_ids) for c in roll.completions]
     cols = {k: [v[g] for g in roll.groups] for k, v in columns.items()}
     cols["completion_ids"] = [c.token_ids for c in roll.completions]

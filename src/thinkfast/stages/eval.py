@@ -19,9 +19,9 @@ this module is the stage around it: which models, where results go, what is reus
 Suites (``suites``): ``nano`` (the nano world's cells, graded exactly by ``thinkfast.nano.tasks.verify``)
 and the real math benchmarks of :mod:`thinkfast.suites` read from the shared data folder (``gsm8k``,
 ``math500``, ``aime24``, ``aime25``; the first ``suite_limit`` items of each), graded by math-verify in
-worker processes (:class:`thinkfast.grading.MathGrader`) on the answer after the think block, with pass@1
+worker processes (:class:`thinkfast.tasks.math.MathGrader`) on the answer after the think block, with pass@1
 averaged over ``samples``, pass@k for ``pass_k``, maj@n and the no-answer rate (:func:`evaluate_items`); and
-``ifeval`` (IFEval's prompts as they are, graded by :mod:`thinkfast.ifeval`'s checkers on the answer after the
+``ifeval`` (IFEval's prompts as they are, graded by :mod:`thinkfast.tasks.ifeval`'s checkers on the answer after the
 think block: prompt- and instruction-level accuracy, strict and loose; :func:`evaluate_ifeval`).
 
 The model can be a server (``endpoint``: any OpenAI-compatible URL, e.g. a vLLM server of the same folder):
@@ -46,6 +46,7 @@ import torch
 
 from ..artifacts import load_model
 from ..config import to_dict
+from ..generation import LocalBackend
 from ..evaluation import (EvalSettings, budget_sweep, evaluate, evaluate_ifeval, evaluate_items, format_table, models_table,
                           resolve_prompting, suites_table)
 from ..nano import tasks
@@ -201,20 +202,20 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
                         print(f"eval: {line}")
                         log.log("endpoint_retry", message=line)
 
-                model = Endpoint(cfg.endpoint, tokenizer, cfg.endpoint_model, concurrency=cfg.endpoint_concurrency,
+                backend = Endpoint(cfg.endpoint, tokenizer, cfg.endpoint_model, concurrency=cfg.endpoint_concurrency,
                                  timeout=cfg.endpoint_timeout, retries=cfg.endpoint_retries, on_retry=on_retry)
             else:
-                model = load_model(path).to(device).eval()
+                backend = LocalBackend(load_model(path).to(device).eval())
             metrics, kept = {"prompting": prompting, "modes": {}}, []
             if "nano" in cfg.suites:
                 suite = tasks.eval_suite(seed=cfg.seed, per_cell=cfg.per_cell, kinds=tuple(cfg.kinds),
                                          digits=tuple(cfg.digits), steps=tuple(cfg.steps))
                 log.log("start", model=str(path), prompting=prompting, cells=len(suite))
                 with torch.no_grad():
-                    metrics, kept = evaluate(model, tokenizer, suite, prompting, cfg, log)
+                    metrics, kept = evaluate(backend, tokenizer, suite, prompting, cfg, log)
             if cfg.budgets and skip_budgets is None:
                 with torch.no_grad():
-                    metrics["budget"] = budget_sweep(model, tokenizer, [p for c in suite.values() for p in c],
+                    metrics["budget"] = budget_sweep(backend, tokenizer, [p for c in suite.values() for p in c],
                                                      cfg.budgets,
                                                      grace=cfg.budget_grace, max_new_tokens=cfg.max_new_tokens,
                                                      batch_size=cfg.batch_size)
@@ -222,17 +223,17 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
                     log.log("budget", **point)
             real = [s for s in cfg.suites if s not in ("nano", "ifeval")]
             if "ifeval" in cfg.suites:
-                from ..ifeval import load_ifeval
+                from ..tasks.ifeval import load_ifeval
                 from ..suites import IFEVAL_FILE, data_root
 
                 items = load_ifeval(data_root() / IFEVAL_FILE, limit=cfg.suite_limit)
                 log.log("suite", suite="ifeval", items=len(items))
                 with torch.no_grad():
-                    metrics.setdefault("suites", {})["ifeval"], more = evaluate_ifeval(model, tokenizer, items,
+                    metrics.setdefault("suites", {})["ifeval"], more = evaluate_ifeval(backend, tokenizer, items,
                                                                                       prompting, cfg, log)
                 kept += [{"suite": "ifeval", **r} for r in more]
             if real:
-                from ..grading import MathGrader
+                from ..tasks.math import MathGrader
                 from ..suites import load_suite
 
                 metrics.setdefault("suites", {})
@@ -240,13 +241,13 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
                     for name in real:
                         items = load_suite(name, limit=cfg.suite_limit)
                         log.log("suite", suite=name, items=len(items))
-                        metrics["suites"][name], more = evaluate_items(model, tokenizer, items, prompting, cfg,
+                        metrics["suites"][name], more = evaluate_items(backend, tokenizer, items, prompting, cfg,
                                                                        grader, log)
                         kept += [{"suite": name, **r} for r in more]
-        metrics["model"] = str(path) if cfg.endpoint is None else f"{model.model} at {cfg.endpoint}"
+        metrics["model"] = str(path) if cfg.endpoint is None else f"{backend.model} at {cfg.endpoint}"
         metrics["notes"] = notes
         if cfg.endpoint is not None:
-            metrics["endpoint"] = model.stats()
+            metrics["endpoint"] = backend.stats()
         atomic_write_text(tmp / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         tables = ([format_table(metrics)] if metrics["modes"] else []) + (
             [suites_table({path.name: metrics})] if metrics.get("suites") else [])

@@ -64,7 +64,7 @@ from typing import Literal
 from ..artifacts import copy_tokenizer_files, read_model_sidecar, write_model_sidecar
 from ..data import DataError
 from ..evaluation import toggle_check
-from ..generation import SamplingParams
+from ..generation import LocalBackend, SamplingParams
 from ..nano import tasks
 from ..puzzle.parent import load_decilm
 from ..rl.curriculum import gaussian_schedule, keep_hard, random_schedule
@@ -264,6 +264,7 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
         if lacking:
             raise DataError(missing_columns_message(name, lacking, source["fields"] if cfg.files else None))
     model = load_decilm(model_dir, device)
+    backend = LocalBackend(model)  # the rollout engine on the policy itself: trained in place, nothing to sync
     log = stage.logger()
     if source:
         log.log("prompts", files=cfg.files, **source)
@@ -284,7 +285,7 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
             raise ValueError(f"grpo.pass_rates_from: {path} does not exist")
     if rates is None:
         print(f"grpo: pass rates of {len(prompts)} prompts, {cfg.pass_rate_samples} samples each")
-        rates = pass_rates(model, tokenizer, prompts, columns, pass_runner, _sampling(cfg, tokenizer, cfg.seed),
+        rates = pass_rates(backend, tokenizer, prompts, columns, pass_runner, _sampling(cfg, tokenizer, cfg.seed),
                            cfg.pass_rate_samples)
     if not rates_file.is_file() or json.loads(rates_file.read_text()).get("key") != key:
         atomic_write_json(rates_file, {"samples": cfg.pass_rate_samples, "key": key, "pass_rates": rates})
@@ -337,10 +338,10 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
 
     def point(step: int) -> None:
         if eval_set:
-            curve.append({"step": step, **toggle_check(model, tokenizer, eval_set,
+            curve.append({"step": step, **toggle_check(backend, tokenizer, eval_set,
                                                        max_new_tokens=cfg.eval_max_new_tokens)})
         elif held_ids:
-            result, errors = held_out_check(model, tokenizer, held_ids, held_cols, pass_runner,
+            result, errors = held_out_check(backend, tokenizer, held_ids, held_cols, pass_runner,
                                             max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.batch_size)
             report_errors(errors, step, during="held_out")
             curve.append({"step": step, **result})
@@ -361,7 +362,7 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
                 decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), pad_id=pad,
                 updates=cfg.updates_per_rollout, clip_eps=cfg.clip_eps, kl_beta=cfg.kl_beta, reference=reference,
                 logprobs=cfg.logprobs, grad_clip=cfg.grad_clip, autocast_ctx=lambda: autocast(device, precision),
-                pass_reward=pass_name)
+                pass_reward=pass_name, backend=backend)
         except FloatingPointError as e:
             raise FloatingPointError(
                 f"grpo: {e} at step {step + 1}; stopped without saving: the last good checkpoint "

@@ -30,6 +30,7 @@ import torch
 from ..artifacts import copy_tokenizer_files, read_model_sidecar, write_model_sidecar
 from ..data import DataError
 from ..evaluation import toggle_check
+from ..generation import LocalBackend
 from ..nano import tasks
 from ..puzzle.parent import load_decilm
 from ..rundir import StageDir, atomic_dir, atomic_write_json
@@ -222,7 +223,7 @@ def run(cfg: SFTConfig, stage: StageDir, inputs: Inputs) -> dict:
                        position_ids=b["position_ids"]).logits
         p = {"step": step, "tokens": tokens, "loss": float(sft_loss(logits, b["labels"])[0])}
         if problems:
-            p.update(toggle_check(model, tokenizer, problems, max_new_tokens=cfg.eval_max_new_tokens))
+            p.update(toggle_check(LocalBackend(model), tokenizer, problems, max_new_tokens=cfg.eval_max_new_tokens))
         curve.append(p)
         log.log("eval", **p)
         model.train()
