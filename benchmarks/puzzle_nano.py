@@ -42,14 +42,14 @@ from transformers import AutoTokenizer, DynamicCache
 
 from thinkfast.artifacts import read_costs, read_library, read_scores
 from thinkfast.data import doc_attention
-from thinkfast.evaluation import evaluate
+from thinkfast.evaluation import EvalSettings, evaluate
+from thinkfast.generation import LocalBackend
 from thinkfast.nano import tasks
 from thinkfast.nano.corpus import packed_rows
 from thinkfast.puzzle.assemble import assemble, build_problem, describe
 from thinkfast.puzzle.mip import solve_mip
 from thinkfast.puzzle.parent import kl_and_lm_loss, load_decilm
 from thinkfast.puzzle.targets import Targets, limits_for
-from thinkfast.stages.eval import EvalConfig  # the eval settings, as a user writes them
 
 
 def uniform_ffn(problem, key, limit):
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     ids = packed_rows(tokenizer, random.Random("puzzle-bench-heldout"), 16, 513)
     eos = run_doc_eos(run, tokenizer)
     suite = tasks.eval_suite(seed=1234, per_cell=args.per_cell, digits=(1, 2), steps=(2,))
-    ecfg = EvalConfig(per_cell=args.per_cell, digits=[1, 2], max_new_tokens=600)
+    ecfg = EvalSettings(max_new_tokens=600)
     build = lambda choice: assemble(parent, lib, tensors, [problem.names[i][k] for i, k in enumerate(choice)])  # noqa: E731
     parent_runtime = problem.totals(problem.parent_choice)[key]
 
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
                 same = mip_at(runtime)
                 r["mip_same_cost_kl"] = held_out_kl(parent, build(same), ids, eos_id=eos)
                 r["mip_same_cost_summed_score"] = float(problem.scores[rows_idx, same].sum())
-            metrics, _ = evaluate(m, tokenizer, suite, "text", ecfg)
+            metrics, _ = evaluate(LocalBackend(m), tokenizer, suite, "text", ecfg)
             r["think_accuracy"] = metrics["modes"]["think"]["accuracy"]
             r["think_accuracy_2d"] = metrics["modes"]["think"]["accuracy_2d"]
             results[name] = r

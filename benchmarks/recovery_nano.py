@@ -42,14 +42,14 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from thinkfast.artifacts import copy_tokenizer_files, read_costs, read_library, read_scores, write_model_sidecar
-from thinkfast.evaluation import evaluate
+from thinkfast.evaluation import EvalSettings, evaluate
+from thinkfast.generation import LocalBackend
 from thinkfast.nano import tasks
 from thinkfast.nano.corpus import packed_rows
 from thinkfast.pipeline import load_pipeline, run_stage
 from thinkfast.puzzle.assemble import assemble, build_problem, describe, restrict
 from thinkfast.puzzle.mip import solve_mip
 from thinkfast.puzzle.parent import load_decilm
-from thinkfast.stages.eval import EvalConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from puzzle_nano import decode_seconds, drop_attention, greedy, held_out_kl, run_doc_eos  # noqa: E402
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     ids = packed_rows(tokenizer, random.Random("puzzle-bench-heldout"), 16, 513)
     eos = run_doc_eos(work, tokenizer)  # the copied stages: the run measured under its own data section
     suite = tasks.eval_suite(seed=1234, per_cell=a.per_cell, digits=(1, 2), steps=(2,))
-    ecfg = EvalConfig(per_cell=a.per_cell, digits=[1, 2], max_new_tokens=600)
+    ecfg = EvalSettings(max_new_tokens=600)
     times = {b: {name: [] for name in models} for b in (a.batch, 1)}
     for b in times:
         for m in models.values():
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
         if base in choices and choices[base] is not None and "fuse" not in name:
             r["predicted_speedup"] = problem.totals(problem.parent_choice)[key] / problem.totals(choices[base])[key]
             r["summed_score"] = float(problem.scores[rows_idx, choices[base]].sum())
-        metrics, _ = evaluate(m, tokenizer, suite, "text", ecfg)
+        metrics, _ = evaluate(LocalBackend(m), tokenizer, suite, "text", ecfg)
         r["accuracy"] = metrics["modes"]["think"]["accuracy"]
         r["accuracy_2d"] = metrics["modes"]["think"]["accuracy_2d"]
         results[name] = r

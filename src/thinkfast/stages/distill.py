@@ -35,6 +35,7 @@ import torch
 from ..artifacts import copy_tokenizer_files, read_model_sidecar, write_model_sidecar
 from ..data import Corpus
 from ..evaluation import quick_accuracy
+from ..generation import LocalBackend
 from ..nano import tasks
 from ..puzzle.parent import kl_and_lm_loss, load_decilm
 from ..rundir import StageDir, atomic_dir, atomic_write_json
@@ -135,7 +136,7 @@ def _measure(student, teacher, held_out: torch.Tensor, batch: int, problems, tok
     out["lm_loss"] = lms / n
     if problems:
         mode = "think" if prompting == "text" else "on"
-        out["accuracy"] = quick_accuracy(student, tokenizer, problems, prompting, mode,
+        out["accuracy"] = quick_accuracy(LocalBackend(student), tokenizer, problems, prompting, mode,
                                          max_new_tokens=cfg.eval_max_new_tokens)
     student.train()
     return out
