@@ -98,7 +98,7 @@ class BLDResult:
     held-out normalised MSE before (``init``) and after (``final``) BLD by ``"layer.part.name"``, and the
     training's wall time."""
 
-    blocks: list
+    blocks: list[BLDBlock]
     trained: int
     init: dict[str, float]
     final: dict[str, float]
