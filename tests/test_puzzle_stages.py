@@ -450,3 +450,27 @@ def test_library_for_vllm_offers_only_what_vllm_loads(tmp_path, parent_dir):
     with pytest.raises(ValueError, match="made for hf, but library.engine=vllm"):
         library.run(lib_cfg(engine="vllm", merge_from=["x"]), StageDir(tmp_path / "c", "library"),
                     Inputs({"sources": {"0": hf.path / "library"}}))
+
+
+def test_a_library_that_recorded_no_engine_was_made_for_hf(run_dir, parent_dir, tmp_path):
+    """A new library is made for engines.DEFAULT_ENGINE (vllm); a library.json written before libraries
+    recorded their engine offered every variant, and every reader (search, merge) takes it as made for hf."""
+    import shutil
+
+    from thinkfast.engines import DEFAULT_ENGINE, library_engine
+
+    root = run_dir[0]
+    old = tmp_path / "old" / "library"
+    shutil.copytree(root / "library" / "library", old)
+    record = json.loads((old / "library.json").read_text())
+    assert record.pop("engine") == "hf"
+    (old / "library.json").write_text(json.dumps(record))
+    assert library.LibraryConfig().engine == DEFAULT_ENGINE == "vllm" and library_engine(read_library(old)) == "hf"
+    # the child is written for hf (checked against vllm, the toy FFN widths would be refused)
+    stage = StageDir(tmp_path, "search")
+    search.run(search.SearchConfig(speedup=1.3, batch_size=2, verify=False), stage,
+               Inputs({**_search_inputs(root, parent_dir), "library": old}))
+    assert json.loads((stage.model_dir / "thinkfast.json").read_text())["engine"] == "hf"
+    with pytest.raises(ValueError, match="made for hf, but library.engine=vllm"):
+        library.run(lib_cfg(engine="vllm", merge_from=["x"]), StageDir(tmp_path / "c", "library"),
+                    Inputs({"sources": {"0": old}}))
