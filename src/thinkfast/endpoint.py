@@ -173,7 +173,10 @@ class Endpoint:
             return f"; did you mean {self.url}/v1?"
         return ""
 
-    def _one(self, i: int, n: int, prompt: list[int], params: SamplingParams, stop: threading.Event) -> Completion:
+    def _one(self, i: int, n: int, prompt: list[int], params: SamplingParams, stop: threading.Event
+             ) -> Completion | None:
+        if stop.is_set():  # another request failed: the evaluation is over (None: never sent)
+            return None
         extra: dict = {"skip_special_tokens": True}  # as the harness decodes a local model's tokens
         if params.stop_token_ids:
             extra["stop_token_ids"] = list(params.stop_token_ids)
@@ -182,7 +185,11 @@ class Endpoint:
         send = partial(self.client.completions.with_raw_response.create, model=self.model, prompt=prompt,
                        max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
                        seed=None if params.seed is None else params.seed + i, extra_body=extra)
-        return self._request(f"POST {self._path}/completions (prompt {i + 1} of {n})", send, _completion, stop)
+        try:
+            return self._request(f"POST {self._path}/completions (prompt {i + 1} of {n})", send, _completion, stop)
+        except EndpointError:
+            stop.set()  # set here, in the failing worker, so that no worker sends another prompt after it
+            raise
 
     def sync(self, model) -> None:
         """A server generates with its own weights: it cannot take a training model's (a Backend method)."""

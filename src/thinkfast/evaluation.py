@@ -93,30 +93,65 @@ def grade(problem: tasks.Problem, text: str, prompting: str, mode: str) -> dict:
     }
 
 
-def evaluate(backend: Backend, tokenizer, suite: dict, prompting: str, cfg, log=None) -> tuple[dict, list]:
-    """Evaluate every mode on every cell. Returns (metrics, kept sample records)."""
-    modes = TEXT_MODES if prompting == "text" else CHAT_MODES
+@dataclass
+class Answers:
+    """One mode's answers to a task: each item answered ``n`` times (its samples consecutive), the completions
+    and their texts (special tokens left out)."""
+
+    mode: str
+    sampled: bool
+    n: int
+    completions: list
+    texts: list[str]
+
+
+def run_task(backend: Backend, tokenizer, task, prompting: str, cfg, log=None) -> tuple[dict, list]:
+    """The harness's one loop: for every mode of ``task`` (text prompting: ``task.text_modes``; chat: "on" and
+    "off"), prompt every item (``task.prompt(tokenizer, item, prompting, mode)``), generate through ``backend``
+    ("on" sampled ``cfg.samples`` times at ``cfg.on_temperature`` / ``cfg.on_top_p``, every other mode greedy,
+    once), and let the task grade and summarise (``task.score(answers, prompting, cfg) -> (metrics, kept
+    records)``). Returns ({mode: metrics}, kept records); each mode's metrics are logged as ``task.event``."""
+    out: dict = {}
+    kept: list = []
     stops = tuple(stop_token_ids(tokenizer))
-    metrics: dict = {"prompting": prompting, "modes": {}}
-    kept = []
-    for mode in modes:
-        sampled = prompting == "chat" and mode == "on"
+    for mode in (task.text_modes if prompting == "text" else CHAT_MODES):
+        sampled = mode == "on"
         n = cfg.samples if sampled else 1
-        params = SamplingParams(
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.on_temperature if sampled else 0.0,
-            top_p=cfg.on_top_p if sampled else 1.0,
-            stop_token_ids=stops,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-        )
-        items = [(cell, p) for cell, problems in suite.items() for p in problems for _ in range(n)]
-        prompts = [build_prompt(tokenizer, p, prompting, mode) for _, p in items]
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.on_temperature if sampled else 0.0,
+                                top_p=cfg.on_top_p if sampled else 1.0, stop_token_ids=stops,
+                                batch_size=cfg.batch_size, seed=cfg.seed)
+        prompts = [task.prompt(tokenizer, item, prompting, mode) for item in task.items for _ in range(n)]
         completions = backend.generate(prompts, params, progress=True)
+        answers = Answers(mode, sampled, n, completions, [decoded(tokenizer, c) for c in completions])
+        out[mode], records = task.score(answers, prompting, cfg)
+        kept += records
+        if log is not None:
+            log.log(task.event, **task.log_fields, mode=mode,
+                    **{k: v for k, v in out[mode].items() if k != "cells"})
+    return out, kept
+
+
+class NanoTask:
+    """The nano world's cells (``{(kind, digits, steps): problems}``), graded exactly
+    (:func:`thinkfast.tasks.nano.nano_correct`): per mode the accuracy overall, at ``cfg.headline_digits`` and per
+    cell, mean tokens, toggle obedience (``format_ok``) and the truncated share."""
+
+    text_modes = TEXT_MODES
+    event, log_fields = "mode", {}
+
+    def __init__(self, suite: dict):
+        self.items = [(cell, p) for cell, problems in suite.items() for p in problems]
+
+    @staticmethod
+    def prompt(tokenizer, item, prompting: str, mode: str) -> list[int]:
+        return build_prompt(tokenizer, item[1], prompting, mode)
+
+    def score(self, answers: Answers, prompting: str, cfg) -> tuple[dict, list]:
         cells: dict = {}
-        for (cell, problem), comp in zip(items, completions):
-            text = decoded(tokenizer, comp)
-            g = grade(problem, text, prompting, mode)
+        kept = []
+        for j, (comp, text) in enumerate(zip(answers.completions, answers.texts)):
+            cell, problem = self.items[j // answers.n]
+            g = grade(problem, text, prompting, answers.mode)
             key = f"{cell[0]}/{cell[1]}d" + (f"/{cell[2]}s" if cell[0] == "word" else "")
             c = cells.setdefault(key, {"correct": [], "tokens": [], "format_ok": [], "truncated": []})
             c["correct"].append(g["correct"])
@@ -124,30 +159,24 @@ def evaluate(backend: Backend, tokenizer, suite: dict, prompting: str, cfg, log=
             c["tokens"].append(comp.n_tokens)
             c["truncated"].append(comp.finish_reason == "length")
             if len(c["correct"]) <= cfg.save_samples:
-                kept.append({"mode": mode, "cell": key, "question": problem.question, "answer": problem.answer,
-                             "response": text, **g})
-        summary = {
-            key: {
-                "accuracy": statistics.fmean(c["correct"]),
-                "mean_tokens": statistics.fmean(c["tokens"]),
-                "format_ok": statistics.fmean(c["format_ok"]),
-                "truncated": statistics.fmean(c["truncated"]),
-                "n": len(c["correct"]),
-            }
-            for key, c in cells.items()
-        }
+                kept.append({"mode": answers.mode, "cell": key, "question": problem.question,
+                             "answer": problem.answer, "response": text, **g})
+        summary = {key: {"accuracy": statistics.fmean(c["correct"]), "mean_tokens": statistics.fmean(c["tokens"]),
+                         "format_ok": statistics.fmean(c["format_ok"]), "truncated": statistics.fmean(c["truncated"]),
+                         "n": len(c["correct"])} for key, c in cells.items()}
         everything = [x for c in cells.values() for x in c["correct"]]
         headline = [x for key, c in cells.items() if f"/{cfg.headline_digits}d" in key for x in c["correct"]]
-        metrics["modes"][mode] = {
-            "accuracy": statistics.fmean(everything),
-            f"accuracy_{cfg.headline_digits}d": statistics.fmean(headline) if headline else None,
-            "mean_tokens": statistics.fmean(t for c in cells.values() for t in c["tokens"]),
-            "format_ok": statistics.fmean(x for c in cells.values() for x in c["format_ok"]),
-            "cells": summary,
-        }
-        if log is not None:
-            log.log("mode", mode=mode, **{k: v for k, v in metrics["modes"][mode].items() if k != "cells"})
-    return metrics, kept
+        return {"accuracy": statistics.fmean(everything),
+                f"accuracy_{cfg.headline_digits}d": statistics.fmean(headline) if headline else None,
+                "mean_tokens": statistics.fmean(t for c in cells.values() for t in c["tokens"]),
+                "format_ok": statistics.fmean(x for c in cells.values() for x in c["format_ok"]),
+                "cells": summary}, kept
+
+
+def evaluate(backend: Backend, tokenizer, suite: dict, prompting: str, cfg, log=None) -> tuple[dict, list]:
+    """The nano suite in every mode (:class:`NanoTask`). Returns (metrics, kept sample records)."""
+    modes, kept = run_task(backend, tokenizer, NanoTask(suite), prompting, cfg, log)
+    return {"prompting": prompting, "modes": modes}, kept
 
 
 def _greedy(tokenizer, max_new_tokens: int, batch_size: int) -> SamplingParams:
@@ -174,38 +203,32 @@ def item_prompt(tokenizer, item, prompting: str, mode: str) -> list[int]:
     return chat_ids(tokenizer, [{"role": "user", "content": item.prompt}], mode == "on")
 
 
-def _answer_items(backend: Backend, tokenizer, items: list, prompting: str, cfg, mode: str):
-    """Every item answered in ``mode`` ("on": ``cfg.samples`` samples each at ``cfg.on_temperature`` /
-    ``cfg.on_top_p``; otherwise one, greedy), the samples of an item consecutive. Returns (sampled, samples per
-    item, completions, texts)."""
-    sampled = mode == "on"
-    n = cfg.samples if sampled else 1
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.on_temperature if sampled else 0.0,
-                            top_p=cfg.on_top_p if sampled else 1.0, stop_token_ids=tuple(stop_token_ids(tokenizer)),
-                            batch_size=cfg.batch_size, seed=cfg.seed)
-    prompts = [item_prompt(tokenizer, it, prompting, mode) for it in items for _ in range(n)]
-    completions = backend.generate(prompts, params, progress=True)
-    return sampled, n, completions, [decoded(tokenizer, c) for c in completions]
+class MathSuiteTask:
+    """A real math suite (:class:`thinkfast.suites.Item`s): the answer after the think block graded by ``grader``
+    (:class:`thinkfast.tasks.math.MathGrader`). Per mode: pass@1 (the mean over samples and items), pass@k for
+    each ``k`` in ``cfg.pass_k`` up to the samples, maj@n, mean tokens, think-format compliance (chat), the
+    no-answer rate (an unclosed think block, or neither a boxed answer nor a number after it) and the truncated
+    share."""
 
+    text_modes = ("text",)
+    event, log_fields = "suite_mode", {}
 
-def evaluate_items(backend: Backend, tokenizer, items: list, prompting: str, cfg, grader, log=None) -> tuple[dict, list]:
-    """A real suite in each mode (chat: "on" sampled ``cfg.samples`` times at ``cfg.on_temperature`` /
-    ``cfg.on_top_p``, "off" greedy; text: one greedy mode). Per mode: pass@1 (the mean over samples and
-    items), pass@k for each ``k`` in ``cfg.pass_k`` up to the samples, maj@n, mean tokens, think-format
-    compliance, the no-answer rate (an unclosed think block, or neither a boxed answer nor a number after
-    it) and the truncated share. The answer graded is the text after the think block, by ``grader``
-    (:class:`thinkfast.tasks.math.MathGrader`). Returns (metrics, kept sample records)."""
-    from .grading import maj_at_n, pass_at_k
-    from .tasks.completion import final_answer
-    from .tasks.math import vote_key
+    def __init__(self, items: list, grader):
+        self.items, self.grader = items, grader
 
-    out: dict = {}
-    kept = []
-    for mode in (("text",) if prompting == "text" else CHAT_MODES):
-        sampled, n, completions, texts = _answer_items(backend, tokenizer, items, prompting, cfg, mode)
-        answers = [final_answer(t) if prompting == "chat" else t for t in texts]
-        right = grader.grade([it.math_gold for it in items for _ in range(n)], answers)
-        votes = [vote_key(a) for a in answers]
+    @staticmethod
+    def prompt(tokenizer, item, prompting: str, mode: str) -> list[int]:
+        return item_prompt(tokenizer, item, prompting, mode)
+
+    def score(self, answers: Answers, prompting: str, cfg) -> tuple[dict, list]:
+        from .grading import maj_at_n, pass_at_k
+        from .tasks.completion import final_answer
+        from .tasks.math import vote_key
+
+        n, items, texts, completions = answers.n, self.items, answers.texts, answers.completions
+        finals = [final_answer(t) if prompting == "chat" else t for t in texts]
+        right = self.grader.grade([it.math_gold for it in items for _ in range(n)], finals)
+        votes = [vote_key(a) for a in finals]
         blocks = [range(i * n, (i + 1) * n) for i in range(len(items))]
         counts = [sum(right[j] for j in b) for b in blocks]
         r = {"pass@1": statistics.fmean(c / n for c in counts),
@@ -216,43 +239,54 @@ def evaluate_items(backend: Backend, tokenizer, items: list, prompting: str, cfg
              "truncated": statistics.fmean(c.finish_reason == "length" for c in completions),
              "n": len(items), "samples": n}
         if prompting == "chat":
-            r["format_ok"] = statistics.fmean(format_ok(t, thinking=sampled) for t in texts)
-        out[mode] = r
-        for i, it in enumerate(items[: cfg.save_samples]):
-            kept.append({"mode": mode, "id": it.id, "gold": it.gold, "response": texts[i * n], "correct": right[i * n]})
-        if log is not None:
-            log.log("suite_mode", mode=mode, **r)
-    return out, kept
+            r["format_ok"] = statistics.fmean(format_ok(t, thinking=answers.sampled) for t in texts)
+        kept = [{"mode": answers.mode, "id": it.id, "gold": it.gold, "response": texts[i * n], "correct": right[i * n]}
+                for i, it in enumerate(items[: cfg.save_samples])]
+        return r, kept
 
 
-def evaluate_ifeval(backend: Backend, tokenizer, items: list, prompting: str, cfg, log=None) -> tuple[dict, list]:
-    """IFEval (:mod:`thinkfast.tasks.ifeval`) in each mode, sampled as :func:`evaluate_items` samples. The prompt is the
-    item's text as the user turn, unchanged; the answer checked is the text after the think block (a malformed
-    block fails every instruction). Per mode: prompt- and instruction-level accuracy, strict and loose (means
-    over all samples; ``pass@1`` is the prompt-level strict one), mean tokens, the no-answer rate, format
-    compliance, the truncated share."""
-    from .tasks import ifeval
+class IFEvalTask:
+    """IFEval (:mod:`thinkfast.tasks.ifeval`): the item's text as the user turn, unchanged; the answer checked is
+    the text after the think block (a malformed block fails every instruction). Per mode: prompt- and
+    instruction-level accuracy, strict and loose (means over all samples; ``pass@1`` is the prompt-level strict
+    one), mean tokens, the no-answer rate, format compliance (chat), the truncated share."""
 
-    out: dict = {}
-    kept = []
-    for mode in (("text",) if prompting == "text" else CHAT_MODES):
-        sampled, n, completions, texts = _answer_items(backend, tokenizer, items, prompting, cfg, mode)
-        answers = [parse_response(t).answer if prompting == "chat" else t for t in texts]
-        graded = [ifeval.grade(items[j // n], a or "") for j, a in enumerate(answers)]
+    text_modes = ("text",)
+    event, log_fields = "suite_mode", {"suite": "ifeval"}
+
+    def __init__(self, items: list):
+        self.items = items
+
+    @staticmethod
+    def prompt(tokenizer, item, prompting: str, mode: str) -> list[int]:
+        return item_prompt(tokenizer, item, prompting, mode)
+
+    def score(self, answers: Answers, prompting: str, cfg) -> tuple[dict, list]:
+        from .tasks import ifeval
+
+        n, items, texts, completions = answers.n, self.items, answers.texts, answers.completions
+        finals = [parse_response(t).answer if prompting == "chat" else t for t in texts]
+        graded = [ifeval.grade(items[j // n], a or "") for j, a in enumerate(finals)]
         r = {**ifeval.score(graded), "mean_tokens": statistics.fmean(c.n_tokens for c in completions),
-             "no_answer": statistics.fmean(a is None for a in answers),
+             "no_answer": statistics.fmean(a is None for a in finals),
              "truncated": statistics.fmean(c.finish_reason == "length" for c in completions),
              "n": len(items), "samples": n}
         r["pass@1"] = r["prompt_level_strict"]
         if prompting == "chat":
-            r["format_ok"] = statistics.fmean(format_ok(t, thinking=sampled) for t in texts)
-        out[mode] = r
-        for i, it in enumerate(items[: cfg.save_samples]):
-            kept.append({"mode": mode, "id": f"ifeval/{it.key}", "response": texts[i * n],
-                         "followed": graded[i * n]["strict"]})
-        if log is not None:
-            log.log("suite_mode", suite="ifeval", mode=mode, **r)
-    return out, kept
+            r["format_ok"] = statistics.fmean(format_ok(t, thinking=answers.sampled) for t in texts)
+        kept = [{"mode": answers.mode, "id": f"ifeval/{it.key}", "response": texts[i * n],
+                 "followed": graded[i * n]["strict"]} for i, it in enumerate(items[: cfg.save_samples])]
+        return r, kept
+
+
+def evaluate_items(backend: Backend, tokenizer, items: list, prompting: str, cfg, grader, log=None) -> tuple[dict, list]:
+    """A real math suite in each mode (:class:`MathSuiteTask`). Returns (metrics, kept sample records)."""
+    return run_task(backend, tokenizer, MathSuiteTask(items, grader), prompting, cfg, log)
+
+
+def evaluate_ifeval(backend: Backend, tokenizer, items: list, prompting: str, cfg, log=None) -> tuple[dict, list]:
+    """IFEval in each mode (:class:`IFEvalTask`). Returns (metrics, kept sample records)."""
+    return run_task(backend, tokenizer, IFEvalTask(items), prompting, cfg, log)
 
 
 def budget_sweep(backend: Backend, tokenizer, problems: list, budgets: list, *, grace: int = 16, max_new_tokens: int = 800,
