@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from thinkfast.config import load_yaml
-from thinkfast.data import Corpus
+from thinkfast.data import Corpus, doc_attention
 from thinkfast.nano.tokenizer import build_tokenizer
 from thinkfast.pipeline import default_config_path, load_pipeline, run_stage
 from thinkfast.puzzle.parent import load_decilm
@@ -87,7 +87,7 @@ def plain_run(tmp: Path, a) -> float:
             g["lr"] = 1e-3 * min(1.0, (step + 1) / 20)
         ids = corpus.rows("train", f"distill:0:{step}", a.batch, a.seq)
         x = ids[:, :-1]
-        attn = corpus.attention(x)  # the nano config's document mask, as the stage applies it
+        attn = doc_attention(x, corpus.doc_eos)  # the nano config's document mask, as the stage applies it
         with torch.no_grad():
             t = teacher(x, output_hidden_states=True, **attn)
         s = student(x, output_hidden_states=True, **attn)

@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, DynamicCache
 
-from thinkfast.artifacts import read_costs, read_library, read_scores
+from thinkfast.artifacts import COMPLETE, OUTPUTS, read_costs, read_library, read_scores
 from thinkfast.data import doc_attention
 from thinkfast.evaluation import EvalSettings, evaluate
 from thinkfast.generation import LocalBackend
@@ -112,7 +112,7 @@ def decode_seconds(model, batch: int, context: int, steps: int) -> float:
 def run_doc_eos(run: Path, tokenizer) -> int | None:
     """The end-of-text id when the run's stages read rows under ``data.doc_mask`` (as its scores stage
     recorded), else None: the benchmark's KL is measured as the run measured its parent."""
-    marker = json.loads((run / "scores" / "COMPLETE.json").read_text())
+    marker = json.loads((run / "scores" / COMPLETE).read_text())
     return tokenizer.eos_token_id if marker["config"].get("data.doc_mask", False) else None
 
 
@@ -145,8 +145,8 @@ def main(argv=None) -> int:
     parent_dir = run / "pretrain" / "model"
     lib_dir = run / "library" / "library"
     lib = read_library(lib_dir)
-    problem = build_problem(lib, read_scores(run / "scores" / "scores.json"), read_costs(run / "costs" / "costs.json"))
-    costs = read_costs(run / "costs" / "costs.json")
+    costs = read_costs(run / "costs" / OUTPUTS["costs"])
+    problem = build_problem(lib, read_scores(run / "scores" / OUTPUTS["scores"]), costs)
     key = f"decode_s@{args.batch}"
     rows_idx = np.arange(len(problem.names))
     parent = load_decilm(parent_dir)

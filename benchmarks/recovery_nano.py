@@ -41,7 +41,8 @@ import numpy as np
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from thinkfast.artifacts import copy_tokenizer_files, read_costs, read_library, read_scores, write_model_sidecar
+from thinkfast.artifacts import (OUTPUTS, copy_tokenizer_files, read_costs, read_library, read_scores,
+                                 write_model_sidecar)
 from thinkfast.evaluation import EvalSettings, evaluate
 from thinkfast.generation import LocalBackend
 from thinkfast.nano import tasks
@@ -124,8 +125,8 @@ def main(argv=None) -> int:
     parent_dir = work / "pretrain" / "model"
     lib_dir = work / "library" / "library"
     lib = read_library(lib_dir)
-    costs = read_costs(work / "costs" / "costs.json")
-    problem = build_problem(lib, read_scores(work / "scores" / "scores.json"), costs)
+    costs = read_costs(work / "costs" / OUTPUTS["costs"])
+    problem = build_problem(lib, read_scores(work / "scores" / OUTPUTS["scores"]), costs)
     key = f"decode_s@{a.batch}"
     parent = load_decilm(parent_dir)
     tensors = load_file(str(lib_dir / "weights.safetensors"))

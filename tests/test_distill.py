@@ -95,7 +95,7 @@ def test_distill_lowers_kl_and_writes_its_curve(folders, tmp_path):
     m, _ = run_distill(_pipe(folders, run, f"distill.teacher={folders / 'teacher'}"))
     assert m["kl_after"] < 0.8 * m["kl_before"], m
     assert m["layer_pairs"] == 1  # 2 student layers, 3 teacher layers: the last ones only
-    curve = json.loads((run / "distill" / "curve.json").read_text())
+    curve = json.loads((run / "distill" / "curve.json").read_text())["points"]
     assert [p["step"] for p in curve] == [0, 6, 12] and all("accuracy" in p for p in curve)
     assert curve[-1]["tokens"] == 12 * 2 * 47
     assert (run / "distill" / "curve.png").stat().st_size > 1000
@@ -123,8 +123,8 @@ def test_interrupted_distill_resumes_to_the_same_weights(folders, tmp_path, monk
     got = load_file(run / "distill" / "model" / "model.safetensors")
     for k in ref:
         assert torch.allclose(ref[k], got[k], atol=1e-6), k
-    ref_curve = json.loads((tmp_path / "ref" / "distill" / "curve.json").read_text())
-    curve = json.loads((run / "distill" / "curve.json").read_text())
+    ref_curve = json.loads((tmp_path / "ref" / "distill" / "curve.json").read_text())["points"]
+    curve = json.loads((run / "distill" / "curve.json").read_text())["points"]
     assert [p["step"] for p in curve] == [p["step"] for p in ref_curve]
     assert curve[-1]["kl"] == pytest.approx(ref_curve[-1]["kl"], rel=1e-5)
 

@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from thinkfast.convert import convert_llama_model
-from thinkfast.data import Corpus, DataConfig, DataError
+from thinkfast.data import Corpus, DataConfig, DataError, doc_attention
 from thinkfast.fusion import dependency_matrix
 from thinkfast.nano.corpus import packed_rows
 from thinkfast.nano.tokenizer import build_tokenizer
@@ -66,8 +66,10 @@ def test_dependency_matrix_under_the_mask_is_the_token_weighted_mean_over_docume
 
 def test_corpus_attention(tok):
     ids = torch.tensor([[5, 6, tok.eos_token_id, 7]])
-    assert Corpus(DataConfig(), tok).attention(ids) == {}
-    attn = Corpus(DataConfig(doc_mask=True), tok).attention(ids)
+    plain, masked = Corpus(DataConfig(), tok), Corpus(DataConfig(doc_mask=True), tok)
+    assert plain.doc_eos is None and doc_attention(ids, plain.doc_eos) == {}
+    assert masked.doc_eos == tok.eos_token_id == DataConfig(doc_mask=True).doc_eos(tok)
+    attn = doc_attention(ids, masked.doc_eos)
     assert attn["position_ids"].tolist() == [[0, 1, 2, 0]]
     assert attn["attention_mask"][0, 0, 2, 0] and not attn["attention_mask"][0, 0, 3, 0]
 
@@ -76,6 +78,7 @@ def test_corpus_attention(tok):
 
     with pytest.raises(DataError, match="doc_mask"):
         Corpus(DataConfig(doc_mask=True), NoEos())
+    assert DataConfig().doc_eos(NoEos()) is None
 
 
 def test_the_pipeline_runs_masked_and_the_switch_redoes_every_stage_that_reads_rows(tmp_path):

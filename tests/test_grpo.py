@@ -192,7 +192,7 @@ def test_grpo_stage_runs_and_resumes_to_the_same_weights(sft_run, tmp_path, monk
     m, _ = run_stage(_pipe(ref_run, "grpo.kl_beta=0.1"), "grpo")
     assert m["steps"] == 4 and m["prompts"] == 12 and "accuracy_on_after" in m
     curve = json.loads((ref_run / "grpo" / "curve.json").read_text())
-    assert [p["step"] for p in curve["eval"]] == [0, 2, 4] and len(curve["steps"]) == 4
+    assert [p["step"] for p in curve["points"]] == [0, 2, 4] and len(curve["steps"]) == 4
     assert {"reward", "pass_rate", "kl", "clip_fraction", "response_tokens", "format_ok"} <= set(curve["steps"][0])
     assert json.loads((ref_run / "grpo" / "pass_rates.json").read_text())["samples"] == 2
     want = load_file(ref_run / "grpo" / "model" / "model.safetensors")
@@ -292,7 +292,7 @@ def test_prompts_from_files_reach_the_rewards_with_their_columns(sft_run, tmp_pa
     m, _ = run_stage(_pipe(run, *opts), "grpo")
     assert m["prompts"] == 6 and "held_out_pass_after" in m  # 8 rows, 2 held out
     curve = json.loads((run / "grpo" / "curve.json").read_text())
-    assert [p["step"] for p in curve["eval"]] == [0, 2] and curve["eval"][0]["held_out"]["n"] == 2
+    assert [p["step"] for p in curve["points"]] == [0, 2] and curve["points"][0]["held_out"]["n"] == 2
     assert "reward_test_grpo:contains_target" in curve["steps"][0] and curve["steps"][0]["pass_rate"] is not None
     assert len(json.loads((run / "grpo" / "pass_rates.json").read_text())["pass_rates"]) == 6
     # a reward needing a column the rows lack is an error before any work, in the file's terms: the argument,

@@ -50,6 +50,22 @@ Library folder (stage ``library``): ``library.json`` and ``weights.safetensors``
 ``thinkfast.json`` in a model folder (the sidecar: how to prompt the model, which stage made it)::
 
     {"prompting": "text" | "chat", "made_by": "pretrain", ...}
+
+``curve.json`` of a training stage (distill, sft, grpo; :class:`Curve`, :func:`write_curve`, :func:`read_curve`),
+what the report plots without knowing the stage::
+
+    {"format": "thinkfast-curve/1",
+     "points": [{"step": 0, "tokens": 0, "loss": 2.1, "on": {"accuracy": 0.5, ...}, ...}, ...],  # evaluations
+     "steps": [{"step": 0, "reward": 0.25, ...}, ...],   # optional: one record per training step
+     "plot": [{"label": "loss", "y": "loss"}, {"label": "accuracy on", "y": "on.accuracy"},
+              {"label": "reward", "y": "reward", "of": "steps"}],  # y: a dotted key; of: points (default)
+     "log_y": false}                                      # optional
+
+  Earlier runs wrote a list of evaluation points (distill, sft) or ``{"eval": [...], "steps": [...]}`` (grpo);
+  :func:`read_curve` reads both.
+
+The names of the files themselves: a stage's output of each kind (:data:`OUTPUTS`), its completion marker
+(:data:`COMPLETE`, written last) and the marker of a started run that owns its checkpoint (:data:`STARTED`).
 """
 
 from __future__ import annotations
@@ -57,21 +73,30 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .atomic import atomic_write_json
 from .config import ConfigError
 from .engines import ENGINES, library_engine
 
-__all__ = ["ArtifactError", "COSTS_FORMAT", "LIBRARY_FORMAT", "MissingArtifact", "SCORES_FORMAT", "SIDECAR",
-           "TOKENIZER_FILES", "check_costs", "check_scores", "check_weights", "check_weights_match_config",
-           "copy_tokenizer_files", "library_pairs", "load_model", "load_tensors", "read_costs", "read_json",
-           "read_library", "read_model_sidecar", "read_scores", "write_model_sidecar"]
+__all__ = ["ArtifactError", "COMPLETE", "COSTS_FORMAT", "CURVE", "CURVE_FORMAT", "Curve", "LIBRARY_FORMAT",
+           "MissingArtifact", "OUTPUTS", "SCORES_FORMAT", "SIDECAR", "STARTED", "TOKENIZER_FILES", "check_costs",
+           "check_scores", "check_weights", "check_weights_match_config", "copy_tokenizer_files", "library_pairs",
+           "load_model", "load_tensors", "read_costs", "read_curve", "read_json", "read_library",
+           "read_model_sidecar", "read_scores", "write_curve", "write_model_sidecar"]
 
 LIBRARY_FORMAT = "thinkfast-puzzle-library/1"
 SCORES_FORMAT = "thinkfast-puzzle-scores/1"
 COSTS_FORMAT = "thinkfast-puzzle-costs/1"
 SIDECAR = "thinkfast.json"
+CURVE = "curve.json"
+CURVE_FORMAT = "thinkfast-curve/1"
+COMPLETE = "COMPLETE.json"  # a stage's completion marker, written last
+STARTED = "STARTED.json"  # the config of the run that owns a stage's checkpoint
+# where each kind of output (a stage's MAKES) lives inside its stage's folder
+OUTPUTS = {"model": "model", "library": "library", "scores": "scores.json", "costs": "costs.json"}
 # what a model folder carries besides weights and config (a child made from it carries the same)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
@@ -332,14 +357,98 @@ def read_costs(path: str | Path, library: dict | None = None) -> dict:
     return check_costs(read_json(path, "run the costs stage first, or set costs.file"), str(path), library)
 
 
+# ------------------------------------------------------------------ training curves
+
+
+@dataclass
+class Curve:
+    """A training stage's ``curve.json`` (module docstring): its evaluation ``points``, optionally one record per
+    training step (``steps``), and what to plot of them: ``plot`` entries ``{"label", "y", "of"}`` where ``y`` is a
+    dotted key into a point (``"on.accuracy"``) and ``of`` is ``"points"`` (the default) or ``"steps"``."""
+
+    points: list[dict]
+    plot: list[dict]
+    steps: list[dict] = field(default_factory=list)
+    log_y: bool = False
+
+    def series(self) -> list[tuple[str, list, list]]:
+        """``(label, steps, values)`` per plotted key, over the records that have the key (None where unset)."""
+        out = []
+        for spec in self.plot:
+            records = self.steps if spec.get("of", "points") == "steps" else self.points
+            have = [r for r in records if _has(r, spec["y"])]
+            out.append((spec["label"], [r["step"] for r in have], [_dotted(r, spec["y"]) for r in have]))
+        return out
+
+
+def _has(record: dict, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(record, dict) or part not in record:
+            return False
+        record = record[part]
+    return True
+
+
+def _dotted(record: dict, key: str):
+    for part in key.split("."):
+        record = record[part]
+    return record
+
+
+def write_curve(folder: str | Path, curve: Curve) -> Path:
+    """Write ``folder/curve.json`` (atomically) in the one schema; its path."""
+    path = Path(folder) / CURVE
+    data = {"format": CURVE_FORMAT, "points": curve.points, "plot": curve.plot}
+    if curve.steps:
+        data["steps"] = curve.steps
+    if curve.log_y:
+        data["log_y"] = True
+    atomic_write_json(path, data)
+    return path
+
+
+# what the curves of runs made before the one schema plotted: a list of evaluation points (distill: kl and
+# accuracy on a log scale; sft: loss and accuracy per mode) or grpo's {"eval": points, "steps": records}
+_OLD_PLOTS = [{"label": "loss", "y": "loss"}, {"label": "KL to the parent", "y": "kl"},
+              {"label": "accuracy", "y": "accuracy"}, {"label": "reward", "y": "reward", "of": "steps"},
+              {"label": "accuracy on", "y": "on.accuracy"}, {"label": "accuracy off", "y": "off.accuracy"}]
+
+
+def read_curve(path: str | Path) -> Curve | None:
+    """``curve.json`` at ``path`` (or in the folder ``path``) as a :class:`Curve`, in the one schema or either
+    earlier shape; None when there is none, it is not JSON, or it has no points or steps."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CURVE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if isinstance(data, dict) and data.get("format") == CURVE_FORMAT:
+        curve = Curve(points=list(data.get("points") or []), plot=list(data.get("plot") or []),
+                      steps=list(data.get("steps") or []), log_y=bool(data.get("log_y", False)))
+    elif isinstance(data, list):  # distill, sft before the one schema
+        curve = Curve(points=data, plot=[], log_y=any(isinstance(p, dict) and "kl" in p for p in data))
+    elif isinstance(data, dict) and isinstance(data.get("eval"), list):  # grpo before the one schema
+        curve = Curve(points=data["eval"], plot=[], steps=list(data.get("steps") or []))
+    else:
+        return None
+    if not all(isinstance(r, dict) and "step" in r for r in curve.points + curve.steps):
+        return None
+    if not curve.points and not curve.steps:
+        return None
+    if not curve.plot:  # an earlier shape: the keys it has
+        curve.plot = [spec for spec in _OLD_PLOTS
+                      if any(_has(r, spec["y"]) for r in (curve.steps if spec.get("of") == "steps" else curve.points))]
+    return curve
+
+
 # ------------------------------------------------------------------ model folders
 
 
 def write_model_sidecar(model_dir: str | Path, prompting: str | None, made_by: str, **extra: Any) -> None:
     """Write ``thinkfast.json`` into ``model_dir`` (atomically): how to prompt the model (None: unknown, eval
     guesses from the tokenizer), who made it, and ``extra`` (``engine``: the engine it was made for)."""
-    from .rundir import atomic_write_json
-
     if prompting is not None and prompting not in PROMPTINGS:
         raise ValueError(f"prompting={prompting!r}: expected one of {PROMPTINGS}")
     head = {"prompting": prompting} if prompting is not None else {}
@@ -375,7 +484,7 @@ def _damaged(stage: str | None, folder: Path | None = None) -> str:
         return (f"the model folder is {folder.resolve()} (linked as {folder}), which no stage of this run wrote: "
                 "replace the damaged file with a good copy (download or save the model again)")
     if folder is not None and folder.name == "model" and folder.parent.name == "parent" and (
-            folder.parent / "COMPLETE.json").is_file():
+            folder.parent / COMPLETE).is_file():
         return ("the parent stage copied it from parent.path: check that folder's file, then re-run the parent "
                 "stage with --force")
     who = f"the {stage} stage" if stage else "the stage"

@@ -25,7 +25,9 @@ Every bad row is an error naming its file and line (``DataError``): a missing or
 that are not a list of ``{"role", "content"}`` strings, a line that is not JSON, bytes that are not UTF-8.
 
 How a packed row of documents is attended (:func:`doc_attention`, :func:`block_causal_mask`) is here too,
-below the corpus: every stage that reads rows, and SFT's packing, mask them the same way.
+below the corpus: every stage that reads rows, and SFT's packing, mask them the same way. ``data.doc_mask``
+is applied one way: :meth:`DataConfig.doc_eos` (``Corpus.doc_eos``) is the end-of-text id or None, and a
+model's forward takes ``doc_attention(ids, eos)``, layers run by hand ``positions_and_mask(ids, eos)``.
 """
 
 from __future__ import annotations
@@ -112,6 +114,17 @@ class DataConfig:
     def mix(self) -> dict:
         """Keyword arguments of :func:`thinkfast.nano.corpus.documents`."""
         return {k: getattr(self, k) for k in NANO_MIX}
+
+    def doc_eos(self, tokenizer) -> int | None:
+        """The token that closes a document of a packed row when ``doc_mask`` (the tokenizer's end of text),
+        else None: the one argument of :func:`doc_attention` / :func:`positions_and_mask` that applies
+        ``doc_mask``. A DataError when ``doc_mask`` is set and the tokenizer has no end-of-text token."""
+        if not self.doc_mask:
+            return None
+        if tokenizer.eos_token_id is None:
+            raise DataError("data.doc_mask: the parent's tokenizer has no end-of-text token to split rows into "
+                            "documents at; set data.doc_mask: false")
+        return tokenizer.eos_token_id
 
     def identity(self, use: str) -> dict:
         """What a stage's identity records of this section: ``use`` is ``"nano"`` (the mix only: pretrain)
@@ -255,11 +268,9 @@ class Corpus:
 
     def __init__(self, cfg: DataConfig, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
-        if cfg.doc_mask and tokenizer.eos_token_id is None:
-            raise DataError("data.doc_mask: the parent's tokenizer has no end-of-text token to split rows into "
-                            "documents at; set data.doc_mask: false")
-        # documents end with this token and attend only to themselves (None: rows attend across documents)
-        self.doc_eos: int | None = tokenizer.eos_token_id if cfg.doc_mask else None
+        # documents end with this token and attend only to themselves (None: rows attend across documents);
+        # a forward on rows takes doc_attention(ids, corpus.doc_eos), layers run by hand positions_and_mask
+        self.doc_eos: int | None = cfg.doc_eos(tokenizer)
         self._cache: dict[tuple[int, int], list[int]] = {}
         self._cached_tokens = 0
         if cfg.nano:
@@ -370,11 +381,6 @@ class Corpus:
             self._cache[key] = ids
             self._cached_tokens += len(ids)
         return ids
-
-    def attention(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Keyword arguments for a model's forward on rows ``ids`` (:func:`doc_attention`):
-        ``{}`` unless ``data.doc_mask``."""
-        return doc_attention(ids, self.doc_eos)
 
     def rows(self, split: str, key: str, n: int, width: int) -> torch.Tensor:
         """Token ids ``[n, width]`` from ``split`` (``train`` or ``held_out``), a pure function of ``key``.

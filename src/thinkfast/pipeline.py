@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from .artifacts import COMPLETE, OUTPUTS
 from .config import ConfigError, apply_overrides, config_hash, from_dict, load_yaml, to_dict
 from .data import NANO_MIX, DataConfig, DataError, expand_files
 from .rundir import MARKER_FORMAT, RunDir, RunDirError, StageConfigMismatch, StageDir, StageRun, atomic_write_json
-from .stages import (OUTPUTS, Input, Inputs, costs, distill, fuse, library, parent, pretrain, resolve_device, scores,
-                     search, sft)
+from .stages import (Input, Inputs, costs, distill, fuse, library, parent, pretrain, resolve_device, scores, search,
+                     sft)
 from .stages import grpo
 from .stages import eval as eval_stage
 
@@ -317,7 +318,7 @@ def adopt_legacy(pipe: Pipeline, rd: RunDir) -> list[str]:
     Eval is not adopted: it now evaluates every model of the run. Returns the adopted stages."""
     markers = {}
     for child in pipe.run_dir.iterdir() if pipe.run_dir.is_dir() else ():
-        m = child / "COMPLETE.json"
+        m = child / COMPLETE
         if child.is_dir() and not child.name.endswith(".partial") and m.is_file():
             try:
                 markers[child.name] = StageDir(pipe.run_dir, child.name).marker()

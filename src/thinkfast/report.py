@@ -19,6 +19,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .artifacts import COMPLETE, CURVE, OUTPUTS, read_curve
 from .rundir import atomic_write_text
 
 __all__ = ["write_report"]
@@ -46,10 +47,10 @@ def _read(path: Path):
 
 
 def _stages(run_dir: Path) -> list[tuple[str, dict]]:
-    """Completed stages in the order they finished: (name, their COMPLETE.json record)."""
+    """Completed stages in the order they finished: (name, their completion marker's record)."""
     done = []
     for d in sorted(p for p in run_dir.iterdir() if p.is_dir()):
-        rec = _read(d / "COMPLETE.json")
+        rec = _read(d / COMPLETE)
         if isinstance(rec, dict) and rec.get("stage") == d.name:
             done.append((d.name, rec))
     return sorted(done, key=lambda x: x[1].get("finished_at", ""))
@@ -110,30 +111,25 @@ def _plot_architecture(parent: list, child: list, names: tuple[str, str], path: 
     plt.close(fig)
 
 
-def _curves(run_dir: Path) -> dict[str, list[tuple[str, list, list]]]:
-    """Per training stage: (label, x, y) series."""
-    out: dict[str, list] = {}
+def _curves(run_dir: Path) -> dict[str, tuple[list[tuple[str, list, list]], bool]]:
+    """Per training stage: its (label, steps, values) series and whether to plot them on a log scale. Pretraining
+    from its log, every other stage from its ``curve.json`` (:func:`thinkfast.artifacts.read_curve`), in the order
+    the stages finished."""
+    out: dict[str, tuple[list, bool]] = {}
     log = run_dir / "pretrain" / "log.jsonl"
     if log.is_file():
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if r.get("event") == "train" and "loss" in r]
         if rows:
-            out["pretrain"] = [("loss", [r["step"] for r in rows], [r.get("loss_ema", r["loss"]) for r in rows])]
-    distill = _read(run_dir / "distill" / "curve.json")
-    if isinstance(distill, list) and distill:
-        out["distill"] = [("KL to the parent", [p["step"] for p in distill], [p["kl"] for p in distill]),
-                          ("accuracy", [p["step"] for p in distill], [p.get("accuracy") for p in distill])]
-    sft = _read(run_dir / "sft" / "curve.json")
-    if isinstance(sft, list) and sft:
-        out["sft"] = [("loss", [p["step"] for p in sft], [p.get("loss") for p in sft])] + [
-            (f"accuracy {m}", [p["step"] for p in sft if m in p], [p[m]["accuracy"] for p in sft if m in p])
-            for m in ("on", "off")]
-    grpo = _read(run_dir / "grpo" / "curve.json")
-    if isinstance(grpo, dict) and grpo.get("steps"):
-        steps = grpo["steps"]
-        out["grpo"] = [("reward", [s["step"] for s in steps], [s["reward"] for s in steps])] + [
-            (f"accuracy {m}", [p["step"] for p in grpo["eval"] if m in p],
-             [p[m]["accuracy"] for p in grpo["eval"] if m in p]) for m in ("on", "off")]
+            out["pretrain"] = ([("loss", [r["step"] for r in rows], [r.get("loss_ema", r["loss"]) for r in rows])],
+                               True)
+    finished = {name: i for i, (name, _) in enumerate(_stages(run_dir))}
+    folders = sorted((p for p in run_dir.iterdir() if p.is_dir() and (p / CURVE).is_file()),
+                     key=lambda p: (finished.get(p.name, len(finished)), p.name))
+    for folder in folders:
+        curve = read_curve(folder / CURVE)
+        if curve is not None:
+            out[folder.name] = (curve.series(), curve.log_y)
     return out
 
 
@@ -144,14 +140,14 @@ def _plot_curves(curves: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(curves), figsize=(3.4 * len(curves), 3.0), squeeze=False)
-    for ax, (stage, series) in zip(axes[0], curves.items()):
+    for ax, (stage, (series, log_y)) in zip(axes[0], curves.items()):
         for label, x, y in series:
             pts = [(a, b) for a, b in zip(x, y) if b is not None]
             if pts:
                 ax.plot([a for a, _ in pts], [b for _, b in pts], label=label, marker="." if len(pts) < 30 else None)
         ax.set_title(stage, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-        if stage in ("pretrain", "distill"):
+        if log_y:
             ax.set_yscale("log")
         ax.legend(fontsize=6)
     fig.tight_layout()
@@ -231,11 +227,11 @@ def write_report(run_dir: str | Path) -> Path:
         md.append(f"| {name} | {_fmt(secs)} | {what} |")
     md += [f"| **all** | **{total:.0f}** | |", ""]
 
-    makers = [name for name, _ in stages if (run_dir / name / "model" / "config.json").is_file()]
+    makers = [name for name, _ in stages if (run_dir / name / OUTPUTS["model"] / "config.json").is_file()]
     if makers:
         md += ["## Architecture", ""]
         first, searched = makers[0], next((s for s in makers if s == "search"), makers[-1])
-        parent, child = _layers(run_dir / first / "model"), _layers(run_dir / searched / "model")
+        parent, child = _layers(run_dir / first / OUTPUTS["model"]), _layers(run_dir / searched / OUTPUTS["model"])
         if parent and child and len(parent) == len(child) and first != searched:
             _plot_architecture(parent, child, (first, searched), out / "architecture.png")
             md += [f"`{first}` (parent) against `{searched}`, layer by layer:", "",
@@ -245,7 +241,7 @@ def write_report(run_dir: str | Path) -> Path:
         md += ["Layers of every model: " + ", ".join(
             f"{s} {len(_layers(run_dir / s / 'model') or [])}" for s in makers), ""]
 
-    ev = _read(run_dir / "eval" / "metrics.json") if (run_dir / "eval" / "COMPLETE.json").is_file() else None
+    ev = _read(run_dir / "eval" / "metrics.json") if (run_dir / "eval" / COMPLETE).is_file() else None
     results = (ev or {}).get("models", {})
     if results:
         tp = _read(run_dir / "eval" / "throughput.json") or {}

@@ -16,16 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..artifacts import OUTPUTS  # noqa: F401  (where each kind of output lives inside its stage's folder)
 from ..runtime import check_device, resolve_device  # noqa: F401  (re-exported for the stages)
-
-# where each kind of output lives inside its stage's folder
-OUTPUTS = {"model": "model", "library": "library", "scores": "scores.json", "costs": "costs.json"}
 
 
 @dataclass(frozen=True)
 class Input:
-    """One thing a stage reads: a ``kind`` of output (a key of :data:`OUTPUTS`); ``field``, a config
-    field that names a path instead when set; ``many``: every earlier stage that makes one (as a
+    """One thing a stage reads: a ``kind`` of output (a key of :data:`thinkfast.artifacts.OUTPUTS`); ``field``, a
+    config field that names a path instead when set; ``many``: every earlier stage that makes one (as a
     ``{name: path}`` mapping), not just the latest."""
 
     kind: str

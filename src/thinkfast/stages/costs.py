@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..artifacts import COSTS_FORMAT, check_costs, library_pairs, read_costs, read_library
+from ..artifacts import COSTS_FORMAT, OUTPUTS, check_costs, library_pairs, read_costs, read_library
 from ..puzzle.costs import TimingSettings, explained_share, library_variants, measure_blocks, measure_models
 from ..puzzle.parent import load_decilm
 from ..puzzle.timing import device_name
@@ -116,7 +116,7 @@ def reuse_problems(cfg, marker: dict) -> list[str]:
 
 
 def run(cfg: CostsConfig, stage: StageDir, inputs: Inputs) -> dict:
-    out_path = stage.path / "costs.json"
+    out_path = stage.path / OUTPUTS["costs"]
     if cfg.file:
         data = read_costs(inputs["file"])
         atomic_write_json(out_path, {**data, "source": str(cfg.file)})

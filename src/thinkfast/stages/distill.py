@@ -32,16 +32,17 @@ from typing import Literal
 
 import torch
 
-from ..artifacts import copy_tokenizer_files, read_model_sidecar, write_model_sidecar
-from ..data import Corpus
+from ..artifacts import Curve, copy_tokenizer_files, read_model_sidecar, write_curve, write_model_sidecar
+from ..data import Corpus, doc_attention
 from ..evaluation import quick_accuracy
 from ..generation import LocalBackend
 from ..nano import tasks
 from ..puzzle.parent import kl_and_lm_loss, load_decilm
-from ..rundir import StageDir, atomic_dir, atomic_write_json
+from ..rundir import StageDir, atomic_dir
 from ..runtime import autocast, resolve_precision, setup_device
 from ..train.distill import TeacherCache, distill_loss, layer_map, topk_kl
 from ..train.loop import TrainLoop, adamw, optimizer_step, warmup_cosine
+from ..train.settings import CadenceFields, OptimizerFields, PeriodicEvalFields
 from . import Input, Inputs, check_device, positive
 
 MAKES = "model"
@@ -55,7 +56,10 @@ def reads(cfg) -> dict:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(OptimizerFields, PeriodicEvalFields, CadenceFields):
+    """The optimizer (``lr`` ... ``precision``), periodic evaluation and cadence fields are
+    :mod:`thinkfast.train.settings`'s; ``eval_problems`` counts for nano-world models only."""
+
     mode: Literal["distill", "lm"] = "distill"  # lm: continued pretraining (LM loss only)
     kl_weight: float = 1.0
     cosine_weight: float = 1.0
@@ -66,30 +70,18 @@ class DistillConfig:
     train_steps: int = 300
     batch_size: int = 8
     seq_len: int = 512
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    eval_every: int = 50
     eval_rows: int = 16
-    eval_problems: int = 40  # nano-world models only; 0: no accuracy check
-    eval_max_new_tokens: int = 600
     seed: int = 0
-    checkpoint_every: int = 50
-    log_every: int = 10
     device: str = "auto"
 
     def __post_init__(self):
         check_device(self.device)
-        positive(self, "train_steps", "batch_size", "eval_every", "eval_rows", "checkpoint_every", "log_every",
-                 "eval_max_new_tokens")
-        positive(self, "warmup_steps", "eval_problems", minimum=0)
-        if self.seq_len < 2 or not self.lr > 0 or not self.temperature > 0 or self.grad_clip <= 0:
-            raise ValueError("seq_len must be >= 2; lr, temperature and grad_clip > 0")
-        if min(self.kl_weight, self.cosine_weight, self.lm_weight) < 0 or self.weight_decay < 0:
-            raise ValueError("kl_weight, cosine_weight, lm_weight and weight_decay must be >= 0")
+        super().__post_init__()  # optimizer, periodic evaluation and cadence fields
+        positive(self, "train_steps", "batch_size", "eval_rows")
+        if self.seq_len < 2 or not self.temperature > 0:
+            raise ValueError("seq_len must be >= 2 and temperature > 0")
+        if min(self.kl_weight, self.cosine_weight, self.lm_weight) < 0:
+            raise ValueError("kl_weight, cosine_weight and lm_weight must be >= 0")
         if self.mode == "distill" and not (self.kl_weight or self.cosine_weight or self.lm_weight):
             raise ValueError("every loss weight is 0: set kl_weight, cosine_weight or lm_weight")
         if self.teacher_top_k is not None:
@@ -117,13 +109,13 @@ def _models(cfg: DistillConfig, inputs: Inputs):
 
 @torch.no_grad()
 def _measure(student, teacher, held_out: torch.Tensor, batch: int, problems, tokenizer, prompting, cfg,
-             held_topk=None, attention=lambda ids: {}) -> dict:
+             held_topk=None, eos_id: int | None = None) -> dict:
     student.eval()
     out: dict = {}
     kls, lms, n = 0.0, 0.0, 0
     for i in range(0, held_out.shape[0], batch):
         ids = held_out[i:i + batch]
-        attn = attention(ids[:, :-1])
+        attn = doc_attention(ids[:, :-1], eos_id)
         s = student(ids[:, :-1], **attn).logits
         if teacher is not None:
             kl, lm = kl_and_lm_loss(teacher(ids[:, :-1], **attn).logits, s, ids[:, 1:])
@@ -184,9 +176,9 @@ def run(cfg: DistillConfig, stage: StageDir, inputs: Inputs) -> dict:
     if cfg.teacher_top_k:  # the teacher's top-k logits first; it leaves memory before the student comes
         k = min(cfg.teacher_top_k, t_vocab)
         cache = TeacherCache(stage.path / "teacher_cache", k)
-        cache.build(teacher, rows, cfg.train_steps, attention=corpus.attention)
+        cache.build(teacher, rows, cfg.train_steps, eos_id=corpus.doc_eos)
         with torch.no_grad():
-            tops = [teacher(x, **corpus.attention(x)).logits.float().topk(k, dim=-1)
+            tops = [teacher(x, **doc_attention(x, corpus.doc_eos)).logits.float().topk(k, dim=-1)
                     for x in (held_out[i:i + cfg.batch_size, :-1] for i in range(0, held_out.shape[0], cfg.batch_size))]
         held_topk = (torch.cat([t.values for t in tops]).to(torch.bfloat16), torch.cat([t.indices for t in tops]))
         teacher = None
@@ -223,7 +215,7 @@ def run(cfg: DistillConfig, stage: StageDir, inputs: Inputs) -> dict:
 
     def point(step: int, tokens: int) -> None:
         m = _measure(student, teacher, held_out, cfg.batch_size, problems, tokenizer, prompting, cfg, held_topk,
-                     corpus.attention)
+                     corpus.doc_eos)
         curve.append({"step": step, "tokens": tokens, **m})
         log.log("eval", **curve[-1])
 
@@ -238,7 +230,7 @@ def run(cfg: DistillConfig, stage: StageDir, inputs: Inputs) -> dict:
         else:
             ids = rows(step).to(device)
         x, labels = ids[:, :-1], ids[:, 1:]
-        attn = corpus.attention(x)
+        attn = doc_attention(x, corpus.doc_eos)
         with autocast(device, precision):
             t_out = None
             if train_teacher is not None:
@@ -258,7 +250,8 @@ def run(cfg: DistillConfig, stage: StageDir, inputs: Inputs) -> dict:
         copy_tokenizer_files(student_dir, tmp)
         extra = {k: sidecar[k] for k in ("engine", "layer_map") if k in sidecar}
         write_model_sidecar(tmp, prompting=sidecar.get("prompting"), made_by="distill", **extra)
-    atomic_write_json(stage.path / "curve.json", curve)
+    write_curve(stage.path, Curve(points=curve, plot=[{"label": "KL to the parent", "y": "kl"},
+                                                      {"label": "accuracy", "y": "accuracy"}], log_y=True))
     if cache is not None:
         shutil.rmtree(cache.path, ignore_errors=True)
     source = f" from {Path(teacher_dir).parent.name}" if cfg.mode == "distill" else ""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..artifacts import copy_tokenizer_files, read_model_sidecar, write_model_sidecar
-from ..data import Corpus
+from ..data import Corpus, doc_attention
 from ..engines import DEFAULT_ENGINE, check_engine, check_engine_name, untie_for
 from ..fusion import dependency_matrix, find_groups, fuse, fused_layer_map
 from ..puzzle.assemble import describe
@@ -84,7 +84,7 @@ def _kl(before, after, rows: torch.Tensor, size: int, corpus) -> tuple[float, fl
     """Mean per-token KL(before || after) and the LM loss of ``after`` on held-out rows."""
     kls, lms, n = 0.0, 0.0, 0
     for ids in _batches(rows, size):
-        x, attn = ids[:, :-1], corpus.attention(ids[:, :-1])
+        x, attn = ids[:, :-1], doc_attention(ids[:, :-1], corpus.doc_eos)
         kl, lm = kl_and_lm_loss(before(x, **attn).logits, after(x, **attn).logits, ids[:, 1:])
         kls, lms, n = kls + kl * ids.shape[0], lms + lm * ids.shape[0], n + ids.shape[0]
     return kls / n, lms / n

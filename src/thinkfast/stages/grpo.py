@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..artifacts import copy_tokenizer_files, read_model_sidecar, write_model_sidecar
+from ..artifacts import Curve, copy_tokenizer_files, read_model_sidecar, write_curve, write_model_sidecar
 from ..data import DataError
 from ..evaluation import toggle_check
 from ..generation import LocalBackend, SamplingParams
@@ -76,6 +76,7 @@ from ..rl.rewards import (BUILTIN, RewardError, RewardFailed, RewardFailures, Re
 from ..rundir import StageDir, atomic_dir, atomic_write_json
 from ..toggle import stop_token_ids
 from ..train.loop import TrainLoop, adamw, autocast, resolve_precision, setup_device, warmup_cosine
+from ..train.settings import CadenceFields, OptimizerFields, PeriodicEvalFields, RolloutSampling
 from . import Input, Inputs, check_device, positive
 
 MAKES = "model"
@@ -91,7 +92,11 @@ def files(cfg) -> tuple[str, list[str]]:
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFields):
+    """The rollout sampling (``max_new_tokens``, ``temperature``, ``top_p``, ``batch_size``), optimizer
+    (``lr`` ... ``precision``), periodic evaluation (held-out problems, 1-3 digits, per mode, or rows held out
+    of files; 0: none) and cadence fields are :mod:`thinkfast.train.settings`'s."""
+
     prompts: int = 256  # nano-world training prompts (before the curriculum's filter)
     files: list[str] = field(default_factory=list)  # JSON lines of prompts (thinkfast.rl.prompts); none: nano
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping at the first
@@ -111,14 +116,9 @@ class GRPOConfig:
     prompts_per_step: int = 8
     train_steps: int = 40
     updates_per_rollout: int = 2
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
     lr: float = 1e-4
     warmup_steps: int = 0
     min_lr_ratio: float = 1.0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     clip_eps: float = 0.2
     kl_beta: float = 0.0
     logprobs: Literal["recompute", "sampler"] = "recompute"
@@ -133,10 +133,8 @@ class GRPOConfig:
     drop_unsolved: bool = False
     sigma: float = 0.15
     precision: Literal["auto", "bf16", "fp32"] = "fp32"
-    batch_size: int = 64  # sequences per generation batch
     eval_every: int = 20
-    eval_problems: int = 60  # held-out problems (1-3 digits) per mode, or rows held out of files; 0: none
-    eval_max_new_tokens: int = 600
+    eval_problems: int = 60
     seed: int = 0
     checkpoint_every: int = 10
     log_every: int = 1
@@ -144,10 +142,9 @@ class GRPOConfig:
 
     def __post_init__(self):
         check_device(self.device)
+        super().__post_init__()  # rollout sampling, optimizer, periodic evaluation and cadence fields
         positive(self, "prompts", "group_size", "prompts_per_step", "train_steps", "updates_per_rollout",
-                 "max_new_tokens", "pass_rate_samples", "batch_size", "eval_every", "checkpoint_every",
-                 "log_every", "eval_max_new_tokens")
-        positive(self, "warmup_steps", "eval_problems", minimum=0)
+                 "pass_rate_samples")
         if self.max_failing_steps is not None and self.max_failing_steps < 0:
             raise ValueError(f"max_failing_steps={self.max_failing_steps} must be >= 0 (0 or null: never stop on "
                              "a failing reward)")
@@ -164,13 +161,11 @@ class GRPOConfig:
                 raise ValueError(f"rewards: {r!r} is neither built in ({sorted(BUILTIN)}) nor module:function")
         if self.updates_per_rollout > self.prompts_per_step:
             raise ValueError("updates_per_rollout slices the step's groups: it must be <= prompts_per_step")
-        for name in ("lr", "grad_clip", "temperature", "reward_timeout", "sigma"):
+        for name in ("reward_timeout", "sigma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if not 0 < self.clip_eps < 1:
             raise ValueError(f"clip_eps={self.clip_eps} must be in (0, 1)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if not self.kl_beta >= 0:
             raise ValueError(f"kl_beta={self.kl_beta} must be >= 0")
         if not 0 < self.easy_threshold <= 1:
@@ -398,7 +393,9 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
         copy_tokenizer_files(model_dir, tmp)
         write_model_sidecar(tmp, prompting="chat", made_by="grpo",
                             **{k: sidecar[k] for k in ("engine",) if k in sidecar})
-    atomic_write_json(stage.path / "curve.json", {"eval": curve, "steps": steps_log})
+    plot = [{"label": "reward", "y": "reward", "of": "steps"}] + [
+        {"label": f"accuracy {mode}", "y": f"{mode}.accuracy"} for mode in ("on", "off")]
+    write_curve(stage.path, Curve(points=curve, steps=steps_log, plot=plot))
     _plot(stage.path / "curve.png", curve, steps_log, f"GRPO ({cfg.curriculum}) of {model_dir.parent.name}")
     last = [s["reward"] for s in steps_log[-5:] if s["reward"] is not None]  # None: nothing scorable
     metrics = {"steps": cfg.train_steps, "prompts_kept": len(kept), "prompts": len(prompts),

@@ -43,13 +43,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..artifacts import OUTPUTS
 from ..data import Corpus
 from ..engines import DEFAULT_ENGINE, UNRECORDED_LIBRARY_ENGINE, check_engine
 from ..puzzle.bld import BLDSettings, SearchSpace, block_library, merge_libraries
 from ..puzzle.parent import load_decilm
 from ..rundir import StageDir
 from ..runtime import setup_device
-from . import Input, Inputs, check_device, model_path, positive
+from ..train.settings import CadenceFields
+from . import Input, Inputs, check_device, model_path
 
 MAKES = "library"
 DATA = "corpus"  # calibration and BLD read the data section's train part, held-out losses its held-out part
@@ -62,8 +64,9 @@ def reads(cfg) -> dict:
 
 
 @dataclass
-class LibraryConfig:
-    """Search space and BLD. Defaults fit the nano parent (8 query / 4 KV heads, FFN 344)."""
+class LibraryConfig(CadenceFields):
+    """Search space and BLD. Defaults fit the nano parent (8 query / 4 KV heads, FFN 344). The cadence fields
+    (``checkpoint_every``, ``log_every``) are :mod:`thinkfast.train.settings`'s."""
 
     # search space (REFERENCE.md section 1)
     kv_heads: list[int] = field(default_factory=lambda: [2, 1])  # GQA variants with fewer KV heads
@@ -88,14 +91,12 @@ class LibraryConfig:
     layer_start: int = 0
     layer_end: int | None = None  # exclusive; None = last layer
     merge_from: list[str] = field(default_factory=list)  # library folders to merge instead of training
-    checkpoint_every: int = 50
-    log_every: int = 10
     device: str = "auto"
 
     def __post_init__(self):
         check_device(self.device)
         self.space()  # validates the search space
-        positive(self, "checkpoint_every", "log_every")
+        super().__post_init__()  # cadence fields
         self.bld()  # validates BLD's settings
         if self.layer_start < 0 or (self.layer_end is not None and self.layer_end <= self.layer_start):
             raise ValueError(f"layer range [{self.layer_start}, {self.layer_end}) is empty")
@@ -121,7 +122,7 @@ def run(cfg: LibraryConfig, stage: StageDir, inputs: Inputs) -> dict:
     """Build and train the block library of the parent model; write ``library/``."""
     from transformers import AutoTokenizer
 
-    out = stage.path / "library"
+    out = stage.path / OUTPUTS["library"]
     if cfg.merge_from:
         merged = merge_libraries(list(inputs["sources"].values()), out, cfg.engine)
         return {"merged_from": list(cfg.merge_from), **merged}

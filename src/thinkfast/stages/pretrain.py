@@ -30,7 +30,6 @@ from __future__ import annotations
 import random
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
@@ -41,6 +40,7 @@ from ..nano.tokenizer import build_tokenizer
 from ..rundir import StageDir, atomic_dir
 from ..runtime import autocast, resolve_precision, setup_device
 from ..train.loop import TrainLoop, adamw, optimizer_step, warmup_cosine
+from ..train.settings import CadenceFields, OptimizerFields
 from . import Inputs, check_device, positive
 
 MAKES = "model"
@@ -52,9 +52,10 @@ def reads(cfg) -> dict:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(OptimizerFields, CadenceFields):
     """Model size and optimisation of the nano parent (its corpus is the data section's nano mix). The
-    defaults are close to the configs/nano.yaml parent; docs/LOG.md records how they were chosen."""
+    defaults are close to the configs/nano.yaml parent; docs/LOG.md records how they were chosen.
+    The optimizer (``lr`` ... ``precision``) and cadence fields are :mod:`thinkfast.train.settings`'s."""
 
     # model: a LlamaForCausalLM
     hidden_size: int = 96
@@ -70,29 +71,22 @@ class PretrainConfig:
     seq_len: int = 512  # a worked 2-digit product is ~370 tokens: documents must fit in a row
     lr: float = 4e-3
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
     # a curriculum by size: the first ``easy_steps`` batches draw their numbers from ``easy_digits`` only
     easy_steps: int = 0
     easy_digits: list[int] = field(default_factory=lambda: [1])
     weight_decay: float = 0.1
-    grad_clip: float = 1.0
     seed: int = 0
     checkpoint_every: int = 100
-    log_every: int = 10
     device: str = "auto"
-    # bf16 autocast (weights and optimizer stay float32): 1.7x faster on a CPU with AVX512-BF16, 9x slower
-    # on one without (emulated); "auto" takes bf16 only where the device computes it natively
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
     def __post_init__(self):
         check_device(self.device)
+        super().__post_init__()  # optimizer and cadence fields
         positive(self, "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                 "max_position_embeddings", "train_steps", "batch_size", "seq_len", "checkpoint_every", "log_every")
-        positive(self, "warmup_steps", "easy_steps", minimum=0)
+                 "max_position_embeddings", "train_steps", "batch_size", "seq_len")
+        positive(self, "easy_steps", minimum=0)
         if not self.easy_digits or any(d < 1 for d in self.easy_digits):
             raise ValueError(f"easy_digits={self.easy_digits} must be a non-empty list of digit counts >= 1")
-        if not self.lr > 0 or self.grad_clip <= 0 or self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("lr and grad_clip must be > 0, weight_decay >= 0, min_lr_ratio in [0, 1]")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must divide by num_heads={self.num_heads} and "
                              f"num_heads by num_kv_heads={self.num_kv_heads}")
@@ -163,7 +157,7 @@ def run(cfg: PretrainConfig, stage: StageDir, inputs: Inputs | None = None) -> d
     if cut > 0.01:
         warnings.warn(f"pretrain: {cut:.0%} of documents are longer than seq_len={cfg.seq_len} tokens and never "
                       "end inside a row; raise pretrain.seq_len", stacklevel=2)
-    eos = tokenizer.eos_token_id if data.doc_mask else None  # documents attend only to themselves
+    eos = data.doc_eos(tokenizer)  # with data.doc_mask documents attend only to themselves
     log = stage.logger()
     loop = TrainLoop(stage, "train", cfg.train_steps, opt, schedule=lambda step: lr_at(cfg, step), log=log,
                      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, device=device,

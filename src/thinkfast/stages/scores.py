@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..artifacts import SCORES_FORMAT, check_scores, load_tensors, read_library
-from ..data import Corpus
+from ..artifacts import OUTPUTS, SCORES_FORMAT, check_scores, load_tensors, read_library
+from ..data import Corpus, doc_attention
 from ..puzzle.parent import kl_and_lm_loss, load_decilm
 from ..puzzle.scores import replace_one_block_scores
 from ..rundir import StageDir, atomic_write_json
@@ -74,12 +74,12 @@ def run(cfg: ScoresConfig, stage: StageDir, inputs: Inputs) -> dict:
     print(f"scores: replace-1-block KL and LM loss on {ids.numel()} held-out tokens")
     blocks = replace_one_block_scores(parent, lib, tensors, ids, cfg.batch_size, corpus.doc_eos)
     with torch.no_grad():
-        logits = parent(input_ids=ids[:, :-1], **corpus.attention(ids[:, :-1])).logits
+        logits = parent(input_ids=ids[:, :-1], **doc_attention(ids[:, :-1], corpus.doc_eos)).logits
         _, parent_lm = kl_and_lm_loss(logits, logits, ids[:, 1:])
     out = {"format": SCORES_FORMAT, "metric_names": ["kl", "lm_loss"], "parent_lm_loss": parent_lm,
            "tokens": int(ids[:, 1:].numel()), "blocks": blocks}
     check_scores(out, "scores (as measured)", lib)  # a NaN from a diverged block stops here, named
-    atomic_write_json(stage.path / "scores.json", out)
+    atomic_write_json(stage.path / OUTPUTS["scores"], out)
     worst = max(blocks, key=lambda b: b["kl"])
     metrics = {"blocks": len(blocks), "parent_lm_loss": parent_lm,
                "max_kl": worst["kl"], "max_kl_block": f"{worst['layer']}:{worst['attention']}+{worst['ffn']}"}

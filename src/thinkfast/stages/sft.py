@@ -27,16 +27,17 @@ from typing import Literal
 
 import torch
 
-from ..artifacts import copy_tokenizer_files, read_model_sidecar, write_model_sidecar
+from ..artifacts import Curve, copy_tokenizer_files, read_model_sidecar, write_curve, write_model_sidecar
 from ..data import DataError
 from ..evaluation import toggle_check
 from ..generation import LocalBackend
 from ..nano import tasks
 from ..puzzle.parent import load_decilm
-from ..rundir import StageDir, atomic_dir, atomic_write_json
+from ..rundir import StageDir, atomic_dir
 from ..toggle import install_chat_template
 from ..train.loop import TrainLoop, adamw, autocast, optimizer_step, resolve_precision, setup_device, warmup_cosine
 from ..train.sft import block_causal_mask, mix_modes, nano_examples, pack, packed_batch, read_examples, sft_loss
+from ..train.settings import CadenceFields, OptimizerFields, PeriodicEvalFields
 from ..train.sft import tokenize_example
 from . import Input, Inputs, check_device, positive
 
@@ -53,7 +54,10 @@ def files(cfg) -> tuple[str, list[str]]:
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(OptimizerFields, PeriodicEvalFields, CadenceFields):
+    """The optimizer (``lr`` ... ``precision``), periodic evaluation (held-out nano problems per mode; 0: no
+    toggle check) and cadence fields are :mod:`thinkfast.train.settings`'s."""
+
     files: list[str] = field(default_factory=list)  # JSON lines; none: the nano world's paired examples
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping at the first
     nano_prompts: int = 4000  # nano world: prompts, each an "on" and an "off" example
@@ -65,34 +69,18 @@ class SFTConfig:
     epochs: float = 1.0
     batch_size: int = 8  # packed rows per step
     seq_len: int = 512
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
     eval_every: int = 100
-    eval_problems: int = 40  # held-out nano problems per mode; 0: no toggle check
-    eval_max_new_tokens: int = 600
     seed: int = 0
-    checkpoint_every: int = 50
-    log_every: int = 10
     device: str = "auto"
 
     def __post_init__(self):
         check_device(self.device)
         if isinstance(self.files, str):
             self.files = [self.files]
-        positive(self, "nano_prompts", "batch_size", "eval_every", "checkpoint_every", "log_every",
-                 "eval_max_new_tokens")
-        positive(self, "warmup_steps", "eval_problems", minimum=0)
+        super().__post_init__()  # optimizer, periodic evaluation and cadence fields
+        positive(self, "nano_prompts", "batch_size")
         if self.seq_len < 16:
             raise ValueError(f"seq_len={self.seq_len} must be >= 16")
-        for name in ("lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
         if not self.epochs > 0:
             raise ValueError(f"epochs={self.epochs} must be > 0")
         if self.on_share is not None and not 0.0 <= self.on_share <= 1.0:
@@ -254,7 +242,8 @@ def run(cfg: SFTConfig, stage: StageDir, inputs: Inputs) -> dict:
         sidecar = read_model_sidecar(model_dir)
         extra = {k: sidecar[k] for k in ("engine",) if k in sidecar}
         write_model_sidecar(tmp, prompting="chat", made_by="sft", **extra)
-    atomic_write_json(stage.path / "curve.json", curve)
+    write_curve(stage.path, Curve(points=curve, plot=[{"label": "loss", "y": "loss"}] + [
+        {"label": f"accuracy {mode}", "y": f"{mode}.accuracy"} for mode in ("on", "off")]))
     _plot(stage.path / "curve.png", curve, f"toggle SFT of {model_dir.parent.name}")
     last = curve[-1]
     metrics = {"examples": len(samples), "on_examples": n_on, "rows": len(rows), "steps": total,

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..data import doc_attention
+
 __all__ = ["TeacherCache", "cosine_loss", "distill_loss", "forward_kl", "layer_map", "topk_kl"]
 
 
@@ -99,9 +101,9 @@ class TeacherCache:
         return self.path / f"shard-{shard:05d}.safetensors"
 
     @torch.no_grad()
-    def build(self, teacher, rows, steps: int, progress: bool = True, attention=None) -> None:
+    def build(self, teacher, rows, steps: int, progress: bool = True, eos_id: int | None = None) -> None:
         """``rows(step)`` -> the step's token ids ``[B, T]``; computes the shards that are missing.
-        ``attention(ids)`` -> extra keyword arguments of the teacher's forward (a document mask)."""
+        ``eos_id``: documents closed by it attend only to themselves (``data.doc_mask``; :func:`doc_attention`)."""
         import os
 
         from safetensors.torch import save_file
@@ -117,7 +119,7 @@ class TeacherCache:
             for step in range(s * self.shard_steps, min(steps, (s + 1) * self.shard_steps)):
                 x = rows(step)
                 inp = x[:, :-1].to(teacher.device)
-                top = teacher(inp, **(attention(inp) if attention else {})).logits.float().topk(self.k, dim=-1)
+                top = teacher(inp, **doc_attention(inp, eos_id)).logits.float().topk(self.k, dim=-1)
                 ids.append(x.to(torch.int32).cpu())
                 values.append(top.values.to(torch.bfloat16).cpu())
                 indices.append(top.indices.to(torch.int32).cpu())
