@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from thinkfast.kvcache import StaticKVCache
-from thinkfast.puzzle.parent import load_decilm
+from thinkfast.modeling.kvcache import StaticKVCache
+from thinkfast.artifacts import load_decilm
 
 
 def cpu_name() -> str:

@@ -33,7 +33,7 @@ from thinkfast.config import load_yaml
 from thinkfast.data import Corpus, doc_attention
 from thinkfast.nano.tokenizer import build_tokenizer
 from thinkfast.pipeline import default_config_path, load_pipeline, run_stage
-from thinkfast.puzzle.parent import load_decilm
+from thinkfast.artifacts import load_decilm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_overhead import cpu_name  # noqa: E402

@@ -42,7 +42,7 @@ from thinkfast.evaluation import EvalSettings, evaluate
 from thinkfast.generation import LocalBackend, SamplingParams
 from thinkfast.nano import tasks
 from thinkfast.pipeline import load_pipeline, run_stage
-from thinkfast.puzzle.parent import load_decilm
+from thinkfast.artifacts import load_decilm
 from thinkfast.rl.curriculum import keep_hard
 from thinkfast.rl.pass_rates import pass_rates
 from thinkfast.rl.prompts import nano_prompts

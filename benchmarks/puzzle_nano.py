@@ -48,7 +48,8 @@ from thinkfast.nano import tasks
 from thinkfast.nano.corpus import packed_rows
 from thinkfast.puzzle.assemble import assemble, build_problem, describe
 from thinkfast.puzzle.mip import solve_mip
-from thinkfast.puzzle.parent import kl_and_lm_loss, load_decilm
+from thinkfast.puzzle.parent import kl_and_lm_loss
+from thinkfast.artifacts import load_decilm
 from thinkfast.puzzle.targets import Targets, limits_for
 
 

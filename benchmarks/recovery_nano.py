@@ -50,7 +50,7 @@ from thinkfast.nano.corpus import packed_rows
 from thinkfast.pipeline import load_pipeline, run_stage
 from thinkfast.puzzle.assemble import assemble, build_problem, describe, restrict
 from thinkfast.puzzle.mip import solve_mip
-from thinkfast.puzzle.parent import load_decilm
+from thinkfast.artifacts import load_decilm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from puzzle_nano import decode_seconds, drop_attention, greedy, held_out_kl, run_doc_eos  # noqa: E402

@@ -30,7 +30,7 @@ from transformers import AutoTokenizer
 import thinkfast
 from thinkfast.generation import SamplingParams, generate
 from thinkfast.nano import tasks
-from thinkfast.puzzle.parent import load_decilm
+from thinkfast.artifacts import load_decilm
 from thinkfast.toggle import stop_token_ids
 
 

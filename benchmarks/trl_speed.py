@@ -32,7 +32,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 import thinkfast
-from thinkfast.convert import convert_llama_model
+from thinkfast.modeling.convert import convert_llama_model
 from thinkfast.evaluation import build_prompt
 from thinkfast.generation import SamplingParams
 from thinkfast.nano import tasks

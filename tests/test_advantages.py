@@ -152,7 +152,7 @@ def test_rloo_is_a_thin_use_of_the_core():
 
     from thinkfast.generation import SamplingParams
     from thinkfast.rl.policy import sample_and_score
-    from thinkfast.rollout import token_logprobs
+    from thinkfast.rl.rollout import token_logprobs
     from thinkfast.train.loop import adamw
 
     def reward(completions, **kwargs):

@@ -250,7 +250,7 @@ def tiny_model(tmp_path):
 def test_load_model_and_tensors(tiny_model):
     model = A.load_model(tiny_model)
     assert model.config.model_type == "llama"
-    assert type(parent.load_decilm(tiny_model)).__name__ == "DeciLMForCausalLM"
+    assert type(A.load_decilm(tiny_model)).__name__ == "DeciLMForCausalLM"
     tensors = A.load_tensors(tiny_model / "model.safetensors")
     assert torch.equal(tensors["lm_head.weight"], model.lm_head.weight)
 
@@ -277,4 +277,4 @@ def test_bad_model_folders(tiny_model, tmp_path):
     config.write_text(text.replace('"model_type": "llama",', '"model_type": "llama"'))  # a missing comma
     _raises(lambda: A.load_model(tiny_model), config, "line", "invalid JSON")
     config.unlink()
-    _raises(lambda: parent.load_decilm(tiny_model), config, "no such file")
+    _raises(lambda: A.load_decilm(tiny_model), config, "no such file")

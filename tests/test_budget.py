@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_modeling import hetero_config
 
-from thinkfast.budget import ThinkingBudget, newline_token_ids
+from thinkfast.generation.budget import ThinkingBudget, newline_token_ids
 from thinkfast.generation import SamplingParams, generate
 from thinkfast.modeling import DeciLMForCausalLM
 from thinkfast.nano.tokenizer import build_tokenizer

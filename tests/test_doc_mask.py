@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from thinkfast.convert import convert_llama_model
+from thinkfast.modeling.convert import convert_llama_model
 from thinkfast.data import Corpus, DataConfig, DataError, doc_attention
-from thinkfast.fusion import dependency_matrix
+from thinkfast.puzzle.fusion import dependency_matrix
 from thinkfast.nano.corpus import packed_rows
 from thinkfast.nano.tokenizer import build_tokenizer
 from thinkfast.pipeline import default_config_path, load_pipeline, run_all, status

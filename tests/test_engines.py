@@ -1,8 +1,8 @@
-"""The target-engine rules (thinkfast.engines): each refusal names the block and why."""
+"""The target-engine rules (thinkfast.modeling.engine_rules): each refusal names the block and why."""
 
 import pytest
 
-from thinkfast.engines import EngineError, check_engine, problems
+from thinkfast.modeling.engine_rules import EngineError, check_engine, problems
 from thinkfast.modeling import DeciLMConfig, attention_block, block_config, ffn_block
 
 H = 256
@@ -52,7 +52,7 @@ def test_a_tied_child_is_untied_for_trtllm(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from thinkfast.engines import untie_for
+    from thinkfast.modeling.engine_rules import untie_for
     from thinkfast.modeling import DeciLMForCausalLM
 
     torch.manual_seed(0)

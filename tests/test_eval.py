@@ -75,10 +75,10 @@ def test_eval_config_validation():
 
 def test_real_suite_metrics_by_hand(tok):
     """pass@1 over samples, pass@k, maj@n, no-answer and format rates, from canned responses."""
-    from thinkfast import evaluation
+    from thinkfast.evaluation import harness as evaluation
     from thinkfast.generation import Completion
     from thinkfast.tasks.math import MathGrader
-    from thinkfast.suites import Item
+    from thinkfast.evaluation.suites import Item
 
     items = [Item("s/0", "What is 1/2 + 1/4?", "\\frac{3}{4}"), Item("s/1", "What is 2+2?", "4")]
     on = ["<think>\nadd\n</think>\n\n$\\boxed{0.75}$", "<think>\nhm\n</think>\n\n$\\boxed{3/4}$",
@@ -114,7 +114,7 @@ def test_real_suite_metrics_by_hand(tok):
 
 def test_eval_stage_on_a_real_suite(tmp_path):
     from thinkfast.pipeline import default_config_path, load_pipeline, run_stage
-    from thinkfast.suites import SUITES, data_root
+    from thinkfast.evaluation.suites import SUITES, data_root
 
     if not (data_root() / SUITES["gsm8k"][0]).is_file():
         pytest.skip(f"{data_root()} has no gsm8k")
@@ -155,7 +155,7 @@ def test_eval_stage_on_ifeval(tmp_path):
     from test_eval_endpoint import tiny_chat_model
 
     from thinkfast.stages.eval import evaluate_folder
-    from thinkfast.suites import IFEVAL_FILE, data_root
+    from thinkfast.evaluation.suites import IFEVAL_FILE, data_root
 
     if not (data_root() / IFEVAL_FILE).is_file():
         pytest.skip(f"{data_root()} has no ifeval")

@@ -15,7 +15,7 @@ from test_modeling import hetero_config
 
 from thinkfast.artifacts import write_model_sidecar
 from thinkfast.cli import main
-from thinkfast.endpoint import Endpoint, EndpointError
+from thinkfast.generation.endpoint import Endpoint, EndpointError
 from thinkfast.generation import SamplingParams
 from thinkfast.modeling import DeciLMForCausalLM
 from thinkfast.nano.tokenizer import build_tokenizer

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from thinkfast.fusion import dependency_matrix, find_groups, fusable, fuse, fused_layer_map, parallel_form
+from thinkfast.puzzle.fusion import dependency_matrix, find_groups, fusable, fuse, fused_layer_map, parallel_form
 from thinkfast.modeling import DeciLMConfig, DeciLMForCausalLM
 from thinkfast.modeling.configuration_decilm import attention_block, block_config, ffn_block
 

@@ -9,7 +9,7 @@ from math import comb
 
 import pytest
 
-from thinkfast.grading import maj_at_n, pass_at_k
+from thinkfast.evaluation.estimators import maj_at_n, pass_at_k
 from thinkfast.tasks.completion import final_answer
 from thinkfast.tasks.math import MathGrader, gsm8k_gold
 
@@ -94,7 +94,7 @@ SUITE_SIZES = {"gsm8k": 1319, "math500": 500, "aime24": 30, "aime25": 30}
 
 @pytest.mark.parametrize("name", sorted(SUITE_SIZES))
 def test_real_suites_load_from_the_shared_data(name):
-    from thinkfast.suites import SUITES, data_root, load_suite
+    from thinkfast.evaluation.suites import SUITES, data_root, load_suite
 
     if not (data_root() / SUITES[name][0]).is_file():
         pytest.skip(f"{data_root()} has no {name}")
@@ -110,7 +110,7 @@ def test_real_suites_load_from_the_shared_data(name):
 
 
 def test_unknown_or_missing_suite(tmp_path):
-    from thinkfast.suites import load_suite
+    from thinkfast.evaluation.suites import load_suite
 
     with pytest.raises(ValueError, match="unknown suite"):
         load_suite("nope")

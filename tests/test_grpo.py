@@ -22,7 +22,7 @@ from thinkfast.rl.rewards import RewardRunner, load_reward
 from thinkfast.tasks.math import math_accuracy
 from thinkfast.tasks.nano import nano_accuracy
 from thinkfast.tasks.think_format import think_format
-from thinkfast.rollout import rollout, token_logprobs
+from thinkfast.rl.rollout import rollout, token_logprobs
 from thinkfast.rl import grpo as grpo_lib
 from thinkfast.stages import grpo as grpo_stage
 from thinkfast.train import loop as train_loop
@@ -318,7 +318,7 @@ def test_prompts_from_files_reach_the_rewards_with_their_columns(sft_run, tmp_pa
 
 
 def test_shared_prompt_forward_equals_the_full_one_with_gradients():
-    from thinkfast.rollout import grouped_logprobs
+    from thinkfast.rl.rollout import grouped_logprobs
 
     model = hetero_model(seed=8).train()
     prompts = [[9, 10, 11], [12, 13, 14, 15, 16], [20]]

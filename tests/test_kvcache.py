@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from thinkfast.kvcache import StaticKVCache
+from thinkfast.modeling.kvcache import StaticKVCache
 from thinkfast.modeling import DeciLMConfig, DeciLMForCausalLM, attention_block, block_config, ffn_block
 
 H, V = 64, 61

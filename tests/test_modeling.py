@@ -11,7 +11,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import thinkfast  # noqa: F401  (registers the Auto classes)
-from thinkfast.convert import convert_checkpoint, convert_llama_model, decilm_config_from_llama, ConversionError
+from thinkfast.modeling.convert import convert_llama_model, decilm_config_from_llama, ConversionError
+from thinkfast.artifacts import convert_checkpoint
 from thinkfast.generation import SamplingParams, generate
 from thinkfast.modeling import (
     DeciLMConfig,

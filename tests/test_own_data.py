@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from thinkfast.engines import check_engine
+from thinkfast.modeling.engine_rules import check_engine
 from thinkfast.modeling import DeciLMConfig
 from thinkfast.pipeline import load_pipeline, run_all, status
 from thinkfast.rundir import RunDir

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from thinkfast.config import ConfigError
-from thinkfast.convert import convert_checkpoint
+from thinkfast.artifacts import convert_checkpoint
 from thinkfast.nano.tokenizer import build_tokenizer
 from thinkfast.pipeline import default_config_path, load_pipeline, run_all, run_stage
 
@@ -143,7 +143,7 @@ def test_a_parent_damaged_after_the_parent_stage_is_not_blamed_on_a_stage(tmp_pa
     """The next stage names the user's file and folder, not 're-run the pretrain stage' (there is none), even
     when the folder was made by another run's pretrain stage (its thinkfast.json says made_by: pretrain)."""
     from thinkfast.artifacts import ArtifactError, write_model_sidecar
-    from thinkfast.puzzle.parent import load_decilm
+    from thinkfast.artifacts import load_decilm
 
     src = llama_folder(tmp_path / "from-another-run")
     write_model_sidecar(src, "text", "pretrain")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from thinkfast.convert import convert_llama_model
+from thinkfast.modeling.convert import convert_llama_model
 from thinkfast.modeling import attention_block, ffn_block
 from thinkfast.puzzle.blocks import (
     Variant,

@@ -19,7 +19,7 @@ from thinkfast.puzzle.assemble import assemble, build_problem, describe, restric
 from thinkfast.artifacts import read_costs, read_library, read_scores
 from thinkfast.config import ConfigError
 from thinkfast.puzzle import costs as puzzle_costs
-from thinkfast.puzzle.parent import load_decilm
+from thinkfast.artifacts import load_decilm
 from thinkfast.puzzle.targets import limits_for
 from thinkfast.rundir import StageDir
 from thinkfast.stages import Inputs, costs, library, scores, search
@@ -457,7 +457,7 @@ def test_a_library_that_recorded_no_engine_was_made_for_hf(run_dir, parent_dir, 
     recorded their engine offered every variant, and every reader (search, merge) takes it as made for hf."""
     import shutil
 
-    from thinkfast.engines import DEFAULT_ENGINE, library_engine
+    from thinkfast.modeling.engine_rules import DEFAULT_ENGINE, library_engine
 
     root = run_dir[0]
     old = tmp_path / "old" / "library"

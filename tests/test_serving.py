@@ -18,7 +18,7 @@ from thinkfast.generation import SamplingParams, generate
 from thinkfast.modeling import DeciLMForCausalLM
 from thinkfast.nano.tokenizer import build_tokenizer
 from thinkfast.serving.app import ServerState
-from thinkfast.serving.engine import ContinuousEngine
+from thinkfast.generation.continuous import ContinuousEngine
 from thinkfast.toggle import stop_token_ids
 
 SCRIPT = {"mode": "answer"}  # what the scripted model does after "<think>": answer, or think forever

@@ -9,8 +9,8 @@ import torch
 from test_modeling import V, hetero_model, tiny_llama
 
 from thinkfast.generation import SamplingParams, generate
-from thinkfast.kvcache import StaticKVCache
-from thinkfast.serving.engine import ContinuousEngine, Request
+from thinkfast.modeling.kvcache import StaticKVCache
+from thinkfast.generation.continuous import ContinuousEngine, Request
 
 STOPS = (0, 1, 2, 3, 4, 5, 6, 7)
 

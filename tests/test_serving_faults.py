@@ -11,7 +11,7 @@ import torch
 from test_modeling import V, hetero_model
 
 from thinkfast.generation import SamplingParams, generate
-from thinkfast.serving.engine import ContinuousEngine, Request
+from thinkfast.generation.continuous import ContinuousEngine, Request
 
 POISON = 7  # a token id the model refuses to take as input (and never chooses itself)
 
@@ -164,7 +164,7 @@ def test_sampling_limits_follow_vllm():
 def test_a_thinking_budget_failing_for_one_request_ends_that_request_alone():
     from test_budget import _model
 
-    from thinkfast.budget import ThinkingBudget
+    from thinkfast.generation.budget import ThinkingBudget
     from thinkfast.nano.tokenizer import build_tokenizer
 
     tok = build_tokenizer()

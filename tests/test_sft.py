@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from thinkfast.convert import convert_llama_model
+from thinkfast.modeling.convert import convert_llama_model
 from thinkfast.data import DataError
 from thinkfast.nano.tokenizer import build_tokenizer
 from thinkfast.pipeline import default_config_path, load_pipeline, run_stage
@@ -258,7 +258,7 @@ def test_sft_reads_files_and_a_changed_file_makes_it_stale(tmp_path):
 
 
 def test_a_model_that_collapses_to_one_mode_is_flagged(tok):
-    from thinkfast import evaluation
+    from thinkfast.evaluation import harness as evaluation
     from thinkfast.generation import Completion
     from thinkfast.nano import tasks
 

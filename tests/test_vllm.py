@@ -114,8 +114,8 @@ def puzzle_child(tmp: Path) -> Path:
 
 def fused(tmp: Path, seed: int = 3) -> dict:
     """An FFN-Fusion result: two attention-free layers (widths 256 and 512, norms away from one) fused into
-    one SwiGLU of width 768 (``thinkfast.fusion.fuse``), between two attention layers."""
-    from thinkfast.fusion import fuse
+    one SwiGLU of width 768 (``thinkfast.puzzle.fusion.fuse``), between two attention layers."""
+    from thinkfast.puzzle.fusion import fuse
 
     tok = build_tokenizer()
     none = attention_block(no_op=True)
@@ -166,9 +166,9 @@ def test_vllm_serves_our_checkpoints(tmp_path):
 
 @needs_vllm
 def test_vllm_fails_on_an_ffn_before_the_first_attention_as_our_rules_say(tmp_path):
-    """The one block layout thinkfast.engines refuses for vLLM that vLLM's block kinds would suggest it
+    """The one block layout thinkfast.modeling.engine_rules refuses for vLLM that vLLM's block kinds would suggest it
     loads: if vLLM starts loading it, the rule (and the library's layer-0 restriction) can go."""
-    from thinkfast.engines import problems
+    from thinkfast.modeling.engine_rules import problems
 
     tok = build_tokenizer()
     blocks = [block_config(attention_block(no_op=True), ffn_block(512, H)),
@@ -191,7 +191,7 @@ def test_costs_measured_in_vllm_drive_the_search(tmp_path, monkeypatch):
     it may take) is timed in real vLLM, the per-variant costs follow from the differences, and the search
     runs on them."""
     from thinkfast.artifacts import read_costs
-    from thinkfast.engines import check_engine
+    from thinkfast.modeling.engine_rules import check_engine
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.delenv("PYTHONPATH", raising=False)

@@ -79,7 +79,7 @@ from typing import Any, NoReturn
 
 from .atomic import atomic_write_json
 from .config import ConfigError
-from .engines import ENGINES, library_engine
+from .modeling.engine_rules import ENGINES, library_engine
 
 __all__ = ["ArtifactError", "COMPLETE", "COSTS_FORMAT", "CURVE", "CURVE_FORMAT", "Curve", "LIBRARY_FORMAT",
            "MissingArtifact", "OUTPUTS", "SCORES_FORMAT", "SIDECAR", "STARTED", "TOKENIZER_FILES", "check_costs",
@@ -683,3 +683,62 @@ def load_model(path: str | Path, device: Any = "cpu", **kwargs: Any):
         check_weights(path.resolve() if path.is_symlink() else path, remedy)
         raise ArtifactError(f"{path}: cannot load the model ({e}): {remedy}") from e
     return model.to(device)
+
+
+def load_decilm(model_dir: str | Path, device: Any = "cpu"):
+    """A folder written by ``save_pretrained`` (Llama or nemotron-nas) as a float32 DeciLM in eval mode
+    (loaded by :func:`thinkfast.artifacts.load_model`: a damaged folder is an ArtifactError naming the file)."""
+    from .modeling import DeciLMForCausalLM
+    from .modeling.convert import convert_llama_model
+
+    model = load_model(model_dir)
+    if not isinstance(model, DeciLMForCausalLM):
+        if model.config.model_type != "llama":
+            raise ValueError(f"{model_dir}: a {model.config.model_type!r} model; Puzzle needs a Llama-layout or "
+                             "nemotron-nas parent")
+        model = convert_llama_model(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.float().to(device).eval()
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> dict:
+    """Convert the Llama folder ``src`` into a nemotron-nas folder ``dst`` (written atomically).
+
+    Returns a summary dict (layers, parameters, files copied).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .atomic import atomic_dir
+    from .modeling.convert import ConversionError, convert_llama_model, decilm_config_from_llama
+
+    src, dst = Path(src), Path(dst)
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise ConversionError(f"{src}: no config.json (expected a Hugging Face model folder)")
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"{dst} exists; pass --overwrite to replace it")
+    llama_cfg = json.loads(cfg_path.read_text())
+    decilm_config_from_llama(llama_cfg, where=str(cfg_path))  # validate before loading weights
+    dtype = llama_cfg.get("torch_dtype") or llama_cfg.get("dtype") or "float32"
+    model = AutoModelForCausalLM.from_pretrained(src, **{_dtype_kwarg(): getattr(torch, dtype)})
+    out = convert_llama_model(model)
+    with atomic_dir(dst) as tmp:
+        out.save_pretrained(tmp)
+        copied = copy_tokenizer_files(src, tmp)
+        if (src / SIDECAR).is_file():  # how the model is prompted does not change with its format
+            shutil.copy2(src / SIDECAR, tmp / SIDECAR)
+            copied.append(SIDECAR)
+    return {
+        "layers": out.config.num_hidden_layers,
+        "parameters": sum(p.numel() for p in out.parameters()),
+        "dtype": dtype,
+        "copied": copied,
+    }
+
+
+def _dtype_kwarg() -> str:
+    import transformers
+
+    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"

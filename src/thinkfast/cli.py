@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     if args.command == "convert":
-        from .convert import convert_checkpoint
+        from .artifacts import convert_checkpoint
 
         summary = convert_checkpoint(args.src, args.dst, overwrite=args.overwrite)
         print(json.dumps(summary, indent=2))

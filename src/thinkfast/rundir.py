@@ -38,9 +38,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from thinkfast.artifacts import COMPLETE, OUTPUTS, STARTED
-from thinkfast.atomic import _fsync_dir, _json_default, atomic_dir, atomic_write_json, atomic_write_text
-from thinkfast.config import ConfigError, _plain, config_hash
+from .artifacts import COMPLETE, OUTPUTS, STARTED
+from .atomic import _fsync_dir, _json_default, atomic_dir, atomic_write_json, atomic_write_text
+from .config import ConfigError, _plain, config_hash
 
 __all__ = ["atomic_write_text", "atomic_write_json", "atomic_dir", "JsonlLogger", "RunDir", "RunDirError",
            "StageDir", "StageRun", "StageConfigMismatch", "describe_changes", "read_marker"]

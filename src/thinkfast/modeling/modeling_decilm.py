@@ -368,7 +368,7 @@ class DeciLMModel(DeciLMPreTrainedModel):
 
 class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
     # forward(cache=...) takes any object with update(keys, values, layer) and get_seq_length(): a prompt's keys and
-    # values can be shared by many rows (thinkfast.rollout.grouped_logprobs)
+    # values can be shared by many rows (thinkfast.rl.rollout.grouped_logprobs)
     accepts_any_cache = True
     if _TRANSFORMERS_MAJOR >= 5:
         _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..convert import load_full_state
+from ..modeling.convert import load_full_state
 from ..modeling import DeciLMConfig, DeciLMForCausalLM
 from ..modeling.configuration_decilm import block_config
 from .parent import library_blocks

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..artifacts import LIBRARY_FORMAT, load_tensors, read_library
-from ..engines import DEFAULT_ENGINE, check_engine_name, library_engine, supports_linear, width_multiple
+from ..modeling.engine_rules import DEFAULT_ENGINE, check_engine_name, library_engine, supports_linear, width_multiple
 from ..rundir import atomic_dir
 from ..train.loop import TrainLoop, adamw, optimizer_step, warmup_cosine
 from .blocks import Variant, attention_variants, channel_contribution, ffn_variants, init_variant
@@ -49,7 +49,7 @@ class SearchSpace:
     """The variants a library offers per layer (Puzzle section 3): GQA with each of ``kv_heads`` KV heads,
     linear and no-op attention; FFNs at each of ``ffn_fractions`` of the parent's width (rounded up to
     ``ffn_multiple`` and to what ``engine`` can express), linear and no-op FFNs; trained per part
-    (``decoupled``) or per pair (``coupled``). ``engine``: only variants it loads (:mod:`thinkfast.engines`)."""
+    (``decoupled``) or per pair (``coupled``). ``engine``: only variants it loads (:mod:`thinkfast.modeling.engine_rules`)."""
 
     kv_heads: tuple[int, ...] = (2, 1)
     attention_linear: bool = True

@@ -14,7 +14,7 @@ What is measured and how the ``costs`` stage writes it is described there
 - :func:`explained_share`: how much of the parent's measured time its own blocks explain.
 
 Shapes: prefill ``[b, prefill_len]`` tokens; decode one token per sequence over ``decode_context`` cached
-tokens (a preallocated :class:`thinkfast.kvcache.StaticKVCache`).
+tokens (a preallocated :class:`thinkfast.modeling.kvcache.StaticKVCache`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from typing import Literal
 import torch
 
 from ..artifacts import library_pairs
-from ..engines import library_engine
-from ..kvcache import StaticKVCache
+from ..modeling.engine_rules import library_engine
+from ..modeling.kvcache import StaticKVCache
 from ..modeling import DeciLMForCausalLM
 from ..runtime import DTYPES, torch_dtype
 from .blocks import Variant, variant_module

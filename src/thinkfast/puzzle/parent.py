@@ -1,5 +1,4 @@
-"""The parent side of Puzzle: load any model folder as a nemotron-nas model, record each layer's
-input / mid-layer / output activations, run the model from a given layer on, and read the library.
+"""The parent side of Puzzle: record each layer's input / mid-layer / output activations, run the model from a given layer on, and read the library.
 
 Shapes: ``ids`` [B, T]; activations [B, T, H]; logits [B, T, V].
 """
@@ -7,32 +6,16 @@ Shapes: ``ids`` [B, T]; activations [B, T, H]; logits [B, T, V].
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..artifacts import LIBRARY_FORMAT, load_model, read_library
-from ..convert import convert_llama_model
+from ..artifacts import LIBRARY_FORMAT, read_library
 from ..modeling import DeciLMForCausalLM
 from ..data import positions_and_mask
 
 __all__ = ["LIBRARY_FORMAT", "LayerIO", "LibraryBlock", "block_module", "kl_and_lm_loss", "layer_io", "library_blocks",
-           "load_decilm", "logits_from", "read_library"]  # LIBRARY_FORMAT, read_library: from thinkfast.artifacts
-
-
-def load_decilm(model_dir: str | Path, device: torch.device | str = "cpu") -> DeciLMForCausalLM:
-    """A folder written by ``save_pretrained`` (Llama or nemotron-nas) as a float32 DeciLM in eval mode
-    (loaded by :func:`thinkfast.artifacts.load_model`: a damaged folder is an ArtifactError naming the file)."""
-    model = load_model(model_dir)
-    if not isinstance(model, DeciLMForCausalLM):
-        if model.config.model_type != "llama":
-            raise ValueError(f"{model_dir}: a {model.config.model_type!r} model; Puzzle needs a Llama-layout or "
-                             "nemotron-nas parent")
-        model = convert_llama_model(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.float().to(device).eval()
+           "logits_from", "read_library"]  # LIBRARY_FORMAT, read_library: from thinkfast.artifacts
 
 
 @dataclass

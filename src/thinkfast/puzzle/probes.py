@@ -10,7 +10,7 @@ layer loop, the runtime's own work), a model's time is ``F + sum_i c(att_i) + c(
 where ``probe_no_op`` has that part removed from the same ``n`` layers: the difference of two
 measured models, whatever the parent's other layers are. ``F = T(parent) - sum_i c(parent's blocks)``,
 so the parent is explained in full by construction. Layer 0 keeps its attention in every attention
-probe for vLLM and SGLang (they cannot run an FFN before the first attention; thinkfast.engines), so
+probe for vLLM and SGLang (they cannot run an FFN before the first attention; thinkfast.modeling.engine_rules), so
 there ``n`` is one less for attention.
 
 Departure from Puzzle (which times blocks on the target hardware): the additive model is an

@@ -1,7 +1,7 @@
 """Timing a model the way the costs stage does: median of ``repeats`` calls after ``warmup`` calls.
 
 Shared by the ``costs`` stage (blocks, whole probe models) and the ``search`` stage (the child it chose,
-measured against its parent). Decode steps run in a preallocated KV cache (``thinkfast.kvcache``), as a
+measured against its parent). Decode steps run in a preallocated KV cache (``thinkfast.modeling.kvcache``), as a
 serving engine keeps one: one new token per sequence over ``decode_context`` cached tokens.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..kvcache import StaticKVCache
+from ..modeling.kvcache import StaticKVCache
 
 __all__ = ["device_name", "median_time", "paired_speedup", "whole_model_times"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..generation import Backend, LocalBackend
-from ..rollout import policy_logprobs
+from .rollout import policy_logprobs
 from .advantages import group_normalised_advantages, rewards_tensor
 from .policy import policy_update, sample_and_score, step_record
 

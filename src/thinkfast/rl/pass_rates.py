@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 
 from ..generation import Backend, SamplingParams
-from ..rollout import rollout
+from .rollout import rollout
 from ..toggle import stop_token_ids
 from .rewards import RewardError, RewardFailed, RewardRunner
 

@@ -1,7 +1,7 @@
 """The policy-gradient core that GRPO (and RLOO next) are thin uses of: sample and score groups, then update
 the policy on advantages the caller computed, with the loss the caller names.
 
-* :func:`sample_and_score`: ``group_size`` completions per prompt (:func:`thinkfast.rollout.rollout`),
+* :func:`sample_and_score`: ``group_size`` completions per prompt (:func:`thinkfast.rl.rollout.rollout`),
   decoded and scored by a :class:`thinkfast.rl.rewards.RewardRunner` (``None``: a sample no reward could
   score) -> :class:`ScoredRollout`.
 * :func:`policy_update`: ``updates`` gradient steps, one per slice of the groups, on
@@ -13,7 +13,7 @@ the policy on advantages the caller computed, with the loss the caller names.
   before any parameter changes in that update.
 * :func:`step_record`: what a step logs (rewards, pass rate, KL, clip fraction, lengths, errors).
 
-Shapes: N samples (prompts x group_size), T tokens per row of the batch (:meth:`thinkfast.rollout.Rollout.batch`).
+Shapes: N samples (prompts x group_size), T tokens per row of the batch (:meth:`thinkfast.rl.rollout.Rollout.batch`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..generation import Backend
-from ..rollout import Rollout, rollout
+from .rollout import Rollout, rollout
 from ..train import loop as train_loop
 
 __all__ = ["ScoredRollout", "policy_update", "sample_and_score", "step_record"]

@@ -1,2 +1,2 @@
-"""Serving: continuous batching on the rollout engine (:mod:`.engine`) behind an OpenAI-compatible HTTP server
-(:mod:`.app`)."""
+"""Serving: the OpenAI-compatible HTTP server (:mod:`.app`, request bodies in :mod:`.protocol`, ``thinkfast serve``
+in :mod:`.server`) over continuous batching (:mod:`thinkfast.generation.continuous`)."""

@@ -7,7 +7,7 @@ chunk when ``stream_options.include_usage``).
 - The reasoning toggle: a system message ``detailed thinking on`` / ``off`` (Llama-Nemotron's convention), or
   ``chat_template_kwargs: {"enable_thinking": bool}`` (which wins), both handled by the model's chat template
   (:mod:`thinkfast.toggle`).
-- ``max_thinking_tokens``: the thinking budget (:mod:`thinkfast.budget`).
+- ``max_thinking_tokens``: the thinking budget (:mod:`thinkfast.generation.budget`).
 - Responses return the reasoning apart from the answer: ``message.reasoning_content`` (``delta.
   reasoning_content`` when streaming) and ``content``, as vLLM's reasoning parsers do.
 - Errors are OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body
@@ -15,7 +15,7 @@ chunk when ``stream_options.include_usage``).
   ``max_tokens``, a seed outside 64 bits, a prompt longer than the model's context, an unsupported field), 404
   for an unknown model or path, 500 when generating, detokenising or checking stop strings fails for that
   request (the message names the phase; a stream ends with an error event). One request's failure is its own:
-  the engine isolates it (:mod:`thinkfast.serving.engine`) and the others in the batch go on.
+  the engine isolates it (:mod:`thinkfast.generation.continuous`) and the others in the batch go on.
 - A client that disconnects (mid-stream or while waiting) cancels its requests: their batch slots free at
   the engine's next step.
 
@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import SamplingParams
-from .engine import Request as EngineRequest
+from ..generation.continuous import Request as EngineRequest
 from .protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, split_reasoning
 
 __all__ = ["ServerState", "build_app"]

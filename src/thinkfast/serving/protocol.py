@@ -2,7 +2,7 @@
 
 Fields follow OpenAI's API reference (chat completions and legacy completions) plus the extensions vLLM
 accepts that matter here: ``top_k``, ``chat_template_kwargs``; and thinkfast's ``max_thinking_tokens``
-(the thinking budget, :mod:`thinkfast.budget`). Types are strict (``"5"`` is not a number) and unknown
+(the thinking budget, :mod:`thinkfast.generation.budget`). Types are strict (``"5"`` is not a number) and unknown
 fields are ignored, as OpenAI's server does. A field OpenAI has that we do not implement (``logprobs``,
 ``tools``, ``echo``, ``response_format`` other than text, ...) is refused with a 400 naming it, never
 silently ignored.

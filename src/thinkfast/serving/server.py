@@ -20,7 +20,7 @@ def load_state(model_dir: str | Path, *, engine: str = "continuous", max_batch: 
 
     from ..artifacts import load_model
     from ..toggle import stop_token_ids
-    from .engine import ContinuousEngine, SequentialGenerateEngine
+    from ..generation.continuous import ContinuousEngine, SequentialGenerateEngine
 
     if engine not in ("continuous", "generate"):
         raise ValueError(f"engine={engine!r}: choose continuous or generate")

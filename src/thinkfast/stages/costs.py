@@ -10,7 +10,7 @@ attention 2.8x too slow on an idle 2-core CPU, and the search built a "2x" child
 
 - ``prefill_s[b]``: a forward over ``[b, prefill_len]`` tokens;
 - ``decode_s[b]``: one new token per sequence with ``decode_context`` cached tokens, in a preallocated
-  cache (``thinkfast.kvcache``, as a serving engine keeps it: no copy of the cache per step);
+  cache (``thinkfast.modeling.kvcache``, as a serving engine keeps it: no copy of the cache per step);
 - ``params`` and ``param_bytes`` (at ``dtype``), ``kv_bytes_per_token`` (2 x KV heads x head_dim x bytes);
 - ``fixed``: what every architecture pays (embedding, final norm, LM head), so speedups are of the
   whole model;
@@ -55,7 +55,7 @@ from typing import Literal
 
 from ..artifacts import COSTS_FORMAT, OUTPUTS, check_costs, library_pairs, read_costs, read_library
 from ..puzzle.costs import TimingSettings, explained_share, library_variants, measure_blocks, measure_models
-from ..puzzle.parent import load_decilm
+from ..artifacts import load_decilm
 from ..puzzle.timing import device_name
 from ..rundir import StageDir, atomic_write_json
 from ..runtime import setup_device

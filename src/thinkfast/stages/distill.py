@@ -37,7 +37,8 @@ from ..data import Corpus, doc_attention
 from ..evaluation import quick_accuracy
 from ..generation import LocalBackend
 from ..nano import tasks
-from ..puzzle.parent import kl_and_lm_loss, load_decilm
+from ..puzzle.parent import kl_and_lm_loss
+from ..artifacts import load_decilm
 from ..rundir import StageDir, atomic_dir
 from ..runtime import autocast, resolve_precision, setup_device
 from ..train.distill import TeacherCache, distill_loss, layer_map, topk_kl

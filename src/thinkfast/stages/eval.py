@@ -17,7 +17,7 @@ The harness itself (prompts, grading, the batched evaluation, tables) is :mod:`t
 this module is the stage around it: which models, where results go, what is reused.
 
 Suites (``suites``): ``nano`` (the nano world's cells, graded exactly by ``thinkfast.nano.tasks.verify``)
-and the real math benchmarks of :mod:`thinkfast.suites` read from the shared data folder (``gsm8k``,
+and the real math benchmarks of :mod:`thinkfast.evaluation.suites` read from the shared data folder (``gsm8k``,
 ``math500``, ``aime24``, ``aime25``; the first ``suite_limit`` items of each), graded by math-verify in
 worker processes (:class:`thinkfast.tasks.math.MathGrader`) on the answer after the think block, with pass@1
 averaged over ``samples``, pass@k for ``pass_k``, maj@n and the no-answer rate (:func:`evaluate_items`); and
@@ -26,11 +26,11 @@ think block: prompt- and instruction-level accuracy, strict and loose; :func:`ev
 
 The model can be a server (``endpoint``: any OpenAI-compatible URL, e.g. a vLLM server of the same folder):
 prompts are still built here with the folder's tokenizer (``model`` names the folder) and sent as token ids
-(:mod:`thinkfast.endpoint`), so local and served models are graded on the same prompts. The thinking-budget
+(:mod:`thinkfast.generation.endpoint`), so local and served models are graded on the same prompts. The thinking-budget
 sweep and throughput need a local model: with an endpoint they are skipped with a note (``eval: note: ...``, and in
 the metrics' ``notes``), as is a budget sweep without the nano suite or of a text-prompted model, so that one
 config (the embedded one sets both) serves every kind of evaluation. A server that fails, answers garbage or
-stops answering ends the evaluation with one line naming the request and the answer (:mod:`thinkfast.endpoint`).
+stops answering ends the evaluation with one line naming the request and the answer (:mod:`thinkfast.generation.endpoint`).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class EvalConfig(EvalSettings):
     throughput_context: int = 256  # cached tokens of the timed decode step
     throughput_rounds: int = 5
     # chat models: accuracy with reasoning on (greedy, the nano suite) at each thinking budget (tokens; null: no
-    # budget), enforced by the rollout engine (thinkfast.budget); empty: no sweep
+    # budget), enforced by the rollout engine (thinkfast.generation.budget); empty: no sweep
     budgets: list[int | None] = field(default_factory=list)
     budget_grace: int = 16  # tokens past the budget before a hard close
     # an OpenAI-compatible server (http://host:port/v1) to evaluate instead of loading the model; the folder in
@@ -106,7 +106,7 @@ class EvalConfig(EvalSettings):
             raise ValueError(f"kinds: unknown kind(s) {unknown}; choose from {list(tasks.KINDS)}")
         if self.per_cell < 1:
             raise ValueError(f"per_cell={self.per_cell} must be >= 1")
-        from ..suites import SUITES
+        from ..evaluation.suites import SUITES
 
         unknown = sorted(set(self.suites) - {"nano", "ifeval", *SUITES})
         if unknown or not self.suites:
@@ -160,7 +160,7 @@ def _note(notes: list[str], note: str | None) -> None:
 
 def _suite_paths(cfg: EvalConfig) -> dict[str, Path]:
     """The data file of every real suite in ``cfg.suites``."""
-    from ..suites import IFEVAL_FILE, SUITES, data_root
+    from ..evaluation.suites import IFEVAL_FILE, SUITES, data_root
 
     return {name: data_root() / (IFEVAL_FILE if name == "ifeval" else SUITES[name][0])
             for name in cfg.suites if name != "nano"}
@@ -169,7 +169,7 @@ def _suite_paths(cfg: EvalConfig) -> dict[str, Path]:
 def check_suite_data(cfg: EvalConfig) -> None:
     """Every suite's file is there, checked before a model is loaded or a prompt sent: a missing one found
     after the other suites ran would throw their results away."""
-    from ..suites import data_root
+    from ..evaluation.suites import data_root
 
     missing = {name: path for name, path in _suite_paths(cfg).items() if not path.is_file()}
     if missing:
@@ -193,7 +193,7 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
     with atomic_dir(out) as tmp:
         with JsonlLogger(tmp / "log.jsonl") as log:
             if cfg.endpoint is not None:
-                from ..endpoint import Endpoint
+                from ..generation.endpoint import Endpoint
 
                 lock = threading.Lock()
 
@@ -224,7 +224,7 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
             real = [s for s in cfg.suites if s not in ("nano", "ifeval")]
             if "ifeval" in cfg.suites:
                 from ..tasks.ifeval import load_ifeval
-                from ..suites import IFEVAL_FILE, data_root
+                from ..evaluation.suites import IFEVAL_FILE, data_root
 
                 items = load_ifeval(data_root() / IFEVAL_FILE, limit=cfg.suite_limit)
                 log.log("suite", suite="ifeval", items=len(items))
@@ -234,7 +234,7 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
                 kept += [{"suite": "ifeval", **r} for r in more]
             if real:
                 from ..tasks.math import MathGrader
-                from ..suites import load_suite
+                from ..evaluation.suites import load_suite
 
                 metrics.setdefault("suites", {})
                 with MathGrader(cfg.grade_workers, cfg.grade_timeout) as grader, torch.no_grad():
@@ -334,7 +334,7 @@ def measure_throughput(cfg: EvalConfig, folders: dict[str, Path]) -> dict:
     """Every model's prefill and decode tokens/s, side by side
     (:func:`thinkfast.puzzle.timing.interleaved_throughput`), and each one's ratio to the first model's (the
     parent, in a pipeline)."""
-    from ..puzzle.parent import load_decilm
+    from ..artifacts import load_decilm
     from ..puzzle.timing import device_name, interleaved_throughput
 
     device = resolve_device(cfg.device)

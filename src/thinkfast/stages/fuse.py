@@ -1,7 +1,7 @@
 """Stage ``fuse``: FFN Fusion of the latest model (normally the Puzzle child).
 
 Paper: FFN Fusion (arXiv 2503.18908) sections 3-4; Llama-Nemotron (arXiv 2505.00949) section 2.1 (stage
-1b); REFERENCE.md section 3. The algorithm is :mod:`thinkfast.fusion`; this stage measures the block
+1b); REFERENCE.md section 3. The algorithm is :mod:`thinkfast.puzzle.fusion`; this stage measures the block
 dependency matrix on the data section's train rows, picks the groups (or takes ``groups``), fuses them,
 checks the result against the target engine, and measures what fusion cost and bought: layers before and
 after, KL to the unfused model on held-out rows, and decode speedup (fused vs unfused, timed in
@@ -11,7 +11,7 @@ Writes ``model/`` (nemotron-nas), ``dependency.json`` (the matrix, ``M[i][j]`` f
 ``dependency.png`` (its heatmap) and ``fusion.json`` (runs, left-out layers, groups, measurements).
 
 Departures: the paper picks groups by inspecting the matrix; here a rule does (see
-:func:`thinkfast.fusion.find_groups`: whole runs minus their last member by default, cut at
+:func:`thinkfast.puzzle.fusion.find_groups`: whole runs minus their last member by default, cut at
 ``max_group`` and, when set, at a dependency ``threshold``). Each member keeps its own RMSNorm (folded
 into its columns) instead of sharing the last member's.
 """
@@ -24,10 +24,11 @@ import torch
 
 from ..artifacts import copy_tokenizer_files, read_model_sidecar, write_model_sidecar
 from ..data import Corpus, doc_attention
-from ..engines import DEFAULT_ENGINE, check_engine, check_engine_name, untie_for
-from ..fusion import dependency_matrix, find_groups, fuse, fused_layer_map
+from ..modeling.engine_rules import DEFAULT_ENGINE, check_engine, check_engine_name, untie_for
+from ..puzzle.fusion import dependency_matrix, find_groups, fuse, fused_layer_map
 from ..puzzle.assemble import describe
-from ..puzzle.parent import kl_and_lm_loss, load_decilm
+from ..puzzle.parent import kl_and_lm_loss
+from ..artifacts import load_decilm
 from ..puzzle.timing import device_name, paired_speedup
 from ..rundir import StageDir, atomic_dir, atomic_write_json, atomic_write_text
 from ..runtime import setup_device
@@ -47,7 +48,7 @@ class FuseConfig:
     threshold: float | None = None  # most dependency M[i, j] inside a group (None: no limit)
     leave_last: bool = True  # the paper leaves each run's last FFN unfused
     groups: list[list[int]] = field(default_factory=list)  # explicit groups instead of the rule
-    # None: the engine the input model was made for (its thinkfast.json), else thinkfast.engines.DEFAULT_ENGINE
+    # None: the engine the input model was made for (its thinkfast.json), else thinkfast.modeling.engine_rules.DEFAULT_ENGINE
     engine: str | None = None
     dependency_rows: int = 16
     kl_rows: int = 32
@@ -117,7 +118,7 @@ def _heatmap(path, matrix, flags) -> None:
 def run(cfg: FuseConfig, stage: StageDir, inputs: Inputs) -> dict:
     from transformers import AutoTokenizer
 
-    from ..fusion import fusable
+    from ..puzzle.fusion import fusable
 
     model_dir = model_path(inputs)
     device = setup_device(cfg.device)

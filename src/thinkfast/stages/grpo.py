@@ -6,7 +6,7 @@ Paper: Llama-Nemotron (arXiv 2505.00949) section 5; REFERENCE.md section 5. Each
 ``module:function``; a truncated response scores 0), normalises rewards within each group and takes
 ``updates_per_rollout`` gradient steps on the token-level clipped objective (:mod:`thinkfast.rl.grpo`), one
 per slice of the groups, with an optional k3 KL to the starting model. The "old" log-probs of the ratio are
-recomputed by the training model before the first update (``logprobs: recompute``; :mod:`thinkfast.rollout`).
+recomputed by the training model before the first update (``logprobs: recompute``; :mod:`thinkfast.rl.rollout`).
 
 This module is the glue (config, reads, run); the algorithm is library code: the policy step and the
 advantages (:mod:`thinkfast.rl.policy`, :mod:`thinkfast.rl.advantages`), the rewards
@@ -66,7 +66,7 @@ from ..data import DataError
 from ..evaluation import toggle_check
 from ..generation import LocalBackend, SamplingParams
 from ..nano import tasks
-from ..puzzle.parent import load_decilm
+from ..artifacts import load_decilm
 from ..rl.curriculum import gaussian_schedule, keep_hard, random_schedule
 from ..rl.grpo import grpo_step
 from ..rl.pass_rates import held_out_check, pass_rates
@@ -75,7 +75,8 @@ from ..rl.rewards import (BUILTIN, RewardError, RewardFailed, RewardFailures, Re
                           missing_columns, missing_columns_message)
 from ..rundir import StageDir, atomic_dir, atomic_write_json
 from ..toggle import stop_token_ids
-from ..train.loop import TrainLoop, adamw, autocast, resolve_precision, setup_device, warmup_cosine
+from ..runtime import autocast, resolve_precision, setup_device
+from ..train.loop import TrainLoop, adamw, warmup_cosine
 from ..train.settings import CadenceFields, OptimizerFields, PeriodicEvalFields, RolloutSampling
 from . import Input, Inputs, check_device, positive
 

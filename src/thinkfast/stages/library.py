@@ -45,9 +45,9 @@ from typing import Literal
 
 from ..artifacts import OUTPUTS
 from ..data import Corpus
-from ..engines import DEFAULT_ENGINE, UNRECORDED_LIBRARY_ENGINE, check_engine
+from ..modeling.engine_rules import DEFAULT_ENGINE, UNRECORDED_LIBRARY_ENGINE, check_engine
 from ..puzzle.bld import BLDSettings, SearchSpace, block_library, merge_libraries
-from ..puzzle.parent import load_decilm
+from ..artifacts import load_decilm
 from ..rundir import StageDir
 from ..runtime import setup_device
 from ..train.settings import CadenceFields
@@ -77,7 +77,7 @@ class LibraryConfig(CadenceFields):
     ffn_linear: bool = True
     ffn_no_op: bool = True
     mode: Literal["decoupled", "coupled"] = "decoupled"
-    # the engine that will serve the child: only variants it loads (thinkfast.engines); the parent must
+    # the engine that will serve the child: only variants it loads (thinkfast.modeling.engine_rules); the parent must
     # be one it loads too. "hf" (transformers) loads everything, including the nano world's toy widths.
     engine: str = field(default=DEFAULT_ENGINE, metadata={"before": UNRECORDED_LIBRARY_ENGINE})
     # data: the pipeline's data section (thinkfast.data)

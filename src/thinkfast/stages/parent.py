@@ -10,7 +10,7 @@ makes the nano world's parent) at the head of a pipeline::
 ``RUN_DIR/parent/model`` links to that folder (``copy: true`` copies it instead), so a multi-gigabyte
 parent is not duplicated. The folder's content hash is part of the stage's identity: re-train or
 replace the parent and every stage after it is redone. The Llama layout is converted when a stage
-loads it (``thinkfast.puzzle.parent.load_decilm``), not on disk.
+loads it (``thinkfast.artifacts.load_decilm``), not on disk.
 
 The folder is checked here, cheaply (headers and sizes, no tensor read): every weights file that loading would
 read (the shards ``model.safetensors.index.json`` names, else every ``*.safetensors``; else the

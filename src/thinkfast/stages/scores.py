@@ -26,7 +26,8 @@ import torch
 
 from ..artifacts import OUTPUTS, SCORES_FORMAT, check_scores, load_tensors, read_library
 from ..data import Corpus, doc_attention
-from ..puzzle.parent import kl_and_lm_loss, load_decilm
+from ..puzzle.parent import kl_and_lm_loss
+from ..artifacts import load_decilm
 from ..puzzle.scores import replace_one_block_scores
 from ..rundir import StageDir, atomic_write_json
 from . import Input, Inputs, check_device, model_path, resolve_device

@@ -42,10 +42,10 @@ from typing import Literal
 
 from ..artifacts import (ArtifactError, check_costs, copy_tokenizer_files, load_tensors, read_json, read_library,
                          read_model_sidecar, read_scores, write_model_sidecar)
-from ..engines import check_engine, library_engine, untie_for
+from ..modeling.engine_rules import check_engine, library_engine, untie_for
 from ..puzzle.assemble import assemble, build_problem, describe, restrict
 from ..puzzle.mip import InfeasibleError, solve_mip
-from ..puzzle.parent import load_decilm
+from ..artifacts import load_decilm
 from ..puzzle.search import calibrate, measured_speedup, pareto_sweep, verifiable, write_pareto
 from ..puzzle.targets import Targets, check_finite, explain_infeasible, limits_for, summary
 from ..rundir import StageDir, atomic_dir, atomic_write_json, atomic_write_text

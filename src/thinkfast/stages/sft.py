@@ -32,10 +32,11 @@ from ..data import DataError
 from ..evaluation import toggle_check
 from ..generation import LocalBackend
 from ..nano import tasks
-from ..puzzle.parent import load_decilm
+from ..artifacts import load_decilm
 from ..rundir import StageDir, atomic_dir
 from ..toggle import install_chat_template
-from ..train.loop import TrainLoop, adamw, autocast, optimizer_step, resolve_precision, setup_device, warmup_cosine
+from ..runtime import autocast, resolve_precision, setup_device
+from ..train.loop import TrainLoop, adamw, optimizer_step, warmup_cosine
 from ..train.sft import block_causal_mask, mix_modes, nano_examples, pack, packed_batch, read_examples, sft_loss
 from ..train.settings import CadenceFields, OptimizerFields, PeriodicEvalFields
 from ..train.sft import tokenize_example

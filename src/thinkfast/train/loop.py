@@ -34,8 +34,6 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-# device and precision live in thinkfast.runtime; imported here for the stages that still take them from here
-from ..runtime import autocast, native_bf16, resolve_precision, setup_device  # noqa: F401
 from .checkpoint import has_state, load_state, save_state
 
 __all__ = ["TrainLoop", "adamw", "get_rng_state", "optimizer_step", "set_rng_state", "warmup_cosine"]

@@ -7,7 +7,7 @@ and ``direct`` ("Answer: "), both greedy. ``chat`` prompting (a model taught the
 ``off`` through the chat template's ``enable_thinking``, with toggle obedience (``format_ok``).
 
 Models are reached through a generation backend (:class:`thinkfast.generation.Backend`: the local rollout
-engine, or a server through :class:`thinkfast.endpoint.Endpoint`); the settings are an :class:`EvalSettings`
+engine, or a server through :class:`thinkfast.generation.endpoint.Endpoint`); the settings are an :class:`EvalSettings`
 (the ``eval`` stage's config is one).
 """
 
@@ -17,10 +17,10 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifacts import read_model_sidecar
-from .generation import Backend, SamplingParams
-from .nano import tasks
-from .toggle import format_ok, messages_for, parse_response, stop_token_ids
+from ..artifacts import read_model_sidecar
+from ..generation import Backend, SamplingParams
+from ..nano import tasks
+from ..toggle import format_ok, messages_for, parse_response, stop_token_ids
 
 TEXT_MODES = ("think", "direct")
 CHAT_MODES = ("on", "off")
@@ -81,7 +81,7 @@ def chat_ids(tokenizer, messages: list[dict], thinking: bool) -> list[int]:
 
 def grade(problem: tasks.Problem, text: str, prompting: str, mode: str) -> dict:
     """Grade one response: correct, and (chat) whether the toggle's format was obeyed."""
-    from .tasks.nano import nano_correct
+    from ..tasks.nano import nano_correct
 
     if prompting == "text":
         # the prompt's own tail is part of the answer ("...\nAnswer: " + "85")
@@ -196,7 +196,7 @@ def quick_accuracy(backend: Backend, tokenizer, problems: list, prompting: str, 
 
 
 def item_prompt(tokenizer, item, prompting: str, mode: str) -> list[int]:
-    """A real-suite item (:class:`thinkfast.suites.Item`) as prompt ids: the user turn of the chat template in
+    """A real-suite item (:class:`thinkfast.evaluation.suites.Item`) as prompt ids: the user turn of the chat template in
     ``mode`` (``enable_thinking``), or for ``text`` prompting the problem text and a blank line."""
     if prompting == "text":
         return tokenizer(item.prompt + "\n\n", add_special_tokens=True)["input_ids"]
@@ -204,7 +204,7 @@ def item_prompt(tokenizer, item, prompting: str, mode: str) -> list[int]:
 
 
 class MathSuiteTask:
-    """A real math suite (:class:`thinkfast.suites.Item`s): the answer after the think block graded by ``grader``
+    """A real math suite (:class:`thinkfast.evaluation.suites.Item`s): the answer after the think block graded by ``grader``
     (:class:`thinkfast.tasks.math.MathGrader`). Per mode: pass@1 (the mean over samples and items), pass@k for
     each ``k`` in ``cfg.pass_k`` up to the samples, maj@n, mean tokens, think-format compliance (chat), the
     no-answer rate (an unclosed think block, or neither a boxed answer nor a number after it) and the truncated
@@ -221,9 +221,9 @@ class MathSuiteTask:
         return item_prompt(tokenizer, item, prompting, mode)
 
     def score(self, answers: Answers, prompting: str, cfg) -> tuple[dict, list]:
-        from .grading import maj_at_n, pass_at_k
-        from .tasks.completion import final_answer
-        from .tasks.math import vote_key
+        from .estimators import maj_at_n, pass_at_k
+        from ..tasks.completion import final_answer
+        from ..tasks.math import vote_key
 
         n, items, texts, completions = answers.n, self.items, answers.texts, answers.completions
         finals = [final_answer(t) if prompting == "chat" else t for t in texts]
@@ -262,7 +262,7 @@ class IFEvalTask:
         return item_prompt(tokenizer, item, prompting, mode)
 
     def score(self, answers: Answers, prompting: str, cfg) -> tuple[dict, list]:
-        from .tasks import ifeval
+        from ..tasks import ifeval
 
         n, items, texts, completions = answers.n, self.items, answers.texts, answers.completions
         finals = [parse_response(t).answer if prompting == "chat" else t for t in texts]
@@ -292,9 +292,9 @@ def evaluate_ifeval(backend: Backend, tokenizer, items: list, prompting: str, cf
 def budget_sweep(backend: Backend, tokenizer, problems: list, budgets: list, *, grace: int = 16, max_new_tokens: int = 800,
                  batch_size: int = 64) -> list[dict]:
     """Nano-world accuracy with reasoning on, greedy, the thinking capped at each budget by the rollout
-    engine's hook (:class:`thinkfast.budget.ThinkingBudget`; ``None``: no budget). Per budget: accuracy,
+    engine's hook (:class:`thinkfast.generation.budget.ThinkingBudget`; ``None``: no budget). Per budget: accuracy,
     mean thinking tokens, the share closed by the budget, the no-answer rate, mean response tokens."""
-    from .budget import ThinkingBudget
+    from ..generation.budget import ThinkingBudget
 
     params = _greedy(tokenizer, max_new_tokens, batch_size)
     prompts = [build_prompt(tokenizer, p, "chat", "on") for p in problems]

@@ -18,7 +18,7 @@ in ``tests/test_vllm.py``):
 
 from __future__ import annotations
 
-from .config import ConfigError
+from ..config import ConfigError
 
 ENGINES = ("vllm", "sglang", "trtllm", "hf")
 # the engine a new library is made for (``library.engine``), and the one ``fuse`` checks a model against

@@ -32,7 +32,7 @@ from functools import partial
 from typing import Callable
 from urllib.parse import urlsplit
 
-from .generation import Completion, SamplingParams
+from .sampler import Completion, SamplingParams
 
 __all__ = ["Endpoint", "EndpointError"]
 

@@ -11,7 +11,7 @@ stops early never holds memory for ``max_new_tokens`` it did not generate.
 Only what the nemotron-nas model calls is implemented (``update``, ``get_seq_length``; the model
 accepts any object with those two methods), plus :meth:`select`, with which the rollout engine
 (:mod:`thinkfast.generation`) lets finished sequences leave a batch, :meth:`truncate_to`, and for
-continuous batching (:mod:`thinkfast.serving.engine`) :meth:`join` (sequences join a running batch,
+continuous batching (:mod:`thinkfast.generation.continuous`) :meth:`join` (sequences join a running batch,
 right-aligned) and :meth:`drop_front` (padding columns no sequence uses any more leave).
 """
 

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tasks.math import gsm8k_gold
+from ..tasks.math import gsm8k_gold
 
 __all__ = ["IFEVAL_FILE", "MATH_PROMPT", "SUITES", "Item", "data_root", "load_suite"]
 

@@ -17,7 +17,7 @@ Usage (one budget for every request, or one per request)::
     hook.closed  # {request: thinking tokens written when the engine closed its block}
 
 A server adds requests as they arrive (:meth:`ThinkingBudget.add`, keyed by its own request ids) and forgets
-them when they end (:meth:`ThinkingBudget.discard`): :mod:`thinkfast.serving.engine` shares one hook across
+them when they end (:meth:`ThinkingBudget.discard`): :mod:`thinkfast.generation.continuous` shares one hook across
 its running batch.
 
 Departure: Llama-Nemotron has no thinking budget; the closing text (``</think>`` and a blank line, nothing
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .toggle import THINK_CLOSE, THINK_OPEN
+from ..toggle import THINK_CLOSE, THINK_OPEN
 
 __all__ = ["ThinkingBudget", "newline_token_ids"]
 

@@ -25,7 +25,7 @@ prompt and tokens so far (vLLM's preemption by recomputation), so only a request
 ended. Whatever still escapes ends every request the engine holds, each answered (tested by fault injection
 at every phase: the others finish with the tokens they get alone).
 
-nemotron-nas models only (a Llama-layout model is converted in memory, :func:`thinkfast.convert.
+nemotron-nas models only (a Llama-layout model is converted in memory, :func:`thinkfast.modeling.convert.
 convert_llama_model`): joining needs a cache whose rows can be padded and concatenated.
 """
 
@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import SamplingParams, StepView, filter_logits, left_padded
-from ..kvcache import StaticKVCache
+from .sampler import SamplingParams, StepView, filter_logits, left_padded
+from ..modeling.kvcache import StaticKVCache
 from ..modeling import DeciLMForCausalLM
 
 __all__ = ["ContinuousEngine", "Request", "SequentialGenerateEngine", "as_decilm"]
@@ -55,7 +55,7 @@ def as_decilm(model):
     from transformers import LlamaForCausalLM
 
     if isinstance(model, LlamaForCausalLM):
-        from ..convert import convert_llama_model
+        from ..modeling.convert import convert_llama_model
 
         return convert_llama_model(model)
     raise ValueError(f"the continuous-batching engine serves nemotron-nas and Llama models, not "
@@ -71,7 +71,7 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     emit: Callable[[list[int], str | None], None] | None = None
-    budget: int | None = None  # thinking tokens (thinkfast.budget); None: no budget
+    budget: int | None = None  # thinking tokens (thinkfast.generation.budget); None: no budget
     stream: bool = True  # emit every step's token; False: one emit with all the tokens when the request ends
     id: int = -1
     tokens: list[int] = field(default_factory=list)
@@ -97,7 +97,7 @@ class ContinuousEngine:
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
         self.budget = None
         if tokenizer is not None:
-            from ..budget import ThinkingBudget
+            from .budget import ThinkingBudget
 
             try:
                 self.budget = ThinkingBudget(tokenizer, [], None, grace=budget_grace)

@@ -1,4 +1,5 @@
-"""Llama-layout checkpoint -> ``nemotron-nas`` (DeciLM) checkpoint.
+"""Llama-layout model -> ``nemotron-nas`` (DeciLM) model, in memory (a whole folder:
+:func:`thinkfast.artifacts.convert_checkpoint`).
 
 A homogeneous Llama is the special case of the heterogeneous model in which every layer has GQA with
 ``num_attention_heads // num_key_value_heads`` heads per group and an FFN of ``intermediate_size``
@@ -11,19 +12,8 @@ Both config conventions are read: transformers 4 (``rope_theta`` + ``rope_scalin
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
 
-import torch
-
-from .artifacts import SIDECAR, copy_tokenizer_files
-from .modeling import DeciLMConfig, DeciLMForCausalLM, attention_block, block_config, ffn_block
-from .rundir import atomic_dir
-
-# Files that travel with a model folder besides config and weights (thinkfast.json: how the model is
-# prompted, read by `eval`).
-
+from . import DeciLMConfig, DeciLMForCausalLM, attention_block, block_config, ffn_block
 
 class ConversionError(ValueError):
     pass
@@ -88,41 +78,3 @@ def convert_llama_model(model) -> DeciLMForCausalLM:
     load_full_state(out, {k: v for k, v in model.state_dict().items() if "rotary_emb" not in k})
     out.generation_config = model.generation_config
     return out.to(next(model.parameters()).device).eval()
-
-
-def convert_checkpoint(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> dict:
-    """Convert the Llama folder ``src`` into a nemotron-nas folder ``dst`` (written atomically).
-
-    Returns a summary dict (layers, parameters, files copied).
-    """
-    from transformers import AutoModelForCausalLM
-
-    src, dst = Path(src), Path(dst)
-    cfg_path = src / "config.json"
-    if not cfg_path.is_file():
-        raise ConversionError(f"{src}: no config.json (expected a Hugging Face model folder)")
-    if dst.exists() and not overwrite:
-        raise ConversionError(f"{dst} exists; pass --overwrite to replace it")
-    llama_cfg = json.loads(cfg_path.read_text())
-    decilm_config_from_llama(llama_cfg, where=str(cfg_path))  # validate before loading weights
-    dtype = llama_cfg.get("torch_dtype") or llama_cfg.get("dtype") or "float32"
-    model = AutoModelForCausalLM.from_pretrained(src, **{_dtype_kwarg(): getattr(torch, dtype)})
-    out = convert_llama_model(model)
-    with atomic_dir(dst) as tmp:
-        out.save_pretrained(tmp)
-        copied = copy_tokenizer_files(src, tmp)
-        if (src / SIDECAR).is_file():  # how the model is prompted does not change with its format
-            shutil.copy2(src / SIDECAR, tmp / SIDECAR)
-            copied.append(SIDECAR)
-    return {
-        "layers": out.config.num_hidden_layers,
-        "parameters": sum(p.numel() for p in out.parameters()),
-        "dtype": dtype,
-        "copied": copied,
-    }
-
-
-def _dtype_kwarg() -> str:
-    import transformers
-
-    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"

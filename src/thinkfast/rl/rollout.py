@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .generation import Backend, Completion, SamplingParams
+from ..generation import Backend, Completion, SamplingParams
 
 __all__ = ["Rollout", "grouped_logprobs", "policy_logprobs", "rollout", "token_logprobs"]
 

@@ -23,11 +23,11 @@ next tokens of a sequence or end it: the thinking budget and the streaming serve
 
 Log-probabilities: :class:`Completion` ``logprobs`` are those of the chosen tokens under the model's own
 distribution (temperature 1, no top-k / top-p), computed in the sampler's forward pass; RL states which
-log-probs its policy ratio uses (:mod:`thinkfast.rollout`).
+log-probs its policy ratio uses (:mod:`thinkfast.rl.rollout`).
 
 Backends: evaluation, RL rollouts and benchmarks generate through a :class:`Backend` (``generate(prompts, params,
 *, hook=None, progress=False)`` and ``sync(model)``), never by switching on what they were given:
-:class:`LocalBackend` is this engine on an in-process model; :class:`thinkfast.endpoint.Endpoint` is an
+:class:`LocalBackend` is this engine on an in-process model; :class:`thinkfast.generation.endpoint.Endpoint` is an
 OpenAI-compatible server (evaluation only: it cannot take new weights); a vLLM engine is the next one.
 
 Why not ``model.generate``: RL needs per-token log-probs of the sampled tokens, serving and the thinking
@@ -44,8 +44,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from transformers import DynamicCache
 
-from .kvcache import StaticKVCache
-from .modeling import DeciLMForCausalLM
+from ..modeling.kvcache import StaticKVCache
+from ..modeling import DeciLMForCausalLM
 
 
 # Sampling limits, vLLM's conventions (vllm/sampling_params.py): a temperature above 0 but below MIN_TEMPERATURE is
@@ -92,7 +92,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     logprobs: list[float] = field(default_factory=list)
-    # set by a server's completion (thinkfast.endpoint), which returns text and a token count, not token ids
+    # set by a server's completion (thinkfast.generation.endpoint), which returns text and a token count, not token ids
     text: str | None = None
     num_tokens: int | None = None
 
@@ -135,7 +135,7 @@ def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Te
 class StepView:
     """What a step hook sees after each decoding step, and what it may do: one interface over every engine that
     runs hooks (the rollout engine's batches here, the server's continuous batch in
-    :mod:`thinkfast.serving.engine`).
+    :mod:`thinkfast.generation.continuous`).
 
     ``requests``: the id of each request that produced a token this step (here its index in the prompt list given
     to :func:`generate`); ``tokens``: those tokens; ``step``: the step number (0 = the first generated token).

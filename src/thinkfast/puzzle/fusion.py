@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .convert import load_full_state
-from .modeling import DeciLMConfig, DeciLMForCausalLM
-from .modeling.configuration_decilm import attention_block, block_config, ffn_block
-from .data import positions_and_mask
+from ..modeling.convert import load_full_state
+from ..modeling import DeciLMConfig, DeciLMForCausalLM
+from ..modeling.configuration_decilm import attention_block, block_config, ffn_block
+from ..data import positions_and_mask
 
 __all__ = ["FusionPlan", "dependency_matrix", "fusable", "find_groups", "fuse", "fused_layer_map", "parallel_form"]
 
