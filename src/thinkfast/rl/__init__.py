@@ -2,4 +2,4 @@
 :mod:`.policy`; advantages, group-normalised and leave-one-out: :mod:`.advantages`), GRPO's loss and step
 (:mod:`.grpo`), the rewards and their safe runner (:mod:`.rewards`; each built-in reward is a task's grader,
 :mod:`thinkfast.tasks`), RL prompts (:mod:`.prompts`), pass rates (:mod:`.pass_rates`) and the pass-rate
-curriculum (:mod:`.curriculum`)."""
+curriculum (:mod:`.curriculum`), and the preference losses (:mod:`.preference`: RPO, DPO, IPO)."""
