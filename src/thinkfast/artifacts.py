@@ -96,7 +96,9 @@ CURVE_FORMAT = "thinkfast-curve/1"
 COMPLETE = "COMPLETE.json"  # a stage's completion marker, written last
 STARTED = "STARTED.json"  # the config of the run that owns a stage's checkpoint
 # where each kind of output (a stage's MAKES) lives inside its stage's folder
-OUTPUTS = {"model": "model", "library": "library", "scores": "scores.json", "costs": "costs.json"}
+OUTPUTS = {"model": "model", "library": "library", "scores": "scores.json", "costs": "costs.json",
+           # a scalar-head model (stage reward_model): its own kind, so no later stage takes it for "the latest model"
+           "reward_model": "reward_model"}
 # what a model folder carries besides weights and config (a child made from it carries the same)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")

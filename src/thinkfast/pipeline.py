@@ -37,7 +37,7 @@ from .data import NANO_MIX, DataConfig, DataError, expand_files
 from .rundir import MARKER_FORMAT, RunDir, RunDirError, StageConfigMismatch, StageDir, StageRun, atomic_write_json
 from .stages import (Input, Inputs, costs, distill, fuse, library, parent, pretrain, resolve_device, scores, search,
                      sft)
-from .stages import grpo
+from .stages import grpo, reward_model, rloo, rpo
 from .stages import eval as eval_stage
 
 # name -> stage module (config class, MAKES, reads, run). A plain table: adding a stage is one line here.
@@ -52,6 +52,9 @@ STAGES = {
     "distill": distill,
     "sft": sft,
     "grpo": grpo,
+    "rloo": rloo,
+    "reward_model": reward_model,
+    "rpo": rpo,
     "eval": eval_stage,
 }
 # Fields that change how fast a stage runs, how much it logs or when it gives up on a failure, not what it
@@ -382,7 +385,8 @@ def _run_one(pipe: Pipeline, rd: RunDir, name: str, force: bool, index: str) -> 
 
 
 _SHAPES = {"model": ("folder", "config.json"), "library": ("folder", "library.json"), "scores": ("file", None),
-           "costs": ("file", None)}
+           "costs": ("file", None),
+           "reward_model": ("folder", "config.json")}
 
 
 def _preflight(pipe: Pipeline, names: list[str]) -> None:
