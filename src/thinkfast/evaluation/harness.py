@@ -377,3 +377,36 @@ def toggle_check(backend: Backend, tokenizer, problems: list, *, max_new_tokens:
                      "truncated": statistics.fmean(c.finish_reason == "length" for c in completions)}
     out["collapsed"] = [m for m in CHAT_MODES if out[m]["format_ok"] < 0.5] or None
     return out
+
+
+def if_check(backend: Backend, tokenizer, items: list, *, max_new_tokens: int = 600, batch_size: int = 64,
+             scorer=None) -> dict:
+    """Instruction following on nano instruction items (:func:`thinkfast.tasks.instructions.nano_if_items`), greedy,
+    every item asked in both modes of the chat template (whatever mode it was made for). Per mode: ``if_strict``
+    (share of prompts whose answer after the think block follows every instruction: IFEval's prompt-level strict
+    accuracy), ``if_loose``, ``if_instructions`` (share of instructions followed, strict), ``accuracy`` (the
+    arithmetic answer, :func:`thinkfast.tasks.nano.nano_correct`), ``format_ok`` (the toggle obeyed),
+    ``mean_tokens``, ``truncated``; with ``scorer`` (a reward model: ``score_ids(sequences) -> list[float]``),
+    ``rm_score``, its mean score of the prompt + response."""
+    from ..tasks import ifeval
+    from ..tasks.nano import nano_correct
+
+    params = _greedy(tokenizer, max_new_tokens, batch_size)
+    out: dict = {}
+    for mode in CHAT_MODES:
+        prompts = [chat_ids(tokenizer, [{"role": "user", "content": it.prompt}], mode == "on") for it in items]
+        completions = backend.generate(prompts, params, progress=False)
+        texts = [decoded(tokenizer, c) for c in completions]
+        graded = [ifeval.grade(ifeval.IFEvalItem(0, it.prompt, tuple(it.instruction_id_list), tuple(it.kwargs)),
+                               parse_response(t).answer or "") for it, t in zip(items, texts)]
+        scores = ifeval.score(graded)
+        out[mode] = {"if_strict": scores["prompt_level_strict"], "if_loose": scores["prompt_level_loose"],
+                     "if_instructions": scores["instruction_level_strict"],
+                     "accuracy": statistics.fmean(nano_correct(t, it.problem.answer) for it, t in zip(items, texts)),
+                     "format_ok": statistics.fmean(format_ok(t, thinking=(mode == "on")) for t in texts),
+                     "mean_tokens": statistics.fmean(c.n_tokens for c in completions),
+                     "truncated": statistics.fmean(c.finish_reason == "length" for c in completions)}
+        if scorer is not None:
+            seqs = [p + list(c.token_ids) for p, c in zip(prompts, completions)]
+            out[mode]["rm_score"] = statistics.fmean(scorer.score_ids(seqs))
+    return out

@@ -28,7 +28,7 @@ from ..evaluation import build_prompt, chat_ids
 from ..nano import tasks as nano_tasks
 from ..toggle import SYSTEM_OFF, SYSTEM_ON
 
-__all__ = ["PromptRow", "RESERVED", "file_prompts", "nano_prompts", "read_prompts", "row_to_prompt"]
+__all__ = ["PromptRow", "RESERVED", "file_prompts", "nano_if_prompts", "nano_prompts", "read_prompts", "row_to_prompt"]
 
 # columns thinkfast sets itself for the rewards (TRL's names where TRL has them)
 RESERVED = ("prompts", "completion_ids", "thinking")
@@ -127,6 +127,24 @@ def nano_prompts(tokenizer, n: int, *, seed: int, kinds: Sequence[str], digits: 
     prompts = [build_prompt(tokenizer, p, "chat", "on" if m else "off") for p, m in zip(problems, modes)]
     return prompts, {"answer": [p.answer for p in problems], "thinking": modes,
                      "prompts": [[{"role": "user", "content": nano_tasks.chat_prompt(p)}] for p in problems]}
+
+
+def nano_if_prompts(tokenizer, n: int, *, seed: int, kinds: Sequence[str], digits: Sequence[int],
+                    steps: Sequence[int], instructions: Sequence[int] = (1, 3), thinking: str = "both",
+                    split: str = "train") -> tuple[list[list[int]], dict[str, list], list]:
+    """``n`` nano instruction-following prompts (:func:`thinkfast.tasks.instructions.nano_if_items`: a nano problem
+    with 1-3 of IFEval's instructions, each prompt in its own mode) as chat prompt ids, their reward columns
+    (``answer``, ``thinking``, ``prompts``, ``instruction_id_list``, ``kwargs``: what ``nano_accuracy``,
+    ``think_format`` and the ``ifeval_*`` rewards read) and the items themselves."""
+    from ..tasks.instructions import nano_if_items
+
+    items = nano_if_items(n, seed=seed, kinds=tuple(kinds), digits=tuple(digits), steps=tuple(steps), split=split,
+                          instructions=tuple(instructions), thinking=thinking)
+    messages = [[{"role": "user", "content": it.prompt}] for it in items]
+    ids = [chat_ids(tokenizer, m, it.thinking) for m, it in zip(messages, items)]
+    return ids, {"answer": [it.problem.answer for it in items], "thinking": [it.thinking for it in items],
+                 "prompts": messages, "instruction_id_list": [list(it.instruction_id_list) for it in items],
+                 "kwargs": [[dict(k) for k in it.kwargs] for it in items]}, items
 
 
 def file_prompts(tokenizer, files: Sequence[str], *, held_out: int, seed: int, thinking: str = "on",

@@ -56,7 +56,6 @@ import copy
 import hashlib
 import json
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -71,8 +70,8 @@ from ..rl.curriculum import gaussian_schedule, keep_hard, random_schedule
 from ..rl.grpo import grpo_step
 from ..rl.pass_rates import held_out_check, pass_rates
 from ..rl.prompts import file_prompts, nano_prompts
-from ..rl.rewards import (BUILTIN, RewardError, RewardFailed, RewardFailures, RewardRunner, load_reward,
-                          missing_columns, missing_columns_message)
+from ..rl.rewards import BUILTIN, RewardRunner, load_reward, missing_columns, missing_columns_message
+from ..rl.watch import RewardWatch
 from ..rundir import StageDir, atomic_dir, atomic_write_json
 from ..toggle import stop_token_ids
 from ..runtime import autocast, resolve_precision, setup_device
@@ -313,20 +312,8 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
                                                       min_ratio=cfg.min_lr_ratio),
                      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, load=load,
                      save=lambda: {"model": model.state_dict(), "curve": list(curve), "steps": list(steps_log)})
-    failures = RewardFailures(cfg.rewards)  # over the whole run: a resumed one replays the steps before
-    for r in steps_log:
-        failures.add(r.get("reward_failed", {}))
-    warned: set[str] = set()
-
-    def report_errors(errors: list[RewardError], step: int, **where) -> None:
-        """Log every reward error; warn on the console once per reward, when it first fails."""
-        for e in errors:
-            log.log("reward_error", step=step, reward=e.reward, error=e.message, detail=e.detail, **where)
-            if e.reward not in warned:
-                warned.add(e.reward)
-                print(f"grpo: warning: reward {e.reward} failed at step {step}{' (held-out check)' if where else ''}"
-                      f": {e.message}. It counts 0 where it fails; each failure is a reward_error line in "
-                      f"{stage.path.name.removesuffix('.partial')}/log.jsonl", file=sys.stderr)
+    watch = RewardWatch("grpo", cfg.rewards, log, stage.path, stage.checkpoint_dir, cfg.max_failing_steps)
+    watch.replay(steps_log)  # over the whole run: a resumed one counts the steps before
 
     print(f"grpo: {model_dir}, {len(kept)} of {len(prompts)} prompts below pass rate {cfg.easy_threshold}"
           f"{' and above 0' if cfg.drop_unsolved else ''}, "
@@ -339,7 +326,7 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
         elif held_ids:
             result, errors = held_out_check(backend, tokenizer, held_ids, held_cols, pass_runner,
                                             max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.batch_size)
-            report_errors(errors, step, during="held_out")
+            watch.report(errors, step, during="held_out")
             curve.append({"step": step, **result})
         if curve and curve[-1]["step"] == step:
             log.log("eval", **curve[-1])
@@ -363,31 +350,15 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
             raise FloatingPointError(
                 f"grpo: {e} at step {step + 1}; stopped without saving: the last good checkpoint "
                 f"({stage.checkpoint_dir}) is kept. Lower lr or check the rewards.") from None
-        report_errors(errors, step + 1)
-        failed = {e.reward: e.message for e in errors}
-        failures.add(failed)
+        failed = watch.step(errors, step)
         record = {"step": step + 1, **record, "reward_failed": failed,
                   "batch_pass_rate": statistics.fmean(rates[i] for i in batch_prompts)}
         steps_log.append(record)
-        for name in cfg.rewards if cfg.max_failing_steps else ():
-            k = failures.in_a_row[name]
-            if k >= cfg.max_failing_steps:  # before end_step: this step is not checkpointed
-                kept_ckpt = (f"the last checkpoint ({stage.checkpoint_dir}) is kept"
-                             if stage.checkpoint_dir.exists() else "no checkpoint had been written yet")
-                raise RewardFailed(
-                    f"grpo: reward {name} failed on every call for {k} step{'s in a row' if k > 1 else ''} "
-                    f"(step{f's {step + 2 - k}-' if k > 1 else ' '}{step + 1}; grpo.max_failing_steps="
-                    f"{cfg.max_failing_steps}), last error: "
-                    f"{failures.last_error[name]}. Stopped without saving: {kept_ckpt}; fix the reward and run "
-                    "the same command again")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.train_steps:
             point(step + 1)
         loop.end_step(step, **{k: v for k, v in record.items() if k != "step"})
     loop.close()
-    for name, c in failures.counts().items():
-        if c["failed"]:
-            print(f"grpo: reward {name} failed {c['failed']} of {c['calls']} calls (last error: {c['last_error']}); "
-                  "it counted 0 where it failed", file=sys.stderr)
+    reward_errors = watch.summary()
     model.eval()
     with atomic_dir(stage.model_dir) as tmp:
         model.save_pretrained(tmp)
@@ -404,7 +375,7 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
                "tokens": loop.counters.get("tokens", 0),
                "reward_first": steps_log[0]["reward"] if steps_log else None,
                "reward_last": statistics.fmean(last) if last else None,
-               "reward_errors": failures.counts()}
+               "reward_errors": reward_errors}
     if curve and "held_out" in curve[0]:
         metrics["held_out_pass_before"] = curve[0]["held_out"]["pass"]
         metrics["held_out_pass_after"] = curve[-1]["held_out"]["pass"]
