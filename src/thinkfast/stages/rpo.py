@@ -1,22 +1,310 @@
-"""Stage ``rpo``: being built (issue 25)."""
+"""Stage ``rpo``: iterative online reward-aware preference optimisation (RPO), or offline DPO as its baseline.
+
+Paper: Llama-Nemotron (arXiv 2505.00949) section 6; REFERENCE.md section 6; the loss of the Nemotron-4 340B report
+(arXiv 2406.11704, section 3.4.2), :func:`thinkfast.rl.preference.preference_loss`. ``mode: online`` runs
+``iterations`` rounds inside the stage; each round fixes the reference at the policy as the round starts, samples
+two responses per prompt from it (``steps_per_iteration x prompts_per_step`` prompts, temperature 1), scores both
+with the reward model (the run's latest ``reward_model`` output, or the folder named by ``reward_model``) and
+trains ``steps_per_iteration`` steps on the reward-aware loss (``loss: rpo_bwd_kl``, the paper's; ``beta`` scales
+the policy's log-ratio margin, ``eta`` the reward margin). The RPO losses are symmetric in the two responses, so
+the pairs are not sorted.
+
+``mode: offline`` is the DPO baseline at the same number of updates (``iterations x steps_per_iteration``): fixed
+pairs and a reference fixed at the starting model. Pairs come from JSON lines (``pairs``: ``prompt`` as a string or
+messages, ``chosen``, ``rejected``; or ``responses`` with ``scores``; :func:`thinkfast.rl.reward_model.read_pairs`)
+or, in the nano world, from ``samples`` responses per prompt of the starting model ranked by the nano rule
+(:func:`thinkfast.rl.reward_model.nano_rank_key`: correct beats wrong, then obeying the toggle and every instruction,
+then shorter), best against worst; prompts whose samples tie make no pair.
+
+Prompts (online, and nano offline): the nano world's instruction prompts in both toggle modes
+(:func:`thinkfast.tasks.instructions.nano_if_items`), train split. After every round (and before the first): held-out
+instruction prompts, greedy, each in both modes (:func:`thinkfast.evaluation.if_check`), with the reward model's
+mean score of the answers (``rm_score``; online, or offline with a reward model in the run), task accuracy and
+toggle compliance. Resumable (the round's pairs and reference are in the checkpoint).
+
+Departures: the paper's rounds of 500 steps at lr 4e-7, beta 1e-5, eta 3 on HelpSteer2 prompts with a 70B reward
+model are scaled to the nano world; pairs are sampled once per round, as the paper does, not once per step.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import random
+import statistics
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..artifacts import Curve, copy_tokenizer_files, load_decilm, read_model_sidecar, write_curve, write_model_sidecar
+from ..evaluation import chat_ids, if_check
+from ..generation import LocalBackend, SamplingParams
+from ..nano import tasks
+from ..rl.preference import KINDS
+from ..rl.prompts import nano_if_prompts
+from ..rl.rollout import rollout
+from ..rl.rpo import pair_batch, preference_step, sequence_logps
+from ..rundir import StageDir, atomic_dir
+from ..runtime import autocast, resolve_precision, setup_device
+from ..toggle import EOT, stop_token_ids
+from ..train.loop import TrainLoop, adamw, warmup_cosine
+from ..train.settings import CadenceFields, OptimizerFields, PeriodicEvalFields, RolloutSampling
+from . import Input, Inputs, check_device, positive
 
 MAKES = "model"
 
 
 def reads(cfg) -> dict:
-    from . import Input
+    out = {"model": Input("model")}
+    if cfg.mode == "online":
+        out["reward_model"] = Input("reward_model", field="reward_model")
+    return out
 
-    return {"model": Input("model")}
+
+def files(cfg) -> tuple[str, list[str]]:
+    """The pair files (identified by content)."""
+    return "pairs", list(cfg.pairs)
 
 
 @dataclass
-class Config:
+class RPOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFields):
+    """The rollout sampling, optimizer, periodic evaluation and cadence fields are
+    :mod:`thinkfast.train.settings`'s."""
+
+    mode: Literal["online", "offline"] = "online"
+    loss: str | None = None  # a kind of thinkfast.rl.preference.KINDS; default: rpo_bwd_kl online, dpo offline
+    reward_model: str | None = None  # a reward-model folder; default: the run's latest reward_model output
+    pairs: list[str] = field(default_factory=list)  # offline: JSON-lines pair files; none: nano pairs
+    iterations: int = 2
+    steps_per_iteration: int = 10
+    prompts_per_step: int = 16  # pairs per step
+    samples: int = 4  # offline nano pairs: responses per prompt ranked by the nano rule
+    beta: float = 0.05
+    eta: float = 1.0
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0
+    precision: Literal["auto", "bf16", "fp32"] = "fp32"
+    max_new_tokens: int = 600
+    kinds: list[str] = field(default_factory=lambda: ["add", "sub", "mul", "word"])
+    digits: list[int] = field(default_factory=lambda: [1, 2])
+    steps: list[int] = field(default_factory=lambda: [2])
+    instructions: list[int] = field(default_factory=lambda: [1, 3])
+    thinking: Literal["on", "off", "both"] = "both"
+    eval_problems: int = 100
+    eval_every: int = 1  # unused: the check runs after every round
     seed: int = 0
+    checkpoint_every: int = 5
+    log_every: int = 1
+    device: str = "auto"
+
+    def __post_init__(self):
+        check_device(self.device)
+        super().__post_init__()
+        positive(self, "iterations", "steps_per_iteration", "prompts_per_step", "samples")
+        if isinstance(self.pairs, str):
+            self.pairs = [self.pairs]
+        if self.loss is None:
+            self.loss = "rpo_bwd_kl" if self.mode == "online" else "dpo"
+        if self.loss not in KINDS:
+            raise ValueError(f"loss={self.loss!r}: choose from {list(KINDS)}")
+        if self.mode == "online" and self.pairs:
+            raise ValueError("pairs are for mode: offline (online samples its own pairs each round)")
+        if self.mode == "offline" and self.loss.startswith("rpo"):
+            raise ValueError(f"loss={self.loss} needs reward-model scores: use mode: online, or dpo / ipo offline")
+        if self.mode == "offline" and self.reward_model is not None:
+            raise ValueError("reward_model is read by mode: online only")
+        if self.samples < 2:
+            raise ValueError(f"samples={self.samples} must be >= 2 (a pair needs two responses)")
+        for name in ("beta", "eta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if len(self.instructions) != 2 or not 1 <= self.instructions[0] <= self.instructions[1]:
+            raise ValueError(f"instructions={self.instructions} must be [min, max] with 1 <= min <= max")
+        unknown = sorted(set(self.kinds) - set(tasks.KINDS))
+        if unknown or not self.kinds or not self.digits or not self.steps:
+            raise ValueError(f"kinds {self.kinds}, digits {self.digits}, steps {self.steps}: non-empty, kinds "
+                             f"from {list(tasks.KINDS)}")
 
 
-def run(cfg, stage, inputs) -> dict:
-    raise NotImplementedError("stage rpo is being built (issue 25)")
+Config = RPOConfig
+
+
+def _nano_ranked_pairs(backend, tokenizer, prompts, columns, samples: int, params) -> list[dict]:
+    """``samples`` responses per prompt, ranked by the nano rule; the best against the worst (ties: no pair)."""
+    from ..rl.reward_model import nano_rank_key
+    from ..tasks.ifeval import ifeval_strict
+    from ..tasks.nano import nano_accuracy
+    from ..tasks.think_format import think_format
+
+    roll = rollout(backend, prompts, samples, params)
+    texts = [[{"role": "assistant", "content": tokenizer.decode(c.token_ids, skip_special_tokens=True)}]
+             for c in roll.completions]
+    g = roll.groups
+    correct = nano_accuracy(texts, answer=[columns["answer"][i] for i in g])
+    fmt = think_format(texts, thinking=[columns["thinking"][i] for i in g])
+    follows = ifeval_strict(texts, [columns["instruction_id_list"][i] for i in g], [columns["kwargs"][i] for i in g])
+    out = []
+    for p in range(len(prompts)):
+        rows = [j for j in range(len(g)) if g[j] == p]
+        keys = {j: nano_rank_key(bool(correct[j]), bool(fmt[j]) and bool(follows[j]), len(roll.completions[j].token_ids))
+                for j in rows if roll.completions[j].finish_reason == "stop"}
+        if len(keys) < 2:
+            continue
+        best, worst = max(keys, key=keys.get), min(keys, key=keys.get)
+        if keys[best] == keys[worst]:
+            continue
+        out.append({"prompt": prompts[p], "chosen": roll.completions[best].token_ids,
+                    "rejected": roll.completions[worst].token_ids})
+    return out
+
+
+def _file_pairs(tokenizer, paths) -> list[dict]:
+    from ..rl.reward_model import read_pairs
+
+    stop = tokenizer.convert_tokens_to_ids(EOT) if EOT in tokenizer.get_vocab() else tokenizer.eos_token_id
+    out = []
+    for pair in read_pairs(paths):
+        prompt = chat_ids(tokenizer, list(pair.prompt), pair.thinking if pair.thinking is not None else True)
+        enc = [tokenizer(t, add_special_tokens=False)["input_ids"] + [stop] for t in (pair.chosen, pair.rejected)]
+        out.append({"prompt": prompt, "chosen": enc[0], "rejected": enc[1]})
+    return out
+
+
+def run(cfg: RPOConfig, stage: StageDir, inputs: Inputs) -> dict:
+    from transformers import AutoTokenizer
+
+    model_dir = inputs["model"]
+    sidecar = read_model_sidecar(model_dir)
+    if sidecar.get("prompting") == "text":
+        raise ValueError(f"{model_dir} was not taught the chat template's toggle (prompting: text): put sft before rpo")
+    device = setup_device(cfg.device)
+    precision = resolve_precision(device, cfg.precision)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    scorer = None
+    if cfg.mode == "online":
+        from ..rl.reward_model import load_reward_model
+
+        scorer = load_reward_model(inputs["reward_model"], device=device)
+    model = load_decilm(model_dir, device)
+    backend = LocalBackend(model)
+    log = stage.logger()
+    total = cfg.iterations * cfg.steps_per_iteration
+    per_round = cfg.steps_per_iteration * cfg.prompts_per_step
+    prompts, columns, _ = nano_if_prompts(tokenizer, per_round * cfg.iterations if cfg.mode == "online" else per_round,
+                                          seed=cfg.seed, kinds=cfg.kinds, digits=cfg.digits, steps=cfg.steps,
+                                          instructions=cfg.instructions, thinking=cfg.thinking)
+    held = []
+    if cfg.eval_problems:
+        held = nano_if_prompts(tokenizer, cfg.eval_problems, seed=cfg.seed, kinds=cfg.kinds, digits=cfg.digits,
+                               steps=cfg.steps, instructions=cfg.instructions, thinking=cfg.thinking, split="eval")[2]
+    stops = tuple(stop_token_ids(tokenizer))
+    pad = tokenizer.pad_token_id or 0
+
+    def sampling(seed: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                              stop_token_ids=stops, batch_size=cfg.batch_size, seed=seed)
+
+    model.requires_grad_(True)
+    opt = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    state: dict = {"round": -1, "pairs": [], "curve": [], "steps": []}
+
+    def load(saved):
+        model.load_state_dict(saved["model"])
+        reference.load_state_dict(saved["reference"])
+        state.update({k: saved[k] for k in ("round", "pairs", "curve", "steps")})
+
+    loop = TrainLoop(stage, "rpo", total, opt, log=log, device=device,
+                     schedule=lambda s: warmup_cosine(s, lr=cfg.lr, total=total, warmup=cfg.warmup_steps,
+                                                      min_ratio=cfg.min_lr_ratio),
+                     log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, load=load,
+                     save=lambda: {"model": model.state_dict(), "reference": reference.state_dict(), **state})
+
+    def point(done_rounds: int) -> None:
+        if held:
+            check = if_check(backend, tokenizer, held, max_new_tokens=cfg.eval_max_new_tokens,
+                             batch_size=cfg.batch_size, scorer=scorer)
+            state["curve"].append({"step": done_rounds * cfg.steps_per_iteration, "round": done_rounds, **check})
+            log.log("eval", **state["curve"][-1])
+        model.train()
+
+    print(f"rpo ({cfg.mode}, {cfg.loss}): {model_dir}, {cfg.iterations} round(s) x {cfg.steps_per_iteration} steps "
+          f"of {cfg.prompts_per_step} pairs, beta {cfg.beta}, eta {cfg.eta}")
+    if loop.start == 0 and not state["curve"]:
+        point(0)
+    if cfg.mode == "offline" and state["round"] < 0:  # fixed pairs, the reference fixed at the start
+        if cfg.pairs:
+            state["pairs"] = _file_pairs(tokenizer, cfg.pairs)
+        else:
+            state["pairs"] = _nano_ranked_pairs(backend, tokenizer, prompts, columns, cfg.samples,
+                                                sampling(cfg.seed * 100003))
+        state["round"] = 0
+        if not state["pairs"]:
+            raise ValueError("rpo (offline): no pairs (every prompt's samples tied under the nano rule)")
+        log.log("pairs", n=len(state["pairs"]))
+    for step in loop:
+        rnd = step // cfg.steps_per_iteration
+        if cfg.mode == "online" and state["round"] < rnd:
+            # a new round: the reference is the policy as it starts; sample two responses per prompt, score both
+            reference.load_state_dict(model.state_dict())
+            chunk = list(range(rnd * per_round, (rnd + 1) * per_round))
+            roll = rollout(backend, [prompts[i] for i in chunk], 2, sampling(cfg.seed * 100003 + rnd))
+            scores = scorer.score_ids([p + list(c.token_ids) for p, c in zip(roll.prompts, roll.completions)])
+            state["pairs"] = [{"prompt": roll.prompts[2 * j], "chosen": roll.completions[2 * j].token_ids,
+                               "rejected": roll.completions[2 * j + 1].token_ids, "reward_chosen": scores[2 * j],
+                               "reward_rejected": scores[2 * j + 1]} for j in range(len(chunk))]
+            state["round"] = rnd
+            log.log("round", round=rnd, pairs=len(state["pairs"]), rm_score=statistics.fmean(scores),
+                    identical=sum(p["chosen"] == p["rejected"] for p in state["pairs"]))
+        pairs = state["pairs"]
+        if cfg.mode == "online":
+            k = step % cfg.steps_per_iteration
+            chosen = pairs[k * cfg.prompts_per_step:(k + 1) * cfg.prompts_per_step]
+        else:
+            order = list(range(len(pairs)))
+            epoch, offset = divmod(step * cfg.prompts_per_step, len(pairs))
+            random.Random(f"rpo:{cfg.seed}:{epoch}").shuffle(order)
+            chosen = [pairs[order[(offset + i) % len(order)]] for i in range(min(cfg.prompts_per_step, len(pairs)))]
+        batch = pair_batch([p["prompt"] for p in chosen], [p["chosen"] for p in chosen],
+                           [p["rejected"] for p in chosen], pad, device)
+        with torch.no_grad():
+            ref_c, ref_r = sequence_logps(reference, batch)
+        rewards = {}
+        if "reward_chosen" in chosen[0]:
+            rewards = {"reward_chosen": torch.tensor([p["reward_chosen"] for p in chosen]),
+                       "reward_rejected": torch.tensor([p["reward_rejected"] for p in chosen])}
+        try:
+            record = preference_step(model, opt, batch, kind=cfg.loss, beta=cfg.beta, eta=cfg.eta, ref_chosen=ref_c,
+                                     ref_rejected=ref_r, grad_clip=cfg.grad_clip,
+                                     autocast_ctx=lambda: autocast(device, precision), **rewards)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"rpo: {e} at step {step + 1}; stopped without saving: the last good checkpoint "
+                                     f"({stage.checkpoint_dir}) is kept. Lower lr or beta.") from None
+        backend.sync(model)
+        record = {"step": step + 1, "round": rnd, **record,
+                  "tokens": int(batch["completion_mask"].sum())}
+        state["steps"].append(record)
+        if (step + 1) % cfg.steps_per_iteration == 0:
+            point(rnd + 1)
+        loop.end_step(step, **{k: v for k, v in record.items() if k != "step"})
+    loop.close()
+    model.eval()
+    with atomic_dir(stage.model_dir) as tmp:
+        model.save_pretrained(tmp)
+        copy_tokenizer_files(model_dir, tmp)
+        write_model_sidecar(tmp, prompting="chat", made_by="rpo", **{k: sidecar[k] for k in ("engine",) if k in sidecar})
+    curve = state["curve"]
+    plot = [{"label": "loss", "y": "loss", "of": "steps"}] + [
+        {"label": f"IF strict {mode}", "y": f"{mode}.if_strict"} for mode in ("on", "off")]
+    write_curve(stage.path, Curve(points=curve, steps=state["steps"], plot=plot))
+    metrics = {"mode": cfg.mode, "loss": cfg.loss, "steps": total, "iterations": cfg.iterations,
+               "seconds": round(loop.seconds, 1), "pairs_last_round": len(state["pairs"])}
+    if curve:
+        for mode in ("on", "off"):
+            for key in ("if_strict", "accuracy", "format_ok", "rm_score"):
+                if key in curve[0][mode]:
+                    metrics[f"{key}_{mode}"] = [p[mode][key] for p in curve]
+    log.log("done", **metrics)
+    log.close()
+    return metrics
