@@ -404,7 +404,7 @@ GOOD = {"key": 7, "prompt": "Say hi.", "instruction_id_list": ["punctuation:no_c
 @pytest.mark.parametrize("bad, message", [
     ("{not json", "invalid JSON"),
     ({k: v for k, v in GOOD.items() if k != "kwargs"}, "missing field"),
-    ({**GOOD, "instruction_id_list": ["keywords:nonsense"]}, "unknown instruction id"),
+    ({**GOOD, "instruction_id_list": ["keywords:nonsense"]}, "unknown IFEval instruction id"),
     ({**GOOD, "kwargs": [{}, {}]}, "2 kwargs for 1 instructions"),
     ({**GOOD, "instruction_id_list": []}, "non-empty list"),
     ({**GOOD, "key": "7"}, "key must be an integer"),

@@ -62,8 +62,9 @@ from pathlib import Path
 
 from .completion import completion_text, final_answer
 
-__all__ = ["INSTRUCTIONS", "IFEvalItem", "capital_words", "count_sentences", "count_words", "grade",
-           "ifeval_loose", "ifeval_strict", "load_ifeval", "score", "split_sentences"]
+__all__ = ["INSTRUCTIONS", "KWARGS", "IFEvalItem", "capital_words", "check_instructions", "count_sentences",
+           "count_words", "grade", "ifeval_loose", "ifeval_share", "ifeval_strict", "load_ifeval", "read_if_prompts",
+           "score", "split_sentences"]
 
 Checker = Callable[[str, Mapping, str], bool]
 
@@ -438,6 +439,125 @@ INSTRUCTIONS: dict[str, Checker] = {
     "punctuation:no_comma": _no_comma,
 }
 
+
+# ------------------------------------------------------------------------------------------- their arguments
+
+
+def _count(low: int = 0):
+    def check(v):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)  # a table with missing values stores counts as floats (300.0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"must be an integer >= {low}, got {v!r}")
+        return v
+    return check
+
+
+def _relation(v):
+    if v not in _RELATIONS:
+        raise ValueError(f"must be one of {_RELATIONS}, got {v!r}")
+    return v
+
+
+def _text(v):
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"must be a non-empty string, got {v!r}")
+    return v
+
+
+def _char(v):
+    if not isinstance(v, str) or len(v.strip()) != 1:
+        raise ValueError(f"must be a single non-whitespace character, got {v!r}")
+    return v
+
+
+def _words(v):
+    if not isinstance(v, (list, tuple)) or not v or not all(isinstance(w, str) and w.strip() for w in v):
+        raise ValueError(f"must be a non-empty list of non-empty strings, got {v!r}")
+    return list(v)
+
+
+# Each instruction's arguments (the arguments of Google's ``build_description``) and their checks. All are
+# required: where Google's code draws a missing one at random, a grader must not.
+KWARGS: dict[str, dict[str, Callable]] = {
+    "keywords:existence": {"keywords": _words},
+    "keywords:frequency": {"keyword": _text, "frequency": _count(), "relation": _relation},
+    "keywords:forbidden_words": {"forbidden_words": _words},
+    "keywords:letter_frequency": {"letter": _char, "let_frequency": _count(), "let_relation": _relation},
+    "language:response_language": {"language": _text},
+    "length_constraints:number_sentences": {"num_sentences": _count(), "relation": _relation},
+    "length_constraints:number_paragraphs": {"num_paragraphs": _count(1)},
+    "length_constraints:number_words": {"num_words": _count(), "relation": _relation},
+    "length_constraints:nth_paragraph_first_word": {"num_paragraphs": _count(1), "nth_paragraph": _count(1),
+                                                    "first_word": _text},
+    "detectable_content:number_placeholders": {"num_placeholders": _count()},
+    "detectable_content:postscript": {"postscript_marker": _text},
+    "detectable_format:number_bullet_lists": {"num_bullets": _count()},
+    "detectable_format:constrained_response": {},
+    "detectable_format:number_highlighted_sections": {"num_highlights": _count()},
+    "detectable_format:multiple_sections": {"section_spliter": _text, "num_sections": _count()},
+    "detectable_format:json_format": {},
+    "detectable_format:title": {},
+    "combination:two_responses": {},
+    "combination:repeat_prompt": {"prompt_to_repeat": _text},
+    "startend:end_checker": {"end_phrase": _text},
+    "startend:quotation": {},
+    "change_case:capital_word_frequency": {"capital_frequency": _count(), "capital_relation": _relation},
+    "change_case:english_capital": {},
+    "change_case:english_lowercase": {},
+    "punctuation:no_comma": {},
+}
+
+
+def check_instructions(ids, kwargs) -> tuple[tuple[str, ...], tuple[dict, ...]]:
+    """A row's ``instruction_id_list`` and ``kwargs`` (a list of objects, or that list as JSON text, as some
+    copies of the data store it) checked against :data:`KWARGS`, as tuples with ``None`` values dropped (the
+    Hugging Face copy fills every unused key with ``None``) and integral floats made integers. An unknown
+    instruction id, a count of objects other than one per instruction, a missing, mistyped, out-of-range or
+    unexpected argument is a ``ValueError`` naming the instruction and the key.
+
+    >>> check_instructions(["startend:end_checker"], [{"end_phrase": "Bye.", "keywords": None}])
+    (('startend:end_checker',), ({'end_phrase': 'Bye.'},))
+    >>> check_instructions(["length_constraints:number_words"], [{"num_words": -1, "relation": "less than"}])
+    Traceback (most recent call last):
+    ...
+    ValueError: length_constraints:number_words: argument 'num_words' must be an integer >= 0, got -1
+    """
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"kwargs is no valid JSON ({e.msg})") from None
+    if isinstance(ids, str) or not isinstance(ids, (list, tuple)) or not ids:
+        raise ValueError(f"instruction_id_list must be a non-empty list of ids, got {ids!r}")
+    unknown = [i for i in ids if i not in INSTRUCTIONS]
+    if unknown:
+        raise ValueError(f"unknown IFEval instruction id(s) {', '.join(map(str, unknown))}: no checker")
+    if not isinstance(kwargs, (list, tuple)) or not all(isinstance(k, Mapping) for k in kwargs):
+        raise ValueError(f"kwargs must be a list of objects (one per instruction), got {kwargs!r}")
+    if len(kwargs) != len(ids):
+        raise ValueError(f"{len(kwargs)} kwargs for {len(ids)} instructions")
+    clean = []
+    for iid, kw in zip(ids, kwargs):
+        spec, out = KWARGS[iid], {}
+        for key, value in kw.items():
+            if value is None:
+                continue
+            if key not in spec:
+                raise ValueError(f"{iid}: unexpected argument {key!r} (it takes {sorted(spec) or 'none'})")
+            try:
+                out[key] = spec[key](value)
+            except ValueError as e:
+                raise ValueError(f"{iid}: argument {key!r} {e}") from None
+        missing = [k for k in spec if k not in out]
+        if missing:
+            raise ValueError(f"{iid}: missing argument(s) {', '.join(map(repr, missing))}")
+        if iid == "length_constraints:nth_paragraph_first_word" and out["nth_paragraph"] > out["num_paragraphs"]:
+            raise ValueError(f"{iid}: argument 'nth_paragraph' {out['nth_paragraph']} is beyond num_paragraphs "
+                             f"{out['num_paragraphs']}")
+        clean.append(out)
+    return tuple(ids), tuple(clean)
+
 # ------------------------------------------------------------------------------------------ data and grading
 
 
@@ -451,39 +571,32 @@ class IFEvalItem:
     kwargs: tuple[dict, ...]
 
 
-def _parse_row(line: str) -> IFEvalItem:
+def _parse_row(line: str, need_key: bool = True, lineno: int = 0) -> IFEvalItem:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON ({e.msg})") from None
     if not isinstance(row, dict):
         raise ValueError("a row must be a JSON object")
-    missing = [k for k in ("key", "prompt", "instruction_id_list", "kwargs") if k not in row]
+    missing = [k for k in ("key", "prompt", "instruction_id_list", "kwargs") if k not in row and (need_key or k != "key")]
     if missing:
         raise ValueError(f"missing field(s) {', '.join(missing)}")
-    key, prompt, ids, kwargs = row["key"], row["prompt"], row["instruction_id_list"], row["kwargs"]
+    key, prompt = row.get("key", lineno), row["prompt"]
     if isinstance(key, bool) or not isinstance(key, int):
         raise ValueError(f"key must be an integer, got {key!r}")
     if not isinstance(prompt, str):
         raise ValueError("prompt must be a string")
+    ids, kwargs = row["instruction_id_list"], row["kwargs"]
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
         raise ValueError("instruction_id_list must be a non-empty list of strings")
-    unknown = [i for i in ids if i not in INSTRUCTIONS]
-    if unknown:
-        raise ValueError(f"unknown instruction id(s) {', '.join(unknown)}")
-    if not isinstance(kwargs, list) or not all(isinstance(k, dict) for k in kwargs):
-        raise ValueError("kwargs must be a list of objects")
-    if len(kwargs) != len(ids):
-        raise ValueError(f"{len(kwargs)} kwargs for {len(ids)} instructions")
-    clean = tuple({k: v for k, v in kw.items() if v is not None} for kw in kwargs)
-    return IFEvalItem(key, prompt, tuple(ids), clean)
+    ids, clean = check_instructions(ids, kwargs)
+    return IFEvalItem(key, prompt, ids, clean)
 
 
-def load_ifeval(path: str | Path, limit: int | None = None) -> list[IFEvalItem]:
-    """The IFEval rows of ``path`` (Google's ``input_data.jsonl``), the first ``limit`` of them if given."""
+def _read_rows(path: str | Path, limit: int | None, need_key: bool, what: str) -> list[IFEvalItem]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"IFEval data file not found: {path}")
+        raise FileNotFoundError(f"{what} file not found: {path}")
     items: list[IFEvalItem] = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -492,10 +605,23 @@ def load_ifeval(path: str | Path, limit: int | None = None) -> list[IFEvalItem]:
             if not line.strip():
                 continue
             try:
-                items.append(_parse_row(line))
+                items.append(_parse_row(line, need_key, lineno))
             except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: bad IFEval row: {e}") from None
+                raise ValueError(f"{path}:{lineno}: bad {what} row: {e}") from None
     return items
+
+
+def load_ifeval(path: str | Path, limit: int | None = None) -> list[IFEvalItem]:
+    """The IFEval rows of ``path`` (Google's ``input_data.jsonl``), the first ``limit`` of them if given; each
+    row's instructions checked by :func:`check_instructions`."""
+    return _read_rows(path, limit, True, "IFEval")
+
+
+def read_if_prompts(path: str | Path) -> list[IFEvalItem]:
+    """Instruction-following prompts in IFEval's schema (``prompt``, ``instruction_id_list``, ``kwargs``; ``key``
+    optional, the line number when absent), each row checked by :func:`check_instructions`; a bad row is a
+    ``ValueError`` naming the file and the line."""
+    return _read_rows(path, None, False, "instruction-following prompt")
 
 
 def _loose_variants(response: str) -> list[str]:
@@ -538,18 +664,12 @@ def score(graded: list[dict]) -> dict:
 
 
 def _instructions(ids, kwargs) -> tuple[tuple[str, ...], tuple[dict, ...]]:
-    """A row's ``instruction_id_list`` and ``kwargs`` (a list of objects, or that list as JSON text, as some
-    copies of the data store it), checked: an instruction id without a checker is an error, never a pass."""
-    if isinstance(kwargs, str):
-        kwargs = json.loads(kwargs)
-    if isinstance(ids, str) or not isinstance(ids, (list, tuple)) or not ids:
-        raise ValueError(f"instruction_id_list must be a non-empty list of ids, got {ids!r}")
-    unknown = [i for i in ids if i not in INSTRUCTIONS]
-    if unknown:
-        raise ValueError(f"unknown IFEval instruction id(s) {', '.join(map(str, unknown))}: no checker, so no reward")
-    if not isinstance(kwargs, (list, tuple)) or len(kwargs) != len(ids) or not all(isinstance(k, dict) for k in kwargs):
-        raise ValueError(f"kwargs must be a list of {len(ids)} objects (one per instruction), got {kwargs!r}")
-    return tuple(ids), tuple({k: v for k, v in kw.items() if v is not None} for kw in kwargs)
+    """A row's instructions for a reward, checked by :func:`check_instructions`: an unknown id or a bad argument
+    is an error (the reward runner counts it 0 and logs it), never a pass."""
+    try:
+        return check_instructions(ids, kwargs)
+    except ValueError as e:
+        raise ValueError(f"bad IFEval instructions, so no reward: {e}") from None
 
 
 def _user_text(messages) -> str:
@@ -559,14 +679,33 @@ def _user_text(messages) -> str:
     return users[-1] if users else ""
 
 
-def _followed(completions, instruction_id_list, kwargs, prompts, mode: str) -> list[float]:
+def _graded(completions, instruction_id_list, kwargs, prompts, mode: str) -> list[list[bool]]:
+    """Per completion, whether its answer after the think block follows each instruction of its row (an unclosed
+    or malformed think block follows none)."""
     prompts = prompts if prompts is not None else [None] * len(completions)
     out = []
     for c, ids, kws, p in zip(completions, instruction_id_list, kwargs, prompts, strict=True):
         ids, kws = _instructions(ids, kws)
-        item = IFEvalItem(0, _user_text(p), ids, kws)
-        out.append(1.0 if all(grade(item, final_answer(completion_text(c)) or "")[mode]) else 0.0)
+        answer = final_answer(completion_text(c))
+        out.append(grade(IFEvalItem(0, _user_text(p), ids, kws), answer)[mode] if answer is not None
+                   else [False] * len(ids))
     return out
+
+
+def _followed(completions, instruction_id_list, kwargs, prompts, mode: str) -> list[float]:
+    return [1.0 if all(g) else 0.0 for g in _graded(completions, instruction_id_list, kwargs, prompts, mode)]
+
+
+def ifeval_share(completions, instruction_id_list, kwargs, prompts=None, **columns) -> list[float]:
+    """The reward: the share of its row's instructions that the answer after the think block follows, strictly
+    (IFEval's instruction-level strict accuracy, per prompt); partial credit where :func:`ifeval_strict` is
+    all or nothing. A malformed think block follows nothing; bad instructions are a ValueError.
+
+    >>> ids, kw = [["punctuation:no_comma", "startend:quotation", "detectable_format:title"]] * 3, [[{}, {}, {}]] * 3
+    >>> [round(x, 3) for x in ifeval_share(['<think>\\nHmm, ok\\n</think>\\n\\n"fine"', '"Yes, fine"', '<think>'], ids, kw)]
+    [0.667, 0.333, 0.0]
+    """
+    return [sum(g) / len(g) for g in _graded(completions, instruction_id_list, kwargs, prompts, "strict")]
 
 
 def ifeval_strict(completions, instruction_id_list, kwargs, prompts=None, **columns) -> list[float]:
