@@ -419,7 +419,7 @@ def teacher_trace(problem: Problem) -> str:
 # answers and verification
 # --------------------------------------------------------------------------
 
-_ANSWER_RE = re.compile(r"Answer:")
+_ANSWER_RE = re.compile(r"Answer:", re.IGNORECASE)  # "answer:" / "ANSWER:" too: all-lowercase or capital replies
 _INT_AFTER_RE = re.compile(r"\s*(-?\d+)(?!\.\d)")
 _BOXED_RE = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
 
@@ -434,10 +434,13 @@ def format_answer(n: int) -> str:
 
 
 def extract_answer(text: str) -> int | None:
-    """Integer after the LAST ``Answer:``; ``\\boxed{N}`` only if no ``Answer:``.
+    """Integer after the LAST ``Answer:`` in any case (``answer:``, ``ANSWER:``: replies asked for all lowercase
+    or capital letters); ``\\boxed{N}`` only if no ``Answer:``.
 
     >>> extract_answer("Answer: 3\\nwait\\nAnswer:  -12")
     -12
+    >>> extract_answer("ANSWER: 7"), extract_answer('{"answer": "answer: 7"}')
+    (7, 7)
     >>> extract_answer("so it is \\\\boxed{85}")
     85
     >>> extract_answer("Answer: \\\\boxed{5}") is None
