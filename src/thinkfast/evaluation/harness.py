@@ -386,7 +386,7 @@ def if_check(backend: Backend, tokenizer, items: list, *, max_new_tokens: int = 
     (share of prompts whose answer after the think block follows every instruction: IFEval's prompt-level strict
     accuracy), ``if_loose``, ``if_instructions`` (share of instructions followed, strict), ``accuracy`` (the
     arithmetic answer, :func:`thinkfast.tasks.nano.nano_correct`), ``format_ok`` (the toggle obeyed),
-    ``mean_tokens``, ``truncated``; with ``scorer`` (a reward model: ``score_ids(sequences) -> list[float]``),
+    ``no_answer`` (a malformed think block), ``mean_tokens``, ``truncated``; with ``scorer`` (a reward model: ``score_ids(sequences) -> list[float]``),
     ``rm_score``, its mean score of the prompt + response."""
     from ..tasks import ifeval
     from ..tasks.nano import nano_correct
@@ -404,6 +404,7 @@ def if_check(backend: Backend, tokenizer, items: list, *, max_new_tokens: int = 
                      "if_instructions": scores["instruction_level_strict"],
                      "accuracy": statistics.fmean(nano_correct(t, it.problem.answer) for it, t in zip(items, texts)),
                      "format_ok": statistics.fmean(format_ok(t, thinking=(mode == "on")) for t in texts),
+                     "no_answer": statistics.fmean(parse_response(t).answer is None for t in texts),
                      "mean_tokens": statistics.fmean(c.n_tokens for c in completions),
                      "truncated": statistics.fmean(c.finish_reason == "length" for c in completions)}
         if scorer is not None:

@@ -22,7 +22,10 @@ and the real math benchmarks of :mod:`thinkfast.evaluation.suites` read from the
 worker processes (:class:`thinkfast.tasks.math.MathGrader`) on the answer after the think block, with pass@1
 averaged over ``samples``, pass@k for ``pass_k``, maj@n and the no-answer rate (:func:`evaluate_items`); and
 ``ifeval`` (IFEval's prompts as they are, graded by :mod:`thinkfast.tasks.ifeval`'s checkers on the answer after the
-think block: prompt- and instruction-level accuracy, strict and loose; :func:`evaluate_ifeval`).
+think block: prompt- and instruction-level accuracy, strict and loose; :func:`evaluate_ifeval`); ``nano_if``
+(``if_problems`` held-out nano problems with 1-3 of IFEval's instructions, each asked greedily in both modes, the
+same checkers: instruction-following strict accuracy as pass@1, with the arithmetic accuracy and the toggle's
+format beside it; :func:`thinkfast.evaluation.if_check`; chat models only).
 
 The model can be a server (``endpoint``: any OpenAI-compatible URL, e.g. a vLLM server of the same folder):
 prompts are still built here with the folder's tokenizer (``model`` names the folder) and sent as token ids
@@ -47,11 +50,11 @@ import torch
 from ..artifacts import load_model
 from ..config import to_dict
 from ..generation import LocalBackend
-from ..evaluation import (EvalSettings, budget_sweep, evaluate, evaluate_ifeval, evaluate_items, format_table, models_table,
-                          resolve_prompting, suites_table)
+from ..evaluation import (EvalSettings, budget_sweep, evaluate, evaluate_ifeval, evaluate_items, format_table, if_check,
+                          models_table, resolve_prompting, suites_table)
 from ..nano import tasks
 from ..rundir import JsonlLogger, StageDir, atomic_dir, atomic_write_json, atomic_write_text
-from . import Input, Inputs, check_device, resolve_device
+from . import Input, Inputs, check_device, positive, resolve_device
 
 MAKES = None  # a leaf: results, no model
 
@@ -71,7 +74,9 @@ class EvalConfig(EvalSettings):
     digits: list[int] = field(default_factory=lambda: [1, 2, 3])
     steps: list[int] = field(default_factory=lambda: [2])
     per_cell: int = 50
-    suites: list[str] = field(default_factory=lambda: ["nano"])  # nano, gsm8k, math500, aime24, aime25, ifeval
+    # nano, nano_if (nano problems with IFEval's instructions), gsm8k, math500, aime24, aime25, ifeval
+    suites: list[str] = field(default_factory=lambda: ["nano"])
+    if_problems: int = 100  # nano_if: held-out instruction prompts, each asked in both modes
     suite_limit: int | None = None  # the first N items of each real suite (None: all)
     grade_workers: int = 2  # math-verify worker processes
     grade_timeout: float = 20.0  # seconds per answer; a hanging one is wrong
@@ -108,9 +113,10 @@ class EvalConfig(EvalSettings):
             raise ValueError(f"per_cell={self.per_cell} must be >= 1")
         from ..evaluation.suites import SUITES
 
-        unknown = sorted(set(self.suites) - {"nano", "ifeval", *SUITES})
+        unknown = sorted(set(self.suites) - {"nano", "nano_if", "ifeval", *SUITES})
         if unknown or not self.suites:
-            raise ValueError(f"suites: unknown {unknown}; choose from {['nano', *sorted(SUITES), 'ifeval']}")
+            raise ValueError(f"suites: unknown {unknown}; choose from {['nano', 'nano_if', *sorted(SUITES), 'ifeval']}")
+        positive(self, "if_problems")
         if self.suite_limit is not None and self.suite_limit < 1:
             raise ValueError(f"suite_limit={self.suite_limit} must be >= 1 (or null: every item)")
         if self.grade_workers < 1 or not self.grade_timeout > 0:
@@ -163,7 +169,7 @@ def _suite_paths(cfg: EvalConfig) -> dict[str, Path]:
     from ..evaluation.suites import IFEVAL_FILE, SUITES, data_root
 
     return {name: data_root() / (IFEVAL_FILE if name == "ifeval" else SUITES[name][0])
-            for name in cfg.suites if name != "nano"}
+            for name in cfg.suites if name not in ("nano", "nano_if")}
 
 
 def check_suite_data(cfg: EvalConfig) -> None:
@@ -221,7 +227,20 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
                                                      batch_size=cfg.batch_size)
                 for point in metrics["budget"]:
                     log.log("budget", **point)
-            real = [s for s in cfg.suites if s not in ("nano", "ifeval")]
+            real = [s for s in cfg.suites if s not in ("nano", "nano_if", "ifeval")]
+            if "nano_if" in cfg.suites and prompting == "text":
+                _note(notes, "nano_if skipped: a text-prompted model has no chat turn to carry instructions")
+            elif "nano_if" in cfg.suites:
+                from ..tasks.instructions import nano_if_items
+
+                items = nano_if_items(cfg.if_problems, seed=cfg.seed, kinds=tuple(cfg.kinds), digits=tuple(cfg.digits),
+                                      steps=tuple(cfg.steps), split="eval")
+                log.log("suite", suite="nano_if", items=len(items))
+                with torch.no_grad():
+                    result = if_check(backend, tokenizer, items, max_new_tokens=cfg.max_new_tokens,
+                                      batch_size=cfg.batch_size)
+                metrics.setdefault("suites", {})["nano_if"] = {
+                    mode: {"pass@1": r["if_strict"], **r} for mode, r in result.items()}
             if "ifeval" in cfg.suites:
                 from ..tasks.ifeval import load_ifeval
                 from ..evaluation.suites import IFEVAL_FILE, data_root

@@ -37,7 +37,8 @@ from ..rundir import StageDir, atomic_dir
 from ..toggle import install_chat_template
 from ..runtime import autocast, resolve_precision, setup_device
 from ..train.loop import TrainLoop, adamw, optimizer_step, warmup_cosine
-from ..train.sft import block_causal_mask, mix_modes, nano_examples, pack, packed_batch, read_examples, sft_loss
+from ..train.sft import (block_causal_mask, mix_modes, nano_examples, nano_if_examples, pack, packed_batch,
+                         read_examples, sft_loss)
 from ..train.settings import CadenceFields, OptimizerFields, PeriodicEvalFields
 from ..train.sft import tokenize_example
 from . import Input, Inputs, check_device, positive
@@ -62,6 +63,9 @@ class SFTConfig(OptimizerFields, PeriodicEvalFields, CadenceFields):
     files: list[str] = field(default_factory=list)  # JSON lines; none: the nano world's paired examples
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping at the first
     nano_prompts: int = 4000  # nano world: prompts, each an "on" and an "off" example
+    # nano world: instruction-following prompts besides (a problem with 1-3 of IFEval's instructions, the teacher's
+    # answer rewritten to follow them), each an "on" and an "off" example; drawn apart from rloo's and rpo's prompts
+    if_prompts: int = 0
     kinds: list[str] = field(default_factory=lambda: ["add", "sub", "mul", "word"])
     digits: list[int] = field(default_factory=lambda: [1, 2])
     steps: list[int] = field(default_factory=lambda: [1, 2])
@@ -80,6 +84,8 @@ class SFTConfig(OptimizerFields, PeriodicEvalFields, CadenceFields):
             self.files = [self.files]
         super().__post_init__()  # optimizer, periodic evaluation and cadence fields
         positive(self, "nano_prompts", "batch_size")
+        if self.if_prompts < 0:
+            raise ValueError(f"if_prompts={self.if_prompts} must be >= 0")
         if self.seq_len < 16:
             raise ValueError(f"seq_len={self.seq_len} must be >= 16")
         if not self.epochs > 0:
@@ -123,7 +129,13 @@ def _examples(cfg: SFTConfig) -> tuple[list, list[str]]:
         if not examples:
             raise DataError(f"sft.files {cfg.files}: no usable rows ({len(skipped)} skipped)")
         return examples, skipped
-    return nano_examples(cfg.nano_prompts, cfg.seed, cfg.kinds, cfg.digits, cfg.steps, split="train"), []
+    examples = nano_examples(cfg.nano_prompts, cfg.seed, cfg.kinds, cfg.digits, cfg.steps, split="train")
+    if cfg.if_prompts:  # another seed than the RL stages' instruction prompts (same split), so none is seen twice
+        examples += nano_if_examples(cfg.if_prompts, cfg.seed + _IF_SEED, cfg.kinds, cfg.digits, cfg.steps)
+    return examples, []
+
+
+_IF_SEED = 1_000_003
 
 
 def _plot(path, curve: list[dict], title: str) -> None:

@@ -156,6 +156,27 @@ def nano_examples(n: int, seed: int, kinds: Sequence[str], digits: Sequence[int]
     return out
 
 
+def nano_if_examples(n: int, seed: int, kinds: Sequence[str], digits: Sequence[int], steps: Sequence[int],
+                     split: str = "train", instructions: Sequence[int] = (1, 3)) -> list[Example]:
+    """``n`` nano instruction-following prompts (:func:`thinkfast.tasks.instructions.nano_if_items`: a problem with
+    1-3 of IFEval's instructions), each as an "on" and an "off" example whose answer the teacher rewrote to follow
+    every instruction (:func:`thinkfast.tasks.instructions.if_response`)."""
+    import dataclasses
+
+    from ..tasks.instructions import if_response, nano_if_items
+    from ..toggle import messages_for
+
+    out = []
+    items = nano_if_items(n, seed=seed, kinds=tuple(kinds), digits=tuple(digits), steps=tuple(steps), split=split,
+                          instructions=tuple(instructions), thinking="on")
+    for i, item in enumerate(items):
+        for thinking in (True, False):
+            moded = dataclasses.replace(item, thinking=thinking)
+            msgs = messages_for(item.prompt, thinking, if_response(moded))
+            out.append(Example(tuple(msgs), thinking, f"nano-if:{i}:{'on' if thinking else 'off'}"))
+    return out
+
+
 def mix_modes(examples: list[Example], on_share: float | None, seed: int) -> list[Example]:
     """Keep as many examples as possible with ``on_share`` of the moded ones "on" (the larger pool is
     subsampled, deterministically); examples without a stated mode all stay. ``None``: keep everything."""
