@@ -84,8 +84,8 @@ from .modeling.engine_rules import ENGINES, library_engine
 __all__ = ["ArtifactError", "COMPLETE", "COSTS_FORMAT", "CURVE", "CURVE_FORMAT", "Curve", "LIBRARY_FORMAT",
            "MissingArtifact", "OUTPUTS", "SCORES_FORMAT", "SIDECAR", "STARTED", "TOKENIZER_FILES", "check_costs",
            "check_scores", "check_weights", "check_weights_match_config", "copy_tokenizer_files", "library_pairs",
-           "load_model", "load_tensors", "read_costs", "read_curve", "read_json", "read_library",
-           "read_model_sidecar", "read_scores", "write_curve", "write_model_sidecar"]
+           "load_model", "load_sequence_classifier", "load_tensors", "read_costs", "read_curve", "read_json",
+           "read_library", "read_model_sidecar", "read_scores", "write_curve", "write_model_sidecar"]
 
 LIBRARY_FORMAT = "thinkfast-puzzle-library/1"
 SCORES_FORMAT = "thinkfast-puzzle-scores/1"
@@ -684,6 +684,30 @@ def load_model(path: str | Path, device: Any = "cpu", **kwargs: Any):
         remedy = _damaged(made_by if isinstance(made_by, str) else None, path)
         check_weights(path.resolve() if path.is_symlink() else path, remedy)
         raise ArtifactError(f"{path}: cannot load the model ({e}): {remedy}") from e
+    return model.to(device)
+
+
+def load_sequence_classifier(path: str | Path, device: Any = "cpu", **kwargs: Any):
+    """A reward model folder (stage ``reward_model``) through ``AutoModelForSequenceClassification`` (nemotron-nas
+    registered), moved to ``device``; a missing folder or damaged weights are an ArtifactError naming the file, as
+    in :func:`load_model`."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForSequenceClassification
+
+    import thinkfast  # noqa: F401  (registers nemotron-nas with the Auto classes)
+
+    path = Path(path)
+    if not path.is_dir():
+        raise MissingArtifact(f"{path}: no such reward model folder")
+    c = _Check(path / "config.json", "fix the file, or re-run the reward_model stage with --force")
+    c.get(c.top(read_json(path / "config.json", "not a model folder: save_pretrained writes config.json")),
+          "model_type", str)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), **kwargs)
+    except (SafetensorError, OSError) as e:
+        remedy = _damaged("reward_model", path)
+        check_weights(path.resolve() if path.is_symlink() else path, remedy)
+        raise ArtifactError(f"{path}: cannot load the reward model ({e}): {remedy}") from e
     return model.to(device)
 
 

@@ -31,7 +31,8 @@ import transformers
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast,
+                                           SequenceClassifierOutputWithPast)
 
 from .configuration_decilm import DeciLMConfig
 
@@ -436,5 +437,94 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
             shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
             loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
         return CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)}
+        )
+
+
+def last_attended(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index [B] of the last position whose mask is 1 in each row of ``attention_mask`` [B, T] (left or right
+    padding alike; a row without any 1 gives T - 1)."""
+    t = attention_mask.shape[-1]
+    return (t - 1 - attention_mask.flip(-1).to(torch.int64).argmax(-1)).long()
+
+
+class DeciLMForSequenceClassification(DeciLMPreTrainedModel):
+    """A scalar (``num_labels``) head on the nemotron-nas decoder, laid out as transformers'
+    ``LlamaForSequenceClassification``: ``model`` (the decoder) and ``score`` (Linear(hidden, num_labels,
+    bias=False)), so a causal LM's folder loads into it (``lm_head`` dropped, ``score`` initialised) and a reward
+    model saved from it loads with ``AutoModelForSequenceClassification`` (with ``trust_remote_code=True`` where
+    thinkfast is not installed).
+
+    Where the score is read: given a 2D ``attention_mask``, at the last position whose mask is 1 (left or right
+    padding alike), and the position ids count the real tokens only (so a left-padded row computes what the
+    unpadded one does). Without a mask, transformers' rule: the rightmost token that is not ``pad_token_id``.
+    That rule misreads a sequence that ends in its pad token (pad = eos, as in many tokenizers: the token
+    before the final eos is scored, and older transformers read at the *first* pad, scoring the prompt,
+    transformers#35352); thinkfast therefore always passes the attention mask.
+    """
+
+    def __init__(self, config: DeciLMConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = DeciLMModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        """input_ids [B, T] (or inputs_embeds [B, T, H]) -> logits [B, num_labels], read at each row's last
+        real token (see the class docstring). ``labels`` [B]: mean squared error for one label, else cross
+        entropy (transformers' single-label rules)."""
+        mask2d = attention_mask is not None and attention_mask.dim() == 2
+        past = past_key_values if past_key_values is not None else cache
+        if position_ids is None and mask2d and past is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache if use_cache is not None else False,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = out.last_hidden_state
+        b, t = hidden.shape[:2]
+        if mask2d:
+            last = last_attended(attention_mask[:, -t:]).to(hidden.device)
+        elif self.config.pad_token_id is None or input_ids is None:
+            if b != 1 and self.config.pad_token_id is None:
+                raise ValueError("cannot find the last token of a batch without attention_mask or pad_token_id")
+            last = torch.full((b,), t - 1, dtype=torch.long, device=hidden.device)
+        else:  # transformers' rule: the rightmost token that is not the pad token
+            not_pad = (input_ids != self.config.pad_token_id).to(hidden.device, torch.int64)
+            last = (torch.arange(t, device=hidden.device) * not_pad).argmax(-1)
+        logits = self.score(hidden[torch.arange(b, device=hidden.device), last])
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1))
+            else:
+                loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
+        return SequenceClassifierOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)}
         )

@@ -10,7 +10,8 @@ Built in (:data:`BUILTIN`), each the grader evaluation uses for its task (:mod:`
 ``nano_accuracy`` (the nano verifier on the answer after the think block), ``math_accuracy`` (math-verify
 against a ``solution`` column, evaluation's extraction and check), ``think_format`` (the toggle's format
 rule), ``ifeval_strict`` / ``ifeval_loose`` (IFEval's checkers on ``instruction_id_list`` and ``kwargs``
-columns, all instructions followed or 0). Any other by ``module:function`` (:func:`load_reward`).
+columns, all instructions followed or 0). A trained reward model by ``reward_model:PATH`` (its score, batched).
+Any other by ``module:function`` (:func:`load_reward`).
 
 :class:`RewardRunner` sums the weighted rewards. ``None`` from a reward means "cannot score this sample"
 (TRL's semantics, where it becomes NaN): the sum runs over the rewards that scored the sample (a ``nansum``),
@@ -40,17 +41,51 @@ from ..tasks.think_format import think_format
 from .prompts import RESERVED
 
 __all__ = ["BUILTIN", "RewardError", "RewardFailed", "RewardFailures", "RewardRunner", "completion_text",
-           "load_reward", "missing_columns", "missing_columns_message"]
+           "load_reward", "missing_columns", "missing_columns_message", "reward_model_reward"]
 
 BUILTIN: dict[str, Callable] = {"nano_accuracy": nano_accuracy, "think_format": think_format,
                                 "math_accuracy": math_accuracy, "ifeval_strict": ifeval_strict,
                                 "ifeval_loose": ifeval_loose}
 
 
+REWARD_MODEL_PREFIX = "reward_model:"
+_SCORERS: dict[str, object] = {}  # reward model folder (resolved) -> its RewardScorer, loaded once per process
+
+
+def reward_model_reward(path: str, *, batch_size: int = 32, device: str = "auto") -> Callable:
+    """A reward with TRL's signature that scores each completion with the reward model at ``path`` (a
+    ``reward_model`` stage's folder or its ``reward_model/``; :func:`thinkfast.rl.reward_model.load_reward_model`,
+    loaded here, once per folder and process, on CUDA when there is one): ``f(completions, prompts, thinking=None,
+    **columns) -> list[float]``, in batches of ``batch_size``. ``prompts`` are the prompts' messages, ``thinking``
+    each sample's mode (None: the prompt's system message decides)."""
+    from pathlib import Path
+
+    from ..runtime import resolve_device
+    from .reward_model import load_reward_model
+
+    key = str(Path(path).resolve())
+    if key not in _SCORERS:  # now, not in the first call: a slow load must not count against the reward's timeout
+        _SCORERS[key] = load_reward_model(key, resolve_device(device))
+
+    def reward_model(completions, prompts, thinking=None, **columns) -> list[float]:
+        texts = [completion_text(c) for c in completions]
+        messages = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+        return _SCORERS[key].score(messages, texts, thinking, batch_size=batch_size)
+
+    reward_model.__qualname__ = reward_model.__name__ = f"reward_model:{path}"
+    return reward_model
+
+
 def load_reward(name: str) -> Callable:
-    """A built-in reward by name, or ``module:function`` (any importable module, e.g. a user's TRL reward)."""
+    """A built-in reward by name, ``reward_model:PATH`` (a trained reward model's scores,
+    :func:`reward_model_reward`), or ``module:function`` (any importable module, e.g. a user's TRL reward)."""
     if name in BUILTIN:
         return BUILTIN[name]
+    if name.startswith(REWARD_MODEL_PREFIX):
+        path = name[len(REWARD_MODEL_PREFIX):]
+        if not path:
+            raise ValueError(f"rewards: {name!r} names no folder (reward_model:PATH)")
+        return reward_model_reward(path)
     module, _, attr = name.partition(":")
     try:
         fn = getattr(importlib.import_module(module), attr)
