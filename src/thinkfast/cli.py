@@ -5,6 +5,8 @@
     thinkfast eval     --model DIR [--out DIR] [key=value ...]     evaluate any model folder
     thinkfast convert  SRC DST [--overwrite]                        Llama folder -> nemotron-nas folder
     thinkfast report   RUN_DIR                                      RUN_DIR/report/report.md and its plots
+    thinkfast ifgen    --prompts FILE --n N --out OUT [--field F] [--seed S] [--exclude IFEVAL]
+                                                                    IFEval-style instruction prompts
 
 Without ``--config`` the embedded nano-world pipeline is used. Overrides are dotted keys into the YAML
 (``pretrain.lr=1e-3``, ``run_dir=runs/x``). Every mistake is one line naming the file, key or value at
@@ -65,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch CPU threads of the engine (default: torch's)")
     p.add_argument("--debug", action="store_true", help="show tracebacks (also THINKFAST_DEBUG=1)")
+    p = sub.add_parser("ifgen", help="instruction-following prompts in IFEval's schema from your prompts")
+    p.add_argument("--prompts", required=True, help="JSON lines; each row's --field is a source prompt")
+    p.add_argument("--field", help="the prompt field (default: prompt, else question, else input)")
+    p.add_argument("--n", type=int, required=True, help="how many rows to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--instructions", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
+                   help="instructions per prompt (default 1 3)")
+    p.add_argument("--out", required=True, help="the JSON-lines file to write")
+    p.add_argument("--exclude", help="skip sources matching these prompts (default: IFEval's test file if present)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (also THINKFAST_DEBUG=1)")
     p = sub.add_parser("report", help="write RUN_DIR/report/report.md (what each stage cost and bought, plots)")
     p.add_argument("run_dir")
     p.add_argument("--debug", action="store_true", help="show tracebacks (also THINKFAST_DEBUG=1)")
@@ -77,7 +89,7 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 def _overrides_last(argv: list[str]) -> list[str]:
     """Let ``key=value`` overrides sit anywhere among the options (``thinkfast search a=1 --force b=2``):
     argparse takes positionals in one run, so they are moved after the options."""
-    if not argv or argv[0] in ("convert", "report", "serve"):
+    if not argv or argv[0] in ("convert", "report", "serve", "ifgen"):
         return argv
     head, rest, overrides = argv[:1], [], []
     for i, a in enumerate(argv[1:]):
@@ -143,6 +155,8 @@ def _dispatch(args) -> int:
 
         print(f"report: {write_report(args.run_dir)}")
         return 0
+    if args.command == "ifgen":
+        return _ifgen(args)
 
     from .pipeline import load_pipeline, run_all, run_stage
 
@@ -167,6 +181,24 @@ def _dispatch(args) -> int:
         return 0
     metrics, _ = run_stage(pipe, args.command, force=args.force)
     print(json.dumps(_headline(metrics), indent=2))
+    return 0
+
+
+def _ifgen(args) -> int:
+    from .atomic import atomic_write_text
+    from .tasks.instructions import ifeval_test_file, generate_if_prompts, ifeval_test_prompts, read_prompt_texts
+
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    texts = read_prompt_texts(args.prompts, args.field)
+    exclude_path = args.exclude or (ifeval_test_file() if ifeval_test_file().is_file() else None)
+    exclude = ifeval_test_prompts(exclude_path) if exclude_path else set()
+    stats: dict = {}
+    rows = generate_if_prompts(texts, args.n, seed=args.seed, instructions=tuple(args.instructions),
+                               exclude=exclude, stats=stats)
+    atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"ifgen: wrote {len(rows)} rows to {args.out} from {len(texts)} sources; excluded {stats['excluded']} "
+          f"matching {exclude_path or 'no test set'}" + (f", {stats['empty']} empty" if stats["empty"] else ""))
     return 0
 
 

@@ -27,7 +27,7 @@ from ..nano.tasks import Problem, chat_prompt, extract_answer, format_answer, ma
 from .ifeval import INSTRUCTIONS, check_instructions
 
 __all__ = ["GENERAL_INSTRUCTIONS", "NANO_INSTRUCTIONS", "IFItem", "comply", "describe", "generate_if_prompts",
-           "if_response", "ifeval_test_prompts", "nano_if_items", "read_prompt_texts", "sample_instructions"]
+           "if_response", "ifeval_test_file", "ifeval_test_prompts", "nano_if_items", "read_prompt_texts", "sample_instructions"]
 
 LOWER, CAPITAL = "change_case:english_lowercase", "change_case:english_capital"
 JSON, QUOTE, TITLE = "detectable_format:json_format", "startend:quotation", "detectable_format:title"
@@ -463,7 +463,8 @@ def _norm(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-def _default_ifeval() -> Path:
+def ifeval_test_file() -> Path:
+    """Where IFEval's test prompts are expected: ``shared/data/ifeval/input_data.jsonl`` beside the repository."""
     return Path(__file__).resolve().parents[3].parent / "shared/data/ifeval/input_data.jsonl"
 
 
@@ -485,7 +486,7 @@ def ifeval_test_prompts(path: str | Path | None = None) -> set[str]:
     """The prompts of IFEval's test file (default: ``shared/data/ifeval/input_data.jsonl`` beside the
     repository); the empty set when the default file is absent (a given ``path`` must exist)."""
     if path is None:
-        path = _default_ifeval()
+        path = ifeval_test_file()
         if not path.is_file():
             return set()
     path = Path(path)
