@@ -20,11 +20,13 @@ from test_eval_endpoint import tiny_chat_model
 from test_modeling import V, hetero_config
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
+from thinkfast.artifacts import load_sequence_classifier
 from thinkfast.data import DataError
 from thinkfast.modeling import DeciLMForSequenceClassification
 from thinkfast.pipeline import default_config_path, load_pipeline, run_stage
 from thinkfast.rl import reward_model as rm
 from thinkfast.rl.rewards import RewardRunner, load_reward
+from thinkfast.stages import reward_model as reward_model_stage
 from thinkfast.train import loop as train_loop
 
 EOS = 0  # hetero_config's eos; the tests set pad = eos
@@ -142,6 +144,21 @@ print(type(m).__name__, type(m).__module__)
     assert res.returncode == 0, res.stderr[-3000:]
     name, module = res.stdout.strip().splitlines()[-1].split()
     assert name == "DeciLMForSequenceClassification" and module.startswith("transformers_modules")
+
+
+def test_a_llama_policy_gets_transformers_llama_classifier(tmp_path):
+    from test_modeling import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    torch.manual_seed(0)
+    model = rm.reward_model_from_policy(tmp_path / "llama", pad_token_id=EOS)
+    assert type(model) is LlamaForSequenceClassification and model.config.num_labels == 1
+    model.save_pretrained(tmp_path / "rm")
+    loaded = load_sequence_classifier(tmp_path / "rm").eval()
+    ids, mask = rm.pad_batch(_sequences(), EOS, "left")
+    with torch.no_grad():
+        assert torch.allclose(rm.last_token_scores(loaded, ids, mask), rm.last_token_scores(model.eval(), ids, mask),
+                              atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ pairs
@@ -338,7 +355,14 @@ def test_the_stage_makes_a_reward_model_and_resumes_to_the_same_weights(tmp_path
         run_stage(pipe, "reward_model")
     monkeypatch.setattr(train_loop, "optimizer_step", real)
     assert (run / "reward_model.partial" / "pairs.jsonl").is_file()
+
+    def no_sampling(*a, **k):
+        raise AssertionError("the pairs were sampled again")
+
+    monkeypatch.setattr(reward_model_stage, "nano_world_pairs", no_sampling)
     run_stage(pipe, "reward_model")
+    events = [json.loads(line) for line in (run / "reward_model" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [2]
     got = load_file(run / "reward_model" / "reward_model" / "model.safetensors")
     assert set(got) == set(want)
     for k in want:

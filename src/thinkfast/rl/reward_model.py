@@ -107,9 +107,11 @@ def reward_model_from_policy(policy_dir: str | Path, pad_token_id: int | None = 
     else:
         raise ValueError(f"{policy_dir}: a {model_type!r} model; a reward model needs a Llama-layout or nemotron-nas "
                          "policy")
-    model = cls.from_pretrained(str(policy_dir), num_labels=1).float()
+    config = cls.config_class.from_pretrained(str(policy_dir))
+    config.num_labels = 1  # (the setter makes id2label one label)
     if pad_token_id is not None:
-        model.config.pad_token_id = int(pad_token_id)
+        config.pad_token_id = int(pad_token_id)
+    model = cls.from_pretrained(str(policy_dir), config=config).float()
     auto_map = getattr(model.config, "auto_map", None)
     if isinstance(auto_map, dict):
         model.config.auto_map = {k: v for k, v in auto_map.items() if k != "AutoModelForCausalLM"}
