@@ -13,7 +13,7 @@ import pytest
 
 from thinkfast.tasks import ifeval
 from thinkfast.tasks.ifeval import INSTRUCTIONS, IFEvalItem, capital_words, count_sentences, count_words, grade
-from thinkfast.tasks.ifeval import load_ifeval, score, split_sentences
+from thinkfast.tasks.ifeval import check_instructions, load_ifeval, read_if_prompts, score, split_sentences
 
 LESS, AT_LEAST = "less than", "at least"
 LANGUAGE_IDS = {"language:response_language", "change_case:english_capital", "change_case:english_lowercase"}
@@ -426,3 +426,119 @@ def test_load_good_rows_and_missing_file(tmp_path):
                                   ({}, {"num_words": 3, "relation": "less than"}))
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
         load_ifeval(tmp_path / "nowhere.jsonl")
+
+
+# ------------------------------------------------------------------------------- instruction arguments
+
+
+def test_every_instruction_has_its_arguments_and_the_cases_pass_them():
+    assert set(ifeval.KWARGS) == set(INSTRUCTIONS)
+    for iid, kwargs, _, _ in CASES:  # every hand case's arguments are valid ones
+        assert check_instructions([iid], [kwargs]) == ((iid,), (kwargs,))
+
+
+@pytest.mark.parametrize("ids, kwargs, message", [
+    (["no:such"], [{}], "unknown IFEval instruction id.*no:such"),
+    (["punctuation:no_comma"], [{}, {}], "2 kwargs for 1 instructions"),
+    (["punctuation:no_comma"], {}, "list of objects"),
+    ("punctuation:no_comma", [{}], "non-empty list"),
+    ([], [], "non-empty list"),
+    (["length_constraints:number_words"], [{"num_words": 5}], "number_words: missing argument.*'relation'"),
+    (["keywords:existence"], [{}], "keywords:existence: missing argument.*'keywords'"),
+    (["length_constraints:number_words"], [{"num_words": -1, "relation": "less than"}],
+     "number_words: argument 'num_words' must be an integer >= 0"),
+    (["length_constraints:number_words"], [{"num_words": 5, "relation": "at most"}],
+     "number_words: argument 'relation' must be one of"),
+    (["length_constraints:number_words"], [{"num_words": "5", "relation": "less than"}], "'num_words' must be"),
+    (["length_constraints:number_words"], [{"num_words": True, "relation": "less than"}], "'num_words' must be"),
+    (["length_constraints:number_words"], [{"num_words": 2.5, "relation": "less than"}], "'num_words' must be"),
+    (["startend:end_checker"], [{"end_phrase": 3}], "end_checker: argument 'end_phrase' must be a non-empty string"),
+    (["startend:end_checker"], [{"end_phrase": "  "}], "'end_phrase' must be a non-empty string"),
+    (["keywords:letter_frequency"], [{"letter": "ab", "let_frequency": 2, "let_relation": "at least"}],
+     "'letter' must be a single"),
+    (["keywords:forbidden_words"], [{"forbidden_words": "word"}], "'forbidden_words' must be a non-empty list"),
+    (["keywords:existence"], [{"keywords": []}], "'keywords' must be a non-empty list"),
+    (["length_constraints:number_paragraphs"], [{"num_paragraphs": 0}], "'num_paragraphs' must be an integer >= 1"),
+    (["length_constraints:nth_paragraph_first_word"], [{"num_paragraphs": 2, "nth_paragraph": 3, "first_word": "a"}],
+     "'nth_paragraph' 3 is beyond num_paragraphs 2"),
+    (["punctuation:no_comma"], [{"end_phrase": "Bye."}], "no_comma: unexpected argument 'end_phrase'"),
+    (["startend:end_checker"], [{"end_phrase": "Bye.", "keyword": "x"}], "end_checker: unexpected argument 'keyword'"),
+    (["punctuation:no_comma"], "[{oops", "no valid JSON"),
+])
+def test_check_instructions_names_the_instruction_and_the_key(ids, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        check_instructions(ids, kwargs)
+
+
+def test_check_instructions_normalises():
+    hf = '[{"end_phrase": null, "num_words": 30.0, "relation": "less than"}, {"end_phrase": "Bye."}]'
+    ids, kws = check_instructions(["length_constraints:number_words", "startend:end_checker"], hf)
+    assert ids == ("length_constraints:number_words", "startend:end_checker")
+    assert kws == ({"num_words": 30, "relation": "less than"}, {"end_phrase": "Bye."})
+    assert type(kws[0]["num_words"]) is int
+
+
+def test_the_real_ifeval_rows_are_all_valid_also_none_filled():
+    path = _data_file()
+    if not path.is_file():
+        pytest.skip(f"IFEval data not present at {path}")
+    keys = sorted({k for spec in ifeval.KWARGS.values() for k in spec})
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(rows) == 541
+    for row in rows:
+        ids, kws = check_instructions(row["instruction_id_list"], row["kwargs"])
+        assert kws == tuple(row["kwargs"])
+        hf = [{k: kw.get(k) for k in keys} for kw in row["kwargs"]]  # the Hugging Face copy's shape
+        assert check_instructions(row["instruction_id_list"], json.dumps(hf)) == (ids, kws)
+
+
+def test_read_if_prompts_key_optional_and_bad_rows_named(tmp_path):
+    rows = [{"prompt": "Say hi.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+            {**GOOD, "key": 9}]
+    items = read_if_prompts(_write(tmp_path, rows))
+    assert [(i.key, i.prompt, i.instruction_ids) for i in items] == [
+        (1, "Say hi.", ("punctuation:no_comma",)), (9, "Say hi.", ("punctuation:no_comma",))]
+    bad = {**GOOD, "instruction_id_list": ["startend:end_checker"], "kwargs": [{"end_phrase": 5}]}
+    path = _write(tmp_path, [GOOD, "", bad])
+    with pytest.raises(ValueError, match=r"data.jsonl:3: .*startend:end_checker: argument 'end_phrase'"):
+        read_if_prompts(path)
+    with pytest.raises(ValueError, match=r"data.jsonl:3: .*unexpected argument 'num_words'"):
+        read_if_prompts(_write(tmp_path, [GOOD, "", {**GOOD, "kwargs": [{"num_words": 3}]}]))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        read_if_prompts(tmp_path / "nowhere.jsonl")
+
+
+# --------------------------------------------------------------------------------------- rewards
+
+
+@pytest.mark.parametrize("reward", [ifeval.ifeval_strict, ifeval.ifeval_loose, ifeval.ifeval_share])
+def test_rewards_fail_closed_on_bad_kwargs(reward):
+    from thinkfast.rl.rewards import RewardRunner
+
+    ok = ['"fine"']
+    assert reward(ok, [["startend:quotation"]], [[{}]]) == [1.0]
+    for ids, kws in [(["startend:quotation"], [{"end_phrase": "Bye."}]),  # unexpected: never a pass
+                     (["startend:end_checker"], [{}]), (["startend:end_checker"], [{"end_phrase": 7}]),
+                     (["length_constraints:number_words"], [{"num_words": -3, "relation": "less than"}]),
+                     (["startend:quotation", "punctuation:no_comma"], [{}])]:
+        with pytest.raises(ValueError, match="so no reward"):
+            reward(ok, [ids], [kws])
+        total, _, errors = RewardRunner([("r", reward, 1.0)])(ok, [False], {"instruction_id_list": [ids],
+                                                                           "kwargs": [kws]})
+        assert total == [0.0] and [e.reward for e in errors] == ["r"]
+
+
+def test_ifeval_share_on_hand_examples():
+    ids = ["punctuation:no_comma", "startend:quotation", "detectable_format:title"]
+    kws = [{}, {}, {}]
+    completions = ['<think>\nHmm, a comma\n</think>\n\n"<<T>> fine"',  # 3 of 3 (the think block is stripped)
+                   '"<<T>> fine, ok"',  # 2 of 3
+                   '<<T>> fine, ok',  # 1 of 3
+                   'fine, ok',  # 0 of 3
+                   '<think>\n"<<T>> fine"',  # unclosed: nothing
+                   '<think>a</think>"<<T>>"<think>b</think>"x"',  # malformed: nothing
+                   [{"role": "assistant", "content": '"<<T>> fine"'}]]  # TRL's conversational format
+    shares = ifeval.ifeval_share(completions, [ids] * 7, [kws] * 7)
+    assert [round(s, 3) for s in shares] == [1.0, 0.667, 0.333, 0.0, 0.0, 0.0, 1.0]
+    assert ifeval.ifeval_strict(completions, [ids] * 7, [kws] * 7) == [1.0, 0, 0, 0, 0, 0, 1.0]
+    assert "ifeval_share" in ifeval.__all__
