@@ -578,7 +578,9 @@ def _parse_row(line: str, need_key: bool = True, lineno: int = 0) -> IFEvalItem:
         raise ValueError(f"invalid JSON ({e.msg})") from None
     if not isinstance(row, dict):
         raise ValueError("a row must be a JSON object")
-    missing = [k for k in ("key", "prompt", "instruction_id_list", "kwargs") if k not in row and (need_key or k != "key")]
+    fields = ("key", "prompt", "instruction_id_list", "kwargs") if need_key else ("prompt", "instruction_id_list",
+                                                                                 "kwargs")
+    missing = [k for k in fields if k not in row]
     if missing:
         raise ValueError(f"missing field(s) {', '.join(missing)}")
     key, prompt = row.get("key", lineno), row["prompt"]
@@ -702,7 +704,8 @@ def ifeval_share(completions, instruction_id_list, kwargs, prompts=None, **colum
     all or nothing. A malformed think block follows nothing; bad instructions are a ValueError.
 
     >>> ids, kw = [["punctuation:no_comma", "startend:quotation", "detectable_format:title"]] * 3, [[{}, {}, {}]] * 3
-    >>> [round(x, 3) for x in ifeval_share(['<think>\\nHmm, ok\\n</think>\\n\\n"fine"', '"Yes, fine"', '<think>'], ids, kw)]
+    >>> completions = ['<think>\\nHmm, ok\\n</think>\\n\\n"fine"', '"Yes, fine"', '<think>']
+    >>> [round(x, 3) for x in ifeval_share(completions, ids, kw)]
     [0.667, 0.333, 0.0]
     """
     return [sum(g) / len(g) for g in _graded(completions, instruction_id_list, kwargs, prompts, "strict")]
