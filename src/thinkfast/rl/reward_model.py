@@ -215,8 +215,10 @@ def nano_rank_key(correct: bool, obeyed: bool, length: int) -> tuple[int, int, i
 
     >>> nano_rank_key(True, False, 90) > nano_rank_key(False, True, 5)
     True
-    >>> nano_rank_key(True, True, 90) > nano_rank_key(True, False, 5), nano_rank_key(False, True, 9) > nano_rank_key(False, False, 3)
-    (True, True)
+    >>> nano_rank_key(True, True, 90) > nano_rank_key(True, False, 5)
+    True
+    >>> nano_rank_key(False, True, 9) > nano_rank_key(False, False, 3)
+    True
     >>> nano_rank_key(True, True, 20) > nano_rank_key(True, True, 30)
     True
     """
@@ -228,9 +230,8 @@ def nano_pairs(prompt: list[dict], responses: Sequence[str], keys: Sequence[tupl
     """Every pair of ``responses`` to ``prompt`` whose :func:`nano_rank_key` ``keys`` differ, the higher chosen;
     identical texts and equal keys make no pair.
 
-    >>> ps = nano_pairs([{"role": "user", "content": "1+1?"}], ["2", "3", "2 ", "3"],
-    ...                 [nano_rank_key(1, 1, 1), nano_rank_key(0, 1, 1), nano_rank_key(1, 1, 2), nano_rank_key(0, 1, 1)],
-    ...                 thinking=False)
+    >>> keys = [nano_rank_key(1, 1, 1), nano_rank_key(0, 1, 1), nano_rank_key(1, 1, 2), nano_rank_key(0, 1, 1)]
+    >>> ps = nano_pairs([{"role": "user", "content": "1+1?"}], ["2", "3", "2 ", "3"], keys, thinking=False)
     >>> [(p.chosen, p.rejected) for p in ps]
     [('2', '3'), ('2', '2 '), ('2 ', '3')]
     """
