@@ -4,8 +4,11 @@ Large Language Models" (arXiv:2311.07911), with the semantics of Google's refere
 
 * :data:`INSTRUCTIONS`: instruction id -> checker ``(response, kwargs, prompt) -> bool``; ``None`` values in
   kwargs are ignored (the Hugging Face copy of the data fills every unused key with ``None``).
-* :func:`load_ifeval`: the ``input_data.jsonl`` rows as :class:`IFEvalItem`; a bad row is a ``ValueError`` that
-  names the file and the line.
+* :data:`KWARGS` / :func:`check_instructions`: each instruction's arguments (Google's ``build_description``'s)
+  and their check: an unknown id, a missing, mistyped, out-of-range or unexpected argument is a ``ValueError``
+  naming the instruction and the key, before anything is graded.
+* :func:`load_ifeval`: the ``input_data.jsonl`` rows as :class:`IFEvalItem`; :func:`read_if_prompts`: your own
+  rows in the same schema (``key`` optional); a bad row is a ``ValueError`` that names the file and the line.
 * :func:`grade`: per instruction, ``strict`` (the checker on the response; an empty or all-whitespace response
   follows nothing) and ``loose`` (any of eight non-empty variants passes: the response itself, without its
   first line, without its last line, without both, and each of those four with every ``*`` removed), as
@@ -13,9 +16,10 @@ Large Language Models" (arXiv:2311.07911), with the semantics of Google's refere
 * :func:`score`: prompt-level (every instruction of a prompt followed) and instruction-level accuracy.
 * :func:`ifeval_strict` / :func:`ifeval_loose`: the same grading as RL rewards (TRL's signature; columns
   ``instruction_id_list`` and ``kwargs`` as in IFEval's data): 1.0 when the answer after the think block
-  follows every instruction of its row (prompt-level, all or nothing), as evaluation grades it. They strip
-  the thinking first and fail closed (REFERENCE.md section 6): an unclosed think block follows nothing, an
-  instruction id without a checker is an error, never a pass.
+  follows every instruction of its row (prompt-level, all or nothing), as evaluation grades it;
+  :func:`ifeval_share` the share of them it follows (strict). They strip the thinking first and fail closed
+  (REFERENCE.md section 6): an unclosed think block follows nothing, bad instructions (:func:`check_instructions`)
+  are an error, never a pass.
 
 Departures from the reference, all documented here:
 
@@ -42,7 +46,7 @@ Departures from the reference, all documented here:
   ``langdetect`` as in Google's code, seeded (``DetectorFactory.seed = 0``) as Google's current code is;
   it is imported only when such an instruction is graded (ImportError with the fix when it is missing).
   A text langdetect cannot classify counts as followed, as in Google's code.
-* Missing or invalid kwargs raise ``ValueError`` where Google's code would draw random values (an
+* Missing, invalid or unexpected kwargs raise ``ValueError`` where Google's code would draw random values (an
   ``nth_paragraph`` beyond the paragraphs found is simply not followed); a keyword or forbidden word that is
   not a valid regular expression is matched literally (Google's code would crash); ``keywords:letter_frequency``
   counts any single character (``#``, ``!``), as Google's current code does (older code drew a random letter);
