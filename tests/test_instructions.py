@@ -146,6 +146,19 @@ def test_comply_on_every_compatible_combination():
     assert n > 300
 
 
+def test_comply_never_writes_a_forbidden_or_answer_clashing_word():
+    import re
+
+    written = " ".join(ins._LEADS + ins._FILLERS + ins.END_PHRASES + ins.NANO_KEYWORDS + (ins._TITLE, "answer",
+                       "This reply uses the words"))
+    for w in ins.FORBIDDEN_POOL:
+        assert not re.search(rf"(?i)\b{w}\b", written), w
+    assert not set(ins.FORBIDDEN_POOL) & set(ins.NANO_KEYWORDS + ins.GENERAL_KEYWORDS + ins.FREQUENCY_WORDS)
+    assert not any("answer" in w for w in ins.NANO_KEYWORDS)  # a keyword never mimics "Answer:"
+    assert not any("," in p or "answer:" in p.lower() or re.search(r"\d", p)
+                   for p in ins.END_PHRASES + ins._LEADS + ins._FILLERS)  # no comma, no second answer
+
+
 def test_comply_refuses_what_it_cannot_follow():
     with pytest.raises(ValueError, match="only NANO_INSTRUCTIONS.*number_bullet_lists"):
         comply("Answer: 4", ["detectable_format:number_bullet_lists"], [{"num_bullets": 2}])

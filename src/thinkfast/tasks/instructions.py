@@ -27,7 +27,8 @@ from ..nano.tasks import Problem, chat_prompt, extract_answer, format_answer, ma
 from .ifeval import INSTRUCTIONS, check_instructions
 
 __all__ = ["GENERAL_INSTRUCTIONS", "NANO_INSTRUCTIONS", "IFItem", "comply", "describe", "generate_if_prompts",
-           "if_response", "ifeval_test_file", "ifeval_test_prompts", "nano_if_items", "read_prompt_texts", "sample_instructions"]
+           "if_response", "ifeval_test_file", "ifeval_test_prompts", "nano_if_items", "read_prompt_texts",
+           "sample_instructions"]
 
 LOWER, CAPITAL = "change_case:english_lowercase", "change_case:english_capital"
 JSON, QUOTE, TITLE = "detectable_format:json_format", "startend:quotation", "detectable_format:title"
@@ -54,9 +55,9 @@ _CONFLICTS = {  # pairs that cannot both be followed (or only by a contortion)
     JSON: {QUOTE, END, "detectable_content:postscript", "detectable_format:number_bullet_lists",
            "length_constraints:number_sentences"},
     REPEAT: {QUOTE, NO_COMMA, WORDS, "length_constraints:number_sentences", "keywords:frequency",
-             "keywords:letter_frequency", FORBIDDEN, LANGUAGE, "change_case:capital_word_frequency"},
+             "keywords:letter_frequency", LANGUAGE, "change_case:capital_word_frequency"},
     LANGUAGE: {KEYWORDS, "keywords:frequency", END, "length_constraints:nth_paragraph_first_word",
-               "detectable_format:multiple_sections", FORBIDDEN},
+               "detectable_format:multiple_sections"},
     "detectable_format:multiple_sections": {LOWER, CAPITAL, "change_case:capital_word_frequency"},
 }
 _CONSTRAINED_OK = {NO_COMMA, QUOTE, END, TITLE, "detectable_content:postscript"}
@@ -87,7 +88,7 @@ SPLITTERS = ("Section", "SECTION", "Part", "PART", "Chapter")
 LANGUAGES = {"es": "Spanish", "fr": "French", "de": "German", "it": "Italian", "pt": "Portuguese", "ru": "Russian",
              "ja": "Japanese", "ko": "Korean", "hi": "Hindi", "ar": "Arabic", "fi": "Finnish", "sw": "Swahili",
              "bn": "Bengali", "th": "Thai", "vi": "Vietnamese", "pl": "Polish", "en": "English"}
-_RARE_LETTERS = "qzxjkvwyb"
+_RARE_LETTERS = "qzxjk"  # "less than" counts only of letters English can do without
 _WORD_LIMITS = (5, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100)
 
 
@@ -169,10 +170,10 @@ def sample_instructions(rng: random.Random, k: int, allowed: Sequence[str] = NAN
     * two whole-response layouts: JSON, ``***`` paragraphs, ``\\n\\n`` paragraphs with a first word, sections,
       two responses, repeating the prompt, a constrained yes/no answer;
     * JSON with quotation marks, an end phrase, a postscript, bullets or a sentence count;
-    * repeating the prompt with quotation marks, no commas, word / sentence / keyword / letter counts,
-      forbidden words, a language or a capital-word count (the prompt itself may break them);
-    * a non-English language with English keywords, an end phrase, a first word, section markers or forbidden
-      words; sections (``Section 1``: case-sensitive) with a change of case;
+    * repeating the prompt with quotation marks, no commas, word / sentence / keyword / letter counts, a
+      language or a capital-word count (the prompt itself may break them);
+    * a non-English language with English keywords, an end phrase, a first word or section markers; sections
+      (``Section 1``: case-sensitive) with a change of case;
     * a constrained answer with anything but no commas, quotation, an end phrase, a title or a postscript;
     * a forbidden word that is a keyword, an end phrase's word, another argument's word or a word of ``text``
       (keyword, frequency and forbidden words come from disjoint pools);
