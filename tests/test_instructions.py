@@ -150,7 +150,7 @@ def test_comply_never_writes_a_forbidden_or_answer_clashing_word():
     import re
 
     written = " ".join(ins._LEADS + ins._FILLERS + ins.END_PHRASES + ins.NANO_KEYWORDS + (ins._TITLE, "answer",
-                       "This reply uses the words"))
+                       "This reply uses the words", "This reply uses the word"))
     for w in ins.FORBIDDEN_POOL:
         assert not re.search(rf"(?i)\b{w}\b", written), w
     assert not set(ins.FORBIDDEN_POOL) & set(ins.NANO_KEYWORDS + ins.GENERAL_KEYWORDS + ins.FREQUENCY_WORDS)
@@ -211,6 +211,18 @@ def test_sample_instructions_rules_and_errors():
         sample_instructions(rng, 2, [LOWER, CAPITAL])
 
 
+class _Fixed(random.Random):
+    """An rng whose choice is always ``value`` (picks one phrasing)."""
+
+    def __init__(self, value):
+        super().__init__(0)
+        self.value = value
+
+    def choice(self, seq):
+        assert self.value in seq
+        return self.value
+
+
 def test_describe():
     assert describe([LOWER], [{}]) == ("Your entire response should be in English, and in all lowercase letters. "
                                        "No capital letters are allowed.")
@@ -227,11 +239,14 @@ def test_describe():
     assert len({describe([LOWER], [{}], rng) for _ in range(30)}) == 3  # several phrasings
     with pytest.raises(ValueError, match="missing argument"):
         describe(["keywords:existence"], [{}])
+    one, two = ({"forbidden_words": ["easy"]},), ({"forbidden_words": ["easy", "guess"]},)
+    assert describe([FORBIDDEN], one, _Fixed(ins._PHRASES[FORBIDDEN][1])) == 'Avoid the word "easy" in your reply.'
+    assert describe([FORBIDDEN], two, _Fixed(ins._PHRASES[FORBIDDEN][2])) == 'Never use the words "easy" and "guess".'
     rng = random.Random(2)
     for iid in GENERAL_INSTRUCTIONS:  # every instruction has sentences, each naming its arguments
         ids, kws = sample_instructions(rng, 1, [iid], text="Tell me about rivers.")
         for phrase in ins._PHRASES[iid]:
-            text = phrase.format(**{k: ins._quoted(v) if isinstance(v, list) else v for k, v in kws[0].items()})
+            text = describe(ids, kws, _Fixed(phrase))
             for v in kws[0].values():
                 if iid not in ("language:response_language", "combination:repeat_prompt"):
                     assert str(v[0] if isinstance(v, list) else v) in text, (iid, phrase)

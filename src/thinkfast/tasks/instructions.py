@@ -218,13 +218,13 @@ def _quoted(words) -> str:
 
 _PHRASES: dict[str, tuple[str, ...]] = {
     "keywords:existence": ("Include the keywords {keywords} in the response.",
-                           "Make sure your response contains the words {keywords}.",
+                           "Make sure your response contains {keywords_phrase}.",
                            "Your reply must mention {keywords}."),
     "keywords:frequency": ('In your response, the word "{keyword}" should appear {relation} {frequency} times.',
                            'Use the word "{keyword}" {relation} {frequency} times in your reply.'),
     FORBIDDEN: ("Do not include the keywords {forbidden_words} in the response.",
-                "Avoid the words {forbidden_words} in your reply.",
-                "Never use the words {forbidden_words}."),
+                "Avoid {forbidden_words_phrase} in your reply.",
+                "Never use {forbidden_words_phrase}."),
     "keywords:letter_frequency": ('In your response, the letter "{letter}" should appear {let_relation} '
                                   '{let_frequency} times.',
                                   'Use the letter "{letter}" {let_relation} {let_frequency} times.'),
@@ -304,6 +304,8 @@ Include the keywords "sum" and "total" in the response.'
     out = []
     for iid, kw in zip(ids, kwargs):
         fields = {k: _quoted(v) if isinstance(v, list) else v for k, v in kw.items()}
+        fields.update({f"{k}_phrase": ("the word " if len(v) == 1 else "the words ") + _quoted(v)
+                       for k, v in kw.items() if isinstance(v, list)})
         if iid == LANGUAGE:
             fields["language"] = LANGUAGES.get(kw["language"], kw["language"])
         phrases = _PHRASES[iid]
@@ -326,7 +328,8 @@ def _render(answer: str, spec: Mapping[str, Mapping], lead: int = 0) -> str:
     paragraphs = [[f] for f in _FILLERS[:spec[PARAS]["num_paragraphs"] - 1]] if PARAS in spec else []
     last: list[str] = []
     if KEYWORDS in spec:
-        last.append(f"This reply uses the words {' and '.join(spec[KEYWORDS]['keywords'])}.")
+        words = spec[KEYWORDS]["keywords"]
+        last.append(f"This reply uses the word{'s' if len(words) > 1 else ''} {' and '.join(words)}.")
     if LOWER in spec or CAPITAL in spec:
         last.append(_LEADS[lead])
     last.append(answer.strip())
