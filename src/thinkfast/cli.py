@@ -186,7 +186,7 @@ def _dispatch(args) -> int:
 
 def _ifgen(args) -> int:
     from .atomic import atomic_write_text
-    from .tasks.instructions import ifeval_test_file, generate_if_prompts, ifeval_test_prompts, read_prompt_texts
+    from .tasks.instructions import generate_if_prompts, ifeval_test_file, ifeval_test_prompts, read_prompt_texts
 
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
