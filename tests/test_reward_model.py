@@ -202,9 +202,12 @@ def test_the_nano_ranking_rule():
     texts = ["right long", "right short", "wrong", "right short", "wrong again"]
     keys = [key(True, True, 9), key(True, True, 3), key(False, False, 2), key(True, True, 3), key(False, False, 2)]
     pairs = rm.nano_pairs(prompt, texts, keys, thinking=True)
-    assert {(p.chosen, p.rejected) for p in pairs} == {
-        ("right short", "right long"), ("right long", "wrong"), ("right long", "wrong again"),
-        ("right short", "wrong"), ("right short", "wrong again")}  # equal keys and repeated texts: no pair
+    assert {(p.chosen, p.rejected, p.rule) for p in pairs} == {
+        ("right short", "right long", "shorter"), ("right long", "wrong", "correct"),
+        ("right long", "wrong again", "correct"), ("right short", "wrong", "correct"),
+        ("right short", "wrong again", "correct")}  # equal keys and repeated texts: no pair
+    obey = rm.nano_pairs(prompt, ["a", "b"], [key(False, True, 5), key(False, False, 1)], thinking=False)
+    assert [(p.chosen, p.rule) for p in obey] == [("a", "obeyed")]
     assert all(p.thinking is True and p.margin is None for p in pairs)
 
 
@@ -333,6 +336,12 @@ def test_the_stage_makes_a_reward_model_and_resumes_to_the_same_weights(tmp_path
     # every teacher response is correct and compliant, the tiny random policy's samples are not: the teacher's
     # response is chosen in every pair it is in
     assert m["nano"]["teacher_ranked_first"] == 1.0
+    rules = {p.get("rule") for p in pairs}
+    assert rules <= {"correct", "obeyed", "shorter"} and "correct" in rules
+    by_rule = m["held_out_by_rule"]
+    assert sum(r["pairs"] for r in by_rule.values()) == m["held_out_pairs"]
+    assert sum(r["pairs"] * r["accuracy_after"] for r in by_rule.values()) == pytest.approx(
+        m["held_out_accuracy_after"] * m["held_out_pairs"])
     curve = json.loads((out / "curve.json").read_text())
     assert [p["step"] for p in curve["points"]] == [0, 2, 4] and len(curve["steps"]) == 4
     want = load_file(out / "reward_model" / "model.safetensors")

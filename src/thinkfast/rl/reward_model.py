@@ -125,7 +125,8 @@ def reward_model_from_policy(policy_dir: str | Path, pad_token_id: int | None = 
 class Pair:
     """One preference: the prompt's messages (ending with the user's), the chosen and the rejected response, an
     optional margin (how much better the chosen one is), the mode (None: the prompt's own system message
-    decides) and where the pair came from."""
+    decides), where the pair came from and, for ranked pairs, the ``rule`` that decided it (:func:`nano_pairs`:
+    ``correct``, ``obeyed`` or ``shorter``; "" unknown)."""
 
     prompt: list[dict]
     chosen: str
@@ -133,6 +134,7 @@ class Pair:
     margin: float | None = None
     thinking: bool | None = None
     source: str = ""
+    rule: str = ""
 
 
 def _response(value, what: str) -> str:
@@ -174,9 +176,11 @@ def _row_to_pairs(row, source: str) -> list[Pair]:
         return out
     if "chosen" not in row or "rejected" not in row:
         raise ValueError(f"a row needs 'chosen' and 'rejected', or 'responses' and 'scores'; it has keys {sorted(row)}")
-    margin = row.get("margin")
+    margin, rule = row.get("margin"), row.get("rule", "")
+    if not isinstance(rule, str):
+        raise ValueError(f"rule must be a string, got {rule!r}")
     return [Pair(messages, _response(row["chosen"], "chosen"), _response(row["rejected"], "rejected"),
-                 None if margin is None else _number(margin, "margin"), thinking, source)]
+                 None if margin is None else _number(margin, "margin"), thinking, source, rule)]
 
 
 def read_pairs(paths: Sequence[str], skip_bad: bool = False) -> list[Pair]:
@@ -203,6 +207,8 @@ def pair_row(pair: Pair) -> dict:
         row["margin"] = pair.margin
     if pair.thinking is not None:
         row["reasoning"] = "on" if pair.thinking else "off"
+    if pair.rule:
+        row["rule"] = pair.rule
     if pair.source:
         row["source"] = pair.source
     return row
@@ -225,15 +231,19 @@ def nano_rank_key(correct: bool, obeyed: bool, length: int) -> tuple[int, int, i
     return int(bool(correct)), int(bool(obeyed)), -int(length)
 
 
+_RULES = ("correct", "obeyed", "shorter")  # what each part of nano_rank_key ranks by
+
+
 def nano_pairs(prompt: list[dict], responses: Sequence[str], keys: Sequence[tuple], *, thinking: bool | None,
                source: str = "nano") -> list[Pair]:
     """Every pair of ``responses`` to ``prompt`` whose :func:`nano_rank_key` ``keys`` differ, the higher chosen;
-    identical texts and equal keys make no pair.
+    identical texts and equal keys make no pair. Each pair's ``rule`` names the first part of the key that decided
+    it: ``correct``, ``obeyed`` or ``shorter``.
 
     >>> keys = [nano_rank_key(1, 1, 1), nano_rank_key(0, 1, 1), nano_rank_key(1, 1, 2), nano_rank_key(0, 1, 1)]
     >>> ps = nano_pairs([{"role": "user", "content": "1+1?"}], ["2", "3", "2 ", "3"], keys, thinking=False)
-    >>> [(p.chosen, p.rejected) for p in ps]
-    [('2', '3'), ('2', '2 '), ('2 ', '3')]
+    >>> [(p.chosen, p.rejected, p.rule) for p in ps]
+    [('2', '3', 'correct'), ('2', '2 ', 'shorter'), ('2 ', '3', 'correct')]
     """
     if len(responses) != len(keys):
         raise ValueError(f"{len(responses)} responses but {len(keys)} keys")
@@ -247,7 +257,8 @@ def nano_pairs(prompt: list[dict], responses: Sequence[str], keys: Sequence[tupl
         if ka == kb:
             continue
         hi, lo = (a, b) if ka > kb else (b, a)
-        out.append(Pair(list(prompt), hi, lo, None, thinking, source))
+        rule = _RULES[next(i for i in range(len(ka)) if ka[i] != kb[i])]
+        out.append(Pair(list(prompt), hi, lo, None, thinking, source, rule))
     return out
 
 

@@ -20,8 +20,9 @@ following prompts (a nano problem with 1-3 IFEval instructions, both toggle mode
 policy to each (temperature 1) plus the teacher's compliant response, each graded (nano verifier, toggle format,
 IFEval strict) and ranked by the documented rule (:func:`thinkfast.rl.reward_model.nano_rank_key`: correct beats
 wrong; among equally correct, obeying the toggle and every instruction beats not; then shorter beats longer);
-every two candidates of different rank make a pair. The nano pairs are saved to ``pairs.jsonl`` (in the schema
-``pairs`` reads) and reused by a resumed run.
+every two candidates of different rank make a pair, tagged with the rule that ranked it (``correct``,
+``obeyed``, ``shorter``: held-out accuracy is reported per rule too). The nano pairs are saved to ``pairs.jsonl``
+(in the schema ``pairs`` reads) and reused by a resumed run.
 
 ``held_out`` pairs (a share of the pairs, or a count), whole prompts at a time so that no held-out prompt is
 trained on, measure held-out pair accuracy before training, every ``eval_every`` steps and at the end
@@ -259,7 +260,11 @@ def run(cfg: RewardModelConfig, stage: StageDir, inputs: Inputs) -> dict:
         return collate_pairs([seqs[i][0] for i in idx], [seqs[i][1] for i in idx], pad,
                              [pairs[i].margin for i in idx] if cfg.margin else None)
 
-    held_batches = [batch(held[i:i + 2 * cfg.batch_size]) for i in range(0, len(held), 2 * cfg.batch_size)]
+    rules = sorted({pairs[i].rule for i in held})  # nano pairs: which rule ranked them (correct, obeyed, shorter)
+    held_batches = {}
+    for rule in rules:
+        idx = [i for i in held if pairs[i].rule == rule]
+        held_batches[rule] = [batch(idx[i:i + 2 * cfg.batch_size]) for i in range(0, len(idx), 2 * cfg.batch_size)]
     order = batch_order(len(train), cfg.batch_size, steps, cfg.seed)
 
     torch.manual_seed(cfg.seed)  # the score head's initialisation
@@ -281,9 +286,16 @@ def run(cfg: RewardModelConfig, stage: StageDir, inputs: Inputs) -> dict:
                      save=lambda: {"model": model.state_dict(), "curve": list(curve), "steps": list(steps_log)})
 
     def point(step: int) -> None:
-        result = pair_accuracy(model, held_batches, center_coef=cfg.center_coef)
-        curve.append({"step": step, "held_out": result})
-        log.log("eval", step=step, **{f"held_out_{k}": v for k, v in result.items()})
+        parts = {rule: pair_accuracy(model, b, center_coef=cfg.center_coef) for rule, b in held_batches.items()}
+        n = sum(r["pairs"] for r in parts.values())
+        result = {k: sum(r[k] * r["pairs"] for r in parts.values()) / n for k in ("accuracy", "loss", "gap")}
+        result["pairs"] = n
+        record = {"step": step, "held_out": result}
+        if any(parts):  # per ranking rule (nano pairs)
+            record["by_rule"] = {rule: r for rule, r in parts.items() if rule}
+        curve.append(record)
+        log.log("eval", step=step, **{f"held_out_{k}": v for k, v in result.items()},
+                **({"by_rule": record["by_rule"]} if "by_rule" in record else {}))
 
     print(f"reward_model: {model_dir} -> a {type(model).__name__}, {len(train)} training pairs, {len(held)} held "
           f"out, {steps} steps of {cfg.batch_size} pairs")
@@ -319,6 +331,10 @@ def run(cfg: RewardModelConfig, stage: StageDir, inputs: Inputs) -> dict:
                "held_out_loss_before": curve[0]["held_out"]["loss"],
                "held_out_loss_after": curve[-1]["held_out"]["loss"],
                "loss_last": statistics.fmean(s["loss"] for s in steps_log[-5:]) if steps_log else None}
+    if "by_rule" in curve[-1]:  # nano pairs: held-out accuracy per ranking rule, before and after
+        metrics["held_out_by_rule"] = {
+            rule: {"pairs": r["pairs"], "accuracy_before": curve[0]["by_rule"][rule]["accuracy"],
+                   "accuracy_after": r["accuracy"]} for rule, r in curve[-1]["by_rule"].items()}
     if sampled:
         metrics["nano"] = sampled
     log.log("done", **metrics)
