@@ -14,10 +14,11 @@ from thinkfast.pipeline import default_config_path, load_pipeline, run_stage
 from thinkfast.train import loop as train_loop
 
 STAGES = "stages=[pretrain,sft,rloo,reward_model,rpo]"
+IF_SFT = "sft.if_prompts=8"
 
 
 def _pipe(run, *extra):
-    return load_pipeline(default_config_path("smoke"), [f"run_dir={run}", STAGES, "pretrain.train_steps=2", *extra])
+    return load_pipeline(default_config_path("smoke"), [f"run_dir={run}", STAGES, IF_SFT, "pretrain.train_steps=2", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def aligned(tmp_path_factory):
 
     run = tmp_path_factory.mktemp("align") / "run"
     assert main(["run", "--config", str(default_config_path("smoke")), f"run_dir={run}", STAGES,
-                 "pretrain.train_steps=2"]) == 0
+                 IF_SFT, "pretrain.train_steps=2"]) == 0
     return run
 
 
@@ -86,5 +87,5 @@ def test_bad_instruction_rows_are_an_error_naming_file_and_line_before_any_work(
                     + json.dumps({"prompt": "Hi", "instruction_id_list": ["no:such_instruction"], "kwargs": [{}]})
                     + "\n")
     run = _copy(aligned, tmp_path / "run")
-    with pytest.raises(ValueError, match=r"if\.jsonl.*line 2.*no:such_instruction"):
+    with pytest.raises(ValueError, match=r"if\.jsonl:2: .*no:such_instruction"):
         run_stage(_pipe(run, f"rloo.files=[{rows}]", "rloo.eval_problems=1"), "rloo")

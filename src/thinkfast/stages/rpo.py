@@ -12,9 +12,10 @@ the pairs are not sorted.
 ``mode: offline`` is the DPO baseline at the same number of updates (``iterations x steps_per_iteration``): fixed
 pairs and a reference fixed at the starting model. Pairs come from JSON lines (``pairs``: ``prompt`` as a string or
 messages, ``chosen``, ``rejected``; or ``responses`` with ``scores``; :func:`thinkfast.rl.reward_model.read_pairs`)
-or, in the nano world, from ``samples`` responses per prompt of the starting model ranked by the nano rule
+or, in the nano world, from ``samples`` responses per prompt of the starting model and the teacher's compliant one
+(``teacher``; the candidates the reward model is trained on) ranked by the nano rule
 (:func:`thinkfast.rl.reward_model.nano_rank_key`: correct beats wrong, then obeying the toggle and every instruction,
-then shorter), best against worst; prompts whose samples tie make no pair.
+then shorter), best against worst; prompts whose candidates tie make no pair.
 
 Prompts (online, and nano offline): the nano world's instruction prompts in both toggle modes
 (:func:`thinkfast.tasks.instructions.nano_if_items`), train split. After every round (and before the first): held-out
@@ -38,7 +39,7 @@ import torch
 
 from ..artifacts import Curve, copy_tokenizer_files, load_decilm, read_model_sidecar, write_curve, write_model_sidecar
 from ..evaluation import chat_ids, if_check
-from ..generation import LocalBackend, SamplingParams
+from ..generation import Completion, LocalBackend, SamplingParams
 from ..nano import tasks
 from ..rl.preference import KINDS
 from ..rl.prompts import nano_if_prompts
@@ -79,6 +80,7 @@ class RPOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFie
     steps_per_iteration: int = 10
     prompts_per_step: int = 16  # pairs per step
     samples: int = 4  # offline nano pairs: responses per prompt ranked by the nano rule
+    teacher: bool = True  # offline nano pairs: the teacher's compliant response is a candidate too (as reward_model's)
     beta: float = 0.05
     eta: float = 1.0
     lr: float = 1e-5
@@ -130,14 +132,23 @@ class RPOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFie
 Config = RPOConfig
 
 
-def _nano_ranked_pairs(backend, tokenizer, prompts, columns, samples: int, params) -> list[dict]:
-    """``samples`` responses per prompt, ranked by the nano rule; the best against the worst (ties: no pair)."""
+def _nano_ranked_pairs(backend, tokenizer, prompts, columns, items, samples: int, params, teacher: bool) -> list[dict]:
+    """``samples`` responses per prompt (and the teacher's compliant one when ``teacher``), ranked by the nano rule;
+    the best against the worst (ties: no pair). A truncated response ranks as wrong and disobedient."""
     from ..rl.reward_model import nano_rank_key
     from ..tasks.ifeval import ifeval_strict
+    from ..tasks.instructions import if_response
     from ..tasks.nano import nano_accuracy
     from ..tasks.think_format import think_format
 
     roll = rollout(backend, prompts, samples, params)
+    if teacher:
+        stop = tokenizer.convert_tokens_to_ids(EOT) if EOT in tokenizer.get_vocab() else tokenizer.eos_token_id
+        for p, item in enumerate(items):
+            ids = tokenizer(if_response(item), add_special_tokens=False)["input_ids"] + [stop]
+            roll.prompts.append(prompts[p])
+            roll.completions.append(Completion(ids, "stop"))
+            roll.groups.append(p)
     texts = [[{"role": "assistant", "content": tokenizer.decode(c.token_ids, skip_special_tokens=True)}]
              for c in roll.completions]
     g = roll.groups
@@ -147,8 +158,9 @@ def _nano_ranked_pairs(backend, tokenizer, prompts, columns, samples: int, param
     out = []
     for p in range(len(prompts)):
         rows = [j for j in range(len(g)) if g[j] == p]
-        keys = {j: nano_rank_key(bool(correct[j]), bool(fmt[j]) and bool(follows[j]), len(roll.completions[j].token_ids))
-                for j in rows if roll.completions[j].finish_reason == "stop"}
+        keys = {j: nano_rank_key(bool(correct[j]) and finished, bool(fmt[j]) and bool(follows[j]) and finished,
+                                 len(roll.completions[j].token_ids))
+                for j in rows for finished in [roll.completions[j].finish_reason == "stop"]}
         if len(keys) < 2:
             continue
         best, worst = max(keys, key=keys.get), min(keys, key=keys.get)
@@ -191,7 +203,7 @@ def run(cfg: RPOConfig, stage: StageDir, inputs: Inputs) -> dict:
     log = stage.logger()
     total = cfg.iterations * cfg.steps_per_iteration
     per_round = cfg.steps_per_iteration * cfg.prompts_per_step
-    prompts, columns, _ = nano_if_prompts(tokenizer, per_round * cfg.iterations if cfg.mode == "online" else per_round,
+    prompts, columns, items = nano_if_prompts(tokenizer, per_round * cfg.iterations if cfg.mode == "online" else per_round,
                                           seed=cfg.seed, kinds=cfg.kinds, digits=cfg.digits, steps=cfg.steps,
                                           instructions=cfg.instructions, thinking=cfg.thinking)
     held = []
@@ -237,8 +249,8 @@ def run(cfg: RPOConfig, stage: StageDir, inputs: Inputs) -> dict:
         if cfg.pairs:
             state["pairs"] = _file_pairs(tokenizer, cfg.pairs)
         else:
-            state["pairs"] = _nano_ranked_pairs(backend, tokenizer, prompts, columns, cfg.samples,
-                                                sampling(cfg.seed * 100003))
+            state["pairs"] = _nano_ranked_pairs(backend, tokenizer, prompts, columns, items, cfg.samples,
+                                                sampling(cfg.seed * 100003), cfg.teacher)
         state["round"] = 0
         if not state["pairs"]:
             raise ValueError("rpo (offline): no pairs (every prompt's samples tied under the nano rule)")
