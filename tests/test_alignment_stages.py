@@ -89,3 +89,14 @@ def test_bad_instruction_rows_are_an_error_naming_file_and_line_before_any_work(
     run = _copy(aligned, tmp_path / "run")
     with pytest.raises(ValueError, match=r"if\.jsonl:2: .*no:such_instruction"):
         run_stage(_pipe(run, f"rloo.files=[{rows}]", "rloo.eval_problems=1"), "rloo")
+
+
+def test_offline_dpo_on_a_pair_file(aligned, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "What is 2 + 3?", "chosen": "Answer: 5", "rejected": "Answer: 6"},
+        {"prompt": [{"role": "system", "content": "detailed thinking off"}, {"role": "user", "content": "What is 4 + 4?"}],
+         "responses": ["Answer: 8", "Answer: 9", "no idea"], "scores": [1.0, 0.0, -1.0]}]))
+    run = _copy(aligned, tmp_path / "run")
+    m, _ = run_stage(_pipe(run, "stages=[pretrain,sft,rloo,rpo]", "rpo.mode=offline", f"rpo.pairs=[{pairs}]"), "rpo")
+    assert m["mode"] == "offline" and m["pairs_last_round"] == 4  # 1 + the 3 pairs of distinct scores

@@ -7,7 +7,8 @@ two responses per prompt from it (``steps_per_iteration x prompts_per_step`` pro
 with the reward model (the run's latest ``reward_model`` output, or the folder named by ``reward_model``) and
 trains ``steps_per_iteration`` steps on the reward-aware loss (``loss: rpo_bwd_kl``, the paper's; ``beta`` scales
 the policy's log-ratio margin, ``eta`` the reward margin). The RPO losses are symmetric in the two responses, so
-the pairs are not sorted.
+the pairs are not sorted. A truncated response gets the round's lowest score of a finished one (the reward model is
+read at the end-of-turn token, which it lacks).
 
 ``mode: offline`` is the DPO baseline at the same number of updates (``iterations x steps_per_iteration``): fixed
 pairs and a reference fixed at the starting model. Pairs come from JSON lines (``pairs``: ``prompt`` as a string or
@@ -172,14 +173,16 @@ def _nano_ranked_pairs(backend, tokenizer, prompts, columns, items, samples: int
 
 
 def _file_pairs(tokenizer, paths) -> list[dict]:
-    from ..rl.reward_model import read_pairs
+    """The pairs of JSON-lines files as token ids: the prompt through the chat template (in the pair's mode, else as
+    its system message says), each response with the end-of-turn token (as the reward model scores them)."""
+    from ..rl.reward_model import read_pairs, response_ids
 
-    stop = tokenizer.convert_tokens_to_ids(EOT) if EOT in tokenizer.get_vocab() else tokenizer.eos_token_id
     out = []
     for pair in read_pairs(paths):
-        prompt = chat_ids(tokenizer, list(pair.prompt), pair.thinking if pair.thinking is not None else True)
-        enc = [tokenizer(t, add_special_tokens=False)["input_ids"] + [stop] for t in (pair.chosen, pair.rejected)]
-        out.append({"prompt": prompt, "chosen": enc[0], "rejected": enc[1]})
+        prompt = response_ids(tokenizer, list(pair.prompt), "", pair.thinking)[:-1]  # the prompt alone
+        chosen, rejected = (response_ids(tokenizer, list(pair.prompt), r, pair.thinking)[len(prompt):]
+                            for r in (pair.chosen, pair.rejected))
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return out
 
 
@@ -263,6 +266,11 @@ def run(cfg: RPOConfig, stage: StageDir, inputs: Inputs) -> dict:
             chunk = list(range(rnd * per_round, (rnd + 1) * per_round))
             roll = rollout(backend, [prompts[i] for i in chunk], 2, sampling(cfg.seed * 100003 + rnd))
             scores = scorer.score_ids([p + list(c.token_ids) for p, c in zip(roll.prompts, roll.completions)])
+            # a truncated response (no end-of-turn token) is scored where the reward model never read one: it gets
+            # the round's lowest score of a finished response instead
+            finished = [s for s, c in zip(scores, roll.completions) if c.finish_reason == "stop"]
+            floor = min(finished) if finished else min(scores)
+            scores = [s if c.finish_reason == "stop" else floor for s, c in zip(scores, roll.completions)]
             state["pairs"] = [{"prompt": roll.prompts[2 * j], "chosen": roll.completions[2 * j].token_ids,
                                "rejected": roll.completions[2 * j + 1].token_ids, "reward_chosen": scores[2 * j],
                                "reward_rejected": scores[2 * j + 1]} for j in range(len(chunk))]
