@@ -10,7 +10,7 @@ Built in (:data:`BUILTIN`), each the grader evaluation uses for its task (:mod:`
 ``nano_accuracy`` (the nano verifier on the answer after the think block), ``math_accuracy`` (math-verify
 against a ``solution`` column, evaluation's extraction and check), ``think_format`` (the toggle's format
 rule), ``ifeval_strict`` / ``ifeval_loose`` (IFEval's checkers on ``instruction_id_list`` and ``kwargs``
-columns, all instructions followed or 0). A trained reward model by ``reward_model:PATH`` (its score, batched).
+columns, all instructions followed or 0), ``ifeval_share`` (the share of them followed). A trained reward model by ``reward_model:PATH`` (its score, batched).
 Any other by ``module:function`` (:func:`load_reward`).
 
 :class:`RewardRunner` sums the weighted rewards. ``None`` from a reward means "cannot score this sample"
@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..tasks.completion import completion_text
-from ..tasks.ifeval import ifeval_loose, ifeval_strict
+from ..tasks.ifeval import ifeval_loose, ifeval_share, ifeval_strict
 from ..tasks.math import math_accuracy
 from ..tasks.nano import nano_accuracy
 from ..tasks.think_format import think_format
@@ -45,7 +45,7 @@ __all__ = ["BUILTIN", "RewardError", "RewardFailed", "RewardFailures", "RewardRu
 
 BUILTIN: dict[str, Callable] = {"nano_accuracy": nano_accuracy, "think_format": think_format,
                                 "math_accuracy": math_accuracy, "ifeval_strict": ifeval_strict,
-                                "ifeval_loose": ifeval_loose}
+                                "ifeval_loose": ifeval_loose, "ifeval_share": ifeval_share}
 
 
 REWARD_MODEL_PREFIX = "reward_model:"
