@@ -44,15 +44,18 @@ step, median over ``--steps`` steps after one warm-up step (TRL: a ``TrainerCall
 Differences that could not be removed (the short form is in each comparison's ``notes`` in the output):
 
 - Batch building: TRL's data collator runs in the dataloader before ``on_step_begin``, outside its timed step;
-  thinkfast's ``pair_batch`` / ``encode_pairs`` run inside its timed step (counts against thinkfast; tokenizing
+  thinkfast's ``packed_pair_batch`` / ``encode_pairs`` run inside its timed step (counts against thinkfast; tokenizing
   the reward pairs included). In RLOO both sides build their batches inside the step.
 - Prompt sharing (algorithmic, kept): thinkfast's forwards compute each prompt once per group of ``--group``
   samples (RLOO) or once per pair (DPO: a pair's chosen and rejected rows share the prompt) and share its keys and
   values (nemotron-nas accepts any cache); TRL runs every row's prompt. Same tokens in, same log-probs out
   (tested in thinkfast), fewer FLOPs, one more (small) forward call per pass.
-- DPO padding: TRL right-pads whole rows (width = the longest prompt+response); thinkfast left-pads prompts and
-  right-pads responses (width = longest prompt + longest response, never narrower): the output has both
-  (``trl_padded_tokens_per_step``, ``thinkfast_padded_tokens_per_step``).
+- Padding (DPO and reward model): TRL right-pads whole rows to the longest prompt+response of the batch;
+  thinkfast packs the batch's sequences without padding into rows as long as the longest, each attending to
+  itself only (block-diagonal mask; the rpo and reward_model stages' batches; same log-probs and scores as padded,
+  tested). On CPU TRL has no equivalent (its ``padding_free`` needs flash-attention). The output has both sides'
+  tokens (``trl_padded_tokens_per_step``, ``thinkfast_padded_tokens_per_step``; reward:
+  ``padded_tokens_per_step``, ``thinkfast_packed_tokens_per_step``).
 - RLOO's objective: TRL's is sequence-level (summed log-probs per sequence, mean over sequences); thinkfast's is
   token-level (mean over all completion tokens). Same passes, different loss scaling.
 - RLOO's truncated samples: thinkfast gives them no reward (out of the baseline) and leaves them out of the
@@ -110,12 +113,13 @@ NOTES = {
              "sampled completions (hence lengths) differ per side; mean completion tokens recorded for both",
              "thinkfast computes each prompt once per group in the training forwards; TRL once per row",
              "TRL's LR schedule and in-memory metrics cannot be switched off"],
-    "dpo": ["TRL's collation runs outside its timed step; thinkfast's pair_batch is inside its timed step",
+    "dpo": ["TRL's collation runs outside its timed step; thinkfast's packed_pair_batch is inside its timed step",
             "thinkfast computes each prompt once per pair; TRL once per row",
-            "TRL right-pads whole rows, thinkfast left-pads prompts (padded tokens recorded for both)",
+            "TRL right-pads whole rows, thinkfast packs sequences without padding (tokens recorded for both)",
             "TRL's LR schedule and in-memory metrics cannot be switched off"],
     "reward": ["TRL's collation runs outside its timed step; thinkfast's tokenizing and batching are inside",
                "TRL's score head runs at every position, thinkfast's at the last attended token only",
+               "TRL right-pads whole rows, thinkfast packs sequences without padding (tokens recorded for both)",
                "TRL's LR schedule and in-memory metrics cannot be switched off"],
 }
 
@@ -289,11 +293,14 @@ def bench_dpo(a, tok, llama, problems, side: str = "both") -> dict:
     # TRL right-pads whole rows; thinkfast left-pads prompts and right-pads responses (never narrower)
     res["trl_padded_tokens_per_step"] = [2 * len(st) * max(len(p) + max(len(c), len(r)) for p, c, r in st)
                                          for st in steps]
-    res["thinkfast_padded_tokens_per_step"] = [2 * len(st) * (max(len(p) for p, _, _ in st)
-                                                              + max(max(len(c), len(r)) for _, c, r in st))
-                                               for st in steps]
+    # thinkfast packs the 2P sequences without padding into rows as long as the longest (the rpo stage's batches)
+    from thinkfast.rl.rpo import packed_pair_batch as _packed
+
+    res["thinkfast_padded_tokens_per_step"] = [
+        int(_packed([p for p, _, _ in st], [c for _, c, _ in st], [r for _, _, r in st])["input_ids"].numel())
+        for st in steps]
     if side in ("both", "thinkfast"):
-        from thinkfast.rl.rpo import pair_batch, preference_step, sequence_logps
+        from thinkfast.rl.rpo import packed_pair_batch, preference_step, sequence_logps
 
         model = convert_llama_model(copy.deepcopy(llama)).float().train()
         reference = _frozen(convert_llama_model(copy.deepcopy(llama)).float())
@@ -303,7 +310,7 @@ def bench_dpo(a, tok, llama, problems, side: str = "both") -> dict:
         for st in steps:
             prompts, chosen, rejected = (list(map(list, x)) for x in zip(*st))
             t = time.perf_counter()
-            batch = pair_batch(prompts, chosen, rejected, tok.pad_token_id, device)
+            batch = packed_pair_batch(prompts, chosen, rejected, tok.pad_token_id, device)
             with torch.no_grad():
                 ref_c, ref_r = sequence_logps(reference, batch)
             preference_step(model, opt, batch, kind="dpo", beta=a.dpo_beta, ref_chosen=ref_c, ref_rejected=ref_r,
@@ -363,6 +370,8 @@ def bench_reward(a, tok, llama, problems, side: str = "both") -> dict:
         id_rows += [{"chosen_ids": rows_ids[i], "rejected_ids": rows_ids[n + i]} for i in range(n)]
     res["tokens_per_step"] = [int(b["attention_mask"].sum()) for b in encoded]
     res["padded_tokens_per_step"] = [int(b["input_ids"].numel()) for b in encoded]
+    res["thinkfast_packed_tokens_per_step"] = [int(encode_pairs(tok, st, a.max_len, packed=True)["input_ids"].numel())
+                                               for st in steps]
     if side in ("both", "trl"):
         from datasets import Dataset
         from trl import RewardConfig, RewardTrainer
@@ -385,7 +394,7 @@ def bench_reward(a, tok, llama, problems, side: str = "both") -> dict:
         times = []
         for st in steps:
             t = time.perf_counter()
-            batch = encode_pairs(tok, st, a.max_len)
+            batch = encode_pairs(tok, st, a.max_len, packed=True)
             reward_model_step(model, opt, batch, center_coef=a.center_coef, grad_clip=1.0)
             times.append(time.perf_counter() - t)
         res["thinkfast_seconds_per_step"] = _median(times)

@@ -14,7 +14,7 @@ from thinkfast.rl import rloo as rloo_lib
 from thinkfast.rl.rewards import RewardRunner
 from thinkfast.rl.rloo import kl_penalised_rewards, rloo_loss, rloo_step
 from thinkfast.rl.rollout import token_logprobs
-from thinkfast.rl.rpo import pair_batch, preference_step, sequence_logps
+from thinkfast.rl.rpo import packed_pair_batch, pair_batch, preference_step, sequence_logps
 from thinkfast.train.loop import adamw
 
 
@@ -107,12 +107,31 @@ def test_pair_batch_log_probs_equal_each_sequence_alone():
                 assert float(got) == pytest.approx(float(want), abs=1e-4)
 
 
+def test_packed_pairs_give_the_padded_log_probs_and_gradients():
+    model = hetero_model(seed=8)
+    prompts = [[9, 10, 11], [12], [13, 14]]
+    chosen, rejected = [[20, 21], [22, 23, 24, 25, 26], [27]], [[28], [29, 30], [31, 32, 33, 34]]
+    padded, packed = pair_batch(prompts, chosen, rejected), packed_pair_batch(prompts, chosen, rejected)
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()  # fewer tokens: no padding between sequences
+    grads = []
+    for b in (padded, packed):
+        model.zero_grad()
+        c, r = sequence_logps(model, b)
+        (c.sum() - 2 * r.sum()).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        if b is padded:
+            want = (c.detach(), r.detach())
+    assert torch.allclose(c.detach(), want[0], atol=1e-4) and torch.allclose(r.detach(), want[1], atol=1e-4)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["dpo", "rpo_bwd_kl"])
 def test_a_preference_step_moves_the_margin_toward_the_chosen_response(kind):
     model = hetero_model(seed=6)
     ref = copy.deepcopy(model).requires_grad_(False)
     opt = adamw(model, lr=3e-3)
-    b = pair_batch([[9, 10], [11, 12]], [[20, 21], [22]], [[25, 26], [27]], pad_id=0)
+    b = packed_pair_batch([[9, 10], [11, 12]], [[20, 21], [22]], [[25, 26], [27]], pad_id=0)
     with torch.no_grad():
         rc, rr = sequence_logps(ref, b)
     rewards = {"reward_chosen": torch.tensor([3.0, 3.0]), "reward_rejected": torch.tensor([-3.0, -3.0])} \

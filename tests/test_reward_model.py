@@ -86,6 +86,10 @@ def test_last_token_scores_ignore_padding_on_either_side(make):
             ids, mask = rm.pad_batch(seqs, EOS, side)
             got = rm.last_token_scores(model, ids, mask)
             assert torch.allclose(got, alone, atol=1e-5), (side, got, alone)
+        # packed without padding (each sequence attending to itself only): the same scores
+        packed = rm.collate_pairs(seqs[:2], [seqs[2], seqs[0]], EOS, packed=True)
+        got = rm.packed_scores(model, packed)
+        assert torch.allclose(got, torch.cat([alone[:2], alone[2:], alone[:1]]), atol=1e-5)
     assert len(set(alone.tolist())) == 3  # the scores differ: the check can fail
 
 

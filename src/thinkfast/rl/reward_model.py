@@ -39,7 +39,7 @@ from ..train import loop as train_loop
 from .prompts import row_to_prompt
 
 __all__ = ["Pair", "RewardScorer", "bradley_terry_loss", "collate_pairs", "encode_pairs", "last_token_scores",
-           "load_reward_model", "nano_pairs", "nano_rank_key", "pair_accuracy", "pair_row", "read_pairs",
+           "load_reward_model", "nano_pairs", "nano_rank_key", "packed_scores", "pair_accuracy", "pair_row", "read_pairs",
            "response_ids", "reward_model_from_policy", "reward_model_step"]
 
 
@@ -292,20 +292,32 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str
 
 
 def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]], pad_id: int,
-                  margins: Sequence[float | None] | None = None, padding_side: str = "right") -> dict:
+                  margins: Sequence[float | None] | None = None, padding_side: str = "right",
+                  packed: bool = False) -> dict:
     """A pair batch: ``input_ids``, ``attention_mask`` [2P, T] (the P chosen sequences, then the P rejected
-    ones), ``margin`` [P] (absent when no pair has one; a pair without one gets 0)."""
+    ones), ``margin`` [P] (absent when no pair has one; a pair without one gets 0). ``packed``: the 2P sequences
+    packed without padding into rows as long as the longest (:func:`thinkfast.train.sft.packed_sequences`: each
+    attends to itself only; ``last`` [2P, 2] holds the row and column of each one's last token): the same scores
+    on fewer tokens (tested)."""
     if len(chosen) != len(rejected) or not chosen:
         raise ValueError(f"{len(chosen)} chosen and {len(rejected)} rejected sequences: need as many, at least one")
-    ids, mask = pad_batch(list(chosen) + list(rejected), pad_id, padding_side)
-    batch = {"input_ids": ids, "attention_mask": mask}
+    if packed:
+        from ..train.sft import packed_sequences
+
+        seqs = list(chosen) + list(rejected)
+        batch = packed_sequences(seqs, pad_id=pad_id)
+        starts = batch.pop("starts")
+        batch["last"] = starts + torch.tensor([[0, len(s) - 1] for s in seqs], dtype=torch.long)
+    else:
+        ids, mask = pad_batch(list(chosen) + list(rejected), pad_id, padding_side)
+        batch = {"input_ids": ids, "attention_mask": mask}
     if margins is not None and any(m is not None for m in margins):
         batch["margin"] = torch.tensor([0.0 if m is None else float(m) for m in margins], dtype=torch.float32)
     return batch
 
 
 def encode_pairs(tokenizer, pairs: Sequence[Pair], max_len: int | None = None, *, margin: bool = True,
-                 padding_side: str = "right") -> dict:
+                 padding_side: str = "right", packed: bool = False) -> dict:
     """``pairs`` tokenised (:func:`response_ids`) and collated (:func:`collate_pairs`; ``margin``: use the pairs'
     margins). A sequence longer than ``max_len`` is a ValueError naming its pair: a reward model must see the
     end of the response, so filter long pairs first rather than cut them."""
@@ -318,12 +330,28 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair], max_len: int | None = None, *
         chosen.append(c)
         rejected.append(r)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return collate_pairs(chosen, rejected, pad, [p.margin for p in pairs] if margin else None, padding_side)
+    return collate_pairs(chosen, rejected, pad, [p.margin for p in pairs] if margin else None, padding_side, packed)
+
+
+def packed_scores(model, batch: dict) -> torch.Tensor:
+    """Each sequence's score [N] from a packed batch (:func:`collate_pairs` with ``packed``): the decoder over the
+    rows with each sequence attending to itself only, the head at each sequence's last token."""
+    from ..data import block_causal_mask
+
+    device = next(model.parameters()).device
+    base = getattr(model, model.base_model_prefix)
+    hidden = base(input_ids=batch["input_ids"].to(device), attention_mask=block_causal_mask(batch["seq_ids"].to(device)),
+                  position_ids=batch["position_ids"].to(device), use_cache=False).last_hidden_state
+    last = batch["last"].to(device)
+    return model.score(hidden[last[:, 0], last[:, 1]]).squeeze(-1).float()
 
 
 def _split_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     device = next(model.parameters()).device
-    scores = last_token_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    if "seq_ids" in batch:
+        scores = packed_scores(model, batch)
+    else:
+        scores = last_token_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
     p = scores.shape[0] // 2
     return scores[:p], scores[p:]
 

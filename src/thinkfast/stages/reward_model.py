@@ -28,7 +28,8 @@ every two candidates of different rank make a pair, tagged with the rule that ra
 trained on, measure held-out pair accuracy before training, every ``eval_every`` steps and at the end
 (``curve.json``). Training is resumable (:class:`thinkfast.train.loop.TrainLoop`): batches come from seeded
 per-epoch shuffles, so a resumed run trains on what an uninterrupted one would have. Pairs longer than
-``max_len`` tokens are dropped (counted), never cut: the score is read at the response's end.
+``max_len`` tokens are dropped (counted), never cut: the score is read at the response's end. A batch's sequences
+are packed without padding, each attending to itself only (the same scores on fewer tokens).
 
 Departures: the paper's reward model is a separate, much larger model trained on human preferences (HelpSteer2);
 here it is the policy's own size and the nano preferences come from verifiers, so it learns what the verifiers
@@ -258,7 +259,7 @@ def run(cfg: RewardModelConfig, stage: StageDir, inputs: Inputs) -> dict:
 
     def batch(idx: list[int]) -> dict:
         return collate_pairs([seqs[i][0] for i in idx], [seqs[i][1] for i in idx], pad,
-                             [pairs[i].margin for i in idx] if cfg.margin else None)
+                             [pairs[i].margin for i in idx] if cfg.margin else None, packed=True)
 
     rules = sorted({pairs[i].rule for i in held})  # nano pairs: which rule ranked them (correct, obeyed, shorter)
     held_batches = {}

@@ -45,7 +45,7 @@ from ..nano import tasks
 from ..rl.preference import KINDS
 from ..rl.prompts import nano_if_prompts
 from ..rl.rollout import rollout
-from ..rl.rpo import pair_batch, preference_step, sequence_logps
+from ..rl.rpo import packed_pair_batch, preference_step, response_tokens, sequence_logps
 from ..rundir import StageDir, atomic_dir
 from ..runtime import autocast, resolve_precision, setup_device
 from ..toggle import EOT, stop_token_ids
@@ -286,8 +286,8 @@ def run(cfg: RPOConfig, stage: StageDir, inputs: Inputs) -> dict:
             epoch, offset = divmod(step * cfg.prompts_per_step, len(pairs))
             random.Random(f"rpo:{cfg.seed}:{epoch}").shuffle(order)
             chosen = [pairs[order[(offset + i) % len(order)]] for i in range(min(cfg.prompts_per_step, len(pairs)))]
-        batch = pair_batch([p["prompt"] for p in chosen], [p["chosen"] for p in chosen],
-                           [p["rejected"] for p in chosen], pad, device)
+        batch = packed_pair_batch([p["prompt"] for p in chosen], [p["chosen"] for p in chosen],
+                                  [p["rejected"] for p in chosen], pad, device)
         with torch.no_grad():
             ref_c, ref_r = sequence_logps(reference, batch)
         rewards = {}
@@ -303,7 +303,7 @@ def run(cfg: RPOConfig, stage: StageDir, inputs: Inputs) -> dict:
                                      f"({stage.checkpoint_dir}) is kept. Lower lr or beta.") from None
         backend.sync(model)
         record = {"step": step + 1, "round": rnd, **record,
-                  "tokens": int(batch["completion_mask"].sum())}
+                  "tokens": response_tokens(batch)}
         state["steps"].append(record)
         if (step + 1) % cfg.steps_per_iteration == 0:
             point(rnd + 1)

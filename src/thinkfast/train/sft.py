@@ -248,6 +248,42 @@ def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def packed_sequences(sequences: Sequence[Sequence[int]], capacity: int | None = None, pad_id: int = 0
+                     ) -> dict[str, torch.Tensor]:
+    """Whole token sequences packed best-fit (:func:`pack`) into rows of ``capacity`` tokens (default: the longest
+    sequence) without padding between them: ``input_ids``, ``position_ids`` (from 0 in every sequence), ``seq_ids``
+    (the sequence's index within its row, -1 on padding: :func:`block_causal_mask` makes each attend to itself
+    only), ``owner`` (the sequence's index in ``sequences``, -1 on padding), each ``[rows, capacity]``, and
+    ``starts`` [N, 2] (row and column where each sequence starts). A sequence gets the hidden states it gets alone.
+
+    >>> b = packed_sequences([[5, 6, 7], [8], [9, 9]])
+    >>> b["input_ids"].tolist(), b["owner"].tolist(), b["starts"].tolist()
+    ([[5, 6, 7], [9, 9, 8]], [[0, 0, 0], [2, 2, 1]], [[0, 0], [1, 2], [1, 0]])
+    """
+    lengths = [len(s) for s in sequences]
+    if not sequences or min(lengths) < 1:
+        raise ValueError("packed_sequences: give at least one sequence, none empty")
+    capacity = capacity or max(lengths)
+    rows = pack(lengths, capacity)
+    shape = (len(rows), capacity)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    pos = torch.zeros(shape, dtype=torch.long)
+    seq = torch.full(shape, -1, dtype=torch.long)
+    owner = torch.full(shape, -1, dtype=torch.long)
+    starts = torch.zeros(len(sequences), 2, dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for j, k in enumerate(members):
+            n = lengths[k]
+            ids[r, at:at + n] = torch.tensor(list(sequences[k]), dtype=torch.long)
+            pos[r, at:at + n] = torch.arange(n)
+            seq[r, at:at + n] = j
+            owner[r, at:at + n] = k
+            starts[k] = torch.tensor([r, at])
+            at += n
+    return {"input_ids": ids, "position_ids": pos, "seq_ids": seq, "owner": owner, "starts": starts}
+
+
 def packed_batch(samples: Sequence[tuple[list[int], list[int]]], rows: Iterable[Sequence[int]], seq_len: int,
                  pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Rows of packed samples -> ``input_ids``, ``labels`` (-100 off the assistant's tokens and at each
