@@ -268,7 +268,7 @@ def test_the_readme_endpoint_command_works_with_the_embedded_config(tmp_path, cl
     assert code == 0, err
     [metrics_file] = (tmp_path / "out" / "eval").glob("*/metrics.json")
     metrics = json.loads(metrics_file.read_text())
-    n = 50 * 4 * 3 * 2  # the embedded config: per_cell x kinds x digits x modes
+    n = 50 * 4 * 3 * 2 + 100 * 2  # the embedded config: per_cell x kinds x digits x modes, then nano_if x modes
     assert metrics["endpoint"] == {"url": fake.url + "/v1", "model": "fake", "requests": 1 + n, "retries": 0,
                                    "timeout": 300.0, "max_retries": 2} and fake.posts == n
     assert metrics["notes"] == ["budgets skipped: the thinking budget runs inside the local engine, not on a "

@@ -15,10 +15,21 @@ STAGES = {"pretrain": pretrain.Config, "distill": distill.Config, "sft": sft.Con
           "library": library.Config}
 
 
+# fields added since 27da51a: at their defaults a completed stage stays current (rundir.describe_changes)
+ADDED_SINCE = {"sft": ("if_prompts",)}
+
+
+def _without_added(name: str, cfg) -> dict:
+    out = dataclasses.asdict(cfg)
+    for key in ADDED_SINCE.get(name, ()):
+        out.pop(key)
+    return out
+
+
 def test_default_configs_hash_as_before_the_groups():
     """config_hash of each stage's default config, as computed at 27da51a (each stage declaring every field
     itself): moving fields into the groups kept every name, type and default."""
-    assert {name: config_hash(cls()) for name, cls in STAGES.items()} == {
+    assert {name: config_hash(_without_added(name, cls())) for name, cls in STAGES.items()} == {
         "distill": "68b94d8648c1a6a4", "grpo": "7c0f456f343a630a", "library": "fda319c9f18309cd",
         "pretrain": "5b0050ecd0c934f0", "sft": "95735fe6de5fdbc6"}
 
