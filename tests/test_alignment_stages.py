@@ -100,3 +100,25 @@ def test_offline_dpo_on_a_pair_file(aligned, tmp_path):
     run = _copy(aligned, tmp_path / "run")
     m, _ = run_stage(_pipe(run, "stages=[pretrain,sft,rloo,rpo]", "rpo.mode=offline", f"rpo.pairs=[{pairs}]"), "rpo")
     assert m["mode"] == "offline" and m["pairs_last_round"] == 4  # 1 + the 3 pairs of distinct scores
+
+
+def test_a_reward_model_named_as_a_reward_is_an_input_by_content(aligned, tmp_path):
+    from thinkfast.pipeline import status
+    from thinkfast.rundir import RunDir
+
+    run = _copy(aligned, tmp_path / "run")
+    rm_dir = tmp_path / "rm"
+    shutil.copytree(run / "reward_model", rm_dir)
+    extra = ["rloo.rewards=[nano_accuracy,reward_model:" + str(rm_dir) + "]", "rloo.train_steps=1",
+             "rloo.eval_problems=0"]
+    m, _ = run_stage(_pipe(run, *extra), "rloo")
+    assert m["reward_last"] is not None
+    with RunDir(run) as rd:
+        assert status(_pipe(run, *extra), rd, "rloo")[0] == "complete"
+    cfg = rm_dir / "reward_model" / "config.json"
+    cfg.write_text(cfg.read_text().replace("{", '{"retrained": true, ', 1))
+    with RunDir(run) as rd:
+        state, reasons = status(_pipe(run, *extra), rd, "rloo")
+    assert state == "stale" and any("reward_models" in r for r in reasons), reasons
+    with pytest.raises(Exception, match="no reward-model folder"):
+        run_stage(_pipe(run, "rloo.rewards=[reward_model:" + str(tmp_path / "nowhere") + "]"), "rloo")

@@ -266,8 +266,27 @@ def stage_run(pipe: Pipeline, rd: RunDir, name: str) -> tuple[StageRun, Inputs, 
         except DataError as e:
             raise ConfigError(f"{pipe.where(f'{name}.{field}')}: {str(e).removeprefix('data.files: ')}") from None
         inputs.ids["files"] = {f"{i}:{p.name}": {"path": str(p), "id": rd.fingerprint(p)} for i, p in enumerate(paths)}
+    models = _reward_models(pipe, name, cfg)
+    if models:  # a reward model named as a reward: retraining it makes the stage stale
+        inputs.ids["reward_models"] = {f"{i}:{p.name}": {"path": str(p), "id": rd.fingerprint(p)}
+                                       for i, p in enumerate(models)}
     run = StageRun(pipe.run_dir, name, {"config": config, "inputs": inputs.ids}, defaults)
     return run, inputs, missing
+
+
+def _reward_models(pipe: Pipeline, name: str, cfg) -> list[Path]:
+    """The reward-model folders a stage's ``rewards`` name (``reward_model:PATH``; a reward_model stage's folder
+    stands for its ``reward_model/`` output), which must exist."""
+    out = []
+    for r in getattr(cfg, "rewards", None) or []:
+        if isinstance(r, str) and r.startswith("reward_model:"):
+            path = Path(r.partition(":")[2])
+            if (path / OUTPUTS["reward_model"]).is_dir():
+                path = path / OUTPUTS["reward_model"]
+            if not path.is_dir():
+                raise ConfigError(f"{pipe.where(f'{name}.rewards')}: {r}: no reward-model folder at {path}")
+            out.append(path)
+    return out
 
 
 def status(pipe: Pipeline, rd: RunDir, name: str) -> tuple[str, list[str]]:
