@@ -339,6 +339,13 @@ def test_cli_ifgen_end_to_end(tmp_path, capsys):
     assert len(rows) == 20 and not any(r["prompt"].startswith(questions[0] + " ") for r in rows)
     from thinkfast.tasks.ifeval import read_if_prompts
     assert [i.prompt for i in read_if_prompts(out)] == [r["prompt"] for r in rows]
+    # --keep: the source's other fields travel with each row (for a reward that reads them)
+    assert main(["ifgen", "--prompts", str(src), "--n", "5", "--out", str(out), "--exclude", str(excl),
+                 "--keep", "answer"]) == 0
+    kept = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert all(r["answer"] == "#### 1" for r in kept) and len(read_if_prompts(out)) == 5
+    assert main(["ifgen", "--prompts", str(src), "--n", "1", "--out", str(out), "--keep", "solution"]) == 2
+    assert "no field 'solution' to keep" in capsys.readouterr().err
     # --field; a bad line names file and line (exit 2)
     assert main(["ifgen", "--prompts", str(src), "--field", "answer", "--n", "1", "--out", str(out),
                  "--exclude", str(excl)]) == 0

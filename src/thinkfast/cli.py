@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ifgen", help="instruction-following prompts in IFEval's schema from your prompts")
     p.add_argument("--prompts", required=True, help="JSON lines; each row's --field is a source prompt")
     p.add_argument("--field", help="the prompt field (default: prompt, else question, else input)")
+    p.add_argument("--keep", nargs="+", default=[], metavar="FIELD",
+                   help="source fields copied into every row (e.g. answer, for a reward that reads it)")
     p.add_argument("--n", type=int, required=True, help="how many rows to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--instructions", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
@@ -190,12 +192,14 @@ def _ifgen(args) -> int:
 
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
-    texts = read_prompt_texts(args.prompts, args.field)
+    texts, extra = read_prompt_texts(args.prompts, args.field, args.keep), None
+    if args.keep:
+        texts, extra = texts
     exclude_path = args.exclude or (ifeval_test_file() if ifeval_test_file().is_file() else None)
     exclude = ifeval_test_prompts(exclude_path) if exclude_path else set()
     stats: dict = {}
     rows = generate_if_prompts(texts, args.n, seed=args.seed, instructions=tuple(args.instructions),
-                               exclude=exclude, stats=stats)
+                               exclude=exclude, stats=stats, extra=extra)
     atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"ifgen: wrote {len(rows)} rows to {args.out} from {len(texts)} sources; excluded {stats['excluded']} "
           f"matching {exclude_path or 'no test set'}" + (f", {stats['empty']} empty" if stats["empty"] else ""))

@@ -504,20 +504,26 @@ def ifeval_test_prompts(path: str | Path | None = None) -> set[str]:
     return out
 
 
-def read_prompt_texts(path: str | Path, field: str | None = None) -> list[str]:
+def read_prompt_texts(path: str | Path, field: str | None = None, keep: Sequence[str] = ()
+                      ) -> list[str] | tuple[list[str], list[dict]]:
     """The prompt of each JSON line of ``path``: its ``field``, else the first of ``prompt``, ``question`` and
-    ``input`` it has; a bad line is a ``ValueError`` naming the file and the line."""
+    ``input`` it has; a bad line is a ``ValueError`` naming the file and the line. With ``keep`` (field names),
+    also each row's fields of those names (every row must have them): ``(texts, kept)``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
-    out = []
+    out, kept = [], []
     for lineno, row in _json_lines(path):
         names = (field,) if field else ("prompt", "question", "input")
         name = next((k for k in names if k in row), None)
         if name is None or not isinstance(row[name], str):
             raise ValueError(f"{path}:{lineno}: no string field {' / '.join(map(repr, names))}")
+        lacking = [k for k in keep if k not in row]
+        if lacking:
+            raise ValueError(f"{path}:{lineno}: no field {', '.join(map(repr, lacking))} to keep")
         out.append(row[name])
-    return out
+        kept.append({k: row[k] for k in keep})
+    return (out, kept) if keep else out
 
 
 def _clashes(text: str, exclude: list[str]) -> bool:
@@ -526,13 +532,15 @@ def _clashes(text: str, exclude: list[str]) -> bool:
 
 def generate_if_prompts(texts: Sequence[str], n: int, *, seed: int, instructions=(1, 3),
                         allowed: Sequence[str] = GENERAL_INSTRUCTIONS, exclude: Iterable[str] = (),
-                        stats: dict | None = None) -> list[dict]:
+                        stats: dict | None = None, extra: Sequence[dict] | None = None) -> list[dict]:
     """Up to ``n`` rows in IFEval's schema (``key``, ``prompt``, ``instruction_id_list``, ``kwargs``): a source
     text, then (min, max) = ``instructions`` of ``allowed`` as sentences (:func:`sample_instructions`,
     :func:`describe`), deterministic in ``seed``. Sources are taken in a seeded order, again (with new
     instructions) when ``n`` exceeds them, until ``n`` rows or no new prompt. Empty sources are skipped, and
     so is a source (or a prompt made) whose text, compared case- and whitespace-insensitively, equals, contains or
     is contained in an ``exclude`` prompt; ``stats`` (if given) gets ``sources``, ``excluded`` and ``empty``.
+    ``extra[i]`` (optional): fields copied into every row made from ``texts[i]`` (e.g. a gold answer for another
+    reward); they may not be named like the schema's four.
 
     >>> rows = generate_if_prompts(["What is 2 + 2?", "Name a colour."], 2, seed=0, exclude=["name a colour."])
     >>> [r["prompt"].split("?")[0] for r in rows], rows[0]["prompt"] != rows[1]["prompt"]
@@ -542,8 +550,14 @@ def generate_if_prompts(texts: Sequence[str], n: int, *, seed: int, instructions
     if not 1 <= lo <= hi:
         raise ValueError(f"instructions={instructions}: need 1 <= min <= max")
     excl = [e for e in map(_norm, exclude) if e]
+    if extra is not None:
+        if len(extra) != len(texts):
+            raise ValueError(f"extra has {len(extra)} entries for {len(texts)} texts")
+        clash = sorted({k for e in extra for k in e} & {"key", "prompt", "instruction_id_list", "kwargs"})
+        if clash:
+            raise ValueError(f"extra fields {clash} would overwrite the IFEval schema's own")
     usable, excluded, empty = [], 0, 0
-    for t in texts:
+    for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise ValueError(f"source prompts must be strings, got {type(t).__name__}")
         nt = _norm(t)
@@ -552,13 +566,13 @@ def generate_if_prompts(texts: Sequence[str], n: int, *, seed: int, instructions
         elif _clashes(nt, excl):
             excluded += 1
         else:
-            usable.append(t.strip())
+            usable.append((t.strip(), i))
     rng = _rng(f"ifgen:{seed}")
     rows: list[dict] = []
     seen: set[str] = set()
     while len(rows) < n and usable:
         before = len(rows)
-        for t in rng.sample(usable, len(usable)):
+        for t, i in rng.sample(usable, len(usable)):
             if len(rows) == n:
                 break
             ids, kws = sample_instructions(rng, rng.randint(lo, hi), allowed, text=t)
@@ -567,7 +581,7 @@ def generate_if_prompts(texts: Sequence[str], n: int, *, seed: int, instructions
                 continue
             seen.add(prompt)
             rows.append({"key": len(rows), "prompt": prompt, "instruction_id_list": list(ids),
-                         "kwargs": [dict(k) for k in kws]})
+                         "kwargs": [dict(k) for k in kws], **(extra[i] if extra is not None else {})})
         if len(rows) == before:
             break
     if stats is not None:
