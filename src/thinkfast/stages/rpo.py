@@ -50,7 +50,7 @@ from ..rundir import StageDir, atomic_dir
 from ..runtime import autocast, resolve_precision, setup_device
 from ..toggle import EOT, stop_token_ids
 from ..train.loop import TrainLoop, adamw, warmup_cosine
-from ..train.settings import CadenceFields, OptimizerFields, PeriodicEvalFields, RolloutSampling
+from ..train.settings import CadenceFields, OptimizerFields, RolloutSampling
 from . import Input, Inputs, check_device, positive
 
 MAKES = "model"
@@ -69,9 +69,9 @@ def files(cfg) -> tuple[str, list[str]]:
 
 
 @dataclass
-class RPOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFields):
-    """The rollout sampling, optimizer, periodic evaluation and cadence fields are
-    :mod:`thinkfast.train.settings`'s."""
+class RPOConfig(RolloutSampling, OptimizerFields, CadenceFields):
+    """The rollout sampling, optimizer and cadence fields are :mod:`thinkfast.train.settings`'s; the held-out check
+    runs before the first round and after each."""
 
     mode: Literal["online", "offline"] = "online"
     loss: str | None = None  # a kind of thinkfast.rl.preference.KINDS; default: rpo_bwd_kl online, dpo offline
@@ -94,8 +94,8 @@ class RPOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFie
     steps: list[int] = field(default_factory=lambda: [2])
     instructions: list[int] = field(default_factory=lambda: [1, 3])
     thinking: Literal["on", "off", "both"] = "both"
-    eval_problems: int = 100
-    eval_every: int = 1  # unused: the check runs after every round
+    eval_problems: int = 100  # held-out instruction prompts (0: no check)
+    eval_max_new_tokens: int = 600
     seed: int = 0
     checkpoint_every: int = 5
     log_every: int = 1
@@ -104,7 +104,8 @@ class RPOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFie
     def __post_init__(self):
         check_device(self.device)
         super().__post_init__()
-        positive(self, "iterations", "steps_per_iteration", "prompts_per_step", "samples")
+        positive(self, "iterations", "steps_per_iteration", "prompts_per_step", "samples", "eval_max_new_tokens")
+        positive(self, "eval_problems", minimum=0)
         if isinstance(self.pairs, str):
             self.pairs = [self.pairs]
         if self.loss is None:
