@@ -131,15 +131,18 @@ def test_eval_stage_on_a_real_suite(tmp_path):
     assert "modes" in m and "gsm8k" in (tmp_path / "run" / "eval" / "table.txt").read_text()
 
 
+def pipe_overrides(tmp_path):
+    return [f"run_dir={tmp_path / 'run'}", "stages=[pretrain,sft,eval]", "pretrain.train_steps=2",
+            "sft.nano_prompts=4", "sft.batch_size=2", "sft.seq_len=256", "sft.eval_problems=0", "sft.digits=[1]",
+            "sft.steps=[1]", "eval.max_new_tokens=4", "eval.per_cell=1", "eval.digits=[1]",
+            "eval.throughput_batches=[1,2]", "eval.throughput_prefill=8", "eval.throughput_context=8",
+            "eval.throughput_rounds=2"]
+
+
 def test_eval_measures_every_models_throughput_side_by_side(tmp_path):
     from thinkfast.pipeline import default_config_path, load_pipeline, run_stage
 
-    pipe = load_pipeline(default_config_path("smoke"), [
-        f"run_dir={tmp_path / 'run'}", "stages=[pretrain,sft,eval]", "pretrain.train_steps=2",
-        "sft.nano_prompts=4", "sft.batch_size=2", "sft.seq_len=256", "sft.eval_problems=0", "sft.digits=[1]",
-        "sft.steps=[1]", "eval.max_new_tokens=4", "eval.per_cell=1", "eval.digits=[1]",
-        "eval.throughput_batches=[1,2]", "eval.throughput_prefill=8", "eval.throughput_context=8",
-        "eval.throughput_rounds=2"])
+    pipe = load_pipeline(default_config_path("smoke"), pipe_overrides(tmp_path))
     for stage in ("pretrain", "sft", "eval"):
         run_stage(pipe, stage)
     t = json.loads((tmp_path / "run" / "eval" / "throughput.json").read_text())
@@ -148,6 +151,13 @@ def test_eval_measures_every_models_throughput_side_by_side(tmp_path):
     assert {"prefill_tok_s@1", "decode_tok_s@2", "x_decode_tok_s@1"} <= set(first) and first["x_prefill_tok_s@2"] == 1
     assert all(v > 0 for v in t["models"]["sft"].values())
     assert "throughput on" in (tmp_path / "run" / "eval" / "table.txt").read_text()
+    # eval.skip leaves a stage's model out (and the others' evaluations are reused, not redone)
+    skipping = load_pipeline(default_config_path("smoke"), [*pipe_overrides(tmp_path), "eval.skip=[pretrain]"])
+    m, _ = run_stage(skipping, "eval")
+    assert list(m["models"]) == ["sft"]
+    with pytest.raises(ValueError, match=r"eval.skip: \['fuse'\] made no model"):
+        run_stage(load_pipeline(default_config_path("smoke"), [*pipe_overrides(tmp_path), "eval.skip=[fuse]"]),
+                  "eval")
 
 
 def test_eval_stage_on_ifeval(tmp_path):

@@ -69,6 +69,9 @@ class EvalConfig(EvalSettings):
     defaults follow REFERENCE.md section 7 where it applies)."""
 
     model: str | None = None  # a model folder; default: every model made earlier in the run
+    # stages whose models are not evaluated (e.g. [search, fuse]: the children before recovery answer nothing and
+    # generate to max_new_tokens, most of the stage's time); their speed is the search's and fuse's own record
+    skip: list[str] = field(default_factory=list)
     prompting: Literal["auto", "text", "chat"] = "auto"
     kinds: list[str] = field(default_factory=lambda: list(tasks.KINDS))
     digits: list[int] = field(default_factory=lambda: [1, 2, 3])
@@ -298,13 +301,17 @@ def run(cfg: EvalConfig, stage: StageDir, inputs: Inputs) -> dict:
     A model whose evaluation (same config, same model identity) is already in this stage's interrupted
     work or its previous output is not evaluated again."""
     models = inputs.get("models") or {}
+    unknown = [n for n in cfg.skip if n not in models]
+    if unknown and cfg.model is None:
+        raise ValueError(f"eval.skip: {unknown} made no model in this run (models: {list(models)})")
+    models = {n: p for n, p in models.items() if n not in cfg.skip}
     if not models:
         raise ValueError("eval: no model to evaluate (set eval.model or put a model-making stage before eval)")
     check_suite_data(cfg)
     # what decides the results: not how a server is waited for, nor budgets that do not apply (a model's
     # evaluation with such budgets is the one without)
     settings = {k: v for k, v in to_dict(cfg).items()
-                if k not in ("device", "save_samples", "model", "endpoint_timeout", "endpoint_retries")
+                if k not in ("device", "save_samples", "model", "skip", "endpoint_timeout", "endpoint_retries")
                 and not k.startswith("throughput")}
     if budget_note(cfg) is not None:
         settings["budgets"] = []
