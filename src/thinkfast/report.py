@@ -36,6 +36,10 @@ _HEADLINES = {
     "distill": ["steps", "tokens", "kl_before", "kl_after", "accuracy_before", "accuracy_after"],
     "sft": ["examples", "steps", "tokens", "accuracy_on", "accuracy_off", "format_ok_on", "format_ok_off"],
     "grpo": ["prompts", "prompts_kept", "reward_first", "reward_last", "accuracy_on_before", "accuracy_on_after"],
+    "rloo": ["prompts", "reward_first", "reward_last", "if_strict_on_before", "if_strict_on_after",
+             "if_strict_off_before", "if_strict_off_after", "accuracy_on_before", "accuracy_on_after"],
+    "reward_model": ["pairs", "held_out_accuracy_before", "held_out_accuracy_after"],
+    "rpo": ["mode", "loss", "steps", "if_strict_on", "accuracy_on", "rm_score_on"],
 }
 
 
