@@ -62,3 +62,40 @@ def model_path(inputs: Inputs, role: str = "parent") -> Path:
     if path is None:
         raise ValueError(f"no {role} model: put a stage that makes one (e.g. pretrain) before this one")
     return Path(path)
+
+
+def check_nano_mix(cfg, instructions: bool = False) -> None:
+    """The nano-world prompt fields a stage config shares (``kinds``, ``digits``, ``steps``; with ``instructions``,
+    its ``[min, max]`` instructions per prompt): a ValueError naming the bad one."""
+    from ..nano import tasks
+
+    unknown = sorted(set(cfg.kinds) - set(tasks.KINDS))
+    if unknown or not cfg.kinds or not cfg.digits or not cfg.steps:
+        raise ValueError(f"kinds {cfg.kinds}, digits {cfg.digits}, steps {cfg.steps}: non-empty, kinds "
+                         f"from {list(tasks.KINDS)}")
+    if instructions and (len(cfg.instructions) != 2 or not 1 <= cfg.instructions[0] <= cfg.instructions[1]):
+        raise ValueError(f"instructions={cfg.instructions} must be [min, max] with 1 <= min <= max")
+
+
+def require_chat(model_dir: Path, stage: str, fix: str = "") -> dict:
+    """The model folder's sidecar; a ValueError when the model was never taught the chat template's toggle."""
+    from ..artifacts import read_model_sidecar
+
+    sidecar = read_model_sidecar(model_dir)
+    if sidecar.get("prompting") == "text":
+        raise ValueError(f"{model_dir} was not taught the chat template's toggle (prompting: text): put sft "
+                         f"before {stage}{fix}")
+    return sidecar
+
+
+def save_chat_model(model, stage_dir, source_dir: Path, sidecar: dict, made_by: str) -> None:
+    """A trained chat policy written atomically to the stage's model folder, with the source folder's tokenizer
+    files and a sidecar (``prompting: chat``, the source's target engine carried)."""
+    from ..artifacts import copy_tokenizer_files, write_model_sidecar
+    from ..rundir import atomic_dir
+
+    with atomic_dir(stage_dir.model_dir) as tmp:
+        model.save_pretrained(tmp)
+        copy_tokenizer_files(source_dir, tmp)
+        write_model_sidecar(tmp, prompting="chat", made_by=made_by,
+                            **{k: sidecar[k] for k in ("engine",) if k in sidecar})

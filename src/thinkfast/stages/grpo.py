@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..artifacts import Curve, copy_tokenizer_files, read_model_sidecar, write_curve, write_model_sidecar
+from ..artifacts import Curve, write_curve
 from ..data import DataError
 from ..evaluation import toggle_check
 from ..generation import LocalBackend, SamplingParams
@@ -72,12 +72,12 @@ from ..rl.pass_rates import held_out_check, pass_rates
 from ..rl.prompts import file_prompts, nano_prompts
 from ..rl.rewards import BUILTIN, RewardRunner, load_reward, missing_columns, missing_columns_message
 from ..rl.watch import RewardWatch
-from ..rundir import StageDir, atomic_dir, atomic_write_json
+from ..rundir import StageDir, atomic_write_json
 from ..toggle import stop_token_ids
 from ..runtime import autocast, resolve_precision, setup_device
 from ..train.loop import TrainLoop, adamw, warmup_cosine
 from ..train.settings import CadenceFields, OptimizerFields, PeriodicEvalFields, RolloutSampling
-from . import Input, Inputs, check_device, positive
+from . import Input, Inputs, check_device, check_nano_mix, positive, require_chat, save_chat_model
 
 MAKES = "model"
 
@@ -170,10 +170,7 @@ class GRPOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFi
             raise ValueError(f"kl_beta={self.kl_beta} must be >= 0")
         if not 0 < self.easy_threshold <= 1:
             raise ValueError(f"easy_threshold={self.easy_threshold} must be in (0, 1]")
-        unknown = sorted(set(self.kinds) - set(tasks.KINDS))
-        if unknown or not self.kinds or not self.digits or not self.steps:
-            raise ValueError(f"kinds {self.kinds}, digits {self.digits}, steps {self.steps}: non-empty, kinds "
-                             f"from {list(tasks.KINDS)}")
+        check_nano_mix(self)
 
 
 Config = GRPOConfig
@@ -232,10 +229,7 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
     from transformers import AutoTokenizer
 
     model_dir = inputs["model"]
-    sidecar = read_model_sidecar(model_dir)
-    if sidecar.get("prompting") == "text":
-        raise ValueError(f"{model_dir} was not taught the chat template's toggle (prompting: text): put sft "
-                         "before grpo")
+    sidecar = require_chat(model_dir, "grpo")
     device = setup_device(cfg.device)
     precision = resolve_precision(device, cfg.precision)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -360,11 +354,7 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
     loop.close()
     reward_errors = watch.summary()
     model.eval()
-    with atomic_dir(stage.model_dir) as tmp:
-        model.save_pretrained(tmp)
-        copy_tokenizer_files(model_dir, tmp)
-        write_model_sidecar(tmp, prompting="chat", made_by="grpo",
-                            **{k: sidecar[k] for k in ("engine",) if k in sidecar})
+    save_chat_model(model, stage, model_dir, sidecar, "grpo")
     plot = [{"label": "reward", "y": "reward", "of": "steps"}] + [
         {"label": f"accuracy {mode}", "y": f"{mode}.accuracy"} for mode in ("on", "off")]
     write_curve(stage.path, Curve(points=curve, steps=steps_log, plot=plot))

@@ -47,12 +47,11 @@ from typing import Literal
 
 from ..artifacts import Curve, OUTPUTS, copy_tokenizer_files, read_model_sidecar, write_curve, write_model_sidecar
 from ..data import DataError
-from ..nano import tasks
 from ..rundir import StageDir, atomic_dir
 from ..runtime import autocast, resolve_precision, setup_device
 from ..train.loop import TrainLoop, adamw, warmup_cosine
 from ..train.settings import CadenceFields, OptimizerFields
-from . import Input, Inputs, check_device, positive
+from . import Input, Inputs, check_device, check_nano_mix, positive
 
 MAKES = "reward_model"
 
@@ -118,12 +117,7 @@ class RewardModelConfig(OptimizerFields, CadenceFields):
             raise ValueError(f"center_coef={self.center_coef} must be >= 0")
         if not (0 < self.held_out < 1 or (self.held_out >= 1 and float(self.held_out).is_integer())):
             raise ValueError(f"held_out={self.held_out} must be a share in (0, 1) or a whole count >= 1")
-        unknown = sorted(set(self.kinds) - set(tasks.KINDS))
-        if unknown or not self.kinds or not self.digits or not self.steps:
-            raise ValueError(f"kinds {self.kinds}, digits {self.digits}, steps {self.steps}: non-empty, kinds "
-                             f"from {list(tasks.KINDS)}")
-        if (len(self.instructions) != 2 or not 1 <= self.instructions[0] <= self.instructions[1]):
-            raise ValueError(f"instructions={self.instructions} must be [min, max] with 1 <= min <= max")
+        check_nano_mix(self, instructions=True)
 
 
 Config = RewardModelConfig

@@ -35,23 +35,22 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..artifacts import Curve, copy_tokenizer_files, load_decilm, read_model_sidecar, write_curve, write_model_sidecar
+from ..artifacts import Curve, load_decilm, write_curve
 from ..data import DataError
 from ..evaluation import if_check
 from ..generation import LocalBackend, SamplingParams
-from ..nano import tasks
 from ..rl.pass_rates import held_out_check
 from ..rl.prompts import file_prompts, nano_if_prompts
 from ..rl.rewards import BUILTIN, RewardRunner, load_reward, missing_columns, missing_columns_message
 from ..rl.rloo import rloo_step
 from ..rl.watch import RewardWatch
-from ..rundir import StageDir, atomic_dir
+from ..rundir import StageDir
 from ..runtime import autocast, resolve_precision, setup_device
 from ..tasks import ifeval
 from ..toggle import stop_token_ids
 from ..train.loop import TrainLoop, adamw, warmup_cosine
 from ..train.settings import CadenceFields, OptimizerFields, PeriodicEvalFields, RolloutSampling
-from . import Input, Inputs, check_device, positive
+from . import Input, Inputs, check_device, check_nano_mix, positive, require_chat, save_chat_model
 
 MAKES = "model"
 
@@ -128,12 +127,7 @@ class RLOOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFi
             raise ValueError(f"kl_beta={self.kl_beta} must be >= 0")
         if not self.reward_timeout > 0:
             raise ValueError(f"reward_timeout={self.reward_timeout} must be > 0")
-        if len(self.instructions) != 2 or not 1 <= self.instructions[0] <= self.instructions[1]:
-            raise ValueError(f"instructions={self.instructions} must be [min, max] with 1 <= min <= max")
-        unknown = sorted(set(self.kinds) - set(tasks.KINDS))
-        if unknown or not self.kinds or not self.digits or not self.steps:
-            raise ValueError(f"kinds {self.kinds}, digits {self.digits}, steps {self.steps}: non-empty, kinds "
-                             f"from {list(tasks.KINDS)}")
+        check_nano_mix(self, instructions=True)
 
 
 Config = RLOOConfig
@@ -163,10 +157,7 @@ def run(cfg: RLOOConfig, stage: StageDir, inputs: Inputs) -> dict:
     from transformers import AutoTokenizer
 
     model_dir = inputs["model"]
-    sidecar = read_model_sidecar(model_dir)
-    if sidecar.get("prompting") == "text":
-        raise ValueError(f"{model_dir} was not taught the chat template's toggle (prompting: text): put sft "
-                         "before rloo")
+    sidecar = require_chat(model_dir, "rloo")
     for path in cfg.files:  # every row checked against the checker registry before any work
         if any(r.startswith("ifeval_") for r in cfg.rewards):
             ifeval.read_if_prompts(path)
@@ -277,10 +268,7 @@ def run(cfg: RLOOConfig, stage: StageDir, inputs: Inputs) -> dict:
     loop.close()
     reward_errors = watch.summary()
     model.eval()
-    with atomic_dir(stage.model_dir) as tmp:
-        model.save_pretrained(tmp)
-        copy_tokenizer_files(model_dir, tmp)
-        write_model_sidecar(tmp, prompting="chat", made_by="rloo", **{k: sidecar[k] for k in ("engine",) if k in sidecar})
+    save_chat_model(model, stage, model_dir, sidecar, "rloo")
     plot = [{"label": "reward", "y": "reward", "of": "steps"}] + [
         {"label": f"IF strict {mode}", "y": f"{mode}.if_strict"} for mode in ("on", "off")]
     write_curve(stage.path, Curve(points=curve, steps=steps_log, plot=plot))

@@ -38,20 +38,19 @@ from typing import Literal
 
 import torch
 
-from ..artifacts import Curve, copy_tokenizer_files, load_decilm, read_model_sidecar, write_curve, write_model_sidecar
-from ..evaluation import chat_ids, if_check
+from ..artifacts import Curve, load_decilm, write_curve
+from ..evaluation import if_check
 from ..generation import Completion, LocalBackend, SamplingParams
-from ..nano import tasks
 from ..rl.preference import KINDS
 from ..rl.prompts import nano_if_prompts
 from ..rl.rollout import rollout
 from ..rl.rpo import packed_pair_batch, preference_step, response_tokens, sequence_logps
-from ..rundir import StageDir, atomic_dir
+from ..rundir import StageDir
 from ..runtime import autocast, resolve_precision, setup_device
 from ..toggle import EOT, stop_token_ids
 from ..train.loop import TrainLoop, adamw, warmup_cosine
 from ..train.settings import CadenceFields, OptimizerFields, RolloutSampling
-from . import Input, Inputs, check_device, positive
+from . import Input, Inputs, check_device, check_nano_mix, positive, require_chat, save_chat_model
 
 MAKES = "model"
 
@@ -123,12 +122,7 @@ class RPOConfig(RolloutSampling, OptimizerFields, CadenceFields):
         for name in ("beta", "eta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        if len(self.instructions) != 2 or not 1 <= self.instructions[0] <= self.instructions[1]:
-            raise ValueError(f"instructions={self.instructions} must be [min, max] with 1 <= min <= max")
-        unknown = sorted(set(self.kinds) - set(tasks.KINDS))
-        if unknown or not self.kinds or not self.digits or not self.steps:
-            raise ValueError(f"kinds {self.kinds}, digits {self.digits}, steps {self.steps}: non-empty, kinds "
-                             f"from {list(tasks.KINDS)}")
+        check_nano_mix(self, instructions=True)
 
 
 Config = RPOConfig
@@ -191,9 +185,7 @@ def run(cfg: RPOConfig, stage: StageDir, inputs: Inputs) -> dict:
     from transformers import AutoTokenizer
 
     model_dir = inputs["model"]
-    sidecar = read_model_sidecar(model_dir)
-    if sidecar.get("prompting") == "text":
-        raise ValueError(f"{model_dir} was not taught the chat template's toggle (prompting: text): put sft before rpo")
+    sidecar = require_chat(model_dir, "rpo")
     device = setup_device(cfg.device)
     precision = resolve_precision(device, cfg.precision)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -311,10 +303,7 @@ def run(cfg: RPOConfig, stage: StageDir, inputs: Inputs) -> dict:
         loop.end_step(step, **{k: v for k, v in record.items() if k != "step"})
     loop.close()
     model.eval()
-    with atomic_dir(stage.model_dir) as tmp:
-        model.save_pretrained(tmp)
-        copy_tokenizer_files(model_dir, tmp)
-        write_model_sidecar(tmp, prompting="chat", made_by="rpo", **{k: sidecar[k] for k in ("engine",) if k in sidecar})
+    save_chat_model(model, stage, model_dir, sidecar, "rpo")
     curve = state["curve"]
     plot = [{"label": "loss", "y": "loss", "of": "steps"}] + [
         {"label": f"IF strict {mode}", "y": f"{mode}.if_strict"} for mode in ("on", "off")]

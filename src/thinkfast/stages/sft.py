@@ -41,7 +41,7 @@ from ..train.sft import (block_causal_mask, mix_modes, nano_examples, nano_if_ex
                          read_examples, sft_loss)
 from ..train.settings import CadenceFields, OptimizerFields, PeriodicEvalFields
 from ..train.sft import tokenize_example
-from . import Input, Inputs, check_device, positive
+from . import Input, Inputs, check_device, check_nano_mix, positive
 
 MAKES = "model"
 
@@ -92,10 +92,7 @@ class SFTConfig(OptimizerFields, PeriodicEvalFields, CadenceFields):
             raise ValueError(f"epochs={self.epochs} must be > 0")
         if self.on_share is not None and not 0.0 <= self.on_share <= 1.0:
             raise ValueError(f"on_share={self.on_share} must be in [0, 1] (or null: keep every example)")
-        unknown = sorted(set(self.kinds) - set(tasks.KINDS))
-        if unknown or not self.kinds or not self.digits or not self.steps:
-            raise ValueError(f"kinds {self.kinds}, digits {self.digits}, steps {self.steps}: non-empty, kinds "
-                             f"from {list(tasks.KINDS)}")
+        check_nano_mix(self)
 
 
 Config = SFTConfig
