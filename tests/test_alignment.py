@@ -57,6 +57,13 @@ def test_rloo_step_leaves_truncated_and_unscorable_samples_out_of_baseline_and_g
         return real(model, opt, batch, groups, adv, loss_fn, **kw)
 
     monkeypatch.setattr(rloo_lib, "policy_update", spy)
+    real_sample = rloo_lib.sample_and_score
+
+    def sample_spy(*a, **k):
+        seen["scored"] = real_sample(*a, **k)
+        return seen["scored"]
+
+    monkeypatch.setattr(rloo_lib, "sample_and_score", sample_spy)
     # 2 prompts x 4 samples; sample 1 unscorable (None), and whatever the sampler truncates is unscorable too
     rewards = [1.0, None, 0.0, 2.0, 3.0, 1.0, 1.0, 1.0]
     runner = RewardRunner([("r", _scripted_reward(rewards), 1.0)])
@@ -64,9 +71,11 @@ def test_rloo_step_leaves_truncated_and_unscorable_samples_out_of_baseline_and_g
     record, errors = rloo_step(model, opt, [[9, 10, 11], [12, 13]], {}, runner, params, group_size=4,
                                decode=lambda ids: str(ids), backend=LocalBackend(model))
     assert not errors
-    roll_truncated = [not s for s in seen["scorable"].tolist()]
-    r = torch.tensor([float("nan") if v is None else v for v in rewards])
-    r[torch.tensor(roll_truncated)] = float("nan")
+    truncated = seen["scored"].truncated  # from the rollout itself, not from what rloo_step decided
+    assert any(truncated) and not all(truncated)  # the case under test occurs
+    want = [v is not None and not t for v, t in zip(rewards, truncated)]
+    assert seen["scorable"].tolist() == want
+    r = torch.tensor([float("nan") if not ok else v for v, ok in zip(rewards, want)])
     for g in (0, 1):  # hand leave-one-out over each group's scorable samples
         idx = [i for i in range(4 * g, 4 * g + 4) if r[i] == r[i]]
         for i in range(4 * g, 4 * g + 4):
