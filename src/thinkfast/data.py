@@ -27,7 +27,8 @@ that are not a list of ``{"role", "content"}`` strings, a line that is not JSON,
 How a packed row of documents is attended (:func:`doc_attention`, :func:`block_causal_mask`) is here too,
 below the corpus: every stage that reads rows, and SFT's packing, mask them the same way. ``data.doc_mask``
 is applied one way: :meth:`DataConfig.doc_eos` (``Corpus.doc_eos``) is the end-of-text id or None, and a
-model's forward takes ``doc_attention(ids, eos)``, layers run by hand ``positions_and_mask(ids, eos)``.
+model's forward takes ``doc_attention(ids, eos)`` (packed samples: ``packed_attention(seq_ids)``), layers run by
+hand ``positions_and_mask(ids, eos)``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from typing import Literal
 import torch
 
 __all__ = ["DataConfig", "DataError", "Corpus", "held_out", "expand_files", "read_json_rows", "NANO_MIX",
-           "block_causal_mask", "doc_attention", "document_ids", "positions_and_mask"]
+           "block_causal_mask", "doc_attention", "document_ids", "packed_attention", "positions_and_mask"]
 
 # the nano world's mix: the fields pretrain reads (they were pretrain's own before the data section)
 NANO_MIX = ("kinds", "digits", "steps", "think_fraction", "fact_fraction", "copy_fraction")
@@ -418,6 +419,17 @@ def _starts_with_bracket(path: Path) -> bool:
 # ``reset_position_ids``).
 
 
+def packed_attention(seq_ids: torch.Tensor) -> dict:
+    """Keyword arguments for a model's forward on packed rows, each sequence attending only to itself
+    (``seq_ids`` [B, T]: the sequence's index within its row, -1 on padding): ``packed_layout`` (a
+    :class:`thinkfast.modeling.modeling_decilm.PackedLayout`: nemotron-nas models, and transformers models switched
+    by :func:`thinkfast.modeling.packed.use_packed_attention`, attend within each sequence only, about twice as
+    fast) and ``attention_mask``, the same rule as a dense mask (:func:`block_causal_mask`) for any other model."""
+    from .modeling.modeling_decilm import PackedLayout
+
+    return {"attention_mask": block_causal_mask(seq_ids), "packed_layout": PackedLayout(seq_ids)}
+
+
 def block_causal_mask(seq_ids: torch.Tensor) -> torch.Tensor:
     """``seq_ids`` [B, T] -> bool [B, 1, T, T]: token i attends to token j <= i of the same sample. Padding
     (-1) attends to itself only, so no row is fully masked."""
@@ -444,19 +456,21 @@ def document_ids(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Te
 
 def doc_attention(ids: torch.Tensor, eos_id: int | None) -> dict[str, torch.Tensor]:
     """Keyword arguments for a model's forward on rows ``ids`` [B, T] of documents closed by ``eos_id``:
-    ``attention_mask`` (bool [B, 1, T, T]) and ``position_ids``; ``{}`` (plain causal attention over the
-    whole row) when ``eos_id`` is None."""
+    ``position_ids`` and :func:`packed_attention`'s ``packed_layout`` and ``attention_mask`` (bool [B, 1, T, T]);
+    ``{}`` (plain causal attention over the whole row) when ``eos_id`` is None."""
     if eos_id is None:
         return {}
-    pos, mask = positions_and_mask(ids, eos_id)
-    return {"attention_mask": mask, "position_ids": pos}
+    seq, pos = document_ids(ids, eos_id)
+    return {"position_ids": pos, **packed_attention(seq)}
 
 
 def positions_and_mask(ids: torch.Tensor, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(position_ids, mask)`` for running a model's layers by hand on ``ids`` [B, T]: positions from 0 in
-    each document and the block-diagonal mask, or (``eos_id`` None) positions over the row and ``None``
-    (plain causal)."""
+    """``(position_ids, mask)`` for running a nemotron-nas model's layers by hand on ``ids`` [B, T]: positions
+    from 0 in each document and a :class:`~thinkfast.modeling.modeling_decilm.PackedLayout` (each document
+    attends to itself only), or (``eos_id`` None) positions over the row and ``None`` (plain causal)."""
     if eos_id is None:
         return torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1), None
+    from .modeling.modeling_decilm import PackedLayout
+
     seq, pos = document_ids(ids, eos_id)
-    return pos, block_causal_mask(seq)
+    return pos, PackedLayout(seq)

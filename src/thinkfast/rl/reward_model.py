@@ -336,11 +336,11 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair], max_len: int | None = None, *
 def packed_scores(model, batch: dict) -> torch.Tensor:
     """Each sequence's score [N] from a packed batch (:func:`collate_pairs` with ``packed``): the decoder over the
     rows with each sequence attending to itself only, the head at each sequence's last token."""
-    from ..data import block_causal_mask
+    from ..data import packed_attention
 
     device = next(model.parameters()).device
     base = getattr(model, model.base_model_prefix)
-    hidden = base(input_ids=batch["input_ids"].to(device), attention_mask=block_causal_mask(batch["seq_ids"].to(device)),
+    hidden = base(input_ids=batch["input_ids"].to(device), **packed_attention(batch["seq_ids"].to(device)),
                   position_ids=batch["position_ids"].to(device), use_cache=False).last_hidden_state
     last = batch["last"].to(device)
     return model.score(hidden[last[:, 0], last[:, 1]]).squeeze(-1).float()

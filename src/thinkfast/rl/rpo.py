@@ -22,7 +22,7 @@ import contextlib
 
 import torch
 
-from ..data import block_causal_mask
+from ..data import packed_attention
 from ..train import loop as train_loop
 from ..train.sft import packed_sequences
 from .preference import KINDS, preference_loss
@@ -90,7 +90,7 @@ def _packed_logps(model, batch: dict) -> torch.Tensor:
     is predicted."""
     ids = batch["input_ids"]
     base = getattr(model, model.base_model_prefix)
-    hidden = base(input_ids=ids, attention_mask=block_causal_mask(batch["seq_ids"]),
+    hidden = base(input_ids=ids, **packed_attention(batch["seq_ids"]),
                   position_ids=batch["position_ids"], use_cache=False).last_hidden_state
     want = batch["response_mask"][:, 1:]  # the token at t + 1 is a response token, predicted at t
     logits = model.get_output_embeddings()(hidden[:, :-1][want]).float()

@@ -35,6 +35,7 @@ import torch
 
 from ..artifacts import write_model_sidecar
 from ..data import DataConfig, doc_attention
+from ..modeling.packed import use_packed_attention
 from ..nano.corpus import documents, packed_rows
 from ..nano.tokenizer import build_tokenizer
 from ..rundir import StageDir, atomic_dir
@@ -131,7 +132,7 @@ def build_parent(cfg: PretrainConfig, tokenizer):
         rms_norm_eps=1e-5,
     )
     torch.manual_seed(cfg.seed)
-    return LlamaForCausalLM(config)
+    return use_packed_attention(LlamaForCausalLM(config))  # documents of a row attend per document (doc_mask)
 
 
 def lr_at(cfg: PretrainConfig, step: int) -> float:

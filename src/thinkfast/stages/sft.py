@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 
 from ..artifacts import Curve, copy_tokenizer_files, read_model_sidecar, write_curve, write_model_sidecar
-from ..data import DataError
+from ..data import DataError, packed_attention
 from ..evaluation import toggle_check
 from ..generation import LocalBackend
 from ..nano import tasks
@@ -37,8 +37,7 @@ from ..rundir import StageDir, atomic_dir
 from ..toggle import install_chat_template
 from ..runtime import autocast, resolve_precision, setup_device
 from ..train.loop import TrainLoop, adamw, optimizer_step, warmup_cosine
-from ..train.sft import (block_causal_mask, mix_modes, nano_examples, nano_if_examples, pack, packed_batch,
-                         read_examples, sft_loss)
+from ..train.sft import mix_modes, nano_examples, nano_if_examples, pack, packed_batch, read_examples, sft_loss
 from ..train.settings import CadenceFields, OptimizerFields, PeriodicEvalFields
 from ..train.sft import tokenize_example
 from . import Input, Inputs, check_device, check_nano_mix, positive
@@ -217,7 +216,7 @@ def run(cfg: SFTConfig, stage: StageDir, inputs: Inputs) -> dict:
     def point(step: int, tokens: int) -> None:
         model.eval()
         b = {k: v.to(device) for k, v in held_batch.items()}
-        logits = model(b["input_ids"], attention_mask=block_causal_mask(b["seq_ids"]),
+        logits = model(b["input_ids"], **packed_attention(b["seq_ids"]),
                        position_ids=b["position_ids"]).logits
         p = {"step": step, "tokens": tokens, "loss": float(sft_loss(logits, b["labels"])[0])}
         if problems:
@@ -234,7 +233,7 @@ def run(cfg: SFTConfig, stage: StageDir, inputs: Inputs) -> dict:
         b = packed_batch(samples, rows[step * cfg.batch_size:(step + 1) * cfg.batch_size], cfg.seq_len, pad)
         b = {k: v.to(device) for k, v in b.items()}
         with autocast(device, precision):
-            logits = model(b["input_ids"], attention_mask=block_causal_mask(b["seq_ids"]),
+            logits = model(b["input_ids"], **packed_attention(b["seq_ids"]),
                            position_ids=b["position_ids"]).logits
             loss, n_tokens = sft_loss(logits, b["labels"])
         grad_norm = optimizer_step(opt, loss, clip=cfg.grad_clip)

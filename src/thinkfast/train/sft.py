@@ -23,8 +23,9 @@ Sources:
   line, or, with ``skip_bad=True``, skipped and counted.
 
 Packing (:func:`pack`): best-fit decreasing into rows of ``seq_len`` tokens. Each sample keeps its own
-position ids (starting at 0) and a sample id per token; :func:`block_causal_mask` turns the ids into the
-block-diagonal causal mask, so the logits of a packed sample equal those it gets alone (tested).
+position ids (starting at 0) and a sample id per token; :func:`thinkfast.data.packed_attention` turns the ids
+into each sample attending to itself only (:func:`block_causal_mask`, the same rule as a dense mask), so the
+logits of a packed sample equal those it gets alone (tested).
 """
 
 from __future__ import annotations
