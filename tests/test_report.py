@@ -14,7 +14,7 @@ from thinkfast.report import _curves, write_report
 
 def test_report_of_a_run(tmp_path, capsys):
     run = tmp_path / "run"
-    pipe = load_pipeline(default_config_path("smoke"), [
+    overrides = [
         f"run_dir={run}", "stages=[pretrain,sft,grpo,eval]", "pretrain.train_steps=3", "sft.nano_prompts=4",
         "sft.batch_size=2", "sft.seq_len=256", "sft.eval_problems=2", "sft.eval_every=1", "sft.digits=[1]",
         "sft.steps=[1]", "grpo.prompts=4", "grpo.digits=[1]", "grpo.steps=[1]", "grpo.group_size=2",
@@ -22,7 +22,8 @@ def test_report_of_a_run(tmp_path, capsys):
         "grpo.eval_problems=2", "grpo.eval_every=1", "grpo.eval_max_new_tokens=4", "grpo.easy_threshold=1.0",
         "eval.max_new_tokens=4", "eval.per_cell=1", "eval.digits=[1]", "eval.throughput_batches=[1,2]",
         "eval.throughput_prefill=8", "eval.throughput_context=8", "eval.throughput_rounds=2",
-        "eval.budgets=[0,2,null]", "eval.budget_grace=1"])
+        "eval.budgets=[0,2,null]", "eval.budget_grace=1"]
+    pipe = load_pipeline(default_config_path("smoke"), overrides)
     for stage in ("pretrain", "sft", "grpo", "eval"):
         run_stage(pipe, stage)
     text = write_report(run).read_text()
@@ -33,6 +34,14 @@ def test_report_of_a_run(tmp_path, capsys):
     for png in ("accuracy_vs_throughput.png", "training_curves.png", "budget.png"):
         assert (run / "report" / png).stat().st_size > 1000
     assert main(["report", str(run)]) == 0 and "report.md" in capsys.readouterr().out
+    # eval.budget_models=last: the sweep on the last model only; the last's evaluation is reused, the others' redone
+    models = json.loads((run / "eval" / "metrics.json").read_text())["models"]
+    assert models["sft"]["budget"] and models["grpo"]["budget"]
+    pipe = load_pipeline(default_config_path("smoke"), [*overrides, "eval.budget_models=last"])
+    run_stage(pipe, "eval")
+    models = json.loads((run / "eval" / "metrics.json").read_text())["models"]
+    assert "budget" not in models["sft"] and [p["budget"] for p in models["grpo"]["budget"]] == [0, 2, None]
+    assert "reusing the evaluation of this very model" in capsys.readouterr().out
 
 
 def test_report_of_nothing_is_a_clear_error(tmp_path, capsys):

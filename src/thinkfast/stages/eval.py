@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -93,6 +93,8 @@ class EvalConfig(EvalSettings):
     # budget), enforced by the rollout engine (thinkfast.generation.budget); empty: no sweep
     budgets: list[int | None] = field(default_factory=list)
     budget_grace: int = 16  # tokens past the budget before a hard close
+    # which models the sweep runs on: every chat model, or only the last one evaluated (the run's product)
+    budget_models: Literal["all", "last"] = "all"
     # an OpenAI-compatible server (http://host:port/v1) to evaluate instead of loading the model; the folder in
     # `model` gives the tokenizer and prompting
     endpoint: str | None = None
@@ -311,7 +313,8 @@ def run(cfg: EvalConfig, stage: StageDir, inputs: Inputs) -> dict:
     # what decides the results: not how a server is waited for, nor budgets that do not apply (a model's
     # evaluation with such budgets is the one without)
     settings = {k: v for k, v in to_dict(cfg).items()
-                if k not in ("device", "save_samples", "model", "skip", "endpoint_timeout", "endpoint_retries")
+                if k not in ("device", "save_samples", "model", "skip", "endpoint_timeout", "endpoint_retries",
+                             "budget_models")
                 and not k.startswith("throughput")}
     if budget_note(cfg) is not None:
         settings["budgets"] = []
@@ -321,12 +324,16 @@ def run(cfg: EvalConfig, stage: StageDir, inputs: Inputs) -> dict:
                      "(eval.endpoint)")
     previous = getattr(inputs, "previous", None)
     results = {}
+    last = list(models)[-1]
     for name, path in models.items():
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"eval: no model folder at {path} (no config.json)")
+        model_cfg = cfg if cfg.budget_models == "all" or name == last else replace(cfg, budgets=[])
         ref = inputs.ids.get("models", {}).get(name) if hasattr(inputs, "ids") else None
-        record = {"settings": json.loads(json.dumps(settings)), "model": ref, "suites": _suite_files(cfg)}
+        record = {"settings": json.loads(json.dumps({**settings, "budgets": settings["budgets"] if model_cfg.budgets
+                                                     else []})),
+                  "model": ref, "suites": _suite_files(cfg)}
         out = stage.path / name
         done = _reusable(out, record) if ref and cfg.endpoint is None else None  # a server may change: redo
         if (done is None and ref and cfg.endpoint is None and previous is not None
@@ -338,7 +345,7 @@ def run(cfg: EvalConfig, stage: StageDir, inputs: Inputs) -> dict:
         if done is None:
             print(f"eval: {name}: {path}")
             shutil.rmtree(out, ignore_errors=True)
-            done = evaluate_folder(cfg, path, out)
+            done = evaluate_folder(model_cfg, path, out)
             atomic_write_json(out / "record.json", record)
         if done.get("modes"):
             print(f"{name}:\n{format_table(done)}")
