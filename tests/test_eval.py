@@ -196,3 +196,40 @@ def test_eval_chat_modes_sample_on_and_greedy_off(run):
     samples = [json.loads(x) for x in (run / "eval" / "pretrain" / "samples.jsonl").read_text().splitlines()]
     assert {s["mode"] for s in samples} == {"on", "off"}
 
+
+
+def test_phrasings_train_and_held_out_are_disjoint_and_each_holds_the_question_once():
+    for kind in ("arith", "word"):
+        train, held = set(tasks.PHRASINGS["train"][kind]), set(tasks.PHRASINGS["held_out"][kind])
+        assert len(train) >= 8 and len(held) >= 5 and not train & held
+        for template in train | held:
+            assert template.count("{q}") == 1
+    assert "{q}" in tasks.PHRASINGS["train"]["arith"] and "{q}" in tasks.PHRASINGS["train"]["word"]  # the bare question
+    assert tasks.chat_prompt(PROBLEM) == tasks.chat_prompt(PROBLEM, "What is {q}?") == "What is 47 + 38?"
+    with pytest.raises(ValueError, match="phrasing split"):
+        tasks.phrasing(PROBLEM, __import__("random").Random(0), "test")
+
+
+def test_eval_stage_on_held_out_phrasings(tmp_path):
+    """nano_phrased: the nano suite's problems, each worded by a held-out template, in both modes, with accuracy,
+    format compliance and the template kept with each sample; a text-prompted model skips it with a note."""
+    from test_eval_endpoint import tiny_chat_model
+
+    from thinkfast.stages.eval import evaluate_folder
+
+    folder = tiny_chat_model(tmp_path / "model")
+    cfg = EvalConfig(suites=["nano", "nano_phrased"], kinds=["add", "word"], digits=[1, 3], per_cell=2,
+                     max_new_tokens=8, device="cpu")
+    m = evaluate_folder(cfg, folder, tmp_path / "out")
+    for mode in ("on", "off"):
+        r = m["suites"]["nano_phrased"][mode]
+        assert r["pass@1"] == r["accuracy"] and 0 <= r["format_ok"] <= 1
+        assert set(r["cells"]) == set(m["modes"][mode]["cells"]) == {"add/1d", "add/3d", "word/1d/2s", "word/3d/2s"}
+    kept = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    phrased = [k for k in kept if k.get("suite") == "nano_phrased"]
+    held = set(tasks.PHRASINGS["held_out"]["arith"]) | set(tasks.PHRASINGS["held_out"]["word"])
+    assert phrased and all(k["template"] in held for k in phrased)
+    assert "nano_phrased" in (tmp_path / "out" / "table.txt").read_text()
+    text = evaluate_folder(EvalConfig(suites=["nano", "nano_phrased"], kinds=["add"], digits=[1], per_cell=1,
+                                      max_new_tokens=4, prompting="text", device="cpu"), folder, tmp_path / "out2")
+    assert "suites" not in text and any("nano_phrased skipped" in n for n in text["notes"])

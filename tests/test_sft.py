@@ -274,3 +274,28 @@ def test_a_model_that_collapses_to_one_mode_is_flagged(tok):
     out = evaluation.toggle_check(AlwaysThinks(), tok, problems)
     assert out["on"]["format_ok"] == 1.0 and out["off"]["format_ok"] == 0.0
     assert out["collapsed"] == ["off"]
+
+
+def test_varied_phrasings_and_off_examples_beyond_the_traces():
+    """phrasing=varied words each example with a training template (never a held-out one); off_prompts adds "off"
+    examples of harder problems (3 digits, 3 steps) whose response is the answer alone, never a think block."""
+    from thinkfast.nano import tasks
+    from thinkfast.toggle import parse_response
+
+    canonical = nano_examples(40, 0, ["add", "sub", "mul", "word"], [1, 2], [1, 2])
+    varied = nano_examples(40, 0, ["add", "sub", "mul", "word"], [1, 2], [1, 2], phrasing="varied", off_prompts=60)
+    user = [next(m["content"] for m in e.messages if m["role"] == "user") for e in varied]
+    assert [e.messages[-1] for e in varied[:80]] == [e.messages[-1] for e in canonical]  # same problems and answers
+    held = {t.split("{q}")[0] for k in ("arith", "word") for t in tasks.PHRASINGS["held_out"][k] if t.split("{q}")[0]}
+    assert not any(u.startswith(tuple(held)) for u in user)
+    assert len({u.split(" ")[0] for u in user[:80]}) >= 8  # many wordings, not one
+    assert sum(u.startswith("What is ") for u in user[:80]) < 40
+    extra = varied[80:]
+    assert len(extra) == 60 and all(e.thinking is False for e in extra)
+    for e in extra:
+        r = parse_response(e.messages[-1]["content"])
+        assert r.form == "plain" and r.reasoning is None and r.answer.startswith("Answer: ")
+    problems = tasks.make_problems(60, seed=7919, digits=(1, 2, 3), steps=(1, 2, 3))
+    assert any(p.digits == 3 for p in problems) and any(p.kind == "word" and p.steps == 3 for p in problems)
+    with pytest.raises(ValueError, match="phrasing"):
+        nano_examples(2, 0, ["add"], [1], [1], phrasing="random")

@@ -4,10 +4,10 @@ of its tables (:mod:`.estimators`: pass@k, maj@n)."""
 
 from .harness import (CHAT_MODES, TEXT_MODES, Answers, EvalSettings, IFEvalTask, MathSuiteTask, NanoTask,
                       budget_sweep, build_prompt, chat_ids, decoded, evaluate, evaluate_ifeval, evaluate_items,
-                      format_table, grade, if_check, item_prompt, models_table, quick_accuracy, resolve_prompting, run_task,
+                      evaluate_phrased, format_table, grade, if_check, item_prompt, models_table, quick_accuracy, resolve_prompting, run_task,
                       suites_table, toggle_check)
 
 __all__ = ["CHAT_MODES", "TEXT_MODES", "Answers", "EvalSettings", "IFEvalTask", "MathSuiteTask", "NanoTask",
            "budget_sweep", "build_prompt", "chat_ids", "decoded", "evaluate", "evaluate_ifeval", "evaluate_items",
-           "format_table", "grade", "if_check", "item_prompt", "models_table", "quick_accuracy", "resolve_prompting", "run_task",
+           "evaluate_phrased", "format_table", "grade", "if_check", "item_prompt", "models_table", "quick_accuracy", "resolve_prompting", "run_task",
            "suites_table", "toggle_check"]

@@ -66,10 +66,12 @@ def resolve_prompting(model_dir: Path, tokenizer, requested: str) -> str:
     return "chat" if getattr(tokenizer, "chat_template", None) else "text"
 
 
-def build_prompt(tokenizer, problem: tasks.Problem, prompting: str, mode: str) -> list[int]:
+def build_prompt(tokenizer, problem: tasks.Problem, prompting: str, mode: str, template: str | None = None) -> list[int]:
+    """A nano problem's prompt ids; chat prompting words the user turn with ``template`` (None: the canonical
+    wording; :data:`thinkfast.nano.tasks.PHRASINGS`)."""
     if prompting == "text":
         return tokenizer(tasks.text_prompt(problem, mode), add_special_tokens=False)["input_ids"]
-    return chat_ids(tokenizer, messages_for(tasks.chat_prompt(problem), thinking=None), mode == "on")
+    return chat_ids(tokenizer, messages_for(tasks.chat_prompt(problem, template), thinking=None), mode == "on")
 
 
 def chat_ids(tokenizer, messages: list[dict], thinking: bool) -> list[int]:
@@ -139,18 +141,26 @@ class NanoTask:
     text_modes = TEXT_MODES
     event, log_fields = "mode", {}
 
-    def __init__(self, suite: dict):
-        self.items = [(cell, p) for cell, problems in suite.items() for p in problems]
+    def __init__(self, suite: dict, phrasing: str | None = None):
+        """``phrasing``: None, every problem in the canonical wording; or a split of
+        :data:`thinkfast.nano.tasks.PHRASINGS` ("held_out": wordings toggle SFT never used), one template per
+        problem, drawn deterministically (chat prompting only)."""
+        import random
+
+        rng = random.Random(f"nano-phrasing:{phrasing}")
+        # (cell, problem, template)
+        self.items = [(cell, p, tasks.phrasing(p, rng, phrasing) if phrasing else None)
+                      for cell, problems in suite.items() for p in problems]
 
     @staticmethod
     def prompt(tokenizer, item, prompting: str, mode: str) -> list[int]:
-        return build_prompt(tokenizer, item[1], prompting, mode)
+        return build_prompt(tokenizer, item[1], prompting, mode, item[2])
 
     def score(self, answers: Answers, prompting: str, cfg) -> tuple[dict, list]:
         cells: dict = {}
         kept = []
         for j, (comp, text) in enumerate(zip(answers.completions, answers.texts)):
-            cell, problem = self.items[j // answers.n]
+            cell, problem, template = self.items[j // answers.n]
             g = grade(problem, text, prompting, answers.mode)
             key = f"{cell[0]}/{cell[1]}d" + (f"/{cell[2]}s" if cell[0] == "word" else "")
             c = cells.setdefault(key, {"correct": [], "tokens": [], "format_ok": [], "truncated": []})
@@ -160,6 +170,7 @@ class NanoTask:
             c["truncated"].append(comp.finish_reason == "length")
             if len(c["correct"]) <= cfg.save_samples:
                 kept.append({"mode": answers.mode, "cell": key, "question": problem.question,
+                             **({"template": template} if template else {}),
                              "answer": problem.answer, "response": text, **g})
         summary = {key: {"accuracy": statistics.fmean(c["correct"]), "mean_tokens": statistics.fmean(c["tokens"]),
                          "format_ok": statistics.fmean(c["format_ok"]), "truncated": statistics.fmean(c["truncated"]),
@@ -177,6 +188,16 @@ def evaluate(backend: Backend, tokenizer, suite: dict, prompting: str, cfg, log=
     """The nano suite in every mode (:class:`NanoTask`). Returns (metrics, kept sample records)."""
     modes, kept = run_task(backend, tokenizer, NanoTask(suite), prompting, cfg, log)
     return {"prompting": prompting, "modes": modes}, kept
+
+
+def evaluate_phrased(backend: Backend, tokenizer, suite: dict, cfg, log=None) -> tuple[dict, list]:
+    """The nano suite's problems worded with the held-out templates (suite ``nano_phrased``, chat models): per
+    mode the nano metrics (accuracy, per cell, ``format_ok``), ``pass@1`` the accuracy. Returns ({mode: metrics},
+    kept sample records)."""
+    modes, kept = run_task(backend, tokenizer, NanoTask(suite, phrasing="held_out"), "chat", cfg, log)
+    for r in modes.values():
+        r["pass@1"] = r["accuracy"]
+    return modes, [{"suite": "nano_phrased", **r} for r in kept]
 
 
 def _greedy(tokenizer, max_new_tokens: int, batch_size: int) -> SamplingParams:
@@ -316,16 +337,21 @@ def budget_sweep(backend: Backend, tokenizer, problems: list, budgets: list, *, 
 
 
 def suites_table(results: dict[str, dict]) -> str:
-    """One row per model, suite and mode: pass@1 (IFEval: prompt-level strict), maj@n, no-answer rate, mean
-    tokens."""
-    head = f"{'model':<16}{'suite':<10}{'mode':<6}{'pass@1':>9}{'maj@n':>9}{'no ans':>9}{'tokens':>9}"
+    """One row per model, suite and mode: pass@1 (IFEval: prompt-level strict), maj@n, no-answer rate, toggle
+    format compliance, mean tokens ("-" where a suite has no such figure)."""
+    head = (f"{'model':<16}{'suite':<13}{'mode':<6}{'pass@1':>9}{'maj@n':>9}{'no ans':>9}{'format':>9}"
+            f"{'tokens':>9}")
     lines = [head, "-" * len(head)]
+
+    def cell(v):
+        return f"{'-':>9}" if v is None else f"{v:>9.3f}"
+
     for name, m in results.items():
         for suite, modes in m.get("suites", {}).items():
             for mode, r in modes.items():
-                maj = next((f"{v:>9.3f}" for k, v in r.items() if k.startswith("maj@")), f"{'-':>9}")
-                lines.append(f"{name:<16}{suite:<10}{mode:<6}{r['pass@1']:>9.3f}{maj}{r['no_answer']:>9.3f}"
-                             f"{r['mean_tokens']:>9.1f}")
+                maj = next((v for k, v in r.items() if k.startswith("maj@")), None)
+                lines.append(f"{name:<16}{suite:<13}{mode:<6}{r['pass@1']:>9.3f}{cell(maj)}{cell(r.get('no_answer'))}"
+                             f"{cell(r.get('format_ok'))}{r['mean_tokens']:>9.1f}")
     return "\n".join(lines)
 
 
@@ -349,14 +375,17 @@ def format_table(metrics: dict) -> str:
 
 
 def models_table(results: dict[str, dict]) -> str:
-    """One row per model: accuracy overall and at the headline difficulty, mean tokens, per mode."""
-    head = f"{'model':<16}{'prompting':<11}{'mode':<8}{'accuracy':>10}{'headline':>10}{'tokens':>9}"
+    """One row per model: accuracy overall and at the headline difficulty, toggle format compliance (chat), mean
+    tokens, per mode."""
+    head = f"{'model':<16}{'prompting':<11}{'mode':<8}{'accuracy':>10}{'headline':>10}{'format':>9}{'tokens':>9}"
     lines = [head, "-" * len(head)]
     for name, m in results.items():
         for mode, r in m.get("modes", {}).items():
             headline = next((v for k, v in r.items() if k.startswith("accuracy_")), None)
+            fmt = r.get("format_ok") if m.get("prompting") == "chat" else None
             lines.append(f"{name:<16}{m['prompting']:<11}{mode:<8}{r['accuracy']:>10.3f}"
-                         f"{'' if headline is None else f'{headline:.3f}':>10}{r['mean_tokens']:>9.1f}")
+                         f"{'' if headline is None else f'{headline:.3f}':>10}{'-' if fmt is None else f'{fmt:.3f}':>9}"
+                         f"{r['mean_tokens']:>9.1f}")
     return "\n".join(lines)
 
 

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "KINDS",
+    "PHRASINGS",
     "STEP_CUE",
     "Problem",
     "chat_prompt",
@@ -58,6 +59,7 @@ __all__ = [
     "fact_drill_document",
     "format_answer",
     "make_problems",
+    "phrasing",
     "pretrain_document",
     "sample_problem",
     "teacher_trace",
@@ -540,11 +542,46 @@ def copy_drill_document(rng: random.Random, n_questions: int = 2) -> str:
     return f"Text: {text}\nCopy: {text}"
 
 
-def chat_prompt(problem: Problem) -> str:
-    """User turn: word problems as is, bare arithmetic as ``What is a op b?``."""
+def chat_prompt(problem: Problem, template: str | None = None) -> str:
+    """User turn: word problems as is, bare arithmetic as ``What is a op b?`` (the canonical phrasing); or
+    ``template`` with the question in place of ``{q}`` (one of :data:`PHRASINGS`).
+
+    >>> chat_prompt(Problem("add", 2, 1, "47 + 38", 85, (("+", 47, 38),)), "{q} = ?")
+    '47 + 38 = ?'
+    """
+    if template is not None:
+        return template.format(q=problem.question)
     if problem.kind == "word":
         return problem.question
     return f"What is {problem.question}?"
+
+
+# How users ask (issue 26): toggle SFT draws each prompt's wording from the "train" templates (the canonical one,
+# the question alone, other verbs, extra words before and after); the "held_out" ones are never trained on and
+# measure whether the toggle and the skill survive a wording the model never saw (eval suite ``nano_phrased``).
+# Templates for bare arithmetic get the expression ("47 + 38"), word problems' get the whole question.
+PHRASINGS = {
+    "train": {
+        "arith": ("What is {q}?", "{q}", "{q} = ?", "Compute {q}.", "Calculate {q}.", "Work out {q}.",
+                  "What do you get for {q}?", "Solve: {q}", "Find the value of {q}.", "I need {q}. What is it?",
+                  "Tell me {q}.", "Question: what is {q}?"),
+        "word": ("{q}", "Solve this word problem. {q}", "Question: {q}", "Here is a problem: {q}",
+                 "{q} Give the number.", "Read carefully. {q}", "A puzzle for you: {q}", "{q} Work it out."),
+    },
+    "held_out": {
+        "arith": ("Please solve this: {q}", "Can you tell me what {q} is?", "How much is {q}?",
+                  "Quick one: {q}", "Evaluate {q}, please."),
+        "word": ("Please solve this: {q}", "Can you help me with this? {q}", "{q} Thanks!",
+                 "My teacher gave us this: {q}", "Try this one. {q} What is the answer?"),
+    },
+}
+
+
+def phrasing(problem: Problem, rng: random.Random, split: str = "train") -> str:
+    """A template of ``split`` ("train" or "held_out") for this problem's kind, drawn with ``rng``."""
+    if split not in PHRASINGS:
+        raise ValueError(f"unknown phrasing split {split!r}; expected one of {list(PHRASINGS)}")
+    return rng.choice(PHRASINGS[split]["word" if problem.kind == "word" else "arith"])
 
 
 def chat_response(problem: Problem, thinking: bool) -> str:

@@ -117,16 +117,23 @@ def read_prompts(patterns: Sequence[str], skip_bad: bool = False) -> tuple[list[
 
 
 def nano_prompts(tokenizer, n: int, *, seed: int, kinds: Sequence[str], digits: Sequence[int],
-                 steps: Sequence[int], thinking: str = "on") -> tuple[list[list[int]], dict[str, list]]:
+                 steps: Sequence[int], thinking: str = "on", phrasing: str = "canonical"
+                 ) -> tuple[list[list[int]], dict[str, list]]:
     """``n`` nano-world training problems (``kinds`` x ``digits`` x ``steps``) as chat prompt ids in mode
     ``thinking`` ("on", "off" or "both": alternating, "on" first), and their reward columns: ``answer`` (the
-    integer), ``thinking`` (the mode), ``prompts`` (the messages)."""
+    integer), ``thinking`` (the mode), ``prompts`` (the messages). ``phrasing``: "canonical" (one wording) or
+    "varied" (each prompt worded by a "train" template of :data:`thinkfast.nano.tasks.PHRASINGS`, as toggle SFT's)."""
+    if phrasing not in ("canonical", "varied"):
+        raise ValueError(f"phrasing={phrasing!r}: choose canonical or varied")
     problems = nano_tasks.make_problems(n, seed=seed, kinds=tuple(kinds), digits=tuple(digits), steps=tuple(steps),
                                         split="train")
+    rng = random.Random(f"rl-phrasing:{seed}")
+    templates = [nano_tasks.phrasing(p, rng) if phrasing == "varied" else None for p in problems]
     modes = [thinking == "on" or (thinking == "both" and i % 2 == 0) for i in range(len(problems))]
-    prompts = [build_prompt(tokenizer, p, "chat", "on" if m else "off") for p, m in zip(problems, modes)]
+    prompts = [build_prompt(tokenizer, p, "chat", "on" if m else "off", t) for p, m, t in zip(problems, modes, templates)]
     return prompts, {"answer": [p.answer for p in problems], "thinking": modes,
-                     "prompts": [[{"role": "user", "content": nano_tasks.chat_prompt(p)}] for p in problems]}
+                     "prompts": [[{"role": "user", "content": nano_tasks.chat_prompt(p, t)}]
+                                 for p, t in zip(problems, templates)]}
 
 
 def nano_if_prompts(tokenizer, n: int, *, seed: int, kinds: Sequence[str], digits: Sequence[int],

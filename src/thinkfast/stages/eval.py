@@ -50,8 +50,8 @@ import torch
 from ..artifacts import load_model
 from ..config import to_dict
 from ..generation import LocalBackend
-from ..evaluation import (EvalSettings, budget_sweep, evaluate, evaluate_ifeval, evaluate_items, format_table, if_check,
-                          models_table, resolve_prompting, suites_table)
+from ..evaluation import (EvalSettings, budget_sweep, evaluate, evaluate_ifeval, evaluate_items, evaluate_phrased,
+                          format_table, if_check, models_table, resolve_prompting, suites_table)
 from ..nano import tasks
 from ..rundir import JsonlLogger, StageDir, atomic_dir, atomic_write_json, atomic_write_text
 from . import Input, Inputs, check_device, positive, resolve_device
@@ -77,7 +77,8 @@ class EvalConfig(EvalSettings):
     digits: list[int] = field(default_factory=lambda: [1, 2, 3])
     steps: list[int] = field(default_factory=lambda: [2])
     per_cell: int = 50
-    # nano, nano_if (nano problems with IFEval's instructions), gsm8k, math500, aime24, aime25, ifeval
+    # nano, nano_phrased (the nano problems worded as toggle SFT never saw: thinkfast.nano.tasks.PHRASINGS), nano_if
+    # (nano problems with IFEval's instructions), gsm8k, math500, aime24, aime25, ifeval
     suites: list[str] = field(default_factory=lambda: ["nano"])
     if_problems: int = 100  # nano_if: held-out instruction prompts, each asked in both modes
     suite_limit: int | None = None  # the first N items of each real suite (None: all)
@@ -118,9 +119,9 @@ class EvalConfig(EvalSettings):
             raise ValueError(f"per_cell={self.per_cell} must be >= 1")
         from ..evaluation.suites import SUITES
 
-        unknown = sorted(set(self.suites) - {"nano", "nano_if", "ifeval", *SUITES})
+        unknown = sorted(set(self.suites) - {*NANO_SUITES, "ifeval", *SUITES})
         if unknown or not self.suites:
-            raise ValueError(f"suites: unknown {unknown}; choose from {['nano', 'nano_if', *sorted(SUITES), 'ifeval']}")
+            raise ValueError(f"suites: unknown {unknown}; choose from {[*NANO_SUITES, *sorted(SUITES), 'ifeval']}")
         positive(self, "if_problems")
         if self.suite_limit is not None and self.suite_limit < 1:
             raise ValueError(f"suite_limit={self.suite_limit} must be >= 1 (or null: every item)")
@@ -146,6 +147,7 @@ class EvalConfig(EvalSettings):
 
 
 Config = EvalConfig
+NANO_SUITES = ("nano", "nano_phrased", "nano_if")
 
 
 def budget_note(cfg: EvalConfig, prompting: str | None = None) -> str | None:
@@ -174,7 +176,7 @@ def _suite_paths(cfg: EvalConfig) -> dict[str, Path]:
     from ..evaluation.suites import IFEVAL_FILE, SUITES, data_root
 
     return {name: data_root() / (IFEVAL_FILE if name == "ifeval" else SUITES[name][0])
-            for name in cfg.suites if name not in ("nano", "nano_if")}
+            for name in cfg.suites if name not in NANO_SUITES}
 
 
 def check_suite_data(cfg: EvalConfig) -> None:
@@ -232,7 +234,17 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
                                                      batch_size=cfg.batch_size)
                 for point in metrics["budget"]:
                     log.log("budget", **point)
-            real = [s for s in cfg.suites if s not in ("nano", "nano_if", "ifeval")]
+            real = [s for s in cfg.suites if s not in (*NANO_SUITES, "ifeval")]
+            if "nano_phrased" in cfg.suites and prompting == "text":
+                _note(notes, "nano_phrased skipped: a text-prompted model is asked in its one text format")
+            elif "nano_phrased" in cfg.suites:
+                suite = tasks.eval_suite(seed=cfg.seed, per_cell=cfg.per_cell, kinds=tuple(cfg.kinds),
+                                         digits=tuple(cfg.digits), steps=tuple(cfg.steps))
+                log.log("suite", suite="nano_phrased", items=sum(len(c) for c in suite.values()))
+                with torch.no_grad():
+                    metrics.setdefault("suites", {})["nano_phrased"], more = evaluate_phrased(backend, tokenizer, suite,
+                                                                                             cfg, log)
+                kept += more
             if "nano_if" in cfg.suites and prompting == "text":
                 _note(notes, "nano_if skipped: a text-prompted model has no chat turn to carry instructions")
             elif "nano_if" in cfg.suites:

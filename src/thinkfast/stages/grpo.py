@@ -104,6 +104,8 @@ class GRPOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFi
     digits: list[int] = field(default_factory=lambda: [1, 2, 3])
     steps: list[int] = field(default_factory=lambda: [1, 2, 3])
     thinking: Literal["on", "off", "both"] = "on"  # the mode of the prompts (both: half each)
+    # nano world: one canonical wording, or the "train" templates of thinkfast.nano.tasks.PHRASINGS (as sft.phrasing)
+    phrasing: Literal["canonical", "varied"] = "canonical"
     rewards: list[str] = field(default_factory=lambda: ["nano_accuracy", "think_format"])  # or module:function
     reward_weights: list[float] | None = None  # default 1 each
     pass_reward: str | None = None  # the reward whose 1 means "solved" (pass rates); default: the first
@@ -245,7 +247,7 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
             skip_bad=cfg.skip_bad_rows)
     else:
         prompts, columns = nano_prompts(tokenizer, cfg.prompts, seed=cfg.seed, kinds=cfg.kinds, digits=cfg.digits,
-                                        steps=cfg.steps, thinking=cfg.thinking)
+                                        steps=cfg.steps, thinking=cfg.thinking, phrasing=cfg.phrasing)
         eval_set = (tasks.make_problems(cfg.eval_problems, seed=cfg.seed, kinds=tuple(cfg.kinds), digits=(1, 2, 3),
                                         steps=tuple(cfg.steps), split="eval") if cfg.eval_problems else [])
     for name in dict.fromkeys([*cfg.rewards, pass_name]):

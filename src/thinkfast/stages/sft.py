@@ -68,6 +68,14 @@ class SFTConfig(OptimizerFields, PeriodicEvalFields, CadenceFields):
     kinds: list[str] = field(default_factory=lambda: ["add", "sub", "mul", "word"])
     digits: list[int] = field(default_factory=lambda: [1, 2])
     steps: list[int] = field(default_factory=lambda: [1, 2])
+    # nano world: the user turn's wording, one canonical template or the "train" templates of
+    # thinkfast.nano.tasks.PHRASINGS drawn per example (the "held_out" ones are eval's nano_phrased suite)
+    phrasing: Literal["canonical", "varied"] = "canonical"
+    # nano world: prompts of off_digits / off_steps as "off" examples only (the answer alone), so that "off" holds
+    # beyond the difficulties the traces cover
+    off_prompts: int = 0
+    off_digits: list[int] = field(default_factory=lambda: [1, 2, 3])
+    off_steps: list[int] = field(default_factory=lambda: [1, 2, 3])
     on_share: float | None = 0.5  # share of "on" examples among those with a mode; null: keep all as they come
     order: Literal["mixed", "reasoning_first"] = "mixed"
     epochs: float = 1.0
@@ -83,8 +91,11 @@ class SFTConfig(OptimizerFields, PeriodicEvalFields, CadenceFields):
             self.files = [self.files]
         super().__post_init__()  # optimizer, periodic evaluation and cadence fields
         positive(self, "nano_prompts", "batch_size")
-        if self.if_prompts < 0:
-            raise ValueError(f"if_prompts={self.if_prompts} must be >= 0")
+        if self.if_prompts < 0 or self.off_prompts < 0:
+            raise ValueError(f"if_prompts={self.if_prompts} and off_prompts={self.off_prompts} must be >= 0")
+        if not self.off_digits or not self.off_steps or min(self.off_digits) < 1 or min(self.off_steps) < 1:
+            raise ValueError(f"off_digits={self.off_digits} and off_steps={self.off_steps} must be non-empty lists "
+                             "of counts >= 1")
         if self.seq_len < 16:
             raise ValueError(f"seq_len={self.seq_len} must be >= 16")
         if not self.epochs > 0:
@@ -125,7 +136,9 @@ def _examples(cfg: SFTConfig) -> tuple[list, list[str]]:
         if not examples:
             raise DataError(f"sft.files {cfg.files}: no usable rows ({len(skipped)} skipped)")
         return examples, skipped
-    examples = nano_examples(cfg.nano_prompts, cfg.seed, cfg.kinds, cfg.digits, cfg.steps, split="train")
+    examples = nano_examples(cfg.nano_prompts, cfg.seed, cfg.kinds, cfg.digits, cfg.steps, split="train",
+                             phrasing=cfg.phrasing, off_prompts=cfg.off_prompts, off_digits=cfg.off_digits,
+                             off_steps=cfg.off_steps)
     if cfg.if_prompts:  # another seed than the RL stages' instruction prompts (same split), so none is seen twice
         examples += nano_if_examples(cfg.if_prompts, cfg.seed + _IF_SEED, cfg.kinds, cfg.digits, cfg.steps)
     return examples, []

@@ -143,17 +143,36 @@ def read_examples(patterns: Sequence[str], skip_bad: bool = False) -> tuple[list
 
 
 def nano_examples(n: int, seed: int, kinds: Sequence[str], digits: Sequence[int], steps: Sequence[int],
-                  split: str = "train") -> list[Example]:
-    """``n`` nano-world prompts, each as an "on" and an "off" example (the pair, one after the other)."""
+                  split: str = "train", *, phrasing: str = "canonical", off_prompts: int = 0,
+                  off_digits: Sequence[int] = (1, 2, 3), off_steps: Sequence[int] = (1, 2, 3)) -> list[Example]:
+    """``n`` nano-world prompts, each as an "on" and an "off" example (the pair, one after the other), then
+    ``off_prompts`` prompts of ``off_digits`` / ``off_steps`` (harder than the traces cover, typically) as "off"
+    examples only: the answer alone, at every difficulty, so that "off" never thinks (an "off" answer may be wrong).
+
+    ``phrasing``: "canonical" (:func:`thinkfast.nano.tasks.chat_prompt`'s one wording) or "varied" (each example's
+    user turn in one of :data:`thinkfast.nano.tasks.PHRASINGS`' "train" templates, drawn per example, so the two
+    examples of a pair are usually worded differently)."""
     from ..nano import tasks
     from ..toggle import messages_for
+
+    if phrasing not in ("canonical", "varied"):
+        raise ValueError(f"phrasing={phrasing!r}: choose canonical or varied")
+    rng = random.Random(f"sft-phrasing:{seed}")
+
+    def user(p):
+        return tasks.chat_prompt(p, tasks.phrasing(p, rng) if phrasing == "varied" else None)
 
     out = []
     for i, p in enumerate(tasks.make_problems(n, seed=seed, kinds=tuple(kinds), digits=tuple(digits),
                                               steps=tuple(steps), split=split)):
         for thinking in (True, False):
-            msgs = messages_for(tasks.chat_prompt(p), thinking, tasks.chat_response(p, thinking))
+            msgs = messages_for(user(p), thinking, tasks.chat_response(p, thinking))
             out.append(Example(tuple(msgs), thinking, f"nano:{i}:{'on' if thinking else 'off'}"))
+    if off_prompts:  # another stream of the same split: problems drawn apart from the pairs'
+        for i, p in enumerate(tasks.make_problems(off_prompts, seed=seed + 7919, kinds=tuple(kinds),
+                                                  digits=tuple(off_digits), steps=tuple(off_steps), split=split)):
+            out.append(Example(tuple(messages_for(user(p), False, tasks.chat_response(p, False))), False,
+                               f"nano-off:{i}:off"))
     return out
 
 
