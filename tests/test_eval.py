@@ -201,9 +201,11 @@ def test_eval_chat_modes_sample_on_and_greedy_off(run):
 def test_phrasings_train_and_held_out_are_disjoint_and_each_holds_the_question_once():
     for kind in ("arith", "word"):
         train, held = set(tasks.PHRASINGS["train"][kind]), set(tasks.PHRASINGS["held_out"][kind])
-        assert len(train) >= 8 and len(held) >= 5 and not train & held
+        assert len(train) >= 100 and len(held) >= 5 and not train & held
         for template in train | held:
             assert template.count("{q}") == 1
+        for word in ("please", "solve", "how much", "tell me", "evaluate", "quick", "help", "teacher", "try"):
+            assert not any(word in t.lower() for t in train), word  # held-out wordings share no distinctive word
     assert "{q}" in tasks.PHRASINGS["train"]["arith"] and "{q}" in tasks.PHRASINGS["train"]["word"]  # the bare question
     assert tasks.chat_prompt(PROBLEM) == tasks.chat_prompt(PROBLEM, "What is {q}?") == "What is 47 + 38?"
     with pytest.raises(ValueError, match="phrasing split"):

@@ -389,22 +389,27 @@ def test_problem_matrices_follow_costs(run_dir):
     c = read_costs(run_dir[0] / "costs" / "costs.json")
     k = problem.names[0].index(("gqa_kv1", "ffn_24"))
     assert problem.costs["params"][0, k] == c["attention"]["gqa_kv1"]["params"] + c["ffn"]["ffn_24"]["params"]
-    assert problem.costs["decode_s@2"][0, k] == pytest.approx(
-        c["attention"]["gqa_kv1"]["decode_s"]["2"] + c["ffn"]["ffn_24"]["decode_s"]["2"])
+    assert problem.costs["decode_s@2"][0, k] == pytest.approx(problem.scale.get("decode_s@2", 1.0) * (
+        c["attention"]["gqa_kv1"]["decode_s"]["2"] + c["ffn"]["ffn_24"]["decode_s"]["2"]))
     assert np.isfinite(problem.scores).all()
-    # the whole parent was timed too: the parent's predicted runtime is its measured one whenever the
-    # blocks explain less, and the unexplained rest is charged to every architecture
+    assert "first_layer_model" in c  # the parent cut to its first layer, timed beside the whole parent
+    # the whole parent was timed too: with the first-layer model it is predicted exactly (the blocks scaled);
+    # otherwise its predicted runtime is its measured one whenever the blocks explain less, the unexplained rest
+    # charged to every architecture
     parent = problem.totals(problem.parent_choice)
     for b in ("1", "2"):
         for kind in ("prefill_s", "decode_s"):
             key = f"{kind}@{b}"
             measured = c["parent_model"][kind][b]
+            if key in problem.scale:
+                assert problem.scale[key] > 0 and parent[key] == pytest.approx(measured)
+                continue
             assert problem.overhead[key] >= 0
             assert parent[key] == pytest.approx(max(measured, parent[key] - problem.overhead[key]))
             if problem.overhead[key] > 0:
                 assert parent[key] == pytest.approx(measured)
     # a costs file without the whole-model timing (brought from elsewhere) has no overhead
-    bare = {k: v for k, v in c.items() if k != "parent_model"}
+    bare = {k: v for k, v in c.items() if k not in ("parent_model", "first_layer_model")}
     lib = read_library(run_dir[0] / "library" / "library")
     sc = read_scores(run_dir[0] / "scores" / "scores.json")
     assert build_problem(lib, sc, bare).overhead == {}

@@ -181,3 +181,29 @@ def test_negative_or_nan_limit_is_infeasible(problem):
             solve_mip(problem.scores, problem.costs, limits, method=method)
         with pytest.raises(InfeasibleError, match="nan"):
             solve_mip(problem.scores, problem.costs, {"params": math.nan}, method=method)
+
+
+def test_with_the_first_layer_model_a_models_time_is_fitted_through_both_whole_models():
+    """costs with ``first_layer_model`` (the parent cut to layer 0): a runtime where every model takes F + s * (the
+    sum of its blocks timed alone) is predicted exactly for any child, not with the parent's unexplained time
+    charged whole to every child (docs/LOG.md session 12: that made small children 1.3-2x faster than predicted)."""
+    lib, scores, costs = _inputs()
+    f, s = 2e-3, 1.4
+    first = _block("gqa", "ffn", "time")
+    for kind, k in (("decode_s", 1.0), ("prefill_s", 10.0)):
+        costs["parent_model"][kind] = {"1": k * (f + s * PARENT_BLOCKS_TIME) / 4, "16": k * (f + s * PARENT_BLOCKS_TIME)}
+    costs["first_layer_model"] = {kind: {"1": k * (f + s * first) / 4, "16": k * (f + s * first)}
+                                  for kind, k in (("decode_s", 1.0), ("prefill_s", 10.0))}
+    problem = build_problem(lib, scores, costs)
+    assert problem.scale["decode_s@16"] == pytest.approx(s) and problem.scale["prefill_s@1"] == pytest.approx(s)
+    assert problem.overhead["decode_s@16"] == pytest.approx(f - FIXED["decode"])
+    for choice in [(0, 0, 0), (1, 2, 1), (3, 3, 0), (2, 1, 1)]:
+        blocks = sum(_block(*LAYERS[i][k], "time") for i, k in enumerate(choice))
+        assert problem.totals(choice)["decode_s@16"] == pytest.approx(f + s * blocks)
+        assert problem.totals(choice)["prefill_s@16"] == pytest.approx(10 * (f + s * blocks))
+    # a first-layer time that no positive scale fits (slower than the parent): the parent's unexplained time is
+    # charged to every child, as without it
+    costs["first_layer_model"]["decode_s"]["16"] = 2 * costs["parent_model"]["decode_s"]["16"]
+    problem = build_problem(lib, scores, costs)
+    assert "decode_s@16" not in problem.scale
+    assert problem.totals(problem.parent_choice)["decode_s@16"] == pytest.approx(f + s * PARENT_BLOCKS_TIME)

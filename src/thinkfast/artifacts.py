@@ -38,13 +38,15 @@ Library folder (stage ``library``): ``library.json`` and ``weights.safetensors``
      "batch_sizes": [1, 16],                      # distinct ints >= 1
      "prefill_len": 256, "decode_context": 256,   # ints >= 1 and >= 0
      "attention": {NAME: ENTRY, ...}, "ffn": {NAME: ENTRY, ...}, "fixed": ENTRY,
-     "parent_model": {"prefill_s": TIMES, "decode_s": TIMES}}          # optional
+     "parent_model": {"prefill_s": TIMES, "decode_s": TIMES},          # optional
+     "first_layer_model": {"prefill_s": TIMES, "decode_s": TIMES}}     # optional: the parent cut to layer 0
     ENTRY = {"params": n, "param_bytes": n, "kv_bytes_per_token": n,   # finite >= 0; kv: attention only
              "prefill_s": TIMES, "decode_s": TIMES}                     # (optional elsewhere)
     TIMES = {"1": seconds, "16": seconds}        # a key str(b) for every batch size b
 
   Times: a variant's are finite and >= 0 (a no-op, or a block costed by hand, may be free); those of
-  ``fixed`` and ``parent_model`` finite and > 0 (every model takes time; speedups divide by them).
+  ``fixed``, ``parent_model`` and ``first_layer_model`` finite and > 0 (every model takes time; speedups divide by
+  them).
   Against a library: an entry for every attention and FFN variant name it uses.
 
 ``thinkfast.json`` in a model folder (the sidecar: how to prompt the model, which stage made it)::
@@ -342,8 +344,9 @@ def check_costs(data: Any, where: str, library: dict | None = None) -> dict:
         for name, e in c.get(data, part, dict).items():
             entry(e, f"{part}.{name}", part == "attention", False)
     entry(c.get(data, "fixed", dict), "fixed", False, True)
-    if "parent_model" in data:
-        times(c.get(data, "parent_model", dict), "parent_model", True)
+    for whole in ("parent_model", "first_layer_model"):
+        if whole in data:
+            times(c.get(data, whole, dict), whole, True)
     for part in ("attention", "ffn") if library is not None else ():
         used = {v["name"] if v["part"] == part else v[part] for v in library["variants"]
                 if v["part"] in (part, "block")}

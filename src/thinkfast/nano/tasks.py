@@ -556,22 +556,33 @@ def chat_prompt(problem: Problem, template: str | None = None) -> str:
     return f"What is {problem.question}?"
 
 
-# How users ask (issue 26): toggle SFT draws each prompt's wording from the "train" templates (the canonical one,
-# the question alone, other verbs, extra words before and after); the "held_out" ones are never trained on and
-# measure whether the toggle and the skill survive a wording the model never saw (eval suite ``nano_phrased``).
-# Templates for bare arithmetic get the expression ("47 + 38"), word problems' get the whole question.
+# How users ask (issue 26): toggle SFT draws each prompt's wording from the "train" templates: a core wording (the
+# canonical one, the question alone, other verbs) between an opening and a closing drawn apart (no words, a
+# greeting, a remark, a request), 600-odd templates; the "held_out" ones are never trained on (neither their strings
+# nor their distinctive words: "please", "solve", "how much", "tell me", "evaluate", "quick", "help", "teacher",
+# "try") and measure whether the toggle and the skill survive a wording the model never saw (eval suite
+# ``nano_phrased``). Templates for bare arithmetic get the expression ("47 + 38"), word problems' the whole question.
+_OPENINGS = ("", "Hi! ", "Hello. ", "Question: ", "Here is one. ", "A small sum for you. ", "I wonder about this. ",
+             "Math time. ", "Next problem. ", "Hey, ", "Let me ask you something. ", "Homework: ")
+_CLOSINGS = ("", " Thanks.", " Thank you!", " Be careful.", " Show the number.", " I need it now.", " Go.",
+             " Give me the result.")
+_ARITH_CORES = ("What is {q}?", "{q}", "{q} = ?", "Compute {q}.", "Calculate {q}.", "Work out {q}.",
+                "What do you get for {q}?", "Find the value of {q}.", "What does {q} equal?", "Do {q}.",
+                "I need {q}. What is it?", "The value of {q} is what?")
+_WORD_CORES = ("{q}", "Here is a word problem. {q}", "Read carefully. {q}", "A puzzle for you: {q}", "{q} Work it out.",
+               "{q} What number is it?", "Story: {q}")
+
+
+def _compose(cores: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(o + c + e for c in cores for o in _OPENINGS for e in _CLOSINGS))
+
+
 PHRASINGS = {
-    "train": {
-        "arith": ("What is {q}?", "{q}", "{q} = ?", "Compute {q}.", "Calculate {q}.", "Work out {q}.",
-                  "What do you get for {q}?", "Solve: {q}", "Find the value of {q}.", "I need {q}. What is it?",
-                  "Tell me {q}.", "Question: what is {q}?"),
-        "word": ("{q}", "Solve this word problem. {q}", "Question: {q}", "Here is a problem: {q}",
-                 "{q} Give the number.", "Read carefully. {q}", "A puzzle for you: {q}", "{q} Work it out."),
-    },
+    "train": {"arith": _compose(_ARITH_CORES), "word": _compose(_WORD_CORES)},
     "held_out": {
         "arith": ("Please solve this: {q}", "Can you tell me what {q} is?", "How much is {q}?",
                   "Quick one: {q}", "Evaluate {q}, please."),
-        "word": ("Please solve this: {q}", "Can you help me with this? {q}", "{q} Thanks!",
+        "word": ("Please solve this: {q}", "Can you help me with this? {q}", "{q} Thanks for your help!",
                  "My teacher gave us this: {q}", "Try this one. {q} What is the answer?"),
     },
 }

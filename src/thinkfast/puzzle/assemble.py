@@ -32,6 +32,7 @@ class Problem:
     fixed: dict[str, float]  # the same keys: what every architecture pays on top
     parent_choice: tuple[int, ...]
     overhead: dict[str, float] = field(default_factory=dict)  # runtime the blocks miss (part of fixed)
+    scale: dict[str, float] = field(default_factory=dict)  # runtime keys: blocks in a model / blocks timed alone
 
     def totals(self, choice) -> dict[str, float]:
         rows = np.arange(len(choice))
@@ -105,16 +106,30 @@ def build_problem(lib: dict, scores: dict, costs: dict, metric: str = "kl") -> P
                     raise ValueError(f"the costs file has no entry for {e} (layer {i} block {a}+{f})") from None
     fixed = {key: value(costs["fixed"], key) for key in cost_keys if key != "kv_bytes_per_token"}
     parent_choice = tuple(0 for _ in range(n_layers))  # the library lists the parent's own sub-blocks first
-    # the whole parent's measured time minus what its blocks and the fixed part explain: paid by all
-    overhead = {}
+    # what the blocks timed alone do not explain of the whole parent's measured time. With the parent cut to its
+    # first layer timed too, the two whole models split it: a model's time is F + s * (its blocks' sum), s and F
+    # fitted through both points (most of it is per layer: a block in a model runs slower than alone, and the
+    # layer loop's own work scales with the layers; docs/LOG.md session 12); else all of it is paid by every child
+    overhead, scale = {}, {}
     if "parent_model" in costs:
         rows = np.arange(n_layers)
         for key in cost_keys:
-            if "@" in key:
-                explained = float(mats[key][rows, list(parent_choice)].sum()) + fixed[key]
-                overhead[key] = max(0.0, value(costs["parent_model"], key) - explained)
-                fixed[key] += overhead[key]
-    return Problem(names, score, mats, fixed, parent_choice, overhead)
+            if "@" not in key:
+                continue
+            blocks = float(mats[key][rows, list(parent_choice)].sum())
+            whole = value(costs["parent_model"], key)
+            first = float(mats[key][0, parent_choice[0]])
+            if "first_layer_model" in costs and n_layers > 1 and blocks > first:
+                s = (whole - value(costs["first_layer_model"], key)) / (blocks - first)
+                if 0 < s and whole - s * blocks > 0:
+                    scale[key] = s
+                    mats[key] = mats[key] * s
+                    overhead[key] = whole - s * blocks - fixed[key]
+                    fixed[key] = whole - s * blocks
+                    continue
+            overhead[key] = max(0.0, whole - blocks - fixed[key])
+            fixed[key] += overhead[key]
+    return Problem(names, score, mats, fixed, parent_choice, overhead, scale)
 
 
 def assemble(parent: DeciLMForCausalLM, lib: dict, tensors: dict[str, torch.Tensor],

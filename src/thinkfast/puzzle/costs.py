@@ -40,7 +40,7 @@ from .blocks import Variant, variant_module
 from .probes import costs_from_probes, probe_configs
 from .timing import median_time, whole_model_times
 
-__all__ = ["TimingSettings", "explained_share", "library_variants", "measure_blocks", "measure_fixed",
+__all__ = ["TimingSettings", "explained_share", "first_layer_model", "first_layer_times", "library_variants", "measure_blocks", "measure_fixed",
            "measure_models", "measure_variant", "measure_whole", "median_of_passes"]
 
 
@@ -85,7 +85,8 @@ def library_variants(lib: dict) -> dict[str, dict[str, Variant]]:
 def measure_blocks(parent, variants: dict[str, dict[str, Variant]], timing: TimingSettings,
                    device: torch.device) -> dict:
     """Every variant timed alone, the fixed part and the whole parent, in ``rounds`` passes over all of them
-    in turn: ``{"attention": {name: entry}, "ffn": {...}, "fixed": entry, "parent_model": times}``, each time
+    in turn: ``{"attention": {name: entry}, "ffn": {...}, "fixed": entry, "parent_model": times,
+    "first_layer_model": times}``, each time
     the median over the passes (a disturbance of the machine lasting a few milliseconds then moves one pass,
     not one variant's cost)."""
     from tqdm.auto import tqdm
@@ -97,12 +98,41 @@ def measure_blocks(parent, variants: dict[str, dict[str, Variant]], timing: Timi
                for part, named in variants.items()}
         one["fixed"] = measure_fixed(parent, timing, device)
         one["parent_model"] = measure_whole(parent, timing, device)
+        if parent.config.num_hidden_layers > 1:
+            one["first_layer_model"] = first_layer_times(parent, one["parent_model"], timing, device)
         passes.append(one)
     out = {part: {name: median_of_passes([p[part][name] for p in passes]) for name in named}
            for part, named in variants.items()}
-    out["fixed"] = median_of_passes([p["fixed"] for p in passes])
-    out["parent_model"] = median_of_passes([p["parent_model"] for p in passes])
+    for key in ("fixed", "parent_model", "first_layer_model"):
+        if key in passes[0]:
+            out[key] = median_of_passes([p[key] for p in passes])
     return out
+
+
+def first_layer_times(parent, parent_times: dict, timing: TimingSettings, device: torch.device) -> dict:
+    """The first-layer model's times, as the parent's over the speedup of back-to-back pairs of calls
+    (:func:`thinkfast.puzzle.timing.paired_speedup`, how the search verifies a child): timed apart, a model of one
+    layer keeps its cache warm between its own calls and came out 7-9x faster than the 8-layer nano parent where
+    pairs, and the children measured so, said 4.9x (docs/LOG.md session 12)."""
+    from .timing import paired_speedup
+
+    model = first_layer_model(parent)
+    return {kind: {str(b): parent_times[kind][str(b)] / paired_speedup(
+        parent, model, kind, b, timing.prefill_len, timing.decode_context, torch_dtype(timing.dtype), device,
+        pairs=16, budget_s=5.0) for b in timing.batch_sizes} for kind in ("prefill_s", "decode_s")}
+
+
+def first_layer_model(parent):
+    """The parent cut to its first layer (same embedding, norm and head; random weights, which do not change a
+    CPU's or GPU's timing): with the whole parent, the two points that split a model's time into what every
+    model pays and what grows with its blocks (:func:`thinkfast.puzzle.assemble.build_problem`)."""
+    from ..modeling.configuration_decilm import block_config
+
+    conf = parent.config.to_dict()
+    first = parent.config.to_dict()["block_configs"][0]
+    conf.update(num_hidden_layers=1, block_configs=[block_config(first["attention"], first["ffn"])])
+    torch.manual_seed(0)
+    return DeciLMForCausalLM(type(parent.config)(**conf)).eval()
 
 
 def median_of_passes(passes: list[dict]) -> dict:

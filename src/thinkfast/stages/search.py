@@ -181,9 +181,11 @@ def run(cfg: SearchConfig, stage: StageDir, inputs: Inputs) -> dict:
     metrics = {**{k: v for k, v in summaries[0].items() if k != "choice"}, "solutions": len(solutions),
                "measured_speedup": measured, "not_measured_because": why_not, "calibration": calibration,
                "costs_device": costs["device"], "pareto_points": len(pareto),
-               # share of the parent's measured runtime that no block explains (charged to every child)
+               # share of the parent's measured runtime that every child pays beyond the embedding and head, and
+               # (costs with the first-layer model) how much slower blocks run inside a model than alone
                "runtime_overhead_share": {k: v / problem.totals(problem.parent_choice)[k]
-                                          for k, v in problem.overhead.items()}}
+                                          for k, v in problem.overhead.items()},
+               "block_scale": problem.scale}
     log = stage.logger()
     log.log("done", **metrics, architecture=arch)
     log.close()
