@@ -14,10 +14,12 @@ attention 2.8x too slow on an idle 2-core CPU, and the search built a "2x" child
 - ``params`` and ``param_bytes`` (at ``dtype``), ``kv_bytes_per_token`` (2 x KV heads x head_dim x bytes);
 - ``fixed``: what every architecture pays (embedding, final norm, LM head), so speedups are of the
   whole model;
-- ``parent_model``: the whole parent timed the same way (``prefill_s``, ``decode_s``). What its
-  blocks plus ``fixed`` do not explain (the layer loop, rotary tables, cache bookkeeping: 10-15% of a
-  nano decode step on a CPU) is charged to every architecture by
-  :func:`thinkfast.puzzle.assemble.build_problem`, so predicted speedups are not inflated by it.
+- ``parent_model``: the whole parent timed the same way (``prefill_s``, ``decode_s``), and
+  ``first_layer_model``: the parent cut to its first layer, its times the parent's over their speedup in
+  back-to-back pairs (as the search verifies a child). Blocks timed alone explain 72-77% of a nano decode step
+  on a CPU; :func:`thinkfast.puzzle.assemble.build_problem` fits a model's time as F + s x (its blocks' sum)
+  through these two whole models (most of the rest grows with the layers), or, without the first-layer model,
+  charges the rest to every architecture.
 
 A variant's cost does not depend on its layer (all layers of a Llama share shapes), so each distinct
 variant is measured once. Output ``RUN_DIR/costs/costs.json``::
@@ -39,9 +41,8 @@ explained in full. ``runtime: vllm`` times those models in vLLM (``thinkfast/puz
 with ``vllm_python`` or this Python when it has vLLM): the costs of the engine that will serve the child.
 
 Departures: with ``measure: blocks`` (the default) blocks are timed one at a time, not inside a full
-model (so overlap between blocks is not seen; ``parent_model`` charges the difference to every
-child); on a GPU the kernel launches of a tiny block dominate, as they would in deployment without
-CUDA graphs. ``measure: models`` assumes a model's time is the sum of its blocks' plus a constant.
+model (so overlap between blocks is not seen; the two whole models above account for the difference); on a
+GPU the kernel launches of a tiny block dominate, as they would in deployment without CUDA graphs. ``measure: models`` assumes a model's time is the sum of its blocks' plus a constant.
 
 The measurements are library code (:mod:`thinkfast.puzzle.costs`, settings in its ``TimingSettings``);
 this stage picks them, writes ``costs.json`` and says how much of the parent its blocks explain.
@@ -149,8 +150,10 @@ def _finish(data: dict, lib: dict, parent, out_path: Path, stage: StageDir, tota
                **explained_share(data, lib, parent.config.num_hidden_layers)}
     shares = ", ".join(f"{k} {v:.0%}" for k, v in metrics.items() if "explained" in k)
     how = "timed alone" if data["measure"] == "blocks" else "from whole models"
+    rest = ("the search fits the rest through the parent and its first layer, timed whole" if "first_layer_model" in data
+            else "the rest is charged to every child")
     print(f"costs: the parent's own blocks ({how}) plus the fixed cost explain: {shares} of its measured "
-          "step (the rest is charged to every child)")
+          f"step ({rest})")
     log = stage.logger()
     log.log("done", **metrics)
     log.close()
