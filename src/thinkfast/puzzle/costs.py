@@ -40,8 +40,8 @@ from .blocks import Variant, variant_module
 from .probes import costs_from_probes, probe_configs
 from .timing import median_time, whole_model_times
 
-__all__ = ["TimingSettings", "explained_share", "first_layer_model", "first_layer_times", "library_variants", "measure_blocks", "measure_fixed",
-           "measure_models", "measure_variant", "measure_whole", "median_of_passes"]
+__all__ = ["TimingSettings", "explained_share", "first_layer_model", "first_layer_times", "library_variants",
+           "measure_blocks", "measure_fixed", "measure_models", "measure_variant", "measure_whole", "median_of_passes"]
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,9 @@ def first_layer_model(parent):
     conf = parent.config.to_dict()
     first = parent.config.to_dict()["block_configs"][0]
     conf.update(num_hidden_layers=1, block_configs=[block_config(first["attention"], first["ffn"])])
-    torch.manual_seed(0)
-    return DeciLMForCausalLM(type(parent.config)(**conf)).eval()
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        torch.manual_seed(0)
+        return DeciLMForCausalLM(type(parent.config)(**conf)).eval()
 
 
 def median_of_passes(passes: list[dict]) -> dict:
