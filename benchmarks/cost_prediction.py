@@ -74,20 +74,22 @@ def main(argv=None) -> int:
                      "predicted_scaled": scaled, "ratio_scaled": measured / scaled})
         print(f"{sum(b != ('no_op', 'no_op') for b in blocks)} layers {blocks}: predicted {predicted:.2f}x "
               f"(overhead per block: {scaled:.2f}x), measured {measured:.2f}x", flush=True)
-    errors = [abs(r["ratio"] - 1) for r in rows]
-    scaled_errors = [abs(r["ratio_scaled"] - 1) for r in rows]
     out = {"device": device_name(torch.device("cpu")), "costs": str(args.costs or run / "costs" / "costs.json"),
            "measure": costs.get("measure", "blocks"), "batch": batch, "children": rows,
-           "median_abs_error": statistics.median(errors), "max_abs_error": max(errors),
-           "within_10pct": sum(e <= 0.10 for e in errors) / len(errors),
-           "scaled": {"median_abs_error": statistics.median(scaled_errors), "max_abs_error": max(scaled_errors),
-                      "within_10pct": sum(e <= 0.10 for e in scaled_errors) / len(scaled_errors)}}
+           **_errors([r["ratio"] for r in rows]), "scaled": _errors([r["ratio_scaled"] for r in rows])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"median |measured / predicted - 1| = {out['median_abs_error']:.3f}, worst {out['max_abs_error']:.3f}, "
           f"within 10%: {out['within_10pct']:.0%}; overhead per block: {out['scaled']['median_abs_error']:.3f}, "
           f"worst {out['scaled']['max_abs_error']:.3f}, within 10%: {out['scaled']['within_10pct']:.0%} -> {args.out}")
     return 0
+
+
+def _errors(ratios: list[float]) -> dict:
+    """Median and worst |measured / predicted - 1|, and the share within 10%."""
+    errors = [abs(r - 1) for r in ratios]
+    return {"median_abs_error": statistics.median(errors), "max_abs_error": max(errors),
+            "within_10pct": sum(e <= 0.10 for e in errors) / len(errors)}
 
 
 def scaled_time(problem, choice, key: str) -> float:

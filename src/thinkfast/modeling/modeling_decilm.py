@@ -127,7 +127,7 @@ class PackedLayout:
     attention over each sequence alone instead of over the whole row under a dense mask.
 
     ``seq_ids`` [B, T]: a sequence's index within its row, the same over its contiguous tokens; -1 on padding
-    (each padding token attends to itself only, as :meth:`dense_mask` says). The sequences are gathered into
+    (each padding token attends to itself only, as ``thinkfast.data.block_causal_mask`` says). The sequences are gathered into
     buckets of equal padded length (a multiple of ``multiple``; a one-token sequence stays one token) and each
     bucket is one causal ``scaled_dot_product_attention`` call, so the work grows with the sum of the squared
     sequence lengths, not with ``B * T**2`` (on the nano world's rows the attention runs 2.0x faster than under the
@@ -163,14 +163,7 @@ class PackedLayout:
             inverse[idx[valid]] = (offset + torch.arange(len(chosen) * width, device=device).view(-1, width))[valid]
             self.buckets.append((len(chosen), width))
             offset += len(chosen) * width
-        self.index, self.inverse, self.shape, self.seq_ids = torch.cat(index), inverse, (b, t), seq_ids
-
-    def dense_mask(self) -> torch.Tensor:
-        """The same attention as a bool mask [B, 1, T, T] (True = attend)."""
-        t = self.shape[1]
-        same = (self.seq_ids[:, :, None] == self.seq_ids[:, None, :]) & (self.seq_ids[:, :, None] >= 0)
-        causal = torch.ones(t, t, dtype=torch.bool, device=self.seq_ids.device).tril()
-        return ((same & causal) | torch.eye(t, dtype=torch.bool, device=self.seq_ids.device))[:, None]
+        self.index, self.inverse, self.shape = torch.cat(index), inverse, (b, t)
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout,

@@ -129,7 +129,7 @@ def first_layer_model(parent):
     from ..modeling.configuration_decilm import block_config
 
     conf = parent.config.to_dict()
-    first = parent.config.to_dict()["block_configs"][0]
+    first = conf["block_configs"][0]
     conf.update(num_hidden_layers=1, block_configs=[block_config(first["attention"], first["ffn"])])
     with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
         torch.manual_seed(0)

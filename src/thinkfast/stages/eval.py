@@ -220,9 +220,10 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
             else:
                 backend = LocalBackend(load_model(path).to(device).eval())
             metrics, kept = {"prompting": prompting, "modes": {}}, []
+            # the nano cells: the nano suite's problems, and nano_phrased's in other wordings
+            suite = tasks.eval_suite(seed=cfg.seed, per_cell=cfg.per_cell, kinds=tuple(cfg.kinds),
+                                     digits=tuple(cfg.digits), steps=tuple(cfg.steps))
             if "nano" in cfg.suites:
-                suite = tasks.eval_suite(seed=cfg.seed, per_cell=cfg.per_cell, kinds=tuple(cfg.kinds),
-                                         digits=tuple(cfg.digits), steps=tuple(cfg.steps))
                 log.log("start", model=str(path), prompting=prompting, cells=len(suite))
                 with torch.no_grad():
                     metrics, kept = evaluate(backend, tokenizer, suite, prompting, cfg, log)
@@ -238,8 +239,6 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
             if "nano_phrased" in cfg.suites and prompting == "text":
                 _note(notes, "nano_phrased skipped: a text-prompted model is asked in its one text format")
             elif "nano_phrased" in cfg.suites:
-                suite = tasks.eval_suite(seed=cfg.seed, per_cell=cfg.per_cell, kinds=tuple(cfg.kinds),
-                                         digits=tuple(cfg.digits), steps=tuple(cfg.steps))
                 log.log("suite", suite="nano_phrased", items=sum(len(c) for c in suite.values()))
                 with torch.no_grad():
                     metrics.setdefault("suites", {})["nano_phrased"], more = evaluate_phrased(backend, tokenizer, suite,
