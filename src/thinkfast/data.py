@@ -49,7 +49,7 @@ __all__ = ["DataConfig", "DataError", "Corpus", "held_out", "expand_files", "rea
            "block_causal_mask", "doc_attention", "document_ids", "packed_attention", "positions_and_mask"]
 
 # the nano world's mix: the fields pretrain reads (they were pretrain's own before the data section)
-NANO_MIX = ("kinds", "digits", "steps", "think_fraction", "fact_fraction", "copy_fraction")
+NANO_MIX = ("kinds", "digits", "steps", "think_fraction", "fact_fraction", "copy_fraction", "phrased_fraction")
 _TEXT = (".txt", ".text", ".md")
 _JSON = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _PARQUET = (".parquet",)
@@ -77,6 +77,8 @@ class DataConfig:
     think_fraction: float = 0.75
     fact_fraction: float = 0.0  # share of documents that are fact drills (nano.tasks.fact_drill_document)
     copy_fraction: float = 0.0  # share of documents that are copy drills (nano.tasks.copy_drill_document)
+    # share of problem documents whose question is worded by a training template of nano.tasks.PHRASINGS
+    phrased_fraction: float = 0.0
     # documents packed into one row attend only to themselves (block-diagonal causal mask, positions from 0
     # in each; doc_attention below), in every stage that reads rows: pretraining, the Puzzle stages,
     # fusion's measurements, distillation. A parent pretrained so must be measured and distilled so.
@@ -98,7 +100,7 @@ class DataConfig:
             raise ValueError("kinds, digits and steps must not be empty")
         if any(d < 1 for d in self.digits) or any(s < 1 for s in self.steps):
             raise ValueError(f"digits {self.digits} and steps {self.steps} must be >= 1")
-        for name in ("think_fraction", "fact_fraction", "copy_fraction"):
+        for name in ("think_fraction", "fact_fraction", "copy_fraction", "phrased_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
         if self.fact_fraction + self.copy_fraction > 1.0:

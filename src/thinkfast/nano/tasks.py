@@ -42,6 +42,7 @@ helpers produce the ``<think>...</think>`` responses used by the toggle SFT.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import re
@@ -490,8 +491,16 @@ def text_prompt(problem: Problem, mode: str) -> str:
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
-def pretrain_document(problem: Problem, mode: str) -> str:
-    """One pretraining document (the caller joins documents with end-of-text)."""
+def pretrain_document(problem: Problem, mode: str, template: str | None = None) -> str:
+    """One pretraining document (the caller joins documents with end-of-text); with ``template`` (one of
+    :data:`PHRASINGS`) the question is worded by it.
+
+    >>> print(pretrain_document(Problem("add", 1, 1, "4 + 3", 7, (("+", 4, 3),)), "direct", "Hi! Compute {q}."))
+    Problem: Hi! Compute 4 + 3.
+    Answer: 7
+    """
+    if template is not None:
+        problem = dataclasses.replace(problem, question=chat_prompt(problem, template))
     if mode == "think":
         return text_prompt(problem, "think") + teacher_trace(problem) + "\n" + format_answer(problem.answer)
     if mode == "direct":
