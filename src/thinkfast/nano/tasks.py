@@ -499,12 +499,11 @@ def pretrain_document(problem: Problem, mode: str, template: str | None = None) 
     Problem: Hi! Compute 4 + 3.
     Answer: 7
     """
-    if template is not None:
-        problem = dataclasses.replace(problem, question=chat_prompt(problem, template))
-    if mode == "think":
-        return text_prompt(problem, "think") + teacher_trace(problem) + "\n" + format_answer(problem.answer)
+    asked = problem if template is None else dataclasses.replace(problem, question=chat_prompt(problem, template))
+    if mode == "think":  # the trace restates the question's own sentences, whatever wording asked it
+        return text_prompt(asked, "think") + teacher_trace(problem) + "\n" + format_answer(problem.answer)
     if mode == "direct":
-        return f"Problem: {problem.question}\n{format_answer(problem.answer)}"
+        return f"Problem: {asked.question}\n{format_answer(problem.answer)}"
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 

@@ -156,8 +156,9 @@ def run(cfg: PretrainConfig, stage: StageDir, inputs: Inputs | None = None) -> d
     n_params = sum(p.numel() for p in model.parameters())
     cut = too_long_fraction(cfg, data, tokenizer)
     if cut > 0.01:
-        warnings.warn(f"pretrain: {cut:.0%} of documents are longer than seq_len={cfg.seq_len} tokens and never "
-                      "end inside a row; raise pretrain.seq_len", stacklevel=2)
+        warnings.warn(f"pretrain: {cut:.0%} of documents are longer than seq_len={cfg.seq_len} tokens and are left "
+                      "out (cut, their answers would never be trained on); raise pretrain.seq_len to keep them",
+                      stacklevel=2)
     eos = data.doc_eos(tokenizer)  # with data.doc_mask documents attend only to themselves
     log = stage.logger()
     loop = TrainLoop(stage, "train", cfg.train_steps, opt, schedule=lambda step: lr_at(cfg, step), log=log,
