@@ -192,6 +192,10 @@ def test_grpo_stage_runs_and_resumes_to_the_same_weights(sft_run, tmp_path, monk
     m, _ = run_stage(_pipe(ref_run, "grpo.kl_beta=0.1"), "grpo")
     assert m["steps"] == 4 and m["prompts"] == 12 and "accuracy_on_after" in m
     curve = json.loads((ref_run / "grpo" / "curve.json").read_text())
+    # the held-out check apart on the SFT data's difficulties and past them (the student against its teacher)
+    groups = curve["points"][-1]["on"]["groups"]
+    assert set(groups) <= {"covered", "beyond"} and sum(g["n"] for g in groups.values()) == 2
+    assert all(f"accuracy_on_{g}_before" in m and f"accuracy_on_{g}_after" in m for g in groups)
     assert [p["step"] for p in curve["points"]] == [0, 2, 4] and len(curve["steps"]) == 4
     assert {"reward", "pass_rate", "kl", "clip_fraction", "response_tokens", "format_ok"} <= set(curve["steps"][0])
     assert json.loads((ref_run / "grpo" / "pass_rates.json").read_text())["samples"] == 2

@@ -570,6 +570,36 @@ def test_copy_drills_repeat_their_text_and_mix_in_at_their_share(tok):
         DataConfig(copy_fraction=0.6, fact_fraction=0.6)
 
 
+def test_worded_documents_keep_their_trace_and_long_documents_are_left_out(tok):
+    """phrased_fraction words a share of the questions with a training template (never a held-out one) and leaves
+    the worked trace as the canonical question's; a zero share leaves the stream as before. A document longer
+    than a row (a worked 3-digit product) is left out of packed rows, never cut; a mix none of whose documents
+    fits is an error, not a hang."""
+    from thinkfast.nano import tasks
+    from thinkfast.nano.corpus import documents, packed_rows
+
+    docs = documents(random.Random(0), 3000, kinds=["add", "word"], digits=[1, 2], steps=[2], phrased_fraction=0.3)
+    asked = [d.split("\n")[0][len("Problem: "):] for d in docs]
+    names = tuple(t[0] + " has " for t in tasks._WORD_TEMPLATES)
+    bare = [bool(re.fullmatch(r"\d+ \+ \d+", a)) or (a.startswith(names) and a.endswith("now?")) for a in asked]
+    assert 0.25 < 1 - sum(bare) / len(bare) < 0.35
+    held = [t.split("{q}")[0] for k in ("arith", "word") for t in tasks.PHRASINGS["held_out"][k]]
+    assert not any(a.startswith(tuple(h for h in held if h)) for a in asked)
+    p = tasks.Problem("word", 1, 2, "Ann has 4 pens. She buys 3 more pens. How many pens does Ann have now?", 7,
+                      (("+", 4, 3),))
+    doc = tasks.pretrain_document(p, "think", "Hey, Read carefully. {q} Thanks.")
+    assert doc.startswith("Problem: Hey, Read carefully. Ann has 4 pens.") and tasks.teacher_trace(p) in doc
+    assert documents(random.Random(1), 50) == documents(random.Random(1), 50, phrased_fraction=0.0)
+
+    rows = packed_rows(tok, random.Random(0), 3, 512, kinds=["mul"], digits=[2, 3], steps=[2], think_fraction=1.0)
+    for row in rows.tolist():
+        text = tok.decode(row)
+        assert not re.search(r"Problem: \d{3} \*", text)  # every worked 3-digit product (~770 tokens) left out
+        assert "Problem: " in text
+    with pytest.raises(ValueError, match="fits a row of 512"):
+        packed_rows(tok, random.Random(0), 1, 512, kinds=["mul"], digits=[3], steps=[2], think_fraction=1.0)
+
+
 def test_tokenizer_prompts_tokenise_as_inside_documents(tok):
     """A text prompt's tokens are a prefix of the tokens of the document that continues it, so the
     parent sees at evaluation exactly the token boundary it was trained on."""

@@ -271,9 +271,12 @@ def test_a_model_that_collapses_to_one_mode_is_flagged(tok):
             raise AssertionError("evaluation never syncs")
 
     problems = tasks.make_problems(4, seed=0, kinds=("add",), digits=(1,))
-    out = evaluation.toggle_check(AlwaysThinks(), tok, problems)
+    out = evaluation.toggle_check(AlwaysThinks(), tok, problems, group=lambda p: "even" if p.answer % 2 == 0 else "odd")
     assert out["on"]["format_ok"] == 1.0 and out["off"]["format_ok"] == 0.0
     assert out["collapsed"] == ["off"]
+    groups = out["on"]["groups"]  # per group: accuracy (only 4 is right), format, count
+    assert sum(g["n"] for g in groups.values()) == 4 and all(g["format_ok"] == 1.0 for g in groups.values())
+    assert groups["even"]["accuracy"] == sum(p.answer == 4 for p in problems) / groups["even"]["n"]
 
 
 def test_varied_phrasings_and_off_examples_beyond_the_traces():

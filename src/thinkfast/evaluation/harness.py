@@ -389,10 +389,12 @@ def models_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def toggle_check(backend: Backend, tokenizer, problems: list, *, max_new_tokens: int = 600, batch_size: int = 64) -> dict:
+def toggle_check(backend: Backend, tokenizer, problems: list, *, max_new_tokens: int = 600, batch_size: int = 64,
+                 group=None) -> dict:
     """The toggle, greedy in both modes of the chat template: per mode the accuracy, the share of responses
     in the mode's format (on: one well-formed think block; off: none), the mean response tokens and the
-    share cut off by ``max_new_tokens``; ``collapsed`` names a mode the model does not obey (format < 0.5)."""
+    share cut off by ``max_new_tokens``; ``collapsed`` names a mode the model does not obey (format < 0.5).
+    With ``group(problem) -> str``, each mode's ``groups`` has the accuracy, format and count of each group."""
     params = _greedy(tokenizer, max_new_tokens, batch_size)
     out: dict = {}
     for mode in CHAT_MODES:
@@ -404,6 +406,12 @@ def toggle_check(backend: Backend, tokenizer, problems: list, *, max_new_tokens:
                      "format_ok": statistics.fmean(g["format_ok"] for g in graded),
                      "mean_tokens": statistics.fmean(c.n_tokens for c in completions),
                      "truncated": statistics.fmean(c.finish_reason == "length" for c in completions)}
+        if group is not None:
+            names = [group(p) for p in problems]
+            out[mode]["groups"] = {
+                name: {"accuracy": statistics.fmean(g["correct"] for g, n in zip(graded, names) if n == name),
+                       "format_ok": statistics.fmean(g["format_ok"] for g, n in zip(graded, names) if n == name),
+                       "n": names.count(name)} for name in sorted(set(names))}
     out["collapsed"] = [m for m in CHAT_MODES if out[m]["format_ok"] < 0.5] or None
     return out
 

@@ -49,7 +49,11 @@ def packed_rows(tokenizer, rng: random.Random, rows: int, width: int, keep=None,
     out = []
     for _ in range(rows):
         row: list[int] = []
+        misses = 0
         while len(row) < width:
+            if misses > 64:
+                raise ValueError(f"no document of this mix fits a row of {width} tokens: raise the row length")
+            misses += 1
             docs = documents(rng, 8, **doc_kwargs)
             if keep is not None:
                 docs = [d for d in docs if keep(d)]
@@ -58,6 +62,7 @@ def packed_rows(tokenizer, rng: random.Random, rows: int, width: int, keep=None,
             for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
                 if len(ids) >= width:
                     continue
+                misses = 0
                 row.extend(ids)
                 row.append(eos)
                 if len(row) >= width:

@@ -22,7 +22,8 @@ teacher's data (``digits`` up to 3, word problems of up to 3 steps by default).
 
 Logged every step: reward mean, pass rate (share of completions with full accuracy reward), each reward's
 mean, KL, clip fraction, response length, think-format compliance, reward errors. Every ``eval_every``
-steps: greedy accuracy in both modes on held-out problems (``curve.json`` / ``curve.png``). Resumable: a
+steps: greedy accuracy in both modes on held-out problems, on the SFT data's difficulties and past them apart
+(``covered_digits`` / ``covered_steps``; ``curve.json`` / ``curve.png``). Resumable: a
 resumed run draws the same prompts and samples. A NaN loss stops the run with an error; the last checkpoint
 (written every ``checkpoint_every`` steps) stays as it was.
 
@@ -106,6 +107,10 @@ class GRPOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFi
     thinking: Literal["on", "off", "both"] = "on"  # the mode of the prompts (both: half each)
     # nano world: one canonical wording, or the "train" templates of thinkfast.nano.tasks.PHRASINGS (as sft.phrasing)
     phrasing: Literal["canonical", "varied"] = "canonical"
+    # nano world: the difficulties the SFT teacher's traces covered (sft.digits / sft.steps): the held-out check
+    # reports accuracy on them ("covered": no regression) and past them ("beyond": the student past its teacher)
+    covered_digits: list[int] = field(default_factory=lambda: [1, 2])
+    covered_steps: list[int] = field(default_factory=lambda: [1, 2])
     rewards: list[str] = field(default_factory=lambda: ["nano_accuracy", "think_format"])  # or module:function
     reward_weights: list[float] | None = None  # default 1 each
     pass_reward: str | None = None  # the reward whose 1 means "solved" (pass rates); default: the first
@@ -181,6 +186,12 @@ Config = GRPOConfig
 def _sampling(cfg: GRPOConfig, tokenizer, seed: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                           stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=cfg.batch_size, seed=seed)
+
+
+def _difficulty(cfg: GRPOConfig, problem) -> str:
+    """"covered" when the SFT teacher's traces had the problem's difficulty, else "beyond"."""
+    steps_ok = problem.kind != "word" or problem.steps in cfg.covered_steps
+    return "covered" if problem.digits in cfg.covered_digits and steps_ok else "beyond"
 
 
 def _weights_digest(model_dir: Path) -> str:
@@ -318,7 +329,8 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
     def point(step: int) -> None:
         if eval_set:
             curve.append({"step": step, **toggle_check(backend, tokenizer, eval_set,
-                                                       max_new_tokens=cfg.eval_max_new_tokens)})
+                                                       max_new_tokens=cfg.eval_max_new_tokens,
+                                                       group=lambda p: _difficulty(cfg, p))})
         elif held_ids:
             result, errors = held_out_check(backend, tokenizer, held_ids, held_cols, pass_runner,
                                             max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.batch_size)
@@ -375,6 +387,10 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
         for mode in ("on", "off"):
             metrics[f"accuracy_{mode}_before"] = curve[0][mode]["accuracy"]
             metrics[f"accuracy_{mode}_after"] = curve[-1][mode]["accuracy"]
+            for name in curve[-1][mode].get("groups", {}):
+                for when, at in (("before", 0), ("after", -1)):
+                    got = curve[at][mode].get("groups", {}).get(name)
+                    metrics[f"accuracy_{mode}_{name}_{when}"] = got["accuracy"] if got else None
     log.log("done", **metrics)
     log.close()
     return metrics
