@@ -39,24 +39,37 @@ class Problem:
         return {k: float(m[rows, list(choice)].sum() + self.fixed.get(k, 0.0)) for k, m in self.costs.items()}
 
 
-STRUCTURES = ("any", "layers")
+STRUCTURES = ("any", "layers", "layers_ffn")
 
 
-def restrict(problem: Problem, structure: str) -> Problem:
+def _ffn_width(name: str) -> int | None:
+    """The hidden width of an FFN variant named ``ffn_<width>`` (the library's names), else None."""
+    return int(name[4:]) if name.startswith("ffn_") and name[4:].isdigit() else None
+
+
+def restrict(problem: Problem, structure: str, min_ffn_fraction: float = 0.5) -> Problem:
     """The problem with only the blocks a child ``structure`` allows (the others' scores set to inf):
     ``any``: every block of the library; ``layers``: each layer removed whole (no-op attention and FFN) or
     kept with its parent FFN and its parent attention or a GQA variant with fewer KV heads (docs/LOG.md
     2026-12-03 session 6: in the nano world such children recover from distillation far better than the
-    MIP's mix of partial blocks at the same speed)."""
+    MIP's mix of partial blocks at the same speed); ``layers_ffn``: as ``layers``, a kept layer's FFN may also
+    be a narrower one of at least ``min_ffn_fraction`` of the parent's width: finer steps of speed between
+    children of k and k - 1 layers (issue 26)."""
     if structure not in STRUCTURES:
         raise ValueError(f"structure={structure!r}: choose from {list(STRUCTURES)}")
     if structure == "any":
         return problem
+    if not 0 < min_ffn_fraction <= 1:
+        raise ValueError(f"min_ffn_fraction={min_ffn_fraction} must be in (0, 1]")
     scores = problem.scores.copy()
     for i, names in enumerate(problem.names):
         pa, pf = names[problem.parent_choice[i]]
+        parent_width = _ffn_width(pf)
         for k, (a, f) in enumerate(names):
-            whole = (a, f) == ("no_op", "no_op") or (f == pf and (a == pa or a.startswith("gqa_")))
+            width = _ffn_width(f)
+            ffn_ok = f == pf or (structure == "layers_ffn" and parent_width is not None and width is not None
+                                 and min_ffn_fraction * parent_width <= width <= parent_width)
+            whole = (a, f) == ("no_op", "no_op") or (ffn_ok and (a == pa or a.startswith("gqa_")))
             if not whole:
                 scores[i, k] = np.inf
     return dataclasses.replace(problem, scores=scores)

@@ -17,6 +17,8 @@ Targets (any combination; each becomes one ``sum cost <= limit`` row):
   bytes per token at most this share of the parent's.
 ``structure: layers`` limits the children to whole layers removed or kept with their FFN (attention may
 lose KV heads): in the nano world those recover from distillation far better (docs/LOG.md 2026-12-03).
+``structure: layers_ffn`` also lets a kept layer's FFN narrow to ``min_ffn_fraction`` of its width: steps of
+speed between the children of k and k - 1 whole layers, which an 8-layer parent lacks (issue 26).
 ``sweep`` solves for each speedup in the list and writes ``pareto.json``, ``pareto.md`` and
 ``pareto.png`` (when matplotlib is installed).
 
@@ -72,9 +74,11 @@ class SearchConfig:
     memory_context: int = 2048
     max_kv_cache_bytes: float | None = None  # KV cache of batch_size x memory_context tokens
     kv_fraction: float | None = None
-    # which children: any (every block of the library), or layers (each layer removed whole or kept with its
-    # FFN and its attention or a GQA variant with fewer KV heads; see thinkfast.puzzle.assemble.restrict)
-    structure: Literal["any", "layers"] = "any"
+    # which children: any (every block of the library), layers (each layer removed whole or kept with its
+    # FFN and its attention or a GQA variant with fewer KV heads; see thinkfast.puzzle.assemble.restrict), or
+    # layers_ffn (as layers, a kept layer's FFN also narrowed to at least min_ffn_fraction of its width)
+    structure: Literal["any", "layers", "layers_ffn"] = "any"
+    min_ffn_fraction: float = 0.5
     n_solutions: int = 1
     alpha: float = 0.8  # diversity: later solutions share at most alpha * layers blocks with earlier ones
     sweep: list[float] = field(default_factory=list)  # speedups for the Pareto table
@@ -96,6 +100,8 @@ class SearchConfig:
             raise ValueError(f"sweep: speedups must be > 0, got {self.sweep}")
         if self.n_solutions < 1 or not 0 <= self.alpha <= 1:
             raise ValueError("n_solutions must be >= 1 and alpha in [0, 1]")
+        if not 0 < self.min_ffn_fraction <= 1:
+            raise ValueError(f"min_ffn_fraction={self.min_ffn_fraction} must be in (0, 1]")
         if self.calibrate < 0:
             raise ValueError(f"calibrate={self.calibrate} must be >= 0")
 
@@ -132,7 +138,7 @@ def run(cfg: SearchConfig, stage: StageDir, inputs: Inputs) -> dict:
     try:
         problem = build_problem(lib, scores, costs, cfg.metric)
         check_finite(problem)
-        problem = restrict(problem, cfg.structure)
+        problem = restrict(problem, cfg.structure, cfg.min_ffn_fraction)
         limits = limits_for(targets, problem, costs)
     except ValueError as e:
         raise type(e)(f"{e} (scores: {inputs['scores']}; costs: {copied or inputs['costs']})") from None
