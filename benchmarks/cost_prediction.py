@@ -1,14 +1,16 @@
 """How well a costs file predicts whole-model speed: children the search did not pick, predicted against measured.
 
 Draws ``--children`` random children of the parent under ``structure: layers`` (each layer removed whole, or kept
-with its FFN and its attention or a variant with fewer KV heads), predicts each one's speedup from the run's costs
+with its FFN and its attention or a variant with fewer KV heads; ``--structure layers_ffn``: its FFN may also be
+narrower), predicts each one's speedup from the run's costs
 (``thinkfast.puzzle.assemble.build_problem``: blocks + fixed part + the parent's unexplained overhead, exactly what
 the search uses) and times it against the parent here in back-to-back pairs (``paired_speedup``, the search's own
 verification). Weights do not change a CPU's timing, so the children are random-initialised from their configs.
 Writes ``benchmarks/results/cost_prediction.json``: per child its layers, predicted and measured speedup and the
 ratio, and the median / worst absolute error.
 
-    python benchmarks/cost_prediction.py --run runs/nano [--costs FILE] [--children 12] [--out FILE]
+    python benchmarks/cost_prediction.py --run runs/nano [--costs FILE] [--children 12] [--structure layers_ffn]
+                                         [--out FILE]
 """
 
 from __future__ import annotations
@@ -35,13 +37,15 @@ def main(argv=None) -> int:
     ap.add_argument("--costs", help="a costs.json to test instead of the run's")
     ap.add_argument("--children", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--structure", default="layers", help="the search's structure the children are drawn from "
+                    "(layers, layers_ffn)")
     ap.add_argument("--out", default="benchmarks/results/cost_prediction.json")
     args = ap.parse_args(argv)
     run = Path(args.run)
     lib = read_library(run / "library" / "library")
     costs = read_costs(Path(args.costs) if args.costs else run / "costs" / "costs.json", lib)
     scores = read_scores(run / "scores" / "scores.json", lib)
-    problem = restrict(build_problem(lib, scores, costs), "layers")
+    problem = restrict(build_problem(lib, scores, costs), args.structure)
     parent = load_decilm(run / "pretrain" / "model")
     batch = max(int(b) for b in costs["batch_sizes"])
     key = f"decode_s@{batch}"
@@ -75,6 +79,7 @@ def main(argv=None) -> int:
         print(f"{sum(b != ('no_op', 'no_op') for b in blocks)} layers {blocks}: predicted {predicted:.2f}x "
               f"(overhead per block: {scaled:.2f}x), measured {measured:.2f}x", flush=True)
     out = {"device": device_name(torch.device("cpu")), "costs": str(args.costs or run / "costs" / "costs.json"),
+           "structure": args.structure,
            "measure": costs.get("measure", "blocks"), "batch": batch, "children": rows,
            **_errors([r["ratio"] for r in rows]), "scaled": _errors([r["ratio_scaled"] for r in rows])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -268,6 +268,19 @@ def test_structure_layers_allows_whole_layers_and_fewer_kv_heads_only(run_dir, p
             assert allowed == (whole and np.isfinite(problem.scores[i, k])), (i, a, f)
     with pytest.raises(ValueError, match="structure='blocks'"):
         restrict(problem, "blocks")
+    # layers_ffn: as layers, and a kept layer's FFN may be narrower down to min_ffn_fraction of the parent's
+    for fraction in (0.5, 0.75, 1.0):
+        narrow = restrict(problem, "layers_ffn", fraction)
+        for i, names in enumerate(problem.names):
+            pa, pf = names[problem.parent_choice[i]]
+            for k, (a, f) in enumerate(names):
+                ffn_ok = f.startswith("ffn_") and fraction * int(pf[4:]) <= int(f[4:]) <= int(pf[4:])
+                whole = (a, f) == ("no_op", "no_op") or (ffn_ok and a.startswith("gqa_"))
+                assert np.isfinite(narrow.scores[i, k]) == (whole and np.isfinite(problem.scores[i, k])), (i, a, f)
+    assert np.array_equal(restrict(problem, "layers_ffn", 1.0).scores, layered.scores)
+    assert np.isfinite(restrict(problem, "layers_ffn", 0.5).scores).sum() > np.isfinite(layered.scores).sum()
+    with pytest.raises(ValueError, match="min_ffn_fraction"):
+        restrict(problem, "layers_ffn", 0.0)
     cfg = search.SearchConfig(speedup=1.3, batch_size=2, sweep=[], verify=False, structure="layers")
     stage = StageDir(root, "search")
     search.run(cfg, stage, _search_inputs(root, parent_dir))
