@@ -253,7 +253,8 @@ def test_the_cli_reports_a_misbehaving_server_in_one_line(tmp_path, cli, mode, p
     folder = tiny_chat_model(tmp_path / "model")
     with FakeServer(mode) as fake:
         code, _, err = cli(folder, tmp_path / "out", f"eval.endpoint={fake.url}{path}", "eval.per_cell=1",
-                            "eval.digits=[1]", "eval.endpoint_retries=1", "eval.endpoint_concurrency=1")
+                            "eval.digits=[1]", "eval.steps=[2]", "eval.endpoint_retries=1",
+                            "eval.endpoint_concurrency=1")
     assert code == 1 and err.count("\n") == 1 and "bug in thinkfast" not in err
     assert err.startswith(f"thinkfast: error: eval.endpoint={fake.url}{path}: ") and says in err
     assert not list((tmp_path / "out" / "eval").glob("*/metrics.json"))  # nothing half-done is kept
@@ -268,7 +269,9 @@ def test_the_readme_endpoint_command_works_with_the_embedded_config(tmp_path, cl
     assert code == 0, err
     [metrics_file] = (tmp_path / "out" / "eval").glob("*/metrics.json")
     metrics = json.loads(metrics_file.read_text())
-    n = 50 * 4 * 3 * 2 + 100 * 2  # the embedded config: per_cell x kinds x digits x modes, then nano_if x modes
+    # the embedded config: per_cell x cells (3 arithmetic kinds x 3 digits + word problems x 3 digits x 2 steps) x
+    # modes, for nano and nano_phrased, then nano_if x modes
+    n = 40 * (3 * 3 + 3 * 2) * 2 * 2 + 100 * 2
     assert metrics["endpoint"] == {"url": fake.url + "/v1", "model": "fake", "requests": 1 + n, "retries": 0,
                                    "timeout": 300.0, "max_retries": 2} and fake.posts == n
     assert metrics["notes"] == ["budgets skipped: the thinking budget runs inside the local engine, not on a "
