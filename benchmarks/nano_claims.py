@@ -7,7 +7,7 @@
 - the toggle, per chat model, suite (``nano``: the training wording; ``nano_phrased``: wordings toggle SFT never
   saw) and mode: format compliance overall and in its worst cell, "on" accuracy in each wording and their gap;
 - RL: "on" accuracy of the GRPO child against the SFT child on the cells the SFT teacher's traces covered
-  (``--covered-digits`` / ``--covered-steps``) and on those past them.
+  (``--teacher-digits`` / ``--teacher-steps``) and on those past them (``grpo_nano.cell_groups``).
 
     python benchmarks/nano_claims.py [--run runs/nano] [--out benchmarks/results/nano_claims.json]
 """
@@ -18,6 +18,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from grpo_nano import cell_groups  # benchmarks/ is on the path when this file runs as a script
 
 
 def _cells(metrics: dict, suite: str, mode: str) -> dict | None:
@@ -33,20 +35,12 @@ def _mean(cells: dict, keep) -> float | None:
     return sum(a * k for a, k in picked) / n if n else None
 
 
-def covered(name: str, digits: set[int], steps: set[int]) -> bool:
-    """Whether a cell (``kind/Nd`` or ``word/Nd/Ss``) lies within the given difficulties.
-
-    >>> covered("add/2d", {1, 2}, {1, 2}), covered("word/2d/3s", {1, 2}, {1, 2}), covered("sub/3d", {1, 2}, {2})
-    (True, False, False)
-    """
-    parts = name.split("/")
-    ok = int(parts[1].rstrip("d")) in digits
-    if len(parts) > 2:
-        ok = ok and int(parts[2].rstrip("s")) in steps
-    return ok
+def _small(name: str) -> bool:
+    """1-2 digit cells (``kind/Nd`` or ``word/Nd/Ss``), every step count."""
+    return name.split("/")[1] in ("1d", "2d")
 
 
-def claims(run: Path, covered_digits: set[int], covered_steps: set[int]) -> dict:
+def claims(run: Path, teacher_digits: int, teacher_steps: int) -> dict:
     out: dict = {"run": str(run)}
     search = json.loads((run / "search" / "metrics.json").read_text())
     target = search.get("target_speedup") or (search["calibration"][0]["predicted_target"]
@@ -58,11 +52,10 @@ def claims(run: Path, covered_digits: set[int], covered_steps: set[int]) -> dict
                      "walk": [(c["predicted_target"], c["measured_speedup"]) for c in search.get("calibration", [])]}
     evals = {d.name: json.loads((d / "metrics.json").read_text())
              for d in sorted((run / "eval").iterdir()) if (d / "metrics.json").is_file()}
-    small = lambda name: covered(name, {1, 2}, {1, 2, 3})  # noqa: E731 (1-2 digit problems, every step count)
     if "pretrain" in evals and "distill" in evals:
         mode = "think"
-        parent = _mean(_cells(evals["pretrain"], "nano", mode), small)
-        child = _mean(_cells(evals["distill"], "nano", mode), small)
+        parent = _mean(_cells(evals["pretrain"], "nano", mode), _small)
+        child = _mean(_cells(evals["distill"], "nano", mode), _small)
         tp = json.loads((run / "eval" / "throughput.json").read_text())["models"]
         out["recovery"] = {"parent_1_2_digits": parent, "distilled_1_2_digits": child, "kept": child / parent,
                            "decode_speedup_at_16": tp.get("distill", {}).get("x_decode_tok_s@16"),
@@ -90,8 +83,8 @@ def claims(run: Path, covered_digits: set[int], covered_steps: set[int]) -> dict
         rl = {}
         for model in ("sft", "grpo"):
             cells = _cells(evals[model], "nano", "on")
-            rl[model] = {"covered": _mean(cells, lambda c: covered(c, covered_digits, covered_steps)),
-                         "beyond": _mean(cells, lambda c: not covered(c, covered_digits, covered_steps)),
+            groups = cell_groups(cells, teacher_digits, teacher_steps)
+            rl[model] = {"covered": groups["seen"], "beyond": groups["beyond"],
                          "cells": {c: v["accuracy"] for c, v in cells.items()}}
         rl["gain_covered"] = rl["grpo"]["covered"] - rl["sft"]["covered"]
         rl["gain_beyond"] = rl["grpo"]["beyond"] - rl["sft"]["beyond"]
@@ -102,12 +95,11 @@ def claims(run: Path, covered_digits: set[int], covered_steps: set[int]) -> dict
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/nano")
-    ap.add_argument("--covered-digits", default="1,2", help="the SFT teacher's digits (sft.digits)")
-    ap.add_argument("--covered-steps", default="1,2", help="the SFT teacher's word-problem steps (sft.steps)")
+    ap.add_argument("--teacher-digits", type=int, default=2, help="the SFT teacher's most digits (sft.digits)")
+    ap.add_argument("--teacher-steps", type=int, default=2, help="the SFT teacher's most word steps (sft.steps)")
     ap.add_argument("--out", default="benchmarks/results/nano_claims.json")
     args = ap.parse_args(argv)
-    result = claims(Path(args.run), {int(x) for x in args.covered_digits.split(",")},
-                    {int(x) for x in args.covered_steps.split(",")})
+    result = claims(Path(args.run), args.teacher_digits, args.teacher_steps)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "rl"}, indent=1))

@@ -125,6 +125,23 @@ def test_math_accuracy_agrees_with_trl_and_grades_only_the_answer():
     assert not errors and parts["math"] == ours
 
 
+def test_the_held_out_check_splits_the_teachers_difficulties_from_the_ones_past_them():
+    """covered: digits and (word problems') steps both within the SFT teacher's; arithmetic has no steps."""
+    import random
+
+    from thinkfast.nano import tasks
+    from thinkfast.stages.grpo import GRPOConfig, _difficulty
+
+    cfg, rng = GRPOConfig(), random.Random(0)
+    got = {(kind, d, s): _difficulty(cfg, tasks.sample_problem(rng, kind, d, s))
+           for kind in ("add", "word") for d in (1, 2, 3) for s in (1, 2, 3)}
+    assert {k for k, v in got.items() if v == "covered"} == {
+        ("add", d, s) for d in (1, 2) for s in (1, 2, 3)} | {("word", d, s) for d in (1, 2) for s in (1, 2)}
+    narrow = GRPOConfig(covered_digits=[1], covered_steps=[2])
+    assert _difficulty(narrow, tasks.sample_problem(rng, "word", 1, 1)) == "beyond"
+    assert _difficulty(narrow, tasks.sample_problem(rng, "mul", 1)) == "covered"
+
+
 def test_curriculum_moves_from_easy_to_hard_and_uses_each_prompt_once_per_epoch():
     rates = [k / 8 for k in range(6) for _ in range(10)]  # pools 0 .. 5/8, 10 prompts each
     assert keep_hard([0.8, 0.75, 0.74]) == [2]
