@@ -230,6 +230,63 @@ def test_costs_from_whole_models_explain_the_parent_and_recover_an_additive_runt
     assert data["fixed"]["decode_s"]["1"] == pytest.approx(0.25)
 
 
+def _fake_runtime(model, batch: int = 1) -> float:
+    """An exactly additive runtime with a cost per kept layer: 0.25 per model, 0.1 per layer that keeps a part,
+    attention gqa_kvK: K, linear 0.5; an FFN of width W: W / 100, linear 0.3."""
+    t = 0.25
+    for layer in model.model.layers:
+        a, f = layer.attention_spec, layer.ffn_spec
+        t += 0.0 if a.kind == "no_op" and f.kind == "no_op" else 0.1
+        t += 0.0 if a.kind == "no_op" else 0.5 if a.kind == "linear" else float(a.num_kv_heads(4))
+        t += 0.0 if f.kind == "no_op" else 0.3 if f.kind == "linear" else f.intermediate_size / 100
+    return t * batch
+
+
+def test_costs_fitted_to_whole_children_predict_children_the_fit_never_saw(run_dir, parent_dir, tmp_path,
+                                                                           monkeypatch):
+    """measure=children: random children timed against the parent, a cost per variant, per kept layer and per
+    model fitted to them. On a runtime that is additive with a per-layer cost (which blocks timed alone never
+    see) the costs are recovered and the search's problem predicts the speedup of children outside the fit
+    exactly; on the real runtime the file is valid and the fit's residuals are recorded."""
+    from thinkfast.artifacts import library_pairs
+    from thinkfast.puzzle import timing
+
+    root = run_dir[0]
+    both = Inputs({"parent": parent_dir, "library": root / "library" / "library"})
+    cfg = costs.CostsConfig(batch_sizes=[1, 2], prefill_len=16, decode_context=16, warmup=0, repeats=2, rounds=1,
+                            measure="children", children=12, device="cpu")
+    m = costs.run(cfg, StageDir(tmp_path / "real", "costs"), both)
+    assert m["fit_median_residual@decode_s@2"] >= 0
+    data = read_costs(tmp_path / "real" / "costs" / "costs.json")
+    assert data["measure"] == "children" and len(data["children"]) >= 12 and "layer" in data
+    assert data["attention"]["no_op"]["decode_s"]["1"] == 0.0
+    with pytest.raises(ValueError, match="children=0"):
+        costs.CostsConfig(measure="children", children=0)
+
+    monkeypatch.setattr(puzzle_costs, "measure_whole", lambda model, cfg, device: {
+        k: {str(b): _fake_runtime(model, b) for b in cfg.batch_sizes} for k in ("prefill_s", "decode_s")})
+    monkeypatch.setattr(timing, "paired_speedup", lambda base, other, kind, b, *a, **k: (
+        _fake_runtime(base) / _fake_runtime(other)))
+    costs.run(cfg, StageDir(tmp_path / "fake", "costs"), both)
+    data = read_costs(tmp_path / "fake" / "costs" / "costs.json")
+    assert data["attention"]["gqa_kv1"]["decode_s"]["2"] == pytest.approx(2.0)
+    assert data["ffn"]["ffn_24"]["prefill_s"]["1"] == pytest.approx(0.24)
+    assert data["layer"]["decode_s"]["1"] == pytest.approx(0.1) and data["fixed"]["decode_s"]["2"] == pytest.approx(0.5)
+    lib = read_library(root / "library" / "library")
+    problem = build_problem(lib, read_scores(root / "scores" / "scores.json"), data)
+    assert problem.overhead == {} and problem.scale == {}
+    fitted = {tuple(map(tuple, c["blocks"])) for c in data["children"]}
+    unseen = [c for c in puzzle_costs.random_children(library_pairs(lib), 40, seed=7) if tuple(c) not in fitted]
+    assert len(unseen) >= 5
+    parent_time = problem.totals(problem.parent_choice)["decode_s@1"]
+    for child in unseen:
+        choice = [problem.names[i].index(b) for i, b in enumerate(child)]
+        model = type("M", (), {"model": puzzle_costs.DeciLMForCausalLM(
+            puzzle_costs.child_config(load_decilm(parent_dir).config, lib, child)).model})
+        assert parent_time / problem.totals(choice)["decode_s@1"] == pytest.approx(
+            _fake_runtime(load_decilm(parent_dir)) / _fake_runtime(model)), child
+
+
 def _search_inputs(root, parent_dir):
     return Inputs({"parent": parent_dir, "library": root / "library" / "library",
                    "scores": root / "scores" / "scores.json", "costs": root / "costs" / "costs.json"})

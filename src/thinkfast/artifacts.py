@@ -39,7 +39,8 @@ Library folder (stage ``library``): ``library.json`` and ``weights.safetensors``
      "prefill_len": 256, "decode_context": 256,   # ints >= 1 and >= 0
      "attention": {NAME: ENTRY, ...}, "ffn": {NAME: ENTRY, ...}, "fixed": ENTRY,
      "parent_model": {"prefill_s": TIMES, "decode_s": TIMES},          # optional
-     "first_layer_model": {"prefill_s": TIMES, "decode_s": TIMES}}     # optional: the parent cut to layer 0
+     "first_layer_model": {"prefill_s": TIMES, "decode_s": TIMES},     # optional: the parent cut to layer 0
+     "layer": {"prefill_s": TIMES, "decode_s": TIMES}}                 # optional: per kept layer (measure: children)
     ENTRY = {"params": n, "param_bytes": n, "kv_bytes_per_token": n,   # finite >= 0; kv: attention only
              "prefill_s": TIMES, "decode_s": TIMES}                     # (optional elsewhere)
     TIMES = {"1": seconds, "16": seconds}        # a key str(b) for every batch size b
@@ -344,6 +345,8 @@ def check_costs(data: Any, where: str, library: dict | None = None) -> dict:
         for name, e in c.get(data, part, dict).items():
             entry(e, f"{part}.{name}", part == "attention", False)
     entry(c.get(data, "fixed", dict), "fixed", False, True)
+    if "layer" in data:  # measure: children: what each kept layer costs besides its blocks
+        times(c.get(data, "layer", dict), "layer", False)
     for whole in ("parent_model", "first_layer_model"):
         if whole in data:
             times(c.get(data, whole, dict), whole, True)

@@ -115,6 +115,8 @@ def build_problem(lib: dict, scores: dict, costs: dict, metric: str = "kl") -> P
             for key in cost_keys:
                 try:
                     mats[key][i, k] = value(costs["attention"][a], key) + value(costs["ffn"][f], key)
+                    if "layer" in costs and "@" in key and (a, f) != ("no_op", "no_op"):  # fitted costs: a kept layer's own
+                        mats[key][i, k] += value(costs["layer"], key)
                 except KeyError as e:
                     raise ValueError(f"the costs file has no entry for {e} (layer {i} block {a}+{f})") from None
     fixed = {key: value(costs["fixed"], key) for key in cost_keys if key != "kv_bytes_per_token"}
@@ -124,7 +126,7 @@ def build_problem(lib: dict, scores: dict, costs: dict, metric: str = "kl") -> P
     # fitted through both points (most of it is per layer: a block in a model runs slower than alone, and the
     # layer loop's own work scales with the layers; docs/LOG.md session 12); else all of it is paid by every child
     overhead, scale = {}, {}
-    if "parent_model" in costs:
+    if "parent_model" in costs and costs.get("measure") != "children":  # fitted to whole children: nothing missed
         rows = np.arange(n_layers)
         for key in cost_keys:
             if "@" not in key:

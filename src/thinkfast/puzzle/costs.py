@@ -11,6 +11,9 @@ What is measured and how the ``costs`` stage writes it is described there
   (:func:`median_of_passes`);
 - :func:`measure_models`: whole probe models (:mod:`thinkfast.puzzle.probes`), timed in thinkfast or in
   vLLM (``vllm_timer.py`` run by another Python), the costs per variant derived from their differences;
+- :func:`measure_children`: random children of the library timed whole against the parent (back-to-back
+  pairs, as the search verifies its child), a cost per variant, per kept layer and per model fitted to them
+  (:func:`fit_child_costs`);
 - :func:`explained_share`: how much of the parent's measured time its own blocks explain.
 
 Shapes: prefill ``[b, prefill_len]`` tokens; decode one token per sequence over ``decode_context`` cached
@@ -40,8 +43,8 @@ from .blocks import Variant, variant_module
 from .probes import costs_from_probes, probe_configs
 from .timing import median_time, whole_model_times
 
-__all__ = ["TimingSettings", "explained_share", "first_layer_model", "first_layer_times", "library_variants",
-           "measure_blocks", "measure_fixed", "measure_models", "measure_variant", "measure_whole", "median_of_passes"]
+__all__ = ["TimingSettings", "child_config", "explained_share", "first_layer_model", "fit_child_costs",
+           "measure_children", "random_children", "first_layer_times", "library_variants", "measure_blocks", "measure_fixed", "measure_models", "measure_variant", "measure_whole", "median_of_passes"]
 
 
 @dataclass(frozen=True)
@@ -304,6 +307,166 @@ def measure_models(parent, lib: dict, variants: dict, timing: TimingSettings, de
     return out
 
 
+def child_config(parent_config, lib: dict, blocks: list[tuple[str, str]]):
+    """The nemotron-nas config of the child whose layer ``i`` is the library block ``blocks[i] = (attention,
+    ffn)`` (weights do not change a CPU's or GPU's timing: a model built from it is random-initialised)."""
+    from ..modeling import DeciLMConfig
+    from ..modeling.configuration_decilm import block_config
+
+    specs: dict = {}
+    for v in lib["variants"]:
+        halves = [(v["part"], v["name"], v["spec"])] if v["part"] != "block" else [
+            ("attention", v["attention"], v["attention_spec"]), ("ffn", v["ffn"], v["ffn_spec"])]
+        for part, name, spec in halves:
+            specs.setdefault((v["layer"], part, name), spec)
+    try:
+        out = [block_config(specs[(i, "attention", a)], specs[(i, "ffn", f)]) for i, (a, f) in enumerate(blocks)]
+    except KeyError as e:
+        raise ValueError(f"the library has no variant {e.args[0]} (layer, part, name)") from None
+    return DeciLMConfig(**{**parent_config.to_dict(), "block_configs": out})
+
+
+REMOVED = ("no_op", "no_op")
+
+
+def random_children(pairs: dict[int, list[tuple[str, str]]], n: int, seed: int = 0) -> list[list[tuple[str, str]]]:
+    """``n`` distinct children of a library's blocks (``pairs``: :func:`thinkfast.artifacts.library_pairs`): the
+    number of kept layers drawn uniformly from 1 to all, which layers at random, each kept layer one of its blocks
+    at random (a layer is removed when its library offers no-op attention and FFN). Fewer when the library has
+    fewer distinct children; more when a variant was drawn in none (one child more with it, the rest removed).
+
+    >>> pairs = {0: [("gqa_kv2", "ffn_8"), ("no_op", "ffn_8"), ("no_op", "no_op")], 1: [("gqa_kv2", "ffn_8"),
+    ...          ("gqa_kv1", "ffn_4"), ("no_op", "no_op")]}
+    >>> kids = random_children(pairs, 3, seed=1)
+    >>> len(kids) >= 3 and all(len(c) == 2 for c in kids) and {b for c in kids for b in c} >= {("gqa_kv1", "ffn_4")}
+    True
+    """
+    import random
+
+    rng = random.Random(seed)
+    layers = sorted(pairs)
+    out, seen = [], set()
+    for _ in range(50 * n):
+        if len(out) == n:
+            break
+        kept = set(rng.sample(layers, rng.randint(1, len(layers))))
+        child = []
+        for i in layers:
+            live = [b for b in pairs[i] if b != REMOVED]
+            child.append(rng.choice(live) if i in kept or REMOVED not in pairs[i] else REMOVED)
+        if tuple(child) not in seen:
+            seen.add(tuple(child))
+            out.append(child)
+    for part in (0, 1):  # every variant in some child, or its cost could not be fitted
+        drawn = {b[part] for c in out for b in c}
+        for i in layers:
+            for block in pairs[i]:
+                if block[part] not in drawn and block != REMOVED:
+                    child = [REMOVED if REMOVED in pairs[j] else pairs[j][0] for j in layers]
+                    child[layers.index(i)] = block
+                    out.append(child)
+                    drawn.update(block)
+    return out
+
+
+def _features(blocks: list[tuple[str, str]], columns: list[tuple[str, str]]) -> list[float]:
+    """A child's counts: of each attention and FFN variant (no-ops are free), of kept layers, and 1 (the model)."""
+    x = [0.0] * len(columns)
+    index = {c: k for k, c in enumerate(columns)}
+    for a, f in blocks:
+        if a != "no_op":
+            x[index[("attention", a)]] += 1
+        if f != "no_op":
+            x[index[("ffn", f)]] += 1
+        if (a, f) != REMOVED:
+            x[index[("layer", "")]] += 1
+    x[index[("fixed", "")]] = 1.0
+    return x
+
+
+def fit_child_costs(children: list[list[tuple[str, str]]], times: list[float]) -> dict:
+    """A cost per attention and FFN variant (no-op: 0), per kept layer and per model, all >= 0, fitted to whole
+    children's ``times`` by least squares on the relative error (SciPy's bounded least squares): a child's
+    predicted time is ``fixed + layer x (its kept layers) + the sum of its variants' costs``. Returns ``{"attention":
+    {name: c}, "ffn": {name: c}, "layer": c, "fixed": c, "residuals": [predicted / measured - 1 per child]}``.
+
+    >>> kids = [[("a", "f"), ("a", "f")], [("a", "f"), ("no_op", "no_op")], [("a", "no_op"), ("no_op", "f")],
+    ...         [("no_op", "f"), ("no_op", "no_op")], [("a", "no_op"), ("no_op", "no_op")]]
+    >>> fit = fit_child_costs(kids, [2 * (1 + 3 + 2) + 5, 1 + 3 + 2 + 5, 2 + 3 + 2 + 5, 1 + 2 + 5, 1 + 3 + 5])
+    >>> {k: round(v, 6) for k, v in {**fit["attention"], **fit["ffn"], "layer": fit["layer"], "fixed": fit["fixed"]}.items()}
+    {'a': 3.0, 'f': 2.0, 'layer': 1.0, 'fixed': 5.0}
+    """
+    import numpy as np
+    from scipy.optimize import lsq_linear
+
+    att = sorted({a for c in children for a, _ in c} - {"no_op"})
+    ffn = sorted({f for c in children for _, f in c} - {"no_op"})
+    columns = [("attention", a) for a in att] + [("ffn", f) for f in ffn] + [("layer", ""), ("fixed", "")]
+    x = np.array([_features(c, columns) for c in children])
+    y = np.asarray(times, dtype=float)
+    if len(y) != len(x) or not np.all(y > 0):
+        raise ValueError("fit_child_costs needs one time > 0 per child")
+    coef = lsq_linear(x / y[:, None], np.ones_like(y), bounds=(0, np.inf), method="bvls").x
+    c = dict(zip(columns, (float(v) for v in coef)))
+    return {"attention": {a: c[("attention", a)] for a in att}, "ffn": {f: c[("ffn", f)] for f in ffn},
+            "layer": c[("layer", "")], "fixed": c[("fixed", "")],
+            "residuals": [float(v) for v in x @ coef / y - 1]}
+
+
+@torch.no_grad()
+def measure_children(parent, lib: dict, variants: dict[str, dict[str, Variant]], timing: TimingSettings,
+                     device: torch.device, children: int, seed: int = 0) -> dict:
+    """Costs fitted to whole children (:func:`fit_child_costs`): ``children`` random children of the library
+    (:func:`random_children`) and the parent itself, each timed against the parent in back-to-back pairs
+    (:func:`thinkfast.puzzle.timing.paired_speedup`: what the search's verification measures; ``repeats`` pairs,
+    or at least 3 and half a second) at every batch size, prefill and decode; times are the parent's whole-model time over those speedups. A cost then
+    holds a block as it runs inside a model, with its neighbours (caches, the layer loop's work), where a block
+    timed alone misses part of it: on a 2-core CPU blocks timed alone explained 60-77% of the nano parent's
+    decode step, and more of a child with narrower blocks (docs/LOG.md session 13)."""
+    from tqdm.auto import tqdm
+
+    from .timing import paired_speedup
+
+    dtype = torch_dtype(timing.dtype)
+    pairs = library_pairs(lib)
+    if sorted(pairs) != list(range(parent.config.num_hidden_layers)):
+        raise ValueError("costs.measure=children needs a library of every layer (merge the slices first)")
+    parent_blocks = [pairs[i][0] for i in sorted(pairs)]
+    kids = [c for c in random_children(pairs, children, seed) if c != parent_blocks]
+    whole = median_of_passes([measure_whole(parent, timing, device) for _ in range(timing.rounds)])
+    keys = [(kind, str(b)) for b in timing.batch_sizes for kind in ("prefill_s", "decode_s")]
+    speedups: list[dict] = []
+    for blocks in tqdm(kids, desc="costs (children)", unit="child"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            child = DeciLMForCausalLM(child_config(parent.config, lib, blocks)).to(device).eval()
+        speedups.append({f"{kind}@{b}": paired_speedup(
+            parent, child, kind, int(b), timing.prefill_len, timing.decode_context, dtype, device,
+            warmup=min(timing.warmup, 1), pairs=timing.repeats, budget_s=0.5, min_pairs=3) for kind, b in keys})
+        del child
+    rows = [parent_blocks] + kids
+    out: dict = {part: {name: {**_sizes(parent.config, v, dtype), "prefill_s": {}, "decode_s": {}}
+                        for name, v in named.items()} for part, named in variants.items()}
+    out["fixed"] = {**_fixed_sizes(parent, dtype), "prefill_s": {}, "decode_s": {}}
+    out["layer"] = {"prefill_s": {}, "decode_s": {}}
+    fit_report = {}
+    for kind, b in keys:
+        key = f"{kind}@{b}"
+        t = whole[kind][b]
+        fit = fit_child_costs(rows, [t] + [t / s[key] for s in speedups])
+        for part in ("attention", "ffn"):
+            for name in out[part]:
+                out[part][name][kind][b] = fit[part].get(name, 0.0)  # no-op (and a variant no child drew): 0
+        out["fixed"][kind][b] = max(fit["fixed"], 1e-9 * t)
+        out["layer"][kind][b] = fit["layer"]
+        res = [abs(r) for r in fit["residuals"]]
+        fit_report[key] = {"median_abs_residual": statistics.median(res), "max_abs_residual": max(res)}
+    out["parent_model"] = whole
+    out["children"] = [{"blocks": [list(b) for b in blocks], "speedup": s} for blocks, s in zip(kids, speedups)]
+    out["fit"] = fit_report
+    return out
+
+
 def explained_share(data: dict, lib: dict, n_layers: int) -> dict[str, float]:
     """Share of the whole parent's measured time that its own blocks (each timed alone) plus the fixed
     embedding / head cost explain, per runtime and batch size (``decode_explained@16``: 0.69 means 31%
@@ -316,6 +479,7 @@ def explained_share(data: dict, lib: dict, n_layers: int) -> dict[str, float]:
     for kind in ("prefill_s", "decode_s"):
         for b, whole in data["parent_model"][kind].items():
             blocks = sum(data["attention"][pairs[i][0][0]][kind][b] + data["ffn"][pairs[i][0][1]][kind][b]
+                         + (data["layer"][kind][b] if "layer" in data and pairs[i][0] != REMOVED else 0.0)
                          for i in pairs)
             out[f"{kind[:-2]}_explained@{b}"] = (blocks + data["fixed"][kind][b]) / whole
     return out

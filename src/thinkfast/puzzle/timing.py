@@ -75,11 +75,12 @@ def _step(model, kind: str, batch: int, prefill_len: int, decode_context: int, d
 
 @torch.no_grad()
 def paired_speedup(base, other, kind: str, batch: int, prefill_len: int, decode_context: int, dtype: torch.dtype,
-                   device: torch.device, warmup: int = 3, pairs: int = 40, budget_s: float = 20.0) -> float:
+                   device: torch.device, warmup: int = 3, pairs: int = 40, budget_s: float = 20.0,
+                   min_pairs: int = 8) -> float:
     """How many times faster ``other`` runs than ``base``: the median over ``pairs`` back-to-back pairs of
     calls of (base's time / other's time). Pairing cancels the slow and fast phases of a busy or noisy
     machine: here it gave 1.60-1.74 for a pair whose separately timed medians gave 1.49-2.35. Stops
-    after ``budget_s`` once 8 pairs are done. Both models run in ``dtype`` on ``device`` and are put
+    after ``budget_s`` once ``min_pairs`` pairs are done. Both models run in ``dtype`` on ``device`` and are put
     back in float32."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     base, other = base.to(device=device, dtype=dtype), other.to(device=device, dtype=dtype)
@@ -98,7 +99,7 @@ def paired_speedup(base, other, kind: str, batch: int, prefill_len: int, decode_
         fb()
         sync()
         ratios.append((t1 - t0) / max(time.perf_counter() - t1, 1e-12))
-        if len(ratios) >= 8 and time.perf_counter() - start > budget_s:
+        if len(ratios) >= min_pairs and time.perf_counter() - start > budget_s:
             break
     base.float()
     other.float()

@@ -40,6 +40,14 @@ the variant's cost, blocks are seen in sequence (warm or cold caches as in servi
 explained in full. ``runtime: vllm`` times those models in vLLM (``thinkfast/puzzle/vllm_timer.py``, run
 with ``vllm_python`` or this Python when it has vLLM): the costs of the engine that will serve the child.
 
+``measure: children`` times whole children instead (:func:`thinkfast.puzzle.costs.measure_children`): ``children``
+random children of the library (1 to every layer kept, each kept layer one of its blocks) against the parent in
+back-to-back pairs, as the search verifies its child, and fits a cost per variant, per kept layer and per model
+(SciPy's bounded least squares on the relative error; ``layer`` in ``costs.json``, the fit's residuals and every
+child's speedups beside it). A block is then costed as it runs inside a model. On a 2-core CPU where blocks timed
+alone predicted unpicked children with a median error of 12% (worst 25%), the fitted costs gave 1-2% (worst 5%;
+docs/LOG.md session 14). About a second and a half per child.
+
 Departures: with ``measure: blocks`` (the default) blocks are timed one at a time, not inside a full
 model (so overlap between blocks is not seen; the two whole models above account for the difference); on a
 GPU the kernel launches of a tiny block dominate, as they would in deployment without CUDA graphs. ``measure: models`` assumes a model's time is the sum of its blocks' plus a constant.
@@ -55,7 +63,8 @@ from pathlib import Path
 from typing import Literal
 
 from ..artifacts import COSTS_FORMAT, OUTPUTS, check_costs, library_pairs, read_costs, read_library
-from ..puzzle.costs import TimingSettings, explained_share, library_variants, measure_blocks, measure_models
+from ..puzzle.costs import (TimingSettings, explained_share, library_variants, measure_blocks, measure_children,
+                             measure_models)
 from ..artifacts import load_decilm
 from ..puzzle.timing import device_name
 from ..rundir import StageDir, atomic_write_json
@@ -80,8 +89,11 @@ class CostsConfig:
     warmup: int = 3
     repeats: int = 15
     rounds: int = 5  # passes over all variants; each time is the median over the passes
-    # blocks: each variant timed alone; models: whole models with the variant in every layer (in sequence)
-    measure: Literal["blocks", "models"] = "blocks"
+    # blocks: each variant timed alone; models: whole models with the variant in every layer (in sequence);
+    # children: random whole children timed against the parent, a cost per variant and per layer fitted to them
+    measure: Literal["blocks", "models", "children"] = "blocks"
+    children: int = 48  # measure: children: how many (each timed in `repeats` pairs with the parent)
+    seed: int = 0  # measure: children: which ones
     runtime: Literal["thinkfast", "vllm"] = "thinkfast"  # vllm: times whole models in vLLM (measure: models)
     vllm_python: str | None = None  # a Python with vLLM installed; default: this one
     file: str | None = None  # read costs from this file instead of measuring
@@ -93,6 +105,8 @@ class CostsConfig:
         self.timing()  # validates the timing settings
         if self.runtime == "vllm" and self.measure != "models":
             raise ValueError("runtime=vllm times whole models: set measure: models")
+        if self.children < 1:
+            raise ValueError(f"children={self.children} must be >= 1")
 
     def timing(self) -> TimingSettings:
         """How this section times, as :mod:`thinkfast.puzzle.costs` takes it."""
@@ -139,6 +153,9 @@ def run(cfg: CostsConfig, stage: StageDir, inputs: Inputs) -> dict:
             raise ValueError("costs.measure=models needs a library of every layer (merge the slices first)")
         data.update(measure_models(parent, lib, variants, timing, device, stage.path))
         return _finish(data, lib, parent, out_path, stage, total)
+    if cfg.measure == "children":
+        data.update(measure_children(parent, lib, variants, timing, device, cfg.children, cfg.seed))
+        return _finish(data, lib, parent, out_path, stage, total)
     data.update(measure_blocks(parent, variants, timing, device))
     return _finish(data, lib, parent, out_path, stage, total)
 
@@ -149,9 +166,13 @@ def _finish(data: dict, lib: dict, parent, out_path: Path, stage: StageDir, tota
     metrics = {"device": data["device"], "variants": total,
                **explained_share(data, lib, parent.config.num_hidden_layers)}
     shares = ", ".join(f"{k} {v:.0%}" for k, v in metrics.items() if "explained" in k)
-    how = "timed alone" if data["measure"] == "blocks" else "from whole models"
+    how = {"blocks": "timed alone", "models": "from whole models", "children": "fitted to whole children"}[data["measure"]]
     rest = ("the search fits the rest through the parent and its first layer, timed whole" if "first_layer_model" in data
             else "the rest is charged to every child")
+    if "fit" in data:
+        metrics.update({f"fit_median_residual@{k}": v["median_abs_residual"] for k, v in data["fit"].items()})
+        rest = "fit to {} children: median |predicted / measured - 1| {}".format(len(data["children"]) + 1, ", ".join(
+            f"{k} {v['median_abs_residual']:.1%}" for k, v in data["fit"].items()))
     print(f"costs: the parent's own blocks ({how}) plus the fixed cost explain: {shares} of its measured "
           f"step ({rest})")
     log = stage.logger()
