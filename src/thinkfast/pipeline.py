@@ -431,8 +431,19 @@ def _preflight(pipe: Pipeline, names: list[str]) -> None:
                     raise ConfigError(f"{at}: {v} does not exist")
                 if shape == "file" and not p.is_file():
                     raise ConfigError(f"{at}: {v} is a folder; name the {inp.kind} file itself")
+                if shape == "folder" and inp.kind == "model" and _is_gguf(p, at):
+                    continue  # a GGUF parent: the parent stage converts it
                 if shape == "folder" and not (p / needs).is_file():
                     raise ConfigError(f"{at}: {v} is not a {inp.kind} folder (it has no {needs})")
+
+
+def _is_gguf(path: Path, at: str) -> bool:
+    from .modeling.convert import ConversionError, gguf_file
+
+    try:
+        return gguf_file(path) is not None
+    except ConversionError as e:
+        raise ConfigError(f"{at}: {e}") from None
 
 
 def run_stage(pipe: Pipeline, name: str, force: bool = False, index: str = "") -> tuple[dict, bool]:

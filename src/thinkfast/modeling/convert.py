@@ -78,3 +78,55 @@ def convert_llama_model(model) -> DeciLMForCausalLM:
     load_full_state(out, {k: v for k, v in model.state_dict().items() if "rotary_emb" not in k})
     out.generation_config = model.generation_config
     return out.to(next(model.parameters()).device).eval()
+
+
+def gguf_file(path) -> "Path | None":
+    """The GGUF file ``path`` names: itself when it ends in ``.gguf``, or the one ``.gguf`` in a folder that has
+    no ``config.json``; None otherwise. A folder with several is an error naming them."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_file():
+        return p if p.suffix == ".gguf" else None
+    if not p.is_dir() or (p / "config.json").is_file():
+        return None
+    found = sorted(p.glob("*.gguf"))
+    if len(found) > 1:
+        raise ConversionError(f"{p} holds {len(found)} GGUF files ({', '.join(f.name for f in found)}): name one")
+    return found[0] if found else None
+
+
+def llama_from_gguf(path, dtype=None):
+    """``(LlamaForCausalLM, tokenizer)`` from a GGUF file, through transformers' own GGUF support (weights
+    dequantised, to float32 unless ``dtype``; the tokenizer and its chat template from the file's metadata; needs
+    the ``gguf`` package). The model is rebuilt as a plain ``LlamaForCausalLM`` with the same weights, which
+    ``save_pretrained`` writes (transformers refuses to save the GGUF-loaded one). A GGUF of another architecture
+    is an error."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    file = gguf_file(path)
+    if file is None:
+        raise ConversionError(f"{path}: not a .gguf file, nor a folder holding one")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ConversionError(f"{file}: reading GGUF needs the gguf package: pip install 'thinkfast[gguf]'") from None
+    dtype = dtype or torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
+    if loaded.config.model_type != "llama":
+        raise ConversionError(f"{file}: a {loaded.config.model_type!r} model; thinkfast takes Llama-architecture "
+                              "parents")
+    conf = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    model = LlamaForCausalLM(LlamaConfig(**conf)).to(dtype)
+    state = loaded.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]:
+        raise ConversionError(f"{file}: weights do not match a Llama of its config (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    return model.eval(), tokenizer

@@ -44,9 +44,10 @@ with ``vllm_python`` or this Python when it has vLLM): the costs of the engine t
 random children of the library (1 to every layer kept, each kept layer one of its blocks) against the parent in
 back-to-back pairs, as the search verifies its child, and fits a cost per variant, per kept layer and per model
 (SciPy's bounded least squares on the relative error; ``layer`` in ``costs.json``, the fit's residuals and every
-child's speedups beside it). A block is then costed as it runs inside a model. On a 2-core CPU where blocks timed
-alone predicted unpicked children with a median error of 12% (worst 25%), the fitted costs gave 1-2% (worst 5%;
-docs/LOG.md session 14). About a second and a half per child.
+child's speedups beside it). A block is then costed as it runs inside a model: on a 2-core CPU, attention with fewer
+KV heads cost more than the parent's timed alone and less inside models, and blocks timed alone predicted unpicked
+children with a median error of 12% (worst 25%) where the fitted costs gave 1-2% (worst 5%; docs/LOG.md session 14).
+About a second and a half per child.
 
 Departures: with ``measure: blocks`` (the default) blocks are timed one at a time, not inside a full
 model (so overlap between blocks is not seen; the two whole models above account for the difference); on a

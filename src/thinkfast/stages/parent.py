@@ -12,6 +12,11 @@ parent is not duplicated. The folder's content hash is part of the stage's ident
 replace the parent and every stage after it is redone. The Llama layout is converted when a stage
 loads it (``thinkfast.artifacts.load_decilm``), not on disk.
 
+``path`` may also name a GGUF file (or a folder holding one, as a llama.cpp download does): it is loaded through
+transformers' GGUF support (the ``gguf`` extra), dequantised to float32, and written once into
+``RUN_DIR/parent/model`` as a Llama folder with the file's tokenizer and chat template
+(:func:`thinkfast.modeling.convert.llama_from_gguf`); the file's hash is the stage's identity.
+
 The folder is checked here, cheaply (headers and sizes, no tensor read): every weights file that loading would
 read (the shards ``model.safetensors.index.json`` names, else every ``*.safetensors``; else the
 ``pytorch_model*.bin`` files) must be whole, and the tensors must be those ``config.json`` describes. A
@@ -45,7 +50,7 @@ def reads(cfg) -> dict:
 
 @dataclass
 class ParentConfig:
-    path: str | None = None  # the parent's folder (config.json, weights, tokenizer)
+    path: str | None = None  # the parent's folder (config.json, weights, tokenizer), or a .gguf (or a folder with one)
     copy: bool = False  # copy the folder into the run directory instead of linking to it
     # how eval prompts it: text cues or the chat template; auto keeps the folder's thinkfast.json, else
     # chat when the tokenizer has a chat template
@@ -55,8 +60,29 @@ class ParentConfig:
 Config = ParentConfig
 
 
+def _from_gguf(cfg: ParentConfig, stage: StageDir, file) -> dict:
+    """A GGUF parent, converted once into the stage's folder (float32 safetensors, tokenizer, chat template)."""
+    from ..modeling.convert import llama_from_gguf
+
+    model, tokenizer = llama_from_gguf(file)
+    with atomic_dir(stage.model_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if cfg.prompting != "auto":
+            write_model_sidecar(tmp, prompting=cfg.prompting, made_by="parent")
+    layers = model.config.num_hidden_layers
+    with stage.logger() as log:
+        log.log("done", source=str(file), model_type="llama", layers=layers, linked=False, gguf=True)
+    return {"source": str(file), "model_type": "llama", "layers": layers, "linked": False, "gguf": True}
+
+
 def run(cfg: ParentConfig, stage: StageDir, inputs: Inputs) -> dict:
+    from ..modeling.convert import gguf_file
+
     src = inputs["source"]
+    file = gguf_file(src)
+    if file is not None:
+        return _from_gguf(cfg, stage, file)
     config = json.loads((src / "config.json").read_text())
     if config.get("model_type") not in _TYPES:
         raise ValueError(f"parent.path: {src} holds a {config.get('model_type')!r} model; thinkfast takes "
