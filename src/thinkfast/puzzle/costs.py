@@ -43,8 +43,9 @@ from .blocks import Variant, variant_module
 from .probes import costs_from_probes, probe_configs
 from .timing import median_time, whole_model_times
 
-__all__ = ["TimingSettings", "child_config", "explained_share", "first_layer_model", "fit_child_costs",
-           "measure_children", "random_children", "first_layer_times", "library_variants", "measure_blocks", "measure_fixed", "measure_models", "measure_variant", "measure_whole", "median_of_passes"]
+__all__ = ["TimingSettings", "child_config", "explained_share", "first_layer_model", "first_layer_times",
+           "fit_child_costs", "library_variants", "measure_blocks", "measure_children", "measure_fixed",
+           "measure_models", "measure_variant", "measure_whole", "median_of_passes", "random_children"]
 
 
 @dataclass(frozen=True)
@@ -419,10 +420,10 @@ def measure_children(parent, lib: dict, variants: dict[str, dict[str, Variant]],
     """Costs fitted to whole children (:func:`fit_child_costs`): ``children`` random children of the library
     (:func:`random_children`) and the parent itself, each timed against the parent in back-to-back pairs
     (:func:`thinkfast.puzzle.timing.paired_speedup`: what the search's verification measures; ``repeats`` pairs,
-    or at least 3 and half a second) at every batch size, prefill and decode; times are the parent's whole-model time over those speedups. A cost then
-    holds a block as it runs inside a model, with its neighbours (caches, the layer loop's work), where a block
-    timed alone misses part of it: on a 2-core CPU blocks timed alone explained 60-77% of the nano parent's
-    decode step, and more of a child with narrower blocks (docs/LOG.md session 13)."""
+    or at least 3 and half a second) at every batch size, prefill and decode; times are the parent's whole-model
+    time over those speedups. A cost then holds a block as it runs inside a model, beside its neighbours (caches,
+    the layer loop's work): on a 2-core CPU attention with fewer KV heads cost more than the parent's timed alone
+    and less inside models (docs/LOG.md session 14)."""
     from tqdm.auto import tqdm
 
     from .timing import paired_speedup
