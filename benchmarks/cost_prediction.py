@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     from thinkfast.artifacts import load_decilm, read_costs, read_library, read_scores
     from thinkfast.modeling import DeciLMForCausalLM
     from thinkfast.puzzle.assemble import build_problem, restrict
+    from thinkfast.puzzle.costs import child_config
     from thinkfast.puzzle.timing import device_name, paired_speedup
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
         blocks = [problem.names[i][k] for i, k in enumerate(choice)]
         predicted = p_pred / problem.totals(choice)[key]
         scaled = scaled_time(problem, problem.parent_choice, key) / scaled_time(problem, choice, key)
-        config = _child_config(parent.config, lib, blocks)
+        config = child_config(parent.config, lib, blocks)
         torch.manual_seed(0)
         child = DeciLMForCausalLM(config).eval()
         measured = paired_speedup(parent, child, "decode_s", batch, costs["prefill_len"], costs["decode_context"],
@@ -105,24 +106,6 @@ def scaled_time(problem, choice, key: str) -> float:
     overhead = problem.overhead.get(key, 0.0)
     scale = (parent_blocks + overhead) / parent_blocks
     return problem.fixed[key] - overhead + scale * float(problem.costs[key][rows, list(choice)].sum())
-
-
-def _child_config(parent_config, lib: dict, blocks):
-    """The nemotron-nas config of a child made of library ``blocks`` [(attention, ffn)] per layer."""
-    from thinkfast.modeling import DeciLMConfig
-    from thinkfast.modeling.configuration_decilm import block_config
-
-    out = []
-    for i, (a, f) in enumerate(blocks):
-        out.append(block_config(_spec(lib, i, "attention", a), _spec(lib, i, "ffn", f)))
-    return DeciLMConfig(**{**parent_config.to_dict(), "block_configs": out})
-
-
-def _spec(lib: dict, layer: int, part: str, name: str) -> dict:
-    for v in lib["variants"]:
-        if v["layer"] == layer and v.get("part") == part and v["name"] == name:
-            return v["spec"]
-    raise KeyError(f"layer {layer} has no {part} variant {name}")
 
 
 if __name__ == "__main__":

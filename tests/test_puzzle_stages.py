@@ -278,13 +278,13 @@ def test_costs_fitted_to_whole_children_predict_children_the_fit_never_saw(run_d
     fitted = {tuple(map(tuple, c["blocks"])) for c in data["children"]}
     unseen = [c for c in puzzle_costs.random_children(library_pairs(lib), 40, seed=7) if tuple(c) not in fitted]
     assert len(unseen) >= 5
+    parent = load_decilm(parent_dir)
     parent_time = problem.totals(problem.parent_choice)["decode_s@1"]
     for child in unseen:
         choice = [problem.names[i].index(b) for i, b in enumerate(child)]
-        model = type("M", (), {"model": puzzle_costs.DeciLMForCausalLM(
-            puzzle_costs.child_config(load_decilm(parent_dir).config, lib, child)).model})
+        model = puzzle_costs.DeciLMForCausalLM(puzzle_costs.child_config(parent.config, lib, child))
         assert parent_time / problem.totals(choice)["decode_s@1"] == pytest.approx(
-            _fake_runtime(load_decilm(parent_dir)) / _fake_runtime(model)), child
+            _fake_runtime(parent) / _fake_runtime(model)), child
 
 
 def _search_inputs(root, parent_dir):

@@ -12,6 +12,8 @@ Both config conventions are read: transformers 4 (``rope_theta`` + ``rope_scalin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 from . import DeciLMConfig, DeciLMForCausalLM, attention_block, block_config, ffn_block
 
@@ -80,11 +82,9 @@ def convert_llama_model(model) -> DeciLMForCausalLM:
     return out.to(next(model.parameters()).device).eval()
 
 
-def gguf_file(path) -> "Path | None":
+def gguf_file(path) -> Path | None:
     """The GGUF file ``path`` names: itself when it ends in ``.gguf``, or the one ``.gguf`` in a folder that has
     no ``config.json``; None otherwise. A folder with several is an error naming them."""
-    from pathlib import Path
-
     p = Path(path)
     if p.is_file():
         return p if p.suffix == ".gguf" else None

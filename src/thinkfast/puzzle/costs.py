@@ -341,6 +341,10 @@ def random_children(pairs: dict[int, list[tuple[str, str]]], n: int, seed: int =
     >>> kids = random_children(pairs, 3, seed=1)
     >>> len(kids) >= 3 and all(len(c) == 2 for c in kids) and {b for c in kids for b in c} >= {("gqa_kv1", "ffn_4")}
     True
+    >>> kids = random_children({0: [("gqa_kv2", "linear"), ("gqa_kv2", "ffn_8"), ("linear", "ffn_8"),
+    ...                             ("no_op", "no_op")]}, 0)
+    >>> sorted({c[0][0] for c in kids}), sorted({c[0][1] for c in kids})  # an FFN "linear" is not attention's
+    (['gqa_kv2', 'linear'], ['ffn_8', 'linear'])
     """
     import random
 
@@ -366,7 +370,7 @@ def random_children(pairs: dict[int, list[tuple[str, str]]], n: int, seed: int =
                     child = [REMOVED if REMOVED in pairs[j] else pairs[j][0] for j in layers]
                     child[layers.index(i)] = block
                     out.append(child)
-                    drawn.update(block)
+                    drawn.add(block[part])
     return out
 
 
