@@ -140,6 +140,50 @@ def test_the_thinking_budget_ends_thinking(server):
     assert msg.reasoning_content == ("xy" * 10)[:12] and "<think>" not in (msg.content or "")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_vllms_thinking_token_budget_is_the_same_budget(server, stream):
+    """vLLM's ``thinking_token_budget`` is ``max_thinking_tokens`` under vLLM's name (-1: no budget): the engine gets
+    the same budget and the response is the same."""
+    SCRIPT["mode"] = "loop"
+
+    def reasoning(extra):
+        r = _chat(server["client"], thinking=True, max_tokens=40, extra_body=extra, stream=stream)
+        if not stream:
+            return r.choices[0].message.reasoning_content, server["requests"][-1].budget
+        text = "".join(getattr(c.delta, "reasoning_content", None) or "" for chunk in r for c in chunk.choices)
+        return text, server["requests"][-1].budget
+
+    capped = (("xy" * 10)[:12], 4)  # budget 4 + grace 8 thinking tokens, as test_the_thinking_budget_ends_thinking
+    assert reasoning({"max_thinking_tokens": 4}) == capped
+    assert reasoning({"thinking_token_budget": 4}) == capped
+    assert reasoning({"max_thinking_tokens": 4, "thinking_token_budget": 4}) == capped
+    assert reasoning({"max_thinking_tokens": 4, "thinking_token_budget": None}) == capped  # null: not given
+    free = (("xy" * 20)[:39], None)
+    assert reasoning({"thinking_token_budget": -1}) == reasoning({}) == free
+    assert reasoning({"thinking_token_budget": 0})[1] == 0
+    # the completions endpoint takes it too
+    server["client"].completions.create(model="tiny", prompt="hi\n", max_tokens=4, temperature=0,
+                                        extra_body={"thinking_token_budget": 3})
+    assert server["requests"][-1].budget == 3
+
+
+@pytest.mark.parametrize("extra,words", [
+    ({"max_thinking_tokens": 4, "thinking_token_budget": 8}, "max_thinking_tokens (4) and thinking_token_budget (8)"),
+    ({"max_thinking_tokens": 4, "thinking_token_budget": -1}, "max_thinking_tokens (4) and thinking_token_budget (-1)"),
+    ({"thinking_token_budget": -2}, "greater than or equal to -1"),
+    ({"thinking_token_budget": 1.5}, "valid integer"),
+    ({"thinking_token_budget": True}, "valid integer"),
+    ({"thinking_token_budget": "4"}, "valid integer"),
+])
+def test_two_different_thinking_budgets_or_a_bad_one_are_a_400_naming_the_fields(server, extra, words):
+    n = len(server["requests"])
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(server["client"], thinking=True, max_tokens=8, extra_body=extra)
+    error = e.value.body
+    assert e.value.status_code == 400 and error["param"] == "thinking_token_budget" and words in error["message"], error
+    assert len(server["requests"]) == n  # refused before anything reached the engine
+
+
 def test_completions_with_text_and_token_prompts_n_and_stop_strings(server):
     client, tok = server["client"], server["tok"]
     r = client.completions.create(model="tiny", prompt="hi\n", max_tokens=8, temperature=0)

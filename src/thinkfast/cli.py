@@ -7,6 +7,7 @@
     thinkfast report   RUN_DIR                                      RUN_DIR/report/report.md and its plots
     thinkfast ifgen    --prompts FILE --n N --out OUT [--field F] [--seed S] [--exclude IFEVAL]
                                                                     IFEval-style instruction prompts
+    thinkfast gsm8k    [--source DATA] [--out DIR] [--seed S]          a real parent's recipe data from GSM8K
 
 Without ``--config`` the embedded nano-world pipeline is used. Overrides are dotted keys into the YAML
 (``pretrain.lr=1e-3``, ``run_dir=runs/x``). Every mistake is one line naming the file, key or value at
@@ -79,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the JSON-lines file to write")
     p.add_argument("--exclude", help="skip sources matching these prompts (default: IFEval's test file if present)")
     p.add_argument("--debug", action="store_true", help="show tracebacks (also THINKFAST_DEBUG=1)")
+    p = sub.add_parser("gsm8k", help="a real parent's recipe data (text, SFT pairs, RL and instruction prompts) "
+                                     "from GSM8K train")
+    p.add_argument("--source", default="../shared/data", help="the shared data folder (default ../shared/data)")
+    p.add_argument("--out", default="data/gsm8k", help="where to write the files (default data/gsm8k)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grpo", type=int, default=1000, help="problems kept for GRPO's prompts (default 1000)")
+    p.add_argument("--if-sources", type=int, default=1000, help="problems whose questions become instruction "
+                   "prompts (default 1000)")
+    p.add_argument("--if-prompts", type=int, default=2000, help="instruction prompts to write (default 2000)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (also THINKFAST_DEBUG=1)")
     p = sub.add_parser("report", help="write RUN_DIR/report/report.md (what each stage cost and bought, plots)")
     p.add_argument("run_dir")
     p.add_argument("--debug", action="store_true", help="show tracebacks (also THINKFAST_DEBUG=1)")
@@ -91,7 +102,7 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 def _overrides_last(argv: list[str]) -> list[str]:
     """Let ``key=value`` overrides sit anywhere among the options (``thinkfast search a=1 --force b=2``):
     argparse takes positionals in one run, so they are moved after the options."""
-    if not argv or argv[0] in ("convert", "report", "serve", "ifgen"):
+    if not argv or argv[0] in ("convert", "report", "serve", "ifgen", "gsm8k"):
         return argv
     head, rest, overrides = argv[:1], [], []
     for i, a in enumerate(argv[1:]):
@@ -159,6 +170,14 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "ifgen":
         return _ifgen(args)
+    if args.command == "gsm8k":
+        from .tasks.gsm8k import write_recipe_data
+
+        manifest = write_recipe_data(args.source, args.out, seed=args.seed, grpo=args.grpo,
+                                     if_sources=args.if_sources, if_prompts=args.if_prompts)
+        print(f"gsm8k: wrote {args.out}: " + ", ".join(f"{k} ({v} rows)" for k, v in manifest.items()
+                                                         if isinstance(v, int)))
+        return 0
 
     from .pipeline import load_pipeline, run_all, run_stage
 

@@ -65,7 +65,7 @@ class DataConfig:
 
     files: list[str] = field(default_factory=list)  # paths or glob patterns; relative to the current folder
     text_field: str = "text"
-    messages_field: str | None = None  # set: render this column with the parent's chat template instead
+    messages_field: str | None = None  # set: render this column of JSON / parquet files with the parent's chat template (plain-text files stay text)
     text_unit: Literal["line", "paragraph", "document"] = "paragraph"  # plain-text files: one document per ...
     # share of documents kept out of calibration and training, for measurements (before this section existed
     # there was no split: held-out rows were drawn from a stream of their own)
@@ -285,8 +285,8 @@ class Corpus:
         self.files = expand_files(cfg.files)
         self._sets = [self._load(p) for p in self.files]
         index: dict[str, list[tuple[int, int]]] = {"train": [], "held_out": []}
-        for fi, (ds, field_name) in enumerate(self._sets):
-            self._split(fi, ds, field_name, index)
+        for fi, (ds, field_name, messages) in enumerate(self._sets):
+            self._split(fi, ds, field_name, messages, index)
         self._index = index
         for split, rows in index.items():
             if not rows:
@@ -298,9 +298,9 @@ class Corpus:
     def _field(self) -> str:
         return self.cfg.messages_field or self.cfg.text_field
 
-    def _check_value(self, value) -> str | None:
+    def _check_value(self, value, messages: bool | None = None) -> str | None:
         name = self._field()
-        if self.cfg.messages_field:
+        if self.cfg.messages_field if messages is None else messages:
             return _check_messages(value)
         if value is None:
             return f"field {name!r} is missing or null"
@@ -318,7 +318,7 @@ class Corpus:
             if fmt == "text":
                 ds = datasets.load_dataset("text", data_files=[str(path)], split="train",
                                            sample_by=self.cfg.text_unit, keep_linebreaks=self.cfg.text_unit != "line")
-                return ds, "text"
+                return ds, "text", False  # plain text stays text beside chat files (messages_field)
             ds = datasets.load_dataset(fmt, data_files=[str(path)], split="train")
         except Exception as e:  # datasets / pyarrow name no line: find it ourselves, else name the file
             if fmt == "json":
@@ -331,7 +331,7 @@ class Corpus:
         if name not in ds.column_names:
             which = "messages_field" if self.cfg.messages_field else "text_field"
             raise DataError(f"{path}: no column {name!r} (columns: {', '.join(ds.column_names)}); set data.{which}")
-        return ds, name
+        return ds, name, bool(self.cfg.messages_field)
 
     def _where(self, fi: int, row: int) -> str:
         path = self.files[fi]
@@ -342,21 +342,19 @@ class Corpus:
             return f"{path} line {row + 1}"
         return f"{path} row {row + 1}" if fmt != "text" else f"{path} ({self.cfg.text_unit} {row + 1})"
 
-    def _split(self, fi: int, ds, name: str, index: dict) -> None:
+    def _split(self, fi: int, ds, name: str, messages: bool, index: dict) -> None:
         for start in range(0, len(ds), 1000):
             for k, value in enumerate(ds[start:start + 1000][name]):
-                problem = self._check_value(value)
+                problem = self._check_value(value, messages)
                 if problem:
                     raise DataError(f"{self._where(fi, start + k)}: {problem}")
-                text = self._render(value) if self.cfg.messages_field else value
+                text = self._render(value) if messages else value
                 if not text.strip():
                     continue  # a blank line or an empty text is no document
                 index["held_out" if held_out(text, self.cfg.held_out) else "train"].append((fi, start + k))
 
     def _render(self, value) -> str:
-        if self.cfg.messages_field:
-            return self.tokenizer.apply_chat_template(value, tokenize=False)
-        return value
+        return self.tokenizer.apply_chat_template(value, tokenize=False)
 
     # rows -------------------------------------------------------------------------------------------
 
@@ -368,9 +366,9 @@ class Corpus:
         key = (fi, row)
         ids = self._cache.get(key)
         if ids is None:
-            ds, name = self._sets[fi]
+            ds, name, messages = self._sets[fi]
             value = ds[row][name]
-            if self.cfg.messages_field:
+            if messages:
                 ids = self.tokenizer(self._render(value), add_special_tokens=False)["input_ids"]
                 if self.doc_eos is not None:  # the template's own end may be another token
                     ids = ids + [self.doc_eos]

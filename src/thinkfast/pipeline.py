@@ -260,12 +260,15 @@ def stage_run(pipe: Pipeline, rd: RunDir, name: str) -> tuple[StageRun, Inputs, 
         inputs.data = dataclasses.replace(pipe.data, files=[str(p) for p in files])
     own = getattr(STAGES[name], "files", None)  # files a stage's own config names (sft: its data)
     if own is not None:
-        field, patterns = own(cfg)
-        try:
-            paths = expand_files(patterns) if patterns else []
-        except DataError as e:
-            raise ConfigError(f"{pipe.where(f'{name}.{field}')}: {str(e).removeprefix('data.files: ')}") from None
-        inputs.ids["files"] = {f"{i}:{p.name}": {"path": str(p), "id": rd.fingerprint(p)} for i, p in enumerate(paths)}
+        named = own(cfg)  # (field, patterns), or a list of them: the first is recorded as "files"
+        for k, (field, patterns) in enumerate([named] if isinstance(named, tuple) else named):
+            try:
+                paths = expand_files(patterns) if patterns else []
+            except DataError as e:
+                raise ConfigError(f"{pipe.where(f'{name}.{field}')}: {str(e).removeprefix('data.files: ')}") from None
+            if k == 0 or paths:
+                inputs.ids["files" if k == 0 else f"files.{field}"] = {
+                    f"{i}:{p.name}": {"path": str(p), "id": rd.fingerprint(p)} for i, p in enumerate(paths)}
     models = _reward_models(pipe, name, cfg)
     if models:  # a reward model named as a reward: retraining it makes the stage stale
         inputs.ids["reward_models"] = {f"{i}:{p.name}": {"path": str(p), "id": rd.fingerprint(p)}

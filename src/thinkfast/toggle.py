@@ -50,6 +50,8 @@ EMPTY_THINK = f"{THINK_OPEN}\n{THINK_CLOSE}\n\n"
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "CHATML_END",
+    "CHATML_TEMPLATE",
     "EMPTY_THINK",
     "EOT",
     "SPECIAL_TOKENS",
@@ -59,11 +61,13 @@ __all__ = [
     "THINK_OPEN",
     "ParsedResponse",
     "format_ok",
+    "has_toggle",
     "install_chat_template",
     "messages_for",
     "parse_response",
     "stop_token_ids",
     "strip_reasoning",
+    "template_layout",
 ]
 
 # Every tag uses whitespace control, so only the emitted expressions reach the
@@ -117,6 +121,69 @@ CHAT_TEMPLATE: str = """
 """.strip()
 
 
+# The same toggle in ChatML, the layout of SmolLM2, Qwen and many small instruct models (``<|im_start|>ROLE\n
+# CONTENT<|im_end|>\n``): their own template with the toggle added. The system turn appears when it has content
+# (the toggle line, a user's system message or both).
+CHATML_TEMPLATE: str = """
+{%- if messages and messages[0]['role'] == 'system' -%}
+    {%- set user_system = messages[0]['content'] if messages[0]['content'] is string else '' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set user_system = '' -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- set sys_parts = user_system.lstrip().split('\\n', 1) -%}
+{%- set legacy = sys_parts[0].strip() -%}
+{%- if legacy != 'detailed thinking on' and legacy != 'detailed thinking off' -%}
+    {%- set legacy = '' -%}
+{%- endif -%}
+{%- if enable_thinking is defined and enable_thinking is not none -%}
+    {%- set toggle = 'detailed thinking on' if enable_thinking else 'detailed thinking off' -%}
+    {%- if legacy -%}
+        {%- set body = sys_parts[1].lstrip() if sys_parts | length > 1 else '' -%}
+    {%- else -%}
+        {%- set body = user_system -%}
+    {%- endif -%}
+    {%- set system_content = toggle + ('\\n\\n' + body if body else '') -%}
+{%- else -%}
+    {%- set toggle = legacy -%}
+    {%- set system_content = user_system -%}
+{%- endif -%}
+{%- if system_content -%}
+    {{- '<|im_start|>system\\n' + system_content + '<|im_end|>\\n' -}}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- set content = message['content'] if message['content'] is string else '' -%}
+    {%- if message['role'] == 'assistant' -%}
+        {%- if not loop.last and '</think>' in content -%}
+            {%- set content = content.split('</think>')[-1].lstrip() -%}
+        {%- endif -%}
+        {{- '<|im_start|>assistant\\n' -}}
+        {%- generation -%}{{- content + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}
+    {%- else -%}
+        {{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\\n' -}}
+    {%- if prefill_empty_think is defined and prefill_empty_think and toggle == 'detailed thinking off' -%}
+        {{- '<think>\\n</think>\\n\\n' -}}
+    {%- endif -%}
+{%- endif -%}
+""".strip()
+CHATML_END = "<|im_end|>"
+
+
+def template_layout(tokenizer: Any) -> str:
+    """``"chatml"`` when the tokenizer's own chat template is ChatML and ``<|im_start|>`` / ``<|im_end|>`` are
+    single tokens of it, else ``"llama3"`` (the nano world's, and Llama-3's)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and "<|im_start|>" in template and all(
+            _is_single_token(tokenizer, t) for t in ("<|im_start|>", CHATML_END)):
+        return "chatml"
+    return "llama3"
+
+
 def _is_single_token(tokenizer: Any, token: str) -> bool:
     """True when ``token`` is in the vocabulary and encodes to exactly its own id."""
     if token not in tokenizer.get_vocab():
@@ -140,8 +207,14 @@ def _add_special(tokenizer: Any, tokens: list[str]) -> None:
         )
 
 
-def install_chat_template(tokenizer: Any, add_missing_tokens: bool = True) -> list[str]:
-    """Set :data:`CHAT_TEMPLATE` on a Hugging Face tokenizer; add missing tokens.
+def install_chat_template(tokenizer: Any, add_missing_tokens: bool = True, layout: str = "auto") -> list[str]:
+    """Set the toggle's chat template on a Hugging Face tokenizer; add missing tokens.
+
+    ``layout``: ``"llama3"`` (:data:`CHAT_TEMPLATE`), ``"chatml"`` (:data:`CHATML_TEMPLATE`) or ``"auto"``: the
+    layout of the tokenizer's own template (:func:`template_layout`), so that a ChatML model keeps its turns and
+    gains the toggle. A ChatML model gets no new tokens (its turn tokens exist; the think tags stay text of a few
+    tokens each), so its vocabulary, and every engine's view of it, is unchanged. The rest of this paragraph is
+    about the Llama-3 layout.
 
     Header tokens (:data:`SPECIAL_TOKENS`) missing as single tokens are added
     as special tokens; ``<think>``/``</think>`` are added as normal tokens, so
@@ -153,8 +226,12 @@ def install_chat_template(tokenizer: Any, add_missing_tokens: bool = True) -> li
     the list is non-empty the caller must call
     ``model.resize_token_embeddings(len(tokenizer))``.
     """
-    tokenizer.chat_template = CHAT_TEMPLATE
-    if not add_missing_tokens:
+    if layout == "auto":
+        layout = template_layout(tokenizer)
+    if layout not in ("llama3", "chatml"):
+        raise ValueError(f"layout={layout!r}: expected 'auto', 'llama3' or 'chatml'")
+    tokenizer.chat_template = CHATML_TEMPLATE if layout == "chatml" else CHAT_TEMPLATE
+    if not add_missing_tokens or layout == "chatml":
         return []
     missing_special = [t for t in SPECIAL_TOKENS if not _is_single_token(tokenizer, t)]
     missing_think = [t for t in (THINK_OPEN, THINK_CLOSE) if not _is_single_token(tokenizer, t)]
@@ -177,18 +254,43 @@ def install_chat_template(tokenizer: Any, add_missing_tokens: bool = True) -> li
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
-    """Token ids that end an assistant turn: the tokenizer's eos and ``<|eot_id|>``.
+    """Token ids that end an assistant turn: the tokenizer's eos, ``<|eot_id|>`` and ``<|im_end|>`` (those in
+    its vocabulary).
 
     Pass as ``model.generate(..., eos_token_id=stop_token_ids(tokenizer))``.
     """
     ids: list[int] = []
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
-    if EOT in tokenizer.get_vocab():
-        eot = int(tokenizer.convert_tokens_to_ids(EOT))
-        if eot not in ids:
-            ids.append(eot)
+    for end in (EOT, CHATML_END):
+        if end in tokenizer.get_vocab():
+            eot = int(tokenizer.convert_tokens_to_ids(end))
+            if eot not in ids:
+                ids.append(eot)
     return ids
+
+
+def has_toggle(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template obeys the reasoning toggle: a prompt rendered with
+    ``enable_thinking=True`` differs from one rendered with ``False`` (a parent's own template, which ignores
+    the flag, has one mode only).
+
+    >>> from transformers import PreTrainedTokenizerFast
+    >>> from tokenizers import Tokenizer, models
+    >>> tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0}, unk_token="a")))
+    >>> tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    >>> has_toggle(tok)
+    False
+    >>> tok.chat_template = CHAT_TEMPLATE
+    >>> has_toggle(tok)
+    True
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        return False
+    messages = [{"role": "user", "content": "2+2?"}]
+    on, off = (tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=flag) for flag in (True, False))
+    return on != off
 
 
 def messages_for(prompt: str, thinking: bool | None, response: str | None = None) -> list[dict[str, str]]:

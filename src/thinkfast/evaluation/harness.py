@@ -4,7 +4,11 @@ Shared by the ``eval`` stage and the benchmarks (REFERENCE.md section 7: reasoni
 temperature 0.6 / top-p 0.95 with pass@1 averaged over n samples, "off" greedy; an unclosed think block
 is no answer). ``text`` prompting (a pretrained parent): modes ``think`` ("Let's think step by step.")
 and ``direct`` ("Answer: "), both greedy. ``chat`` prompting (a model taught the toggle): modes ``on`` /
-``off`` through the chat template's ``enable_thinking``, with toggle obedience (``format_ok``).
+``off`` through the chat template's ``enable_thinking``, with toggle obedience (``format_ok``). A chat model whose
+template has no toggle (a parent's own template ignores ``enable_thinking``: :func:`thinkfast.toggle.has_toggle`)
+has one mode, ``single``: each prompt asked once, greedy like "off" (a model without reasoning is a non-reasoning
+model), through its own template with no toggle; toggle obedience does not apply (``format_ok`` None, "-" in the
+tables, where the mode reads "single (no toggle)").
 
 Models are reached through a generation backend (:class:`thinkfast.generation.Backend`: the local rollout
 engine, or a server through :class:`thinkfast.generation.endpoint.Endpoint`); the settings are an :class:`EvalSettings`
@@ -20,10 +24,27 @@ from pathlib import Path
 from ..artifacts import read_model_sidecar
 from ..generation import Backend, SamplingParams
 from ..nano import tasks
-from ..toggle import format_ok, messages_for, parse_response, stop_token_ids
+from ..toggle import format_ok, has_toggle, messages_for, parse_response, stop_token_ids
 
 TEXT_MODES = ("think", "direct")
 CHAT_MODES = ("on", "off")
+SINGLE = "single"  # the one mode of a chat model without the toggle
+MODE_LABELS = {SINGLE: "single (no toggle)"}  # how the tables name a mode, where not by its key
+
+
+def chat_modes(tokenizer) -> tuple[str, ...]:
+    """The modes a chat model is asked in: "on" and "off" when its template obeys the toggle, else its one mode
+    (:data:`SINGLE`): asking a template that ignores ``enable_thinking`` twice would ask the same prompt twice."""
+    return CHAT_MODES if has_toggle(tokenizer) else (SINGLE,)
+
+
+def mode_thinking(mode: str) -> bool | None:
+    """The ``enable_thinking`` of a chat mode: True for "on", False for "off", None (not set) for :data:`SINGLE`.
+
+    >>> [mode_thinking(m) for m in ("on", "off", "single")]
+    [True, False, None]
+    """
+    return None if mode == SINGLE else mode == "on"
 
 
 @dataclass
@@ -71,18 +92,20 @@ def build_prompt(tokenizer, problem: tasks.Problem, prompting: str, mode: str, t
     wording; :data:`thinkfast.nano.tasks.PHRASINGS`)."""
     if prompting == "text":
         return tokenizer(tasks.text_prompt(problem, mode), add_special_tokens=False)["input_ids"]
-    return chat_ids(tokenizer, messages_for(tasks.chat_prompt(problem, template), thinking=None), mode == "on")
+    return chat_ids(tokenizer, messages_for(tasks.chat_prompt(problem, template), thinking=None), mode_thinking(mode))
 
 
-def chat_ids(tokenizer, messages: list[dict], thinking: bool) -> list[int]:
-    """Prompt ids of ``messages`` through the chat template, the toggle set by ``enable_thinking``, ready for the
-    assistant's turn."""
-    ids = tokenizer.apply_chat_template(messages, enable_thinking=thinking, add_generation_prompt=True, tokenize=True)
+def chat_ids(tokenizer, messages: list[dict], thinking: bool | None) -> list[int]:
+    """Prompt ids of ``messages`` through the chat template, the toggle set by ``enable_thinking`` (None: not
+    passed, the template's own mode), ready for the assistant's turn."""
+    flag = {} if thinking is None else {"enable_thinking": thinking}
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **flag)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
 def grade(problem: tasks.Problem, text: str, prompting: str, mode: str) -> dict:
-    """Grade one response: correct, and (chat) whether the toggle's format was obeyed."""
+    """Grade one response: correct, and (chat) whether the toggle's format was obeyed (None in :data:`SINGLE`
+    mode, which has no toggle to obey)."""
     from ..tasks.nano import nano_correct
 
     if prompting == "text":
@@ -91,7 +114,7 @@ def grade(problem: tasks.Problem, text: str, prompting: str, mode: str) -> dict:
                 "format_ok": True}
     return {
         "correct": nano_correct(text, problem.answer),  # the answer after the think block; malformed: wrong
-        "format_ok": format_ok(text, thinking=(mode == "on")),
+        "format_ok": None if mode == SINGLE else format_ok(text, thinking=(mode == "on")),
     }
 
 
@@ -108,15 +131,16 @@ class Answers:
 
 
 def run_task(backend: Backend, tokenizer, task, prompting: str, cfg, log=None) -> tuple[dict, list]:
-    """The harness's one loop: for every mode of ``task`` (text prompting: ``task.text_modes``; chat: "on" and
-    "off"), prompt every item (``task.prompt(tokenizer, item, prompting, mode)``), generate through ``backend``
+    """The harness's one loop: for every mode of ``task`` (text prompting: ``task.text_modes``; chat:
+    :func:`chat_modes`, "on" and "off" or the one :data:`SINGLE`), prompt every item (``task.prompt(tokenizer, item,
+    prompting, mode)``), generate through ``backend``
     ("on" sampled ``cfg.samples`` times at ``cfg.on_temperature`` / ``cfg.on_top_p``, every other mode greedy,
     once), and let the task grade and summarise (``task.score(answers, prompting, cfg) -> (metrics, kept
     records)``). Returns ({mode: metrics}, kept records); each mode's metrics are logged as ``task.event``."""
     out: dict = {}
     kept: list = []
     stops = tuple(stop_token_ids(tokenizer))
-    for mode in (task.text_modes if prompting == "text" else CHAT_MODES):
+    for mode in (task.text_modes if prompting == "text" else chat_modes(tokenizer)):
         sampled = mode == "on"
         n = cfg.samples if sampled else 1
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.on_temperature if sampled else 0.0,
@@ -136,7 +160,7 @@ def run_task(backend: Backend, tokenizer, task, prompting: str, cfg, log=None) -
 class NanoTask:
     """The nano world's cells (``{(kind, digits, steps): problems}``), graded exactly
     (:func:`thinkfast.tasks.nano.nano_correct`): per mode the accuracy overall, at ``cfg.headline_digits`` and per
-    cell, mean tokens, toggle obedience (``format_ok``) and the truncated share."""
+    cell, mean tokens, toggle obedience (``format_ok``; None in :data:`SINGLE` mode) and the truncated share."""
 
     text_modes = TEXT_MODES
     event, log_fields = "mode", {}
@@ -172,15 +196,17 @@ class NanoTask:
                 kept.append({"mode": answers.mode, "cell": key, "question": problem.question,
                              **({"template": template} if template else {}),
                              "answer": problem.answer, "response": text, **g})
+        toggled = answers.mode != SINGLE
         summary = {key: {"accuracy": statistics.fmean(c["correct"]), "mean_tokens": statistics.fmean(c["tokens"]),
-                         "format_ok": statistics.fmean(c["format_ok"]), "truncated": statistics.fmean(c["truncated"]),
-                         "n": len(c["correct"])} for key, c in cells.items()}
+                         "format_ok": statistics.fmean(c["format_ok"]) if toggled else None,
+                         "truncated": statistics.fmean(c["truncated"]), "n": len(c["correct"])}
+                   for key, c in cells.items()}
         everything = [x for c in cells.values() for x in c["correct"]]
         headline = [x for key, c in cells.items() if f"/{cfg.headline_digits}d" in key for x in c["correct"]]
         return {"accuracy": statistics.fmean(everything),
                 f"accuracy_{cfg.headline_digits}d": statistics.fmean(headline) if headline else None,
                 "mean_tokens": statistics.fmean(t for c in cells.values() for t in c["tokens"]),
-                "format_ok": statistics.fmean(x for c in cells.values() for x in c["format_ok"]),
+                "format_ok": statistics.fmean(x for c in cells.values() for x in c["format_ok"]) if toggled else None,
                 "cells": summary}, kept
 
 
@@ -221,7 +247,7 @@ def item_prompt(tokenizer, item, prompting: str, mode: str) -> list[int]:
     ``mode`` (``enable_thinking``), or for ``text`` prompting the problem text and a blank line."""
     if prompting == "text":
         return tokenizer(item.prompt + "\n\n", add_special_tokens=True)["input_ids"]
-    return chat_ids(tokenizer, [{"role": "user", "content": item.prompt}], mode == "on")
+    return chat_ids(tokenizer, [{"role": "user", "content": item.prompt}], mode_thinking(mode))
 
 
 class MathSuiteTask:
@@ -259,7 +285,7 @@ class MathSuiteTask:
              "no_answer": statistics.fmean(v is None for v in votes),
              "truncated": statistics.fmean(c.finish_reason == "length" for c in completions),
              "n": len(items), "samples": n}
-        if prompting == "chat":
+        if prompting == "chat" and answers.mode != SINGLE:
             r["format_ok"] = statistics.fmean(format_ok(t, thinking=answers.sampled) for t in texts)
         kept = [{"mode": answers.mode, "id": it.id, "gold": it.gold, "response": texts[i * n], "correct": right[i * n]}
                 for i, it in enumerate(items[: cfg.save_samples])]
@@ -293,7 +319,7 @@ class IFEvalTask:
              "truncated": statistics.fmean(c.finish_reason == "length" for c in completions),
              "n": len(items), "samples": n}
         r["pass@1"] = r["prompt_level_strict"]
-        if prompting == "chat":
+        if prompting == "chat" and answers.mode != SINGLE:
             r["format_ok"] = statistics.fmean(format_ok(t, thinking=answers.sampled) for t in texts)
         kept = [{"mode": answers.mode, "id": f"ifeval/{it.key}", "response": texts[i * n],
                  "followed": graded[i * n]["strict"]} for i, it in enumerate(items[: cfg.save_samples])]
@@ -336,10 +362,23 @@ def budget_sweep(backend: Backend, tokenizer, problems: list, budgets: list, *, 
     return points
 
 
+def _mode_width(modes, least: int) -> int:
+    """The width of a table's mode column: ``least``, or wider for a long mode label (:data:`MODE_LABELS`)."""
+    return max([least, *(len(MODE_LABELS.get(m, m)) + 2 for m in modes)])
+
+
 def suites_table(results: dict[str, dict]) -> str:
     """One row per model, suite and mode: pass@1 (IFEval: prompt-level strict), maj@n, no-answer rate, toggle
-    format compliance, mean tokens ("-" where a suite has no such figure)."""
-    head = (f"{'model':<16}{'suite':<13}{'mode':<6}{'pass@1':>9}{'maj@n':>9}{'no ans':>9}{'format':>9}"
+    format compliance, mean tokens ("-" where a suite has no such figure: format in :data:`SINGLE` mode).
+
+    >>> r = {"pass@1": 0.5, "no_answer": 0.0, "mean_tokens": 9.0}
+    >>> print(suites_table({"parent": {"suites": {"ifeval": {"single": r}}}}))
+    model           suite        mode                   pass@1    maj@n   no ans   format   tokens
+    ----------------------------------------------------------------------------------------------
+    parent          ifeval       single (no toggle)      0.500        -    0.000        -      9.0
+    """
+    w = _mode_width((mode for m in results.values() for modes in m.get("suites", {}).values() for mode in modes), 6)
+    head = (f"{'model':<16}{'suite':<13}{'mode':<{w}}{'pass@1':>9}{'maj@n':>9}{'no ans':>9}{'format':>9}"
             f"{'tokens':>9}")
     lines = [head, "-" * len(head)]
 
@@ -350,13 +389,14 @@ def suites_table(results: dict[str, dict]) -> str:
         for suite, modes in m.get("suites", {}).items():
             for mode, r in modes.items():
                 maj = next((v for k, v in r.items() if k.startswith("maj@")), None)
-                lines.append(f"{name:<16}{suite:<13}{mode:<6}{r['pass@1']:>9.3f}{cell(maj)}{cell(r.get('no_answer'))}"
-                             f"{cell(r.get('format_ok'))}{r['mean_tokens']:>9.1f}")
+                lines.append(f"{name:<16}{suite:<13}{MODE_LABELS.get(mode, mode):<{w}}{r['pass@1']:>9.3f}{cell(maj)}"
+                             f"{cell(r.get('no_answer'))}{cell(r.get('format_ok'))}{r['mean_tokens']:>9.1f}")
     return "\n".join(lines)
 
 
 def format_table(metrics: dict) -> str:
-    """A plain-text table: one row per cell, one column pair (accuracy, tokens) per mode."""
+    """A plain-text table: one row per cell, one column pair (accuracy, tokens) per mode; a last line says what
+    the :data:`SINGLE` mode is when it is there."""
     modes = list(metrics["modes"])
     cells = list(next(iter(metrics["modes"].values()))["cells"])
     head = f"{'cell':<12}" + "".join(f"{m + ' acc':>11}{m + ' tok':>11}" for m in modes)
@@ -371,19 +411,23 @@ def format_table(metrics: dict) -> str:
     for m in modes:
         row += f"{metrics['modes'][m]['accuracy']:>11.3f}{metrics['modes'][m]['mean_tokens']:>11.1f}"
     lines.append(row)
+    if SINGLE in modes:
+        lines.append(f"{SINGLE}: {MODE_LABELS[SINGLE]}: the chat template ignores enable_thinking; each prompt asked "
+                     "once, greedy")
     return "\n".join(lines)
 
 
 def models_table(results: dict[str, dict]) -> str:
-    """One row per model: accuracy overall and at the headline difficulty, toggle format compliance (chat), mean
-    tokens, per mode."""
-    head = f"{'model':<16}{'prompting':<11}{'mode':<8}{'accuracy':>10}{'headline':>10}{'format':>9}{'tokens':>9}"
+    """One row per model: accuracy overall and at the headline difficulty, toggle format compliance (chat with the
+    toggle; "-" otherwise), mean tokens, per mode."""
+    w = _mode_width((mode for m in results.values() for mode in m.get("modes", {})), 8)
+    head = f"{'model':<16}{'prompting':<11}{'mode':<{w}}{'accuracy':>10}{'headline':>10}{'format':>9}{'tokens':>9}"
     lines = [head, "-" * len(head)]
     for name, m in results.items():
         for mode, r in m.get("modes", {}).items():
             headline = next((v for k, v in r.items() if k.startswith("accuracy_")), None)
             fmt = r.get("format_ok") if m.get("prompting") == "chat" else None
-            lines.append(f"{name:<16}{m['prompting']:<11}{mode:<8}{r['accuracy']:>10.3f}"
+            lines.append(f"{name:<16}{m['prompting']:<11}{MODE_LABELS.get(mode, mode):<{w}}{r['accuracy']:>10.3f}"
                          f"{'' if headline is None else f'{headline:.3f}':>10}{'-' if fmt is None else f'{fmt:.3f}':>9}"
                          f"{r['mean_tokens']:>9.1f}")
     return "\n".join(lines)
@@ -417,12 +461,15 @@ def toggle_check(backend: Backend, tokenizer, problems: list, *, max_new_tokens:
 
 
 def if_check(backend: Backend, tokenizer, items: list, *, max_new_tokens: int = 600, batch_size: int = 64,
-             scorer=None) -> dict:
+             scorer=None, modes: tuple[str, ...] = CHAT_MODES) -> dict:
     """Instruction following on nano instruction items (:func:`thinkfast.tasks.instructions.nano_if_items`), greedy,
-    every item asked in both modes of the chat template (whatever mode it was made for). Per mode: ``if_strict``
+    every item asked in each of ``modes`` (both modes of the chat template, whatever mode it was made for; the eval
+    stage passes :func:`chat_modes`, so a model without the toggle is asked once, in :data:`SINGLE`). Per mode:
+    ``if_strict``
     (share of prompts whose answer after the think block follows every instruction: IFEval's prompt-level strict
     accuracy), ``if_loose``, ``if_instructions`` (share of instructions followed, strict), ``accuracy`` (the
-    arithmetic answer, :func:`thinkfast.tasks.nano.nano_correct`), ``format_ok`` (the toggle obeyed),
+    arithmetic answer, :func:`thinkfast.tasks.nano.nano_correct`), ``format_ok`` (the toggle obeyed; None in
+    :data:`SINGLE`),
     ``no_answer`` (a malformed think block), ``mean_tokens``, ``truncated``; with ``scorer`` (a reward model: ``score_ids(sequences) -> list[float]``),
     ``rm_score``, its mean score of the prompt + response."""
     from ..tasks import ifeval
@@ -430,8 +477,8 @@ def if_check(backend: Backend, tokenizer, items: list, *, max_new_tokens: int = 
 
     params = _greedy(tokenizer, max_new_tokens, batch_size)
     out: dict = {}
-    for mode in CHAT_MODES:
-        prompts = [chat_ids(tokenizer, [{"role": "user", "content": it.prompt}], mode == "on") for it in items]
+    for mode in modes:
+        prompts = [chat_ids(tokenizer, [{"role": "user", "content": it.prompt}], mode_thinking(mode)) for it in items]
         completions = backend.generate(prompts, params, progress=False)
         texts = [decoded(tokenizer, c) for c in completions]
         graded = [ifeval.grade(ifeval.IFEvalItem(0, it.prompt, tuple(it.instruction_id_list), tuple(it.kwargs)),
@@ -440,7 +487,8 @@ def if_check(backend: Backend, tokenizer, items: list, *, max_new_tokens: int = 
         out[mode] = {"if_strict": scores["prompt_level_strict"], "if_loose": scores["prompt_level_loose"],
                      "if_instructions": scores["instruction_level_strict"],
                      "accuracy": statistics.fmean(nano_correct(t, it.problem.answer) for it, t in zip(items, texts)),
-                     "format_ok": statistics.fmean(format_ok(t, thinking=(mode == "on")) for t in texts),
+                     "format_ok": None if mode == SINGLE else statistics.fmean(format_ok(t, thinking=(mode == "on"))
+                                                                              for t in texts),
                      "no_answer": statistics.fmean(parse_response(t).answer is None for t in texts),
                      "mean_tokens": statistics.fmean(c.n_tokens for c in completions),
                      "truncated": statistics.fmean(c.finish_reason == "length" for c in completions)}

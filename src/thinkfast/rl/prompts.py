@@ -155,12 +155,12 @@ def nano_if_prompts(tokenizer, n: int, *, seed: int, kinds: Sequence[str], digit
 
 
 def file_prompts(tokenizer, files: Sequence[str], *, held_out: int, seed: int, thinking: str = "on",
-                 skip_bad: bool = False, stage: str = "grpo") -> tuple[list, dict, list, dict, dict]:
+                 skip_bad: bool = False, stage: str = "grpo", key: str = "files") -> tuple[list, dict, list, dict, dict]:
     """The prompts of JSON-lines ``files`` as chat prompt ids, ``held_out`` rows (drawn by ``seed``) set aside:
     (train ids, their columns, held-out ids, their columns, ``{"rows", "skipped", "fields"}`` with each file's
     row fields in the order they first appear). A row's mode is its own (:func:`row_to_prompt`), else
     ``thinking`` ("both": alternating). Columns: the rows' fields (``None`` where a row lacks one), ``thinking``,
-    ``prompts``. Fewer usable rows than ``held_out + 1`` is a DataError (``stage`` names the config section)."""
+    ``prompts``. Fewer usable rows than ``held_out + 1`` is a DataError (``stage`` and ``key`` name the config key)."""
     keys: dict[str, dict] = {}  # each file's row fields, in the order they first appear (error messages)
 
     def convert(row, source: str):
@@ -172,7 +172,7 @@ def file_prompts(tokenizer, files: Sequence[str], *, held_out: int, seed: int, t
     if skipped:
         print(f"{stage}: skipped {len(skipped)} bad row(s), e.g. {skipped[0]}")
     if len(rows) <= held_out:
-        raise DataError(f"{stage}.files {list(files)}: {len(rows)} usable rows, not more than eval_problems="
+        raise DataError(f"{stage}.{key} {list(files)}: {len(rows)} usable rows, not more than eval_problems="
                         f"{held_out} held out ({len(skipped)} skipped)")
     order = list(range(len(rows)))
     random.Random(f"{stage}-held-out:{seed}").shuffle(order)

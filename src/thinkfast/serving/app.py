@@ -7,7 +7,9 @@ chunk when ``stream_options.include_usage``).
 - The reasoning toggle: a system message ``detailed thinking on`` / ``off`` (Llama-Nemotron's convention), or
   ``chat_template_kwargs: {"enable_thinking": bool}`` (which wins), both handled by the model's chat template
   (:mod:`thinkfast.toggle`).
-- ``max_thinking_tokens``: the thinking budget (:mod:`thinkfast.generation.budget`).
+- ``max_thinking_tokens``, or vLLM's ``thinking_token_budget`` (-1: none): the thinking budget
+  (:mod:`thinkfast.generation.budget`), on both endpoints; both in one request with different budgets is a 400
+  naming the two.
 - Responses return the reasoning apart from the answer: ``message.reasoning_content`` (``delta.
   reasoning_content`` when streaming) and ``content``, as vLLM's reasoning parsers do.
 - Errors are OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body
@@ -370,6 +372,10 @@ def _start(state: ServerState, http: Request, body, prompts: list[list[int]], ma
     k-th sample gets seed + k, wrapped to 64 bits) and return the generation and the response's common fields."""
     from dataclasses import replace
 
+    try:
+        budget = body.thinking_budget()
+    except ValueError as e:  # max_thinking_tokens and vLLM's thinking_token_budget disagree
+        raise APIError(400, str(e), "thinking_token_budget") from None
     params = []
     for k, p in enumerate(prompts):
         sp = _sampling(state, body, len(p), max_tokens)
@@ -377,8 +383,7 @@ def _start(state: ServerState, http: Request, body, prompts: list[list[int]], ma
         if body.seed is not None:
             sp = replace(sp, seed=(body.seed + k % body.n + 2**63) % 2**64 - 2**63)
         params.append(sp)
-    gen = _Generation(state, http, prompts, params, body.max_thinking_tokens, body.stop, body.skip_special_tokens,
-                      body.stream)
+    gen = _Generation(state, http, prompts, params, budget, body.stop, body.skip_special_tokens, body.stream)
     return gen, {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
 
 

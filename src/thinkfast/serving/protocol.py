@@ -1,10 +1,13 @@
 """Request bodies of the OpenAI-compatible server (pydantic), and the pieces of text handling it needs.
 
 Fields follow OpenAI's API reference (chat completions and legacy completions) plus the extensions vLLM
-accepts that matter here: ``top_k``, ``chat_template_kwargs``; and thinkfast's ``max_thinking_tokens``
-(the thinking budget, :mod:`thinkfast.generation.budget`). Types are strict (``"5"`` is not a number) and unknown
-fields are ignored, as OpenAI's server does. A field OpenAI has that we do not implement (``logprobs``,
-``tools``, ``echo``, ``response_format`` other than text, ...) is refused with a 400 naming it, never
+accepts that matter here: ``top_k``, ``chat_template_kwargs``, ``thinking_token_budget``; and thinkfast's
+``max_thinking_tokens``. The last two are one thinking budget (:mod:`thinkfast.generation.budget`) under two names:
+``max_thinking_tokens`` an integer >= 0, ``thinking_token_budget`` vLLM's field (an integer >= 0, or -1 for no
+budget, as vLLM's ``SamplingParams`` takes it). A request may give either or both; both with different budgets is a
+400 naming the two (:meth:`_Sampling.thinking_budget`; ``null`` is not giving one). Types are strict (``"5"`` is
+not a number) and unknown fields are ignored, as OpenAI's server does. A field OpenAI has that we do not implement
+(``logprobs``, ``tools``, ``echo``, ``response_format`` other than text, ...) is refused with a 400 naming it, never
 silently ignored.
 
 Every value must be one the engine can execute, or the request is a 400 naming the field: a ``seed`` fits in 64
@@ -95,6 +98,7 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_thinking_tokens: int | None = Field(None, ge=0)
+    thinking_token_budget: int | None = Field(None, ge=-1)  # vLLM's name for the same budget; -1: none
     skip_special_tokens: bool = True  # vLLM's extension: special tokens are left out of the text
     user: str | None = None
 
@@ -105,6 +109,28 @@ class _Sampling(_Strict):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes at most 4 non-empty strings")
         return stops
+
+    def thinking_budget(self) -> int | None:
+        """The thinking budget in tokens (None: none) from ``max_thinking_tokens`` or vLLM's
+        ``thinking_token_budget`` (-1: none); a ValueError naming both when they ask for different budgets.
+
+        >>> CompletionRequest(prompt="hi", thinking_token_budget=4).thinking_budget()
+        4
+        >>> CompletionRequest(prompt="hi", thinking_token_budget=-1).thinking_budget()
+        >>> CompletionRequest(prompt="hi", max_thinking_tokens=4, thinking_token_budget=4).thinking_budget()
+        4
+        >>> CompletionRequest(prompt="hi", max_thinking_tokens=4, thinking_token_budget=8).thinking_budget()
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: max_thinking_tokens (4) and thinking_token_budget (8) are the same thinking budget under two ...
+        """
+        vllm = None if self.thinking_token_budget == -1 else self.thinking_token_budget
+        if None not in (self.max_thinking_tokens, self.thinking_token_budget) and vllm != self.max_thinking_tokens:
+            raise ValueError(f"max_thinking_tokens ({self.max_thinking_tokens}) and thinking_token_budget "
+                             f"({self.thinking_token_budget}) are the same thinking budget under two names "
+                             "(thinkfast's and vLLM's): give one, or both equal")
+        return self.max_thinking_tokens if self.max_thinking_tokens is not None else vllm
 
 
 class ChatCompletionRequest(_Sampling):

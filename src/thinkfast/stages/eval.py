@@ -11,7 +11,10 @@ template):
   with "Let's think step by step." and mode ``direct`` with "Answer: "; both greedy.
 - ``chat`` (a model taught the toggle): modes ``on`` / ``off`` through the chat template's
   ``enable_thinking``. Besides accuracy it reports how well the toggle is obeyed: the share of "on"
-  responses with exactly one well-formed think block and of "off" responses with no think tags.
+  responses with exactly one well-formed think block and of "off" responses with no think tags. A chat model
+  whose template has no toggle (a parent such as SmolLM2-135M-Instruct, whose own template ignores
+  ``enable_thinking``: :func:`thinkfast.toggle.has_toggle`) is asked once per prompt, greedy, in its template's
+  one mode, ``single`` ("single (no toggle)" in the tables, toggle compliance "-"), with a note saying so.
 
 The harness itself (prompts, grading, the batched evaluation, tables) is :mod:`thinkfast.evaluation`;
 this module is the stage around it: which models, where results go, what is reused.
@@ -31,9 +34,11 @@ The model can be a server (``endpoint``: any OpenAI-compatible URL, e.g. a vLLM 
 prompts are still built here with the folder's tokenizer (``model`` names the folder) and sent as token ids
 (:mod:`thinkfast.generation.endpoint`), so local and served models are graded on the same prompts. The thinking-budget
 sweep and throughput need a local model: with an endpoint they are skipped with a note (``eval: note: ...``, and in
-the metrics' ``notes``), as is a budget sweep without the nano suite or of a text-prompted model, so that one
-config (the embedded one sets both) serves every kind of evaluation. A server that fails, answers garbage or
-stops answering ends the evaluation with one line naming the request and the answer (:mod:`thinkfast.generation.endpoint`).
+the metrics' ``notes``), as is a budget sweep without the nano suite or of a model without a think block to
+budget (text-prompted, or a chat template without the toggle), so that one config (the embedded one sets both)
+serves every kind of evaluation: ``thinkfast eval --model DIR eval.suites=[ifeval]`` needs nothing else. A server
+that fails, answers garbage or stops answering ends the evaluation with one line naming the request and the answer
+(:mod:`thinkfast.generation.endpoint`).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from ..config import to_dict
 from ..generation import LocalBackend
 from ..evaluation import (EvalSettings, budget_sweep, evaluate, evaluate_ifeval, evaluate_items, evaluate_phrased,
                           format_table, if_check, models_table, resolve_prompting, suites_table)
+from ..evaluation.harness import SINGLE, chat_modes
 from ..nano import tasks
 from ..rundir import JsonlLogger, StageDir, atomic_dir, atomic_write_json, atomic_write_text
 from . import Input, Inputs, check_device, positive, resolve_device
@@ -107,6 +113,13 @@ class EvalConfig(EvalSettings):
     # extra attempts of a request that timed out, failed to connect or got HTTP 429 / 5xx (0.5 s backoff,
     # doubling); an answer of the wrong shape is never retried. Retries are counted in metrics["endpoint"]
     endpoint_retries: int = 2
+    # the engine that generates the answers of a model folder: thinkfast's rollout engine, or real vLLM in a worker
+    # process (thinkfast.generation.vllm_backend; vllm_python: a Python with vLLM, default .venv-vllm's). vLLM runs
+    # no thinking budget (the sweep is skipped with a note); throughput stays thinkfast's own measurement
+    engine: Literal["thinkfast", "vllm"] = "thinkfast"
+    vllm_python: str | None = None
+    vllm_dtype: str = "bfloat16"
+    vllm_max_model_len: int = 4096
     device: str = "auto"
 
     def __post_init__(self):
@@ -144,24 +157,33 @@ class EvalConfig(EvalSettings):
             raise ValueError(f"endpoint_timeout={self.endpoint_timeout} must be > 0 (seconds per request)")
         if self.endpoint_retries < 0:
             raise ValueError(f"endpoint_retries={self.endpoint_retries} must be >= 0")
+        if self.engine == "vllm" and self.endpoint is not None:
+            raise ValueError("engine: vllm generates from the model folder; endpoint evaluates a server: choose one")
+        if self.vllm_max_model_len < 16:
+            raise ValueError(f"vllm_max_model_len={self.vllm_max_model_len} must be >= 16")
 
 
 Config = EvalConfig
 NANO_SUITES = ("nano", "nano_phrased", "nano_if")
 
 
-def budget_note(cfg: EvalConfig, prompting: str | None = None) -> str | None:
-    """Why ``budgets`` do not apply (None: they do, or there are none). A setting that does not apply is skipped
-    with a note, not refused: the embedded config sweeps budgets, and evaluating a server or only the real
-    suites with it should just work."""
+def budget_note(cfg: EvalConfig, prompting: str | None = None, modes: tuple[str, ...] | None = None) -> str | None:
+    """Why ``budgets`` do not apply (None: they do, or there are none); ``modes``: the chat model's
+    (:func:`thinkfast.evaluation.harness.chat_modes`), when known. A setting that does not apply is skipped with a
+    note, not refused: the embedded config sweeps budgets, and evaluating a server, only the real suites or a
+    parent without the toggle with it should just work."""
     if not cfg.budgets:
         return None
     if cfg.endpoint is not None:
         return "budgets skipped: the thinking budget runs inside the local engine, not on a server (eval.endpoint)"
+    if cfg.engine == "vllm":
+        return "budgets skipped: the thinking budget runs inside thinkfast's engine, not in vLLM (eval.engine)"
     if "nano" not in cfg.suites:
         return "budgets skipped: the sweep runs on the nano suite, which is not in eval.suites"
     if prompting == "text":
         return "budgets skipped: the model is prompted as text, with no think block to budget"
+    if modes == (SINGLE,):
+        return "budgets skipped: the model's chat template has no reasoning toggle, so no think block to budget"
     return None
 
 
@@ -200,8 +222,12 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
     device = resolve_device(cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompting = resolve_prompting(path, tokenizer, cfg.prompting)
+    modes = chat_modes(tokenizer) if prompting == "chat" else None
     notes: list[str] = []
-    skip_budgets = budget_note(cfg, prompting)
+    if modes == (SINGLE,):
+        _note(notes, f"the chat template has no reasoning toggle (enable_thinking changes nothing): every prompt is "
+                     f"asked once, greedy, in its own mode '{SINGLE}'; no toggle compliance")
+    skip_budgets = budget_note(cfg, prompting, modes)
     _note(notes, skip_budgets)
     with atomic_dir(out) as tmp:
         with JsonlLogger(tmp / "log.jsonl") as log:
@@ -217,6 +243,11 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
 
                 backend = Endpoint(cfg.endpoint, tokenizer, cfg.endpoint_model, concurrency=cfg.endpoint_concurrency,
                                  timeout=cfg.endpoint_timeout, retries=cfg.endpoint_retries, on_retry=on_retry)
+            elif cfg.engine == "vllm":
+                from ..generation.vllm_backend import VLLMBackend
+
+                backend = VLLMBackend(path, python=cfg.vllm_python, dtype=cfg.vllm_dtype,
+                                      max_model_len=cfg.vllm_max_model_len)
             else:
                 backend = LocalBackend(load_model(path).to(device).eval())
             metrics, kept = {"prompting": prompting, "modes": {}}, []
@@ -254,7 +285,7 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
                 log.log("suite", suite="nano_if", items=len(items))
                 with torch.no_grad():
                     result = if_check(backend, tokenizer, items, max_new_tokens=cfg.max_new_tokens,
-                                      batch_size=cfg.batch_size)
+                                      batch_size=cfg.batch_size, modes=modes)
                 metrics.setdefault("suites", {})["nano_if"] = {
                     mode: {"pass@1": r["if_strict"], **r} for mode, r in result.items()}
             if "ifeval" in cfg.suites:
@@ -279,8 +310,12 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
                         metrics["suites"][name], more = evaluate_items(backend, tokenizer, items, prompting, cfg,
                                                                        grader, log)
                         kept += [{"suite": name, **r} for r in more]
+            if hasattr(backend, "close"):  # the vLLM worker (it also ends when this process does)
+                backend.close()
         metrics["model"] = str(path) if cfg.endpoint is None else f"{backend.model} at {cfg.endpoint}"
         metrics["notes"] = notes
+        if cfg.engine == "vllm":
+            metrics["engine"] = f"vllm ({cfg.vllm_dtype})"
         if cfg.endpoint is not None:
             metrics["endpoint"] = backend.stats()
         atomic_write_text(tmp / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
@@ -361,14 +396,16 @@ def run(cfg: EvalConfig, stage: StageDir, inputs: Inputs) -> dict:
         if done.get("modes"):
             print(f"{name}:\n{format_table(done)}")
         results[name] = done
-    table = models_table(results)
+    # the nano suite's table, and the real suites' (a model folder evaluated on real suites only has no empty one)
+    tables = [models_table(results)] if any(m.get("modes") for m in results.values()) else []
     if any(m.get("suites") for m in results.values()):
-        table += "\n\n" + suites_table(results)
+        tables.append(suites_table(results))
     out: dict = {"models": results, "notes": notes}
     if cfg.throughput_batches and cfg.endpoint is None:
         out["throughput"] = measure_throughput(cfg, {name: Path(p) for name, p in models.items()})
         atomic_write_json(stage.path / "throughput.json", out["throughput"])
-        table += "\n\n" + throughput_table(out["throughput"])
+        tables.append(throughput_table(out["throughput"]))
+    table = "\n\n".join(tables)
     atomic_write_text(stage.path / "table.txt", table + "\n")
     print(table)
     return out

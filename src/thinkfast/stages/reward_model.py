@@ -60,9 +60,9 @@ def reads(cfg) -> dict:
     return {"model": Input("model")}
 
 
-def files(cfg) -> tuple[str, list[str]]:
-    """The pair files (identified by content: a changed file makes the stage stale)."""
-    return "pairs", list(cfg.pairs)
+def files(cfg) -> list[tuple[str, list[str]]]:
+    """The pair files and the prompt files (identified by content: a changed file makes the stage stale)."""
+    return [("pairs", list(cfg.pairs)), ("prompt_files", list(cfg.prompt_files))]
 
 
 @dataclass
@@ -70,6 +70,9 @@ class RewardModelConfig(OptimizerFields, CadenceFields):
     """The optimizer (``lr`` ... ``precision``) and cadence fields are :mod:`thinkfast.train.settings`'s."""
 
     pairs: list[str] = field(default_factory=list)  # JSON lines of pairs (thinkfast.rl.reward_model); none: nano
+    # or prompts of your own (thinkfast.rl.prompts' schema; IFEval's instruction_id_list / kwargs and a "solution"
+    # for the math check when present): the policy's samples ranked as the nano ones are; none: nano prompts
+    prompt_files: list[str] = field(default_factory=list)
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping at the first
     # the nano world's pairs: prompts x (samples of the policy + the teacher's response), ranked
     prompts: int = 128
@@ -106,6 +109,10 @@ class RewardModelConfig(OptimizerFields, CadenceFields):
         super().__post_init__()  # optimizer and cadence fields
         if isinstance(self.pairs, str):
             self.pairs = [self.pairs]
+        if isinstance(self.prompt_files, str):
+            self.prompt_files = [self.prompt_files]
+        if self.pairs and self.prompt_files:
+            raise ValueError("give pairs (ranked already) or prompt_files (sampled and ranked here), not both")
         positive(self, "prompts", "samples", "max_new_tokens", "rollout_batch_size", "train_steps", "batch_size",
                  "max_len", "eval_every")
         for name in ("temperature", "epochs"):
@@ -173,6 +180,55 @@ def nano_world_pairs(cfg: RewardModelConfig, model_dir, tokenizer, device) -> tu
                    "teacher_ranked_first": stats["teacher_best"] / max(1, len(items))}
 
 
+def file_prompt_pairs(cfg: RewardModelConfig, model_dir, tokenizer, device) -> tuple[list, dict]:
+    """Pairs of ``samples`` policy responses to each of the first ``prompts`` rows of ``prompt_files``, ranked by
+    the nano rule with the file's checks: correct (the math check, when the row has a ``solution``; else every
+    response counts as correct), obeying the toggle and every IFEval instruction the row names, then shorter.
+    No teacher response (a file has none). (pairs, stats)."""
+    from ..artifacts import load_decilm
+    from ..evaluation import decoded
+    from ..generation import LocalBackend, SamplingParams
+    from ..rl.prompts import file_prompts
+    from ..rl.reward_model import nano_pairs, nano_rank_key
+    from ..rl.rollout import rollout
+    from ..tasks.ifeval import ifeval_strict
+    from ..tasks.math import math_accuracy
+    from ..tasks.think_format import think_format
+    from ..toggle import stop_token_ids
+
+    ids, cols, _, _, _ = file_prompts(tokenizer, cfg.prompt_files, held_out=0, seed=cfg.seed, thinking=cfg.thinking,
+                                      skip_bad=cfg.skip_bad_rows, stage="reward_model", key="prompt_files")
+    ids, cols = ids[:cfg.prompts], {k: v[:cfg.prompts] for k, v in cols.items()}
+    policy = load_decilm(model_dir, device)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=cfg.rollout_batch_size,
+                            seed=cfg.seed)
+    print(f"reward_model: sampling {cfg.samples} responses to each of {len(ids)} prompts of {cfg.prompt_files}")
+    roll = rollout(LocalBackend(policy), ids, cfg.samples, params, progress=True)
+    del policy
+    k = cfg.samples
+    pairs, stats = [], {"correct": [], "obeyed": []}
+    for g in range(len(ids)):
+        comps = roll.completions[g * k:(g + 1) * k]
+        texts = [decoded(tokenizer, c) for c in comps]
+        finished = [c.finish_reason == "stop" for c in comps]
+        thinking = cols["thinking"][g]
+        solution = (cols.get("solution") or [None] * len(ids))[g]
+        correct = (math_accuracy(texts, [solution] * k) if solution is not None else [1.0] * k)
+        toggle = think_format(texts, [thinking] * k)
+        iids = (cols.get("instruction_id_list") or [None] * len(ids))[g]
+        follows = (ifeval_strict(texts, [iids] * k, [cols["kwargs"][g]] * k, prompts=[cols["prompts"][g]] * k)
+                   if iids else [1.0] * k)
+        keys = [nano_rank_key(bool(c) and f, bool(t) and bool(i) and f, len(comp.token_ids))
+                for c, t, i, f, comp in zip(correct, toggle, follows, finished, comps)]
+        stats["correct"] += [key[0] for key in keys]
+        stats["obeyed"] += [key[1] for key in keys]
+        pairs += nano_pairs(cols["prompts"][g], texts, keys, thinking=thinking, source=f"file:{g}")
+    return pairs, {"prompts": len(ids), "samples": len(roll.completions),
+                   "sample_correct": statistics.fmean(stats["correct"]) if stats["correct"] else None,
+                   "sample_obeyed": statistics.fmean(stats["obeyed"]) if stats["obeyed"] else None}
+
+
 def split_held_out(pairs: list, held_out: float, seed: int) -> tuple[list[int], list[int]]:
     """(train, held-out) pair indices: whole prompts go to the held-out side, in a seeded order, until it holds
     ``held_out`` (a share < 1, or a count) of the pairs; at least one pair stays on each side."""
@@ -232,7 +288,8 @@ def run(cfg: RewardModelConfig, stage: StageDir, inputs: Inputs) -> dict:
         if sidecar.get("prompting") == "text":
             raise ValueError(f"{model_dir} was not taught the chat template's toggle (prompting: text): put sft "
                              "before reward_model, or give pairs files")
-        pairs, sampled = nano_world_pairs(cfg, model_dir, tokenizer, device)
+        make = file_prompt_pairs if cfg.prompt_files else nano_world_pairs
+        pairs, sampled = make(cfg, model_dir, tokenizer, device)
         tmp = pairs_file.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(pair_row(p)) + "\n" for p in pairs))
         tmp.replace(pairs_file)

@@ -39,7 +39,9 @@ from typing import Literal
 import torch
 
 from ..artifacts import Curve, load_decilm, write_curve
+from ..data import DataError
 from ..evaluation import if_check
+from ..evaluation.checks import prompt_if_check
 from ..generation import Completion, LocalBackend, SamplingParams
 from ..rl.preference import KINDS
 from ..rl.prompts import nano_if_prompts
@@ -62,9 +64,9 @@ def reads(cfg) -> dict:
     return out
 
 
-def files(cfg) -> tuple[str, list[str]]:
-    """The pair files (identified by content)."""
-    return "pairs", list(cfg.pairs)
+def files(cfg) -> list[tuple[str, list[str]]]:
+    """The pair files and the prompt files (identified by content)."""
+    return [("pairs", list(cfg.pairs)), ("prompt_files", list(cfg.prompt_files))]
 
 
 @dataclass
@@ -76,6 +78,9 @@ class RPOConfig(RolloutSampling, OptimizerFields, CadenceFields):
     loss: str | None = None  # a kind of thinkfast.rl.preference.KINDS; default: rpo_bwd_kl online, dpo offline
     reward_model: str | None = None  # a reward-model folder; default: the run's latest reward_model output
     pairs: list[str] = field(default_factory=list)  # offline: JSON-lines pair files; none: nano pairs
+    # online: prompts of your own (thinkfast.rl.prompts' schema; IFEval's instruction_id_list / kwargs, and a
+    # "solution" for the math check, read by the held-out check), eval_problems of them held out; none: nano prompts
+    prompt_files: list[str] = field(default_factory=list)
     iterations: int = 2
     steps_per_iteration: int = 10
     prompts_per_step: int = 16  # pairs per step
@@ -111,6 +116,10 @@ class RPOConfig(RolloutSampling, OptimizerFields, CadenceFields):
             self.loss = "rpo_bwd_kl" if self.mode == "online" else "dpo"
         if self.loss not in KINDS:
             raise ValueError(f"loss={self.loss!r}: choose from {list(KINDS)}")
+        if isinstance(self.prompt_files, str):
+            self.prompt_files = [self.prompt_files]
+        if self.prompt_files and self.mode != "online":
+            raise ValueError("prompt_files are for mode: online (offline trains on pairs)")
         if self.mode == "online" and self.pairs:
             raise ValueError("pairs are for mode: offline (online samples its own pairs each round)")
         if self.mode == "offline" and self.loss.startswith("rpo"):
@@ -199,11 +208,26 @@ def run(cfg: RPOConfig, stage: StageDir, inputs: Inputs) -> dict:
     log = stage.logger()
     total = cfg.iterations * cfg.steps_per_iteration
     per_round = cfg.steps_per_iteration * cfg.prompts_per_step
-    prompts, columns, items = nano_if_prompts(tokenizer, per_round * cfg.iterations if cfg.mode == "online" else per_round,
-                                          seed=cfg.seed, kinds=cfg.kinds, digits=cfg.digits, steps=cfg.steps,
-                                          instructions=cfg.instructions, thinking=cfg.thinking)
-    held = []
-    if cfg.eval_problems:
+    held, held_file = [], None
+    if cfg.prompt_files:
+        from ..rl.prompts import file_prompts
+
+        prompts, columns, held_ids, held_cols, _ = file_prompts(
+            tokenizer, cfg.prompt_files, held_out=cfg.eval_problems, seed=cfg.seed, thinking=cfg.thinking,
+            skip_bad=False, stage="rpo", key="prompt_files")
+        items = []
+        need = per_round * cfg.iterations
+        if len(prompts) < need:
+            raise DataError(f"rpo.prompt_files {cfg.prompt_files}: {len(prompts)} prompts after eval_problems="
+                            f"{cfg.eval_problems} held out, {need} needed (iterations x steps_per_iteration x "
+                            "prompts_per_step)")
+        if held_ids:
+            held_file = (held_cols["prompts"], held_cols)
+    else:
+        prompts, columns, items = nano_if_prompts(
+            tokenizer, per_round * cfg.iterations if cfg.mode == "online" else per_round, seed=cfg.seed,
+            kinds=cfg.kinds, digits=cfg.digits, steps=cfg.steps, instructions=cfg.instructions, thinking=cfg.thinking)
+    if cfg.eval_problems and not cfg.prompt_files:
         held = nano_if_prompts(tokenizer, cfg.eval_problems, seed=cfg.seed, kinds=cfg.kinds, digits=cfg.digits,
                                steps=cfg.steps, instructions=cfg.instructions, thinking=cfg.thinking, split="eval")[2]
     stops = tuple(stop_token_ids(tokenizer))
@@ -230,9 +254,14 @@ def run(cfg: RPOConfig, stage: StageDir, inputs: Inputs) -> dict:
                      save=lambda: {"model": model.state_dict(), "reference": reference.state_dict(), **state})
 
     def point(done_rounds: int) -> None:
+        check = None
         if held:
             check = if_check(backend, tokenizer, held, max_new_tokens=cfg.eval_max_new_tokens,
                              batch_size=cfg.batch_size, scorer=scorer)
+        elif held_file:
+            check = prompt_if_check(backend, tokenizer, held_file[0], held_file[1],
+                                    max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.batch_size, scorer=scorer)
+        if check is not None:
             state["curve"].append({"step": done_rounds * cfg.steps_per_iteration, "round": done_rounds, **check})
             log.log("eval", **state["curve"][-1])
         model.train()

@@ -30,6 +30,7 @@ import torch
 from ..artifacts import Curve, copy_tokenizer_files, read_model_sidecar, write_curve, write_model_sidecar
 from ..data import DataError, packed_attention
 from ..evaluation import toggle_check
+from ..evaluation.checks import prompt_toggle_check
 from ..generation import LocalBackend
 from ..nano import tasks
 from ..artifacts import load_decilm
@@ -49,9 +50,9 @@ def reads(cfg) -> dict:
     return {"model": Input("model")}
 
 
-def files(cfg) -> tuple[str, list[str]]:
-    """The data files (identified by content: a changed file makes the stage stale)."""
-    return "files", list(cfg.files)
+def files(cfg) -> list[tuple[str, list[str]]]:
+    """The data files and the check's prompt files (identified by content: a changed file makes the stage stale)."""
+    return [("files", list(cfg.files)), ("eval_files", list(cfg.eval_files))]
 
 
 @dataclass
@@ -61,6 +62,11 @@ class SFTConfig(OptimizerFields, PeriodicEvalFields, CadenceFields):
 
     files: list[str] = field(default_factory=list)  # JSON lines; none: the nano world's paired examples
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping at the first
+    # with files: examples held out of them for the held-out loss (whole prompts: both modes of one go together)
+    held_out_rows: int = 16
+    # with files: prompt files (thinkfast.rl.prompts' schema; a "solution" column is graded by the math check) whose
+    # first eval_problems prompts the periodic toggle check asks in both modes; none: no check
+    eval_files: list[str] = field(default_factory=list)
     nano_prompts: int = 4000  # nano world: prompts, each an "on" and an "off" example
     # nano world: instruction-following prompts besides (a problem with 1-3 of IFEval's instructions, the teacher's
     # answer rewritten to follow them), each an "on" and an "off" example; drawn apart from rloo's and rpo's prompts
@@ -89,6 +95,13 @@ class SFTConfig(OptimizerFields, PeriodicEvalFields, CadenceFields):
         check_device(self.device)
         if isinstance(self.files, str):
             self.files = [self.files]
+        if isinstance(self.eval_files, str):
+            self.eval_files = [self.eval_files]
+        if self.eval_files and not self.files:
+            raise ValueError("eval_files is the check of a model trained on files: give files too (the nano world's "
+                             "check is its own held-out problems)")
+        if self.held_out_rows < 1:
+            raise ValueError(f"held_out_rows={self.held_out_rows} must be >= 1")
         super().__post_init__()  # optimizer, periodic evaluation and cadence fields
         positive(self, "nano_prompts", "batch_size")
         if self.if_prompts < 0 or self.off_prompts < 0:
@@ -147,6 +160,40 @@ def _examples(cfg: SFTConfig) -> tuple[list, list[str]]:
 _IF_SEED = 1_000_003
 
 
+def _hold_out(examples: list, rows: int, seed: int) -> tuple[list, list]:
+    """(train, held out): whole prompts (every example of one user turn) drawn by ``seed`` until ``rows``
+    examples are held out; a DataError when nothing would be left to train on."""
+    def prompt(ex) -> str:
+        return next((m["content"] for m in reversed(ex.messages) if m["role"] == "user"), "")
+
+    keys = sorted({prompt(e) for e in examples})
+    random.Random(f"sft-held-out:{seed}").shuffle(keys)
+    chosen: set[str] = set()
+    count = 0
+    for k in keys:
+        if count >= rows:
+            break
+        chosen.add(k)
+        count += sum(prompt(e) == k for e in examples)
+    train = [e for e in examples if prompt(e) not in chosen]
+    if not train:
+        raise DataError(f"sft.held_out_rows={rows} holds out every example of sft.files; lower it")
+    return train, [e for e in examples if prompt(e) in chosen]
+
+
+def _file_checks(cfg: SFTConfig) -> tuple[list, list] | None:
+    """The periodic toggle check's prompts (messages, solutions) from ``eval_files``; None without them."""
+    if not cfg.eval_files or not cfg.eval_problems:
+        return None
+    from ..rl.prompts import read_prompts
+
+    rows, _ = read_prompts(cfg.eval_files, skip_bad=cfg.skip_bad_rows)
+    rows = rows[:cfg.eval_problems]
+    if not rows:
+        raise DataError(f"sft.eval_files {cfg.eval_files}: no usable prompt")
+    return [list(r.messages) for r in rows], [r.columns.get("solution") for r in rows]
+
+
 def _plot(path, curve: list[dict], title: str) -> None:
     import matplotlib
 
@@ -179,8 +226,12 @@ def run(cfg: SFTConfig, stage: StageDir, inputs: Inputs) -> dict:
     device = setup_device(cfg.device)
     precision = resolve_precision(device, cfg.precision)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    added = install_chat_template(tokenizer)
+    own_template = tokenizer.chat_template
+    added = install_chat_template(tokenizer)  # the toggle, in the layout of the model's own template
     examples, skipped = _examples(cfg)
+    held = nano_examples(16, cfg.seed, cfg.kinds, cfg.digits, cfg.steps, split="eval")
+    if cfg.files:  # held-out examples of the files themselves, whole prompts at a time
+        examples, held = _hold_out(examples, cfg.held_out_rows, cfg.seed)
     examples = mix_modes(examples, cfg.on_share, cfg.seed)
     samples, modes, too_long = [], [], 0
     for ex in examples:
@@ -194,12 +245,12 @@ def run(cfg: SFTConfig, stage: StageDir, inputs: Inputs) -> dict:
         raise DataError(f"sft: no example fits seq_len={cfg.seq_len}")
     rows = schedule(samples, modes, cfg)
     total = max(1, math.ceil(len(rows) / cfg.batch_size))
-    held = nano_examples(16, cfg.seed, cfg.kinds, cfg.digits, cfg.steps, split="eval")
     held_samples = [tokenize_example(tokenizer, e) for e in held]
     held_batch = packed_batch(held_samples, pack([len(s[0]) for s in held_samples], max(cfg.seq_len, 1024)),
                               max(cfg.seq_len, 1024), pad_id=tokenizer.pad_token_id or 0)
     problems = (tasks.make_problems(cfg.eval_problems, seed=cfg.seed, kinds=tuple(cfg.kinds), digits=(1, 2),
-                                    split="eval") if cfg.eval_problems else [])
+                                    split="eval") if cfg.eval_problems and not cfg.files else [])
+    checks = _file_checks(cfg) if cfg.files else None
 
     model = load_decilm(model_dir, device).requires_grad_(True)
     if added or len(tokenizer) > model.config.vocab_size:
@@ -234,6 +285,9 @@ def run(cfg: SFTConfig, stage: StageDir, inputs: Inputs) -> dict:
         p = {"step": step, "tokens": tokens, "loss": float(sft_loss(logits, b["labels"])[0])}
         if problems:
             p.update(toggle_check(LocalBackend(model), tokenizer, problems, max_new_tokens=cfg.eval_max_new_tokens))
+        if checks:
+            p.update(prompt_toggle_check(LocalBackend(model), tokenizer, checks[0], checks[1],
+                                         max_new_tokens=cfg.eval_max_new_tokens))
         curve.append(p)
         log.log("eval", **p)
         model.train()
@@ -259,7 +313,7 @@ def run(cfg: SFTConfig, stage: StageDir, inputs: Inputs) -> dict:
     with atomic_dir(stage.model_dir) as tmp:
         model.save_pretrained(tmp)
         copy_tokenizer_files(model_dir, tmp)
-        if added:
+        if added or tokenizer.chat_template != own_template:
             tokenizer.save_pretrained(tmp)
         sidecar = read_model_sidecar(model_dir)
         extra = {k: sidecar[k] for k in ("engine",) if k in sidecar}
@@ -275,7 +329,7 @@ def run(cfg: SFTConfig, stage: StageDir, inputs: Inputs) -> dict:
     for mode in ("on", "off"):
         if mode in last:
             metrics.update({f"{k}_{mode}": v for k, v in last[mode].items()})
-    if problems:
+    if problems or checks:
         metrics["collapsed"] = last["collapsed"]
         if last["collapsed"]:
             print(f"sft: WARNING: the model does not obey the toggle in mode(s) {last['collapsed']} "
