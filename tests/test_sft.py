@@ -249,7 +249,8 @@ def test_sft_reads_files_and_a_changed_file_makes_it_stale(tmp_path):
     pipe = _pipe(tmp_path, run, f"sft.files=[{data}]", "sft.eval_problems=0")
     run_stage(pipe, "pretrain")
     m, _ = run_stage(pipe, "sft")
-    assert m["examples"] == 12 and m["on_examples"] == 6
+    # one prompt (a tenth, at least one) held out; on_share 0.5 then keeps 5 of each mode
+    assert m["examples"] == 10 and m["on_examples"] == 5
     with RunDir(run) as rd:
         assert status(pipe, rd, "sft")[0] == "complete"
     data.write_text("\n".join(json.dumps(r) for r in rows[:-1]) + "\n")

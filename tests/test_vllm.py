@@ -2,9 +2,16 @@
 ``.venv-vllm``, made by ``scripts/setup_vllm.sh``) give our greedy tokens and our prompt log-probs.
 
 Models: mixed KV-head counts (4 / 2 / 1), no-op attention and no-op FFN, three FFN widths, tied and untied
-embeddings, an FFN-Fusion result (two FFNs fused into one of width 768), a real Puzzle child (library for vLLM, scores, costs, search on a random Llama parent), Llama-3 RoPE scaling with a prompt of 400 tokens, far past ``original_max_position_embeddings``
-(64), so scaling shapes every position's frequencies. Widths are multiples of 256 (what vLLM reads
-through ``ffn_mult``); linear blocks are not tested here: vLLM has none.
+embeddings, an FFN-Fusion result (two FFNs fused into one of width 768), a real Puzzle child (library for vLLM,
+scores, costs, search on a random Llama parent), Llama-3 RoPE scaling with a prompt of 400 tokens, far past
+``original_max_position_embeddings`` (64), so scaling shapes every position's frequencies. Widths are multiples of
+256 (what vLLM reads through ``ffn_mult``); linear blocks are not tested here: vLLM has none.
+
+SmolLM2-135M-Instruct's shapes (hidden 576, 9 query heads of 64 over 3 KV heads, FFN 1536, tied embeddings, RoPE
+theta 1e5, 4 layers instead of 30, the nano vocabulary): its Llama folder as the parent stage leaves it (vLLM
+loads it as Llama, thinkfast converts it on load), the same folder converted on disk
+(``thinkfast.artifacts.convert_checkpoint``), and a child of those shapes (1 KV head, FFN widths 1280 / 768 / 256,
+a no-op attention and a no-op FFN). All our references come from ``thinkfast.artifacts.load_decilm``.
 
 Tolerance: float32 on both sides; prompt log-probs agree within 1e-4 (measured: 3e-6).
 """
@@ -17,9 +24,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import thinkfast  # noqa: F401
+from thinkfast.artifacts import convert_checkpoint, load_decilm
 from thinkfast.modeling import DeciLMConfig, DeciLMForCausalLM, attention_block, block_config, ffn_block
 from thinkfast.nano.tokenizer import build_tokenizer
 from thinkfast.rundir import StageDir
@@ -28,6 +36,9 @@ from thinkfast.stages import Inputs, costs, library, scores, search
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("THINKFAST_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 H = 256
+# SmolLM2-135M-Instruct's config.json, less its depth and vocabulary
+SMOL = dict(hidden_size=576, num_attention_heads=9, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5,
+            tie_word_embeddings=True, max_position_embeddings=2048)
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
 
@@ -70,9 +81,10 @@ def build(tmp: Path, name: str, tied: bool, seed: int) -> dict:
 
 
 def reference(path: Path, seed: int) -> dict:
-    """Our greedy tokens and prompt log-probs for a 400-token prompt, from the saved folder."""
+    """Our greedy tokens and prompt log-probs for a 400-token prompt, from the saved folder (a Llama folder is
+    converted on load, as every stage loads its parent)."""
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).float().eval()
+    model = load_decilm(path)
     rng = random.Random(seed)
     text = "Problem: " + " ".join(str(rng.randint(0, 99)) for _ in range(200))
     prompt = tok(text, add_special_tokens=False)["input_ids"][:400]
@@ -110,6 +122,46 @@ def puzzle_child(tmp: Path) -> Path:
                                                 "costs": run / "costs" / "costs.json"}))
     assert m["params"] <= 0.7 * parent_params  # the child is smaller than its parent
     return run / "search" / "model"
+
+
+def randomize(model, seed: int, bias: float = 0.1):
+    """Weights large enough that a wrong RoPE, head grouping or block would change the greedy tokens."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05) if p.dim() > 1 else p.add_(bias * torch.randn_like(p))
+    return model
+
+
+def smol_parent(tmp: Path, seed: int = 4) -> tuple[Path, Path]:
+    """A random Llama of SmolLM2-135M-Instruct's shapes (4 layers): its folder, and that folder converted to
+    nemotron-nas on disk."""
+    tok = build_tokenizer()
+    llama = randomize(LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), num_hidden_layers=4, num_key_value_heads=3, intermediate_size=1536, **SMOL,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval(), seed)
+    llama.save_pretrained(tmp / "smol llama")
+    tok.save_pretrained(tmp / "smol llama")
+    convert_checkpoint(tmp / "smol llama", tmp / "smol parent")
+    assert json.loads((tmp / "smol parent" / "config.json").read_text())["model_type"] == "nemotron-nas"
+    return tmp / "smol llama", tmp / "smol parent"
+
+
+def smol_child(tmp: Path, seed: int = 5) -> Path:
+    """A child of SmolLM2-135M-Instruct's shapes: 3 / 1 / 3 KV heads, FFN 1280 / no-op / 768 / 256, a no-op
+    attention in layer 2 (layer 0 keeps its attention, as vLLM needs)."""
+    tok = build_tokenizer()
+    hid = SMOL["hidden_size"]
+    blocks = [block_config(attention_block(3), ffn_block(1280, hid)),
+              block_config(attention_block(9), ffn_block(None, hid, no_op=True)),
+              block_config(attention_block(no_op=True), ffn_block(768, hid)),
+              block_config(attention_block(3), ffn_block(256, hid))]
+    cfg = DeciLMConfig(vocab_size=len(tok), num_hidden_layers=len(blocks), block_configs=blocks, **SMOL,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = randomize(DeciLMForCausalLM(cfg).eval(), seed)
+    model.save_pretrained(tmp / "smol child")
+    tok.save_pretrained(tmp / "smol child")
+    return tmp / "smol child"
 
 
 def fused(tmp: Path, seed: int = 3) -> dict:
@@ -153,8 +205,13 @@ needs_vllm = pytest.mark.skipif(not VLLM_PYTHON.is_file(),
 
 @needs_vllm
 def test_vllm_serves_our_checkpoints(tmp_path):
+    smol_llama, smol_converted = smol_parent(tmp_path)
     cases = {"tied": build(tmp_path, "tied", True, 0), "untied": build(tmp_path, "untied", False, 1),
-             "puzzle child": reference(puzzle_child(tmp_path), 2), "fused": fused(tmp_path)}
+             "puzzle child": reference(puzzle_child(tmp_path), 2), "fused": fused(tmp_path),
+             "smol llama": reference(smol_llama, 4), "smol converted": reference(smol_converted, 4),
+             "smol child": reference(smol_child(tmp_path), 5)}
+    # conversion is exact: the Llama folder (converted on load) and the converted folder are one model to us
+    assert cases["smol llama"]["greedy"] == cases["smol converted"]["greedy"]
     res = run_vllm(tmp_path, cases)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     got = json.loads((tmp_path / "out.json").read_text())

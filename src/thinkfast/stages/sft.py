@@ -62,7 +62,8 @@ class SFTConfig(OptimizerFields, PeriodicEvalFields, CadenceFields):
 
     files: list[str] = field(default_factory=list)  # JSON lines; none: the nano world's paired examples
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping at the first
-    # with files: examples held out of them for the held-out loss (whole prompts: both modes of one go together)
+    # with files: examples held out of them for the held-out loss (whole prompts: both modes of one go together;
+    # a tenth of the prompts at most)
     held_out_rows: int = 16
     # with files: prompt files (thinkfast.rl.prompts' schema; a "solution" column is graded by the math check) whose
     # first eval_problems prompts the periodic toggle check asks in both modes; none: no check
@@ -162,7 +163,8 @@ _IF_SEED = 1_000_003
 
 def _hold_out(examples: list, rows: int, seed: int) -> tuple[list, list]:
     """(train, held out): whole prompts (every example of one user turn) drawn by ``seed`` until ``rows``
-    examples are held out; a DataError when nothing would be left to train on."""
+    examples are held out, from a tenth of the prompts at most (one at least); a DataError when nothing would be
+    left to train on."""
     def prompt(ex) -> str:
         return next((m["content"] for m in reversed(ex.messages) if m["role"] == "user"), "")
 
@@ -170,7 +172,7 @@ def _hold_out(examples: list, rows: int, seed: int) -> tuple[list, list]:
     random.Random(f"sft-held-out:{seed}").shuffle(keys)
     chosen: set[str] = set()
     count = 0
-    for k in keys:
+    for k in keys[:max(1, len(keys) // 10)]:  # a tenth of the prompts at most (one at least)
         if count >= rows:
             break
         chosen.add(k)
