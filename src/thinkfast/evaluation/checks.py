@@ -7,6 +7,7 @@ names instructions."""
 from __future__ import annotations
 
 import statistics
+import threading
 from collections.abc import Sequence
 
 from ..generation import SamplingParams
@@ -15,6 +16,11 @@ from ..toggle import format_ok, parse_response, stop_token_ids
 from .harness import CHAT_MODES, chat_ids, decoded
 
 __all__ = ["prompt_if_check", "prompt_toggle_check"]
+
+
+def _timeout() -> int | None:
+    """math-verify's own timeouts (signal-based) work in the main thread only."""
+    return 5 if threading.current_thread() is threading.main_thread() else None
 
 
 def prompt_toggle_check(backend, tokenizer, messages: Sequence[list[dict]], solutions: Sequence[str | None], *,
@@ -30,7 +36,7 @@ def prompt_toggle_check(backend, tokenizer, messages: Sequence[list[dict]], solu
         prompts = [chat_ids(tokenizer, list(m), mode == "on") for m in messages]
         completions = backend.generate(prompts, params, progress=False)
         texts = [decoded(tokenizer, c) for c in completions]
-        graded = [verify_math(str(s), parse_response(t).answer, timeout=None)
+        graded = [verify_math(str(s), parse_response(t).answer, timeout=_timeout())
                   for s, t in zip(solutions, texts) if s is not None]
         out[mode] = {"accuracy": statistics.fmean(bool(g) for g in graded) if graded else None,
                      "format_ok": statistics.fmean(format_ok(t, thinking=mode == "on") for t in texts),
@@ -66,7 +72,7 @@ def prompt_if_check(backend, tokenizer, messages: Sequence[list[dict]], columns:
                   for m, ids, kw, a in zip(messages, instruction_ids, kwargs, answers) if ids]
         scores = ifeval.score(graded) if graded else dict.fromkeys(
             ("prompt_level_strict", "prompt_level_loose", "instruction_level_strict"))
-        math = [verify_math(str(s), a, timeout=None) for s, a in zip(solutions, answers) if s is not None]
+        math = [verify_math(str(s), a, timeout=_timeout()) for s, a in zip(solutions, answers) if s is not None]
         out[mode] = {"if_strict": scores["prompt_level_strict"], "if_loose": scores["prompt_level_loose"],
                      "if_instructions": scores["instruction_level_strict"],
                      "accuracy": statistics.fmean(bool(g) for g in math) if math else None,

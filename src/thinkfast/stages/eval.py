@@ -88,6 +88,7 @@ class EvalConfig(EvalSettings):
     suites: list[str] = field(default_factory=lambda: ["nano"])
     if_problems: int = 100  # nano_if: held-out instruction prompts, each asked in both modes
     suite_limit: int | None = None  # the first N items of each real suite (None: all)
+    suite_limits: dict[str, int | None] = field(default_factory=dict)  # per suite, over suite_limit (null: all)
     grade_workers: int = 2  # math-verify worker processes
     grade_timeout: float = 20.0  # seconds per answer; a hanging one is wrong
     # prefill / decode tokens per second of every model at these batch sizes, measured side by side (rounds
@@ -138,6 +139,11 @@ class EvalConfig(EvalSettings):
         positive(self, "if_problems")
         if self.suite_limit is not None and self.suite_limit < 1:
             raise ValueError(f"suite_limit={self.suite_limit} must be >= 1 (or null: every item)")
+        for name, limit in self.suite_limits.items():
+            if name not in self.suites:
+                raise ValueError(f"suite_limits: {name!r} is not in suites {self.suites}")
+            if limit is not None and limit < 1:
+                raise ValueError(f"suite_limits.{name}={limit} must be >= 1 (or null: every item)")
         if self.grade_workers < 1 or not self.grade_timeout > 0:
             raise ValueError("grade_workers must be >= 1, grade_timeout > 0")
         if any(b is not None and b < 0 for b in self.budgets) or self.budget_grace < 0:
@@ -161,6 +167,11 @@ class EvalConfig(EvalSettings):
             raise ValueError("engine: vllm generates from the model folder; endpoint evaluates a server: choose one")
         if self.vllm_max_model_len < 16:
             raise ValueError(f"vllm_max_model_len={self.vllm_max_model_len} must be >= 16")
+
+
+    def limit(self, suite: str) -> int | None:
+        """How many items of a real suite are evaluated (None: all)."""
+        return self.suite_limits.get(suite, self.suite_limit)
 
 
 Config = EvalConfig
@@ -292,7 +303,7 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
                 from ..tasks.ifeval import load_ifeval
                 from ..evaluation.suites import IFEVAL_FILE, data_root
 
-                items = load_ifeval(data_root() / IFEVAL_FILE, limit=cfg.suite_limit)
+                items = load_ifeval(data_root() / IFEVAL_FILE, limit=cfg.limit("ifeval"))
                 log.log("suite", suite="ifeval", items=len(items))
                 with torch.no_grad():
                     metrics.setdefault("suites", {})["ifeval"], more = evaluate_ifeval(backend, tokenizer, items,
@@ -305,7 +316,7 @@ def evaluate_folder(cfg: EvalConfig, path: Path, out: Path) -> dict:
                 metrics.setdefault("suites", {})
                 with MathGrader(cfg.grade_workers, cfg.grade_timeout) as grader, torch.no_grad():
                     for name in real:
-                        items = load_suite(name, limit=cfg.suite_limit)
+                        items = load_suite(name, limit=cfg.limit(name))
                         log.log("suite", suite=name, items=len(items))
                         metrics["suites"][name], more = evaluate_items(backend, tokenizer, items, prompting, cfg,
                                                                        grader, log)

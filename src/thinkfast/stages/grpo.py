@@ -98,7 +98,7 @@ class GRPOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFi
     (``lr`` ... ``precision``), periodic evaluation (held-out problems, 1-3 digits, per mode, or rows held out
     of files; 0: none) and cadence fields are :mod:`thinkfast.train.settings`'s."""
 
-    prompts: int = 256  # nano-world training prompts (before the curriculum's filter)
+    prompts: int = 256  # training prompts (before the curriculum's filter): nano-world ones, or the files' first
     files: list[str] = field(default_factory=list)  # JSON lines of prompts (thinkfast.rl.prompts); none: nano
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping at the first
     kinds: list[str] = field(default_factory=lambda: ["add", "sub", "mul", "word"])
@@ -256,6 +256,7 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
         prompts, columns, held_ids, held_cols, source = file_prompts(
             tokenizer, cfg.files, held_out=cfg.eval_problems, seed=cfg.seed, thinking=cfg.thinking,
             skip_bad=cfg.skip_bad_rows)
+        prompts, columns = prompts[:cfg.prompts], {k: v[:cfg.prompts] for k, v in columns.items()}
     else:
         prompts, columns = nano_prompts(tokenizer, cfg.prompts, seed=cfg.seed, kinds=cfg.kinds, digits=cfg.digits,
                                         steps=cfg.steps, thinking=cfg.thinking, phrasing=cfg.phrasing)
@@ -292,6 +293,12 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
     if not rates_file.is_file() or json.loads(rates_file.read_text()).get("key") != key:
         atomic_write_json(rates_file, {"samples": cfg.pass_rate_samples, "key": key, "pass_rates": rates})
     kept = keep_hard(rates, cfg.easy_threshold, cfg.drop_unsolved)
+    if not kept:
+        easy, never = sum(r >= cfg.easy_threshold for r in rates), sum(r == 0 for r in rates)
+        raise DataError(f"grpo: no prompt left to train on: of {len(rates)} prompts, {easy} are solved at pass rate >= "
+                        f"easy_threshold={cfg.easy_threshold} and {never} never in {cfg.pass_rate_samples} samples"
+                        + (" (drop_unsolved: true drops those)" if cfg.drop_unsolved else "")
+                        + "; give more prompts (grpo.prompts), more pass_rate_samples, or the other settings")
     if cfg.curriculum == "gaussian":
         schedule = gaussian_schedule(rates, kept, cfg.prompts_per_step, cfg.train_steps, sigma=cfg.sigma,
                                      seed=cfg.seed)
