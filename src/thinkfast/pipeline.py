@@ -34,6 +34,7 @@ from pathlib import Path
 from .artifacts import COMPLETE, OUTPUTS
 from .config import ConfigError, apply_overrides, config_hash, from_dict, load_yaml, to_dict
 from .data import NANO_MIX, DataConfig, DataError, expand_files
+from .runtime import PeakMemory
 from .rundir import MARKER_FORMAT, RunDir, RunDirError, StageConfigMismatch, StageDir, StageRun, atomic_write_json
 from .stages import (Input, Inputs, costs, distill, fuse, library, parent, pretrain, resolve_device, scores, search,
                      sft)
@@ -399,8 +400,13 @@ def _run_one(pipe: Pipeline, rd: RunDir, name: str, force: bool, index: str) -> 
     # parts of the previous output a stage may reuse (never when forced: then everything is redone)
     inputs.previous = run.final if state in ("complete", "stale") and not force else None
     t0 = time.perf_counter()
-    metrics = STAGES[name].run(pipe.configs[name], run.work, inputs)
+    with PeakMemory() as peak:
+        metrics = STAGES[name].run(pipe.configs[name], run.work, inputs)
     metrics["stage_seconds"] = round(time.perf_counter() - t0, 1)
+    # this process's peak while the stage ran, and its worker processes' (vLLM, graders), in MiB
+    metrics["peak_rss_mib"] = round(peak.self_bytes / 2**20)
+    if peak.children_bytes:
+        metrics["peak_rss_workers_mib"] = round(peak.children_bytes / 2**20)
     run.commit(metrics)
     print(f"{index}{name}: done in {metrics['stage_seconds']} s -> {run.final.path}")
     return metrics, True

@@ -220,7 +220,7 @@ def write_report(run_dir: str | Path) -> Path:
     out.mkdir(exist_ok=True)
     md = [f"# Run report: `{run_dir}`", "",
           f"Written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from the run directory's records.", "",
-          "## Stages", "", "| stage | seconds | what it made |", "|---|---|---|"]
+          "## Stages", "", "| stage | seconds | peak MiB | what it made |", "|---|---|---|---|"]
     total = 0.0
     for name, rec in stages:
         m = rec.get("metrics", {})
@@ -228,8 +228,11 @@ def write_report(run_dir: str | Path) -> Path:
         total += secs or 0.0
         keys = _HEADLINES.get(name, [])
         what = ", ".join(f"{k} {_fmt(m[k])}" for k in keys if k in m)
-        md.append(f"| {name} | {_fmt(secs)} | {what} |")
-    md += [f"| **all** | **{total:.0f}** | |", ""]
+        peak = m.get("peak_rss_mib")
+        peak = "" if peak is None else f"{peak}" + (f" (+{m['peak_rss_workers_mib']} workers)"
+                                                     if m.get("peak_rss_workers_mib") else "")
+        md.append(f"| {name} | {_fmt(secs)} | {peak} | {what} |")
+    md += [f"| **all** | **{total:.0f}** | | |", ""]
 
     makers = [name for name, _ in stages if (run_dir / name / OUTPUTS["model"] / "config.json").is_file()]
     if makers:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 
 import torch
 
-__all__ = ["DTYPES", "autocast", "check_device", "native_bf16", "resolve_device", "resolve_precision",
+__all__ = ["DTYPES", "PeakMemory", "autocast", "check_device", "native_bf16", "resolve_device", "resolve_precision",
            "setup_device", "torch_dtype"]
 
 # dtypes by the names configs and artifacts use (costs.json's ``dtype``)
@@ -92,3 +93,70 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class PeakMemory:
+    """The peak resident memory of this process and, apart, of its worker processes (e.g. a vLLM worker, grader
+    pools) while the ``with`` block runs. This process's peak is the kernel's own high-water mark (``VmHWM``,
+    reset at the start through ``/proc/self/clear_refs`` where Linux allows it), else the highest of samples taken
+    every ``interval`` seconds; the workers' is the highest sampled sum of their resident memory.
+
+    >>> with PeakMemory() as peak:
+    ...     block = bytearray(64 << 20)
+    >>> peak.self_bytes >= 64 << 20
+    True
+    """
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.self_bytes = 0
+        self.children_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._hwm = False
+
+    @staticmethod
+    def _status_bytes(key: str) -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while True:
+            try:
+                self.self_bytes = max(self.self_bytes, me.memory_info().rss)
+                kids = 0
+                for child in me.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        kids += child.memory_info().rss
+                self.children_bytes = max(self.children_bytes, kids)
+            except psutil.Error:
+                pass
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            self._hwm = self._status_bytes("VmHWM") is not None
+        except OSError:
+            self._hwm = False
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._hwm:
+            self.self_bytes = max(self.self_bytes, self._status_bytes("VmHWM") or 0)
