@@ -333,3 +333,35 @@ def test_the_eval_harness_grades_a_vllm_server_like_the_local_folder(tmp_path):
     responses = [json.loads(line)["response"] for line in (tmp_path / "local" / "samples.jsonl").open()]
     assert len(set(responses)) > 2
     assert responses == [json.loads(line)["response"] for line in (tmp_path / "served" / "samples.jsonl").open()]
+
+
+@needs_vllm
+def test_eval_in_vllm_grades_like_the_local_engine(tmp_path):
+    """eval.engine: vllm (thinkfast.generation.vllm_backend: real vLLM in a worker process, loaded once per model):
+    the harness's prompts come back as the text the local rollout engine writes, greedy, float32; the thinking
+    budget (a per-step hook) is skipped with a note."""
+    from thinkfast.artifacts import write_model_sidecar
+    from thinkfast.generation import SamplingParams
+    from thinkfast.generation.vllm_backend import VLLMBackend
+    from thinkfast.stages.eval import EvalConfig, evaluate_folder
+
+    build(tmp_path, "m", True, 0)
+    folder = tmp_path / "m"
+    write_model_sidecar(folder, prompting="chat", made_by="test")
+    common = dict(model=str(folder), per_cell=2, digits=[1], max_new_tokens=16, on_temperature=0.0,
+                  save_samples=2, device="cpu")
+    local = evaluate_folder(EvalConfig(**common), folder, tmp_path / "local")
+    in_vllm = evaluate_folder(EvalConfig(**common, engine="vllm", vllm_python=str(VLLM_PYTHON), vllm_dtype="float32",
+                                         vllm_max_model_len=1024, budgets=[8]), folder, tmp_path / "vllm")
+    for mode in ("on", "off"):
+        assert {k: local["modes"][mode][k] for k in ("accuracy", "format_ok", "mean_tokens")} == \
+            {k: in_vllm["modes"][mode][k] for k in ("accuracy", "format_ok", "mean_tokens")}
+    responses = [json.loads(line)["response"] for line in (tmp_path / "local" / "samples.jsonl").open()]
+    assert len(set(responses)) > 2
+    assert responses == [json.loads(line)["response"] for line in (tmp_path / "vllm" / "samples.jsonl").open()]
+    assert any("not in vLLM" in n for n in in_vllm["notes"]) and "budget" not in in_vllm
+    with VLLMBackend(folder, python=str(VLLM_PYTHON), dtype="float32", max_model_len=1024) as backend:
+        with pytest.raises(ValueError, match="hook"):
+            backend.generate([[1, 2]], SamplingParams(max_new_tokens=2), hook=lambda view: None)
+        with pytest.raises(ValueError, match="weights"):
+            backend.sync(None)

@@ -73,7 +73,8 @@ class VLLMBackend:
         if not Path(self.python).is_file() and os.sep in self.python:
             raise FileNotFoundError(f"{self.python}: no Python with vLLM there (scripts/setup_vllm.sh makes "
                                     ".venv-vllm)")
-        env = dict(os.environ, VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # vLLM's venv, not this one's path
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         self._proc = subprocess.Popen([self.python, str(_WORKER), self.model_dir, self.dtype, str(self.max_model_len),
                                        str(self.memory)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
