@@ -20,7 +20,9 @@ following prompts (a nano problem with 1-3 IFEval instructions, both toggle mode
 policy to each (temperature 1) plus the teacher's compliant response, each graded (nano verifier, toggle format,
 IFEval strict) and ranked by the documented rule (:func:`thinkfast.rl.reward_model.nano_rank_key`: correct beats
 wrong; among equally correct, obeying the toggle and every instruction beats not; then shorter beats longer);
-every two candidates of different rank make a pair, tagged with the rule that ranked it (``correct``,
+with ``prompt_files`` (your own prompts, e.g. ``thinkfast gsm8k``'s ``if.jsonl``), the policy's ``samples`` to each
+ranked by the same rule with the file's checks (the math check on a ``solution``, IFEval's on the instructions a row
+names; no teacher response); every two candidates of different rank make a pair, tagged with the rule that ranked it (``correct``,
 ``obeyed``, ``shorter``: held-out accuracy is reported per rule too). The nano pairs are saved to ``pairs.jsonl``
 (in the schema ``pairs`` reads) and reused by a resumed run.
 

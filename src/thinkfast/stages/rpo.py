@@ -19,7 +19,8 @@ or, in the nano world, from ``samples`` responses per prompt of the starting mod
 then shorter), best against worst; prompts whose candidates tie make no pair.
 
 Prompts (online, and nano offline): the nano world's instruction prompts in both toggle modes
-(:func:`thinkfast.tasks.instructions.nano_if_items`), train split. After every round (and before the first): held-out
+(:func:`thinkfast.tasks.instructions.nano_if_items`), train split; or, online, your own (``prompt_files``), the first
+``eval_problems`` of a seeded order held out for the check (:func:`thinkfast.evaluation.checks.prompt_if_check`). After every round (and before the first): held-out
 instruction prompts, greedy, each in both modes (:func:`thinkfast.evaluation.if_check`), with the reward model's
 mean score of the answers (``rm_score``; online, or offline with a reward model in the run), task accuracy and
 toggle compliance. Resumable (the round's pairs and reference are in the checkpoint).

@@ -11,7 +11,10 @@ Samples are packed best-fit into rows of ``seq_len`` tokens; a sample attends to
 causal mask, position ids from 0 per sample), so packing changes no logits. Every ``eval_every`` steps and at
 the end, ``eval_problems`` held-out nano problems are answered greedily in both modes: accuracy, toggle
 obedience (on: one well-formed think block; off: none), response length; a mode obeyed less than half the
-time is reported as a collapse (the paper's known failure of mixed SFT). ``curve.json`` / ``curve.png``.
+time is reported as a collapse (the paper's known failure of mixed SFT). With ``files``, whole prompts of the files
+are held out for the held-out loss (``held_out_rows``) and the check asks ``eval_files`` prompts instead (graded by
+math-verify where they carry a ``solution``; none: no check). The toggle goes into the model's own template layout
+(Llama-3 or ChatML, :func:`thinkfast.toggle.install_chat_template`). ``curve.json`` / ``curve.png``.
 The model is written with ``prompting: chat``. Resumable (:mod:`thinkfast.train.loop`).
 
 Departures: the paper's data is DeepSeek-R1 / Llama-3.3 responses to real prompts; lr, epochs and sequence
