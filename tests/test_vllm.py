@@ -365,3 +365,16 @@ def test_eval_in_vllm_grades_like_the_local_engine(tmp_path):
             backend.generate([[1, 2]], SamplingParams(max_new_tokens=2), hook=lambda view: None)
         with pytest.raises(ValueError, match="weights"):
             backend.sync(None)
+
+
+@needs_vllm
+def test_a_vllm_worker_that_dies_is_one_line_naming_its_cause(tmp_path):
+    from thinkfast.generation import SamplingParams
+    from thinkfast.generation.vllm_backend import VLLMBackend
+
+    backend = VLLMBackend(tmp_path / "no-model", python=str(VLLM_PYTHON), max_model_len=64)
+    with pytest.raises(RuntimeError) as info:
+        backend.generate([[1, 2]], SamplingParams(max_new_tokens=2))
+    message = str(info.value)
+    assert "\n" not in message and "stopped (exit" in message and "no-model" in message
+    assert "Error" in message.partition("): ")[2]  # vLLM's own first error, not a traceback's last line

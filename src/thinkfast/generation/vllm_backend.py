@@ -64,10 +64,15 @@ class VLLMBackend:
                 return json.loads(line[len(MARK):])
             self._stderr.append(line)
         code = self._proc.wait()
-        causes = [line for line in self._stderr if "Error: " in line or "Exception: " in line][:3]
-        tail = "".join(causes + self._stderr[-5:])
+        causes = [line.strip() for line in self._stderr if "Error: " in line or "Exception: " in line]
+        last = next((line.strip() for line in reversed(self._stderr) if line.strip()), "no output")
         self._proc = None
-        raise RuntimeError(f"the vLLM worker ({self.python}) for {self.model_dir} stopped (exit {code}):\n{tail}")
+        # one line (the command line prints a RuntimeError's first line): vLLM's first error, e.g. too little free
+        # memory for its share (VLLMBackend(memory=...)) while other processes hold it; the tail under --debug
+        err = RuntimeError(f"the vLLM worker ({self.python}) for {self.model_dir} stopped (exit {code}): "
+                           f"{causes[0] if causes else last}")
+        err.add_note("".join(self._stderr[-30:]))
+        raise err
 
     def _start(self) -> None:
         if not Path(self.python).is_file() and os.sep in self.python:
