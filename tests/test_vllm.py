@@ -361,6 +361,9 @@ def test_eval_in_vllm_grades_like_the_local_engine(tmp_path):
     assert responses == [json.loads(line)["response"] for line in (tmp_path / "vllm" / "samples.jsonl").open()]
     assert any("not in vLLM" in n for n in in_vllm["notes"]) and "budget" not in in_vllm
     with VLLMBackend(folder, python=str(VLLM_PYTHON), dtype="float32", max_model_len=1024) as backend:
+        # "on" is sampled at top-p 0.95 with a seed: vLLM's CPU build fails per-request seeds there, the worker omits them
+        sampled = backend.generate([[1, 2, 3]] * 2, SamplingParams(max_new_tokens=4, temperature=0.6, top_p=0.95, seed=1))
+        assert [len(c.token_ids) for c in sampled] == [4, 4]
         with pytest.raises(ValueError, match="hook"):
             backend.generate([[1, 2]], SamplingParams(max_new_tokens=2), hook=lambda view: None)
         with pytest.raises(ValueError, match="weights"):

@@ -5,7 +5,8 @@ worker process (:mod:`.vllm_worker`, run with a Python that has vLLM, e.g. ``.ve
 
 For evaluation (``eval.engine: vllm``): the worker reads the folder, not an in-process model, so ``sync`` and
 per-step hooks (the thinking budget) are not supported (ValueError). Sampled runs differ from thinkfast's engine
-(another random stream); greedy runs agree up to float rounding in the dtype chosen (``tests/test_vllm.py``).
+(another random stream; on vLLM's CPU build, which fails per-request seeds with top-p, the engine's one seeded
+stream); greedy runs agree up to float rounding in the dtype chosen (``tests/test_vllm.py``).
 """
 
 from __future__ import annotations

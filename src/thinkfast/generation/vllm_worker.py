@@ -23,6 +23,13 @@ def main(model: str, dtype: str, max_model_len: int, memory: float) -> None:
 
     llm = LLM(model=model, trust_remote_code=True, dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
               enable_prefix_caching=False, seed=0, gpu_memory_utilization=memory)
+    try:  # vLLM's CPU build fails a seeded request with top-p ("CPU Generator does not use offset"): there the
+        # engine's own seed (0) stands in for per-request seeds (the same requests in the same order sample alike)
+        from vllm.platforms import current_platform
+
+        per_request_seeds = not current_platform.is_cpu()
+    except Exception:  # noqa: BLE001
+        per_request_seeds = False
     out.write(MARK + json.dumps({"ready": True}) + "\n")
     out.flush()
     for line in sys.stdin:
@@ -33,7 +40,7 @@ def main(model: str, dtype: str, max_model_len: int, memory: float) -> None:
         params = [SamplingParams(max_tokens=req["max_tokens"], temperature=req["temperature"], top_p=req["top_p"],
                                  top_k=req.get("top_k") or -1,
                                  stop_token_ids=req["stop_token_ids"] or None, logprobs=0,
-                                 seed=None if seed is None else (seed + i) % (2 ** 63))
+                                 seed=None if seed is None or not per_request_seeds else (seed + i) % (2 ** 63))
                   for i in range(len(req["prompts"]))]
         results = llm.generate([{"prompt_token_ids": p} for p in req["prompts"]], params, use_tqdm=False)
         outputs = []
