@@ -70,12 +70,9 @@ __all__ = [
     "template_layout",
 ]
 
-# Every tag uses whitespace control, so only the emitted expressions reach the
-# output. A "toggle line" is the first line of the system message when it is
-# exactly SYSTEM_ON or SYSTEM_OFF.
-CHAT_TEMPLATE: str = """
-{%- if bos_token is defined and bos_token is not none -%}{{- bos_token -}}{%- endif -%}
-{%- if messages and messages[0]['role'] == 'system' -%}
+# The toggle's system turn, shared by both layouts: ``user_system`` (the user's system message), ``loop_messages``
+# (the rest), ``toggle`` (the toggle line in force, or '') and ``system_content`` (what the system turn says).
+_TOGGLE_SYSTEM: str = """{%- if messages and messages[0]['role'] == 'system' -%}
     {%- set user_system = messages[0]['content'] if messages[0]['content'] is string else '' -%}
     {%- set loop_messages = messages[1:] -%}
 {%- else -%}
@@ -99,7 +96,14 @@ CHAT_TEMPLATE: str = """
     {%- set toggle = legacy -%}
     {%- set system_content = user_system -%}
 {%- endif -%}
-{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + system_content + '<|eot_id|>' -}}
+"""
+
+# Every tag uses whitespace control, so only the emitted expressions reach the
+# output. A "toggle line" is the first line of the system message when it is
+# exactly SYSTEM_ON or SYSTEM_OFF.
+CHAT_TEMPLATE: str = ("""
+{%- if bos_token is defined and bos_token is not none -%}{{- bos_token -}}{%- endif -%}
+""" + _TOGGLE_SYSTEM + """{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + system_content + '<|eot_id|>' -}}
 {%- for message in loop_messages -%}
     {%- set content = message['content'] if message['content'] is string else '' -%}
     {%- if message['role'] == 'assistant' -%}
@@ -118,38 +122,13 @@ CHAT_TEMPLATE: str = """
         {{- '<think>\\n</think>\\n\\n' -}}
     {%- endif -%}
 {%- endif -%}
-""".strip()
+""").strip()
 
 
 # The same toggle in ChatML, the layout of SmolLM2, Qwen and many small instruct models (``<|im_start|>ROLE\n
 # CONTENT<|im_end|>\n``): their own template with the toggle added. The system turn appears when it has content
 # (the toggle line, a user's system message or both).
-CHATML_TEMPLATE: str = """
-{%- if messages and messages[0]['role'] == 'system' -%}
-    {%- set user_system = messages[0]['content'] if messages[0]['content'] is string else '' -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set user_system = '' -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- set sys_parts = user_system.lstrip().split('\\n', 1) -%}
-{%- set legacy = sys_parts[0].strip() -%}
-{%- if legacy != 'detailed thinking on' and legacy != 'detailed thinking off' -%}
-    {%- set legacy = '' -%}
-{%- endif -%}
-{%- if enable_thinking is defined and enable_thinking is not none -%}
-    {%- set toggle = 'detailed thinking on' if enable_thinking else 'detailed thinking off' -%}
-    {%- if legacy -%}
-        {%- set body = sys_parts[1].lstrip() if sys_parts | length > 1 else '' -%}
-    {%- else -%}
-        {%- set body = user_system -%}
-    {%- endif -%}
-    {%- set system_content = toggle + ('\\n\\n' + body if body else '') -%}
-{%- else -%}
-    {%- set toggle = legacy -%}
-    {%- set system_content = user_system -%}
-{%- endif -%}
-{%- if system_content -%}
+CHATML_TEMPLATE: str = (_TOGGLE_SYSTEM + """{%- if system_content -%}
     {{- '<|im_start|>system\\n' + system_content + '<|im_end|>\\n' -}}
 {%- endif -%}
 {%- for message in loop_messages -%}
@@ -170,7 +149,7 @@ CHATML_TEMPLATE: str = """
         {{- '<think>\\n</think>\\n\\n' -}}
     {%- endif -%}
 {%- endif -%}
-""".strip()
+""").strip()
 CHATML_END = "<|im_end|>"
 
 

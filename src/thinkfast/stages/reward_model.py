@@ -135,29 +135,33 @@ Config = RewardModelConfig
 # ------------------------------------------------------------------------------------------ nano pairs
 
 
+def _sample(cfg: RewardModelConfig, model_dir, tokenizer, device, ids: list, what: str):
+    """``cfg.samples`` responses of the policy to each prompt (temperature ``cfg.temperature``), as a rollout."""
+    from ..artifacts import load_decilm
+    from ..generation import LocalBackend, SamplingParams
+    from ..rl.rollout import rollout
+    from ..toggle import stop_token_ids
+
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=cfg.rollout_batch_size,
+                            seed=cfg.seed)
+    print(f"reward_model: sampling {cfg.samples} responses to each of {len(ids)} {what}")
+    return rollout(LocalBackend(load_decilm(model_dir, device)), ids, cfg.samples, params, progress=True)
+
+
 def nano_world_pairs(cfg: RewardModelConfig, model_dir, tokenizer, device) -> tuple[list, dict]:
     """The nano world's pairs (module docstring) and what was sampled: (pairs, stats)."""
-    from ..artifacts import load_decilm
     from ..evaluation import decoded
-    from ..generation import LocalBackend, SamplingParams
     from ..rl.prompts import nano_if_prompts
     from ..rl.reward_model import nano_pairs, nano_rank_key
-    from ..rl.rollout import rollout
     from ..tasks.ifeval import ifeval_strict
     from ..tasks.instructions import if_response
     from ..tasks.nano import nano_accuracy
     from ..tasks.think_format import think_format
-    from ..toggle import stop_token_ids
 
     ids, cols, items = nano_if_prompts(tokenizer, cfg.prompts, seed=cfg.seed, kinds=cfg.kinds, digits=cfg.digits,
                                        steps=cfg.steps, instructions=cfg.instructions, thinking=cfg.thinking)
-    policy = load_decilm(model_dir, device)
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=cfg.rollout_batch_size,
-                            seed=cfg.seed)
-    print(f"reward_model: sampling {cfg.samples} responses to each of {len(ids)} nano instruction prompts")
-    roll = rollout(LocalBackend(policy), ids, cfg.samples, params, progress=True)
-    del policy
+    roll = _sample(cfg, model_dir, tokenizer, device, ids, "nano instruction prompts")
     k = cfg.samples
     pairs, stats = [], {"correct": [], "obeyed": [], "teacher_best": 0}
     for g, item in enumerate(items):
@@ -187,27 +191,17 @@ def file_prompt_pairs(cfg: RewardModelConfig, model_dir, tokenizer, device) -> t
     the nano rule with the file's checks: correct (the math check, when the row has a ``solution``; else every
     response counts as correct), obeying the toggle and every IFEval instruction the row names, then shorter.
     No teacher response (a file has none). (pairs, stats)."""
-    from ..artifacts import load_decilm
     from ..evaluation import decoded
-    from ..generation import LocalBackend, SamplingParams
     from ..rl.prompts import file_prompts
     from ..rl.reward_model import nano_pairs, nano_rank_key
-    from ..rl.rollout import rollout
     from ..tasks.ifeval import ifeval_strict
     from ..tasks.math import math_accuracy
     from ..tasks.think_format import think_format
-    from ..toggle import stop_token_ids
 
     ids, cols, _, _, _ = file_prompts(tokenizer, cfg.prompt_files, held_out=0, seed=cfg.seed, thinking=cfg.thinking,
                                       skip_bad=cfg.skip_bad_rows, stage="reward_model", key="prompt_files")
     ids, cols = ids[:cfg.prompts], {k: v[:cfg.prompts] for k, v in cols.items()}
-    policy = load_decilm(model_dir, device)
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            stop_token_ids=tuple(stop_token_ids(tokenizer)), batch_size=cfg.rollout_batch_size,
-                            seed=cfg.seed)
-    print(f"reward_model: sampling {cfg.samples} responses to each of {len(ids)} prompts of {cfg.prompt_files}")
-    roll = rollout(LocalBackend(policy), ids, cfg.samples, params, progress=True)
-    del policy
+    roll = _sample(cfg, model_dir, tokenizer, device, ids, f"prompts of {cfg.prompt_files}")
     k = cfg.samples
     pairs, stats = [], {"correct": [], "obeyed": []}
     for g in range(len(ids)):
