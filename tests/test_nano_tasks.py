@@ -420,7 +420,7 @@ def test_prompts_and_documents():
     assert text_prompt(p, "think") == "Problem: 47 + 38\nLet's think step by step.\n"
     assert text_prompt(p, "direct") == "Problem: 47 + 38\nAnswer: "
     assert pretrain_document(p, "think") == (
-        "Problem: 47 + 38\nLet's think step by step.\n<think>\n" + trace + "\n</think>\n\nAnswer: 85")
+        "Problem: 47 + 38\nLet's think step by step.\n" + trace + "\nAnswer: 85")
     assert pretrain_document(p, "direct") == "Problem: 47 + 38\nAnswer: 85"
     for mode in ("think", "direct"):
         doc = pretrain_document(p, mode)

@@ -36,10 +36,8 @@ restating the clause of the question it comes from
 (``step 3: gives away 15: 83 - 15``), each ending with the running ``total N``.
 
 Pretraining documents are plain text (``Problem: ...``), either worked
-(think mode, cued by :data:`STEP_CUE`) or bare (direct mode). A worked document
-writes its trace in the same ``<think>\n...\n</think>\n\n`` block as the toggle
-SFT's "on" responses (:func:`think_block`), at every difficulty the corpus has, so a
-trace the SFT teacher never showed (3 digits) still ends by closing the block.
+(think mode, cued by :data:`STEP_CUE`) or bare (direct mode); the chat-side
+helpers produce the ``<think>...</think>`` responses used by the toggle SFT.
 """
 
 from __future__ import annotations
@@ -67,7 +65,6 @@ __all__ = [
     "sample_problem",
     "teacher_trace",
     "text_prompt",
-    "think_block",
     "verify",
 ]
 
@@ -480,7 +477,7 @@ def verify(problem: Problem, response: str) -> bool:
 # --------------------------------------------------------------------------
 
 def text_prompt(problem: Problem, mode: str) -> str:
-    """Plain-text prompt; the model completes it with ``<think>\\ntrace\\n</think>\\n\\nAnswer: N`` (think)
+    """Plain-text prompt; the model completes it with ``trace\\nAnswer: N`` (think)
     or ``N`` (direct).
 
     >>> p = Problem("add", 2, 1, "47 + 38", 85, (("+", 47, 38),))
@@ -494,22 +491,9 @@ def text_prompt(problem: Problem, mode: str) -> str:
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
-def think_block(problem: Problem) -> str:
-    """The worked trace in the toggle's think block, as a worked pretraining document and an "on" response
-    write it: ``<think>\\n{trace}\\n</think>\\n\\n``. Both use it so that the parent learns, at every difficulty
-    of its corpus, to close the block after the trace's last line: toggle SFT's traces stop at 2 digits, and
-    when pretraining's traces went on into ``\\nAnswer:`` instead, "on" answers to 3-digit problems forgot the
-    ``</think>`` 2-5% of the time (docs/LOG.md session 16).
-
-    >>> think_block(Problem("add", 1, 1, "4 + 3", 7, (("+", 4, 3),)))
-    '<think>\\n4+3: 4+3+0=7, write 7 carry 0, so far 7\\n4 + 3 = 7\\n</think>\\n\\n'
-    """
-    return f"<think>\n{teacher_trace(problem)}\n</think>\n\n"
-
-
 def pretrain_document(problem: Problem, mode: str, template: str | None = None) -> str:
     """One pretraining document (the caller joins documents with end-of-text); with ``template`` (one of
-    :data:`PHRASINGS`) the question is worded by it. A worked one writes its trace in :func:`think_block`.
+    :data:`PHRASINGS`) the question is worded by it.
 
     >>> print(pretrain_document(Problem("add", 1, 1, "4 + 3", 7, (("+", 4, 3),)), "direct", "Hi! Compute {q}."))
     Problem: Hi! Compute 4 + 3.
@@ -517,7 +501,7 @@ def pretrain_document(problem: Problem, mode: str, template: str | None = None) 
     """
     asked = problem if template is None else dataclasses.replace(problem, question=chat_prompt(problem, template))
     if mode == "think":  # the trace restates the question's own sentences, whatever wording asked it
-        return text_prompt(asked, "think") + think_block(problem) + format_answer(problem.answer)
+        return text_prompt(asked, "think") + teacher_trace(problem) + "\n" + format_answer(problem.answer)
     if mode == "direct":
         return f"Problem: {asked.question}\n{format_answer(problem.answer)}"
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -621,4 +605,6 @@ def phrasing(problem: Problem, rng: random.Random, split: str = "train") -> str:
 
 def chat_response(problem: Problem, thinking: bool) -> str:
     """Assistant turn for toggle SFT: reasoning in ``<think>`` or the bare answer."""
-    return (think_block(problem) if thinking else "") + format_answer(problem.answer)
+    if thinking:
+        return f"<think>\n{teacher_trace(problem)}\n</think>\n\n{format_answer(problem.answer)}"
+    return format_answer(problem.answer)

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..nano.tasks import Problem, chat_prompt, extract_answer, format_answer, make_problems, think_block
+from ..nano.tasks import Problem, chat_prompt, extract_answer, format_answer, make_problems, teacher_trace
 from .ifeval import INSTRUCTIONS, check_instructions
 
 __all__ = ["GENERAL_INSTRUCTIONS", "NANO_INSTRUCTIONS", "IFItem", "comply", "describe", "generate_if_prompts",
@@ -457,7 +457,7 @@ def if_response(item: IFItem) -> str:
     """The teacher's reply to ``item`` in its mode: the worked trace in a think block when thinking, then the
     answer rewritten by :func:`comply`."""
     answer = comply(format_answer(item.problem.answer), item.instruction_id_list, item.kwargs)
-    return (think_block(item.problem) if item.thinking else "") + answer
+    return f"<think>\n{teacher_trace(item.problem)}\n</think>\n\n{answer}" if item.thinking else answer
 
 
 # ------------------------------------------------------------------------------------------ prompt files
