@@ -364,6 +364,11 @@ def test_eval_in_vllm_grades_like_the_local_engine(tmp_path):
         # "on" is sampled at top-p 0.95 with a seed: vLLM's CPU build fails per-request seeds there, the worker omits them
         sampled = backend.generate([[1, 2, 3]] * 2, SamplingParams(max_new_tokens=4, temperature=0.6, top_p=0.95, seed=1))
         assert [len(c.token_ids) for c in sampled] == [4, 4]
+        # the worker reports each finished prompt before its answer: a progress bar, not a silent wait
+        reads, backend_read = [], backend._read
+        backend._read = lambda progress=None: backend_read(lambda done: (reads.append(done), progress(done)))
+        backend.generate([[1, 2, 3]] * 3, SamplingParams(max_new_tokens=4), progress=True)
+        assert reads == [1, 2, 3]
         with pytest.raises(ValueError, match="hook"):
             backend.generate([[1, 2]], SamplingParams(max_new_tokens=2), hook=lambda view: None)
         with pytest.raises(ValueError, match="weights"):

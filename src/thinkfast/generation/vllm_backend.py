@@ -58,11 +58,17 @@ class VLLMBackend:
             self._stderr.append(line)
             del self._stderr[:-200]
 
-    def _read(self) -> dict:
+    def _read(self, progress: Callable[[int], object] | None = None) -> dict:
+        """The worker's next answer; its progress lines (prompts finished so far) go to ``progress``."""
         assert self._proc is not None and self._proc.stdout is not None
         for line in self._proc.stdout:
             if line.startswith(MARK):
-                return json.loads(line[len(MARK):])
+                msg = json.loads(line[len(MARK):])
+                if "progress" in msg:
+                    if progress is not None:
+                        progress(msg["progress"])
+                    continue
+                return msg
             self._stderr.append(line)
         code = self._proc.wait()
         causes = [line.strip() for line in self._stderr if "Error: " in line or "Exception: " in line]
@@ -103,7 +109,10 @@ class VLLMBackend:
         assert self._proc is not None and self._proc.stdin is not None
         self._proc.stdin.write(json.dumps(req) + "\n")
         self._proc.stdin.flush()
-        outputs = self._read()["outputs"]
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(prompts), desc="generate (vLLM)", unit="seq", disable=not progress) as bar:
+            outputs = self._read(lambda done: bar.update(done - bar.n))["outputs"]
         return [Completion(o["token_ids"], o["finish_reason"], o["logprobs"]) for o in outputs]
 
     def sync(self, model) -> None:

@@ -6,14 +6,40 @@ Loads the model once (``trust_remote_code``: nemotron-nas folders carry their co
 one JSON line each on stdin: ``{"prompts": [[ids], ...], "max_tokens": N, "temperature": t, "top_p": p,
 "top_k": k, "stop_token_ids": [...], "seed": s}``. Each answer is one stdout line starting with :data:`MARK`, then
 ``{"outputs": [{"token_ids": [...], "finish_reason": "stop" | "length", "logprobs": [...]}]}`` (logprobs of the
-sampled tokens, vLLM's ``logprobs=0``); anything else vLLM prints goes to stderr. A request of ``{}`` or end of
-input ends the worker.
+sampled tokens, vLLM's ``logprobs=0``), after a ``{"progress": done, "total": n}`` line each time a prompt finishes;
+anything else vLLM prints goes to stderr. A request of ``{}`` or end of input ends the worker.
 """
 
 import json
 import sys
 
 MARK = "@@thinkfast-vllm@@ "
+
+
+def _reporter(out):
+    """A tqdm class for vLLM's ``use_tqdm`` that draws nothing and writes each update to ``out`` as a progress
+    line, so the caller can show its own bar."""
+    import os
+
+    from tqdm import tqdm
+
+    class Reporter(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["file"] = open(os.devnull, "w")  # noqa: SIM115 (closed with the bar)
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            shown = super().update(n)
+            out.write(MARK + json.dumps({"progress": self.n, "total": self.total}) + "\n")
+            out.flush()
+            return shown
+
+        def close(self):
+            f = self.fp
+            super().close()
+            f.close()
+
+    return Reporter
 
 
 def main(model: str, dtype: str, max_model_len: int, memory: float) -> None:
@@ -42,7 +68,7 @@ def main(model: str, dtype: str, max_model_len: int, memory: float) -> None:
                                  stop_token_ids=req["stop_token_ids"] or None, logprobs=0,
                                  seed=None if seed is None or not per_request_seeds else (seed + i) % (2 ** 63))
                   for i in range(len(req["prompts"]))]
-        results = llm.generate([{"prompt_token_ids": p} for p in req["prompts"]], params, use_tqdm=False)
+        results = llm.generate([{"prompt_token_ids": p} for p in req["prompts"]], params, use_tqdm=_reporter(out))
         outputs = []
         for r in results:
             o = r.outputs[0]
