@@ -24,13 +24,14 @@ from thinkfast.generation import LocalBackend
 from thinkfast.nano import tasks
 
 
-def probe(model_dir: str, phrasing: str, per_cell: int, seed: int, max_new_tokens: int) -> list[dict]:
+def probe(model_dir: str, phrasing: str, per_cell: int, seed: int, max_new_tokens: int,
+          digits: tuple[int, ...] = (1, 2, 3)) -> list[dict]:
     """Both modes of one model in one wording: a summary per mode, with its malformed answers."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     backend = LocalBackend(load_model(model_dir).eval())
-    suite = tasks.eval_suite(seed=seed, per_cell=per_cell, digits=(1, 2, 3), steps=(2, 3))
+    suite = tasks.eval_suite(seed=seed, per_cell=per_cell, digits=digits, steps=(2, 3))
     task = NanoTask(suite, phrasing=None if phrasing == "canonical" else phrasing)
     settings = EvalSettings(seed=seed, max_new_tokens=max_new_tokens, save_samples=per_cell)  # keep every answer
     modes, records = run_task(backend, tok, task, "chat", settings)
@@ -55,12 +56,14 @@ def main(argv=None) -> int:
     ap.add_argument("--per-cell", type=int, default=100)
     ap.add_argument("--seed", type=int, default=4321, help="the eval split's seed (the eval stage's: 1234)")
     ap.add_argument("--max-new-tokens", type=int, default=1200)
+    ap.add_argument("--digits", type=int, nargs="+", default=[1, 2, 3], help="the cells' digits (a quick screen: 3)")
     ap.add_argument("--out", default="benchmarks/results/toggle_format.json")
     args = ap.parse_args(argv)
     runs = []
     for model in args.model:
         for phrasing in args.phrasing:
-            for r in probe(model, phrasing, args.per_cell, args.seed, args.max_new_tokens):
+            for r in probe(model, phrasing, args.per_cell, args.seed, args.max_new_tokens,
+                           tuple(args.digits)):
                 runs.append(r)
                 print(f"{model} {r['mode']:3s} {phrasing:9s} format {r['format_ok']:.4f} ({r['malformed']} of "
                       f"{r['n']} malformed), worst {r['worst_cell']} {r['worst_format_ok']:.3f}, "

@@ -485,3 +485,62 @@ def test_a_pass_reward_failing_in_the_held_out_check_gives_an_unknown_pass_rate_
     errors = [json.loads(x) for x in (run / "grpo" / "log.jsonl").read_text().splitlines()]
     assert [(x["step"], x["during"]) for x in errors if x["event"] == "reward_error"] == [(0, "held_out"),
                                                                                          (2, "held_out")]
+
+
+def _never_right(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+def _third_malformed(completions, **kwargs):
+    return [0.0 if i % 3 == 2 else 1.0 for i in range(len(completions))]
+
+
+def _first_right(completions, **kwargs):
+    return [1.0 if i % 3 == 0 else 0.0 for i in range(len(completions))]
+
+
+@pytest.mark.parametrize("reinforce", ["all", "passing"])
+def test_reinforce_passing_never_pushes_a_wrong_answer_up(reinforce, monkeypatch):
+    # group 0 (prompt 0): no sample right, the third malformed; group 1 (prompt 1) alike, its first sample right
+    seen = {}
+    real = grpo_lib.policy_update
+
+    def spy(model, opt, batch, groups, advantages, *a, **k):
+        seen["adv"], seen["groups"] = advantages.clone(), groups.clone()
+        return real(model, opt, batch, groups, advantages, *a, **k)
+
+    def right_in_group_1(completions, **kwargs):
+        return [1.0 if i == 3 else 0.0 for i in range(len(completions))]
+
+    monkeypatch.setattr(grpo_lib, "policy_update", spy)
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=0, stop_token_ids=tuple(range(64)))
+    model = hetero_model(seed=9)
+    runner = RewardRunner([("acc", right_in_group_1, 1.0), ("fmt", _third_malformed, 1.0)])
+    rec, errors = grpo_lib.grpo_step(model, train_loop.adamw(model, lr=0.1), [[9, 10, 11], [12, 13]], {}, runner,
+                                     params, group_size=3, decode=str, conversational=False, pass_reward="acc",
+                                     reinforce=reinforce)
+    assert not errors
+    adv, groups = seen["adv"], seen["groups"]
+    assert groups.tolist() == [0, 0, 1, 1, 1, 0] or groups.tolist()[:3] == [0, 0, 0]
+    want = group_advantages(torch.tensor([1.0, 1.0, 0.0, 2.0, 1.0, 0.0]), torch.tensor([0, 0, 0, 1, 1, 1]))
+    if reinforce == "passing":  # only the right answer keeps its positive advantage; every negative one stays
+        want = torch.where((want > 0) & (torch.arange(6) != 3), torch.zeros(6), want)
+        assert adv[0] == 0 and adv[1] == 0 and adv[2] < 0 and adv[3] > 0
+    assert torch.allclose(adv, want)
+    with pytest.raises(ValueError, match="reads pass_reward 'nope'"):
+        grpo_lib.grpo_step(model, train_loop.adamw(model, lr=0.1), [[9, 10, 11]], {}, runner, params, group_size=3,
+                           decode=str, conversational=False, pass_reward="nope", reinforce="passing")
+
+
+def test_never_solved_prompts_join_every_step_for_the_format(sft_run, tmp_path):
+    from thinkfast.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unsolved_per_step needs reinforce: passing"):
+        _pipe(tmp_path, "grpo.unsolved_per_step=2")
+    run = _copy_base(sft_run, tmp_path / "run")
+    m, _ = run_stage(_pipe(run, "grpo.reinforce=passing", "grpo.unsolved_per_step=2",
+                           "grpo.easy_threshold=0.75", "grpo.eval_problems=0"), "grpo")
+    rates = json.loads((run / "grpo" / "pass_rates.json").read_text())["pass_rates"]
+    never = sum(r == 0 for r in rates)
+    steps = json.loads((run / "grpo" / "curve.json").read_text())["steps"]
+    assert never and [s["unsolved_prompts"] for s in steps] == [min(2, never)] * 4

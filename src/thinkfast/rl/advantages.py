@@ -12,13 +12,15 @@ loss: :func:`thinkfast.rl.policy.policy_update`). TRL does the same (NaN-masked 
   ``std`` the sample standard deviation (as TRL; DeepSeekMath's GRPO, Llama-Nemotron section 5).
 * :func:`leave_one_out_advantages`: ``r_i - mean of the group's other scored samples`` (REINFORCE
   leave-one-out, Ahmadian et al. 2024; Llama-Nemotron's alignment RLOO); 0 for a sample with no scored peer.
+* :func:`passing_only_up`: positive advantages kept only on samples that pass (a wrong answer is never
+  pushed up; negative ones stay: cf. negative-sample reinforcement, Zhu et al. 2025, arXiv 2506.01347).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["group_normalised_advantages", "leave_one_out_advantages", "rewards_tensor"]
+__all__ = ["group_normalised_advantages", "leave_one_out_advantages", "passing_only_up", "rewards_tensor"]
 
 
 def rewards_tensor(total, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -81,3 +83,16 @@ def leave_one_out_advantages(rewards: torch.Tensor, groups: torch.Tensor) -> tor
         r = rewards[sel]
         out[sel] = r - (r.sum() - r) / (k - 1)
     return out
+
+
+def passing_only_up(advantages: torch.Tensor, passed: torch.Tensor) -> torch.Tensor:
+    """``advantages`` [N], ``passed`` [N] bool -> advantages with every positive one of a sample that did not
+    pass set to 0. In a group where no sample passes, the rewards still differ by format (a malformed answer
+    scores below a well-formed wrong one): the malformed answer is pushed down, and the wrong answers are not
+    pushed up (which, on prompts the model never solves, teaches wrong answers: docs/LOG.md session 6).
+
+    >>> a = passing_only_up(torch.tensor([0.35, 0.35, -2.47, 1.2]), torch.tensor([False, False, False, True]))
+    >>> [round(x, 2) for x in a.tolist()]
+    [0.0, 0.0, -2.47, 1.2]
+    """
+    return torch.where((advantages > 0) & ~passed.to(advantages.device), torch.zeros_like(advantages), advantages)

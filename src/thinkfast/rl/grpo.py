@@ -18,7 +18,7 @@ import torch
 
 from ..generation import Backend, LocalBackend
 from .rollout import policy_logprobs
-from .advantages import group_normalised_advantages, rewards_tensor
+from .advantages import group_normalised_advantages, passing_only_up, rewards_tensor
 from .policy import policy_update, sample_and_score, step_record
 
 __all__ = ["grpo_loss", "grpo_step"]
@@ -53,8 +53,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 def grpo_step(model, opt, prompts: list[list[int]], columns: dict[str, list], runner, params, *, group_size: int,
               decode, pad_id: int = 0, updates: int = 1, clip_eps: float = 0.2, kl_beta: float = 0.0,
               reference=None, logprobs: str = "recompute", grad_clip: float | None = 1.0, autocast_ctx=None,
-              conversational: bool = True, backend: Backend | None = None, pass_reward: str = "nano_accuracy"
-              ) -> tuple[dict, list[str]]:
+              conversational: bool = True, backend: Backend | None = None, pass_reward: str = "nano_accuracy",
+              reinforce: str = "all") -> tuple[dict, list[str]]:
     """One GRPO step: ``group_size`` completions per prompt, rewards, group-normalised advantages, then
     ``updates`` gradient steps on :func:`grpo_loss`, one per slice of the groups
     (:func:`thinkfast.rl.policy.sample_and_score`, :func:`~thinkfast.rl.policy.policy_update`). ``columns``
@@ -64,7 +64,10 @@ def grpo_step(model, opt, prompts: list[list[int]], columns: dict[str, list], ru
     that update. A step in which every group's rewards are equal (no advantage anywhere) and there is no KL
     term makes no update (``updates: 0`` in the record); samples no reward could score are left out of their
     group's baseline and of the loss. ``backend`` samples the completions (default: the local rollout engine on
-    ``model``) and is synced to ``model`` after an update."""
+    ``model``) and is synced to ``model`` after an update. ``reinforce="passing"``: a positive advantage only
+    for samples that pass (``pass_reward`` 1, not cut off; :func:`thinkfast.rl.advantages.passing_only_up`)."""
+    if reinforce not in ("all", "passing"):
+        raise ValueError(f"reinforce={reinforce!r}: all or passing")
     device = next(model.parameters()).device
     backend = backend if backend is not None else LocalBackend(model)
     scored = sample_and_score(backend, prompts, columns, runner, params, group_size=group_size, decode=decode,
@@ -72,6 +75,13 @@ def grpo_step(model, opt, prompts: list[list[int]], columns: dict[str, list], ru
     rewards = rewards_tensor(scored.total)
     groups = torch.tensor(scored.rollout.groups)
     adv = group_normalised_advantages(rewards, groups)
+    if reinforce == "passing":
+        if pass_reward not in scored.parts:
+            raise ValueError(f"reinforce='passing' reads pass_reward {pass_reward!r}, which is not one of the rewards "
+                             f"{sorted(scored.parts)}")
+        passes = scored.parts[pass_reward]
+        adv = passing_only_up(adv, torch.tensor([p is not None and p >= 1.0 and not t
+                                                 for p, t in zip(passes, scored.truncated)]))
     b = scored.rollout.batch(pad_id, device)
     start = b.pop("prompt_width")
 

@@ -56,6 +56,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import random
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,13 @@ class GRPOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFi
     # drop prompts the starting model never solved: their groups differ in format reward only, and in the
     # nano world training on them taught wrong answers (docs/LOG.md 2026-12-03 session 6); the paper keeps them
     drop_unsolved: bool = False
+    # a wrong answer is never pushed up: positive advantages only for samples that pass (pass_reward 1, not
+    # cut off); "all": GRPO as published
+    reinforce: Literal["all", "passing"] = "all"
+    # never-solved prompts (pass rate 0) added to every step beside the curriculum's (drawn at random): with
+    # reinforce: passing their groups push malformed answers down and nothing up, so the toggle's format is
+    # trained where the model cannot solve (docs/LOG.md session 17); 0: none
+    unsolved_per_step: int = 0
     sigma: float = 0.15
     precision: Literal["auto", "bf16", "fp32"] = "fp32"
     eval_every: int = 20
@@ -166,6 +174,11 @@ class GRPOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFi
         for r in self.rewards:
             if r not in BUILTIN and ":" not in r:
                 raise ValueError(f"rewards: {r!r} is neither built in ({sorted(BUILTIN)}) nor module:function")
+        if self.unsolved_per_step < 0:
+            raise ValueError(f"unsolved_per_step={self.unsolved_per_step} must be >= 0")
+        if self.unsolved_per_step and self.reinforce != "passing":
+            raise ValueError("unsolved_per_step needs reinforce: passing: otherwise the well-formed wrong answers of "
+                             "a never-solved prompt are pushed up, which taught wrong answers (docs/LOG.md session 6)")
         if self.updates_per_rollout > self.prompts_per_step:
             raise ValueError("updates_per_rollout slices the step's groups: it must be <= prompts_per_step")
         for name in ("reward_timeout", "sigma"):
@@ -304,7 +317,12 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
                                      seed=cfg.seed)
     else:
         schedule = random_schedule(kept, cfg.prompts_per_step, cfg.train_steps, seed=cfg.seed)
-    log.log("curriculum", kind=cfg.curriculum, prompts=len(prompts), kept=len(kept),
+    unsolved = [i for i, r in enumerate(rates) if r == 0] if cfg.unsolved_per_step else []
+
+    def extra(step: int) -> list[int]:  # a pure function of (seed, step): a resumed run draws the same
+        return random.Random(cfg.seed * 1_000_003 + step).sample(unsolved, min(cfg.unsolved_per_step, len(unsolved)))
+
+    log.log("curriculum", kind=cfg.curriculum, prompts=len(prompts), kept=len(kept), unsolved=len(unsolved),
             mean_pass_rate=statistics.fmean(rates), mean_pass_rate_kept=statistics.fmean(rates[i] for i in kept)
             if kept else None, batch_pass_rates=[statistics.fmean(rates[i] for i in b) for b in schedule])
 
@@ -331,7 +349,9 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
 
     print(f"grpo: {model_dir}, {len(kept)} of {len(prompts)} prompts below pass rate {cfg.easy_threshold}"
           f"{' and above 0' if cfg.drop_unsolved else ''}, "
-          f"{cfg.train_steps} steps of {cfg.prompts_per_step} x {cfg.group_size}, {cfg.curriculum} order")
+          f"{cfg.train_steps} steps of {cfg.prompts_per_step} x {cfg.group_size}, {cfg.curriculum} order"
+          + (f", and {min(cfg.unsolved_per_step, len(unsolved))} of {len(unsolved)} never-solved prompts a step"
+             if cfg.unsolved_per_step else ""))
 
     def point(step: int) -> None:
         if eval_set:
@@ -352,22 +372,24 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
     pad = tokenizer.pad_token_id or 0
     for step in loop:
         batch_prompts = schedule[step]
+        step_prompts = batch_prompts + (extra(step) if unsolved else [])
         try:
             record, errors = grpo_step(
-                model, opt, [prompts[i] for i in batch_prompts], {k: [v[i] for i in batch_prompts]
-                                                                  for k, v in columns.items()},
+                model, opt, [prompts[i] for i in step_prompts], {k: [v[i] for i in step_prompts]
+                                                                 for k, v in columns.items()},
                 runner, _sampling(cfg, tokenizer, cfg.seed * 100003 + step), group_size=cfg.group_size,
                 decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), pad_id=pad,
                 updates=cfg.updates_per_rollout, clip_eps=cfg.clip_eps, kl_beta=cfg.kl_beta, reference=reference,
                 logprobs=cfg.logprobs, grad_clip=cfg.grad_clip, autocast_ctx=lambda: autocast(device, precision),
-                pass_reward=pass_name, backend=backend)
+                pass_reward=pass_name, backend=backend, reinforce=cfg.reinforce)
         except FloatingPointError as e:
             raise FloatingPointError(
                 f"grpo: {e} at step {step + 1}; stopped without saving: the last good checkpoint "
                 f"({stage.checkpoint_dir}) is kept. Lower lr or check the rewards.") from None
         failed = watch.step(errors, step)
         record = {"step": step + 1, **record, "reward_failed": failed,
-                  "batch_pass_rate": statistics.fmean(rates[i] for i in batch_prompts)}
+                  "batch_pass_rate": statistics.fmean(rates[i] for i in batch_prompts),
+                  "unsolved_prompts": len(step_prompts) - len(batch_prompts)}
         steps_log.append(record)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.train_steps:
             point(step + 1)
