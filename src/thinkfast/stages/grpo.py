@@ -48,7 +48,12 @@ A prompt "passes" when ``pass_reward`` (default: the first reward) gives it 1; w
 rows are held out and the periodic check is their greedy pass rate in each row's mode.
 
 Departures: rewards are exact verifiers (the paper used an LLM judge for accuracy); the paper's 72 x 16
-rollouts per step and FP8 generation are scaled down to the nano world; ``lr`` suits a tiny model.
+rollouts per step and FP8 generation are scaled down to the nano world; ``lr`` suits a tiny model. Options the
+paper does not have: ``drop_unsolved`` (never-solved prompts leave the curriculum), ``reinforce: passing`` (a
+positive advantage only for a sample that passes, so a wrong answer is never pushed up) and
+``unsolved_per_step`` (never-solved prompts join every step beside the curriculum's: with ``reinforce:
+passing`` their groups only push malformed answers down, training the toggle's format where the model cannot
+solve).
 """
 
 from __future__ import annotations
