@@ -361,6 +361,35 @@ def test_shared_prompt_forward_equals_the_full_one_with_gradients():
         assert torch.allclose(a, c, atol=1e-5)
 
 
+def test_log_probs_through_the_lm_head_in_slices_equal_the_full_logits_with_gradients():
+    from thinkfast.rl.rollout import grouped_logprobs
+
+    model = hetero_model(seed=8).train()
+    roll = rollout(LocalBackend(model), [[9, 10, 11], [12, 13, 14, 15, 16]], 3,
+                   SamplingParams(max_new_tokens=10, temperature=1.0, stop_token_ids=(0, 1), seed=1))
+    b = roll.batch()
+    start = b.pop("prompt_width")
+
+    def full_logits():  # the model's own logits, log-softmaxed whole
+        t = b["input_ids"].shape[1]
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
+                       logits_to_keep=t - start + 1).logits[:, :-1].float()
+        lp = logits.log_softmax(-1).gather(-1, b["input_ids"][:, start:, None]).squeeze(-1)
+        return torch.nn.functional.pad(lp, (start, 0))
+
+    runs = []
+    for fn in (full_logits, lambda: token_logprobs(model, b, start), lambda: token_logprobs(model, b, start, budget=1),
+               lambda: grouped_logprobs(model, b, start, budget=1)):
+        model.zero_grad()
+        lp = fn()
+        (lp * b["completion_mask"]).sum().backward()
+        runs.append((lp.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    m = b["completion_mask"].bool()
+    for lp, grads in runs[1:]:
+        assert torch.allclose(runs[0][0][m], lp[m], atol=1e-5)
+        assert len(grads) == len(runs[0][1]) and all(torch.allclose(a, c, atol=1e-5) for a, c in zip(runs[0][1], grads))
+
+
 def test_a_step_without_signal_leaves_the_weights_alone():
     from thinkfast.rl.grpo import grpo_step
     from thinkfast.train.loop import adamw

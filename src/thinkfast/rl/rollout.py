@@ -13,6 +13,11 @@ the default: the first update's own forward, detached, and one no-grad pass for 
 any update), so only training numerics enter the ratio; ``logprobs="sampler"`` uses the engine's (off by
 about 1e-6 in float32; the gap grows with low-precision samplers such as vLLM's bf16).
 
+Memory: the log-probs are taken from the final hidden states through the LM head a slice of rows at a time, and
+each slice's logits are recomputed in the backward pass (:func:`picked_logprobs`, ``torch.utils.checkpoint``), so
+the batch's full-vocabulary logits (rows x tokens x vocabulary, float32) never exist at once: at a 49k vocabulary
+they were most of GRPO's and RLOO's peak on a 135M model (docs/LOG.md session 15).
+
 Completions come from a generation backend (:class:`thinkfast.generation.Backend`): the local rollout engine
 (:class:`~thinkfast.generation.LocalBackend`) here, a vLLM engine at scale, with nothing else changing.
 """
@@ -22,10 +27,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..generation import Backend, Completion, SamplingParams
 
-__all__ = ["Rollout", "grouped_logprobs", "policy_logprobs", "rollout", "token_logprobs"]
+__all__ = ["LOGITS_BUDGET", "Rollout", "grouped_logprobs", "picked_logprobs", "policy_logprobs", "rollout",
+           "token_logprobs"]
+
+# the most full-vocabulary logits (elements) one slice of :func:`picked_logprobs` holds: 2**25 float32 = 128 MiB
+LOGITS_BUDGET = 2 ** 25
 
 
 @dataclass
@@ -101,11 +111,12 @@ class _GradCache:
         return _GradCache([k[index] for k in self.keys], [v[index] for v in self.values])
 
 
-def grouped_logprobs(model, batch: dict[str, torch.Tensor], start: int) -> torch.Tensor:
+def grouped_logprobs(model, batch: dict[str, torch.Tensor], start: int, budget: int | None = None) -> torch.Tensor:
     """:func:`token_logprobs` of a rollout batch whose rows share their prompt within each group: each
     prompt (the ``start`` columns before the completions) is computed once per group and its keys and
     values are shared by the group's rows, so a group of G samples costs one prompt, not G. Equal to the
-    full forward (gradients included; tested). Needs a model that accepts any cache object (nemotron-nas)."""
+    full forward (gradients included; tested). Needs a model that accepts any cache object (nemotron-nas).
+    The completions' LM head runs in slices (:func:`picked_logprobs`, ``budget``)."""
     ids, att, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     groups = batch["group"]
     uniq, row_group = torch.unique(groups, return_inverse=True)
@@ -115,27 +126,71 @@ def grouped_logprobs(model, batch: dict[str, torch.Tensor], start: int) -> torch
     prefix = model(input_ids=ids[first, :start], attention_mask=att[first, :start], position_ids=pos[first, :start],
                    cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
     first_lp = prefix.log_softmax(-1)[row_group].gather(-1, ids[:, start:start + 1]).squeeze(-1)
-    rest = model(input_ids=ids[:, start:], attention_mask=att, position_ids=pos[:, start:],
-                 cache=cache.expand(row_group), use_cache=True).logits[:, :-1].float()
-    rest_lp = rest.log_softmax(-1).gather(-1, ids[:, start + 1:, None]).squeeze(-1)
+    if _has_split_head(model):
+        hidden = model.model(input_ids=ids[:, start:], attention_mask=att, position_ids=pos[:, start:],
+                             cache=cache.expand(row_group), use_cache=True).last_hidden_state[:, :-1]
+        rest_lp = picked_logprobs(model, hidden, ids[:, start + 1:], budget)
+    else:
+        rest = model(input_ids=ids[:, start:], attention_mask=att, position_ids=pos[:, start:],
+                     cache=cache.expand(row_group), use_cache=True).logits[:, :-1].float()
+        rest_lp = rest.log_softmax(-1).gather(-1, ids[:, start + 1:, None]).squeeze(-1)
     return torch.nn.functional.pad(torch.cat([first_lp[:, None], rest_lp], dim=1), (start, 0))
 
 
-def token_logprobs(model, batch: dict[str, torch.Tensor], start: int = 1) -> torch.Tensor:
+def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(hidden, weight).float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def picked_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, budget: int | None = None) -> torch.Tensor:
+    """``hidden`` [N, T, H] final hidden states, ``targets`` [N, T] -> log p(target) [N, T] under ``model``'s LM
+    head (``get_output_embeddings()``, no bias), float32. Rows go through the head in slices of at most ``budget``
+    (default :data:`LOGITS_BUDGET`) logits; with more than one slice each is recomputed in the backward pass
+    instead of kept, so peak memory holds one slice's logits. Equal to the one-shot computation (tested)."""
+    head = model.get_output_embeddings()
+    n, t = targets.shape
+    vocab = head.weight.shape[0]
+    rows = max(1, (budget or LOGITS_BUDGET) // max(1, t * vocab))
+    if rows >= n:
+        return _head_logprobs(hidden, targets, head.weight)
+    parts = []
+    for i in range(0, n, rows):
+        h, y = hidden[i:i + rows], targets[i:i + rows]
+        parts.append(checkpoint(_head_logprobs, h, y, head.weight, use_reentrant=False)
+                     if torch.is_grad_enabled() else _head_logprobs(h, y, head.weight))
+    return torch.cat(parts)
+
+
+def _has_split_head(model) -> bool:
+    """Whether ``model`` is a causal LM whose final hidden states come from ``model.model`` and whose logits are
+    ``get_output_embeddings()`` of them, unscaled (nemotron-nas, Llama): then :func:`picked_logprobs` applies."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    return (isinstance(getattr(model, "model", None), torch.nn.Module) and isinstance(head, torch.nn.Linear)
+            and head.bias is None and getattr(model.config, "final_logit_softcapping", None) is None
+            and getattr(model.config, "logit_scale", None) is None)
+
+
+def token_logprobs(model, batch: dict[str, torch.Tensor], start: int = 1, budget: int | None = None) -> torch.Tensor:
     """Log-prob of each token given the ones before it, [N, T], from one forward pass; columns before
-    ``start`` (e.g. a rollout's prompts, ``batch["prompt_width"]``) are 0 and cost no LM-head work."""
+    ``start`` (e.g. a rollout's prompts, ``batch["prompt_width"]``) are 0 and cost no LM-head work. The LM head
+    runs in slices (:func:`picked_logprobs`) where the model allows it."""
     t = batch["input_ids"].shape[1]
     start = max(1, int(start))
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=t - start + 1).logits[:, :-1].float()
-    picked = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, start:, None]).squeeze(-1)
+    targets = batch["input_ids"][:, start:]
+    if _has_split_head(model):
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch["position_ids"]).last_hidden_state[:, start - 1:-1]
+        picked = picked_logprobs(model, hidden, targets, budget)
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], logits_to_keep=t - start + 1).logits[:, :-1].float()
+        picked = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
     return torch.nn.functional.pad(picked, (start, 0))
 
 
-def policy_logprobs(model, batch: dict[str, torch.Tensor], start: int) -> torch.Tensor:
+def policy_logprobs(model, batch: dict[str, torch.Tensor], start: int, budget: int | None = None) -> torch.Tensor:
     """The log-probs of a rollout batch under ``model`` for the policy loss: :func:`grouped_logprobs` (each
     prompt once per group) when the model's forward takes any cache object (``accepts_any_cache``: nemotron-nas),
     else :func:`token_logprobs` (one plain forward). Both equal the full forward (tested)."""
     if getattr(model, "accepts_any_cache", False):
-        return grouped_logprobs(model, batch, start)
-    return token_logprobs(model, batch, start)
+        return grouped_logprobs(model, batch, start, budget)
+    return token_logprobs(model, batch, start, budget)
