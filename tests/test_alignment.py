@@ -4,6 +4,7 @@ into the reward, the token-level loss by hand; pair batches and one DPO / RPO st
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -86,6 +87,46 @@ def test_rloo_step_leaves_truncated_and_unscorable_samples_out_of_baseline_and_g
                 assert float(seen["adv"][i]) == pytest.approx(float(r[i]) - sum(others) / len(others))
     assert seen["scorable"][1].item() is False  # the None reward
     assert record["scorable"] == pytest.approx(float(seen["scorable"].float().mean()))
+
+
+def test_rloo_step_pushes_up_only_passing_samples_in_the_groups_marked_passing_only(monkeypatch):
+    """passing_only marks prompt 1 (a plain task prompt among instruction prompts): there a sample above its
+    siblings' mean gets a positive advantage only when every reward that scored it gave >= 1 (and it was not cut
+    off); prompt 0's groups keep plain leave-one-out. The IFEval-like reward leaves prompt 1's samples unscored."""
+    model = hetero_model(seed=5)
+    opt = adamw(model, lr=1e-3)
+    seen = {}
+    real = rloo_lib.policy_update
+
+    def spy(model, opt, batch, groups, adv, loss_fn, **kw):
+        seen["adv"] = adv.clone()
+        return real(model, opt, batch, groups, adv, loss_fn, **kw)
+
+    monkeypatch.setattr(rloo_lib, "policy_update", spy)
+    real_sample = rloo_lib.sample_and_score
+
+    def sample_spy(*a, **k):  # every sample finished, whatever the tiny model sampled
+        scored = real_sample(*a, **k)
+        seen["scored"] = dataclasses.replace(scored, truncated=[False] * 8, total=[
+            sum(v for v in vs if v is not None) for vs in zip(instr, accuracy, fmt)])
+        return seen["scored"]
+
+    monkeypatch.setattr(rloo_lib, "sample_and_score", sample_spy)
+    accuracy = [0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    fmt = [1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    instr = [1.0, 0.0, 1.0, 0.0, None, None, None, None]
+    runner = RewardRunner([("instr", _scripted_reward(instr), 1.0), ("acc", _scripted_reward(accuracy), 1.0),
+                           ("fmt", _scripted_reward(fmt), 1.0)])
+    params = SamplingParams(max_new_tokens=3, temperature=1.0, stop_token_ids=(), seed=1)
+    rloo_step(model, opt, [[9, 10, 11], [12, 13]], {}, runner, params, group_size=4, decode=lambda ids: str(ids),
+              backend=LocalBackend(model), passing_only=[False, True])
+    assert rloo_lib.passes(seen["scored"]) == [False, False, False, False, True, False, False, False]
+    adv = seen["adv"].tolist()
+    # prompt 1: sample 4 (correct, well formed) passes and goes up; sample 5 (wrong, well formed) is above its
+    # siblings' mean (1 against 2/3) but never pushed up; samples 6 and 7 (wrong, malformed) are pushed down
+    assert adv[4] == pytest.approx(2 - 1 / 3) and adv[5] == 0 and adv[6:] == pytest.approx([-1.0, -1.0])
+    # prompt 0 keeps plain leave-one-out: sample 0 (instruction followed, wrong answer) still goes up
+    assert adv[:4] == pytest.approx([2 - 4 / 3, 2 - 4 / 3, 1 - 5 / 3, 1 - 5 / 3])
 
 
 def test_rloo_step_with_reference_equal_to_policy_has_zero_kl():

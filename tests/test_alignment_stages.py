@@ -43,6 +43,7 @@ def test_the_alignment_stages_run_in_the_pipeline(aligned):
     assert rloo["steps"] == 2 and "if_strict_on_after" in rloo and "format_ok_off_before" in rloo
     curve = json.loads((aligned / "rloo" / "curve.json").read_text())
     assert {"reward", "kl", "scorable", "instructions", "reward_ifeval_strict"} <= set(curve["steps"][0])
+    assert [s["math_prompts"] for s in curve["steps"]] == [2, 2]  # plain math prompts beside the instruction ones
     assert (aligned / "reward_model" / "reward_model" / "config.json").is_file()
     assert not (aligned / "reward_model" / "model").exists()  # its own kind: never "the latest model"
     rpo = json.loads((aligned / "rpo" / "metrics.json").read_text())
@@ -88,7 +89,7 @@ def test_bad_instruction_rows_are_an_error_naming_file_and_line_before_any_work(
                     + "\n")
     run = _copy(aligned, tmp_path / "run")
     with pytest.raises(ValueError, match=r"if\.jsonl:2: .*no:such_instruction"):
-        run_stage(_pipe(run, f"rloo.files=[{rows}]", "rloo.eval_problems=1"), "rloo")
+        run_stage(_pipe(run, f"rloo.files=[{rows}]", "rloo.eval_problems=1", "rloo.math_per_step=0"), "rloo")
 
 
 def test_offline_dpo_on_a_pair_file(aligned, tmp_path):

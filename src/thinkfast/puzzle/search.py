@@ -107,16 +107,22 @@ def calibrate(problem, costs: dict, targets: Targets, first: list, build: Callab
     ``(solutions, child, measured, report)`` of the best child that meets the target (lowest objective),
     else of the fastest; ``report`` lists each try.
 
-    The predicted target is corrected by the measured miss (``predicted * target / measured``) until a
-    child that meets and one that misses bracket it (a predicted target of 1 gives the parent, which
-    misses any target above 1), then bisected geometrically."""
+    The predicted target is corrected by the measured miss of the last child, from that child's own predicted
+    speedup (``own * target / measured``, 0.5% more after a miss) until a child that meets and one that misses
+    bracket it (or the correction would not move below a target whose child met), then bisected geometrically. A child that missed bounds the bracket by its own predicted speedup,
+    so every later solve must find a child predicted faster than it (a predicted target of 1 gives the parent,
+    which misses any target above 1)."""
     target = targets.speedup
     done_tries: list[dict] = []
-    lo, hi = 1.0, None  # the largest predicted target whose child misses, the smallest whose child meets
-    predicted, solutions, measured = target, first, None
+    lo, hi = 1.0, None  # the largest predicted speedup of a child that missed, the smallest target whose child met
+    predicted, solutions, measured, own = target, first, None, None
     for attempt in range(tries + 1):
         if attempt:
-            predicted = math.sqrt(lo * hi) if hi is not None else predicted * target / measured
+            missed = measured < target * (1 - tolerance)
+            predicted = own * target / measured * (1.005 if missed else 1.0)
+            if hi is not None and (lo > 1.0 or predicted >= hi):  # bracketed (or no correction left): bisect
+                predicted = math.sqrt(lo * hi)
+            predicted = max(predicted, lo * 1.0001)
             try:
                 solutions = solve_mip(problem.scores, problem.costs,
                                       limits_for(dataclasses.replace(targets, speedup=predicted), problem, costs),
@@ -124,6 +130,7 @@ def calibrate(problem, costs: dict, targets: Targets, first: list, build: Callab
             except InfeasibleError:
                 done_tries.append({"predicted_target": predicted, "infeasible": True})
                 break
+        own = summary(problem, solutions[0], targets)["speedup"]
         same = [t for t in done_tries if t.get("choice") == solutions[0].choice]
         if same:  # a child measured before: its time is known
             child, measured = same[0]["child"], same[0]["measured_speedup"]
@@ -131,7 +138,7 @@ def calibrate(problem, costs: dict, targets: Targets, first: list, build: Callab
             child = build(solutions[0])
             measured = measure(child)
         meets = measured >= target * (1 - tolerance)
-        done_tries.append({"predicted_target": predicted, "choice": solutions[0].choice,
+        done_tries.append({"predicted_target": predicted, "choice": solutions[0].choice, "predicted_speedup": own,
                            "objective": solutions[0].objective, "measured_speedup": measured, "meets": meets,
                            "solutions": solutions, "child": child})
         print(f"search: predicted target {predicted:.3f}x -> measured {measured:.2f}x "
@@ -141,7 +148,7 @@ def calibrate(problem, costs: dict, targets: Targets, first: list, build: Callab
             if measured <= target * 1.1:
                 break
         else:
-            lo = max(lo, predicted)
+            lo = max(lo, own)
         if hi is not None and hi / lo < 1.01:
             break
     done = [t for t in done_tries if "child" in t]

@@ -24,11 +24,11 @@ from __future__ import annotations
 import torch
 
 from ..generation import Backend, LocalBackend
-from .advantages import leave_one_out_advantages, rewards_tensor
+from .advantages import leave_one_out_advantages, passing_only_up, rewards_tensor
 from .policy import policy_update, sample_and_score, step_record
 from .rollout import policy_logprobs
 
-__all__ = ["kl_penalised_rewards", "rloo_loss", "rloo_step"]
+__all__ = ["kl_penalised_rewards", "passes", "rloo_loss", "rloo_step"]
 
 
 def rloo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
@@ -74,15 +74,28 @@ def kl_penalised_rewards(rewards: torch.Tensor, logp: torch.Tensor, ref_logp: to
     return rewards - kl_beta * kl, kl
 
 
+def passes(scored) -> list[bool]:
+    """Per sample of a scored rollout: not cut off, scored by some reward, and every reward that scored it gave
+    at least 1 (a correct, well-formed answer that follows each of its instructions, if it has any)."""
+    values = list(scored.parts.values())
+    return [not t and any(v[i] is not None for v in values) and all(v[i] is None or v[i] >= 1.0 for v in values)
+            for i, t in enumerate(scored.truncated)]
+
+
 def rloo_step(model, opt, prompts: list[list[int]], columns: dict[str, list], runner, params, *, group_size: int,
               decode, pad_id: int = 0, kl_beta: float = 0.0, clip_eps: float | None = None, reference=None,
               updates: int = 1, grad_clip: float | None = 1.0, autocast_ctx=None, conversational: bool = True,
-              backend: Backend | None = None, pass_reward: str | None = None) -> tuple[dict, list]:
+              backend: Backend | None = None, pass_reward: str | None = None,
+              passing_only: list[bool] | None = None) -> tuple[dict, list]:
     """One RLOO step: ``group_size`` samples per prompt, rewards (truncated samples unscorable), the KL to
     ``reference`` folded into each reward when ``kl_beta > 0``, leave-one-out advantages, then ``updates`` gradient
     steps on :func:`rloo_loss` (one per slice of the groups). The calling convention of
     :func:`thinkfast.rl.grpo.grpo_step`; returns (the step's record, reward errors). The record adds ``kl`` (mean
-    per-sample KL estimate to the reference, summed over tokens), ``scorable`` (share of samples in a baseline)."""
+    per-sample KL estimate to the reference, summed over tokens), ``scorable`` (share of samples in a baseline).
+
+    ``passing_only`` (per prompt): in the groups of the prompts it marks, only a sample that passes (not cut off,
+    and every reward that scored it gave at least 1) may be pushed up
+    (:func:`thinkfast.rl.advantages.passing_only_up`)."""
     if kl_beta > 0 and reference is None:
         raise ValueError("kl_beta > 0 needs the reference model")
     device = next(model.parameters()).device
@@ -105,6 +118,9 @@ def rloo_step(model, opt, prompts: list[list[int]], columns: dict[str, list], ru
                                                b["completion_mask"], kl_beta)
     scorable = ~torch.isnan(rewards)
     adv = leave_one_out_advantages(rewards, groups)
+    if passing_only is not None and any(passing_only):
+        adv = torch.where(torch.tensor([passing_only[g] for g in scored.rollout.groups]),
+                          passing_only_up(adv, torch.tensor(passes(scored))), adv)
 
     def loss_fn(logp, old_logp, advantages, mask, ref_logp):
         return rloo_loss(logp, old_logp, advantages, mask, clip_eps=clip_eps)

@@ -40,7 +40,7 @@ from ..data import DataError
 from ..evaluation import if_check
 from ..generation import LocalBackend, SamplingParams
 from ..rl.pass_rates import held_out_check
-from ..rl.prompts import file_prompts, nano_if_prompts
+from ..rl.prompts import file_prompts, nano_if_prompts, nano_prompts
 from ..rl.rewards import BUILTIN, RewardRunner, load_reward, missing_columns, missing_columns_message
 from ..rl.rloo import rloo_step
 from ..rl.watch import RewardWatch
@@ -77,6 +77,16 @@ class RLOOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFi
     steps: list[int] = field(default_factory=lambda: [2])
     instructions: list[int] = field(default_factory=lambda: [1, 3])  # instructions per prompt: [min, max]
     thinking: Literal["on", "off", "both"] = "both"
+    # plain task prompts (no instructions) beside each step's instruction prompts: math_per_step of a pool of
+    # math_prompts nano problems of kinds x math_digits x math_steps, both modes alternating, each worded by one of
+    # toggle SFT's training templates (never the held-out ones). Only the task's accuracy and the toggle's format
+    # score them (the IFEval rewards leave a prompt without instructions unscored), and in their groups only a
+    # sample that passes (correct, well formed) may be pushed up: a replay that keeps the toggle's format on every
+    # difficulty while RLOO trains on instruction prompts (nano world only; 0: none)
+    math_per_step: int = 0
+    math_prompts: int = 512
+    math_digits: list[int] = field(default_factory=lambda: [1, 2, 3])
+    math_steps: list[int] = field(default_factory=lambda: [1, 2, 3])
     rewards: list[str] = field(default_factory=lambda: ["ifeval_strict", "nano_accuracy", "think_format"])
     reward_weights: list[float] | None = None
     pass_reward: str | None = None  # default: the first reward
@@ -128,6 +138,18 @@ class RLOOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFi
         if not self.reward_timeout > 0:
             raise ValueError(f"reward_timeout={self.reward_timeout} must be > 0")
         check_nano_mix(self, instructions=True)
+        if self.math_per_step < 0:
+            raise ValueError(f"math_per_step={self.math_per_step} must be >= 0")
+        if self.math_per_step:
+            positive(self, "math_prompts")
+            if self.files:
+                raise ValueError("math_per_step adds nano math prompts: it needs the nano world (files: []); "
+                                 "with prompt files set math_per_step: 0")
+            if not self.math_digits or not self.math_steps:
+                raise ValueError("math_digits and math_steps must be non-empty when math_per_step > 0")
+            if all(r.startswith("ifeval_") for r in self.rewards):
+                raise ValueError(f"math_per_step: the IFEval rewards {self.rewards} leave a prompt without "
+                                 "instructions unscored; add nano_accuracy and think_format to rewards")
 
 
 Config = RLOOConfig
@@ -181,6 +203,11 @@ def run(cfg: RLOOConfig, stage: StageDir, inputs: Inputs) -> dict:
             _, _, held_items = nano_if_prompts(tokenizer, cfg.eval_problems, seed=cfg.seed, kinds=cfg.kinds,
                                                digits=cfg.digits, steps=cfg.steps, instructions=cfg.instructions,
                                                thinking=cfg.thinking, split="eval")
+    math, math_cols = [], {}
+    if cfg.math_per_step:
+        math, math_cols = nano_prompts(tokenizer, cfg.math_prompts, seed=cfg.seed, kinds=cfg.kinds,
+                                       digits=cfg.math_digits, steps=cfg.math_steps, thinking="both", phrasing="varied")
+        math_cols.update(instruction_id_list=[[] for _ in math], kwargs=[[] for _ in math])
     for name in dict.fromkeys(cfg.rewards):
         lacking = missing_columns(load_reward(name), columns)
         if lacking:
@@ -237,6 +264,12 @@ def run(cfg: RLOOConfig, stage: StageDir, inputs: Inputs) -> dict:
         random.Random(f"rloo:{cfg.seed}:{epoch}").shuffle(order)
         batch = [order[(offset + i) % len(order)] for i in range(cfg.prompts_per_step)]
         cols = {k: [v[i] for i in batch] for k, v in columns.items()}
+        step_prompts = [prompts[i] for i in batch]
+        if math:  # the step's math prompts, drawn by (seed, step): a resumed run draws the same
+            extra = random.Random(f"rloo-math:{cfg.seed}:{step}").sample(range(len(math)),
+                                                                         min(cfg.math_per_step, len(math)))
+            step_prompts += [math[i] for i in extra]
+            cols = {k: v + [math_cols[k][i] for i in extra] for k, v in cols.items()}
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                 stop_token_ids=stops, batch_size=cfg.batch_size, seed=cfg.seed * 100003 + step)
         texts: list[str] = []
@@ -247,18 +280,21 @@ def run(cfg: RLOOConfig, stage: StageDir, inputs: Inputs) -> dict:
             return text
 
         try:
-            record, errors = rloo_step(model, opt, [prompts[i] for i in batch], cols, runner, params,
+            record, errors = rloo_step(model, opt, step_prompts, cols, runner, params,
                                        group_size=cfg.group_size, decode=decode, pad_id=pad, kl_beta=cfg.kl_beta,
                                        clip_eps=cfg.clip_eps, reference=reference, updates=cfg.updates_per_rollout,
                                        grad_clip=cfg.grad_clip, autocast_ctx=lambda: autocast(device, precision),
-                                       backend=backend, pass_reward=pass_name)
+                                       backend=backend, pass_reward=pass_name,
+                                       passing_only=[False] * len(batch) + [True] * (len(step_prompts) - len(batch)))
         except FloatingPointError as e:
             raise FloatingPointError(
                 f"rloo: {e} at step {step + 1}; stopped without saving: the last good checkpoint "
                 f"({stage.checkpoint_dir}) is kept. Lower lr or check the rewards.") from None
         failed = watch.step(errors, step)
-        groups = [g for g in range(len(batch)) for _ in range(cfg.group_size)]
+        groups = [g for g in range(len(step_prompts)) for _ in range(cfg.group_size)]
         record = {"step": step + 1, **record, "reward_failed": failed}
+        if math:
+            record["math_prompts"] = len(step_prompts) - len(batch)
         if "instruction_id_list" in cols:
             record["instructions"] = _instruction_rates(texts, cols, groups)
         steps_log.append(record)

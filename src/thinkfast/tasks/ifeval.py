@@ -685,12 +685,16 @@ def _user_text(messages) -> str:
     return users[-1] if users else ""
 
 
-def _graded(completions, instruction_id_list, kwargs, prompts, mode: str) -> list[list[bool]]:
+def _graded(completions, instruction_id_list, kwargs, prompts, mode: str) -> list[list[bool] | None]:
     """Per completion, whether its answer after the think block follows each instruction of its row (an unclosed
-    or malformed think block follows none)."""
+    or malformed think block follows none); None for a row without instructions (nothing to follow: the
+    rewards leave it unscored, as TRL's reward functions do with a sample they do not apply to)."""
     prompts = prompts if prompts is not None else [None] * len(completions)
     out = []
     for c, ids, kws, p in zip(completions, instruction_id_list, kwargs, prompts, strict=True):
+        if not ids and not kws:
+            out.append(None)
+            continue
         ids, kws = _instructions(ids, kws)
         answer = final_answer(completion_text(c))
         out.append(grade(IFEvalItem(0, _user_text(p), ids, kws), answer)[mode] if answer is not None
@@ -698,32 +702,38 @@ def _graded(completions, instruction_id_list, kwargs, prompts, mode: str) -> lis
     return out
 
 
-def _followed(completions, instruction_id_list, kwargs, prompts, mode: str) -> list[float]:
-    return [1.0 if all(g) else 0.0 for g in _graded(completions, instruction_id_list, kwargs, prompts, mode)]
+def _followed(completions, instruction_id_list, kwargs, prompts, mode: str) -> list[float | None]:
+    return [None if g is None else 1.0 if all(g) else 0.0
+            for g in _graded(completions, instruction_id_list, kwargs, prompts, mode)]
 
 
 def ifeval_share(completions, instruction_id_list, kwargs, prompts=None, **columns) -> list[float]:
     """The reward: the share of its row's instructions that the answer after the think block follows, strictly
     (IFEval's instruction-level strict accuracy, per prompt); partial credit where :func:`ifeval_strict` is
-    all or nothing. A malformed think block follows nothing; bad instructions are a ValueError.
+    all or nothing. A malformed think block follows nothing; bad instructions are a ValueError; a row without
+    instructions is not scored (None).
 
     >>> ids, kw = [["punctuation:no_comma", "startend:quotation", "detectable_format:title"]] * 3, [[{}, {}, {}]] * 3
     >>> completions = ['<think>\\nHmm, ok\\n</think>\\n\\n"fine"', '"Yes, fine"', '<think>']
     >>> [round(x, 3) for x in ifeval_share(completions, ids, kw)]
     [0.667, 0.333, 0.0]
     """
-    return [sum(g) / len(g) for g in _graded(completions, instruction_id_list, kwargs, prompts, "strict")]
+    return [None if g is None else sum(g) / len(g)
+            for g in _graded(completions, instruction_id_list, kwargs, prompts, "strict")]
 
 
 def ifeval_strict(completions, instruction_id_list, kwargs, prompts=None, **columns) -> list[float]:
     """The reward: 1.0 when the answer after the think block follows every instruction of its row, strictly
     (IFEval's prompt-level strict accuracy, the number evaluation reports as pass@1); all or nothing. Columns
     as in IFEval's data: ``instruction_id_list`` and ``kwargs``. A malformed think block follows nothing; an
-    unknown instruction id is a ValueError (the reward fails closed, loudly).
+    unknown instruction id is a ValueError (the reward fails closed, loudly); a row without instructions (a
+    plain task prompt among instruction prompts) is not scored: None.
 
     >>> ids, kw = [["punctuation:no_comma", "startend:quotation"]] * 3, [[{}, {}]] * 3
     >>> ifeval_strict(['<think>\\nHmm, ok\\n</think>\\n\\n"all fine"', '"Yes, fine"', '<think>"fine"'], ids, kw)
     [1.0, 0.0, 0.0]
+    >>> ifeval_strict(["4", "4"], [["punctuation:no_comma"], []], [[{}], []])
+    [1.0, None]
     """
     return _followed(completions, instruction_id_list, kwargs, prompts, "strict")
 
