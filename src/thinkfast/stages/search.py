@@ -28,7 +28,8 @@ machine with thinkfast's runtime, the chosen child and its parent are timed here
 a whole model's time (blocks timed alone miss what they share; blocks from whole probe models miss how
 they interact), so with ``calibrate: N`` a missed or far exceeded target is re-solved up to N times with
 the predicted target corrected by the measured miss (geometric bisection once it is bracketed), and the
-best child whose measured speedup meets the target is kept (``calibration`` in the metrics lists each try).
+best child whose measured speedup meets the target (at least the target itself, or ``tolerance`` under it) is
+kept (``calibration`` in the metrics lists each try).
 
 Departures: the paper re-solves for several batch sizes and keeps the best; here the batch size is a
 target key and a sweep is a list of speedups. Calibration and ``structure`` are ours.
