@@ -101,17 +101,17 @@ def measured_speedup(parent, child, targets: Targets, costs: dict, device) -> fl
 def calibrate(problem, costs: dict, targets: Targets, first: list, build: Callable, measure: Callable[..., float], *,
               tries: int, n_solutions: int = 1, alpha: float = 0.8, time_limit: float | None = None,
               tolerance: float = TOLERANCE) -> tuple:
-    """Re-solve with a corrected predicted target until the measured speedup meets ``targets.speedup``
-    (at least ``(1 - tolerance)`` times it) without exceeding it by more than 10%, ``tries`` times at most. ``first``: the solutions for the target
-    itself; ``build(solution)`` assembles a child, ``measure(child)`` times it against the parent. Returns
-    ``(solutions, child, measured, report)`` of the best child that meets the target (lowest objective),
-    else of the fastest; ``report`` lists each try.
+    """Re-solve with a corrected predicted target until the measured speedup meets ``targets.speedup`` (at
+    least ``(1 - tolerance)`` times it) without exceeding it by more than 10%, ``tries`` times at most.
+    ``first``: the solutions for the target itself; ``build(solution)`` assembles a child, ``measure(child)``
+    times it against the parent. Returns ``(solutions, child, measured, report)`` of the best child that meets
+    the target (lowest objective), else of the fastest; ``report`` lists each try.
 
     The predicted target is corrected by the measured miss of the last child, from that child's own predicted
-    speedup (``own * target / measured``, 0.5% more after a miss) until a child that meets and one that misses
-    bracket it (or the correction would not move below a target whose child met), then bisected geometrically. A child that missed bounds the bracket by its own predicted speedup,
-    so every later solve must find a child predicted faster than it (a predicted target of 1 gives the parent,
-    which misses any target above 1)."""
+    speedup (``own * target / measured``, 0.5% more after a miss), until a child that meets and one that misses
+    bracket it (or the correction would not move below a target whose child met), then bisected geometrically.
+    A child that missed bounds the bracket by its own predicted speedup, so every later solve must find a child
+    predicted faster than it (a predicted target of 1 gives the parent, which misses any target above 1)."""
     target = targets.speedup
     done_tries: list[dict] = []
     lo, hi = 1.0, None  # the largest predicted speedup of a child that missed, the smallest target whose child met

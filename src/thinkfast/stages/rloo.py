@@ -14,7 +14,8 @@ Prompts: the nano world's instruction prompts (:func:`thinkfast.tasks.instructio
 with 1-3 of IFEval's instructions that make sense on it, in both toggle modes), or your own JSON lines in
 IFEval's schema (``prompt``, ``instruction_id_list``, ``kwargs``; ``thinkfast ifgen`` makes them from any prompt
 file), every row checked against the checker registry before any work (an unknown id or bad kwargs is an error
-naming file and line). The periodic check: held-out nano instruction prompts, greedy, each in both modes
+naming file and line); with ``math_per_step``, plain nano math prompts join every step, scored by accuracy and
+format alone, a sample pushed up only when it passes them. The periodic check: held-out nano instruction prompts, greedy, each in both modes
 (:func:`thinkfast.evaluation.if_check`: instruction-following strict accuracy, task accuracy, toggle format), or,
 with files, the greedy pass rate of held-out rows.
 
@@ -81,8 +82,9 @@ class RLOOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFi
     # math_prompts nano problems of kinds x math_digits x math_steps, both modes alternating, each worded by one of
     # toggle SFT's training templates (never the held-out ones). Only the task's accuracy and the toggle's format
     # score them (the IFEval rewards leave a prompt without instructions unscored), and in their groups only a
-    # sample that passes (correct, well formed) may be pushed up: a replay that keeps the toggle's format on every
-    # difficulty while RLOO trains on instruction prompts (nano world only; 0: none)
+    # sample that passes (correct, well formed) may be pushed up. Meant to keep the toggle's format on every
+    # difficulty while RLOO trains on instruction prompts; in the nano world 8 a step made it worse (docs/LOG.md
+    # session 18), so it is off there (nano world only; 0: none)
     math_per_step: int = 0
     math_prompts: int = 512
     math_digits: list[int] = field(default_factory=lambda: [1, 2, 3])

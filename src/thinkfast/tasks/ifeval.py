@@ -707,7 +707,7 @@ def _followed(completions, instruction_id_list, kwargs, prompts, mode: str) -> l
             for g in _graded(completions, instruction_id_list, kwargs, prompts, mode)]
 
 
-def ifeval_share(completions, instruction_id_list, kwargs, prompts=None, **columns) -> list[float]:
+def ifeval_share(completions, instruction_id_list, kwargs, prompts=None, **columns) -> list[float | None]:
     """The reward: the share of its row's instructions that the answer after the think block follows, strictly
     (IFEval's instruction-level strict accuracy, per prompt); partial credit where :func:`ifeval_strict` is
     all or nothing. A malformed think block follows nothing; bad instructions are a ValueError; a row without
@@ -722,7 +722,7 @@ def ifeval_share(completions, instruction_id_list, kwargs, prompts=None, **colum
             for g in _graded(completions, instruction_id_list, kwargs, prompts, "strict")]
 
 
-def ifeval_strict(completions, instruction_id_list, kwargs, prompts=None, **columns) -> list[float]:
+def ifeval_strict(completions, instruction_id_list, kwargs, prompts=None, **columns) -> list[float | None]:
     """The reward: 1.0 when the answer after the think block follows every instruction of its row, strictly
     (IFEval's prompt-level strict accuracy, the number evaluation reports as pass@1); all or nothing. Columns
     as in IFEval's data: ``instruction_id_list`` and ``kwargs``. A malformed think block follows nothing; an
@@ -738,7 +738,7 @@ def ifeval_strict(completions, instruction_id_list, kwargs, prompts=None, **colu
     return _followed(completions, instruction_id_list, kwargs, prompts, "strict")
 
 
-def ifeval_loose(completions, instruction_id_list, kwargs, prompts=None, **columns) -> list[float]:
+def ifeval_loose(completions, instruction_id_list, kwargs, prompts=None, **columns) -> list[float | None]:
     """As :func:`ifeval_strict`, with IFEval's loose variants (the response without its first or last line,
     or without ``*``: any one that follows counts).
 
