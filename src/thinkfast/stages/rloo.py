@@ -15,9 +15,9 @@ with 1-3 of IFEval's instructions that make sense on it, in both toggle modes), 
 IFEval's schema (``prompt``, ``instruction_id_list``, ``kwargs``; ``thinkfast ifgen`` makes them from any prompt
 file), every row checked against the checker registry before any work (an unknown id or bad kwargs is an error
 naming file and line); with ``math_per_step``, plain nano math prompts join every step, scored by accuracy and
-format alone, a sample pushed up only when it passes them. The periodic check: held-out nano instruction prompts, greedy, each in both modes
-(:func:`thinkfast.evaluation.if_check`: instruction-following strict accuracy, task accuracy, toggle format), or,
-with files, the greedy pass rate of held-out rows.
+format alone, a sample pushed up only when it passes them. The periodic check: held-out nano instruction prompts,
+greedy, each in both modes (:func:`thinkfast.evaluation.if_check`: instruction-following strict accuracy, task
+accuracy, toggle format), or, with files, the greedy pass rate of held-out rows.
 
 Logged every step like GRPO (reward, each reward's mean, pass rate, KL, length, format compliance, reward errors)
 plus the pass rate of each instruction id (``instructions``). Resumable; a NaN loss stops the run keeping the last
