@@ -389,6 +389,36 @@ print('ok')
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 
+def test_calibration_walk_leaves_a_child_that_missed_behind(monkeypatch):
+    """Session 18's machine: children measured 1.5-3.5% under their predicted speedups, and correcting the
+    *target* by the miss kept returning the same too-slow child until the tries ran out. A ladder of three
+    children (predicted 2.52x, 2.58x, 2.62x; measured 2.48x, 2.49x, 2.55x) against a 2.5x target: every re-solve
+    must ask for more than the missed child's own prediction, so the walk reaches the third child."""
+    import types
+
+    from thinkfast.puzzle import search as walk
+    from thinkfast.puzzle.targets import Targets
+
+    ladder = [(2.52, 2.48), (2.58, 2.49), (2.62, 2.55)]  # (predicted, measured), slowest (best objective) first
+    asked = []
+
+    def solve(scores, costs_, limit, **kw):
+        asked.append(limit)
+        k = next(i for i, (own, _) in enumerate(ladder) if own >= limit)
+        return [types.SimpleNamespace(choice=(k,), objective=float(k))]
+
+    monkeypatch.setattr(walk, "limits_for", lambda targets, problem, costs_: targets.speedup)
+    monkeypatch.setattr(walk, "solve_mip", solve)
+    monkeypatch.setattr(walk, "summary", lambda problem, sol, targets: {"speedup": ladder[sol.choice[0]][0]})
+    problem = types.SimpleNamespace(scores=None, costs=None)
+    first = solve(None, None, 2.5)
+    _, child, measured, report = walk.calibrate(problem, {}, Targets(speedup=2.5), first, build=lambda sol: sol.choice[0],
+                                                measure=lambda k: ladder[k][1], tries=3)
+    assert (child, measured) == (2, 2.55), report
+    assert [t["predicted_speedup"] for t in report] == [2.52, 2.58, 2.62]
+    assert asked[1] > 2.52 and asked[2] > 2.58  # each re-solve asks past the child that missed
+
+
 def test_search_times_its_child_and_calibrates_the_target(run_dir, parent_dir, tmp_path, monkeypatch):
     """verify + calibrate: the child is timed against its parent; a runtime slower than the costs predict (here
     a fake one: every child 7% short of its predicted speedup) makes the search re-solve with a corrected
@@ -433,16 +463,6 @@ def test_search_times_its_child_and_calibrates_the_target(run_dir, parent_dir, t
     assert m["objective"] == min(t["objective"] for t in met)  # the best child that meets the target
     assert json.loads((tmp_path / "search" / "search.json").read_text())["calibration"] == tries
     assert all(t["measured_speedup"] == pytest.approx(0.93 * t["predicted_speedup"]) for t in tries if "meets" in t)
-    # a runtime just short of the costs (1.5% here: session 18's machine, where three re-solves from the corrected
-    # target all landed 0.1-1.5% under it): each miss bounds the next child by its own predicted speedup
-    def short(parent, child, cfg, costs_, device):
-        return 0.985 * predicted_time(parent) / predicted_time(child)
-
-    monkeypatch.setattr(search, "measured_speedup", short)
-    near = search.run(search.SearchConfig(speedup=1.5, batch_size=2, calibrate=3), StageDir(tmp_path / "near", "search"),
-                      inputs)
-    assert near["measured_speedup"] >= 1.5, near["calibration"]
-    monkeypatch.setattr(search, "measured_speedup", fake)
     # with a tolerance, a child up to that far under the target meets it
     loose = search.run(search.SearchConfig(speedup=1.5, batch_size=2, calibrate=4, tolerance=0.08),
                        StageDir(tmp_path / "loose", "search"), inputs)["calibration"]
