@@ -67,6 +67,35 @@ def _manual(m, ids, groups):
 
 
 @torch.no_grad()
+def test_layer_map_names_the_hidden_states_each_layer_reproduces():
+    """A Puzzle child keeps its removed layers as identities; fusing drops them. Every input layer the map
+    gives a fused layer must have the same output (hidden state) in the input as that layer in the result:
+    what distillation's cosine loss compares."""
+    gqa, none = attention_block(2), attention_block(no_op=True)
+    ident = block_config(none, ffn_block(None, H, no_op=True))
+    blocks = [ident, block_config(gqa, ffn_block(64, H)), ident, ident, block_config(none, ffn_block(48, H)),
+              block_config(none, ffn_block(32, H)), ident, block_config(attention_block(1), ffn_block(40, H)), ident]
+    torch.manual_seed(0)
+    config = DeciLMConfig(vocab_size=V, hidden_size=H, num_hidden_layers=len(blocks), num_attention_heads=4,
+                          block_configs=blocks, max_position_embeddings=64, eos_token_id=0, bos_token_id=1)
+    m = DeciLMForCausalLM(config).eval()
+    # a fused group reproduces its last member's output (approximately: the parallel form), then the identities
+    assert fused_layer_map(m.config, [[4, 5]]) == [[1, 2, 3], [5, 6], [7, 8]]
+    spans = fused_layer_map(m.config, [])
+    assert spans == [[1, 2, 3], [4], [5, 6], [7, 8]]  # layer 0 reproduces the embeddings: not listed
+    fused = fuse(m, [])
+    assert fused.config.num_hidden_layers == 4
+    ids = torch.randint(0, V, (2, 9))
+    before = m(ids, output_hidden_states=True).hidden_states
+    after = fused(ids, output_hidden_states=True).hidden_states
+    for i, span in enumerate(spans):
+        for t in span:
+            assert (after[i + 1] - before[t + 1]).abs().max() <= 1e-5, (i, t)
+    # not vacuous: a span one layer off (fused layer 1 to input layer 3) fails the same check
+    assert (after[2] - before[4]).abs().max() > 1e-3
+
+
+@torch.no_grad()
 def test_fused_layer_equals_parallel_form():
     m = model()
     fused = fuse(m, [[1, 2, 3]])
@@ -95,7 +124,7 @@ def test_fused_model_equals_manual_parallel_run_and_keeps_the_rest():
     assert [a.kind for a, _ in fused.config.block_specs()] == ["gqa", "no_op", "no_op", "gqa", "no_op", "gqa"]
     assert torch.equal(fused.model.layers[5].mlp.up_proj.weight, m.model.layers[9].mlp.up_proj.weight)
     assert torch.equal(fused.lm_head.weight, m.lm_head.weight)
-    assert fused_layer_map(m.config, groups) == [0, 3, 4, 5, 8, 9]
+    assert fused_layer_map(m.config, groups) == [[0], [3], [4], [5, 6], [8], [9]]
     # no groups, no identity dropping: the same model
     same = fuse(m, [], drop_identity=False)
     assert torch.equal(same(ids).logits, m(ids).logits)
@@ -201,7 +230,8 @@ def test_fuse_stage_in_the_pipeline(tmp_path):
     assert (run / "fuse" / "dependency.png").stat().st_size > 1000
     sidecar = json.loads((run / "fuse" / "model" / "thinkfast.json").read_text())
     assert sidecar["made_by"] == "fuse" and sidecar["engine"] == "hf"
-    assert sidecar["layer_map"] == [0, 3, 4, 5, 7, 8, 9]  # group 1..3 ends at 3; identity layer 6 dropped
+    # group 1..3 ends at 3; identity layer 6 dropped, so layer 5's output is the stream after 6 too
+    assert sidecar["layer_map"] == [[0], [3], [4], [5, 6], [7], [8], [9]]
     assert (run / "fuse" / "model" / "tokenizer.json").is_file()
 
     # the main job's order: fuse -> distill (student: the fused model, teacher: the run's first model, hidden

@@ -153,18 +153,25 @@ def find_groups(config: DeciLMConfig, dependency: torch.Tensor | None = None, *,
     return FusionPlan(out, runs, left_out)
 
 
-def fused_layer_map(config: DeciLMConfig, groups: list[list[int]], *, drop_identity: bool = True) -> list[int]:
-    """For each layer of :func:`fuse`'s result, the layer of the input whose output it reproduces (a group's
-    last member): what distillation compares hidden states against."""
+def fused_layer_map(config: DeciLMConfig, groups: list[list[int]], *, drop_identity: bool = True) -> list[list[int]]:
+    """For each layer of :func:`fuse`'s result, the layers of the input whose outputs it reproduces: its own
+    (a group's last member), then each identity layer dropped after it (the residual stream passes them
+    unchanged): what distillation compares hidden states against. Identity layers before the first kept
+    layer reproduce the embeddings and are not listed."""
     specs = config.block_specs()
     last = {g[0]: g[-1] for g in groups}
     inside = {j for g in groups for j in g}
-    out = []
+    out: list[list[int]] = []
     for i, (a, f) in enumerate(specs):
         if i in last:
-            out.append(last[i])
-        elif i not in inside and not (drop_identity and a.kind == "no_op" and f.kind == "no_op"):
-            out.append(i)
+            out.append([last[i]])
+        elif i in inside:
+            continue
+        elif drop_identity and a.kind == "no_op" and f.kind == "no_op":
+            if out:
+                out[-1].append(i)
+        else:
+            out.append([i])
     return out
 
 

@@ -7,8 +7,9 @@ student is the latest model of the run (the Puzzle child, or the fused model); t
 (the parent), or the folder named by ``teacher``. Loss (:mod:`thinkfast.train.distill`):
 ``kl_weight * KL(p_teacher || p_student) + cosine_weight * sum_layers (1 - cos(h_student, h_teacher))
 + lm_weight * LM loss``; hidden states are compared layer by layer where the student's layers map onto the
-teacher's (a Puzzle child: one to one; a fused model: the map ``fuse`` records; otherwise the last layer
-only). ``mode: lm`` is continued pretraining: the LM loss alone, no teacher needed. Teacher logits are
+teacher's (a Puzzle child: one to one; a fused model: the map ``fuse`` records, each layer to the last
+parent layer whose output it reproduces, the identity layers dropped after it included; otherwise the
+last layer only). ``mode: lm`` is continued pretraining: the LM loss alone, no teacher needed. Teacher logits are
 computed on the fly, or, with ``teacher_top_k: k`` (a teacher too big to run beside the student), once
 before training: the teacher's k largest logits per token for every step's rows, kept in shards under
 ``teacher_cache/`` (deleted when the stage ends), and the KL is taken over those k tokens (no cosine loss:
@@ -20,7 +21,8 @@ teacher and the student's LM loss, and, for a nano-world model, the step-by-step
 tokens. Resumable (:mod:`thinkfast.train.loop`), the curve included.
 
 Departures: the paper distils on 0.5-90B tokens of a pretraining mix; the nano world uses its own mix for
-a few hundred steps.
+a few thousand steps. A fused layer is compared with the parent only where the next kept layer reads (the
+paper's per-layer sum over a child with its no-op layers also pairs it with every identity in between).
 """
 
 from __future__ import annotations

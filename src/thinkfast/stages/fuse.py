@@ -154,11 +154,14 @@ def run(cfg: FuseConfig, stage: StageDir, inputs: Inputs) -> dict:
     with atomic_dir(stage.model_dir) as tmp:
         fused.save_pretrained(tmp)
         copy_tokenizer_files(model_dir, tmp)
-        # the input layer each layer ends (through earlier maps): distillation compares hidden states there
+        # the input layers whose outputs each layer reproduces (through earlier maps): distillation compares hidden states there
         here = fused_layer_map(model.config, plan.groups)
         before = sidecar.get("layer_map")
+        if before:  # an input made by fuse already: its layers' spans, joined
+            before = [[t] if isinstance(t, int) else t for t in before]
+            here = [[t for i in span for t in before[i]] for span in here]
         write_model_sidecar(tmp, prompting=sidecar.get("prompting"), made_by="fuse", engine=engine,
-                            layer_map=[before[i] for i in here] if before else here)
+                            layer_map=here)
     atomic_write_json(stage.path / "dependency.json", {
         "format": "thinkfast-dependency/1", "layers": L, "fusable": flags, "rows": cfg.dependency_rows,
         "seq_len": cfg.seq_len, "matrix": matrix.tolist()})

@@ -38,15 +38,24 @@ def cosine_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence
     return total
 
 
-def layer_map(student_layers: int, teacher_layers: int, recorded: Sequence[int] | None = None) -> list[tuple[int, int]]:
-    """``(student layer, teacher layer)`` pairs whose outputs should agree: ``recorded[i]`` is the teacher
-    layer that student layer ``i`` ends (``fuse`` writes it); otherwise layer ``i`` to layer ``i`` when the
-    depths match (a Puzzle child), else only the last layers."""
+def layer_map(student_layers: int, teacher_layers: int, recorded: Sequence[int | Sequence[int]] | None = None
+              ) -> list[tuple[int, int]]:
+    """``(student layer, teacher layer)`` pairs whose outputs should agree. ``recorded[i]``: the teacher
+    layers whose outputs student layer ``i``'s output reproduces (``fuse`` writes them: its own layer, or a
+    fused group's last, and the identity layers dropped after it, through which the residual stream passes
+    unchanged), or one such layer; each student layer is paired with the last of them, the state the next
+    kept layer reads. Otherwise layer ``i`` to layer ``i`` when the depths match (a Puzzle child), else only
+    the last layers. (The paper's sum over every layer of a child that keeps its no-op layers would pair a
+    layer with each identity after it as well: measured worse, docs/LOG.md session 19.)"""
     if recorded is not None:
-        if len(recorded) != student_layers or any(not 0 <= t < teacher_layers for t in recorded):
+        spans = [[t] if isinstance(t, int) else list(t) for t in recorded]
+        flat = [t for span in spans for t in span]
+        if (len(spans) != student_layers or not all(spans) or any(not 0 <= t < teacher_layers for t in flat)
+                or flat != sorted(set(flat))):
             raise ValueError(f"layer map {list(recorded)} does not fit {student_layers} student and "
-                             f"{teacher_layers} teacher layers")
-        return list(enumerate(recorded))
+                             f"{teacher_layers} teacher layers (one non-empty, increasing span of teacher "
+                             "layers per student layer)")
+        return [(i, span[-1]) for i, span in enumerate(spans)]
     if student_layers == teacher_layers:
         return [(i, i) for i in range(student_layers)]
     return [(student_layers - 1, teacher_layers - 1)]
