@@ -7,9 +7,9 @@ student is the latest model of the run (the Puzzle child, or the fused model); t
 (the parent), or the folder named by ``teacher``. Loss (:mod:`thinkfast.train.distill`):
 ``kl_weight * KL(p_teacher || p_student) + cosine_weight * sum_layers (1 - cos(h_student, h_teacher))
 + lm_weight * LM loss``; hidden states are compared layer by layer where the student's layers map onto the
-teacher's (a Puzzle child: one to one; a fused model: the map ``fuse`` records, each layer to the last
-parent layer whose output it reproduces, the identity layers dropped after it included; otherwise the
-last layer only). ``mode: lm`` is continued pretraining: the LM loss alone, no teacher needed. Teacher logits are
+teacher's at the state the next kept layer reads (a Puzzle child: a layer to the last of the identity
+layers after it, or to itself; a fused model: through the map ``fuse`` records, to the last parent layer
+whose output it reproduces, the identity layers dropped after it included; otherwise the last layer only). ``mode: lm`` is continued pretraining: the LM loss alone, no teacher needed. Teacher logits are
 computed on the fly, or, with ``teacher_top_k: k`` (a teacher too big to run beside the student), once
 before training: the teacher's k largest logits per token for every step's rows, kept in shards under
 ``teacher_cache/`` (deleted when the stage ends), and the KL is taken over those k tokens (no cosine loss:
@@ -192,7 +192,8 @@ def run(cfg: DistillConfig, stage: StageDir, inputs: Inputs) -> dict:
     sidecar = read_model_sidecar(student_dir)
     weights = ({"kl_weight": 0.0, "cosine_weight": 0.0, "lm_weight": 1.0} if cfg.mode == "lm" else
                {"kl_weight": cfg.kl_weight, "cosine_weight": cfg.cosine_weight, "lm_weight": cfg.lm_weight})
-    pairs = (layer_map(student.config.num_hidden_layers, t_layers, sidecar.get("layer_map"))
+    identity = [a.kind == "no_op" and f.kind == "no_op" for a, f in student.config.block_specs()]
+    pairs = (layer_map(student.config.num_hidden_layers, t_layers, sidecar.get("layer_map"), identity)
              if teacher is not None and weights["cosine_weight"] else [])
     train_teacher = teacher if cfg.mode == "distill" else None
     prompting = sidecar.get("prompting") or "text"

@@ -38,15 +38,17 @@ def cosine_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence
     return total
 
 
-def layer_map(student_layers: int, teacher_layers: int, recorded: Sequence[int | Sequence[int]] | None = None
-              ) -> list[tuple[int, int]]:
+def layer_map(student_layers: int, teacher_layers: int, recorded: Sequence[int | Sequence[int]] | None = None,
+              identity: Sequence[bool] | None = None) -> list[tuple[int, int]]:
     """``(student layer, teacher layer)`` pairs whose outputs should agree. ``recorded[i]``: the teacher
     layers whose outputs student layer ``i``'s output reproduces (``fuse`` writes them: its own layer, or a
     fused group's last, and the identity layers dropped after it, through which the residual stream passes
     unchanged), or one such layer; each student layer is paired with the last of them, the state the next
-    kept layer reads. Otherwise layer ``i`` to layer ``i`` when the depths match (a Puzzle child), else only
-    the last layers. (The paper's sum over every layer of a child that keeps its no-op layers would pair a
-    layer with each identity after it as well: measured worse, docs/LOG.md session 19.)"""
+    kept layer reads. Otherwise, when the depths match (a Puzzle child), layer ``i`` to layer ``i``, and where
+    ``identity`` flags the student's identity layers (both sub-blocks no-op) each other layer to the last
+    of the identity layers after it, the identities unpaired; else only the last layers. (The paper's sum
+    over every layer of a child that keeps its no-op layers pairs a layer with each identity after it as
+    well: measured worse, docs/LOG.md session 19.)"""
     if recorded is not None:
         spans = [[t] if isinstance(t, int) else list(t) for t in recorded]
         flat = [t for span in spans for t in span]
@@ -57,7 +59,17 @@ def layer_map(student_layers: int, teacher_layers: int, recorded: Sequence[int |
                              "layers per student layer)")
         return [(i, span[-1]) for i, span in enumerate(spans)]
     if student_layers == teacher_layers:
-        return [(i, i) for i in range(student_layers)]
+        if identity is None:
+            return [(i, i) for i in range(student_layers)]
+        if len(identity) != student_layers:
+            raise ValueError(f"identity flags {list(identity)} for {student_layers} layers")
+        pairs: list[tuple[int, int]] = []
+        for i, ident in enumerate(identity):
+            if ident and pairs:
+                pairs[-1] = (pairs[-1][0], i)
+            elif not ident:
+                pairs.append((i, i))
+        return pairs
     return [(student_layers - 1, teacher_layers - 1)]
 
 
