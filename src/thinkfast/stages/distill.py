@@ -9,7 +9,8 @@ student is the latest model of the run (the Puzzle child, or the fused model); t
 + lm_weight * LM loss``; hidden states are compared layer by layer where the student's layers map onto the
 teacher's at the state the next kept layer reads (a Puzzle child: a layer to the last of the identity
 layers after it, or to itself; a fused model: through the map ``fuse`` records, to the last parent layer
-whose output it reproduces, the identity layers dropped after it included; otherwise the last layer only). ``mode: lm`` is continued pretraining: the LM loss alone, no teacher needed. Teacher logits are
+whose output it reproduces, the identity layers dropped after it included; otherwise the last layer
+only). ``mode: lm`` is continued pretraining: the LM loss alone, no teacher needed. Teacher logits are
 computed on the fly, or, with ``teacher_top_k: k`` (a teacher too big to run beside the student), once
 before training: the teacher's k largest logits per token for every step's rows, kept in shards under
 ``teacher_cache/`` (deleted when the stage ends), and the KL is taken over those k tokens (no cosine loss:

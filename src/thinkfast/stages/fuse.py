@@ -154,7 +154,8 @@ def run(cfg: FuseConfig, stage: StageDir, inputs: Inputs) -> dict:
     with atomic_dir(stage.model_dir) as tmp:
         fused.save_pretrained(tmp)
         copy_tokenizer_files(model_dir, tmp)
-        # the input layers whose outputs each layer reproduces (through earlier maps): distillation compares hidden states there
+        # the input layers whose outputs each layer reproduces (through earlier maps): distillation compares
+        # hidden states at the last of them
         here = fused_layer_map(model.config, plan.groups)
         before = sidecar.get("layer_map")
         if before:  # an input made by fuse already: its layers' spans, joined
