@@ -229,6 +229,15 @@ def test_model_sidecar_and_tokenizer_files(tmp_path):
         A.write_model_sidecar(tmp_path, "shout", "x")
     (tmp_path / A.SIDECAR).write_text('{"prompting": "shout"}')
     _raises(lambda: A.read_model_sidecar(tmp_path), tmp_path / A.SIDECAR, 'prompting = "shout"')
+    # fuse's layer map: spans of input layers; a map written before spans (one layer each) reads as spans
+    A.write_model_sidecar(tmp_path, "text", "fuse", layer_map=[0, 3, 4])
+    assert A.read_model_sidecar(tmp_path)["layer_map"] == [[0], [3], [4]]
+    A.write_model_sidecar(tmp_path, "text", "fuse", layer_map=[[0], [1, 2, 3], [4]])
+    assert A.read_model_sidecar(tmp_path)["layer_map"] == [[0], [1, 2, 3], [4]]
+    for bad, said in ((3, "layer_map = 3: expected a list"), ([[0], []], "layer_map[1] = []: expected a non-empty"),
+                      ([[0], ["1"]], "layer_map[1]"), ([0, -1], "layer_map[1] = -1")):
+        A.write_model_sidecar(tmp_path, "text", "fuse", layer_map=bad)
+        _raises(lambda: A.read_model_sidecar(tmp_path), tmp_path / A.SIDECAR, said, "re-run that stage with --force")
     (tmp_path / "tokenizer.json").write_text("{}")
     (tmp_path / "chat_template.jinja").write_text("x")
     dst = tmp_path / "dst"

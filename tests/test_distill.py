@@ -55,9 +55,9 @@ def test_cosine_loss_and_layer_map():
     # a Puzzle child that keeps its removed layers as identities: a layer to what the next kept one reads
     assert layer_map(5, 5, identity=[True, False, True, True, False]) == [(1, 3), (4, 4)]
     assert layer_map(2, 5) == [(1, 4)]
-    assert layer_map(3, 5, [0, 3, 4]) == [(0, 0), (1, 3), (2, 4)]  # maps written before spans
+    assert layer_map(3, 5, [[0], [3], [4]]) == [(0, 0), (1, 3), (2, 4)]
     assert layer_map(3, 8, [[0], [1, 2, 3, 4, 5, 6], [7]]) == [(0, 0), (1, 6), (2, 7)]  # what the next layer reads
-    for bad in ([0, 7, 4], [[0], [3, 2], [4]], [[0], [], [4]], [[0, 1], [1], [4]]):
+    for bad in ([[0], [7], [4]], [[0], [3, 2], [4]], [[0], [], [4]], [[0, 1], [1], [4]]):
         with pytest.raises(ValueError, match="layer map"):
             layer_map(3, 5, bad)
 

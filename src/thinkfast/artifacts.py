@@ -472,6 +472,18 @@ def read_model_sidecar(model_dir: str | Path) -> dict:
     data = c.top(read_json(path))
     if "prompting" in data and data["prompting"] not in PROMPTINGS:
         c.fail("prompting", f"expected one of {list(PROMPTINGS)}", data["prompting"])
+    if "layer_map" in data:  # fuse's: per layer, the input layers whose outputs it reproduces
+        c = _Check(path, "the fuse stage writes it: re-run that stage with --force, or fix the file")
+        spans = data["layer_map"]
+        if not isinstance(spans, list):
+            c.fail("layer_map", "expected a list (one entry per layer)", spans)
+        # a map written before spans holds one layer each
+        spans = [[t] if isinstance(t, int) and not isinstance(t, bool) else t for t in spans]
+        for i, span in enumerate(spans):
+            if (not isinstance(span, list) or not span
+                    or any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in span)):
+                c.fail(f"layer_map[{i}]", "expected a non-empty list of layer indices", data["layer_map"][i])
+        data["layer_map"] = spans
     return data
 
 

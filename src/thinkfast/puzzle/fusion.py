@@ -33,7 +33,13 @@ from ..modeling import DeciLMConfig, DeciLMForCausalLM
 from ..modeling.configuration_decilm import attention_block, block_config, ffn_block
 from ..data import positions_and_mask
 
-__all__ = ["FusionPlan", "dependency_matrix", "fusable", "find_groups", "fuse", "fused_layer_map", "parallel_form"]
+__all__ = ["FusionPlan", "dependency_matrix", "fusable", "find_groups", "fuse", "fused_layer_map", "identity_layers",
+           "parallel_form"]
+
+
+def identity_layers(config: DeciLMConfig) -> list[bool]:
+    """Per layer: both sub-blocks no-op (the layer passes the residual stream through unchanged)."""
+    return [a.kind == "no_op" and f.kind == "no_op" for a, f in config.block_specs()]
 
 
 def fusable(config: DeciLMConfig) -> list[bool]:
@@ -158,16 +164,15 @@ def fused_layer_map(config: DeciLMConfig, groups: list[list[int]], *, drop_ident
     (a group's last member), then each identity layer dropped after it (the residual stream passes them
     unchanged): what distillation compares hidden states against. Identity layers before the first kept
     layer reproduce the embeddings and are not listed."""
-    specs = config.block_specs()
     last = {g[0]: g[-1] for g in groups}
     inside = {j for g in groups for j in g}
     out: list[list[int]] = []
-    for i, (a, f) in enumerate(specs):
+    for i, ident in enumerate(identity_layers(config)):
         if i in last:
             out.append([last[i]])
         elif i in inside:
             continue
-        elif drop_identity and a.kind == "no_op" and f.kind == "no_op":
+        elif drop_identity and ident:
             if out:
                 out[-1].append(i)
         else:
@@ -188,7 +193,7 @@ def fuse(model: DeciLMForCausalLM, groups: list[list[int]], *, drop_identity: bo
     concatenated) and no attention; identity layers (both sub-blocks no-op) are dropped when
     ``drop_identity``. The result owns copies of every weight."""
     config = model.config
-    specs = config.block_specs()
+    identity = identity_layers(config)
     layers = model.model.layers
     starts = {g[0]: g for g in groups}
     inside = {j for g in groups for j in g}
@@ -213,8 +218,7 @@ def fuse(model: DeciLMForCausalLM, groups: list[list[int]], *, drop_identity: bo
             continue
         if i in inside:
             continue
-        a, f = specs[i]
-        if drop_identity and a.kind == "no_op" and f.kind == "no_op":
+        if drop_identity and identity[i]:
             continue
         blocks.append(config.block_configs[i])
         old = f"model.layers.{i}."

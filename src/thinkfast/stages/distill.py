@@ -40,6 +40,7 @@ from ..data import Corpus, doc_attention
 from ..evaluation import quick_accuracy
 from ..generation import LocalBackend
 from ..nano import tasks
+from ..puzzle.fusion import identity_layers
 from ..puzzle.parent import kl_and_lm_loss
 from ..artifacts import load_decilm
 from ..rundir import StageDir, atomic_dir
@@ -193,8 +194,8 @@ def run(cfg: DistillConfig, stage: StageDir, inputs: Inputs) -> dict:
     sidecar = read_model_sidecar(student_dir)
     weights = ({"kl_weight": 0.0, "cosine_weight": 0.0, "lm_weight": 1.0} if cfg.mode == "lm" else
                {"kl_weight": cfg.kl_weight, "cosine_weight": cfg.cosine_weight, "lm_weight": cfg.lm_weight})
-    identity = [a.kind == "no_op" and f.kind == "no_op" for a, f in student.config.block_specs()]
-    pairs = (layer_map(student.config.num_hidden_layers, t_layers, sidecar.get("layer_map"), identity)
+    pairs = (layer_map(student.config.num_hidden_layers, t_layers, sidecar.get("layer_map"),
+                       identity_layers(student.config))
              if teacher is not None and weights["cosine_weight"] else [])
     train_teacher = teacher if cfg.mode == "distill" else None
     prompting = sidecar.get("prompting") or "text"

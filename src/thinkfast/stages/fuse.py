@@ -159,7 +159,6 @@ def run(cfg: FuseConfig, stage: StageDir, inputs: Inputs) -> dict:
         here = fused_layer_map(model.config, plan.groups)
         before = sidecar.get("layer_map")
         if before:  # an input made by fuse already: its layers' spans, joined
-            before = [[t] if isinstance(t, int) else t for t in before]
             here = [[t for i in span for t in before[i]] for span in here]
         write_model_sidecar(tmp, prompting=sidecar.get("prompting"), made_by="fuse", engine=engine,
                             layer_map=here)

@@ -38,19 +38,19 @@ def cosine_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence
     return total
 
 
-def layer_map(student_layers: int, teacher_layers: int, recorded: Sequence[int | Sequence[int]] | None = None,
+def layer_map(student_layers: int, teacher_layers: int, recorded: Sequence[Sequence[int]] | None = None,
               identity: Sequence[bool] | None = None) -> list[tuple[int, int]]:
     """``(student layer, teacher layer)`` pairs whose outputs should agree. ``recorded[i]``: the teacher
     layers whose outputs student layer ``i``'s output reproduces (``fuse`` writes them: its own layer, or a
     fused group's last, and the identity layers dropped after it, through which the residual stream passes
-    unchanged), or one such layer; each student layer is paired with the last of them, the state the next
+    unchanged); each student layer is paired with the last of them, the state the next
     kept layer reads. Otherwise, when the depths match (a Puzzle child), layer ``i`` to layer ``i``, and where
     ``identity`` flags the student's identity layers (both sub-blocks no-op) each other layer to the last
     of the identity layers after it, the identities unpaired; else only the last layers. (The paper's sum
     over every layer of a child that keeps its no-op layers pairs a layer with each identity after it as
     well: measured worse, docs/LOG.md session 19.)"""
     if recorded is not None:
-        spans = [[t] if isinstance(t, int) else list(t) for t in recorded]
+        spans = [list(span) for span in recorded]
         flat = [t for span in spans for t in span]
         if (len(spans) != student_layers or not all(spans) or any(not 0 <= t < teacher_layers for t in flat)
                 or flat != sorted(set(flat))):
