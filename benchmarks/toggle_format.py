@@ -8,6 +8,13 @@ greedy). Every malformed answer is kept in the output.
 
     python benchmarks/toggle_format.py --model runs/s14main/sft/model --per-cell 100 \
         --phrasing canonical held_out --out benchmarks/results/toggle_format.json
+
+``--pool FILE...`` adds up such results (several problem seeds, both wordings) per model, mode and difficulty: the
+issue's target read per difficulty ("every difficulty and held-out phrasings") on 600 problems a difficulty rather
+than per cell of 100, where one answer moves a cell by 0.01; each rate with its 95% Wilson interval.
+
+    python benchmarks/toggle_format.py --pool benchmarks/results/toggle_format_s20_seed*.json \
+        --out benchmarks/results/toggle_format_s20_pooled.json
 """
 
 from __future__ import annotations
@@ -48,9 +55,59 @@ def probe(model_dir: str, phrasing: str, per_cell: int, seed: int, max_new_token
     return out
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion ``k / n``.
+
+    >>> [round(x, 4) for x in wilson(600, 600)]
+    [0.9936, 1.0]
+    >>> lo, hi = wilson(3, 600); round(lo, 4), round(hi, 4)
+    (0.0017, 0.0146)
+    """
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def pool(results: list[dict]) -> dict:
+    """Well-formed answers added up over result files (``{"argv", "runs"}`` as ``main`` writes them) per model and
+    mode: per difficulty (a cell, over every wording and problem seed), per wording, and in all; each with its
+    count, rate and 95% Wilson interval; ``worst_difficulty`` and ``worst_wording`` name the lowest rates."""
+
+    def entry(ok: int, n: int) -> dict:
+        lo, hi = wilson(ok, n)
+        return {"ok": ok, "n": n, "format_ok": ok / n if n else None, "ci95": [round(lo, 4), round(hi, 4)]}
+
+    counts: dict = {}
+    for res in results:
+        for r in res["runs"]:
+            per = r["per_cell"]
+            slot = counts.setdefault((r["model"], r["mode"]), {"cells": {}, "wordings": {}})
+            for cell, c in r["cells"].items():
+                ok = round(c["format_ok"] * per)
+                got = slot["cells"].setdefault(cell, [0, 0])
+                got[0] += ok
+                got[1] += per
+                w = slot["wordings"].setdefault(r["phrasing"], [0, 0])
+                w[0] += ok
+                w[1] += per
+    out = {}
+    for (model, mode), slot in counts.items():
+        cells = {k: entry(*v) for k, v in slot["cells"].items()}
+        wordings = {k: entry(*v) for k, v in slot["wordings"].items()}
+        total = entry(sum(v[0] for v in slot["cells"].values()), sum(v[1] for v in slot["cells"].values()))
+        out.setdefault(model, {})[mode] = {
+            "all": total, "wordings": wordings, "difficulties": cells,
+            "worst_difficulty": min(cells, key=lambda k: cells[k]["format_ok"]),
+            "worst_wording": min(wordings, key=lambda k: wordings[k]["format_ok"])}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", nargs="+", required=True, help="chat model folders (toggle SFT or later)")
+    ap.add_argument("--model", nargs="+", help="chat model folders (toggle SFT or later)")
     ap.add_argument("--phrasing", nargs="+", default=["canonical", "held_out"],
                     choices=["canonical", "train", "held_out"])
     ap.add_argument("--per-cell", type=int, default=100)
@@ -58,7 +115,24 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=1200)
     ap.add_argument("--digits", type=int, nargs="+", default=[1, 2, 3], help="the cells' digits (a quick screen: 3)")
     ap.add_argument("--out", default="benchmarks/results/toggle_format.json")
+    ap.add_argument("--pool", nargs="+", metavar="FILE", help="add up earlier results per difficulty (no --model)")
     args = ap.parse_args(argv)
+    if args.pool:
+        files = [str(f) for f in args.pool]
+        pooled = pool([json.loads(Path(f).read_text()) for f in files])
+        for model, modes in pooled.items():
+            for mode, m in modes.items():
+                worst = m["difficulties"][m["worst_difficulty"]]
+                words = ", ".join(f"{k} {v['format_ok']:.4f}" for k, v in m["wordings"].items())
+                print(f"{model} {mode:3s} all {m['all']['format_ok']:.4f} ({m['all']['n']}); {words}; worst "
+                      f"difficulty {m['worst_difficulty']} {worst['format_ok']:.4f} of {worst['n']} "
+                      f"(95% {worst['ci95'][0]:.4f}-{worst['ci95'][1]:.4f})")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "files": files, "pooled": pooled}, indent=1))
+        print(f"wrote {args.out}")
+        return 0
+    if not args.model:
+        ap.error("--model is required (or --pool FILE...)")
     runs = []
     for model in args.model:
         for phrasing in args.phrasing:

@@ -245,7 +245,7 @@ def test_pass_rates_are_reused_only_for_the_same_model_prompts_and_sampling(sft_
     def no_measuring(*a, **k):
         raise AssertionError("pass rates measured again")
 
-    monkeypatch.setattr(grpo_stage, "pass_rates", no_measuring)
+    monkeypatch.setattr(grpo_stage, "sample_rates", no_measuring)
     # another run directory that brings the same weights in through its own parent stage (the ablation's case)
     other = tmp_path / "other"
     reuse = f"grpo.pass_rates_from={first / 'grpo' / 'pass_rates.json'}"
@@ -257,6 +257,13 @@ def test_pass_rates_are_reused_only_for_the_same_model_prompts_and_sampling(sft_
     with pytest.raises(ValueError, match="measured on another model, other prompts"):
         run_stage(_pipe(_copy_base(sft_run, tmp_path / "bad"), "grpo.train_steps=1", "grpo.eval_problems=0",
                         "grpo.prompts=10", reuse), "grpo")
+    # a file written before malformed rates were recorded serves the random order, not malformed_first
+    old = tmp_path / "old_rates.json"
+    old.write_text(json.dumps({k: v for k, v in measured.items() if k != "malformed_rates"}))
+    with pytest.raises(ValueError, match="no malformed_rates"):
+        run_stage(_pipe(_copy_base(sft_run, tmp_path / "old"), "grpo.train_steps=1", "grpo.eval_problems=0",
+                        "grpo.reinforce=passing", "grpo.unsolved_per_step=2", "grpo.unsolved_order=malformed_first",
+                        f"grpo.pass_rates_from={old}"), "grpo")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sft_run, tmp_path, monkeypatch):
@@ -573,3 +580,29 @@ def test_never_solved_prompts_join_every_step_for_the_format(sft_run, tmp_path):
     never = sum(r == 0 for r in rates)
     steps = json.loads((run / "grpo" / "curve.json").read_text())["steps"]
     assert never and [s["unsolved_prompts"] for s in steps] == [min(2, never)] * 4
+
+
+def test_malformed_first_draws_the_never_solved_prompts_whose_samples_broke_the_format(sft_run, tmp_path, monkeypatch):
+    draws, draw = [], grpo_stage.unsolved_draw
+
+    def spy(unsolved, first, n, rng):
+        picks = draw(unsolved, first, n, rng)
+        draws.append((list(first), picks))
+        return picks
+
+    monkeypatch.setattr(grpo_stage, "unsolved_draw", spy)
+    run = _copy_base(sft_run, tmp_path / "run")
+    run_stage(_pipe(run, "grpo.reinforce=passing", "grpo.unsolved_per_step=2", "grpo.unsolved_order=malformed_first",
+                    "grpo.easy_threshold=0.75", "grpo.eval_problems=0"), "grpo")
+    saved = json.loads((run / "grpo" / "pass_rates.json").read_text())
+    rates, malformed = saved["pass_rates"], saved["malformed_rates"]
+    assert len(malformed) == len(rates) == 12 and all(m * 2 in (0, 1, 2) for m in malformed)  # 2 samples each
+    first = [i for i, r in enumerate(rates) if r == 0 and malformed[i] > 0]
+    assert first, "the 2-step smoke child breaks the format somewhere"
+    curriculum = next(json.loads(line) for line in (run / "grpo" / "log.jsonl").read_text().splitlines()
+                      if json.loads(line).get("event") == "curriculum")
+    assert curriculum["unsolved_malformed"] == len(first)
+    assert len(draws) == 4 and all(f == first for f, _ in draws)
+    for _, picks in draws:  # the malformed ones come first, the rest fill up
+        k = min(2, len(first))
+        assert set(picks[:k]) <= set(first) and len(set(picks)) == len(picks) == min(2, sum(r == 0 for r in rates))

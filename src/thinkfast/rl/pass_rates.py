@@ -14,7 +14,7 @@ from .rollout import rollout
 from ..toggle import stop_token_ids
 from .rewards import RewardError, RewardFailed, RewardRunner
 
-__all__ = ["held_out_check", "pass_rates", "passed"]
+__all__ = ["held_out_check", "pass_rates", "passed", "sample_rates"]
 
 
 def _chat(texts: list[str]) -> list:
@@ -29,25 +29,41 @@ def passed(runner: RewardRunner, texts: list[str], truncated: list[bool], column
     return [v is not None and v >= 1.0 for v in total], errors
 
 
-def pass_rates(backend: Backend, tokenizer, prompts: list[list[int]], columns: dict[str, list], runner: RewardRunner,
-               params: SamplingParams, samples: int, stage: str = "grpo") -> list[float]:
-    """Share of ``samples`` answers to each prompt, sampled with ``params``, that pass (:func:`passed`).
-    ``columns``: per-prompt reward columns. The pass reward is called once, on every sample: if that call
-    fails, every rate would be 0 (and saved for reuse), so it raises :class:`RewardFailed` instead (``stage``
-    names the config section in its message)."""
+def sample_rates(backend: Backend, tokenizer, prompts: list[list[int]], columns: dict[str, list],
+                 runner: RewardRunner, params: SamplingParams, samples: int, stage: str = "grpo"
+                 ) -> tuple[list[float], list[float]]:
+    """Per prompt, the share of ``samples`` answers (sampled with ``params``) that pass (:func:`passed`), and the
+    share that break the toggle's format (``think_format`` 0 in the prompt's mode, from ``columns["thinking"]``, or
+    cut off; all 0 without that column). ``columns``: per-prompt reward columns. The pass reward is called once,
+    on every sample: if that call fails, every rate would be 0 (and saved for reuse), so it raises
+    :class:`RewardFailed` instead (``stage`` names the config section in its message)."""
+    from ..tasks.think_format import think_format
+
     roll = rollout(backend, prompts, samples, params, progress=True)
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in roll.completions]
-    ok, errors = passed(runner, texts, [c.finish_reason != "stop" for c in roll.completions],
+    cut = [c.finish_reason != "stop" for c in roll.completions]
+    ok, errors = passed(runner, texts, cut,
                         {**{k: [v[g] for g in roll.groups] for k, v in columns.items()},
                          "completion_ids": [c.token_ids for c in roll.completions]})
     for e in errors:
         raise RewardFailed(f"{stage}: the pass reward {e.reward} failed while measuring the pass rates before "
                            f"training ({e.message}); it would count every prompt unsolved, so nothing was trained "
                            f"or saved: fix the reward (or choose another with {stage}.pass_reward) and run again")
-    rates = [0.0] * len(prompts)
-    for g, r in zip(roll.groups, ok):
+    thinking = columns.get("thinking")
+    form = (think_format(_chat(texts), [thinking[g] for g in roll.groups]) if thinking is not None
+            else [1.0] * len(texts))
+    rates, malformed = [0.0] * len(prompts), [0.0] * len(prompts)
+    for g, r, f, c in zip(roll.groups, ok, form, cut):
         rates[g] += r / samples
-    return rates
+        malformed[g] += (c or not f) / samples
+    return rates, malformed
+
+
+def pass_rates(backend: Backend, tokenizer, prompts: list[list[int]], columns: dict[str, list], runner: RewardRunner,
+               params: SamplingParams, samples: int, stage: str = "grpo") -> list[float]:
+    """Share of ``samples`` answers to each prompt, sampled with ``params``, that pass (:func:`sample_rates`'
+    first list)."""
+    return sample_rates(backend, tokenizer, prompts, columns, runner, params, samples, stage)[0]
 
 
 def held_out_check(backend: Backend, tokenizer, prompts: list[list[int]], columns: dict[str, list], runner: RewardRunner, *,

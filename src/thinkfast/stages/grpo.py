@@ -75,7 +75,7 @@ from ..nano import tasks
 from ..artifacts import load_decilm
 from ..rl.curriculum import gaussian_schedule, keep_hard, random_schedule
 from ..rl.grpo import grpo_step
-from ..rl.pass_rates import held_out_check, pass_rates
+from ..rl.pass_rates import held_out_check, sample_rates
 from ..rl.prompts import file_prompts, nano_prompts
 from ..rl.rewards import BUILTIN, RewardRunner, load_reward, missing_columns, missing_columns_message
 from ..rl.watch import RewardWatch
@@ -151,6 +151,10 @@ class GRPOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFi
     # reinforce: passing their groups push malformed answers down and nothing up, so the toggle's format is
     # trained where the model cannot solve (docs/LOG.md session 17); 0: none
     unsolved_per_step: int = 0
+    # which never-solved prompts join a step: "random", or "malformed_first": those where the starting model's
+    # pass-rate samples broke the toggle's format (pass_rates.json malformed_rates) drawn before the others,
+    # so the step's push-down lands where malformed answers come from (docs/LOG.md session 20)
+    unsolved_order: Literal["random", "malformed_first"] = "random"
     sigma: float = 0.15
     precision: Literal["auto", "bf16", "fp32"] = "fp32"
     eval_every: int = 20
@@ -223,6 +227,22 @@ def _weights_digest(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def unsolved_draw(unsolved: list[int], first: list[int], n: int, rng: random.Random) -> list[int]:
+    """``n`` of the never-solved prompts ``unsolved`` for one step (all of them when fewer): drawn from ``first``
+    (a subset of them) before the rest, each part at random.
+
+    >>> picks = unsolved_draw(list(range(10)), [7, 8], 3, random.Random(0))
+    >>> sorted(picks[:2]), len(set(picks)), picks[2] in range(7)
+    ([7, 8], 3, True)
+    >>> sorted(unsolved_draw([1, 2], [], 5, random.Random(0)))
+    [1, 2]
+    """
+    head = rng.sample(first, min(n, len(first)))
+    chosen = set(first)
+    rest = [i for i in unsolved if i not in chosen]
+    return head + rng.sample(rest, min(n - len(head), len(rest)))
+
+
 def _rates_key(model_id: str, prompts: list[list[int]], columns: dict, pass_name: str, cfg: GRPOConfig) -> str:
     """What the pass rates depend on: the model, the prompts and their columns, the pass reward, the sampling."""
     what = {"model": model_id, "prompts": prompts, "columns": {k: v for k, v in columns.items() if k != "prompts"},
@@ -292,24 +312,29 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
 
     rates_file = stage.path / "pass_rates.json"
     key = _rates_key(_weights_digest(model_dir), prompts, columns, pass_name, cfg)
-    rates = None
+    rates = malformed = None
+    need_malformed = bool(cfg.unsolved_per_step) and cfg.unsolved_order == "malformed_first"
     for path in [rates_file] + ([Path(cfg.pass_rates_from)] if cfg.pass_rates_from else []):
         if path.is_file():
             found = json.loads(path.read_text())
-            if found.get("key") == key:
-                rates = found["pass_rates"]
+            if found.get("key") == key and (found.get("malformed_rates") is not None or not need_malformed):
+                rates, malformed = found["pass_rates"], found.get("malformed_rates")
                 break
             if path != rates_file:
                 raise ValueError(f"grpo.pass_rates_from: {path} was measured on another model, other prompts or "
-                                 "other sampling settings than this run's")
+                                 "other sampling settings than this run's" if found.get("key") != key else
+                                 f"grpo.pass_rates_from: {path} has no malformed_rates (written before they were "
+                                 "recorded), which unsolved_order: malformed_first needs: leave pass_rates_from out")
         elif path != rates_file:
             raise ValueError(f"grpo.pass_rates_from: {path} does not exist")
     if rates is None:
         print(f"grpo: pass rates of {len(prompts)} prompts, {cfg.pass_rate_samples} samples each")
-        rates = pass_rates(backend, tokenizer, prompts, columns, pass_runner, _sampling(cfg, tokenizer, cfg.seed),
-                           cfg.pass_rate_samples)
-    if not rates_file.is_file() or json.loads(rates_file.read_text()).get("key") != key:
-        atomic_write_json(rates_file, {"samples": cfg.pass_rate_samples, "key": key, "pass_rates": rates})
+        rates, malformed = sample_rates(backend, tokenizer, prompts, columns, pass_runner,
+                                        _sampling(cfg, tokenizer, cfg.seed), cfg.pass_rate_samples)
+    if not rates_file.is_file() or json.loads(rates_file.read_text()) != {
+            "samples": cfg.pass_rate_samples, "key": key, "pass_rates": rates, "malformed_rates": malformed}:
+        atomic_write_json(rates_file, {"samples": cfg.pass_rate_samples, "key": key, "pass_rates": rates,
+                                       "malformed_rates": malformed})
     kept = keep_hard(rates, cfg.easy_threshold, cfg.drop_unsolved)
     if not kept:
         easy, never = sum(r >= cfg.easy_threshold for r in rates), sum(r == 0 for r in rates)
@@ -323,11 +348,13 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
     else:
         schedule = random_schedule(kept, cfg.prompts_per_step, cfg.train_steps, seed=cfg.seed)
     unsolved = [i for i, r in enumerate(rates) if r == 0] if cfg.unsolved_per_step else []
+    first = ([i for i in unsolved if malformed[i] > 0] if need_malformed else [])
 
     def extra(step: int) -> list[int]:  # a pure function of (seed, step): a resumed run draws the same
-        return random.Random(cfg.seed * 1_000_003 + step).sample(unsolved, min(cfg.unsolved_per_step, len(unsolved)))
+        return unsolved_draw(unsolved, first, cfg.unsolved_per_step, random.Random(cfg.seed * 1_000_003 + step))
 
     log.log("curriculum", kind=cfg.curriculum, prompts=len(prompts), kept=len(kept), unsolved=len(unsolved),
+            unsolved_malformed=len(first) if need_malformed else None,
             mean_pass_rate=statistics.fmean(rates), mean_pass_rate_kept=statistics.fmean(rates[i] for i in kept)
             if kept else None, batch_pass_rates=[statistics.fmean(rates[i] for i in b) for b in schedule])
 
