@@ -18,7 +18,8 @@ STAGES = {"pretrain": pretrain.Config, "distill": distill.Config, "sft": sft.Con
 # fields added since 27da51a: at their defaults a completed stage stays current (rundir.describe_changes)
 ADDED_SINCE = {"sft": ("if_prompts", "phrasing", "off_prompts", "off_digits", "off_steps", "held_out_rows",
                        "eval_files"), "grpo": ("phrasing", "covered_digits", "covered_steps", "reinforce",
-                                                            "unsolved_per_step", "unsolved_order")}
+                                                            "unsolved_per_step", "unsolved_order",
+                                                            "malformed_share")}
 
 
 def _without_added(name: str, cfg) -> dict:

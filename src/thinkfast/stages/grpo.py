@@ -155,6 +155,9 @@ class GRPOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFi
     # pass-rate samples broke the toggle's format (pass_rates.json malformed_rates) drawn before the others,
     # so the step's push-down lands where malformed answers come from (docs/LOG.md session 20)
     unsolved_order: Literal["random", "malformed_first"] = "random"
+    # with malformed_first: at most this share of each step's never-solved prompts comes from the malformed ones
+    # (the rest at random from the others, which GRPO sometimes learns to solve)
+    malformed_share: float = 1.0
     sigma: float = 0.15
     precision: Literal["auto", "bf16", "fp32"] = "fp32"
     eval_every: int = 20
@@ -185,6 +188,8 @@ class GRPOConfig(RolloutSampling, OptimizerFields, PeriodicEvalFields, CadenceFi
                 raise ValueError(f"rewards: {r!r} is neither built in ({sorted(BUILTIN)}) nor module:function")
         if self.unsolved_per_step < 0:
             raise ValueError(f"unsolved_per_step={self.unsolved_per_step} must be >= 0")
+        if not 0 <= self.malformed_share <= 1:
+            raise ValueError(f"malformed_share={self.malformed_share} must be in [0, 1]")
         if self.unsolved_per_step and self.reinforce != "passing":
             raise ValueError("unsolved_per_step needs reinforce: passing: otherwise the well-formed wrong answers of "
                              "a never-solved prompt are pushed up, which taught wrong answers (docs/LOG.md session 6)")
@@ -227,20 +232,24 @@ def _weights_digest(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def unsolved_draw(unsolved: list[int], first: list[int], n: int, rng: random.Random) -> list[int]:
-    """``n`` of the never-solved prompts ``unsolved`` for one step (all of them when fewer): drawn from ``first``
-    (a subset of them) before the rest, each part at random.
+def unsolved_draw(unsolved: list[int], first: list[int], n: int, rng: random.Random, head: int | None = None
+                  ) -> list[int]:
+    """``n`` of the never-solved prompts ``unsolved`` for one step (all of them when fewer): up to ``head`` (default
+    ``n``) drawn from ``first`` (a subset of them), the rest from the others, each part at random.
 
     >>> picks = unsolved_draw(list(range(10)), [7, 8], 3, random.Random(0))
     >>> sorted(picks[:2]), len(set(picks)), picks[2] in range(7)
     ([7, 8], 3, True)
     >>> sorted(unsolved_draw([1, 2], [], 5, random.Random(0)))
     [1, 2]
+    >>> picks = unsolved_draw(list(range(10)), [7, 8, 9], 4, random.Random(0), head=1)
+    >>> picks[0] in (7, 8, 9), [i in (7, 8, 9) for i in picks[1:]]
+    (True, [False, False, False])
     """
-    head = rng.sample(first, min(n, len(first)))
+    top = rng.sample(first, min(n if head is None else head, n, len(first)))
     chosen = set(first)
     rest = [i for i in unsolved if i not in chosen]
-    return head + rng.sample(rest, min(n - len(head), len(rest)))
+    return top + rng.sample(rest, min(n - len(top), len(rest)))
 
 
 def _rates_key(model_id: str, prompts: list[list[int]], columns: dict, pass_name: str, cfg: GRPOConfig) -> str:
@@ -351,7 +360,8 @@ def run(cfg: GRPOConfig, stage: StageDir, inputs: Inputs) -> dict:
     first = ([i for i in unsolved if malformed[i] > 0] if need_malformed else [])
 
     def extra(step: int) -> list[int]:  # a pure function of (seed, step): a resumed run draws the same
-        return unsolved_draw(unsolved, first, cfg.unsolved_per_step, random.Random(cfg.seed * 1_000_003 + step))
+        return unsolved_draw(unsolved, first, cfg.unsolved_per_step, random.Random(cfg.seed * 1_000_003 + step),
+                             head=round(cfg.unsolved_per_step * cfg.malformed_share))
 
     log.log("curriculum", kind=cfg.curriculum, prompts=len(prompts), kept=len(kept), unsolved=len(unsolved),
             unsolved_malformed=len(first) if need_malformed else None,
