@@ -53,7 +53,8 @@ paper does not have: ``drop_unsolved`` (never-solved prompts leave the curriculu
 positive advantage only for a sample that passes, so a wrong answer is never pushed up) and
 ``unsolved_per_step`` (never-solved prompts join every step beside the curriculum's: with ``reinforce:
 passing`` their groups only push malformed answers down, training the toggle's format where the model cannot
-solve).
+solve), and ``unsolved_order: malformed_first`` (those of them whose pass-rate samples broke the format, saved as
+``malformed_rates`` in ``pass_rates.json``, drawn first: at most ``malformed_share`` of a step's).
 """
 
 from __future__ import annotations
