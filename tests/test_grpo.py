@@ -585,8 +585,8 @@ def test_never_solved_prompts_join_every_step_for_the_format(sft_run, tmp_path):
 def test_malformed_first_draws_the_never_solved_prompts_whose_samples_broke_the_format(sft_run, tmp_path, monkeypatch):
     draws, draw = [], grpo_stage.unsolved_draw
 
-    def spy(unsolved, first, n, rng):
-        picks = draw(unsolved, first, n, rng)
+    def spy(unsolved, first, n, rng, head=None):
+        picks = draw(unsolved, first, n, rng, head=head)
         draws.append((list(first), picks))
         return picks
 
