@@ -13,7 +13,7 @@ greedy). Every malformed answer is kept in the output.
 issue's target read per difficulty ("every difficulty and held-out phrasings") on 600 problems a difficulty rather
 than per cell of 100, where one answer moves a cell by 0.01; each rate with its 95% Wilson interval.
 
-    python benchmarks/toggle_format.py --pool benchmarks/results/toggle_format_s20_seed*.json \
+    python benchmarks/toggle_format.py --pool benchmarks/results/toggle_format_s20{,_seed5678,_seed2468}.json \
         --out benchmarks/results/toggle_format_s20_pooled.json
 """
 
@@ -55,8 +55,8 @@ def probe(model_dir: str, phrasing: str, per_cell: int, seed: int, max_new_token
     return out
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95% Wilson score interval of a proportion ``k / n``.
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion ``k / n`` (SciPy's ``binomtest``); (0, 1) when ``n`` is 0.
 
     >>> [round(x, 4) for x in wilson(600, 600)]
     [0.9936, 1.0]
@@ -65,10 +65,10 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """
     if n == 0:
         return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def pool(results: list[dict]) -> dict:
