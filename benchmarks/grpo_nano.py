@@ -208,6 +208,12 @@ def main(argv=None) -> int:
         arms[arm].update({k: statistics.fmean(runs[n][k] for n in names)
                           for k in ("kept_pass_before", "kept_pass_start_resampled", "kept_pass_after")
                           if all(runs[n].get(k) is not None for n in names)})
+        # the spread over seeds and each run against the SFT child: a claim holds on every seed or it does not
+        arms[arm].update({f"on:{g}:{edge}": f(results[n]["on"][g] for n in names)
+                          for g in ("seen", "beyond") if g in results["sft"]["on"]
+                          for edge, f in (("min", min), ("max", max))})
+        arms[arm]["on:vs_sft"] = {n: {g: round(results[n]["on"][g] - results["sft"]["on"][g], 4)
+                                      for g in ("seen", "beyond") if g in results["sft"]["on"]} for n in names}
     groups = [g for g in results["sft"]["on"] if g not in ("tokens", "format_ok")]
     lines = ["| model | mode | " + " | ".join(groups) + " | tokens | format ok |",
              "|---|---|" + "---|" * (len(groups) + 2)]
