@@ -23,8 +23,11 @@ lie beyond every example of the SFT teacher's data (``sft.digits`` / ``sft.steps
 1-2), the paper's student-surpasses-teacher question.
 
     python benchmarks/grpo_nano.py [--model runs/nano/sft/model] [--seeds 0,1] [--arms gaussian,random]
-                                   [--set grpo.lr=5e-5 ...]
+                                   [--set grpo.lr=5e-5 ...] [--train-only]
     -> benchmarks/results/grpo_nano.{json,md}
+
+Each GRPO run and each evaluation is kept in ``--work`` and reused: seeds can train side by side, one process
+each (``--seeds 1 --train-only``, ``OMP_NUM_THREADS=1``), before one run over all of them evaluates.
 """
 
 from __future__ import annotations
@@ -135,6 +138,9 @@ def main(argv=None) -> int:
     ap.add_argument("--per-cell", type=int, default=25)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--out", default="benchmarks/results/grpo_nano.json")
+    ap.add_argument("--train-only", action="store_true",
+                    help="run the GRPO runs (and their kept-prompt checks) and stop: seeds side by side in separate "
+                         "processes, then one run over every seed evaluates (each result is cached in --work)")
     a = ap.parse_args(argv)
     model_dir, work = Path(a.model), Path(a.work)
     if not (model_dir / "config.json").is_file():
@@ -165,6 +171,8 @@ def main(argv=None) -> int:
                                      lambda: kept_pass(pipe.configs["grpo"], work / name / "grpo", model_dir)))
             print(name, json.dumps(runs[name]), flush=True)
 
+    if a.train_only:
+        return 0
     digits = tuple(int(d) for d in a.digits.split(","))
     suite = tasks.eval_suite(seed=1234, per_cell=a.per_cell, digits=digits,
                              steps=tuple(int(s) for s in a.steps.split(",")))
