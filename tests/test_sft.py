@@ -18,7 +18,8 @@ from thinkfast.stages import sft as sft_stage
 from thinkfast.toggle import EOT, SYSTEM_OFF, SYSTEM_ON
 from thinkfast.data import document_ids
 from thinkfast.train.sft import (Example, block_causal_mask, mix_modes, nano_examples, pack, packed_batch,
-                                 read_examples, row_to_example, sft_loss, tokenize_example)
+                                 read_examples, row_to_example, sft_loss, sft_model_loss,
+                                 tokenize_example)
 
 ON = "<think>\n2 plus 2 is 4.\n</think>\n\n4"
 
@@ -138,6 +139,35 @@ def test_packed_logits_equal_unpacked(tok):
     # the loss counts the assistant tokens only, each sample's first token never
     loss, n = sft_loss(packed, batch["labels"])
     assert n == sum(sum(m) for _, m in samples)
+
+
+@pytest.mark.parametrize("kind", ["nemotron-nas", "llama", "no split head"])
+def test_head_on_labelled_positions_only_equals_the_full_logits_loss(tok, kind):
+    """sft_model_loss applies the LM head where a label is: its loss and gradients equal those of the full logits'."""
+    from thinkfast.data import packed_attention
+    from thinkfast.modeling.head import has_split_head
+
+    samples = [tokenize_example(tok, e) for e in nano_examples(6, 2, ["add", "word"], [1, 2], [2])]
+    rows = pack([len(s[0]) for s in samples], 512)
+    batch = packed_batch(samples, rows, 512)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    if kind == "nemotron-nas":
+        model = convert_llama_model(model)
+    if kind == "no split head":
+        model.config.logit_scale = 2.0  # taken as a scaled head: the full logits path (the loss is the same)
+    assert has_split_head(model) == (kind != "no split head")
+    attention = packed_attention(batch["seq_ids"]) if kind == "nemotron-nas" else {
+        "attention_mask": block_causal_mask(batch["seq_ids"])}
+    full_loss, full_n = sft_loss(model(batch["input_ids"], position_ids=batch["position_ids"], **attention).logits,
+                                 batch["labels"])
+    full_grads = torch.autograd.grad(full_loss, list(model.parameters()))
+    loss, n = sft_model_loss(model, batch, **attention)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert n == full_n == sum(sum(m) for _, m in samples) and n < (batch["seq_ids"] >= 0).sum()
+    assert abs(loss.item() - full_loss.item()) <= 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(grads, full_grads)) <= 1e-5
 
 
 def test_block_causal_mask():

@@ -30,6 +30,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..generation import Backend, Completion, SamplingParams
+from ..modeling.head import has_split_head
 
 __all__ = ["LOGITS_BUDGET", "Rollout", "grouped_logprobs", "picked_logprobs", "policy_logprobs", "rollout",
            "token_logprobs"]
@@ -126,7 +127,7 @@ def grouped_logprobs(model, batch: dict[str, torch.Tensor], start: int, budget: 
     prefix = model(input_ids=ids[first, :start], attention_mask=att[first, :start], position_ids=pos[first, :start],
                    cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
     first_lp = prefix.log_softmax(-1)[row_group].gather(-1, ids[:, start:start + 1]).squeeze(-1)
-    if _has_split_head(model):
+    if has_split_head(model):
         hidden = model.model(input_ids=ids[:, start:], attention_mask=att, position_ids=pos[:, start:],
                              cache=cache.expand(row_group), use_cache=True).last_hidden_state[:, :-1]
         rest_lp = picked_logprobs(model, hidden, ids[:, start + 1:], budget)
@@ -160,15 +161,6 @@ def picked_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, budget: 
     return torch.cat(parts)
 
 
-def _has_split_head(model) -> bool:
-    """Whether ``model`` is a causal LM whose final hidden states come from ``model.model`` and whose logits are
-    ``get_output_embeddings()`` of them, unscaled (nemotron-nas, Llama): then :func:`picked_logprobs` applies."""
-    head = getattr(model, "get_output_embeddings", lambda: None)()
-    return (isinstance(getattr(model, "model", None), torch.nn.Module) and isinstance(head, torch.nn.Linear)
-            and head.bias is None and getattr(model.config, "final_logit_softcapping", None) is None
-            and getattr(model.config, "logit_scale", None) is None)
-
-
 def token_logprobs(model, batch: dict[str, torch.Tensor], start: int = 1, budget: int | None = None) -> torch.Tensor:
     """Log-prob of each token given the ones before it, [N, T], from one forward pass; columns before
     ``start`` (e.g. a rollout's prompts, ``batch["prompt_width"]``) are 0 and cost no LM-head work. The LM head
@@ -176,7 +168,7 @@ def token_logprobs(model, batch: dict[str, torch.Tensor], start: int = 1, budget
     t = batch["input_ids"].shape[1]
     start = max(1, int(start))
     targets = batch["input_ids"][:, start:]
-    if _has_split_head(model):
+    if has_split_head(model):
         hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              position_ids=batch["position_ids"]).last_hidden_state[:, start - 1:-1]
         picked = picked_logprobs(model, hidden, targets, budget)

@@ -41,7 +41,7 @@ from ..rundir import StageDir, atomic_dir
 from ..toggle import install_chat_template
 from ..runtime import autocast, resolve_precision, setup_device
 from ..train.loop import TrainLoop, adamw, optimizer_step, warmup_cosine
-from ..train.sft import mix_modes, nano_examples, nano_if_examples, pack, packed_batch, read_examples, sft_loss
+from ..train.sft import mix_modes, nano_examples, nano_if_examples, pack, packed_batch, read_examples, sft_model_loss
 from ..train.settings import CadenceFields, OptimizerFields, PeriodicEvalFields
 from ..train.sft import tokenize_example
 from . import Input, Inputs, check_device, check_nano_mix, positive
@@ -285,9 +285,7 @@ def run(cfg: SFTConfig, stage: StageDir, inputs: Inputs) -> dict:
     def point(step: int, tokens: int) -> None:
         model.eval()
         b = {k: v.to(device) for k, v in held_batch.items()}
-        logits = model(b["input_ids"], **packed_attention(b["seq_ids"]),
-                       position_ids=b["position_ids"]).logits
-        p = {"step": step, "tokens": tokens, "loss": float(sft_loss(logits, b["labels"])[0])}
+        p = {"step": step, "tokens": tokens, "loss": float(sft_model_loss(model, b, **packed_attention(b["seq_ids"]))[0])}
         if problems:
             p.update(toggle_check(LocalBackend(model), tokenizer, problems, max_new_tokens=cfg.eval_max_new_tokens))
         if checks:
@@ -305,9 +303,7 @@ def run(cfg: SFTConfig, stage: StageDir, inputs: Inputs) -> dict:
         b = packed_batch(samples, rows[step * cfg.batch_size:(step + 1) * cfg.batch_size], cfg.seq_len, pad)
         b = {k: v.to(device) for k, v in b.items()}
         with autocast(device, precision):
-            logits = model(b["input_ids"], **packed_attention(b["seq_ids"]),
-                           position_ids=b["position_ids"]).logits
-            loss, n_tokens = sft_loss(logits, b["labels"])
+            loss, n_tokens = sft_model_loss(model, b, **packed_attention(b["seq_ids"]))
         grad_norm = optimizer_step(opt, loss, clip=cfg.grad_clip)
         tokens = int((b["seq_ids"] >= 0).sum())
         if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
