@@ -96,7 +96,7 @@ def main(argv=None) -> int:
                 loss.backward()
             if r:
                 times[name].append((time.perf_counter() - t) / len(data))
-            losses[name] = float(loss)
+            losses[name] = loss.item()
     labelled_share = statistics.fmean(float((b["labels"][:, 1:] != -100).sum() / (b["seq_ids"] >= 0).sum())
                                       for b in data)
     ratios = [f / l for f, l in zip(times["full"], times["labelled"])]
