@@ -285,7 +285,8 @@ def run(cfg: SFTConfig, stage: StageDir, inputs: Inputs) -> dict:
     def point(step: int, tokens: int) -> None:
         model.eval()
         b = {k: v.to(device) for k, v in held_batch.items()}
-        p = {"step": step, "tokens": tokens, "loss": float(sft_model_loss(model, b, **packed_attention(b["seq_ids"]))[0])}
+        loss, _ = sft_model_loss(model, b, **packed_attention(b["seq_ids"]))
+        p = {"step": step, "tokens": tokens, "loss": float(loss)}
         if problems:
             p.update(toggle_check(LocalBackend(model), tokenizer, problems, max_new_tokens=cfg.eval_max_new_tokens))
         if checks:

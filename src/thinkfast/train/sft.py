@@ -337,8 +337,8 @@ def sft_model_loss(model, batch: dict[str, torch.Tensor], **forward) -> tuple[to
     """:func:`sft_loss` of ``model`` on a :func:`packed_batch` (``input_ids``, ``labels``, ``position_ids``;
     ``forward``: the attention keywords, e.g. :func:`thinkfast.data.packed_attention`). Where the model allows it
     (:func:`thinkfast.modeling.head.has_split_head`) the LM head runs only at the positions that have a label:
-    prompts, system turns and padding cost no vocabulary-wide logits (most of a chat example's tokens; with a
-    49k vocabulary the head is a third of a small model's work). Equal to the loss of the full logits (tested)."""
+    prompts, system turns and padding cost no vocabulary-wide logits (40% of the GSM8K toggle pairs' tokens; with
+    a 49k vocabulary the head is a third of a small model's work). Equal to the loss of the full logits (tested)."""
     from ..modeling.head import has_split_head
 
     labels = batch["labels"]
