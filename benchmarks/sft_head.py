@@ -3,7 +3,7 @@
 The SFT loss counts the assistant's tokens only; system turns, questions and padding carry no label. Computing the
 full-vocabulary logits there is wasted work: at SmolLM2's 49k vocabulary the tied head is about a third of the
 135M model's parameters, and in the GSM8K toggle pairs (``thinkfast gsm8k``'s ``sft.jsonl`` in SmolLM2's ChatML
-template with the toggle) most tokens are prompt. :func:`thinkfast.train.sft.sft_model_loss` applies the head
+template with the toggle) 40% of the tokens are prompt. :func:`thinkfast.train.sft.sft_model_loss` applies the head
 where a label is (equal loss and gradients: ``tests/test_sft.py``). This times one forward and backward of the SFT
 loss both ways, side by side in interleaved rounds, on a SmolLM2-135M-shaped Llama (hidden 576, 9 heads and 3 KV heads,
 FFN 1536, vocabulary 49,152, tied; random weights) with ``--layers`` layers (the Puzzle child of the real run keeps
